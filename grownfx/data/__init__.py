@@ -1,0 +1,75 @@
+"""Task streams for task-incremental continual learning, read from local files (never downloaded).
+
+    stream = build_stream({"name": "cifar100_split", "root": "data"}, seed=0)
+    for task in stream:
+        for x, y in task.train.loader(128, shuffle=True, device="cuda"):
+            ...
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .config import (
+    Cifar100SplitConfig,
+    Cifar100SuperclassConfig,
+    DataConfig,
+    DigitsConfig,
+    ImageFolderConfig,
+    MiniImageNetConfig,
+    SyntheticConfig,
+    TorchvisionConfig,
+    parse_data_config,
+)
+from .core import BatchLoader, ShardedBatchLoader, Task, TaskData, TaskDataset, TaskStream, crop_flip, hflip
+from .errors import DatasetError
+from .safe_pickle import safe_load
+
+__all__ = [
+    "BatchLoader",
+    "Cifar100SplitConfig",
+    "Cifar100SuperclassConfig",
+    "DataConfig",
+    "DatasetError",
+    "DigitsConfig",
+    "ImageFolderConfig",
+    "MiniImageNetConfig",
+    "ShardedBatchLoader",
+    "SyntheticConfig",
+    "Task",
+    "TaskData",
+    "TaskDataset",
+    "TaskStream",
+    "TorchvisionConfig",
+    "build_stream",
+    "crop_flip",
+    "hflip",
+    "parse_data_config",
+    "safe_load",
+]
+
+
+def _builders() -> dict[str, Callable[[Any, int], TaskStream]]:
+    # Imported on use so that `import grownfx.data` does not pull in PIL, sklearn or torchvision datasets.
+    from .cifar import build_cifar100_split, build_cifar100_superclass
+    from .digits import build_digits
+    from .folder import build_imagefolder
+    from .miniimagenet import build_miniimagenet
+    from .synthetic import build_synthetic
+    from .tvision import build_torchvision
+
+    return {
+        "cifar100_split": build_cifar100_split,
+        "cifar100_superclass": build_cifar100_superclass,
+        "miniimagenet": build_miniimagenet,
+        "imagefolder": build_imagefolder,
+        "torchvision": build_torchvision,
+        "digits": build_digits,
+        "synthetic": build_synthetic,
+    }
+
+
+def build_stream(cfg: DataConfig | dict[str, Any], seed: int) -> TaskStream:
+    """Build the task stream `cfg` describes; the same (cfg, seed) always gives identical tensors."""
+    cfg = parse_data_config(cfg)
+    return _builders()[cfg.name](cfg, seed)

@@ -1,0 +1,279 @@
+"""Dataset configuration: a pydantic discriminated union on `name`; unknown keys are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "Cifar100SplitConfig",
+    "Cifar100SuperclassConfig",
+    "DataConfig",
+    "DigitsConfig",
+    "ImageFolderConfig",
+    "MiniImageNetConfig",
+    "SyntheticConfig",
+    "TorchvisionConfig",
+    "parse_data_config",
+]
+
+CIFAR100_HOWTO = (
+    "Download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it so that "
+    "<root>/cifar-100-python/train, test and meta exist."
+)
+MINIIMAGENET_HOWTO = (
+    "Put the mini-imagenet-cache-train.pkl, -val.pkl and -test.pkl files (the few-shot learning cache of "
+    "Ravi & Larochelle's split, 84x84) in <root>, or one folder of images per class (100 folders) in <root>."
+)
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+_VAL_FRACTION = "Fraction of each class's train images held out for validation (seeded)."
+_AUTO_TASKS = "Number of tasks; None = as many full tasks as classes allow."
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    howto: ClassVar[str] = "Copy the dataset files to this machine yourself."
+
+    download: Literal[False] = Field(
+        False, description="Always false: grownfx only reads files already on disk and never downloads anything."
+    )
+    limit_per_task: Optional[PositiveInt] = Field(
+        None,
+        description="Cap on samples per split (train/val/test) per task, class-balanced, for quick runs; "
+        "None keeps all.",
+    )
+    augment: Literal["none", "crop_flip", "flip"] = Field(
+        "none",
+        description="Default train-split augmentation, done batched per batch: 'crop_flip' = random crop with "
+        "4-pixel zero padding + horizontal flip; 'flip' = horizontal flip only.",
+    )
+
+    @field_validator("download", mode="before")
+    @classmethod
+    def _never_download(cls, value: Any) -> Any:
+        if value is True or value in (1, "true", "True", "yes"):
+            raise ValueError(
+                f"download must be false: grownfx never downloads datasets, it reads local files. {cls.howto}"
+            )
+        return value
+
+
+class _Normalised(_Base):
+    mean: Optional[tuple[float, ...]] = Field(
+        None, description="Per-channel mean in [0, 1] scale; None = this kind's default."
+    )
+    std: Optional[tuple[float, ...]] = Field(
+        None, description="Per-channel std in [0, 1] scale; None = this kind's default."
+    )
+
+    @model_validator(mode="after")
+    def _check_stats(self) -> "_Normalised":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.std is not None and (len(self.std) != len(self.mean) or min(self.std) <= 0):
+            raise ValueError(f"mean and std need the same length and std > 0, got {self.mean} / {self.std}")
+        return self
+
+
+class _Ordered(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    class_order: Literal["fixed", "shuffled"] = Field(
+        "fixed", description="'fixed' = class ids ascending; 'shuffled' = a permutation drawn from class_order_seed."
+    )
+    class_order_seed: Optional[int] = Field(None, description="Seed of the shuffled class order; None = the run seed.")
+
+
+class Cifar100SplitConfig(_Ordered, _Normalised):
+    """CIFAR-100 Split-N: task k holds fine classes order[k*c:(k+1)*c] (default 10 tasks of 10, 10k..10k+9)."""
+
+    howto: ClassVar[str] = CIFAR100_HOWTO
+    name: Literal["cifar100_split"] = Field(description="Dataset kind.")
+    root: Path = Field(description="Folder holding cifar-100-python/ (or that folder itself).")
+    num_tasks: PositiveInt = Field(10, description="Number of tasks N.")
+    classes_per_task: Optional[PositiveInt] = Field(None, description="Classes per task; None = 100 // num_tasks.")
+    val_per_task: NonNegativeInt = Field(
+        1000, description="Validation samples per task carved (class-stratified, seeded) from the official train set."
+    )
+
+    @model_validator(mode="after")
+    def _check_size(self) -> "Cifar100SplitConfig":
+        cpt = self.classes_per_task or 100 // self.num_tasks
+        if cpt < 1 or cpt * self.num_tasks > 100:
+            raise ValueError(f"{self.num_tasks} tasks x {cpt} classes do not fit in CIFAR-100's 100 classes")
+        return self
+
+
+class Cifar100SuperclassConfig(_Normalised):
+    """CIFAR-100 superclasses: one task per coarse label with its 5 fine classes (20 tasks)."""
+
+    howto: ClassVar[str] = CIFAR100_HOWTO
+    name: Literal["cifar100_superclass"] = Field(description="Dataset kind.")
+    root: Path = Field(description="Folder holding cifar-100-python/ (or that folder itself).")
+    num_tasks: Annotated[int, Field(ge=1, le=20)] = Field(20, description="Keep the first N superclass tasks.")
+    task_order: Literal["alphabetical", "coarse_id", "shuffled"] = Field(
+        "alphabetical",
+        description="Task order: by superclass name (CPG), by coarse label id, or shuffled with the run seed.",
+    )
+    val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
+
+
+class MiniImageNetConfig(_Ordered, _Normalised):
+    """MiniImageNet-20: 100 classes x 600 images at 84x84, classes permuted and cut into 20 tasks of 5."""
+
+    howto: ClassVar[str] = MINIIMAGENET_HOWTO
+    name: Literal["miniimagenet"] = Field(description="Dataset kind.")
+    root: Path = Field(
+        description="Folder with mini-imagenet-cache-{train,val,test}.pkl, or with one image folder per class."
+    )
+    num_tasks: PositiveInt = Field(20, description="Number of tasks.")
+    classes_per_task: PositiveInt = Field(5, description="Classes per task.")
+    class_order: Literal["fixed", "shuffled"] = Field(
+        "shuffled",
+        description="'shuffled' = permutation of the sorted class ids drawn from class_order_seed; 'fixed' = sorted.",
+    )
+    class_order_seed: Optional[int] = Field(
+        0, description="Seed of the class permutation, fixed by default so all runs share tasks; None = the run seed."
+    )
+    train_per_class: PositiveInt = Field(500, description="Images per class used for training (+validation).")
+    test_per_class: PositiveInt = Field(
+        100, description="Images per class held out as the test set (fixed, seed-independent)."
+    )
+    val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
+    image_size: PositiveInt = Field(
+        84, description="Side of the square images; images of a class folder are resized to it."
+    )
+
+
+class ImageFolderConfig(_Ordered, _Normalised):
+    """Any ImageFolder root (root/<class>/*.png, or root/train/<class> + root/test/<class>) split by class groups."""
+
+    name: Literal["imagefolder"] = Field(description="Dataset kind.")
+    root: Path = Field(
+        description="Folder with one sub-folder per class, or with train/ and test/ sub-folders of those."
+    )
+    classes_per_task: PositiveInt = Field(description="Classes per task.")
+    num_tasks: Optional[PositiveInt] = Field(None, description=_AUTO_TASKS)
+    image_size: Optional[tuple[PositiveInt, PositiveInt]] = Field(
+        None, description="(H, W) to resize every image to; None = keep sizes (they must then all agree)."
+    )
+    channels: Literal[1, 3] = Field(3, description="1 = convert to grayscale, 3 = RGB.")
+    val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
+    test_fraction: Fraction = Field(
+        0.2, description="Fraction of each class held out for testing when there is no test/ folder."
+    )
+    workers: PositiveInt = Field(8, description="Threads decoding images.")
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, value: Any) -> Any:
+        return (value, value) if isinstance(value, int) else value
+
+
+class TorchvisionConfig(_Ordered, _Normalised):
+    """Any torchvision.datasets class (CIFAR10, MNIST, FashionMNIST, SVHN, ...) read with download=False."""
+
+    name: Literal["torchvision"] = Field(description="Dataset kind.")
+    dataset: str = Field(description="Class name in torchvision.datasets, e.g. 'CIFAR10', 'MNIST', 'SVHN'.")
+    root: Path = Field(description="The root argument of the torchvision dataset class.")
+    classes_per_task: PositiveInt = Field(description="Classes per task.")
+    num_tasks: Optional[PositiveInt] = Field(None, description=_AUTO_TASKS)
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra constructor arguments, e.g. {'split': 'letters'} for EMNIST."
+    )
+    train_split: str = Field(
+        "train", description="split= value of the training set, for classes taking `split` rather than `train`."
+    )
+    test_split: str = Field(
+        "test", description="split= value of the test set, for classes taking `split` rather than `train`."
+    )
+    val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
+    test_fraction: Fraction = Field(
+        0.2, description="Fraction of each class held out for testing when the class has no test split."
+    )
+
+    howto: ClassVar[str] = (
+        "Run torchvision.datasets.<dataset>(root, download=True) on a machine with internet access and copy the "
+        "root folder here."
+    )
+
+    @field_validator("dataset")
+    @classmethod
+    def _exists(cls, value: str) -> str:
+        import torchvision.datasets
+
+        if not isinstance(getattr(torchvision.datasets, value, None), type):
+            raise ValueError(f"torchvision.datasets has no dataset class {value!r}")
+        return value
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = {"root", "train", "split", "download", "transform", "target_transform"} & set(value)
+        if reserved:
+            raise ValueError(f"kwargs may not set {sorted(reserved)}: grownfx sets them itself")
+        return value
+
+
+class DigitsConfig(_Ordered, _Normalised):
+    """scikit-learn's bundled digits (1797 8x8 images, 10 classes), split into tasks of classes_per_task."""
+
+    howto: ClassVar[str] = "The digits ship with scikit-learn."
+    name: Literal["digits"] = Field(description="Dataset kind.")
+    classes_per_task: PositiveInt = Field(2, description="Classes per task.")
+    num_tasks: Optional[PositiveInt] = Field(None, description="Number of tasks; None = 10 // classes_per_task.")
+    val_fraction: Fraction = Field(0.2, description="Fraction of each class held out for validation (seeded).")
+    test_fraction: Fraction = Field(0.2, description="Fraction of each class held out for testing (seeded).")
+
+
+class SyntheticConfig(_Base):
+    """Generated class-conditional Gaussian patterns, for tests and benchmarks."""
+
+    howto: ClassVar[str] = "Synthetic data is generated."
+    name: Literal["synthetic"] = Field(description="Dataset kind.")
+    num_tasks: PositiveInt = Field(5, description="Number of tasks.")
+    classes_per_task: Annotated[int, Field(ge=2)] = Field(2, description="Classes per task.")
+    input_shape: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((3, 16, 16), description="(C, H, W) of an input.")
+    samples_per_class: PositiveInt = Field(100, description="Training samples per class.")
+    val_per_class: NonNegativeInt = Field(20, description="Validation samples per class.")
+    test_per_class: PositiveInt = Field(50, description="Test samples per class.")
+    noise: Annotated[float, Field(ge=0.0)] = Field(
+        1.0, description="Std of the per-sample Gaussian noise around unit-variance class patterns: higher is harder."
+    )
+    interfere: bool = Field(
+        False,
+        description="Every task reuses task 0's inputs with its labels permuted (each class's label changes from "
+        "one task to the next), so fine-tuning forgets.",
+    )
+    data_seed: Optional[int] = Field(None, description="Seed of the generated data; None = the run seed.")
+
+
+DataConfig = Annotated[
+    Union[
+        Cifar100SplitConfig,
+        Cifar100SuperclassConfig,
+        MiniImageNetConfig,
+        ImageFolderConfig,
+        TorchvisionConfig,
+        DigitsConfig,
+        SyntheticConfig,
+    ],
+    Field(discriminator="name"),
+]
+
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(DataConfig)
+
+
+def parse_data_config(value: Any) -> Any:
+    """Validate a mapping (e.g. a recipe's `data:` section) into the matching config model."""
+    return value if isinstance(value, BaseModel) else _ADAPTER.validate_python(value)

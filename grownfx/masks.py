@@ -1,0 +1,112 @@
+"""Mask parametrisations, all in one place, with the defaults of the code they come from.
+
+* `ste_mask`: KSM/Piggyback real-valued mask, hard threshold in the forward pass, the soft value's gradient.
+* `gumbel_sigmoid_mask`: GROWN's selective mask (Eq. 6), the binary Concrete relaxation with KSM's scaling.
+* `cs_gate`: continuous sparsification, `sigmoid(beta * s) / sigmoid(s0)` with beta annealed upward.
+* `pack_bits` / `unpack_bits`: frozen masks stored at one bit per kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class STEConfig:
+    """KSM / Piggyback: score init 1e-2, threshold 5e-3, soft = sigmoid((m - thr) * 1200 / 100)."""
+
+    init: float = 1e-2
+    threshold: float = 5e-3
+    scale: float = 12.0  # KSM's Beta / temperature = 1200 / 100
+
+
+@dataclass(frozen=True)
+class GumbelConfig:
+    """GROWN's selective mask: KSM's logit scaling plus Gumbel noise, temperature T, hard threshold 0.5."""
+
+    init: float = 1e-2
+    threshold: float = 5e-3
+    beta: float = 1200.0  # logit = (m - threshold) * beta (KSM `Beta`)
+    temperature: float = 100.0  # KSM `temperature`
+    final_temperature: float | None = None  # anneal T geometrically to this value over a stage (None: constant)
+
+
+@dataclass(frozen=True)
+class CSConfig:
+    """Continuous sparsification (Savarese et al. 2020): mask = sigmoid(beta * s) / sigmoid(s0)."""
+
+    init: float = 0.0  # s0
+    final_beta: float = 200.0  # beta goes 1 -> final_beta geometrically over the epochs of a stage
+
+
+def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    return hard + (soft - soft.detach())
+
+
+def ste_mask(score: torch.Tensor, cfg: STEConfig = STEConfig()) -> torch.Tensor:
+    """Binary mask in the forward pass (score >= threshold), sigmoid gradient in the backward pass."""
+    soft = torch.sigmoid((score - cfg.threshold) * cfg.scale)
+    hard = (score >= cfg.threshold).to(score.dtype)
+    return _straight_through(hard, soft)
+
+
+def gumbel_sigmoid_mask(
+    score: torch.Tensor, cfg: GumbelConfig = GumbelConfig(), temperature: float | None = None, noise: bool = True
+) -> torch.Tensor:
+    """p = sigmoid((logit + g0 - g1) / T) with g0, g1 ~ Gumbel(0, 1); forward value 1[p >= 0.5].
+
+    Without noise (evaluation) the mask is the deterministic 1[logit >= 0].  The logit is KSM's
+    `(m - 5e-3) * 1200`: the log-odds form of the paper's Eq. 6, as in the KSM code GROWN builds on.
+    """
+    t = cfg.temperature if temperature is None else temperature
+    logit = (score - cfg.threshold) * cfg.beta
+    if not noise:
+        return (logit >= 0).to(score.dtype)
+    with torch.no_grad():
+        u = torch.rand((2,) + score.shape, device=score.device, dtype=score.dtype).clamp_(1e-10, 1.0 - 1e-7)
+        g = -torch.log(-torch.log(u))
+    soft = torch.sigmoid((logit + g[0] - g[1]) / t)
+    return _straight_through((soft >= 0.5).to(score.dtype), soft)
+
+
+def cs_gate(score: torch.Tensor, beta: float, cfg: CSConfig = CSConfig()) -> torch.Tensor:
+    """The soft channel gate of continuous sparsification; equals 1 at score == s0 for any beta."""
+    return torch.sigmoid(beta * score) / _sigmoid(cfg.init)
+
+
+def cs_hard(score: torch.Tensor, cfg: CSConfig = CSConfig()) -> torch.Tensor:
+    """The gate a kept channel ends with: 1[s > 0] / sigmoid(s0), as in CS's `ticket` mode."""
+    return (score > 0).to(score.dtype) / _sigmoid(cfg.init)
+
+
+def anneal(start: float, end: float, progress: float) -> float:
+    """Geometric schedule from `start` to `end` as `progress` goes 0 -> 1 (CS's beta, Gumbel's T)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return start * (end / start) ** progress
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 tensor of ceil(numel / 8) bytes (big-endian within a byte, like numpy.packbits)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `pack_bits`."""
+    n = math.prod(shape)
+    bits = packed.unsqueeze(1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    return bits.reshape(-1)[:n].reshape(shape)
