@@ -57,7 +57,7 @@ class PerTask(_TaskModule):
         super().__init__()
         self._attach(ctx, target)
         self.kind = kind  # 'norm' | 'head' | 'module'
-        self.pending = template  # what the next task starts from
+        self.pending = template.requires_grad_(False)  # what the next task starts from
         self.copies = nn.ModuleList()
 
     def forward(self, *args, **kwargs):
@@ -74,6 +74,7 @@ class PerTask(_TaskModule):
         self.copies[task].requires_grad_(False)
         if self.kind != "head":
             self.pending = copy.deepcopy(self.copies[task])  # later tasks start from the latest (warm start)
+            self.pending.requires_grad_(False)
 
     def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, **_) -> None:
         # channels born for task `birth` exist in that task's copy (if it is being learned) and in the template
@@ -108,21 +109,21 @@ class TaskParameter(_TaskModule):
     def __init__(self, value: torch.Tensor, ctx: "TaskContext", target: str):
         super().__init__()
         self._attach(ctx, target)
-        self.pending = nn.Parameter(value.detach().clone())
+        self.pending = nn.Parameter(value.detach().clone(), requires_grad=False)
         self.copies = nn.ParameterList()
 
     def forward(self):
         return self.copies[self.ctx.require_task()]
 
     def add_task(self, **_) -> None:
-        self.copies.append(nn.Parameter(self.pending.detach().clone()))
+        self.copies.append(nn.Parameter(self.pending.detach().clone(), requires_grad=True))
 
     def freeze(self, task: int) -> None:
         self.copies[task].requires_grad_(False)
-        self.pending = nn.Parameter(self.copies[task].detach().clone())
+        self.pending = nn.Parameter(self.copies[task].detach().clone(), requires_grad=False)
 
     def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, axis: int = 0, **_):
-        self.pending = nn.Parameter(remap(self.pending.data, axis, src, 0.0))
+        self.pending = nn.Parameter(remap(self.pending.data, axis, src, 0.0), requires_grad=False)
         if birth < len(self.copies):
             self.copies[birth] = nn.Parameter(remap(self.copies[birth].data, axis, src, 0.0))
 

@@ -19,9 +19,9 @@ import torch
 from torch import fx, nn
 
 from . import masks as M
-from .context import MaskPolicy, TaskContext
+from .context import DENSE, SEL, MaskPolicy, TaskContext
 from .coupling import CouplingGroup, CouplingResult, analyze
-from .layers import MaskedLayer, PerTask, TaskParameter
+from .layers import FREE, MaskedLayer, PerTask, TaskParameter
 from .rewrite import export_graph, make_task_aware
 from .surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
 from .tracing import trace
@@ -308,6 +308,60 @@ class GrowableNet(nn.Module):
             weight = module.copies[self.ctx.learning_task].weight if isinstance(module, PerTask) else module.weight
             with torch.no_grad():
                 weight.mul_(scale.to(weight.dtype).view((1, -1) + (1,) * (weight.dim() - 2)))
+
+    # -- what the learner trains ----------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The learning task's parameters, split by optimiser: weights, masks (unit scores), gates."""
+        t = self.ctx.learning_task
+        out: dict[str, list[nn.Parameter]] = {"weights": [], "masks": [], "gates": list(self.gates.values())}
+        if t is None:
+            return out
+        for m in self.task_modules():
+            if isinstance(m, MaskedLayer):
+                if m.weight.requires_grad:
+                    out["weights"].append(m.weight)
+                if m.score is not None:
+                    out["masks"].append(m.score)
+            elif isinstance(m, PerTask):
+                out["weights"] += [p for p in m.copies[t].parameters() if p.requires_grad]
+            elif m.copies[t].requires_grad:
+                out["weights"].append(m.copies[t])
+        return out
+
+    def gate_costs(self) -> dict[int, float]:
+        """Weights each channel of a gated group brings (producer rows, consumer columns, norm entries)."""
+        costs: dict[int, float] = {}
+        for gid in self.ctx.gates:
+            total = 0.0
+            for b in self.coupling.groups[gid].members:
+                if b.role not in ("in", "out", "grouped"):
+                    continue
+                m = self.graph_module.get_submodule(b.target)
+                w = m.copies[-1].weight if isinstance(m, PerTask) else m.weight
+                if b.role == "in":
+                    reps = sum(f for g2, f, _ in binding_layout(self.coupling, b) if g2 == gid)
+                    total += w.shape[0] * math.prod(w.shape[2:]) * reps
+                else:
+                    total += math.prod(w.shape[1:])
+            costs[gid] = total
+        return costs
+
+    def unit_stats(self) -> dict:
+        """For the learning task: fraction of old units its selective mask drops, re-trained released weights."""
+        sel = sel_zero = retrained = 0
+        for m in self.masked_layers():
+            if m.kind is None:
+                continue
+            used = m.used_units()
+            is_sel = m.kind == SEL
+            sel += int(is_sel.sum())
+            sel_zero += int((is_sel & ~used).sum())
+            retrained += int(((m.kind == DENSE) & (m.owner == FREE) & used).sum()) * m.unit_size
+        return {"selective_zero_frac": sel_zero / sel if sel else None, "retrained": retrained}
+
+    def free_weights(self) -> int:
+        """Weights in the banks that no finished task uses (released, available to the next task)."""
+        return sum(int((m.owner == FREE).sum()) * m.unit_size for m in self.masked_layers())
 
     # -- export and accounting ------------------------------------------------------------------------------
     def export(self, task: int, prune_unused: bool = True) -> fx.GraphModule:

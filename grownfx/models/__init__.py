@@ -1,0 +1,38 @@
+"""Backbones: any torchvision classifier, grownfx's own small ones, or a user's `module:callable`."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from torch import nn
+
+from .lenet import LeNet5, lenet5
+from .small_cnn import SmallCNN, small_cnn
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {"lenet5": lenet5, "small_cnn": small_cnn}
+
+# torchvision builders whose auxiliary heads only exist in training mode; a continual learner needs none
+_NO_AUX = {"googlenet", "inception_v3"}
+
+
+def build_backbone(builder: str, num_classes: int, kwargs: dict | None = None) -> nn.Module:
+    """Instantiate a backbone with `num_classes` outputs (the head is replaced per task later)."""
+    kwargs = dict(kwargs or {})
+    if builder in BUILDERS:
+        return BUILDERS[builder](num_classes=num_classes, **kwargs)
+    if ":" in builder:
+        module_name, _, attr = builder.partition(":")
+        fn = getattr(importlib.import_module(module_name), attr)
+        return fn(num_classes=num_classes, **kwargs)
+    import torchvision
+
+    if builder not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown model builder {builder!r}")
+    if builder in _NO_AUX:
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", True)
+    return torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **kwargs)
+
+
+__all__ = ["BUILDERS", "LeNet5", "SmallCNN", "build_backbone", "lenet5", "small_cnn"]
