@@ -156,6 +156,7 @@ def _policy_to_dict(p: MaskPolicy) -> dict:
 def _policy_from_dict(d: dict) -> MaskPolicy:
     return MaskPolicy(
         frozen_kind=d["frozen_kind"], released_kind=d["released_kind"], grown_kind=d["grown_kind"], gates=d["gates"],
-        selective=M.GumbelConfig(**d["selective"]), attentive_kind=d["attentive_kind"],
+        selective_kind=d["selective_kind"], selective=M.GumbelConfig(**d["selective"]),
+        selective_ste=M.STEConfig(**d["selective_ste"]), attentive_kind=d["attentive_kind"],
         attentive=M.STEConfig(**d["attentive"]), attentive_gumbel=M.GumbelConfig(**d["attentive_gumbel"]),
         cs=M.CSConfig(**d["cs"]))

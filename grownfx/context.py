@@ -30,7 +30,9 @@ class MaskPolicy:
     released_kind: int = DENSE
     grown_kind: int = ATT
     gates: bool = True
+    selective_kind: str = "gumbel"  # 'gumbel' (GROWN) | 'ste' (Piggyback/KSM straight-through)
     selective: M.GumbelConfig = field(default_factory=M.GumbelConfig)
+    selective_ste: M.STEConfig = field(default_factory=M.STEConfig)
     attentive_kind: str = "ste"  # 'ste' | 'gumbel'
     attentive: M.STEConfig = field(default_factory=M.STEConfig)
     attentive_gumbel: M.GumbelConfig = field(default_factory=M.GumbelConfig)
@@ -53,6 +55,7 @@ class TaskContext:
         self.policy = MaskPolicy()
         self.beta = 1.0  # continuous-sparsification temperature (annealed by the learner)
         self.temperature: float | None = None  # Gumbel temperature override (annealed by the learner)
+        self.hard_gates = False  # train with binarised gates (straight-through), as they will be kept
         self.version = 0  # bumped on every structural change
         self._vis: dict = {}
 
@@ -128,13 +131,19 @@ class TaskContext:
             if s is None:
                 parts.append(torch.ones(w * factor, device=_dev(self.gates)))
                 continue
-            g = M.cs_gate(s, self.beta, self.policy.cs) if training else M.cs_hard(s, self.policy.cs)
+            if not training:
+                g = M.cs_hard(s, self.beta, self.policy.cs)
+            elif self.hard_gates:
+                soft = M.cs_gate(s, self.beta, self.policy.cs)
+                g = M.cs_hard(s.detach(), self.beta, self.policy.cs) + (soft - soft.detach())
+            else:
+                g = M.cs_gate(s, self.beta, self.policy.cs)
             vec = torch.cat([torch.ones(w - s.numel(), device=s.device, dtype=g.dtype), g])
             parts.append(vec.repeat_interleave(factor) if factor > 1 else vec)
         return torch.cat(parts)
 
     def gate_versions(self) -> list:
-        return [(gid, id(s), s._version) for gid, s in sorted(self.gates.items())] + [self.beta]
+        return [(gid, id(s), s._version) for gid, s in sorted(self.gates.items())] + [self.beta, self.hard_gates]
 
 
 def _visible(births: torch.Tensor, task: int) -> torch.Tensor:

@@ -217,8 +217,11 @@ class MaskedLayer(_TaskModule):
         m = (kind == DENSE).to(self.weight.dtype)
         sel = kind == SEL
         if bool(sel.any()):
-            g = M.gumbel_sigmoid_mask(self.score, pol.selective, temperature=self.ctx.temperature,
-                                      noise=self.training)
+            if pol.selective_kind == "ste":
+                g = M.ste_mask(self.score, pol.selective_ste)
+            else:
+                g = M.gumbel_sigmoid_mask(self.score, pol.selective, temperature=self.ctx.temperature,
+                                          noise=self.training)
             m = m + sel.to(m.dtype) * g
         att = kind == ATT
         if bool(att.any()):
@@ -262,11 +265,19 @@ class MaskedLayer(_TaskModule):
             new.expand(self.owner.shape), torch.tensor(pol.grown_kind), torch.tensor(pol.released_kind)))
         self.kind = kind.to(torch.int8).to(self.owner.device)
         old = self.score
-        fresh = torch.where(kind == SEL, pol.selective.init, pol.attentive_init).to(self.weight.dtype)
+        sel_init = pol.selective_ste.init if pol.selective_kind == "ste" else pol.selective.init
+        fresh = torch.where(kind == SEL, sel_init, pol.attentive_init).to(self.weight.dtype)
         if old is not None and old.shape == fresh.shape:
             fresh = old.detach()  # keep what stage 1 learned
         needs = bool(((kind == SEL) | (kind == ATT)).any())
         self.score = nn.Parameter(fresh.to(self.weight.device)) if needs else None
+        self._cache = None
+
+    def set_kind(self, units: torch.Tensor, kind: int) -> None:
+        """Override the kind of some units of the learning task (e.g. PackNet/CPG prune units with OFF)."""
+        if self.kind is None:
+            raise RuntimeError(f"'{self.target}' has no task being learned")
+        self.kind[units.to(self.kind.device)] = kind
         self._cache = None
 
     def used_units(self) -> torch.Tensor:

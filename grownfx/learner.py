@@ -179,7 +179,10 @@ class GrownLearner:
             seed = derive_seed(self.seed, t, pos.stage, pos.round, epoch)
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
-            net.ctx.beta = M.anneal(1.0, self.masks.grown.final_beta, progress) if lsg else 1.0
+            # CS: beta is multiplied by final_beta^(1/(epochs-1)) each epoch, reaching final_beta at the last
+            net.ctx.beta = M.anneal(1.0, self.masks.grown.final_beta, epoch / max(epochs - 1, 1)) if lsg else 1.0
+            # the last epoch of a growth round trains the network that will be kept: binarised gates
+            net.ctx.hard_gates = lsg and epoch == epochs - 1
             net.ctx.temperature = M.anneal(sel_t0, sel_t1, progress) if sel_t1 else None
             optim.set_progress(progress)
             net.train()
@@ -202,6 +205,7 @@ class GrownLearner:
             every = cfg.checkpoint_every
             if self.checkpoint is not None and every and pos.epoch % every == 0 and pos.epoch < epochs:
                 self.checkpoint(self, pos, optim)
+        net.ctx.hard_gates = False
         pos.epoch = 0
 
     def _optimizers(self) -> StageOptim:

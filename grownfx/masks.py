@@ -78,9 +78,11 @@ def cs_gate(score: torch.Tensor, beta: float, cfg: CSConfig = CSConfig()) -> tor
     return torch.sigmoid(beta * score) / _sigmoid(cfg.init)
 
 
-def cs_hard(score: torch.Tensor, cfg: CSConfig = CSConfig()) -> torch.Tensor:
-    """The gate a kept channel ends with: 1[s > 0] / sigmoid(s0), as in CS's `ticket` mode."""
-    return (score > 0).to(score.dtype) / _sigmoid(cfg.init)
+def cs_hard(score: torch.Tensor, beta: float, cfg: CSConfig = CSConfig()) -> torch.Tensor:
+    """The binarised gate: channels with s > 0 are kept at the soft value they were trained with at `beta`,
+    the others are dropped.  (CS's `ticket` mode uses 1 / sigmoid(s0) for every kept channel; at a finite
+    beta that rescales channels whose s is near 0 and breaks the statistics the next norm layer learned.)"""
+    return torch.where(score > 0, cs_gate(score, beta, cfg), torch.zeros_like(score))
 
 
 def anneal(start: float, end: float, progress: float) -> float:

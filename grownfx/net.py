@@ -49,20 +49,8 @@ def prepare(
         raise SurgeryError(f"seed_width must be in (0, 1], got {seed_width!r}")
     if granularity not in ("kernel", "element"):
         raise SurgeryError(f"granularity must be 'kernel' or 'element', got {granularity!r}")
-    gm = trace(model, example_input, leaf_modules)
-    coupling = analyze(gm)
-    _fix_reused_modules(coupling)
+    gm, coupling, widths, full_params = slim(model, example_input, seed_width, leaf_modules=leaf_modules, seed=seed)
     heads = coupling.head_targets()
-    if len(heads) != 1:
-        raise SurgeryError(f"expected one layer producing the logits, found {heads or 'none'}; "
-                           "the model must end in a single classifier layer")
-    full_params = count_parameters(gm)
-    widths = {g.id: g.width for g in coupling.groups if g.growable}
-    generator = torch.Generator().manual_seed(seed)
-    if seed_width < 1:
-        changes = {gid: keep_change(torch.arange(seed_channels(w, seed_width, coupling.groups[gid].granularity)))
-                   for gid, w in widths.items()}
-        apply_changes(gm, coupling, widths, changes, generator)
     ctx = TaskContext()
     ctx.widths = widths
     ctx.births = {gid: torch.full((w,), -1, dtype=torch.long) for gid, w in widths.items()}
@@ -75,6 +63,28 @@ def prepare(
             b.target = holders[b.target]
     return GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, head=heads[0],
                        input_shape=tuple(example_input.shape[1:]))
+
+
+def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
+         leaf_modules: Iterable[str | type] = (), seed: int = 0):
+    """Trace and analyse `model`, and slice every growable group to `width` of its channels (a plain graph).
+
+    Returns (graph module, coupling result, {group: width}, parameters of the full-width model).
+    """
+    gm = trace(model, example_input, leaf_modules)
+    coupling = analyze(gm)
+    _fix_reused_modules(coupling)
+    heads = coupling.head_targets()
+    if len(heads) != 1:
+        raise SurgeryError(f"expected one layer producing the logits, found {heads or 'none'}; "
+                           "the model must end in a single classifier layer")
+    full_params = count_parameters(gm)
+    widths = {g.id: g.width for g in coupling.groups if g.growable}
+    if width < 1:
+        changes = {gid: keep_change(torch.arange(seed_channels(w, width, coupling.groups[gid].granularity)))
+                   for gid, w in widths.items()}
+        apply_changes(gm, coupling, widths, changes, torch.Generator().manual_seed(seed))
+    return gm, coupling, widths, full_params
 
 
 def seed_channels(width: int, fraction: float, granularity: int) -> int:
@@ -264,7 +274,7 @@ class GrowableNet(nn.Module):
         changes: dict[int, GroupChange] = {}
         for key, s in self.gates.items():
             gid = int(key)
-            hard = M.cs_hard(s.detach(), self.ctx.policy.cs)
+            hard = M.cs_hard(s.detach(), self.ctx.beta, self.ctx.policy.cs)
             self._scale_consumer_columns(gid, hard)
             w, n = self.ctx.widths[gid], s.numel()
             keep_cand = self._round_keep(gid, hard > 0, w - n)

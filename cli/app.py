@@ -1,0 +1,289 @@
+"""The `grownfx` command line: run, validate, inspect, report, compare and export GROWN continual learning runs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import traceback
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    name="grownfx", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="GROWN (grow only when necessary) continual learning for any torchvision backbone.\n\n"
+         "Start with:  grownfx run digits_quickstart",
+)
+_state = {"debug": False}
+_EXIT_USER, _EXIT_BUG, _EXIT_INTERRUPT = 2, 1, 130
+
+
+def _out() -> Console:
+    return Console(highlight=False)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for unexpected errors.")):
+    _state["debug"] = debug
+
+
+def main() -> None:
+    """Console-script entry point (`grownfx`)."""
+    app()
+
+
+# --- error handling ---------------------------------------------------------------------------------------
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Errors that are the user's input, reported as one paragraph with exit code 2."""
+    kinds: list[type] = []
+    for module, name in (("grownfx.data", "DatasetError"), ("grownfx", "TraceError"), ("grownfx", "SurgeryError"),
+                         ("grownfx.runner", "RunError")):
+        try:
+            kinds.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(kinds)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Map exceptions to exit codes: RecipeError/DatasetError/TraceError/SurgeryError 2, Ctrl-C 130, else 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from grownfx.recipes import RecipeError
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except RecipeError as exc:
+            con = _err()
+            con.print(f"[red bold]recipe error{'s' if len(exc.errors) > 1 else ''}:[/]")
+            for line in exc.errors:
+                con.print(f"[red]  {escape(line)}[/]")
+            raise typer.Exit(_EXIT_USER)
+        except KeyboardInterrupt:
+            _err().print("[yellow]interrupted[/]")
+            raise typer.Exit(_EXIT_INTERRUPT)
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            if isinstance(exc, _user_errors()):
+                _err().print(f"[red bold]{type(exc).__name__}:[/] [red]{escape(str(exc))}[/]")
+                raise typer.Exit(_EXIT_USER)
+            if _state["debug"]:
+                _err().print(escape(traceback.format_exc()))
+            else:
+                _err().print(f"[red bold]error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}\n"
+                             "[dim]rerun with --debug (grownfx --debug ...) for the traceback[/]")
+            raise typer.Exit(_EXIT_BUG)
+
+    return wrapper
+
+
+def _lazy(module: str, attr: str) -> Callable:
+    """A function from a module written elsewhere in grownfx, with a clear message when it is missing."""
+    try:
+        mod = __import__(module, fromlist=[attr])
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise RuntimeError(f"{module} is not part of this grownfx build (missing {module}.{attr})") from None
+        raise
+    if not hasattr(mod, attr):
+        raise RuntimeError(f"{module} has no {attr} in this grownfx build")
+    return getattr(mod, attr)
+
+
+_RECIPE_ARG = typer.Argument(..., help="A recipe file, or the name of a built-in recipe (see `grownfx ls`).")
+_OVERRIDES_ARG = typer.Argument(None, help="Overrides: key.sub=value, +key.sub=value (add), ~key.sub (delete).",
+                                show_default=False)
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: grownfx run digits_quickstart training.epochs=3 --out runs/quick")
+@guarded
+def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the recipe's output.dir)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in the folder from its checkpoint.")):
+    """Run a recipe: learn its tasks one after the other, writing checkpoints, metrics and exports."""
+    from grownfx.progress import progress
+    from grownfx.recipes import load_recipe
+
+    rec = load_recipe(recipe, overrides or [])
+    run_fn = _lazy("grownfx.runner", "run")
+    with progress(0) as bars:
+        result = run_fn(rec, out_dir=out, resume=resume, progress=bars, echo=bars.log)
+    summary = getattr(result, "summary", {}) or {}
+    out_dir = getattr(result, "out_dir", out)
+    avg = summary.get("avg_acc")
+    _out().print(f"[green]done[/]: {escape(str(out_dir))}" + (f", average accuracy {avg:.2f} %" if avg is not None
+                                                                else ""))
+    _out().print(f"report: grownfx report {escape(str(out_dir))}")
+
+
+@app.command(epilog="Example: grownfx validate my_recipe.yaml training.epochs=3 --no-data-check")
+@guarded
+def validate(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
+             no_data_check: bool = typer.Option(False, "--no-data-check",
+                                                help="Do not check that dataset folders exist.")):
+    """Check a recipe (and overrides) without running it: print a summary, or every error with its line."""
+    from grownfx.recipes import load_recipe
+
+    rec = load_recipe(recipe, overrides or [], check_data=not no_data_check)
+    con = _out()
+    con.print("[green bold]ok[/]")
+    con.print(_summary_table(rec))
+
+
+def _summary_table(rec) -> Table:
+    d = rec.data
+    tasks = getattr(d, "num_tasks", None)
+    if tasks is None and getattr(d, "classes_per_task", None) and d.name == "digits":
+        tasks = 10 // d.classes_per_task
+    method = rec.method.name + (f" ({rec.method.ablation})" if hasattr(rec.method, "ablation") else "")
+    kwargs = f" {rec.model.kwargs}" if rec.model.kwargs else ""
+    table = Table(title=escape(rec.name), show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [("model", f"{rec.model.builder}{kwargs}"),
+            ("data", d.name + (f" ({d.root})" if getattr(d, "root", None) else "")), ("method", method),
+            ("tasks", "auto" if tasks is None else str(tasks)), ("seed width", f"{rec.model.seed_width}"),
+            ("target", str(rec.target.rule)),
+            ("training", f"{rec.training.epochs} epochs, batch {rec.training.batch_size}, "
+                         f"{rec.training.optimizer.name} lr {rec.training.optimizer.lr:g}"),
+            ("device", rec.device), ("output", rec.output.dir.format(name=rec.name))]
+    for k, v in rows:
+        table.add_row(k, escape(v))
+    return table
+
+
+@app.command("ls", epilog="Example: grownfx ls")
+@guarded
+def ls_():
+    """List the built-in recipes with their descriptions."""
+    from grownfx.recipes import builtin_recipes_dir, list_builtin_recipes
+
+    table = Table(title=f"built-in recipes ({escape(str(builtin_recipes_dir()))})")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for name, desc in list_builtin_recipes().items():
+        table.add_row(name, escape(desc))
+    _out().print(table)
+
+
+@app.command("cp", epilog="Example: grownfx cp digits_quickstart my_recipe.yaml")
+@guarded
+def cp_(name: str = typer.Argument(..., help="A built-in recipe name (see `grownfx ls`)."),
+        dest: Path = typer.Argument(..., help="Destination file, or a folder to copy it into."),
+        force: bool = typer.Option(False, "--force", help="Overwrite an existing file.")):
+    """Copy a built-in recipe to edit it."""
+    from grownfx.recipes import RecipeError, builtin_recipes_dir, list_builtin_recipes
+
+    src = builtin_recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
+    if not src.is_file():
+        raise RecipeError([f"no built-in recipe {name!r}; built-in recipes: {', '.join(list_builtin_recipes())}"])
+    target = dest / src.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        _err().print(f"[red]{escape(str(target))} exists; pass --force to overwrite it[/]")
+        raise typer.Exit(_EXIT_USER)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, target)
+    _out().print(f"copied {src.stem} to {escape(str(target))}")
+
+
+@app.command(epilog="Examples: grownfx inspect resnet18 --seed-width 0.5\n\n"
+                    "grownfx inspect vgg16bn_cifar100_superclass20 --json groups.json")
+@guarded
+def inspect(target: str = typer.Argument(..., help="A recipe (file or built-in name) or a model builder name "
+                                         "(torchvision like resnet18, grownfx like lenet5, or module:callable)."),
+            seed_width: Optional[float] = typer.Option(None, "--seed-width", help="Seed width (default: the "
+                                                       "recipe's, or 0.5)."),
+            input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input (default: "
+                                                      "from the recipe's data, or 3,224,224)."),
+            json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the data as JSON here.")):
+    """Show how grownfx sees a backbone: coupling groups (what grows together), growth sites, parameters."""
+    from cli.inspect_model import inspect_data, render
+
+    shape = _parse_shape(input_shape) if input_shape else None
+    data = inspect_data(target, seed_width=seed_width, input_shape=shape)
+    _out().print(render(data))
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(data, indent=1))
+        _out().print(f"wrote {escape(str(json_file))}")
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise typer.BadParameter(f"expected C,H,W like 3,32,32, got {text!r}", param_hint="--input-shape")
+    return shape
+
+
+@app.command(epilog="Example: grownfx export runs/digits_quickstart --task 0 --format onnx --verify")
+@guarded
+def export(run_dir: Path = typer.Argument(..., help="A run folder."),
+           task: int = typer.Option(..., "--task", help="Task index (0-based)."),
+           fmt: str = typer.Option("pt2", "--format", help="pt2, onnx or torchscript."),
+           verify: bool = typer.Option(False, "--verify", help="Check the exported model against the run's.")):
+    """Export the subnetwork of one task as a standalone model (torch.export, ONNX or TorchScript)."""
+    if fmt not in ("pt2", "onnx", "torchscript"):
+        raise typer.BadParameter(f"format must be pt2, onnx or torchscript, got {fmt!r}", param_hint="--format")
+    result = _lazy("grownfx.export_formats", "export_run")(run_dir, task, fmt, verify)
+    _out().print(f"exported task {task} as {fmt}: {escape(str(result))}")
+
+
+@app.command(epilog="Example: grownfx report runs/digits_quickstart")
+@guarded
+def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder written by `grownfx compare`.")):
+    """Write tables (markdown, CSV) and plots for a run, in the seed paper's formats, to RUN_DIR/report."""
+    if (run_dir / "compare.json").is_file():
+        where = _lazy("grownfx.compare_report", "write_compare_report")(run_dir)
+    else:
+        from grownfx.report import write_report
+
+        where = write_report(run_dir)
+    folder = Path(where)
+    folder = folder.parent if folder.is_file() else folder
+    _out().print(f"report written to {escape(str(folder))}/")
+    for f in sorted(folder.glob("*")):
+        _out().print(f"  {escape(f.name)}")
+
+
+@app.command(epilog="Example: grownfx compare digits_quickstart --methods grown,scratch,packnet --seeds 0,1,2")
+@guarded
+def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
+            methods: str = typer.Option(..., "--methods", help="Comma-separated method names."),
+            seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Comparison folder.")):
+    """Run one recipe with several methods and seeds, then compare them (grownfx report DIR makes the tables)."""
+    from grownfx.recipes import load_recipe
+
+    rec = load_recipe(recipe, overrides or [])
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"seeds must be integers, got {seeds!r}", param_hint="--seeds") from None
+    for m in method_list:  # validate each variant before starting hours of training
+        load_recipe(recipe, [*(overrides or []), f"method={{name: {m}}}"], check_data=False)
+    result = _lazy("grownfx.compare", "run_compare")(rec, methods=method_list, seeds=seed_list, out_dir=out)
+    _out().print(f"[green]done[/]: {escape(str(result))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""`grownfx inspect`: build a backbone, prepare it for growth, and describe its coupling groups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Group
+from rich.markup import escape
+from rich.text import Text
+from rich.tree import Tree
+
+_DEFAULT_SHAPE = (3, 224, 224)
+
+
+def is_recipe(target: str) -> bool:
+    from grownfx.recipes import list_builtin_recipes
+
+    return Path(target).is_file() or target.endswith((".yaml", ".yml")) or target in list_builtin_recipes()
+
+
+def inspect_data(target: str, seed_width: Optional[float] = None,
+                 input_shape: Optional[tuple[int, ...]] = None) -> dict[str, Any]:
+    """Everything `inspect` shows, as plain data (also what --json writes)."""
+    import torch
+
+    import grownfx
+    from grownfx.config import GrowthConfig, ModelConfig
+
+    notes = []
+    if is_recipe(target):
+        from grownfx.recipes import load_recipe
+
+        recipe = load_recipe(target, check_data=False)
+        model_cfg, sites, data = recipe.model, recipe.growth.sites, recipe.data
+        shape, classes = input_shape or data_shape(data), data_classes(data)
+        if shape is None:
+            shape = _DEFAULT_SHAPE
+            notes.append(f"input shape of {data.name} data unknown without the files; assumed "
+                         f"{'x'.join(map(str, shape))} (set --input-shape)")
+    else:
+        model_cfg, sites, classes = ModelConfig(builder=target), GrowthConfig().sites, 10
+        shape = input_shape or _DEFAULT_SHAPE
+    width = model_cfg.seed_width if seed_width is None else seed_width
+    model = build_model(model_cfg.builder, classes, model_cfg.kwargs).eval()
+    net = grownfx.prepare(model, torch.randn(1, *shape), width, leaf_modules=model_cfg.leaf_modules,
+                          granularity=model_cfg.granularity)
+    net.add_task(classes)  # a head of `classes` outputs, as the runner adds for a task
+    site_ids = set(net.groups_matching(sites.include, sites.exclude, sites.layer_types))
+    full_width = {g.id: g.width for g in net.coupling.groups}
+    groups = sorted(net.coupling_groups, key=lambda g: (not g.growable, g.id))
+    seed_params = net.num_parameters()
+    return {
+        "target": target, "builder": model_cfg.builder, "input_shape": list(shape), "num_classes": classes,
+        "seed_width": width, "full_params": net.full_params, "seed_params": seed_params,
+        "seed_fraction": seed_params / net.full_params if net.full_params else None,
+        "growth_sites": sorted(site_ids), "notes": notes,
+        "groups": [{"id": g.id, "width": full_width.get(g.id, g.width), "seed_width": g.width,
+                    "growable": g.growable, "growth_site": g.id in site_ids, "granularity": g.granularity,
+                    "reasons": list(g.reasons),
+                    "members": [{"target": b.target, "role": b.role} for b in g.members]} for g in groups],
+    }
+
+
+def build_model(builder: str, num_classes: int, kwargs: dict):
+    try:
+        from grownfx.models import build_backbone
+    except ImportError:
+        from grownfx.recipes import resolve_builder
+
+        return resolve_builder(builder)(num_classes=num_classes, **kwargs)
+    return build_backbone(builder, num_classes, kwargs)
+
+
+def data_shape(data) -> Optional[tuple[int, ...]]:
+    """(C, H, W) of one input of a data config, when it follows from the config alone."""
+    name = data.name
+    if name.startswith("cifar100"):
+        return (3, 32, 32)
+    if name == "miniimagenet":
+        return (3, data.image_size, data.image_size)
+    if name == "digits":
+        return (1, 8, 8)
+    if name == "synthetic":
+        return tuple(data.input_shape)
+    if name == "imagefolder" and data.image_size:
+        return (data.channels, *data.image_size)
+    return None
+
+
+def data_classes(data) -> int:
+    if data.name == "cifar100_superclass":
+        return 5
+    cpt = getattr(data, "classes_per_task", None)
+    if cpt:
+        return cpt
+    return 100 // data.num_tasks if data.name == "cifar100_split" else 10
+
+
+def render(data: dict[str, Any]) -> Group:
+    shape = "x".join(map(str, data["input_shape"]))
+    tree = Tree(f"[bold]{escape(data['builder'])}[/] (input {shape}, seed width {data['seed_width']}, "
+                f"{data['num_classes']}-way head)")
+    growable = [g for g in data["groups"] if g["growable"]]
+    fixed = [g for g in data["groups"] if not g["growable"]]
+    branch = tree.add(f"[green bold]growable coupling groups ({len(growable)})[/]")
+    for g in growable:
+        site = "" if g["growth_site"] else " [dim](excluded from growth by growth.sites)[/]"
+        node = branch.add(f"group {g['id']}: width {g['width']}, seed width {g['seed_width']}, "
+                          f"granularity {g['granularity']}{site}")
+        _members(node, g)
+    branch = tree.add(f"[yellow bold]fixed coupling groups ({len(fixed)})[/]")
+    for g in fixed:
+        why = "; ".join(g["reasons"]) or "fixed"
+        node = branch.add(f"group {g['id']}: width {g['width']}, [yellow]fixed: {escape(why)}[/]")
+        _members(node, g)
+    frac = data["seed_fraction"]
+    footer = Text.from_markup(
+        f"parameters: full backbone {data['full_params']:,}, seed {data['seed_params']:,}"
+        + (f" ({frac:.2f}x)" if frac is not None else "")
+        + f"; growth sites: {len(data['growth_sites'])} of {len(growable)} growable groups")
+    notes = [Text(f"note: {n}", style="dim") for n in data["notes"]]
+    return Group(tree, footer, *notes)
+
+
+def _members(node: Tree, group: dict) -> None:
+    for m in group["members"]:
+        node.add(f"{escape(m['target'])} [dim]({m['role']})[/]")

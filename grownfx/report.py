@@ -1,0 +1,298 @@
+"""A run folder -> `report/`: markdown tables in the seed paper's formats, the same tables as CSV, and plots.
+
+    write_report("runs/digits_quickstart")   # -> runs/digits_quickstart/report/{report.md, *.csv, *.png}
+
+Reads `summary.json` and `acc_matrix.json` (written by the runner) and, when present, `config.resolved.yaml`
+to print the seed paper's published numbers beside the run's own on the paper's benchmarks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+__all__ = ["PUBLISHED", "load_run", "report_tables", "write_report"]
+
+Table = tuple[list[str], list[list[Any]]]
+
+# The seed paper's published rows: per-task accuracy (%), average, final model size, model size per task.
+PUBLISHED: dict[str, dict] = {
+    "cifar100_split10": {
+        "source": "GROWN paper, Tables 1-2",
+        "acc": {
+            "Scratch": ([62.4, 57.0, 67.8, 64.4, 67.8, 67.2, 68.6, 67.6, 61.4, 69.6], 63.75, 10.0),
+            "CPG": ([59.4, 55.2, 64.8, 57.4, 59.6, 59.4, 66.2, 62.8, 57.6, 65.4], 60.12, 1.3),
+            "GROWN": ([57.6, 53.4, 65.2, 58.8, 60.4, 60.6, 65.4, 62.2, 58.0, 66.4], 60.83, 1.2),
+        },
+        "size": {"GROWN": [0.5, 0.64, 0.78, 0.78, 0.84, 0.90, 0.90, 1.10, 1.15, 1.2]},
+    },
+    "cifar100_superclass20": {
+        "source": "GROWN paper, Tables 3-4",
+        "acc": {
+            "Scratch": ([65.8, 78.4, 76.6, 82.4, 82.2, 84.6, 78.6, 84.8, 83.4, 89.4, 87.8, 80.2, 84.4, 80.2, 52.0,
+                         69.4, 66.4, 70.0, 87.2, 91.2], 78.8, 20.0),
+            "CPG": ([67.0, 79.6, 77.2, 82.0, 86.8, 87.2, 82.4, 85.6, 86.4, 89.6, 90.0, 84.0, 87.2, 84.8, 55.4, 73.8,
+                     72.0, 71.6, 89.6, 92.8], 81.2, 1.5),
+            "GROWN": ([67.2, 76.8, 79.6, 81.8, 87.4, 86.8, 84.2, 83.8, 87.8, 89.4, 91.0, 84.6, 87.2, 85.0, 55.4, 73.6,
+                       71.2, 73.8, 89.2, 94.6], 82.2, 1.5),
+        },
+        "size": {"GROWN": [0.3, 0.4, 0.48, 0.56, 0.65, 0.75, 0.75, 0.83, 0.94, 0.94, 1.12, 1.18, 1.24, 1.24, 1.30,
+                           1.30, 1.38, 1.44, 1.44, 1.5]},
+    },
+}
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """summary, accuracy matrix, task names and (if saved) the resolved recipe of a run folder."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path.absolute()} not found: {run_dir} is not a finished (or started) "
+                                "run folder; `grownfx run` writes summary.json after each task")
+    summary = json.loads(summary_path.read_text())
+    matrix_path = run_dir / "acc_matrix.json"
+    acc = json.loads(matrix_path.read_text()) if matrix_path.is_file() else {"tasks": [], "matrix": []}
+    tasks = summary.get("tasks", [])
+    names = acc.get("tasks") or [t.get("name", str(t.get("index", i))) for i, t in enumerate(tasks)]
+    recipe = None
+    resolved = run_dir / "config.resolved.yaml"
+    if resolved.is_file():
+        try:
+            recipe = yaml.safe_load(resolved.read_text())
+        except yaml.YAMLError:
+            recipe = None
+    return {"dir": run_dir, "summary": summary, "matrix": acc.get("matrix", []), "names": names, "recipe": recipe}
+
+
+def benchmark_of(recipe: Optional[dict]) -> Optional[str]:
+    """The seed paper's benchmark a recipe runs, if any (a key of PUBLISHED)."""
+    data = (recipe or {}).get("data") or {}
+    if data.get("name") == "cifar100_split" and data.get("num_tasks", 10) == 10:
+        return "cifar100_split10"
+    if data.get("name") == "cifar100_superclass" and data.get("num_tasks", 20) == 20:
+        return "cifar100_superclass20"
+    return None
+
+
+# --- tables -----------------------------------------------------------------------------------------------
+
+
+def report_tables(run: dict) -> dict[str, Table]:
+    """All report tables as (header, rows): accuracy, model_size, acc_matrix, tasks, growth."""
+    s, tasks = run["summary"], run["summary"].get("tasks", [])
+    n = len(tasks)
+    label = f"{s.get('method', '?')} ({s.get('name', 'this run')})"
+    final_size = tasks[-1].get("model_size") if tasks else None
+    bench = PUBLISHED.get(benchmark_of(run.get("recipe")) or "", {})
+
+    acc_rows = [[label, *[_num(t.get("acc_final")) for t in tasks], _num(s.get("avg_acc"), 2), _size(final_size)]]
+    for method, (row, avg, size) in bench.get("acc", {}).items():
+        acc_rows.append([f"{method} (published)", *row[:n], avg, _size(size)])
+    size_rows = [[label, *[_size(t.get("model_size")) for t in tasks]]]
+    for method, row in bench.get("size", {}).items():
+        size_rows.append([f"{method} (published)", *[_size(v) for v in row[:n]]])
+    cols = [str(i + 1) for i in range(n)]
+    names = list(run["names"]) or cols
+    matrix_rows = [[f"after {names[i] if i < len(names) else i + 1}",
+                    *[_num(v) for v in (row + [None] * (len(names) - len(row)))]] for i, row in enumerate(run["matrix"])]
+    return {
+        "accuracy": (["Method", *cols, "Avg", "Model size"], acc_rows),
+        "model_size": (["Method", *cols], size_rows),
+        "acc_matrix": (["after task \\ test on", *names], matrix_rows),
+        "tasks": (_TASK_HEADER, [_task_row(t) for t in tasks]),
+        "growth": _growth_table(tasks),
+    }
+
+
+_TASK_HEADER = ["Task", "Name", "Classes", "Target", "Val acc", "Acc when learned", "Acc final", "Grew",
+                "Growth rounds", "Channels added", "Params stored", "Params used", "Model size", "Mask bytes",
+                "Epochs", "Time (s)", "Selective zero frac", "Released", "Retrained"]
+
+
+def _task_row(t: dict) -> list:
+    growth = t.get("growth") or {}
+    return [int(t.get("index", 0)) + 1, t.get("name", ""), t.get("num_classes", ""), _num(t.get("target")),
+            _num(t.get("val_acc")), _num(t.get("acc_when_learned")), _num(t.get("acc_final")),
+            "yes" if t.get("grew") else "no", t.get("growth_rounds", 0), sum(growth.values()),
+            t.get("params_stored", ""), t.get("params_task", ""), _size(t.get("model_size")), t.get("mask_bytes", ""),
+            t.get("epochs", ""), _num(t.get("time_s")), _num(t.get("selective_zero_frac"), 3),
+            t.get("released", ""), t.get("retrained", "")]
+
+
+def _growth_table(tasks: list[dict]) -> Table:
+    """Channels added per growth site (coupling group) per task."""
+    sites = sorted({str(k) for t in tasks for k in (t.get("growth") or {})}, key=_site_key)
+    rows = []
+    for site in sites:
+        added = [int((t.get("growth") or {}).get(site, 0)) for t in tasks]
+        rows.append([site, *added, sum(added)])
+    return ["Growth site (group)", *[str(i + 1) for i in range(len(tasks))], "Total"], rows
+
+
+def _site_key(site: str):
+    return (0, int(site), "") if site.isdigit() else (1, 0, site)
+
+
+def _num(v: Any, digits: int = 1) -> Any:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return round(float(v), digits) if isinstance(v, (int, float)) else v
+
+
+def _size(v: Any) -> str:
+    return "" if v is None else f"{float(v):.2f}x"
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `run_dir/report/` (report.md, one CSV per table, PNG plots); returns that folder."""
+    run = load_run(run_dir)
+    out = Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    tables = report_tables(run)
+    for name, (header, rows) in tables.items():
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    plots = _plots(run, out)
+    (out / "report.md").write_text(_markdown(run, tables, plots))
+    return out
+
+
+def _markdown(run: dict, tables: dict[str, Table], plots: list[str]) -> str:
+    s, tasks = run["summary"], run["summary"].get("tasks", [])
+    full = s.get("full_params")
+    bench = benchmark_of(run.get("recipe"))
+    lines = [f"# {s.get('name', 'run')}: {s.get('method', '?')}", "",
+             f"- tasks: {len(tasks)}" + (f" of {s['num_tasks']}" if s.get("num_tasks") not in (None, len(tasks)) else ""),
+             f"- average accuracy (after the last task): {_fmt(s.get('avg_acc'), 2)} %",
+             f"- backward transfer (BWT): {_fmt(s.get('bwt'), 2)}; forgetting: {_fmt(s.get('forgetting'), 2)}",
+             f"- full backbone: {full:,} parameters" if isinstance(full, int) else "- full backbone: unknown",
+             f"- final model size: {_size(tasks[-1].get('model_size')) if tasks else '-'} of the full backbone",
+             f"- total time: {_fmt(s.get('total_time_s'), 1)} s"]
+    if bench:
+        lines.append(f"- published numbers: {PUBLISHED[bench]['source']} (same benchmark, their own runs)")
+    sections = [
+        ("accuracy", "Accuracy per task after the whole stream (%), as in the paper's Tables 1 and 3"),
+        ("model_size", "Model size after each task, relative to the full backbone, as in Tables 2 and 4"),
+        ("acc_matrix", "Accuracy matrix: test accuracy (%) on each task (columns) after learning each task (rows)"),
+        ("tasks", "Per task: growth, parameters, masks and time"),
+        ("growth", "Channels added per growth site (coupling group id) and task"),
+    ]
+    for key, title in sections:
+        header, rows = tables[key]
+        lines += ["", f"## {title}", "", _md_table(header, rows) if rows else "_nothing recorded_",
+                  "", f"CSV: [{key}.csv]({key}.csv)"]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    out = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    return "\n".join(out)
+
+
+def _fmt(v: Any, digits: int) -> str:
+    return "-" if v is None else f"{float(v):.{digits}f}"
+
+
+# --- plots ------------------------------------------------------------------------------------------------
+
+
+def _plots(run: dict, out: Path) -> list[str]:
+    """acc_matrix.png, model_size.png, final_accuracy.png; drawn on Agg figures (no display needed)."""
+    tasks = run["summary"].get("tasks", [])
+    if not tasks:
+        return []
+    made = []
+    for name, draw in (("acc_matrix.png", _plot_matrix), ("model_size.png", _plot_size),
+                       ("final_accuracy.png", _plot_final)):
+        fig = _figure()
+        draw(fig, run)
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")
+        made.append(name)
+    return made
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(7, 4.5))
+
+
+def _plot_matrix(fig, run: dict) -> None:
+    import numpy as np
+
+    names = list(run["names"])
+    rows = run["matrix"]
+    n = max(len(names), len(rows))
+    m = np.full((len(rows), n), np.nan)
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            m[i, j] = np.nan if v is None else float(v)
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    fig.colorbar(im, ax=ax, label="test accuracy (%)")
+    if n <= 20:
+        for (i, j), v in np.ndenumerate(m):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 60 else "black")
+    ticks = range(n)
+    ax.set_xticks(ticks, [str(j + 1) for j in ticks])
+    ax.set_yticks(range(len(rows)), [str(i + 1) for i in range(len(rows))])
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after learning task")
+    ax.set_title("Accuracy matrix")
+
+
+def _plot_size(fig, run: dict) -> None:
+    tasks = run["summary"]["tasks"]
+    x = [i + 1 for i in range(len(tasks))]
+    y = [t.get("model_size") or 0.0 for t in tasks]
+    ax = fig.add_subplot()
+    ax.plot(x, y, marker="o", label="this run")
+    grew = [(xi, yi) for xi, yi, t in zip(x, y, tasks) if t.get("grew")]
+    if grew:
+        ax.scatter(*zip(*grew), marker="*", s=160, color="tab:red", zorder=3, label="grew")
+        for xi, yi in grew:
+            added = sum((tasks[xi - 1].get("growth") or {}).values())
+            ax.annotate(f"+{added}", (xi, yi), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+    for method, row in PUBLISHED.get(benchmark_of(run.get("recipe")) or "", {}).get("size", {}).items():
+        ax.plot(x, row[: len(x)], linestyle="--", color="gray", label=f"{method} (published)")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="full backbone")
+    ax.set_xticks(x)
+    ax.set_xlabel("after task")
+    ax.set_ylabel("parameters stored / full backbone")
+    ax.set_title("Model size per task")
+    ax.legend(fontsize=8)
+
+
+def _plot_final(fig, run: dict) -> None:
+    tasks = run["summary"]["tasks"]
+    x = [i + 1 for i in range(len(tasks))]
+    ax = fig.add_subplot()
+    ax.bar(x, [t.get("acc_final") or 0.0 for t in tasks], color="tab:blue", label="after the last task")
+    ax.scatter(x, [t.get("acc_when_learned") or 0.0 for t in tasks], color="tab:orange", zorder=3,
+               label="when learned")
+    targets = [(xi, t["target"]) for xi, t in zip(x, tasks) if t.get("target") is not None]
+    if targets:
+        ax.scatter(*zip(*targets), marker="_", s=300, color="black", zorder=3, label="target (validation)")
+    ax.set_xticks(x)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("task")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Final accuracy per task (average {_fmt(run['summary'].get('avg_acc'), 2)} %)")
+    ax.legend(fontsize=8, loc="lower right")
