@@ -191,8 +191,7 @@ class GrownLearner:
             ep_timer = Timer()
             loss, pen, acc, n = run_epoch(lambda x: net(x, task=t), loader, optim, self.device,
                                           precision=cfg.precision, penalty=penalty,
-                                          channels_last=cfg.channels_last, scaler=self.scaler,
-                                          should_stop=self.should_stop)
+                                          channels_last=cfg.channels_last, scaler=self.scaler)
             pos.epoch, pos.epochs_done = epoch + 1, pos.epochs_done + 1
             self.on_epoch({"task": t, "stage": pos.stage, "round": pos.round, "epoch": epoch + 1, "epochs": epochs,
                            "loss": loss, "penalty": pen, "train_acc": acc, "seconds": ep_timer.seconds,

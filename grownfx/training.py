@@ -110,9 +110,11 @@ def run_epoch(
     penalty: Callable[[], torch.Tensor] | None = None,
     channels_last: bool = False,
     scaler=None,
-    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[float, float, float, int]:
-    """One pass: cross-entropy (+ penalty) per batch.  Returns (mean loss, mean penalty, accuracy %, images)."""
+    """One pass: cross-entropy (+ penalty) per batch.  Returns (mean loss, mean penalty, accuracy %, images).
+
+    A stop request is honoured between epochs, never inside one, so a checkpoint always holds whole epochs.
+    """
     total = correct = 0
     loss_sum = pen_sum = 0.0
     batches = 0
@@ -138,8 +140,6 @@ def run_epoch(
         pen_sum += float(pen.detach()) if pen is not None else 0.0
         correct += int((out.detach().argmax(1) == y).sum())
         total += int(y.numel())
-        if should_stop():
-            break
     return loss_sum / max(batches, 1), pen_sum / max(batches, 1), 100.0 * correct / max(total, 1), total
 
 

@@ -1,0 +1,104 @@
+"""The property sweep every backbone must pass (shared by the representative tests and the zoo sweep)."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+
+import grownfx
+from grownfx.net import seed_channels
+
+
+def build(name: str, num_classes: int = 10):
+    """A torchvision classifier with a small input that its architecture accepts."""
+    kw = {"num_classes": num_classes}
+    size = 32
+    if name in ("inception_v3", "googlenet"):
+        kw.update(aux_logits=False, init_weights=True)
+    if name == "inception_v3":
+        size = 75
+    if name.startswith("vit"):
+        size = 28 if "14" in name else 32
+        kw["image_size"] = size
+    if name.startswith("maxvit"):
+        size = 224
+    if name.startswith(("alexnet", "squeezenet")):
+        size = 64
+    if name in ("lenet5", "small_cnn"):
+        from grownfx.models import build_backbone
+
+        shape = (3, 32, 32) if name == "lenet5" else (1, 8, 8)
+        return build_backbone(name, num_classes), torch.randn(4 if size < 100 else 1, *shape)
+    model = torchvision.models.get_model(name, weights=None, **kw)
+    return model, torch.randn(4 if size < 100 else 1, 3, size, size)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _step(net, x, task, lr=1e-3):
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x, task=task).logsumexp(1).mean().backward()
+        opt.step()
+    net.eval()
+
+
+def check_backbone(name: str, seed_width: float = 0.5) -> dict:
+    """Seed slimming, function-preserving growth, exact old tasks, faithful export, consistent counts."""
+    model, x = build(name)
+    net = grownfx.prepare(model, x, seed_width=seed_width)
+    report = {"name": name, "growable": len(net.growable_groups), "full_params": net.full_params}
+    assert net.growable_groups, f"{name}: no growable group"
+    full = {g.id: g.width for g in net.coupling.groups}
+    for g in net.growable_groups:  # seed slimming gives the stated width
+        assert g.width == seed_channels(full[g.id], seed_width, g.granularity), (name, g.id)
+
+    t0 = net.add_task(10)
+    net.eval()
+    with torch.no_grad():
+        seed_out = net(x, task=t0)
+    assert net.num_parameters(t0) == grownfx.count_parameters(net.export(t0, prune_unused=False))
+    report["seed_params"] = net.num_parameters(t0)
+    assert report["seed_params"] < net.full_params
+
+    net.grow(ratio=0.25)  # growth preserves the outputs of the task being learned
+    with torch.no_grad():
+        assert rel_err(net(x, task=t0), seed_out) < 1e-6, name
+    _step(net, x, t0)
+    net.freeze_task(t0)
+    with torch.no_grad():
+        ref0 = net(x, task=t0)
+    export0 = net.export(t0)
+    ref_state = {k: v.clone() for k, v in export0.state_dict().items()}
+
+    t1 = net.add_task(3)
+    net.grow(ratio=0.25)  # growth after masks exist and tasks are frozen
+    with torch.no_grad():
+        assert torch.equal(net(x, task=t0), ref0), f"{name}: growth changed a frozen task"
+    _step(net, x, t1)
+    with torch.no_grad():
+        after0 = net(x, task=t0)
+        out1 = net(x, task=t1)
+    assert torch.equal(after0, ref0), f"{name}: learning task 2 changed task 1's outputs"
+    again0 = net.export(t0)
+    assert again0.state_dict().keys() == ref_state.keys()
+    assert all(torch.equal(again0.state_dict()[k], v) for k, v in ref_state.items()), f"{name}: export changed"
+
+    for t, ref in ((t0, ref0), (t1, out1)):  # the export computes what the task-aware model computes
+        sub = net.export(t)
+        assert not any(type(m).__module__.startswith("grownfx") for m in sub.modules()), name
+        with torch.no_grad():
+            assert rel_err(sub(x), ref) <= 1e-5, (name, t)
+        assert grownfx.count_parameters(sub) < net.num_parameters()
+    stored = sum(m.weight.numel() for m in net.masked_layers())
+    copies = sum(sum(c.numel() if isinstance(c, torch.Tensor) else grownfx.count_parameters(c) for c in m.copies)
+                 for m in net.task_modules() if hasattr(m, "copies"))
+    assert net.num_parameters() == stored + copies
+    assert net.num_parameters(t0) + net.num_parameters(t1) >= net.num_parameters(t1)
+    report["params_after"] = net.num_parameters()
+    return report

@@ -1,0 +1,111 @@
+"""Issue 3: the GROWN learner on small real data (scikit-learn digits) and generated data."""
+
+import pytest
+import torch
+
+import grownfx
+from grownfx.config import GrowthConfig, MasksConfig, OptimConfig, TrainingConfig
+from grownfx.context import ATT, DENSE, OFF, SEL
+from grownfx.data import build_stream
+from grownfx.learner import GrownLearner
+from grownfx.models import build_backbone
+
+STREAM = build_stream({"name": "digits"}, seed=0)
+
+
+def make_learner(switches=(True, True, True), epochs=3, growth=None, masks=None, seed=0, mask_lr=2e-3):
+    torch.manual_seed(seed)
+    net = grownfx.prepare(build_backbone("small_cnn", 2), torch.randn(2, *STREAM.input_shape), seed_width=0.5,
+                          seed=seed)
+    training = TrainingConfig(epochs=epochs, optimizer=OptimConfig(name="adam", lr=1e-3),
+                              mask_optimizer=OptimConfig(name="adam", lr=mask_lr))
+    return GrownLearner(net, training=training, growth=growth or GrowthConfig(), masks=masks or MasksConfig(),
+                        switches=switches, seed=seed)
+
+
+def test_stage2_skipped_when_stage1_meets_target_and_run_when_it_does_not():
+    easy = make_learner()
+    easy.learn(STREAM.tasks[0], target=0.0)
+    rec = easy.learn(STREAM.tasks[1], target=0.0)
+    assert rec.growth_rounds == 0 and not rec.grew and len(rec.val_history) == 1
+    hard = make_learner(growth=GrowthConfig(max_rounds=2))
+    hard.learn(STREAM.tasks[0], target=0.0)
+    rec = hard.learn(STREAM.tasks[1], target=101.0)  # unreachable: grows until the budget is spent
+    assert rec.growth_rounds == 2 and len(rec.val_history) == 3
+
+
+def test_growth_ends_within_the_width_budget():
+    # gates that start open (s0 = 1) keep every candidate: the 0.5 seed + a 0.25 pool reaches the 0.75 cap
+    masks = MasksConfig(grown={"init": 1.0, "lam": 0.0})
+    learner = make_learner(growth=GrowthConfig(max_rounds=10, pool=0.25, max_width=0.75), masks=masks)
+    first = learner.learn(STREAM.tasks[0], target=101.0)
+    second = learner.learn(STREAM.tasks[1], target=101.0)
+    full = {g.id: g.width for g in learner.net.coupling.groups}
+    assert all(w == int(0.75 * full[gid]) for gid, w in learner.net.ctx.widths.items())
+    assert first.growth_rounds == 1 and second.growth_rounds == 0 and len(second.val_history) == 1
+
+
+def test_selective_mask_drops_kernels_and_released_weights_are_retrained():
+    learner = make_learner(epochs=4)
+    learner.learn(STREAM.tasks[0], target=0.0)
+    released = learner.net.free_weights()
+    assert released > 0, "the attentive mask released no grown weight"
+    rec = learner.learn(STREAM.tasks[1], target=0.0)
+    assert rec.selective_zero_frac is not None and rec.selective_zero_frac > 0
+    assert rec.retrained > 0
+    owners = torch.cat([m.owner.flatten() for m in learner.net.masked_layers()])
+    assert (owners == 1).any(), "task 2 owns none of the re-trained released weights"
+
+
+@pytest.mark.parametrize("ablation,expected", [
+    ((False, False, False), {DENSE}),  # grow only: old weights used as they are, grown weights dense
+    ((True, False, False), {SEL, DENSE, OFF}),  # + selective mask (released weights left unused)
+    ((True, True, False), {SEL, ATT, OFF}),  # + LSG: attentive mask on grown weights
+    ((True, True, True), {SEL, ATT, DENSE}),  # + re-train released weights = GROWN
+])
+def test_ablation_switches_change_what_is_trained(ablation, expected):
+    learner = make_learner(switches=ablation, epochs=2)
+    learner.learn(STREAM.tasks[0], target=0.0)
+    net = learner.net
+    net.add_task(2)
+    from grownfx.learner import build_policy
+
+    net.set_policy(build_policy(1, ablation, MasksConfig()))
+    net.grow(ratio=0.25, gated=True)
+    kinds = set(torch.cat([m.kind.flatten() for m in net.masked_layers()]).unique().tolist())
+    if ablation[1] or not ablation[0]:
+        assert kinds - {OFF} == expected - {OFF}
+    else:
+        assert SEL in kinds and ATT not in kinds
+    scores = net.trainable_parameters()["masks"]
+    assert bool(scores) == (ablation[0] or ablation[1])
+
+
+def test_zero_forgetting_is_exact():
+    learner = make_learner(epochs=2)
+    refs, exports = {}, {}
+    x = torch.randn(16, *STREAM.input_shape)
+    for task in STREAM.tasks:
+        learner.learn(task, target=99.0)
+        t = task.index
+        learner.net.eval()
+        with torch.no_grad():
+            refs[t] = (learner.net(x, task=t), learner.evaluate(t, task.test))
+        exports[t] = {k: v.clone() for k, v in learner.net.export(t).state_dict().items()}
+    for t, (out, acc) in refs.items():
+        with torch.no_grad():
+            assert torch.equal(learner.net(x, task=t), out)
+        assert learner.evaluate(t, STREAM.tasks[t].test) == acc
+        state = learner.net.export(t).state_dict()
+        assert all(torch.equal(state[k], v) for k, v in exports[t].items())
+
+
+def test_masks_and_growth_are_deterministic_under_a_fixed_seed():
+    runs = []
+    for _ in range(2):
+        learner = make_learner(epochs=2, seed=3)
+        for task in STREAM.tasks[:2]:
+            learner.learn(task, target=100.0)
+        runs.append(learner.net.state_dict())
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -1,0 +1,51 @@
+import pytest
+import torch
+from torch import nn
+
+import grownfx
+from grownfx.tracing import TraceError, trace
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # fx cannot trace a branch on a tensor value
+            return x * 2
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.odd = DataDependent()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.odd(self.conv(x)).mean((2, 3)))
+
+
+def test_untraceable_module_is_named_and_leaf_modules_fix_it():
+    with pytest.raises(TraceError, match="'odd'.*leaf"):
+        trace(Net(), torch.randn(1, 3, 8, 8))
+    gm = trace(Net(), torch.randn(1, 3, 8, 8), leaf_modules=["odd"])
+    assert any(n.op == "call_module" and n.target == "odd" for n in gm.graph.nodes)
+    net = grownfx.prepare(Net(), torch.randn(1, 3, 8, 8), leaf_modules=["odd"])
+    assert net.growable_groups == [] or all("odd" not in b.target for g in net.growable_groups for b in g.members)
+
+
+def test_shape_error_names_the_node():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(10, 2))
+    with pytest.raises(TraceError, match="at node"):
+        trace(model, torch.randn(1, 3, 8, 8))
+
+
+def test_stochastic_depth_keeps_train_and_eval_behaviour():
+    import torchvision
+
+    model = torchvision.models.efficientnet_b0(num_classes=3, stochastic_depth_prob=0.9).eval()
+    gm = trace(model, torch.randn(2, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(gm(x), gm(x))  # eval: deterministic
+        gm.train()
+        assert not torch.equal(gm(x), gm(x))  # train: stochastic depth is active, not frozen into the graph
