@@ -20,6 +20,7 @@ app = typer.Typer(
          "Start with:  grownfx run digits_quickstart",
 )
 _state = {"debug": False}
+_PASS_THROUGH = (typer.Exit, typer.Abort, typer.BadParameter.__bases__[0])  # the framework's own (UsageError)
 _EXIT_USER, _EXIT_BUG, _EXIT_INTERRUPT = 2, 1, 130
 
 
@@ -65,7 +66,7 @@ def guarded(fn: Callable) -> Callable:
 
         try:
             return fn(*args, **kwargs)
-        except typer.Exit:
+        except _PASS_THROUGH:
             raise
         except RecipeError as exc:
             con = _err()
@@ -126,6 +127,8 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
         result = run_fn(rec, out_dir=out, resume=resume, progress=bars, echo=bars.log)
     summary = getattr(result, "summary", {}) or {}
     out_dir = getattr(result, "out_dir", out)
+    if summary.get("tasks"):
+        _out().print(_results_table(summary))
     avg = summary.get("avg_acc")
     _out().print(f"[green]done[/]: {escape(str(out_dir))}" + (f", average accuracy {avg:.2f} %" if avg is not None
                                                                 else ""))
@@ -144,6 +147,21 @@ def validate(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRI
     con = _out()
     con.print("[green bold]ok[/]")
     con.print(_summary_table(rec))
+
+
+def _results_table(summary: dict) -> Table:
+    """Per task: accuracy when learned and at the end, the target, growth, model size, time."""
+    table = Table(title=f"{escape(summary['name'])} ({escape(summary['method'])}): average {summary['avg_acc']:.2f} %, "
+                        f"BWT {summary['bwt']:+.2f}")
+    for col in ("task", "val", "target", "test (learned)", "test (final)", "growth", "model size", "time"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for t in summary["tasks"]:
+        target = "" if t.get("target") is None else f"{t['target']:.1f}"
+        grew = f"+{sum(t['growth'].values())} ch" if t.get("growth") else "-"
+        size = "" if t.get("model_size") is None else f"{t['model_size']:.2f}x"
+        table.add_row(escape(str(t["name"])), f"{t['val_acc']:.1f}", target, f"{t['acc_when_learned']:.1f}",
+                      f"{t['acc_final']:.1f}", grew, size, f"{t['time_s']:.1f}s")
+    return table
 
 
 def _summary_table(rec) -> Table:
@@ -217,7 +235,10 @@ def inspect(target: str = typer.Argument(..., help="A recipe (file or built-in n
 
     shape = _parse_shape(input_shape) if input_shape else None
     data = inspect_data(target, seed_width=seed_width, input_shape=shape)
-    _out().print(render(data))
+    tree, footer = render(data)
+    _out().print(tree)
+    for line in footer:
+        _out().print(line, soft_wrap=True)
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(json.dumps(data, indent=1))
@@ -251,6 +272,10 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
 @guarded
 def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder written by `grownfx compare`.")):
     """Write tables (markdown, CSV) and plots for a run, in the seed paper's formats, to RUN_DIR/report."""
+    if not (run_dir / "summary.json").is_file() and not (run_dir / "compare.json").is_file():
+        _err().print(f"[red]{escape(str(run_dir))} is not a run folder (no summary.json) nor a comparison folder "
+                     "(no compare.json)[/]")
+        raise typer.Exit(_EXIT_USER)
     if (run_dir / "compare.json").is_file():
         where = _lazy("grownfx.compare_report", "write_compare_report")(run_dir)
     else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from rich.console import Group
 from rich.markup import escape
 from rich.text import Text
 from rich.tree import Tree
@@ -97,7 +96,8 @@ def data_classes(data) -> int:
     return 100 // data.num_tasks if data.name == "cifar100_split" else 10
 
 
-def render(data: dict[str, Any]) -> Group:
+def render(data: dict[str, Any]) -> tuple[Tree, list[Text]]:
+    """The tree of coupling groups, and footer lines (parameter counts, notes)."""
     shape = "x".join(map(str, data["input_shape"]))
     tree = Tree(f"[bold]{escape(data['builder'])}[/] (input {shape}, seed width {data['seed_width']}, "
                 f"{data['num_classes']}-way head)")
@@ -120,7 +120,7 @@ def render(data: dict[str, Any]) -> Group:
         + (f" ({frac:.2f}x)" if frac is not None else "")
         + f"; growth sites: {len(data['growth_sites'])} of {len(growable)} growable groups")
     notes = [Text(f"note: {n}", style="dim") for n in data["notes"]]
-    return Group(tree, footer, *notes)
+    return tree, [footer, *notes]
 
 
 def _members(node: Tree, group: dict) -> None:

@@ -142,7 +142,7 @@ def restore_net(net: GrowableNet, structure: dict, state: dict) -> GrowableNet:
     ctx.gates = {int(k): v for k, v in net.gates.items()}
     for m in net.masked_layers():
         m.weight.requires_grad_(bool((m.owner == -1).any()))
-        m._cache = m._frozen_cache = None
+        m._cache = m._frozen_cache = m._plan = None
     net.generator.set_state(structure["generator"])
     ctx.task = ctx.num_tasks - 1 if ctx.num_tasks else None
     ctx.bump()

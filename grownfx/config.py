@@ -125,12 +125,21 @@ class ScratchMethod(_Strict):
 
 class FinetuneMethod(_Strict):
     name: Literal["finetune"] = "finetune"
+    keep_copies: bool = Field(False, description="Store the whole network after each task and evaluate each task "
+                              "with its own copy (the seed paper's Fine-tune row: no forgetting, model size T x). "
+                              "False: one shared network, old heads kept, which forgets.")
 
 
 class PNNMethod(_Strict):
     name: Literal["pnn"] = "pnn"
     column_width: float = Field(0.08, gt=0, le=1.0, description="Width of each new column as a fraction of the "
                                 "backbone (the paper's PNN grows ~0.08x per task).")
+    first_column_width: float = Field(1.0, gt=0, le=1.0, description="Width of the first task's column (the "
+                                      "paper's PNN starts from the full backbone, 1x).")
+    laterals: Literal["shared", "per_column"] = Field("shared", description="`shared`: one lateral adapter per "
+                                                      "layer from the first column and one fed the mean of the other "
+                                                      "earlier columns' inputs (constant size per task); `per_column`: one adapter per earlier column "
+                                                      "(Rusu et al.; size grows quadratically).")
 
 
 class PackNetMethod(_Strict):
@@ -143,6 +152,9 @@ class PackNetMethod(_Strict):
 
 class PiggybackMethod(_Strict):
     name: Literal["piggyback"] = "piggyback"
+    mask_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the mask scores (Piggyback: 1e-4).")
+    mask_init: float = Field(1e-2, description="Initial mask score (Piggyback: 1e-2).")
+    mask_threshold: float = Field(5e-3, description="Scores at or above this keep their weight (Piggyback: 5e-3).")
 
 
 class CPGMethod(_Strict):
@@ -152,6 +164,11 @@ class CPGMethod(_Strict):
     grow_ratio: float = Field(0.5, gt=0, description="Width added (fraction of the backbone) when the target "
                               "is missed (CPG: 0.5).")
     max_width: float = Field(1.5, gt=0, description="Width cap as a fraction of the backbone (CPG: 1.5).")
+    prune_epochs: Optional[int] = Field(None, ge=1, description="Retraining epochs after each pruning level "
+                                        "(default: a quarter of training.epochs, at least 1).")
+    prune_lr: Optional[float] = Field(None, gt=0, description="Weight learning rate while compacting "
+                                      "(default: 0.1 x training.optimizer.lr, as CPG's 1e-3 vs 1e-2).")
+    mask_lr: float = Field(5e-4, gt=0, description="Adam learning rate of the piggyback mask (CPG: 5e-4).")
 
 
 MethodConfig = Annotated[

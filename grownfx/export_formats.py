@@ -67,3 +67,60 @@ def write_meta(folder: str | Path, meta: dict) -> Path:
     path = Path(folder) / "meta.json"
     path.write_text(json.dumps(meta, indent=2))
     return path
+
+
+class _StreamInfo:
+    """What building a method needs from a stream, read back from a run's stream.json (no dataset needed)."""
+
+    def __init__(self, meta: dict):
+        from types import SimpleNamespace
+
+        self.input_shape = tuple(meta["input_shape"])
+        self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
+        self.tasks = [SimpleNamespace(index=t["index"], name=t["name"], classes=t["classes"],
+                                      num_classes=len(t["classes"])) for t in meta["tasks"]]
+
+
+def restore_method(run_dir: str | Path):
+    """The method of a finished (or interrupted) run, rebuilt from its recipe and last checkpoint, on the CPU."""
+    from . import checkpoint as ckpt
+    from .config import Recipe
+    from .methods import make_method
+
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {last})")
+    state = ckpt.load(last)
+    recipe = Recipe.model_validate(state["recipe"])
+    stream = _StreamInfo(json.loads((run_dir / "stream.json").read_text()))
+    method = make_method(recipe, stream, torch.device("cpu"))
+    method.load_state(state["method"])
+    return method, recipe, stream, state
+
+
+def export_run(run_dir: str | Path, task: int, fmt: str = "pt2", verify: bool = False) -> Path:
+    """Export task `task` of a run to `fmt` under exports/task_<task>/; `verify` re-loads the file and
+    compares it with the task-aware model on random inputs (relative error <= 1e-4, ONNX runs in float32)."""
+    run_dir = Path(run_dir)
+    method, recipe, stream, state = restore_method(run_dir)
+    if not 0 <= task < state["completed"]:
+        raise ValueError(f"task {task} was not learned in {run_dir} (it finished {state['completed']} tasks)")
+    sub = method.export(task).cpu().eval()
+    example = torch.randn(2, *stream.input_shape)
+    folder = run_dir / "exports" / f"task_{task}"
+    path = save_module(sub, example, fmt, folder)
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"task": task}
+    meta.update(format=fmt, file=path.name, parameters=sum(p.numel() for p in sub.parameters()))
+    if verify:
+        x = torch.randn(8, *stream.input_shape, generator=torch.Generator().manual_seed(task))
+        with torch.no_grad():
+            ref = method.predict(x, task) if hasattr(method, "predict") else sub(x)
+            got = load_exported(path)(x)
+        err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        meta["verified_max_rel_error"] = err
+        if err > 1e-4:
+            raise RuntimeError(f"exported task {task} differs from the task-aware model: relative error {err:.2e}")
+    write_meta(folder, meta)
+    return path

@@ -148,6 +148,7 @@ class MaskedLayer(_TaskModule):
         self.mask_shapes: dict[int, tuple[int, int]] = {}
         self.score: nn.Parameter | None = None
         self.register_buffer("kind", None)
+        self._plan: _MaskPlan | None = None
         self._cache: tuple | None = None
         self._frozen_cache: tuple | None = None
 
@@ -185,10 +186,10 @@ class MaskedLayer(_TaskModule):
                 return self._cache[1]
         w = self.weight
         if self.kind is not None:
-            trainable = (self.owner == FREE) & (self.kind != OFF)
-            if not bool(trainable.all()):
-                w = torch.where(self._expand(trainable), w, self.frozen)
-            mult = self._unit_multiplier()
+            plan = self._mask_plan()
+            if plan.trainable is not None:
+                w = torch.where(plan.trainable, w, self.frozen)
+            mult = self._unit_multiplier(plan)
             if mult is not None:
                 w = w * self._expand(mult)
         gate = self.ctx.gate_vector(self.target, "in", self.training) if self.in_role() == "in" else None
@@ -201,34 +202,26 @@ class MaskedLayer(_TaskModule):
         return w
 
     def _version_key(self) -> tuple:
-        parts = [self.ctx.version, self.weight._version, id(self.weight), self.weight.device]
+        parts = [self.ctx.version, self.weight._version, id(self.weight), self.weight.device, self.ctx.temperature]
         if self.score is not None:
             parts += [self.score._version, id(self.score)]
         parts += self.ctx.gate_versions()
         return tuple(parts)
 
-    def _unit_multiplier(self) -> torch.Tensor | None:
-        kind = self.kind
-        if self.score is None:
-            if bool((kind == DENSE).all()):
-                return None
-            return (kind == DENSE).to(self.weight.dtype)
-        pol = self.ctx.policy
-        m = (kind == DENSE).to(self.weight.dtype)
-        sel = kind == SEL
-        if bool(sel.any()):
-            if pol.selective_kind == "ste":
-                g = M.ste_mask(self.score, pol.selective_ste)
-            else:
-                g = M.gumbel_sigmoid_mask(self.score, pol.selective, temperature=self.ctx.temperature,
-                                          noise=self.training)
-            m = m + sel.to(m.dtype) * g
-        att = kind == ATT
-        if bool(att.any()):
-            a = M.ste_mask(self.score, pol.attentive) if pol.attentive_kind == "ste" else \
-                M.gumbel_sigmoid_mask(self.score, pol.attentive_gumbel, self.ctx.temperature, self.training)
-            m = m + att.to(m.dtype) * a
-        return m
+    def _mask_plan(self) -> "_MaskPlan":
+        """Per-unit constants of the learning task's masks, rebuilt only when kinds or the temperature change."""
+        key = (self.weight.device, self.ctx.temperature, id(self.ctx.policy))
+        if self._plan is None or self._plan.key != key:
+            self._plan = _MaskPlan.build(self, key)
+        return self._plan
+
+    def _unit_multiplier(self, plan: "_MaskPlan") -> torch.Tensor | None:
+        """const (1 for dense units) + a straight-through binary mask on units with a learned mask; selective
+        (Gumbel-Sigmoid: scale beta/T, noise 1/T) and attentive (threshold: no noise) units in one call."""
+        if plan.active is None or self.score is None:
+            return plan.const
+        m = plan.active * M.binary_concrete(self.score, plan.scale, plan.threshold, plan.noise, self.training)
+        return m if plan.const is None else m + plan.const
 
     def _finished_weight(self, task: int) -> torch.Tensor:
         key = (task, self.frozen.device, self.frozen.dtype, self.frozen._version)
@@ -271,21 +264,21 @@ class MaskedLayer(_TaskModule):
             fresh = old.detach()  # keep what stage 1 learned
         needs = bool(((kind == SEL) | (kind == ATT)).any())
         self.score = nn.Parameter(fresh.to(self.weight.device)) if needs else None
-        self._cache = None
+        self._cache = self._plan = None
 
     def set_kind(self, units: torch.Tensor, kind: int) -> None:
         """Override the kind of some units of the learning task (e.g. PackNet/CPG prune units with OFF)."""
         if self.kind is None:
             raise RuntimeError(f"'{self.target}' has no task being learned")
         self.kind[units.to(self.kind.device)] = kind
-        self._cache = None
+        self._cache = self._plan = None
 
     def used_units(self) -> torch.Tensor:
         """Units the task being learned uses, as its final hard mask (no noise)."""
         was = self.training
         self.training = False
         with torch.no_grad():
-            mult = self._unit_multiplier() if self.kind is not None else None
+            mult = self._unit_multiplier(self._mask_plan()) if self.kind is not None else None
         self.training = was
         if mult is None:
             return torch.ones(self.owner.shape, dtype=torch.bool, device=self.owner.device)
@@ -299,7 +292,7 @@ class MaskedLayer(_TaskModule):
         self.owner[trainable & used] = task
         self.register_buffer(f"mask_{task}", M.pack_bits(used))
         self.mask_shapes[task] = tuple(used.shape)
-        self.score, self.kind = None, None
+        self.score, self.kind, self._plan = None, None, None
         self.weight.requires_grad_(bool((self.owner == FREE).any()))
         self._cache = self._frozen_cache = None
 
@@ -333,10 +326,46 @@ class MaskedLayer(_TaskModule):
         if self.bias_bank is not None and role in ("out", "grouped"):
             self.bias_bank.resize_axis(role, src, birth=birth)
         self._update_shape_attrs(role, n)
-        self._cache = None
+        self._cache = self._plan = None
 
     def _update_shape_attrs(self, role: str, n: int) -> None:
         pass
+
+
+class _MaskPlan:
+    """What the learning task does with each unit, as tensors ready for the forward pass."""
+
+    def __init__(self, key, trainable, const, active, scale, threshold, noise):
+        self.key, self.trainable, self.const, self.active = key, trainable, const, active
+        self.scale, self.threshold, self.noise = scale, threshold, noise
+
+    @classmethod
+    def build(cls, layer: MaskedLayer, key) -> "_MaskPlan":
+        kind, pol, dtype = layer.kind, layer.ctx.policy, layer.weight.dtype
+        trainable = (layer.owner == FREE) & (kind != OFF)
+        trainable = None if bool(trainable.all()) else layer._expand(trainable)
+        dense = kind == DENSE
+        const = None if bool(dense.all()) else dense.to(dtype)
+        sel, att = kind == SEL, kind == ATT
+        if not bool((sel | att).any()):
+            return cls(key, trainable, const if const is not None else None, None, None, None, None)
+        t_sel = layer.ctx.temperature or pol.selective.temperature
+        if pol.selective_kind == "ste":
+            sel_p = (pol.selective_ste.scale, pol.selective_ste.threshold, 0.0)
+        else:
+            sel_p = (pol.selective.beta / t_sel, pol.selective.threshold, 1.0 / t_sel)
+        if pol.attentive_kind == "ste":
+            att_p = (pol.attentive.scale, pol.attentive.threshold, 0.0)
+        else:
+            t_att = layer.ctx.temperature or pol.attentive_gumbel.temperature
+            att_p = (pol.attentive_gumbel.beta / t_att, pol.attentive_gumbel.threshold, 1.0 / t_att)
+
+        def per_unit(i):
+            return torch.where(sel, sel_p[i], torch.where(att, att_p[i], 0.0)).to(dtype)
+
+        noise = per_unit(2)
+        return cls(key, trainable, const, (sel | att).to(dtype), per_unit(0), per_unit(1),
+                   noise if bool(noise.any()) else None)
 
 
 class MaskedConv(MaskedLayer):

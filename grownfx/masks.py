@@ -43,15 +43,21 @@ class CSConfig:
     final_beta: float = 200.0  # beta goes 1 -> final_beta geometrically over the epochs of a stage
 
 
-def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    return hard + (soft - soft.detach())
+def binary_concrete(score: torch.Tensor, scale, threshold, noise_scale=None, training: bool = True) -> torch.Tensor:
+    """The one expression behind every unit mask: z = scale * (score - threshold) + noise_scale * logistic noise;
+    forward value 1[z >= 0], gradient of sigmoid(z) (straight-through).  `scale`, `threshold` and
+    `noise_scale` may be per-unit tensors, so one call serves selective and attentive units together."""
+    z = scale * (score - threshold)
+    if training and noise_scale is not None:
+        u = torch.rand_like(score).clamp_(1e-6, 1.0 - 1e-6)
+        z = z + noise_scale * torch.logit(u)  # g0 - g1 of two Gumbel(0, 1) samples is Logistic(0, 1)
+    soft = torch.sigmoid(z)
+    return (z >= 0).to(soft.dtype) + (soft - soft.detach())
 
 
 def ste_mask(score: torch.Tensor, cfg: STEConfig = STEConfig()) -> torch.Tensor:
-    """Binary mask in the forward pass (score >= threshold), sigmoid gradient in the backward pass."""
-    soft = torch.sigmoid((score - cfg.threshold) * cfg.scale)
-    hard = (score >= cfg.threshold).to(score.dtype)
-    return _straight_through(hard, soft)
+    """Binary mask in the forward pass (score >= threshold), sigmoid gradient in the backward pass (KSM)."""
+    return binary_concrete(score, cfg.scale, cfg.threshold)
 
 
 def gumbel_sigmoid_mask(
@@ -63,14 +69,7 @@ def gumbel_sigmoid_mask(
     `(m - 5e-3) * 1200`: the log-odds form of the paper's Eq. 6, as in the KSM code GROWN builds on.
     """
     t = cfg.temperature if temperature is None else temperature
-    logit = (score - cfg.threshold) * cfg.beta
-    if not noise:
-        return (logit >= 0).to(score.dtype)
-    with torch.no_grad():
-        u = torch.rand((2,) + score.shape, device=score.device, dtype=score.dtype).clamp_(1e-10, 1.0 - 1e-7)
-        g = -torch.log(-torch.log(u))
-    soft = torch.sigmoid((logit + g[0] - g[1]) / t)
-    return _straight_through((soft >= 0.5).to(score.dtype), soft)
+    return binary_concrete(score, cfg.beta / t, cfg.threshold, 1.0 / t, noise)
 
 
 def cs_gate(score: torch.Tensor, beta: float, cfg: CSConfig = CSConfig()) -> torch.Tensor:

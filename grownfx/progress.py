@@ -47,7 +47,8 @@ class Progress:
         """A stage of the current task starts (stage 1, a growth round, the scratch reference...)."""
         self.stage, self.epochs, self.epoch_no = str(name), int(epochs or 0), 0
         if self._rich is not None:
-            self._set("stage", completed=0, total=self.epochs or None, description=f"  {name}", visible=True)
+            self._rich.reset(self._bars["stage"], total=self.epochs or None, description=f"  {name}", visible=True,
+                             info="")
         elif self.enabled:
             self._print(f"  {self._where()}" + (f" ({self.epochs} epochs)" if self.epochs else ""))
 
@@ -55,15 +56,15 @@ class Progress:
         """An epoch of `total` steps starts; `update()` advances it."""
         self.batches, self.batch_no = int(total), 0
         if self._rich is not None:
-            self._set("epoch", completed=0, total=self.batches or None, description=f"    {description}",
-                      visible=True)
+            self._rich.reset(self._bars["epoch"], total=self.batches or None, description=f"    {description}",
+                             visible=True)
 
     def update(self, advance: int = 1, **metrics: Any) -> None:
         """`advance` steps of the current epoch done; a finished epoch advances the stage's epochs."""
         self.metrics.update(metrics)
         self.batch_no += advance
         if self._rich is not None:
-            self._set("epoch", completed=self.batch_no, info=_fmt(self.metrics))
+            self._set("epoch", completed=self.batch_no, info=_fmt(self.metrics, short=True))
         if self.batches and self.batch_no >= self.batches:
             self._epoch_done(self.epoch_no + 1, self.epochs)
 
@@ -100,7 +101,7 @@ class Progress:
     def _epoch_done(self, epoch: int, epochs: int) -> None:
         self.epoch_no, self.batch_no = epoch, 0
         if self._rich is not None:
-            self._set("stage", completed=epoch, total=epochs or None, info=_fmt(self.metrics))
+            self._set("stage", completed=epoch, total=epochs or None, info=_fmt(self.metrics, short=True))
         elif self.enabled:
             of = f"/{epochs}" if epochs else ""
             self._print(f"    {self._where()} epoch {epoch}{of}: {_fmt(self.metrics)}".rstrip(": "))
@@ -112,12 +113,15 @@ class Progress:
     def _start_rich(self, console) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
-        from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import TimeElapsedColumn
+        from rich.table import Column
 
         console = console or Console(file=self.file)
-        self._rich = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                  console=console)
+        fixed = Column(width=26, no_wrap=True, overflow="ellipsis")
+        rest = Column(no_wrap=True, overflow="ellipsis")
+        self._rich = RichProgress(TextColumn("{task.description}", table_column=fixed), BarColumn(bar_width=16),
+                                  MofNCompleteColumn(), TimeElapsedColumn(),
+                                  TextColumn("{task.fields[info]}", table_column=rest), console=console)
         self._bars = {"tasks": self._rich.add_task("tasks", total=self.total_tasks, info=""),
                       "stage": self._rich.add_task("  stage", total=None, info="", visible=False),
                       "epoch": self._rich.add_task("    batches", total=None, info="", visible=False)}
@@ -159,9 +163,11 @@ def _stage_name(info: dict) -> str:
     return f"{name} round {rnd}" if rnd else name
 
 
-def _fmt(metrics: dict) -> str:
+def _fmt(metrics: dict, short: bool = False) -> str:
     parts = []
     for key, value in metrics.items():
+        if short and key not in ("loss", "train_acc", "acc"):
+            continue
         if isinstance(value, float):
             value = f"{value:.1f}" if key.endswith(("acc", "_per_s")) else f"{value:.4g}"
         parts.append(f"{key} {value}")

@@ -109,7 +109,8 @@ def _walk(loc: tuple) -> tuple[list[str], Any, Any, tuple | None]:
     return parts, parent, tp, union_at
 
 
-def schema_errors(exc: ValidationError, raw: dict) -> list[tuple[str, str]]:
+def schema_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """(dotted path as written in the recipe, message) for each pydantic error, union branches merged."""
     errors = exc.errors(include_url=False)
     walked = [_walk(tuple(e["loc"])) for e in errors]
     keep = _drop_losing_union_branches(errors, walked)
@@ -162,7 +163,7 @@ def _describe(err: dict, parts: list[str], parent: Any, tp: Any) -> tuple[str, s
         if kind == "union_tag_not_found":
             return f"{path}.{disc}", f"missing; one of: {', '.join(valid)}"
         tag, what = str(ctx.get("tag")), {"data": "dataset"}.get(path, parts[-1] if parts else "name")
-        return f"{path}.{disc}", _unknown(f"{what} {tag!r}", tag, valid, "valid names")
+        return f"{path}.{disc}", _unknown(f"{what} {tag!r}", tag, valid, "valid names", always_list=True)
     if not parts:  # a model-level validator on the whole recipe: locate it at the path its message names
         found = re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b", msg)
         path = found[0] if found else ""
@@ -172,11 +173,11 @@ def _describe(err: dict, parts: list[str], parent: Any, tp: Any) -> tuple[str, s
     return path, msg
 
 
-def _unknown(what: str, given: str, valid: list[str], label: str) -> str:
+def _unknown(what: str, given: str, valid: list[str], label: str, always_list: bool = False) -> str:
     close = difflib.get_close_matches(str(given), valid, n=1, cutoff=0.6)
-    if close:
-        return f"unknown {what}; did you mean {close[0]!r}?"
-    return f"unknown {what} ({label}: {', '.join(valid)})"
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listing = f" ({label}: {', '.join(valid)})" if always_list or not close else ""
+    return f"unknown {what}{hint}{listing}"
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -188,6 +189,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def semantic_errors(raw: dict, check_data: bool) -> list[tuple[str, str]]:
+    """What the schema cannot see: an unknown or unimportable model builder, a missing dataset folder."""
     out = []
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("builder"), str):

@@ -13,7 +13,7 @@ import importlib.resources
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -109,7 +109,7 @@ def validate_recipe(raw: Any, overrides: Sequence[str] = (), *, source: str = "<
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems += [(where(path), path, msg) for path, msg in schema_errors(exc, raw)]
+        problems += [(where(path), path, msg) for path, msg in schema_errors(exc)]
     problems += [(where(path), path, msg) for path, msg in semantic_errors(raw, check_data)]
     if problems:
         raise RecipeError([_format(w, p, m) for w, p, m in sorted(problems, key=lambda x: x[0][0])], source)
@@ -125,7 +125,9 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
-        what = " ".join(str(s) for s in (exc.context, exc.problem) if s)
+        what = str(exc.problem or exc.context)
+        if exc.context and exc.context_mark and exc.problem:
+            what += f", {exc.context} that starts at line {exc.context_mark.line + 1}"
         raise RecipeError([f"{source}{line}: YAML syntax error: {what}"], source) from None
     except yaml.YAMLError as exc:
         raise RecipeError([f"{source}: YAML error: {exc}"], source) from None
@@ -171,10 +173,12 @@ class _Where:
             if p in self.overrides:
                 text = self.overrides[p]
                 return (1, self.order[text], 0), f"override {text!r}"
+        below = [t for p, t in self.overrides.items() if path and p.startswith(path + ".")]
+        after = f" (after override {below[-1]!r})" if below else ""  # e.g. a section-level check an override broke
         for p in _self_and_ancestors(path):
             if p in self.lines:
-                return (0, self.lines[p], 0), f"{self.source}:{self.lines[p]}"
-        return (0, 0, 0), self.source
+                return (0, self.lines[p], 0), f"{self.source}:{self.lines[p]}{after}"
+        return (0, 0, 0), f"{self.source}{after}"
 
     def override(self, text: str) -> tuple[tuple, str]:
         return (1, self.order[text], 0), f"override {text!r}"
@@ -199,11 +203,14 @@ def _apply_overrides(raw: dict, overrides: list[str], where: _Where) -> list[tup
     problems = []
     for i, text in enumerate(overrides):
         where.order.setdefault(text, i)
+        trial = copy.deepcopy(raw)  # a failed override leaves nothing behind (no half-made sections)
         try:
-            path = _apply_one(raw, text)
+            path = _apply_one(trial, text)
         except ValueError as exc:
             problems.append((where.override(text), "", str(exc)))
             continue
+        raw.clear()
+        raw.update(trial)
         where.overrides[path] = text
         for p in [p for p in where.overrides if p.startswith(path + ".")]:
             del where.overrides[p]  # this override replaced what earlier ones set below it

@@ -101,8 +101,10 @@ def report_tables(run: dict) -> dict[str, Table]:
         size_rows.append([f"{method} (published)", *[_size(v) for v in row[:n]]])
     cols = [str(i + 1) for i in range(n)]
     names = list(run["names"]) or cols
-    matrix_rows = [[f"after {names[i] if i < len(names) else i + 1}",
-                    *[_num(v) for v in (row + [None] * (len(names) - len(row)))]] for i, row in enumerate(run["matrix"])]
+    width = max([len(names), *map(len, run["matrix"])])
+    names += [str(j + 1) for j in range(len(names), width)]
+    matrix_rows = [[f"after {names[i]}", *[_num(v) for v in row + [None] * (width - len(row))]]
+                   for i, row in enumerate(run["matrix"])]
     return {
         "accuracy": (["Method", *cols, "Avg", "Model size"], acc_rows),
         "model_size": (["Method", *cols], size_rows),
@@ -172,8 +174,8 @@ def _markdown(run: dict, tables: dict[str, Table], plots: list[str]) -> str:
     s, tasks = run["summary"], run["summary"].get("tasks", [])
     full = s.get("full_params")
     bench = benchmark_of(run.get("recipe"))
-    lines = [f"# {s.get('name', 'run')}: {s.get('method', '?')}", "",
-             f"- tasks: {len(tasks)}" + (f" of {s['num_tasks']}" if s.get("num_tasks") not in (None, len(tasks)) else ""),
+    of = f" of {s['num_tasks']}" if s.get("num_tasks") not in (None, len(tasks)) else ""
+    lines = [f"# {s.get('name', 'run')}: {s.get('method', '?')}", "", f"- tasks: {len(tasks)}{of}",
              f"- average accuracy (after the last task): {_fmt(s.get('avg_acc'), 2)} %",
              f"- backward transfer (BWT): {_fmt(s.get('bwt'), 2)}; forgetting: {_fmt(s.get('forgetting'), 2)}",
              f"- full backbone: {full:,} parameters" if isinstance(full, int) else "- full backbone: unknown",
@@ -237,7 +239,7 @@ def _plot_matrix(fig, run: dict) -> None:
 
     names = list(run["names"])
     rows = run["matrix"]
-    n = max(len(names), len(rows))
+    n = max([len(names), len(rows), *map(len, rows)])
     m = np.full((len(rows), n), np.nan)
     for i, row in enumerate(rows):
         for j, v in enumerate(row):

@@ -55,6 +55,12 @@ class GrownContinual:
     def export(self, task_index: int):
         return self.net.export(task_index)
 
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task_index: int) -> torch.Tensor:
+        """Logits of the task-aware model (what an export must reproduce)."""
+        self.net.eval()
+        return self.net(x.to(self.learner.device), task=task_index).cpu()
+
     def num_parameters(self) -> int:
         return self.net.num_parameters()
 
