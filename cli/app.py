@@ -295,7 +295,11 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
             methods: str = typer.Option(..., "--methods", help="Comma-separated method names."),
             seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
             out: Optional[Path] = typer.Option(None, "--out", help="Comparison folder.")):
-    """Run one recipe with several methods and seeds, then compare them (grownfx report DIR makes the tables)."""
+    """Run one recipe with several methods and seeds, then compare them (grownfx report DIR makes the tables).
+
+    Methods: scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown, and the GROWN ablation rows
+    grown[grow_only], grown[+selective_mask], grown[+lsg], grown[+retrain_released]; every variant is
+    validated before any training starts."""
     from grownfx.recipes import load_recipe
 
     rec = load_recipe(recipe, overrides or [])
@@ -304,8 +308,13 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise typer.BadParameter(f"seeds must be integers, got {seeds!r}", param_hint="--seeds") from None
-    for m in method_list:  # validate each variant before starting hours of training
-        load_recipe(recipe, [*(overrides or []), f"method={{name: {m}}}"], check_data=False)
+    from grownfx.config import parse_method_spec
+
+    for m in method_list:  # a typo fails here, not after hours of training
+        try:
+            parse_method_spec(m)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--methods") from None
     result = _lazy("grownfx.compare", "run_compare")(rec, methods=method_list, seeds=seed_list, out_dir=out)
     _out().print(f"[green]done[/]: {escape(str(result))}")
 

@@ -25,30 +25,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import Recipe, parse_target
+from .config import ABLATIONS, METHODS, Recipe, parse_method_spec, parse_target
 
 __all__ = ["ABLATIONS", "METHODS", "method_config", "run_compare", "slug"]
 
-METHODS = ("scratch", "finetune", "pnn", "grow", "packnet", "piggyback", "cpg", "grown")
-ABLATIONS = ("grow_only", "+selective_mask", "+lsg", "+retrain_released")
 TARGETED = ("grown", "cpg")  # methods the runner gives a target (grownfx.runner._Run.target)
-
-
-def _parse(spec: str) -> tuple[str, Optional[str]]:
-    m = re.fullmatch(r"\s*(\w+)\s*(?:\[\s*([^\]]+?)\s*\])?\s*", spec)
-    if not m or m.group(1) not in METHODS:
-        raise ValueError(f"unknown method {spec!r}; expected one of {', '.join(METHODS)} or "
-                         f"grown[{'|'.join(ABLATIONS)}]")
-    name, ablation = m.group(1), m.group(2)
-    if ablation is not None and (name != "grown" or ablation not in ABLATIONS):
-        raise ValueError(f"unknown ablation {spec!r}; the ablation rows are "
-                         + ", ".join(f"grown[{a}]" for a in ABLATIONS))
-    return name, ablation
 
 
 def method_config(recipe: Recipe, spec: str) -> dict:
     """The `method:` section for `spec` ('packnet', 'grown[+lsg]', ...), based on the recipe's own if it matches."""
-    name, ablation = _parse(spec)
+    name, ablation = parse_method_spec(spec)
     cfg = recipe.method.model_dump(mode="json") if recipe.method.name == name else {"name": name}
     if ablation is not None:  # a Table 5 row: the ablation decides the switches
         cfg.update(ablation=ablation, selective_mask=None, lsg=None, retrain_released=None)
@@ -57,7 +43,7 @@ def method_config(recipe: Recipe, spec: str) -> dict:
 
 def slug(spec: str) -> str:
     """Folder name of a method: 'grown[+lsg]' -> 'grown-plus_lsg'."""
-    name, ablation = _parse(spec)
+    name, ablation = parse_method_spec(spec)
     return name if ablation is None else f"{name}-{ablation.replace('+', 'plus_')}"
 
 
@@ -116,68 +102,97 @@ def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], over
                 out_dir=None) -> Path:
     """Run every method on every seed (same stream, schedule, validation split); returns the comparison folder.
 
-    A finished run folder is reused and an interrupted one resumed, so a comparison can be continued by
-    calling this again.  A method that fails is recorded in compare.json and the others still run; the
-    failures are raised together at the end.
+    A finished run folder is reused and an interrupted one resumed, so a comparison can be continued, or
+    extended with more methods and seeds, by calling this again with the same recipe and folder.  A method
+    that fails is recorded in compare.json and the others still run; the failures are raised at the end.
     """
-    from .runner import run
-
     recipe = _load(recipe_or_path, overrides)
     specs = list(dict.fromkeys(methods))
-    for spec in specs:
-        _parse(spec)
     if not specs or not seeds:
         raise ValueError("give at least one method and one seed")
+    for spec in specs:  # every variant must validate before hours of training start
+        _variant(recipe, spec, seeds[0], Path("."), None)
     specs.sort(key=lambda s: s != "scratch")  # scratch first: its validation accuracies are the targets
-    out = Path(out_dir or recipe.output.dir.format(name=f"{recipe.name}_compare"))
+    if out_dir is None:  # beside the recipe's own run folder
+        own = Path(recipe.output.dir.format(name=recipe.name))
+        out_dir = own.with_name(own.name + "_compare")
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rule = recipe.target.rule
     margin = parse_target(rule) if isinstance(rule, str) else None
-    wants = margin is not None and any(_parse(s)[0] in TARGETED for s in specs)
-    index = {"recipe": recipe.name, "methods": specs, "seeds": list(seeds), "target_rule": rule, "runs": [],
-             "targets": {}, "recipe_config": recipe.model_dump(mode="json")}
+    index = _index(out, recipe, specs, seeds)
+    wants = margin is not None and any(parse_method_spec(s)[0] in TARGETED for s in specs)
     failures = []
     for seed in seeds:
         targets: Optional[list[float]] = None
         for spec in specs:
-            name, _ = _parse(spec)
+            name, _ = parse_method_spec(spec)
             if wants and targets is None and name in TARGETED:
-                targets, source = _targets(recipe, seed, out, "scratch" in specs and _scratch_epochs_match(recipe))
+                targets, source = _targets(recipe, seed, out)
                 targets = [v - margin for v in targets]
                 index["targets"][str(seed)] = {"values": targets, "source": source}
-            run_dir = out / slug(spec) / f"seed{seed}"
-            entry = {"method": spec, "seed": seed, "dir": str(run_dir.relative_to(out))}
-            start = time.perf_counter()
-            try:
-                if _finished(run_dir):
-                    entry["reused"] = True
-                else:
-                    resume = (run_dir / "checkpoints" / "last.pt").exists()
-                    run(_variant(recipe, spec, seed, run_dir, targets), resume=resume,
-                        echo=lambda msg, s=spec, k=seed: print(f"[{s} seed {k}] {msg}", flush=True))
-                entry["status"] = "ok"
-            except KeyboardInterrupt:
-                _write(out, index)
-                raise
-            except Exception as exc:  # keep comparing; report the failure at the end
-                entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            entry = _run_one(recipe, spec, seed, out, targets, index)
+            if entry["status"] != "ok":
                 failures.append(f"{spec} seed {seed}: {entry['error']}")
-            entry["wall_s"] = time.perf_counter() - start
-            index["runs"].append(entry)
-            _write(out, index)
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed (see {out / 'compare.json'}):\n" + "\n".join(failures))
     return out
 
 
-def _targets(recipe: Recipe, seed: int, out: Path, from_scratch_run: bool) -> tuple[list[float], str]:
+def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: dict) -> dict:
+    """Run (or reuse, or resume) one method and seed; record it in compare.json."""
+    from .runner import run
+
+    run_dir = out / slug(spec) / f"seed{seed}"
+    before = next((r for r in index["runs"] if (r["method"], r["seed"]) == (spec, seed)), {})
+    entry = {"method": spec, "seed": seed, "dir": str(run_dir.relative_to(out)), "status": "ok"}
+    start = time.perf_counter()
+    try:
+        if _finished(run_dir):
+            entry.update(reused=True, wall_s=before.get("wall_s"))
+        else:
+            resume = (run_dir / "checkpoints" / "last.pt").exists()
+            run(_variant(recipe, spec, seed, run_dir, targets), resume=resume,
+                echo=lambda msg: print(f"[{spec} seed {seed}] {msg}", flush=True))
+    except KeyboardInterrupt:
+        _write(out, index)
+        raise
+    except Exception as exc:  # keep comparing; the caller reports the failure at the end
+        entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    if entry.get("wall_s") is None:
+        entry["wall_s"] = time.perf_counter() - start
+    index["runs"] = [r for r in index["runs"] if r is not before] + [entry]
+    _write(out, index)
+    return entry
+
+
+def _targets(recipe: Recipe, seed: int, out: Path) -> tuple[list[float], str]:
     """Scratch validation accuracies per task: from this comparison's scratch run when it is the same
-    computation, else trained here once for every targeted method of this seed."""
+    computation (same seed and epochs), else trained here once for every targeted method of this seed."""
     run_dir = out / slug("scratch") / f"seed{seed}"
-    if from_scratch_run and _finished(run_dir):
+    if _scratch_epochs_match(recipe) and _finished(run_dir):
         tasks = json.loads((run_dir / "summary.json").read_text())["tasks"]
         return [float(t["val_acc"]) for t in tasks], "scratch run"
     return scratch_targets(recipe, seed), "trained once for this comparison"
+
+
+def _index(out: Path, recipe: Recipe, specs: list[str], seeds: Sequence[int]) -> dict:
+    """compare.json's content: a new one, or the folder's own extended (a comparison can grow over calls)."""
+    index = {"recipe": recipe.name, "methods": [], "seeds": [], "target_rule": recipe.target.rule, "runs": [],
+             "targets": {}, "recipe_config": recipe.model_dump(mode="json")}
+    path = out / "compare.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if _what_is_learned(old.get("recipe_config", {})) != _what_is_learned(index["recipe_config"]):
+            raise ValueError(f"{out} holds a comparison of another recipe; choose another out_dir")
+        index.update(methods=old["methods"], seeds=old["seeds"], runs=old["runs"], targets=old.get("targets", {}))
+    index["methods"] = sorted(dict.fromkeys(index["methods"] + specs), key=lambda s: s != "scratch")
+    index["seeds"] = list(dict.fromkeys(index["seeds"] + list(seeds)))
+    return index
+
+
+def _what_is_learned(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("output", "description")}
 
 
 def _write(out: Path, index: dict) -> None:

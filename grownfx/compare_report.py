@@ -140,8 +140,7 @@ def compare_tables(data: dict) -> dict[str, Table]:
     acc, size, summary = [], [], []
     for m, runs in methods.items():
         s = [r["summary"] for r in runs]
-        final = [t["model_size"] for x in s if x["tasks"] and x["tasks"][-1].get("model_size") is not None
-                 for t in x["tasks"][-1:]]
+        final = [x["tasks"][-1]["model_size"] for x in s if x["tasks"] and x["tasks"][-1].get("model_size")]
         acc.append([m, *[_cell(v) for v in _per_task(runs, "acc_final", n)],
                     _cell([x["avg_acc"] for x in s], 2), _cell(final, 2, "x")])
         size.append([m, *[_cell(v, 2, "x") for v in _per_task(runs, "model_size", n)]])

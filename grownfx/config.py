@@ -115,6 +115,23 @@ class GrownMethod(_Strict):
         return pick(self.selective_mask, sel), pick(self.lsg, lsg), pick(self.retrain_released, ret)
 
 
+METHODS = ("scratch", "finetune", "pnn", "grow", "packnet", "piggyback", "cpg", "grown")
+ABLATIONS = ("grow_only", "+selective_mask", "+lsg", "+retrain_released")
+
+
+def parse_method_spec(spec: str) -> tuple[str, Optional[str]]:
+    """'packnet' -> ('packnet', None); 'grown[+lsg]' -> ('grown', '+lsg'); ValueError naming the valid ones."""
+    m = re.fullmatch(r"\s*(\w+)\s*(?:\[\s*([^\]]+?)\s*\])?\s*", spec)
+    if not m or m.group(1) not in METHODS:
+        raise ValueError(f"unknown method {spec!r}; expected one of {', '.join(METHODS)} or "
+                         f"grown[{'|'.join(ABLATIONS)}]")
+    name, ablation = m.group(1), m.group(2)
+    if ablation is not None and (name != "grown" or ablation not in ABLATIONS):
+        raise ValueError(f"unknown ablation {spec!r}; the ablation rows are "
+                         + ", ".join(f"grown[{a}]" for a in ABLATIONS))
+    return name, ablation
+
+
 class GrowMethod(_Strict):
     name: Literal["grow"] = "grow"
 
@@ -132,14 +149,16 @@ class FinetuneMethod(_Strict):
 
 class PNNMethod(_Strict):
     name: Literal["pnn"] = "pnn"
-    column_width: float = Field(0.08, gt=0, le=1.0, description="Width of each new column as a fraction of the "
-                                "backbone (the paper's PNN grows ~0.08x per task).")
+    column_width: float = Field(0.08, gt=0, le=1.0, description="Width of every column after the first, as a "
+                                "fraction of the backbone (with laterals from the full first column, about +0.08x "
+                                "parameters per task, the paper's PNN growth).")
     first_column_width: float = Field(1.0, gt=0, le=1.0, description="Width of the first task's column (the "
                                       "paper's PNN starts from the full backbone, 1x).")
-    laterals: Literal["shared", "per_column"] = Field("shared", description="`shared`: one lateral adapter per "
-                                                      "layer from the first column and one fed the mean of the other "
-                                                      "earlier columns' inputs (constant size per task); `per_column`: one adapter per earlier column "
-                                                      "(Rusu et al.; size grows quadratically).")
+    laterals: Literal["shared", "per_column"] = Field("shared", description="`shared`: per layer, one lateral "
+                                                      "adapter from the first column and one fed the mean of the "
+                                                      "other earlier columns (constant size per task); "
+                                                      "`per_column`: one adapter per earlier column (Rusu et al.; "
+                                                      "size grows quadratically).")
 
 
 class PackNetMethod(_Strict):
@@ -225,7 +244,9 @@ class TrainingConfig(_Strict):
                                     "of the stage where the lr is multiplied by 0.1 (CPG: epochs 50, 80 of 100).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision on CUDA (autocast).")
     channels_last: bool = False
-    compile: bool = Field(False, description="torch.compile the training step.")
+    compile: bool = Field(False, description="Fuse each layer's mask arithmetic (where, unit masks, Gumbel noise) "
+                          "into one kernel with torch.compile: faster steps after a one-off compile per weight "
+                          "shape (seconds each); convolutions stay eager.")
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N epochs (0: after each task only).")
     num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's).")
 

@@ -56,6 +56,7 @@ class TaskContext:
         self.beta = 1.0  # continuous-sparsification temperature (annealed by the learner)
         self.temperature: float | None = None  # Gumbel temperature override (annealed by the learner)
         self.hard_gates = False  # train with binarised gates (straight-through), as they will be kept
+        self.fuse_masks = False  # compute masked weights with one torch.compile'd expression (training.compile)
         self.version = 0  # bumped on every structural change
         self._vis: dict = {}
 

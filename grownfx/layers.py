@@ -187,11 +187,17 @@ class MaskedLayer(_TaskModule):
         w = self.weight
         if self.kind is not None:
             plan = self._mask_plan()
-            if plan.trainable is not None:
-                w = torch.where(plan.trainable, w, self.frozen)
-            mult = self._unit_multiplier(plan)
-            if mult is not None:
-                w = w * self._expand(mult)
+            if self.ctx.fuse_masks and self.training and plan.active is not None and self.score is not None:
+                w = _fused_weight()(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
+                                    plan.active, plan.scale, plan.threshold, plan.noise, w.dim() - self.score.dim())
+            else:
+                if plan.none_trainable:
+                    w = self.frozen
+                elif plan.trainable is not None:
+                    w = torch.where(plan.trainable, w, self.frozen)
+                mult = self._unit_multiplier(plan)
+                if mult is not None:
+                    w = w * self._expand(mult)
         gate = self.ctx.gate_vector(self.target, "in", self.training) if self.in_role() == "in" else None
         if gate is not None:
             w = w * gate.view((1, -1) + (1,) * (w.dim() - 2))
@@ -220,8 +226,8 @@ class MaskedLayer(_TaskModule):
         (Gumbel-Sigmoid: scale beta/T, noise 1/T) and attentive (threshold: no noise) units in one call."""
         if plan.active is None or self.score is None:
             return plan.const
-        m = plan.active * M.binary_concrete(self.score, plan.scale, plan.threshold, plan.noise, self.training)
-        return m if plan.const is None else m + plan.const
+        st = M.binary_concrete(self.score, plan.scale, plan.threshold, plan.noise, self.training)
+        return st * plan.active if plan.const is None else torch.addcmul(plan.const, st, plan.active)
 
     def _finished_weight(self, task: int) -> torch.Tensor:
         key = (task, self.frozen.device, self.frozen.dtype, self.frozen._version)
@@ -265,6 +271,7 @@ class MaskedLayer(_TaskModule):
         needs = bool(((kind == SEL) | (kind == ATT)).any())
         self.score = nn.Parameter(fresh.to(self.weight.device)) if needs else None
         self._cache = self._plan = None
+        self._mask_plan()  # built now, outside any compiled region
 
     def set_kind(self, units: torch.Tensor, kind: int) -> None:
         """Override the kind of some units of the learning task (e.g. PackNet/CPG prune units with OFF)."""
@@ -272,6 +279,7 @@ class MaskedLayer(_TaskModule):
             raise RuntimeError(f"'{self.target}' has no task being learned")
         self.kind[units.to(self.kind.device)] = kind
         self._cache = self._plan = None
+        self._mask_plan()
 
     def used_units(self) -> torch.Tensor:
         """Units the task being learned uses, as its final hard mask (no noise)."""
@@ -332,23 +340,51 @@ class MaskedLayer(_TaskModule):
         pass
 
 
+def _masked_weight(weight, frozen, score, trainable, none_trainable: bool, const, active, scale, threshold, noise,
+                   extra_dims: int):
+    """where(trainable, weight, frozen) * (const + active * binary_concrete(score)), written as one expression so
+    torch.compile can fuse it into a single pass over the weights (forward) and one or two (backward)."""
+    w = frozen if none_trainable else (weight if trainable is None else torch.where(trainable, weight, frozen))
+    z = (score - threshold) * scale
+    if noise is not None:
+        z = z + noise * torch.logit(torch.rand_like(score), eps=1e-6)
+    soft = torch.sigmoid(z)
+    m = active * ((z >= 0).to(z.dtype) + (soft - soft.detach()))
+    if const is not None:
+        m = m + const
+    return w * m.view(m.shape + (1,) * extra_dims)
+
+
+_FUSED = None
+
+
+def _fused_weight():
+    """The compiled `_masked_weight` (compiled once per process, on first use)."""
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = torch.compile(_masked_weight, dynamic=True)
+    return _FUSED
+
+
 class _MaskPlan:
     """What the learning task does with each unit, as tensors ready for the forward pass."""
 
-    def __init__(self, key, trainable, const, active, scale, threshold, noise):
+    def __init__(self, key, trainable, const, active, scale, threshold, noise, none_trainable=False):
         self.key, self.trainable, self.const, self.active = key, trainable, const, active
         self.scale, self.threshold, self.noise = scale, threshold, noise
+        self.none_trainable = none_trainable
 
     @classmethod
     def build(cls, layer: MaskedLayer, key) -> "_MaskPlan":
         kind, pol, dtype = layer.kind, layer.ctx.policy, layer.weight.dtype
         trainable = (layer.owner == FREE) & (kind != OFF)
+        none_trainable = not bool(trainable.any())
         trainable = None if bool(trainable.all()) else layer._expand(trainable)
         dense = kind == DENSE
         const = None if bool(dense.all()) else dense.to(dtype)
         sel, att = kind == SEL, kind == ATT
         if not bool((sel | att).any()):
-            return cls(key, trainable, const if const is not None else None, None, None, None, None)
+            return cls(key, trainable, const, None, None, None, None, none_trainable)
         t_sel = layer.ctx.temperature or pol.selective.temperature
         if pol.selective_kind == "ste":
             sel_p = (pol.selective_ste.scale, pol.selective_ste.threshold, 0.0)
@@ -365,7 +401,7 @@ class _MaskPlan:
 
         noise = per_unit(2)
         return cls(key, trainable, const, (sel | att).to(dtype), per_unit(0), per_unit(1),
-                   noise if bool(noise.any()) else None)
+                   noise if bool(noise.any()) else None, none_trainable)
 
 
 class MaskedConv(MaskedLayer):

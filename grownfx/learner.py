@@ -20,8 +20,9 @@ from . import masks as M
 from .config import GrowthConfig, MasksConfig, TrainingConfig
 from .context import ATT, DENSE, OFF, SEL, MaskPolicy
 from .data import Task
+from .distributed import Dist
 from .net import GrowableNet
-from .training import StageOptim, Timer, accuracy, derive_seed, make_optimizer, run_epoch
+from .training import StageOptim, Timer, derive_seed, make_optimizer, run_epoch
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TaskRecord:
     selective_zero_frac: Optional[float] = None
     released: int = 0
     retrained: int = 0
+    extra: dict = field(default_factory=dict)  # method-specific facts (e.g. CPG's chosen sparsity)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,8 +93,9 @@ class GrownLearner:
                  device: torch.device | str = "cpu", seed: int = 0,
                  on_epoch: Callable[[dict], None] | None = None,
                  checkpoint: Callable[["GrownLearner", LearnerPosition, StageOptim], None] | None = None,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 should_stop: Callable[[], bool] = lambda: False, dist: Optional[Dist] = None):
         self.net = net.to(device)
+        self.dist = dist if dist is not None else Dist(device)  # one process: every collective is a no-op
         self.training, self.growth, self.masks = training, growth, masks
         self.switches = switches
         self.device = torch.device(device)
@@ -170,6 +173,8 @@ class GrownLearner:
         optim = self._optimizers()
         if optim_state is not None:
             optim.load_state_dict(optim_state)
+        # DDP over this stage's parameter set (growth and freezing change it between stages); net itself alone
+        model = self.dist.wrap(net, trainable=self.net.trainable_parameters())
         lsg = pos.stage == "grow"
         costs = self._gate_costs() if lsg else {}
         lam = self.masks.grown.lam
@@ -186,12 +191,13 @@ class GrownLearner:
             net.ctx.temperature = M.anneal(sel_t0, sel_t1, progress) if sel_t1 else None
             optim.set_progress(progress)
             net.train()
-            loader = task.train.loader(cfg.batch_size, shuffle=True, generator=gen, device=self.device)
+            loader = self.dist.train_loader(task.train, cfg.batch_size, gen, self.device)  # this rank's shard
             penalty = (lambda: self._penalty(costs, lam)) if costs and lam > 0 else None
             ep_timer = Timer()
-            loss, pen, acc, n = run_epoch(lambda x: net(x, task=t), loader, optim, self.device,
+            loss, pen, acc, n = run_epoch(lambda x: model(x, task=t), loader, optim, self.device,
                                           precision=cfg.precision, penalty=penalty,
                                           channels_last=cfg.channels_last, scaler=self.scaler)
+            loss, pen, acc, n = self.dist.reduce_epoch(loss, pen, acc, n)
             pos.epoch, pos.epochs_done = epoch + 1, pos.epochs_done + 1
             self.on_epoch({"task": t, "stage": pos.stage, "round": pos.round, "epoch": epoch + 1, "epochs": epochs,
                            "loss": loss, "penalty": pen, "train_acc": acc, "seconds": ep_timer.seconds,
@@ -206,6 +212,8 @@ class GrownLearner:
                 self.checkpoint(self, pos, optim)
         net.ctx.hard_gates = False
         pos.epoch = 0
+        model = None  # drop the stage's DDP wrapper (and its gradient hooks)
+        self.dist.end_stage(net)  # rank 0's buffers (BatchNorm statistics) on every rank
 
     def _optimizers(self) -> StageOptim:
         groups = self.net.trainable_parameters()
@@ -228,14 +236,16 @@ class GrownLearner:
     @torch.no_grad()
     def evaluate(self, task_index: int, data) -> float:
         self.net.eval()
-        loader = data.loader(self.training.eval_batch_size, shuffle=False, device=self.device, augment=None)
-        return accuracy(lambda x: self.net(x, task=task_index), loader, self.device, self.training.precision,
-                        self.training.channels_last)
+        # one process: the whole split; several: a shard each, correct and total counts all-reduced
+        return self.dist.evaluate(lambda x: self.net(x, task=task_index), data, self.training.eval_batch_size,
+                                  self.device, self.training.precision, self.training.channels_last)
 
     def _finish(self, task: Task, t: int, target, pos: LearnerPosition, timer: Timer) -> TaskRecord:
         net = self.net
         stats = net.unit_stats()
         net.freeze_task(t)
+        self.dist.check_in_sync(net, f"after task {t}", extra={"ctx.widths": dict(net.ctx.widths), **{
+            f"ctx.births[{g}]": b for g, b in net.ctx.births.items()}})
         growth = {str(g): w - pos.widths_at_start.get(str(g), w) for g, w in net.ctx.widths.items()}
         growth = {g: n for g, n in growth.items() if n}
         return TaskRecord(

@@ -43,16 +43,31 @@ class CSConfig:
     final_beta: float = 200.0  # beta goes 1 -> final_beta geometrically over the epochs of a stage
 
 
+class _StraightThroughStep(torch.autograd.Function):
+    """1[z >= 0] forward, the derivative of sigmoid(z) backward (one pass each way instead of five)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return (z >= 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        s = torch.sigmoid(z)
+        return grad * s * (1 - s)
+
+
 def binary_concrete(score: torch.Tensor, scale, threshold, noise_scale=None, training: bool = True) -> torch.Tensor:
     """The one expression behind every unit mask: z = scale * (score - threshold) + noise_scale * logistic noise;
     forward value 1[z >= 0], gradient of sigmoid(z) (straight-through).  `scale`, `threshold` and
     `noise_scale` may be per-unit tensors, so one call serves selective and attentive units together."""
-    z = scale * (score - threshold)
+    z = (score - threshold) * scale
     if training and noise_scale is not None:
-        u = torch.rand_like(score).clamp_(1e-6, 1.0 - 1e-6)
-        z = z + noise_scale * torch.logit(u)  # g0 - g1 of two Gumbel(0, 1) samples is Logistic(0, 1)
-    soft = torch.sigmoid(z)
-    return (z >= 0).to(soft.dtype) + (soft - soft.detach())
+        # g0 - g1 of two Gumbel(0, 1) samples is Logistic(0, 1): logit of one uniform sample
+        z = torch.addcmul(z, torch.logit(torch.rand_like(score), eps=1e-6), noise_scale) \
+            if isinstance(noise_scale, torch.Tensor) else z + noise_scale * torch.logit(torch.rand_like(score), eps=1e-6)
+    return _StraightThroughStep.apply(z)
 
 
 def ste_mask(score: torch.Tensor, cfg: STEConfig = STEConfig()) -> torch.Tensor:

@@ -5,6 +5,9 @@
         learn   <- the method (GROWN by default)
         row     <- test accuracy on every task seen so far (the accuracy matrix)
         write   metrics.jsonl, acc_matrix.{csv,json}, summary.json, checkpoints/last.pt, exports/task_K/
+
+Launched by torchrun (WORLD_SIZE > 1), every rank runs this loop in step (grownfx.distributed): training and
+evaluation are data-parallel, rank 0 alone writes files and prints, the others wait for it at barriers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import yaml
 
 from . import __version__
 from . import checkpoint as ckpt
+from . import distributed
 from .config import Recipe, parse_target
 from .data import TaskStream, build_stream
 from .export_formats import count_macs, save_module, write_meta
@@ -30,7 +34,6 @@ from .learner import LearnerPosition, TaskRecord
 from .methods import make_method
 from .methods.base import example_input
 from .methods.scratch import fresh_backbone, train_plain
-from .training import resolve_device
 
 # recipe fields that may differ when resuming (they do not change what is learned)
 RESUME_FREE = ("output.", "training.checkpoint_every", "training.num_threads", "device", "description")
@@ -74,8 +77,13 @@ class StopFlag:
 
 
 def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = False, overrides=(),
-        progress=None, echo: Callable[[str], None] | None = None) -> RunResult:
-    """Run a recipe end to end (or continue it with `resume`); returns the results also written to disk."""
+        progress=None, echo: Callable[[str], None] | None = None,
+        dist: Optional[distributed.Dist] = None) -> RunResult:
+    """Run a recipe end to end (or continue it with `resume`); returns the results also written to disk.
+
+    `dist`: this process's place in a data-parallel run; None reads torchrun's environment (one process when
+    it is not set) and joins the process group, closing it at the end.
+    """
     if not isinstance(recipe, Recipe):
         from .recipes import load_recipe
 
@@ -83,15 +91,39 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
     out = Path(out_dir or recipe.output.dir.format(name=recipe.name))
     echo = echo or (lambda msg: print(msg, flush=True))
     last = out / "checkpoints" / "last.pt"
-    state = _prepare_out(out, recipe, resume, last)
-    if recipe.training.num_threads:
-        torch.set_num_threads(recipe.training.num_threads)
-    device = resolve_device(recipe.device)
-    torch.manual_seed(recipe.seed)
-    stream = build_stream(recipe.data, recipe.seed)
-    (out / "stream.json").write_text(json.dumps(stream.meta, indent=1, default=str))
-    with StopFlag() as stop:
-        return _Run(recipe, stream, out, device, state, stop, progress, echo).loop()
+    own = dist is None
+    dist = distributed.setup(recipe.device) if dist is None else dist
+    try:
+        _check_distributed(recipe, dist)
+        state = dist.main_first(lambda: _prepare_out(out, recipe, resume, last))
+        if resume and not dist.is_main:  # every rank restores the checkpoint itself
+            if not last.exists():
+                raise RunError(f"rank {dist.rank} cannot read {last}: resuming a run on several machines needs "
+                               "its folder on a filesystem every machine sees")
+            state = ckpt.load(last)
+        if recipe.training.num_threads:
+            torch.set_num_threads(recipe.training.num_threads)
+        device = dist.device
+        torch.manual_seed(recipe.seed)
+        stream = build_stream(recipe.data, recipe.seed)
+        if dist.is_main:
+            (out / "stream.json").write_text(json.dumps(stream.meta, indent=1, default=str))
+        with StopFlag() as stop:
+            return _Run(recipe, stream, out, device, state, stop, progress, echo, dist).loop()
+    finally:
+        if own:
+            dist.close()
+
+
+def _check_distributed(recipe: Recipe, dist: distributed.Dist) -> None:
+    if dist.world_size == 1:
+        return
+    if recipe.method.name not in distributed.DISTRIBUTED_METHODS:
+        raise RunError(f"method {recipe.method.name!r} runs in one process only; data-parallel runs "
+                       f"({dist.world_size} processes here) support {' and '.join(distributed.DISTRIBUTED_METHODS)}")
+    if recipe.training.batch_size % dist.world_size:
+        raise RunError(f"training.batch_size {recipe.training.batch_size} is the global batch size and must be "
+                       f"divisible by the number of processes ({dist.world_size})")
 
 
 def _prepare_out(out: Path, recipe: Recipe, resume: bool, last: Path) -> Optional[dict]:
@@ -142,27 +174,36 @@ def _provenance() -> str:
 
 
 class _Run:
-    def __init__(self, recipe: Recipe, stream: TaskStream, out: Path, device, state, stop: StopFlag, progress, echo):
+    def __init__(self, recipe: Recipe, stream: TaskStream, out: Path, device, state, stop: StopFlag, progress, echo,
+                 dist: Optional[distributed.Dist] = None):
         self.recipe, self.stream, self.out, self.device = recipe, stream, out, device
-        self.stop, self.progress, self.echo = stop, progress, echo
+        self.dist = dist if dist is not None else distributed.Dist(device)
+        main = self.dist.is_main  # only rank 0 writes files, prints and shows progress
+        self.stop, self.progress, self.echo = stop, progress if main else None, echo if main else (lambda msg: None)
         self.records: list[TaskRecord] = []
         self.matrix: list[list[float]] = []
         self.targets: dict[int, dict] = {}
         self.metrics_lines = 0
-        self.writer = _tensorboard(out) if recipe.output.tensorboard else None
+        self.writer = _tensorboard(out) if recipe.output.tensorboard and main else None
+        extra = {"dist": self.dist} if recipe.method.name in distributed.DISTRIBUTED_METHODS else {}
+        # a stop request counts when any rank has one, so all ranks stop after the same epoch
         self.method = make_method(recipe, stream, device, on_epoch=self.on_epoch, checkpoint=self.mid_task_checkpoint,
-                                  should_stop=lambda: self.stop.requested)
+                                  should_stop=lambda: self.dist.any(self.stop.requested), **extra)
         self.resume_position = None
         if state is not None:
             self._restore(state)
 
     # -- events ---------------------------------------------------------------------------------------------
     def log(self, event: dict) -> None:
+        self.metrics_lines += 1
+        if not self.dist.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(event) + "\n")
-        self.metrics_lines += 1
 
     def on_epoch(self, info: dict) -> None:
+        if not self.dist.is_main:
+            return
         self.log({"event": "epoch", **info})
         if self.writer is not None:
             step = info["epoch"]
@@ -190,9 +231,11 @@ class _Run:
                 if self.writer is not None:
                     self.writer.add_scalar("stream/avg_acc", sum(row) / len(row), t)
                     self.writer.add_scalar("stream/params_stored", record.params_stored, t)
-                self.write_results()
-                self.save_checkpoint(None, None)
-                self.export(t)
+                if self.dist.is_main:
+                    self.write_results()
+                    self.save_checkpoint(None, None)
+                    self.export(t)
+                self.dist.barrier()  # the task's files exist before any rank goes on (or exits)
                 self.echo(_task_line(record, row, self.full_params))
                 if self.progress is not None:
                     self.progress.end_task(t, record, row)
@@ -220,7 +263,8 @@ class _Run:
             return float(rule[t])
         margin = parse_target(rule)
         if t not in self.targets:
-            self.targets[t] = self.scratch_reference(t)
+            # every rank trains the reference (same seed, same data); rank 0's value decides, so ranks agree
+            self.targets[t] = self.dist.broadcast_object(self.scratch_reference(t))
             self.log({"event": "scratch_reference", "task": t, **self.targets[t]})
         return self.targets[t]["val_acc"] - margin
 
@@ -297,17 +341,22 @@ class _Run:
         ckpt.atomic_save(payload, self.out / "checkpoints" / "last.pt")
 
     def mid_task_checkpoint(self, learner, position: LearnerPosition, optim) -> None:
-        self.save_checkpoint(position, optim)
+        if self.dist.is_main:
+            self.save_checkpoint(position, optim)
         self.log({"event": "checkpoint", "task": len(self.records), "stage": position.stage, "epoch": position.epoch})
+        self.dist.barrier()  # no rank stops (or goes on) before the checkpoint is on disk
 
     def _restore(self, state: dict) -> None:
         self.records = [TaskRecord(**r) for r in state["records"]]
         self.matrix = [list(r) for r in state["matrix"]]
         self.targets = {int(k): v for k, v in state["targets"].items()}
         self.method.load_state(state["method"])
-        lines = (self.out / "metrics.jsonl").read_text().splitlines()[: state["metrics_lines"]]
-        (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-        self.metrics_lines = len(lines)
+        if self.dist.is_main:
+            lines = (self.out / "metrics.jsonl").read_text().splitlines()[: state["metrics_lines"]]
+            (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+            self.metrics_lines = len(lines)
+        else:
+            self.metrics_lines = state["metrics_lines"]
         if state["position"] is not None:
             self.resume_position = (LearnerPosition(**state["position"]), state["optim"])
         self.echo(f"resuming {self.out} after {len(self.records)} finished tasks"

@@ -7,13 +7,23 @@ import torch
 from ..config import Recipe
 from ..data import TaskStream
 from .base import ContinualMethod
+from .cpg import CPGContinual
+from .finetune import FinetuneContinual
 from .grown import GrownContinual, build_net
+from .packnet import PackNetContinual
+from .piggyback import PiggybackContinual
+from .pnn import PNNContinual
 from .scratch import ScratchContinual, train_plain
 
 _REGISTRY = {
     "grown": GrownContinual,
     "grow": GrownContinual,
     "scratch": ScratchContinual,
+    "finetune": FinetuneContinual,
+    "pnn": PNNContinual,
+    "packnet": PackNetContinual,
+    "piggyback": PiggybackContinual,
+    "cpg": CPGContinual,
 }
 
 
@@ -24,4 +34,5 @@ def make_method(recipe: Recipe, stream: TaskStream, device: torch.device, **hook
     return _REGISTRY[name](recipe, stream, device, **hooks)
 
 
-__all__ = ["ContinualMethod", "GrownContinual", "ScratchContinual", "build_net", "make_method", "train_plain"]
+__all__ = ["CPGContinual", "ContinualMethod", "FinetuneContinual", "GrownContinual", "PNNContinual",
+           "PackNetContinual", "PiggybackContinual", "ScratchContinual", "build_net", "make_method", "train_plain"]

@@ -27,11 +27,14 @@ def build_net(recipe: Recipe, stream: TaskStream, seed_width: Optional[float] = 
 
 
 class GrownContinual:
-    """GROWN (method `grown`, with `ablation` switches) or Grow (method `grow`: growth every task, no masks)."""
+    """GROWN (method `grown`, with `ablation` switches) or Grow (method `grow`: growth every task, no masks).
+
+    `dist` (grownfx.distributed.Dist) makes the learner data-parallel; None is one process.
+    """
 
     def __init__(self, recipe: Recipe, stream: TaskStream, device: torch.device, *,
                  on_epoch: Callable[[dict], None] | None = None, checkpoint=None,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 should_stop: Callable[[], bool] = lambda: False, dist=None):
         method = recipe.method
         if method.name == "grow":
             switches, growth = (False, False, False), recipe.growth.model_copy(update={"when": "always"})
@@ -44,7 +47,7 @@ class GrownContinual:
         self.net = build_net(recipe, stream)
         self.learner = GrownLearner(self.net, training=recipe.training, growth=growth, masks=recipe.masks,
                                     switches=switches, device=device, seed=recipe.seed, on_epoch=on_epoch,
-                                    checkpoint=checkpoint, should_stop=should_stop)
+                                    checkpoint=checkpoint, should_stop=should_stop, dist=dist)
 
     def learn(self, task: Task, target: Optional[float], resume: Optional[tuple] = None) -> TaskRecord:
         return self.learner.learn(task, target, resume)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional
 
 import torch
@@ -78,7 +79,7 @@ class ScratchContinual:
         return evaluate_plain(self.models[task_index], data, self.recipe.training, self.device)
 
     def export(self, task_index: int) -> nn.Module:
-        return self.models[task_index].eval()
+        return copy.deepcopy(self.models[task_index]).eval()  # a copy: callers may move it to another device
 
     def num_parameters(self) -> int:
         return sum(count_parameters(m) for m in self.models)
