@@ -27,9 +27,10 @@ import datetime
 import gc
 import hashlib
 import inspect
+import math
 import os
 import pickle
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -118,6 +119,10 @@ class Dist:
     def train_loader(self, data: TaskData, batch_size: int, generator: torch.Generator, device) -> BatchLoader:
         return data.loader(batch_size, shuffle=True, generator=generator, device=device)
 
+    def step_model(self, model: Callable, loader, task: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The training step's `x -> logits` for `model` fed by `loader`."""
+        return lambda x: model(x, task=task)
+
     def evaluate(self, model: Callable, data: TaskData, batch_size: int, device, precision: str = "fp32",
                  channels_last: bool = False) -> float:
         loader = data.loader(batch_size, shuffle=False, device=device, augment=None)
@@ -131,37 +136,62 @@ class Dist:
 
 
 class StridedShardLoader(BatchLoader):
-    """Rank r's share of the single-process epoch, split as `DistributedSampler(drop_last=True)` splits it.
+    """Rank r's share of the single-process epoch: entries r, r + world, ... of each global batch.
 
-    The epoch order is the one the single-process loader draws (`randperm(n, generator)`, the generator being
-    re-seeded from (seed, task, stage, round, epoch) every epoch: DistributedSampler's `set_epoch`).  The last
-    `n % world` entries are dropped and rank r takes every world-th entry from position r.  With a per-rank batch
-    of `global_batch // world`, the ranks' batches at step k together are exactly the single-process run's batch
-    k, so the averaged gradient is that of the global batch.  Augmentation randomness is per rank.
+    The epoch order is the one the single-process loader draws (`randperm(n, generator)`; the learner re-seeds
+    the generator from (seed, task, stage, round, epoch) every epoch, which is what DistributedSampler's
+    `set_epoch` does).  Each global batch of the recipe's size is split across ranks with a stride, so rank r
+    sees exactly `order[r::world]` over the epoch (DistributedSampler's split) and the ranks' batches at step k
+    together are the single-process batch k.  A last, partial global batch may split unevenly; `grad_scale` (read
+    by `Dist.step_model`) then weights each rank's mean loss by its share, so that the averaged gradient is still
+    that of the global batch's mean loss.  Only a last batch with fewer samples than ranks is dropped.
+    Augmentation randomness is drawn per rank.
     """
 
     def __init__(self, data: TaskData, global_batch: int, *, rank: int, world_size: int,
-                 generator: torch.Generator, device=None, augment="default", shuffle: bool = True):
+                 generator: torch.Generator | None, device=None, augment="default", shuffle: bool = True):
         if global_batch % world_size:
             raise ValueError(f"the batch size {global_batch} is global and must be divisible by the number of "
                              f"processes ({world_size})")
         aug = data.augment if augment == "default" else augment
         super().__init__(data, global_batch // world_size, shuffle=shuffle, generator=generator, device=device,
                          augment=aug)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.global_batch = rank, world_size, global_batch
+        n = len(data)
+        tail = n % global_batch
+        self.usable = n - tail if 0 < tail < world_size else n  # every rank gets at least one sample per step
+        self.grad_scale = 1.0
         self.aug_generator = torch.Generator().manual_seed(
             derive_seed(generator.initial_seed(), "augment", rank)) if generator is not None else None
 
-    def _num_samples(self) -> int:
-        return len(self.data) // self.world_size
+    def __len__(self) -> int:
+        return math.ceil(self.usable / self.global_batch)  # the same on every rank
 
-    def _order(self) -> torch.Tensor:
-        full = super()._order()
-        usable = len(full) - len(full) % self.world_size
-        return full[:usable][self.rank::self.world_size]
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order()[: self.usable].to(self.data.device)  # drawn eagerly, as BatchLoader does
+        return self._shard_batches(order, self.aug_generator)
 
-    def _aug_generator(self) -> torch.Generator | None:
-        return self.aug_generator
+    def _shard_batches(self, order: torch.Tensor, gen) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(order), self.global_batch):
+            batch = order[start: start + self.global_batch]
+            idx = batch[self.rank::self.world_size]
+            self.grad_scale = self.world_size * len(idx) / len(batch)
+            xb = self.data.x[idx].to(self.device, non_blocking=True)
+            yb = self.data.y[idx].to(self.device, non_blocking=True)
+            yield self.data.normalize(xb, self.augment, gen), yb
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` (a rank's share of an uneven last batch)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: D102
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad * ctx.scale, None
 
 
 class _EvalShard(BatchLoader):
@@ -337,6 +367,14 @@ class ProcessGroupDist(Dist):
     def train_loader(self, data: TaskData, batch_size: int, generator: torch.Generator, device) -> BatchLoader:
         return StridedShardLoader(data, batch_size, rank=self.rank, world_size=self.world_size,
                                   generator=generator, device=device)
+
+    def step_model(self, model: Callable, loader, task: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def step(x: torch.Tensor) -> torch.Tensor:
+            out = model(x, task=task)
+            scale = getattr(loader, "grad_scale", 1.0)
+            return out if scale == 1.0 else _ScaleGrad.apply(out, scale)
+
+        return step
 
     def evaluate(self, model: Callable, data: TaskData, batch_size: int, device, precision: str = "fp32",
                  channels_last: bool = False) -> float:

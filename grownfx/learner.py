@@ -194,7 +194,7 @@ class GrownLearner:
             loader = self.dist.train_loader(task.train, cfg.batch_size, gen, self.device)  # this rank's shard
             penalty = (lambda: self._penalty(costs, lam)) if costs and lam > 0 else None
             ep_timer = Timer()
-            loss, pen, acc, n = run_epoch(lambda x: model(x, task=t), loader, optim, self.device,
+            loss, pen, acc, n = run_epoch(self.dist.step_model(model, loader, t), loader, optim, self.device,
                                           precision=cfg.precision, penalty=penalty,
                                           channels_last=cfg.channels_last, scaler=self.scaler)
             loss, pen, acc, n = self.dist.reduce_epoch(loss, pen, acc, n)

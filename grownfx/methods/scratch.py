@@ -13,7 +13,8 @@ from ..data import Task, TaskData, TaskStream
 from ..learner import TaskRecord
 from ..models import build_backbone
 from ..net import count_parameters
-from ..training import StageOptim, Timer, accuracy, derive_seed, make_optimizer, run_epoch
+from ..training import Timer, derive_seed
+from .base import evaluate_with, train_stage
 
 
 def train_plain(model: nn.Module, task: Task, training: TrainingConfig, device: torch.device, seed,
@@ -22,30 +23,13 @@ def train_plain(model: nn.Module, task: Task, training: TrainingConfig, device: 
     model.to(device)
     if training.channels_last:
         model.to(memory_format=torch.channels_last)
-    epochs = epochs or training.epochs
-    optim = StageOptim([make_optimizer(list(model.parameters()), training.optimizer)], training.scheduler,
-                       tuple(training.milestones))
-    for epoch in range(epochs):
-        s = derive_seed(seed, epoch)
-        torch.manual_seed(s)
-        optim.set_progress(epoch / epochs)
-        model.train()
-        loader = task.train.loader(training.batch_size, shuffle=True, generator=torch.Generator().manual_seed(s),
-                                   device=device)
-        t = Timer()
-        loss, _, acc, n = run_epoch(model, loader, optim, device, precision=training.precision,
-                                    channels_last=training.channels_last)
-        if on_epoch is not None:
-            on_epoch({"task": task.index, "stage": "scratch", "round": 0, "epoch": epoch + 1, "epochs": epochs,
-                      "loss": loss, "train_acc": acc, "seconds": t.seconds, "images_per_s": n / max(t.seconds, 1e-9)})
+    train_stage(model, model, [(list(model.parameters()), training.optimizer)], task, training, device,
+                seed=tuple(seed), epochs=epochs or training.epochs, stage="scratch", on_epoch=on_epoch)
     return evaluate_plain(model, task.val, training, device)
 
 
-@torch.no_grad()
 def evaluate_plain(model: nn.Module, data: TaskData, training: TrainingConfig, device: torch.device) -> float:
-    model.eval()
-    loader = data.loader(training.eval_batch_size, shuffle=False, device=device, augment=None)
-    return accuracy(model, loader, device, training.precision, training.channels_last)
+    return evaluate_with(model, model, data, training, device)
 
 
 def fresh_backbone(recipe: Recipe, task: Task, seed_parts: tuple) -> nn.Module:
