@@ -187,7 +187,7 @@ class MaskedLayer(_TaskModule):
         w = self.weight
         if self.kind is not None:
             plan = self._mask_plan()
-            if self.ctx.fuse_masks and self.training and plan.active is not None and self.score is not None:
+            if self.ctx.fuse_masks and self.training and plan.masked and self.score is not None:
                 w = _fused_weight()(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
                                     plan.active, plan.scale, plan.threshold, plan.noise, w.dim() - self.score.dim())
             else:
@@ -224,9 +224,11 @@ class MaskedLayer(_TaskModule):
     def _unit_multiplier(self, plan: "_MaskPlan") -> torch.Tensor | None:
         """const (1 for dense units) + a straight-through binary mask on units with a learned mask; selective
         (Gumbel-Sigmoid: scale beta/T, noise 1/T) and attentive (threshold: no noise) units in one call."""
-        if plan.active is None or self.score is None:
+        if not plan.masked or self.score is None:
             return plan.const
         st = M.binary_concrete(self.score, plan.scale, plan.threshold, plan.noise, self.training)
+        if plan.active is None:  # every unit carries a learned mask
+            return st
         return st * plan.active if plan.const is None else torch.addcmul(plan.const, st, plan.active)
 
     def _finished_weight(self, task: int) -> torch.Tensor:
@@ -349,7 +351,9 @@ def _masked_weight(weight, frozen, score, trainable, none_trainable: bool, const
     if noise is not None:
         z = z + noise * torch.logit(torch.rand_like(score), eps=1e-6)
     soft = torch.sigmoid(z)
-    m = active * ((z >= 0).to(z.dtype) + (soft - soft.detach()))
+    m = (z >= 0).to(z.dtype) + (soft - soft.detach())
+    if active is not None:
+        m = m * active
     if const is not None:
         m = m + const
     return w * m.view(m.shape + (1,) * extra_dims)
@@ -373,6 +377,7 @@ class _MaskPlan:
         self.key, self.trainable, self.const, self.active = key, trainable, const, active
         self.scale, self.threshold, self.noise = scale, threshold, noise
         self.none_trainable = none_trainable
+        self.masked = scale is not None  # some unit carries a learned (selective or attentive) mask
 
     @classmethod
     def build(cls, layer: MaskedLayer, key) -> "_MaskPlan":
@@ -396,12 +401,17 @@ class _MaskPlan:
             t_att = layer.ctx.temperature or pol.attentive_gumbel.temperature
             att_p = (pol.attentive_gumbel.beta / t_att, pol.attentive_gumbel.threshold, 1.0 / t_att)
 
-        def per_unit(i):
-            return torch.where(sel, sel_p[i], torch.where(att, att_p[i], 0.0)).to(dtype)
+        has_sel, has_att = bool(sel.any()), bool(att.any())
+
+        def per_unit(i):  # a plain number when every masked unit shares it (saves a weight-sized tensor)
+            if not has_att or not has_sel or sel_p[i] == att_p[i]:
+                return sel_p[i] if has_sel else att_p[i]
+            return torch.where(sel, sel_p[i], att_p[i]).to(dtype)
 
         noise = per_unit(2)
-        return cls(key, trainable, const, (sel | att).to(dtype), per_unit(0), per_unit(1),
-                   noise if bool(noise.any()) else None, none_trainable)
+        active = sel | att
+        return cls(key, trainable, const, None if bool(active.all()) else active.to(dtype), per_unit(0), per_unit(1),
+                   None if isinstance(noise, float) and noise == 0.0 else noise, none_trainable)
 
 
 class MaskedConv(MaskedLayer):

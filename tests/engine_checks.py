@@ -33,6 +33,14 @@ def build(name: str, num_classes: int = 10):
     return model, torch.randn(4 if size < 100 else 1, 3, size, size)
 
 
+def _fingerprint(module) -> dict:
+    """Exact identity of every tensor of a module, without keeping a copy (the zoo's largest models are big)."""
+    import hashlib
+
+    return {k: (tuple(v.shape), hashlib.sha1(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
+            for k, v in module.state_dict().items()}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
@@ -40,7 +48,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _step(net, x, task, lr=1e-3):
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-2)
+    huge = sum(p.numel() for p in params) > 2e8  # momentum buffers of ViT-H do not fit a 24 GiB machine
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.0 if huge else 0.9, weight_decay=1e-2)
     for _ in range(2):
         opt.zero_grad()
         net(x, task=task).logsumexp(1).mean().backward()
@@ -92,8 +101,7 @@ def check_backbone(name: str, seed_width: float = 0.5) -> dict:
     net.freeze_task(t0)
     with torch.no_grad():
         ref0 = net(x, task=t0)
-    export0 = net.export(t0)
-    ref_state = {k: v.clone() for k, v in export0.state_dict().items()}
+    ref_state = _fingerprint(net.export(t0))
 
     t1 = net.add_task(3)
     net.grow(ratio=0.25)  # growth after masks exist and tasks are frozen
@@ -104,9 +112,7 @@ def check_backbone(name: str, seed_width: float = 0.5) -> dict:
         after0 = net(x, task=t0)
         out1 = net(x, task=t1)
     assert torch.equal(after0, ref0), f"{name}: learning task 2 changed task 1's outputs"
-    again0 = net.export(t0)
-    assert again0.state_dict().keys() == ref_state.keys()
-    assert all(torch.equal(again0.state_dict()[k], v) for k, v in ref_state.items()), f"{name}: export changed"
+    assert _fingerprint(net.export(t0)) == ref_state, f"{name}: export changed"
 
     for t, ref in ((t0, ref0), (t1, out1)):  # the export computes what the task-aware model computes
         sub = net.export(t)
@@ -114,6 +120,7 @@ def check_backbone(name: str, seed_width: float = 0.5) -> dict:
         with torch.no_grad():
             assert rel_err(sub(x), ref) <= 1e-5, (name, t)
         assert grownfx.count_parameters(sub) < net.num_parameters()
+        del sub
     stored = sum(m.weight.numel() for m in net.masked_layers())
     copies = sum(sum(c.numel() if isinstance(c, torch.Tensor) else grownfx.count_parameters(c) for c in m.copies)
                  for m in net.task_modules() if hasattr(m, "copies"))
