@@ -21,7 +21,7 @@ from torch import nn
 
 from . import masks as M
 from .context import MaskPolicy
-from .layers import MaskedLayer, PerTask, TaskParameter
+from .layers import PerTask, TaskParameter
 from .net import GrowableNet
 from .surgery import apply_changes, grow_change
 

@@ -18,7 +18,6 @@ targets of the other runs (as a per-task list), else they are computed once per 
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Optional, Sequence
