@@ -112,19 +112,37 @@ _OVERRIDES_ARG = typer.Argument(None, help="Overrides: key.sub=value, +key.sub=v
 # --- commands ---------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: grownfx run digits_quickstart training.epochs=3 --out runs/quick")
+@app.command(epilog="Example: grownfx run digits_quickstart training.epochs=3 --out runs/quick\n\n"
+                    "Several processes (data-parallel, one per GPU): grownfx run RECIPE --nproc-per-node 4, or "
+                    "torchrun --nproc-per-node 4 -m grownfx run RECIPE (docs/distributed.md)")
 @guarded
 def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the recipe's output.dir)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in the folder from its checkpoint.")):
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in the folder from its checkpoint."),
+        nproc_per_node: Optional[int] = typer.Option(
+            None, "--nproc-per-node", min=1,
+            help="Train data-parallel in N processes on this machine (one per GPU), launched through "
+                 "torch.distributed.run; the recipe's batch size is global. For several machines use torchrun.")):
     """Run a recipe: learn its tasks one after the other, writing checkpoints, metrics and exports."""
+    from grownfx import distributed
     from grownfx.progress import progress
     from grownfx.recipes import load_recipe
 
-    rec = load_recipe(recipe, overrides or [])
+    rec = load_recipe(recipe, overrides or [])  # recipe errors are reported here, once, before any launch
+    if nproc_per_node is not None and nproc_per_node > 1:
+        if distributed.launched():
+            raise typer.BadParameter("this process was already launched by torchrun; drop --nproc-per-node",
+                                     param_hint="--nproc-per-node")
+        _lazy("grownfx.runner", "check_distributed")(rec, nproc_per_node)  # one clear error, before launching
+        argv = (["--debug"] if _state["debug"] else []) + ["run", recipe, *(overrides or [])]
+        argv += (["--out", str(out)] if out is not None else []) + (["--resume"] if resume else [])
+        raise typer.Exit(distributed.launch(argv, nproc_per_node))
+    main_rank = distributed.env_rank() == 0  # under torchrun only rank 0 prints and shows progress
     run_fn = _lazy("grownfx.runner", "run")
-    with progress(0) as bars:
+    with progress(0, enabled=main_rank) as bars:
         result = run_fn(rec, out_dir=out, resume=resume, progress=bars, echo=bars.log)
+    if not main_rank:
+        return
     summary = getattr(result, "summary", {}) or {}
     out_dir = getattr(result, "out_dir", out)
     if summary.get("tasks"):

@@ -9,16 +9,21 @@ process group (NCCL on CUDA, gloo on CPU) with its device picked by LOCAL_RANK.
 
 What is synchronised, and when (docs/distributed.md has the long version):
 
-* every training stage: `wrap(net)` broadcasts rank 0's parameters and buffers (after checking every rank has
-  the same names and shapes), then wraps the net in `DistributedDataParallel` over the parameters that require
-  gradients (the learning task's weights, masks and gates); the learner builds the stage's optimiser as before.
-  Growth, gate settling, mask binarisation and freezing happen between stages, identically on every rank (same
-  seeded generator, decisions from replicated parameters or all-reduced statistics), so a new wrap follows.
-* every step: DDP averages the gradients (the recipe's batch size is global; each rank gets batch // world).
-* end of every stage: `broadcast_buffers(net)` copies rank 0's buffers (BatchNorm statistics) to every rank.
-* validation and test accuracy: each rank evaluates a strided shard; correct and total counts are all-reduced.
-* after every task: `check_in_sync(net, ...)` all-gathers a hash of every parameter and buffer and raises
-  `DivergenceError` naming the first tensor that differs between ranks.
+* every training stage: `wrap(net)` checks that every rank holds the same tensors (names, shapes), broadcasts
+  rank 0's parameters and buffers, and wraps the net in PyTorch's `DistributedDataParallel` over the parameters
+  that require gradients (the learning task's weights, masks and gates); the learner builds the stage's optimiser
+  as before.  Growth, gate settling, mask binarisation and freezing happen between stages, identically on every
+  rank (same seeded generator; decisions from replicated parameters or all-reduced statistics), then a new wrap.
+* every step: rank r trains on entries r, r + world, ... of the single-process run's global batch (the recipe's
+  batch size is global; each rank gets batch // world); DDP averages the gradients; BatchNorm normalises with the
+  statistics of the whole global batch (all-reduced sums; `GROWNFX_SYNC_BN=0` keeps per-rank statistics).  The
+  step is then the single-process step on the global batch, up to float summation order.
+* end of every stage: `end_stage(net)` drops the wrapper and copies rank 0's buffers (BatchNorm running
+  statistics) to every rank.
+* validation and test accuracy: each rank evaluates a strided shard; correct and total counts are all-reduced, so
+  growth decisions (val accuracy < target) are the same everywhere.
+* after every task: `check_in_sync(net, ...)` all-gathers a hash of every parameter and buffer (masks included)
+  and raises `DivergenceError` naming the first tensor that differs between ranks.
 """
 
 from __future__ import annotations
@@ -270,7 +275,8 @@ class ProcessGroupDist(Dist):
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def reduce_epoch(self, loss: float, penalty: float, acc: float, images: int) -> tuple[float, float, float, int]:
-        # every rank runs the same number of steps, so the mean of the per-rank mean losses is the mean loss
+        # every rank runs the same number of steps: the mean of the ranks' mean losses is the epoch's mean loss
+        # (exactly so when every batch splits evenly; an uneven last batch is weighted by rank, for the log only)
         loss_sum, pen_sum, correct, total = self.all_reduce_sum([loss, penalty, round(acc * images / 100.0), images])
         return loss_sum / self.world_size, pen_sum / self.world_size, 100.0 * correct / max(total, 1), int(total)
 
@@ -279,8 +285,8 @@ class ProcessGroupDist(Dist):
         """Rank 0's parameters and buffers on every rank, then DDP over the parameters that require grad.
 
         `trainable` ({group: [parameters]}, what the stage's optimisers get): any other parameter that requires
-        a gradient (a finished task's copy, a template) would sit in DDP's buckets and never get a gradient,
-        so it is an error.
+        a gradient (a finished task's copy, a template) would be reduced by DDP every step for nothing, and
+        means that something was not frozen: an error.
         """
         if trainable is not None:
             ids = {id(p) for ps in trainable.values() for p in ps}
@@ -463,8 +469,8 @@ class _SyncBNForward:
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)
                 m = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
-                total = float(n)
-                unbiased = var.detach() * (total / max(total - 1.0, 1.0))
+                # no host sync (`float(n)`) on CUDA: the unbiased correction stays a tensor expression
+                unbiased = var.detach() * (n / (n - 1.0).clamp_min(1.0)).float()
                 bn.running_mean.mul_(1 - m).add_(mean.detach().to(bn.running_mean.dtype), alpha=m)
                 bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
         return y.to(x.dtype)

@@ -94,7 +94,7 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
     own = dist is None
     dist = distributed.setup(recipe.device) if dist is None else dist
     try:
-        _check_distributed(recipe, dist)
+        check_distributed(recipe, dist.world_size)
         state = dist.main_first(lambda: _prepare_out(out, recipe, resume, last))
         if resume and not dist.is_main:  # every rank restores the checkpoint itself
             if not last.exists():
@@ -115,15 +115,16 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
             dist.close()
 
 
-def _check_distributed(recipe: Recipe, dist: distributed.Dist) -> None:
-    if dist.world_size == 1:
+def check_distributed(recipe: Recipe, world_size: int) -> None:
+    """RunError when `recipe` cannot run in `world_size` data-parallel processes."""
+    if world_size == 1:
         return
     if recipe.method.name not in distributed.DISTRIBUTED_METHODS:
         raise RunError(f"method {recipe.method.name!r} runs in one process only; data-parallel runs "
-                       f"({dist.world_size} processes here) support {' and '.join(distributed.DISTRIBUTED_METHODS)}")
-    if recipe.training.batch_size % dist.world_size:
+                       f"({world_size} processes here) support {' and '.join(distributed.DISTRIBUTED_METHODS)}")
+    if recipe.training.batch_size % world_size:
         raise RunError(f"training.batch_size {recipe.training.batch_size} is the global batch size and must be "
-                       f"divisible by the number of processes ({dist.world_size})")
+                       f"divisible by the number of processes ({world_size})")
 
 
 def _prepare_out(out: Path, recipe: Recipe, resume: bool, last: Path) -> Optional[dict]:
