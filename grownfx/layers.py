@@ -72,6 +72,8 @@ class PerTask(_TaskModule):
 
     def freeze(self, task: int) -> None:
         self.copies[task].requires_grad_(False)
+        for p in self.copies[task].parameters():
+            p.grad = None  # a frozen copy keeps no gradient memory
         if self.kind != "head":
             self.pending = copy.deepcopy(self.copies[task])  # later tasks start from the latest (warm start)
             self.pending.requires_grad_(False)
@@ -120,6 +122,7 @@ class TaskParameter(_TaskModule):
 
     def freeze(self, task: int) -> None:
         self.copies[task].requires_grad_(False)
+        self.copies[task].grad = None
         self.pending = nn.Parameter(self.copies[task].detach().clone(), requires_grad=False)
 
     def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, axis: int = 0, **_):
@@ -304,6 +307,7 @@ class MaskedLayer(_TaskModule):
         self.mask_shapes[task] = tuple(used.shape)
         self.score, self.kind, self._plan = None, None, None
         self.weight.requires_grad_(bool((self.owner == FREE).any()))
+        self.weight.grad = None  # the next task's optimiser starts from nothing; no stale gradient memory
         self._cache = self._frozen_cache = None
 
     def mask_bytes(self, task: int) -> int:
