@@ -256,17 +256,8 @@ class MaskedLayer(_TaskModule):
         """Assign unit kinds for the task being learned from ownership, channel births and the policy."""
         pol = self.ctx.policy
         owned = self.owner != FREE
-        new_out = self.ctx.born(self.target, "grouped" if self.in_role() == "grouped" else "out", task)
-        new = new_out[:, None] if new_out is not None else torch.zeros(self.owner.shape[:1] + (1,), dtype=torch.bool)
-        if self.in_role() == "in":
-            new_in = self.ctx.born(self.target, "in", task)
-            if new_in is not None:
-                new = new | new_in[None, :]
-        new = new.to(self.owner.device)
-        if self.granularity == "element":
-            new = self._expand(new).expand(self.owner.shape)
         kind = torch.where(owned, torch.tensor(pol.frozen_kind), torch.where(
-            new.expand(self.owner.shape), torch.tensor(pol.grown_kind), torch.tensor(pol.released_kind)))
+            self.grown_units(task), torch.tensor(pol.grown_kind), torch.tensor(pol.released_kind)))
         self.kind = kind.to(torch.int8).to(self.owner.device)
         old = self.score
         sel_init = pol.selective_ste.init if pol.selective_kind == "ste" else pol.selective.init
@@ -277,6 +268,19 @@ class MaskedLayer(_TaskModule):
         self.score = nn.Parameter(fresh.to(self.weight.device)) if needs else None
         self._cache = self._plan = None
         self._mask_plan()  # built now, outside any compiled region
+
+    def grown_units(self, task: int) -> torch.Tensor:
+        """Bool per unit: its output or input channel was born for `task` (a grown unit, not an old one)."""
+        new_out = self.ctx.born(self.target, "grouped" if self.in_role() == "grouped" else "out", task)
+        new = new_out[:, None] if new_out is not None else torch.zeros(self.owner.shape[:1] + (1,), dtype=torch.bool)
+        if self.in_role() == "in":
+            new_in = self.ctx.born(self.target, "in", task)
+            if new_in is not None:
+                new = new | new_in[None, :]
+        new = new.to(self.owner.device)
+        if self.granularity == "element":
+            new = self._expand(new)
+        return new.expand(self.owner.shape)
 
     def set_kind(self, units: torch.Tensor, kind: int) -> None:
         """Override the kind of some units of the learning task (e.g. PackNet/CPG prune units with OFF)."""

@@ -359,6 +359,7 @@ class GrowableNet(nn.Module):
     def unit_stats(self) -> dict:
         """For the learning task: fraction of old units its selective mask drops, re-trained released weights."""
         sel = sel_zero = retrained = 0
+        t = self.ctx.learning_task
         for m in self.masked_layers():
             if m.kind is None:
                 continue
@@ -366,7 +367,8 @@ class GrowableNet(nn.Module):
             is_sel = m.kind == SEL
             sel += int(is_sel.sum())
             sel_zero += int((is_sel & ~used).sum())
-            retrained += int(((m.kind == DENSE) & (m.owner == FREE) & used).sum()) * m.unit_size
+            released = (m.kind == DENSE) & (m.owner == FREE) & ~m.grown_units(t)  # old channels, free units
+            retrained += int((released & used).sum()) * m.unit_size
         return {"selective_zero_frac": sel_zero / sel if sel else None, "retrained": retrained}
 
     def free_weights(self) -> int:
