@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import math
@@ -70,8 +71,9 @@ def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
     """Trace and analyse `model`, and slice every growable group to `width` of its channels (a plain graph).
 
     Returns (graph module, coupling result, {group: width}, parameters of the full-width model).
+    The caller's model is left untouched (the graph module works on a copy).
     """
-    gm = trace(model, example_input, leaf_modules)
+    gm = trace(copy.deepcopy(model), example_input, leaf_modules)
     coupling = analyze(gm)
     _fix_reused_modules(coupling)
     heads = coupling.head_targets()

@@ -20,3 +20,18 @@ REPRESENTATIVE = [
 def test_backbone_properties(name):
     report = check_backbone(name, seed_width=0.25 if name == "vgg16_bn" else 0.5)
     assert report["growable"] > 0
+
+
+def test_prepare_leaves_the_callers_model_untouched():
+    import torch
+    import torchvision
+
+    import grownfx
+
+    model = torchvision.models.resnet18(num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    net = grownfx.prepare(model, torch.randn(2, 3, 32, 32), seed_width=0.5)
+    net.add_task(10)
+    net.grow(ratio=0.25)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
