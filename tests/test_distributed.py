@@ -65,7 +65,8 @@ if spec.get("extras"):
     ref = weakref.ref(model)
     model = None
     dist.end_stage(small)
-    print("DDP freed:", ref() is None, "bn patched:", "forward" in small[1].__dict__, flush=True)
+    sys.stdout.write(f"DDP freed: {ref() is None} bn patched: {'forward' in small[1].__dict__}\n")  # one write
+    sys.stdout.flush()
     # one rank's network drifts: the sync check names the first differing tensor
     net = made[0].net
     name = [n for n, _ in net.named_buffers() if n.endswith("running_mean")][-1]
@@ -73,9 +74,12 @@ if spec.get("extras"):
         net.get_buffer(name).add_(1e-6)
     try:
         dist.check_in_sync(net, "after a perturbation")
-        print("NO ERROR", flush=True)
+        outcome = "NO ERROR"
     except DivergenceError as exc:
-        print("DIVERGED:", exc, "| expected:", name, flush=True)
+        outcome = f"DIVERGED: {exc} | expected: {name}"
+    if rank == 0:  # one write from one rank: with PYTHONUNBUFFERED both ranks' pieces could interleave
+        sys.stdout.write(outcome + "\n")
+        sys.stdout.flush()
 dist.close()
 '''
 
