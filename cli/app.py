@@ -39,7 +39,14 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show full traceba
 
 def main() -> None:
     """Console-script entry point (`grownfx`)."""
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        from grownfx.distributed import exit_worker, launched
+
+        if launched():  # a torchrun worker: leave without C++ finalisers (gloo can abort in them)
+            exit_worker(exc.code)
+        raise
 
 
 # --- error handling ---------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from .data.core import BatchLoader, TaskData
 from .training import accuracy, derive_seed, resolve_device
 
 __all__ = ["DivergenceError", "Dist", "ProcessGroupDist", "launch", "launched", "setup", "env_rank",
-           "StridedShardLoader"]
+           "exit_worker", "StridedShardLoader"]
 
 # The methods that run data-parallel; the baselines are single-process.
 DISTRIBUTED_METHODS = ("grown", "grow")
@@ -57,6 +57,21 @@ class DivergenceError(RuntimeError):
 def launched() -> bool:
     """True when this process was started by torchrun (or another launcher setting WORLD_SIZE)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def exit_worker(code) -> None:
+    """End a torchrun worker once its process group is closed: flush and `os._exit`.
+
+    At interpreter exit, torch's gloo backend sometimes destroys a thread that is still joinable and the process
+    aborts ("terminate called without an active exception", SIGABRT) after all work and files are done; torchrun
+    then reports the run as failed.  Leaving with `os._exit` skips those finalisers; everything the run writes
+    is already closed and fsynced by then.
+    """
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 def env_rank() -> int:
@@ -392,6 +407,9 @@ class ProcessGroupDist(Dist):
 
     def close(self) -> None:
         if self.owns_group and self._td.is_initialized():
+            # every rank reaches this point before any tears the group down: gloo aborts a process whose peer
+            # closes the connection while it still has a collective in flight
+            self._td.barrier()
             self._td.destroy_process_group()
 
 

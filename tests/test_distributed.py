@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import grownfx.methods.grown as grown
 from grownfx.config import Recipe
-from grownfx.distributed import DivergenceError, setup
+from grownfx.distributed import DivergenceError, exit_worker, setup
 from grownfx.runner import run
 
 made = []
@@ -81,6 +81,7 @@ if spec.get("extras"):
         sys.stdout.write(outcome + "\n")
         sys.stdout.flush()
 dist.close()
+exit_worker(0)  # as `grownfx run` does under torchrun
 '''
 
 
