@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from .report import benchmark_of, load_run
+from .report import benchmark_of, load_run, md_table, write_csv_tables
 
 __all__ = ["PAPER", "compare_tables", "load_compare", "write_compare_report"]
 
@@ -212,9 +212,7 @@ def write_compare_report(compare_dir: str | Path) -> Path:
     out = Path(compare_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     tables = compare_tables(data)
-    for name, (header, rows) in tables.items():
-        with open(out / f"{name}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
+    write_csv_tables(tables, out)
     _write_runs_csv(data, out / "runs.csv")
     plots = _plots(data, out)
     (out / "compare.md").write_text(_markdown(data, tables, plots))
@@ -251,16 +249,11 @@ def _markdown(data: dict, tables: dict[str, Table], plots: list[str]) -> str:
     for key in ("summary", "accuracy", "model_size", "ablation"):
         if key in tables:
             header, rows = tables[key]
-            lines += ["", f"## {_TITLES[key]}", "", _md_table(header, rows), "", f"CSV: [{key}.csv]({key}.csv)"]
+            lines += ["", f"## {_TITLES[key]}", "", md_table(header, rows), "", f"CSV: [{key}.csv]({key}.csv)"]
     lines += ["", "Every number per method, seed and task: [runs.csv](runs.csv)"]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
-
-
-def _md_table(header: list, rows: list[list]) -> str:
-    out = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return "\n".join(out + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 # --- plots ------------------------------------------------------------------------------------------------

@@ -162,12 +162,17 @@ def write_report(run_dir: str | Path) -> Path:
     out = Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     tables = report_tables(run)
-    for name, (header, rows) in tables.items():
-        with open(out / f"{name}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
+    write_csv_tables(tables, out)
     plots = _plots(run, out)
     (out / "report.md").write_text(_markdown(run, tables, plots))
     return out
+
+
+def write_csv_tables(tables: dict[str, Table], out: Path) -> None:
+    """One CSV per table, named after it."""
+    for name, (header, rows) in tables.items():
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
 
 
 def _markdown(run: dict, tables: dict[str, Table], plots: list[str]) -> str:
@@ -192,14 +197,14 @@ def _markdown(run: dict, tables: dict[str, Table], plots: list[str]) -> str:
     ]
     for key, title in sections:
         header, rows = tables[key]
-        lines += ["", f"## {title}", "", _md_table(header, rows) if rows else "_nothing recorded_",
+        lines += ["", f"## {title}", "", md_table(header, rows) if rows else "_nothing recorded_",
                   "", f"CSV: [{key}.csv]({key}.csv)"]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
     out = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
