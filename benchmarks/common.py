@@ -316,7 +316,7 @@ def learn_task(net, num_classes: int, steps: int, batch: int, input_shape: tuple
     (beta 1 -> 200 over the steps, hard on the last step) and settled when the task is frozen.
     """
     from grownfx import masks as M
-    from grownfx.layers import MaskedLayer
+    from grownfx.banks import MaskedLayer
 
     t = net.add_task(num_classes)
     grew = lsg_grow(net) if grow else {}

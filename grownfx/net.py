@@ -22,7 +22,8 @@ from torch import fx, nn
 from . import masks as M
 from .context import DENSE, SEL, MaskPolicy, TaskContext
 from .coupling import CouplingGroup, CouplingResult, analyze
-from .layers import FREE, MaskedLayer, PerTask, TaskParameter
+from .banks import MaskedLayer
+from .layers import FREE, PerTask, TaskParameter
 from .rewrite import export_graph, make_task_aware
 from .surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
 from .tracing import trace

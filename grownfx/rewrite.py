@@ -18,9 +18,9 @@ import re
 import torch
 from torch import fx, nn
 
+from .banks import MaskedConv, MaskedLinear, TaskMultiheadAttention
 from .context import TaskContext
-from .layers import (MaskedConv, MaskedLinear, PerTask, TaskMultiheadAttention, TaskParameter, WeightOf,
-                     _TaskModule)
+from .layers import PerTask, TaskParameter, WeightOf, _TaskModule
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
           nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)

@@ -14,7 +14,8 @@ import torch
 
 from ..context import DENSE, OFF, MaskPolicy
 from ..data import Task
-from ..layers import FREE, MaskedLayer
+from ..banks import MaskedLayer
+from ..layers import FREE
 from ..learner import TaskRecord
 from ..training import Timer
 from .base import NetMethod
