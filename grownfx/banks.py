@@ -20,7 +20,7 @@ from torch import nn
 from . import masks as M
 from .context import ATT, DENSE, OFF, SEL
 from .layers import FREE, TaskParameter, _TaskModule
-from .surgery import random_fill, remap
+from .surgery import random_fill, remap, set_conv_width, set_linear_width
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import TaskContext
@@ -330,14 +330,7 @@ class MaskedConv(MaskedLayer):
         return self._fn(x, w, self.effective_bias(), self.stride, self.padding, self.dilation, groups)
 
     def _update_shape_attrs(self, role: str, n: int) -> None:
-        if role == "in":
-            self.in_channels = n
-        elif role == "out":
-            self.out_channels = n
-        else:
-            per_group = self.in_channels // self.groups
-            self.in_channels = self.out_channels = n
-            self.groups = n // per_group
+        set_conv_width(self, role, n)
 
     def to_plain(self, task: int) -> nn.Module:
         w = export_weight(self, task)
@@ -359,10 +352,7 @@ class MaskedLinear(MaskedLayer):
         return F.linear(x, self.effective_weight(), self.effective_bias())
 
     def _update_shape_attrs(self, role: str, n: int) -> None:
-        if role == "in":
-            self.in_features = n
-        else:
-            self.out_features = n
+        set_linear_width(self, role, n)
 
     def to_plain(self, task: int) -> nn.Module:
         w = export_weight(self, task)

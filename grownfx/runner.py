@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import yaml
 
 from . import __version__
 from . import checkpoint as ckpt
@@ -34,6 +33,7 @@ from .learner import LearnerPosition, TaskRecord
 from .methods import make_method
 from .methods.base import example_input
 from .methods.scratch import fresh_backbone, train_plain
+from .recipes import dump_resolved, recipe_diff
 
 # recipe fields that may differ when resuming (they do not change what is learned)
 RESUME_FREE = ("output.", "training.checkpoint_every", "training.num_threads", "device", "description")
@@ -137,7 +137,7 @@ def _prepare_out(out: Path, recipe: Recipe, resume: bool, last: Path) -> Optiona
     if last.exists():
         raise RunError(f"{out} already holds a run; continue it with --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False) + "\n" + _provenance()
+    text = dump_resolved(recipe) + "\n" + _provenance()
     ckpt.atomic_write_text(text, out / "config.resolved.yaml")
     (out / "metrics.jsonl").write_text("")
     return None
@@ -145,19 +145,10 @@ def _prepare_out(out: Path, recipe: Recipe, resume: bool, last: Path) -> Optiona
 
 def _check_compatible(saved: dict, recipe: Recipe) -> None:
     now = recipe.model_dump(mode="json")
-    diffs = [p for p in _diff_paths(saved, now) if not p.startswith(RESUME_FREE)]
+    diffs = [p for p in recipe_diff(saved, now) if not p.startswith(RESUME_FREE)]
     if diffs:
         raise RunError("cannot resume with a different recipe; these fields differ from the checkpoint: "
                        + ", ".join(diffs))
-
-
-def _diff_paths(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff_paths(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _provenance() -> str:

@@ -113,21 +113,31 @@ def resize_plain(module: nn.Module, role: str, src: torch.Tensor, generator: tor
         raise TypeError(f"cannot resize a {type(module).__name__}")
 
 
+def set_conv_width(conv, role: str, n: int) -> None:
+    """A conv's in/out channels (and groups, for a grouped conv whose in and out are one group) after a resize;
+    also used by the task-aware MaskedConv, which carries the same attributes."""
+    if role == "in":
+        conv.in_channels = n
+    elif role == "out":
+        conv.out_channels = n
+    else:
+        per_group = conv.in_channels // conv.groups
+        conv.in_channels = conv.out_channels = n
+        conv.groups = n // per_group
+
+
+def set_linear_width(linear, role: str, n: int) -> None:
+    if role == "in":
+        linear.in_features = n
+    else:
+        linear.out_features = n
+
+
 def _update_attrs(module: nn.Module, role: str, n: int) -> None:
     if isinstance(module, _CONV):
-        if role == "in":
-            module.in_channels = n
-        elif role == "out":
-            module.out_channels = n
-        else:
-            per_group = module.in_channels // module.groups
-            module.in_channels = module.out_channels = n
-            module.groups = n // per_group
+        set_conv_width(module, role, n)
     elif isinstance(module, nn.Linear):
-        if role == "in":
-            module.in_features = n
-        else:
-            module.out_features = n
+        set_linear_width(module, role, n)
     elif isinstance(module, nn.GroupNorm):
         per_group = module.num_channels // module.num_groups
         module.num_channels, module.num_groups = n, n // per_group

@@ -96,10 +96,6 @@ def norm_dim(d: int, ndim: int) -> int:
 class LayoutOps:
     """Layout rules for ops that move, split or merge axes; mixed into CouplingAnalysis."""
 
-    def passthrough_with_params(self, node: fx.Node, x: TVal) -> TVal:
-        """Ops like layer_norm(x, shape, weight, bias): parameters bind to the last axis."""
-        return TVal(x.axes, tensor_shape(node) or x.shape)
-
     def elementwise(self, node: fx.Node) -> Any:
         out_shape = tensor_shape(node)
         if out_shape is None:

@@ -305,7 +305,7 @@ class CouplingAnalysis(LayoutOps):
             for ax in range(len(x.shape) - k, len(x.shape)):
                 if x.axes[ax]:
                     self.fix(x.axes[ax], f"layer_norm at '{node.name}' normalises across channels")
-            return self.passthrough_with_params(node, x)
+            return TVal(x.axes, tensor_shape(node) or x.shape)
         raise Opaque(f"'{name}' at node '{node.name}' is not in the coupling registry")
 
     # -- result -------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Callable, Optional
 
 import torch
@@ -11,7 +10,7 @@ from .. import checkpoint as ckpt
 from ..config import GrownMethod as GrownMethodConfig
 from ..config import Recipe
 from ..data import Task, TaskData, TaskStream
-from ..learner import GrownLearner, LearnerPosition, TaskRecord
+from ..learner import GrownLearner, TaskRecord
 from ..models import build_backbone
 from ..net import GrowableNet, prepare
 from .base import example_input
@@ -74,11 +73,3 @@ class GrownContinual:
         device = self.learner.device
         ckpt.restore_net(self.net.cpu(), state["structure"], state["weights"])
         self.net.to(device)
-
-    @staticmethod
-    def position_from(d: dict) -> LearnerPosition:
-        return LearnerPosition(**d)
-
-    @staticmethod
-    def position_to(p: LearnerPosition) -> dict:
-        return asdict(p)
