@@ -315,8 +315,8 @@ def learn_task(net, num_classes: int, steps: int, batch: int, input_shape: tuple
     task starts with a learnable sparse growth round (GROWN's task 1); the gates are annealed like the learner's
     (beta 1 -> 200 over the steps, hard on the last step) and settled when the task is frozen.
     """
-    from grownfx import masks as M
-    from grownfx.banks import MaskedLayer
+    from grownfx.engine import masks as M
+    from grownfx.engine.banks import MaskedLayer
 
     t = net.add_task(num_classes)
     grew = lsg_grow(net) if grow else {}
@@ -341,7 +341,7 @@ def learn_task(net, num_classes: int, steps: int, batch: int, input_shape: tuple
     sel_zero = net.unit_stats()["selective_zero_frac"]
     net.freeze_task(t)  # settles the gates at the last beta, as the learner does
     net.ctx.beta = 1.0
-    from grownfx.masks import unpack_bits
+    from grownfx.engine.masks import unpack_bits
 
     dropped = total = 0
     for m in net.modules():
@@ -372,7 +372,7 @@ def plain_of_learning_task(net) -> nn.Module:
     """The plain model of the width the learning task computes with: its export, every channel kept, trainable.
 
     Standard torch.nn layers in the backbone's own fx graph; at task 1 with no growth it is exactly the
-    backbone sliced to the seed width (`grownfx.net.slim`).
+    backbone sliced to the seed width (`grownfx.engine.net.slim`).
     """
     t = net.learning_task
     plain = net.export(t, prune_unused=False)

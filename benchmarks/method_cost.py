@@ -3,7 +3,7 @@
 The digits stream (scikit-learn's 8x8 digits, 5 tasks of 2 classes) with small_cnn and one schedule for every
 method: the `digits_quickstart` recipe's (12 epochs per task and per growth round 6, batch 32, SGD Nesterov
 5e-2 cosine, target = scratch - 1.0 with a 12-epoch scratch reference, two growth rounds at most), run by
-`grownfx.runner.run` into a temporary folder (tensorboard off, no exports).  Each method runs `--repeats` times,
+`grownfx.run.runner.run` into a temporary folder (tensorboard off, no exports).  Each method runs `--repeats` times,
 the methods interleaved (G C S, S C G, ...); medians.
 
 Measured per method: the wall time of the whole run (what a user waits for: learning, the scratch references
@@ -44,8 +44,8 @@ def recipe_dict(method: str, quick: bool) -> dict:
 
 
 def run_once(method: str, quick: bool) -> dict:
-    from grownfx.config import Recipe
-    from grownfx.runner import run
+    from grownfx.recipe.schema import Recipe
+    from grownfx.run.runner import run
 
     recipe = Recipe.model_validate(recipe_dict(method, quick))
     with tempfile.TemporaryDirectory(prefix="grownfx_bench_") as tmp:
@@ -63,10 +63,10 @@ def run(args) -> C.Report:
     rep = C.Report("method_cost", quick=args.quick, columns=("cpu_time_ratio", "epochs_a", "epochs_b"))
     methods = ["grown", "cpg", "scratch"]
     try:
-        from grownfx.methods import make_method  # noqa: F401
-        from grownfx.methods.cpg import CPGContinual  # noqa: F401
+        from grownfx.learn.methods import make_method  # noqa: F401
+        from grownfx.learn.methods.cpg import CPGContinual  # noqa: F401
     except Exception as exc:  # noqa: BLE001
-        rep.note(f"CPG is pending (grownfx.methods.cpg unavailable: {type(exc).__name__}: {exc}); "
+        rep.note(f"CPG is pending (grownfx.learn.methods.cpg unavailable: {type(exc).__name__}: {exc}); "
                  "GROWN vs Scratch only")
         methods.remove("cpg")
     runs: dict[str, list[dict]] = {m: [] for m in methods}
@@ -104,7 +104,7 @@ def run(args) -> C.Report:
     for m, v in med.items():
         rep.add(f"{m.upper()} final average accuracy", "info", v["avg_acc"], None, "%",
                 model_size=v["model_size"], epochs_a=v["epochs"])
-    rep.note("wall time = the whole `grownfx.runner.run` (learning, scratch references for the targets, "
+    rep.note("wall time = the whole `grownfx.run.runner.run` (learning, scratch references for the targets, "
              "evaluation), cpu_time_ratio the same from the process's CPU time; learning time = the sum of the tasks' time_s; epochs_a / epochs_b = epochs of the "
              "two methods (wall-time rows add the scratch-reference epochs GROWN and CPG train for their targets).")
     return rep

@@ -22,7 +22,7 @@ import gc
 import torch
 
 import grownfx
-from grownfx.layers import PerTask, TaskParameter
+from grownfx.engine.layers import PerTask, TaskParameter
 
 from . import common as C
 

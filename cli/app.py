@@ -42,7 +42,7 @@ def main() -> None:
     try:
         app()
     except SystemExit as exc:
-        from grownfx.distributed import exit_worker, launched
+        from grownfx.learn.distributed import exit_worker, launched
 
         if launched():  # a torchrun worker: leave without C++ finalisers (gloo can abort in them)
             exit_worker(exc.code)
@@ -56,7 +56,7 @@ def _user_errors() -> tuple[type, ...]:
     """Errors that are the user's input, reported as one paragraph with exit code 2."""
     kinds: list[type] = []
     for module, name in (("grownfx.data", "DatasetError"), ("grownfx", "TraceError"), ("grownfx", "SurgeryError"),
-                         ("grownfx.runner", "RunError")):
+                         ("grownfx.run.runner", "RunError")):
         try:
             kinds.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -69,7 +69,7 @@ def guarded(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from grownfx.recipes import RecipeError
+        from grownfx.recipe.loading import RecipeError
 
         try:
             return fn(*args, **kwargs)
@@ -131,21 +131,21 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
             help="Train data-parallel in N processes on this machine (one per GPU), launched through "
                  "torch.distributed.run; the recipe's batch size is global. For several machines use torchrun.")):
     """Run a recipe: learn its tasks one after the other, writing checkpoints, metrics and exports."""
-    from grownfx import distributed
-    from grownfx.progress import progress
-    from grownfx.recipes import load_recipe
+    from grownfx.learn import distributed
+    from grownfx.report.progress import progress
+    from grownfx.recipe.loading import load_recipe
 
     rec = load_recipe(recipe, overrides or [])  # recipe errors are reported here, once, before any launch
     if nproc_per_node is not None and nproc_per_node > 1:
         if distributed.launched():
             raise typer.BadParameter("this process was already launched by torchrun; drop --nproc-per-node",
                                      param_hint="--nproc-per-node")
-        _lazy("grownfx.runner", "check_distributed")(rec, nproc_per_node)  # one clear error, before launching
+        _lazy("grownfx.run.runner", "check_distributed")(rec, nproc_per_node)  # one clear error, before launching
         argv = (["--debug"] if _state["debug"] else []) + ["run", recipe, *(overrides or [])]
         argv += (["--out", str(out)] if out is not None else []) + (["--resume"] if resume else [])
         raise typer.Exit(distributed.launch(argv, nproc_per_node))
     main_rank = distributed.env_rank() == 0  # under torchrun only rank 0 prints and shows progress
-    run_fn = _lazy("grownfx.runner", "run")
+    run_fn = _lazy("grownfx.run.runner", "run")
     with progress(0, enabled=main_rank) as bars:
         result = run_fn(rec, out_dir=out, resume=resume, progress=bars, echo=bars.log)
     if not main_rank:
@@ -166,7 +166,7 @@ def validate(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRI
              no_data_check: bool = typer.Option(False, "--no-data-check",
                                                 help="Do not check that dataset folders exist.")):
     """Check a recipe (and overrides) without running it: print a summary, or every error with its line."""
-    from grownfx.recipes import load_recipe
+    from grownfx.recipe.loading import load_recipe
 
     rec = load_recipe(recipe, overrides or [], check_data=not no_data_check)
     con = _out()
@@ -215,7 +215,7 @@ def _summary_table(rec) -> Table:
 @guarded
 def ls_():
     """List the built-in recipes with their descriptions."""
-    from grownfx.recipes import builtin_recipes_dir, list_builtin_recipes
+    from grownfx.recipe.loading import builtin_recipes_dir, list_builtin_recipes
 
     table = Table(title=f"built-in recipes ({escape(str(builtin_recipes_dir()))})")
     table.add_column("name", style="bold")
@@ -231,7 +231,7 @@ def cp_(name: str = typer.Argument(..., help="A built-in recipe name (see `grown
         dest: Path = typer.Argument(..., help="Destination file, or a folder to copy it into."),
         force: bool = typer.Option(False, "--force", help="Overwrite an existing file.")):
     """Copy a built-in recipe to edit it."""
-    from grownfx.recipes import RecipeError, builtin_recipes_dir, list_builtin_recipes
+    from grownfx.recipe.loading import RecipeError, builtin_recipes_dir, list_builtin_recipes
 
     src = builtin_recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
     if not src.is_file():
@@ -256,7 +256,7 @@ def inspect(target: str = typer.Argument(..., help="A recipe (file or built-in n
                                                       "from the recipe's data, or 3,224,224)."),
             json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the data as JSON here.")):
     """Show how grownfx sees a backbone: coupling groups (what grows together), growth sites, parameters."""
-    from cli.inspect_model import inspect_data, render
+    from grownfx.cli.inspect_model import inspect_data, render
 
     shape = _parse_shape(input_shape) if input_shape else None
     data = inspect_data(target, seed_width=seed_width, input_shape=shape)
@@ -289,7 +289,7 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
     """Export the subnetwork of one task as a standalone model (torch.export, ONNX or TorchScript)."""
     if fmt not in ("pt2", "onnx", "torchscript"):
         raise typer.BadParameter(f"format must be pt2, onnx or torchscript, got {fmt!r}", param_hint="--format")
-    result = _lazy("grownfx.export_formats", "export_run")(run_dir, task, fmt, verify)
+    result = _lazy("grownfx.run.export", "export_run")(run_dir, task, fmt, verify)
     _out().print(f"exported task {task} as {fmt}: {escape(str(result))}")
 
 
@@ -302,9 +302,9 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder w
                      "(no compare.json)[/]")
         raise typer.Exit(_EXIT_USER)
     if (run_dir / "compare.json").is_file():
-        where = _lazy("grownfx.compare_report", "write_compare_report")(run_dir)
+        where = _lazy("grownfx.report.compare_report", "write_compare_report")(run_dir)
     else:
-        from grownfx.report import write_report
+        from grownfx.report.run_report import write_report
 
         where = write_report(run_dir)
     folder = Path(where)
@@ -325,7 +325,7 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
     Methods: scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown, and the GROWN ablation rows
     grown[grow_only], grown[+selective_mask], grown[+lsg], grown[+retrain_released]; every variant is
     validated before any training starts."""
-    from grownfx.recipes import load_recipe
+    from grownfx.recipe.loading import load_recipe
 
     rec = load_recipe(recipe, overrides or [])
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -333,14 +333,14 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise typer.BadParameter(f"seeds must be integers, got {seeds!r}", param_hint="--seeds") from None
-    from grownfx.config import parse_method_spec
+    from grownfx.recipe.schema import parse_method_spec
 
     for m in method_list:  # a typo fails here, not after hours of training
         try:
             parse_method_spec(m)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--methods") from None
-    result = _lazy("grownfx.compare", "run_compare")(rec, methods=method_list, seeds=seed_list, out_dir=out)
+    result = _lazy("grownfx.run.compare", "run_compare")(rec, methods=method_list, seeds=seed_list, out_dir=out)
     _out().print(f"[green]done[/]: {escape(str(result))}")
 
 

@@ -13,7 +13,7 @@ _DEFAULT_SHAPE = (3, 224, 224)
 
 
 def is_recipe(target: str) -> bool:
-    from grownfx.recipes import list_builtin_recipes
+    from grownfx.recipe.loading import list_builtin_recipes
 
     return Path(target).is_file() or target.endswith((".yaml", ".yml")) or target in list_builtin_recipes()
 
@@ -24,11 +24,11 @@ def inspect_data(target: str, seed_width: Optional[float] = None,
     import torch
 
     import grownfx
-    from grownfx.config import GrowthConfig, ModelConfig
+    from grownfx.recipe.schema import GrowthConfig, ModelConfig
 
     notes = []
     if is_recipe(target):
-        from grownfx.recipes import load_recipe
+        from grownfx.recipe.loading import load_recipe
 
         recipe = load_recipe(target, check_data=False)
         model_cfg, sites, data = recipe.model, recipe.growth.sites, recipe.data
@@ -65,7 +65,7 @@ def build_model(builder: str, num_classes: int, kwargs: dict):
     try:
         from grownfx.models import build_backbone
     except ImportError:
-        from grownfx.recipes import resolve_builder
+        from grownfx.recipe.loading import resolve_builder
 
         return resolve_builder(builder)(num_classes=num_classes, **kwargs)
     return build_backbone(builder, num_classes, kwargs)

@@ -3,12 +3,12 @@
 Pipeline, one module each: tracing -> coupling -> surgery/rewrite -> layers/masks -> learner -> export.
 """
 
-from .context import MaskPolicy
-from .coupling import CouplingGroup, analyze
-from .net import GrowableNet, SurgeryError, count_parameters, prepare
-from .tracing import TraceError, trace
+from grownfx.engine.context import MaskPolicy
+from grownfx.engine.coupling import CouplingGroup, analyze
+from grownfx.engine.net import GrowableNet, SurgeryError, count_parameters, prepare
+from grownfx.engine.tracing import TraceError, trace
 
-__version__ = "0.1.0"
+from grownfx.version import __version__
 
 __all__ = [
     "CouplingGroup", "GrowableNet", "MaskPolicy", "SurgeryError", "TraceError", "analyze", "count_parameters",

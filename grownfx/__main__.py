@@ -1,6 +1,6 @@
-"""`python -m grownfx ...` runs the command line (cli.app)."""
+"""`python -m grownfx ...` runs the command line (grownfx.cli.app)."""
 
-from cli.app import main
+from grownfx.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -1,1 +1,1 @@
-"""Built-in recipes, installed as the package data `grownfx.builtin_recipes` (see grownfx.recipes)."""
+"""Built-in recipes, installed as the package data `grownfx.builtin_recipes` (see grownfx.recipe.loading)."""

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 import grownfx
-from grownfx.net import seed_channels
+from grownfx.engine.net import seed_channels
 
 
 def build(name: str, num_classes: int = 10):

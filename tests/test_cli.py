@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
-from grownfx.progress import Progress, progress
-from grownfx.recipes import builtin_recipes_dir
+from grownfx.cli.app import app
+from grownfx.report.progress import Progress, progress
+from grownfx.recipe.loading import builtin_recipes_dir
 
 COMMANDS = ["run", "validate", "ls", "cp", "inspect", "export", "report", "compare"]
 
@@ -129,7 +129,7 @@ def test_run_calls_the_runner(monkeypatch, tmp_path):
         echo("task 1: done")
         return types.SimpleNamespace(out_dir=out_dir, summary={"avg_acc": 97.5})
 
-    fake_module(monkeypatch, "grownfx.runner", run=run)
+    fake_module(monkeypatch, "grownfx.run.runner", run=run)
     result = invoke("run", "digits_quickstart", "training.epochs=2", "--out", str(tmp_path / "r"), "--resume")
     assert result.exit_code == 0, result.output
     assert calls["recipe"].training.epochs == 2 and calls["out_dir"] == tmp_path / "r" and calls["resume"]
@@ -138,7 +138,7 @@ def test_run_calls_the_runner(monkeypatch, tmp_path):
 
 def test_export_report_compare_call_through(monkeypatch, tmp_path):
     seen = {}
-    fake_module(monkeypatch, "grownfx.export_formats",
+    fake_module(monkeypatch, "grownfx.run.export",
                 export_run=lambda run_dir, task, fmt, verify: seen.update(export=(run_dir, task, fmt, verify)) or
                 tmp_path / "model.onnx")
     result = invoke("export", str(tmp_path), "--task", "1", "--format", "onnx", "--verify")
@@ -146,7 +146,7 @@ def test_export_report_compare_call_through(monkeypatch, tmp_path):
     assert invoke("export", str(tmp_path), "--task", "1", "--format", "tflite").exit_code == 2
 
     (tmp_path / "compare.json").write_text("{}")
-    fake_module(monkeypatch, "grownfx.compare_report",
+    fake_module(monkeypatch, "grownfx.report.compare_report",
                 write_compare_report=lambda d: seen.update(compare_report=d) or d / "report")
     assert invoke("report", str(tmp_path)).exit_code == 0 and seen["compare_report"] == tmp_path
 
@@ -154,7 +154,7 @@ def test_export_report_compare_call_through(monkeypatch, tmp_path):
         seen["compare"] = (recipe.training.epochs, methods, seeds)
         return tmp_path
 
-    fake_module(monkeypatch, "grownfx.compare", run_compare=run_compare)
+    fake_module(monkeypatch, "grownfx.run.compare", run_compare=run_compare)
     result = invoke("compare", "digits_quickstart", "--methods", "grown,scratch", "--seeds", "0,1",
                     "training.epochs=1")
     assert result.exit_code == 0, result.output
@@ -165,9 +165,9 @@ def test_export_report_compare_call_through(monkeypatch, tmp_path):
 
 def test_missing_lead_module_is_reported(monkeypatch, tmp_path):
     (tmp_path / "compare.json").write_text("{}")
-    monkeypatch.setitem(sys.modules, "grownfx.compare_report", None)  # import fails
+    monkeypatch.setitem(sys.modules, "grownfx.report.compare_report", None)  # import fails
     result = invoke("report", str(tmp_path))
-    assert result.exit_code == 1 and "grownfx.compare_report" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "grownfx.report.compare_report" in result.output and "Traceback" not in result.output
 
 
 def test_report_on_a_run_folder(tmp_path):
@@ -195,7 +195,7 @@ def _raising(exc):
 def test_exit_codes(monkeypatch, tmp_path, exc, code, text):
     from tests.test_report import make_run
 
-    monkeypatch.setattr("grownfx.report.write_report", _raising(exc))
+    monkeypatch.setattr("grownfx.report.run_report.write_report", _raising(exc))
     result = invoke("report", str(make_run(tmp_path / "run")))
     assert result.exit_code == code and text in result.output and "Traceback" not in result.output
 
@@ -207,11 +207,11 @@ def test_user_errors_exit_2_and_debug_shows_tracebacks(monkeypatch, tmp_path):
 
     run = str(make_run(tmp_path / "run"))
     for exc in (DatasetError("no files here"), TraceError("cannot trace"), SurgeryError("cannot cut")):
-        monkeypatch.setattr("grownfx.report.write_report", _raising(exc))
+        monkeypatch.setattr("grownfx.report.run_report.write_report", _raising(exc))
         result = invoke("report", run)
         assert result.exit_code == 2 and f"{type(exc).__name__}: {exc}" in result.output
         assert "Traceback" not in result.output
-    monkeypatch.setattr("grownfx.report.write_report", _raising(RuntimeError("boom")))
+    monkeypatch.setattr("grownfx.report.run_report.write_report", _raising(RuntimeError("boom")))
     result = invoke("--debug", "report", run)
     assert result.exit_code == 1 and "Traceback" in result.output and "RuntimeError: boom" in result.output
 

@@ -6,9 +6,9 @@ import json
 import pytest
 import yaml
 
-from grownfx.compare import method_config, run_compare, slug
-from grownfx.compare_report import PAPER, compare_tables, load_compare, write_compare_report
-from grownfx.config import Recipe
+from grownfx.run.compare import method_config, run_compare, slug
+from grownfx.report.compare_report import PAPER, compare_tables, load_compare, write_compare_report
+from grownfx.recipe.schema import Recipe
 
 METHODS = ["finetune", "grown[grow_only]", "grown[+selective_mask]", "scratch"]
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import grownfx
-from grownfx.coupling import analyze
-from grownfx.tracing import trace
+from grownfx.engine.coupling import analyze
+from grownfx.engine.tracing import trace
 
 
 def groups_of(model, x):

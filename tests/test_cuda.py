@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import grownfx
-from grownfx.config import GrowthConfig, MasksConfig, OptimConfig, Recipe, TrainingConfig
+from grownfx.recipe.schema import GrowthConfig, MasksConfig, OptimConfig, Recipe, TrainingConfig
 from grownfx.data import build_stream
-from grownfx.learner import GrownLearner
+from grownfx.learn.learner import GrownLearner
 from grownfx.models import build_backbone
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -100,7 +100,7 @@ def test_fused_mask_compile_matches_eager_on_cuda():
 
 
 def test_runner_on_cuda_with_amp(tmp_path):
-    from grownfx.runner import run
+    from grownfx.run.runner import run
 
     r = Recipe.model_validate({
         "name": "cuda", "device": "cuda", "model": {"builder": "small_cnn"}, "data": {"name": "digits"},

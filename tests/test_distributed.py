@@ -1,4 +1,4 @@
-"""Data-parallel GROWN (grownfx.distributed): 2 CPU processes with gloo, launched through torch.distributed.run.
+"""Data-parallel GROWN (grownfx.learn.distributed): 2 CPU processes with gloo, launched through torch.distributed.run.
 
 Tolerance of the 1-process vs 2-process comparison.  The 2-rank run computes the same mathematics as one process
 on the global batch: the ranks' batches at each step are exactly the single-process batch (strided split of the
@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from grownfx.config import Recipe
-from grownfx.distributed import Dist, StridedShardLoader
-from grownfx.runner import RunError, check_distributed, run
+from grownfx.recipe.schema import Recipe
+from grownfx.learn.distributed import Dist, StridedShardLoader
+from grownfx.run.runner import RunError, check_distributed, run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_TOL, AVG_TOL, LOSS_RTOL = 5.0, 2.0, 1e-4
@@ -36,10 +36,10 @@ WORKER = r'''
 import json, os, sys, weakref
 from pathlib import Path
 import torch
-import grownfx.methods.grown as grown
-from grownfx.config import Recipe
-from grownfx.distributed import DivergenceError, exit_worker, setup
-from grownfx.runner import run
+import grownfx.learn.methods.grown as grown
+from grownfx.recipe.schema import Recipe
+from grownfx.learn.distributed import DivergenceError, exit_worker, setup
+from grownfx.run.runner import run
 
 made = []
 init = grown.GrownContinual.__init__

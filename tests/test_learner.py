@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import grownfx
-from grownfx.config import GrowthConfig, MasksConfig, OptimConfig, TrainingConfig
-from grownfx.context import ATT, DENSE, OFF, SEL
+from grownfx.recipe.schema import GrowthConfig, MasksConfig, OptimConfig, TrainingConfig
+from grownfx.engine.context import ATT, DENSE, OFF, SEL
 from grownfx.data import build_stream
-from grownfx.learner import GrownLearner
+from grownfx.learn.learner import GrownLearner
 from grownfx.models import build_backbone
 
 STREAM = build_stream({"name": "digits"}, seed=0)
@@ -68,7 +68,7 @@ def test_ablation_switches_change_what_is_trained(ablation, expected):
     learner.learn(STREAM.tasks[0], target=0.0)
     net = learner.net
     net.add_task(2)
-    from grownfx.learner import build_policy
+    from grownfx.learn.learner import build_policy
 
     net.set_policy(build_policy(1, ablation, MasksConfig()))
     net.grow(ratio=0.25, gated=True)

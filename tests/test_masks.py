@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from grownfx import masks as M
+from grownfx.engine import masks as M
 
 
 def test_ste_mask_is_binary_forward_with_sigmoid_gradient():

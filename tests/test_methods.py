@@ -3,17 +3,18 @@
 import pytest
 import torch
 
-import grownfx.runner as runner
-from grownfx import checkpoint as ckpt
-from grownfx.config import MasksConfig, Recipe
-from grownfx.context import ATT, DENSE, OFF, SEL
+import grownfx.run.runner as runner
+from grownfx.engine import state as net_state
+from grownfx import files
+from grownfx.recipe.schema import MasksConfig, Recipe
+from grownfx.engine.context import ATT, DENSE, OFF, SEL
 from grownfx.data import Task, TaskData, TaskStream, build_stream
-from grownfx.layers import FREE
-from grownfx.learner import build_policy
-from grownfx.methods import make_method
-from grownfx.methods.cpg import cubic_levels
+from grownfx.engine.layers import FREE
+from grownfx.learn.learner import build_policy
+from grownfx.learn.methods import make_method
+from grownfx.learn.methods.cpg import cubic_levels
 from grownfx.models import build_backbone
-from grownfx.net import prepare
+from grownfx.engine.net import prepare
 
 
 def recipe(tmp_path, method: dict, tasks: int = 3, epochs: int = 2, **model_kwargs) -> Recipe:
@@ -102,9 +103,9 @@ def test_old_tasks_are_bit_identical_after_later_tasks(tmp_path, method):
     for j in range(len(stream.tasks)):  # the export computes the same function
         torch.testing.assert_close(m.export(j).eval()(x), seen[j], rtol=1e-4, atol=1e-4)
     # the runner's checkpoint round trip (weights_only load) gives back the same outputs
-    ckpt.atomic_save({"method": m.state()}, tmp_path / "last.pt")
+    files.atomic_save({"method": m.state()}, tmp_path / "last.pt")
     fresh = make_method(r, stream, torch.device("cpu"))
-    fresh.load_state(ckpt.load(tmp_path / "last.pt")["method"])
+    fresh.load_state(files.load(tmp_path / "last.pt")["method"])
     for j in range(len(stream.tasks)):
         assert torch.equal(logits_of(fresh, j, x), seen[j])
 
@@ -152,7 +153,7 @@ def test_piggyback_learns_only_masks_after_the_first_task(tmp_path):
     layers = m.net.masked_layers()
     assert all(bool((layer.owner == 0).all()) and not layer.weight.requires_grad for layer in layers)
     m.net.add_task(2)
-    from grownfx.methods.piggyback import piggyback_policy
+    from grownfx.learn.methods.piggyback import piggyback_policy
 
     m.net.set_policy(piggyback_policy())
     params = m.net.trainable_parameters()
@@ -182,7 +183,7 @@ def test_cpg_keeps_exactly_the_sparsity_it_chose_and_records_it(tmp_path):
         assert record.val_acc == levels[-1]["val_acc"]
         if hasattr(record, "extra"):
             assert record.extra["sparsity"] == s
-    assert ckpt.net_structure(m.net) and m.state()["sparsity"] == m.sparsity
+    assert net_state.net_structure(m.net) and m.state()["sparsity"] == m.sparsity
 
 
 def test_cpg_grows_when_the_target_is_missed_up_to_max_width(tmp_path):
@@ -213,7 +214,7 @@ def test_the_four_ablation_switches_train_different_parameter_sets():
     net.grow(ratio=0.5)
     signatures = set()
     for ablation in ("grow_only", "+selective_mask", "+lsg", "+retrain_released"):
-        from grownfx.config import GrownMethod
+        from grownfx.recipe.schema import GrownMethod
 
         net.set_policy(build_policy(1, GrownMethod(ablation=ablation).switches(), MasksConfig()))
         kinds = tuple(int(sum(int((layer.kind == k).sum()) for layer in net.masked_layers()))
@@ -229,7 +230,7 @@ def test_the_four_ablation_switches_train_different_parameter_sets():
 
 
 def test_every_compare_method_is_registered(tmp_path):
-    from grownfx.compare import METHODS
+    from grownfx.run.compare import METHODS
 
     stream = build_stream(recipe(tmp_path, {"name": "scratch"}).data, 0)
     for name in METHODS:

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from grownfx.recipes import load_recipe
-from grownfx.runner import run
+from grownfx.recipe.loading import load_recipe
+from grownfx.run.runner import run
 from test_data import write_cifar100, write_miniimagenet
 
 FAST = ["training.epochs=1", "training.stage2_epochs=1", "target.rule=30.0", "growth.max_rounds=1",

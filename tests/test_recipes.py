@@ -1,4 +1,4 @@
-"""grownfx.recipes: loading, overrides, located errors, built-in recipes, resolved dumps and diffs."""
+"""grownfx.recipe.loading: loading, overrides, located errors, built-in recipes, resolved dumps and diffs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grownfx.config import Recipe
-from grownfx.recipes import (RecipeError, builtin_recipes_dir, dump_resolved, list_builtin_recipes, load_recipe,
+from grownfx.recipe.schema import Recipe
+from grownfx.recipe.loading import (RecipeError, builtin_recipes_dir, dump_resolved, list_builtin_recipes, load_recipe,
                              recipe_diff, resolve_recipe_path, validate_recipe)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -447,9 +447,12 @@ def test_pyproject_lists_every_package():
     tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
-    on_disk = {".".join(p.parent.relative_to(REPO).parts) for top in ("grownfx", "cli")
-               for p in (REPO / top).rglob("__init__.py")}
+    # cli/ installs as grownfx.cli (package-dir), so it is listed under that name
+    on_disk = {".".join(p.parent.relative_to(REPO).parts).replace("cli", "grownfx.cli", top == "cli")
+               for top in ("grownfx", "cli") for p in (REPO / top).rglob("__init__.py")}
     assert on_disk - listed == set(), f"add to pyproject's packages: {sorted(on_disk - listed)}"
     assert config["package-dir"]["grownfx.builtin_recipes"] == "recipes"
+    assert config["package-dir"]["grownfx.cli"] == "cli", "the CLI installs inside grownfx, never as a top-level `cli`"
+    assert "cli" not in listed
     assert "*.yaml" in config["package-data"]["grownfx.builtin_recipes"]
     assert (REPO / "recipes" / "__init__.py").is_file()

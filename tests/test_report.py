@@ -1,4 +1,4 @@
-"""grownfx.report on a hand-written run folder (the format the runner writes)."""
+"""grownfx.report.run_report on a hand-written run folder (the format the runner writes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grownfx.report import load_run, report_tables, write_report
+from grownfx.report.run_report import load_run, report_tables, write_report
 
 NAMES = ["cifar100/task0", "cifar100/task1", "cifar100/task2"]
 MATRIX = [[60.0, None, None], [59.5, 52.0, None], [59.0, 51.5, 64.2]]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grownfx.config import Recipe
-from grownfx.runner import RunError, run
+from grownfx.recipe.schema import Recipe
+from grownfx.run.runner import RunError, run
 
 BASE = {
     "name": "digits_test", "seed": 0,
@@ -71,8 +71,8 @@ def test_existing_run_is_not_overwritten_and_incompatible_resume_is_refused(tmp_
 
 SCRIPT = """
 import sys
-from grownfx.config import Recipe
-from grownfx.runner import run
+from grownfx.recipe.schema import Recipe
+from grownfx.run.runner import run
 import json
 run(Recipe.model_validate(json.loads(sys.argv[1])), resume=sys.argv[2] == '1', echo=lambda m: print(m, flush=True))
 """

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import grownfx
-from grownfx.tracing import TraceError, trace
+from grownfx.engine.tracing import TraceError, trace
 
 
 class DataDependent(nn.Module):

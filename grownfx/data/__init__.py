@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .config import (
+from grownfx.data.config import (
     Cifar100SplitConfig,
     Cifar100SuperclassConfig,
     DataConfig,
@@ -21,9 +21,18 @@ from .config import (
     TorchvisionConfig,
     parse_data_config,
 )
-from .core import BatchLoader, ShardedBatchLoader, Task, TaskData, TaskDataset, TaskStream, crop_flip, hflip
-from .errors import DatasetError
-from .safe_pickle import safe_load
+from grownfx.data.core import (
+    BatchLoader,
+    ShardedBatchLoader,
+    Task,
+    TaskData,
+    TaskDataset,
+    TaskStream,
+    crop_flip,
+    hflip,
+)
+from grownfx.data.errors import DatasetError
+from grownfx.data.safe_pickle import safe_load
 
 __all__ = [
     "BatchLoader",
@@ -51,12 +60,12 @@ __all__ = [
 
 def _builders() -> dict[str, Callable[[Any, int], TaskStream]]:
     # Imported on use so that `import grownfx.data` does not pull in PIL, sklearn or torchvision datasets.
-    from .cifar import build_cifar100_split, build_cifar100_superclass
-    from .digits import build_digits
-    from .folder import build_imagefolder
-    from .miniimagenet import build_miniimagenet
-    from .synthetic import build_synthetic
-    from .tvision import build_torchvision
+    from grownfx.data.cifar import build_cifar100_split, build_cifar100_superclass
+    from grownfx.data.digits import build_digits
+    from grownfx.data.folder import build_imagefolder
+    from grownfx.data.miniimagenet import build_miniimagenet
+    from grownfx.data.synthetic import build_synthetic
+    from grownfx.data.tvision import build_torchvision
 
     return {
         "cifar100_split": build_cifar100_split,

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import CIFAR100_HOWTO, Cifar100SplitConfig, Cifar100SuperclassConfig
-from .core import TaskStream
-from .errors import DatasetError, abspath, missing_files_error
-from .safe_pickle import safe_load
-from .splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.config import CIFAR100_HOWTO, Cifar100SplitConfig, Cifar100SuperclassConfig
+from grownfx.data.core import TaskStream
+from grownfx.data.errors import DatasetError, abspath, missing_files_error
+from grownfx.data.safe_pickle import safe_load
+from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
 
 __all__ = [
     "CIFAR100_MEAN",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import DigitsConfig
-from .core import TaskStream
-from .splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.config import DigitsConfig
+from grownfx.data.core import TaskStream
+from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
 
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "build_digits"]
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import ImageFolderConfig
-from .core import TaskStream
-from .errors import DatasetError, abspath, describe_dir
-from .splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.config import ImageFolderConfig
+from grownfx.data.core import TaskStream
+from grownfx.data.errors import DatasetError, abspath, describe_dir
+from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
 
 __all__ = ["IMG_EXTENSIONS", "build_imagefolder", "read_images", "scan_class_folders"]
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import MINIIMAGENET_HOWTO, MiniImageNetConfig
-from .core import TaskStream
-from .errors import DatasetError, abspath, missing_files_error
-from .folder import files_digest, read_images, scan_class_folders
-from .safe_pickle import safe_load
-from .splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.config import MINIIMAGENET_HOWTO, MiniImageNetConfig
+from grownfx.data.core import TaskStream
+from grownfx.data.errors import DatasetError, abspath, missing_files_error
+from grownfx.data.folder import files_digest, read_images, scan_class_folders
+from grownfx.data.safe_pickle import safe_load
+from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PICKLES", "build_miniimagenet", "load_miniimagenet"]
 

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import DatasetError, abspath
+from grownfx.data.errors import DatasetError, abspath
 
 __all__ = ["safe_load", "RestrictedUnpickler"]
 

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .core import Task, TaskData, TaskStream
-from .errors import DatasetError
+from grownfx.data.core import Task, TaskData, TaskStream
+from grownfx.data.errors import DatasetError
 
 __all__ = ["Holdout", "Pool", "assemble", "channel_stats", "class_order", "group_classes"]
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SyntheticConfig
-from .core import TaskStream
-from .splits import Pool, assemble
+from grownfx.data.config import SyntheticConfig
+from grownfx.data.core import TaskStream
+from grownfx.data.splits import Pool, assemble
 
 __all__ = ["build_synthetic", "make_patterns"]
 

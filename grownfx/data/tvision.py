@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import TorchvisionConfig
-from .core import TaskStream
-from .errors import DatasetError, abspath, describe_dir
-from .splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.config import TorchvisionConfig
+from grownfx.data.core import TaskStream
+from grownfx.data.errors import DatasetError, abspath, describe_dir
+from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
 
 __all__ = ["KNOWN_STATS", "build_torchvision", "dataset_arrays"]
 

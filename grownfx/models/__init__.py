@@ -7,8 +7,8 @@ from typing import Callable
 
 from torch import nn
 
-from .lenet import LeNet5, lenet5
-from .small_cnn import SmallCNN, small_cnn
+from grownfx.models.lenet import LeNet5, lenet5
+from grownfx.models.small_cnn import SmallCNN, small_cnn
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {"lenet5": lenet5, "small_cnn": small_cnn}
 

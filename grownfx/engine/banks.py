@@ -1,0 +1,442 @@
+"""Step 4 (part 2): masked weight banks, the layers that share weights across tasks.
+
+* `MaskedConv` / `MaskedLinear`: one weight bank shared by all tasks.  Each mask unit (a kernel of a conv, an
+  element of a linear) has an owner: the task that trained it, or FREE.  A finished task keeps a bit-packed
+  mask over the units it could see; it computes with `where(mask, frozen_values, 0)` restricted to the
+  channels that existed for it, so its computation never changes.  The task being learned computes with
+  `where(trainable, weight, frozen) * unit_mask * channel_gate`.
+* `TaskMultiheadAttention`: `nn.MultiheadAttention` over masked projection banks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grownfx.engine import masks as M
+from grownfx.engine.context import ATT, DENSE, OFF, SEL
+from grownfx.engine.layers import FREE, TaskParameter, _TaskModule
+from grownfx.engine.surgery import random_fill, remap, set_conv_width, set_linear_width
+
+if TYPE_CHECKING:  # pragma: no cover
+    from grownfx.engine.context import TaskContext
+
+
+class MaskedLayer(_TaskModule):
+    """Weight bank with per-unit ownership and per-task bit-packed masks (see module docstring)."""
+
+    def __init__(self, src: nn.Module, ctx: "TaskContext", target: str, granularity: str = "kernel"):
+        super().__init__()
+        self._attach(ctx, target)
+        self.granularity = granularity
+        self.weight = nn.Parameter(src.weight.detach().clone())
+        self.register_buffer("frozen", torch.zeros_like(self.weight.detach()))
+        self.register_buffer("owner", torch.full(self._unit_shape(self.weight.shape), FREE, dtype=torch.int16))
+        self.bias_bank = TaskParameter(src.bias.detach(), ctx, target + ".bias") if src.bias is not None else None
+        self.mask_shapes: dict[int, tuple[int, int]] = {}
+        self.score: nn.Parameter | None = None
+        self.register_buffer("kind", None)
+        self._plan: _MaskPlan | None = None
+        self._cache: tuple | None = None
+        self._frozen_cache: tuple | None = None
+
+    # -- shapes ---------------------------------------------------------------------------------------------
+    def _unit_shape(self, wshape) -> tuple:
+        return tuple(wshape) if self.granularity == "element" else tuple(wshape[:2])
+
+    def _expand(self, unit: torch.Tensor) -> torch.Tensor:
+        return unit.view(unit.shape + (1,) * (self.weight.dim() - unit.dim()))
+
+    @property
+    def unit_size(self) -> int:
+        return 1 if self.granularity == "element" else math.prod(self.weight.shape[2:])
+
+    def in_role(self) -> str:
+        return "grouped" if getattr(self, "groups", 1) > 1 else "in"
+
+    # -- the weight a task computes with --------------------------------------------------------------------
+    def effective_weight(self) -> torch.Tensor:
+        task = self.ctx.require_task()
+        if self.ctx.is_learning(task):
+            return self._learning_weight()
+        return self._finished_weight(task)
+
+    def effective_bias(self) -> torch.Tensor | None:
+        if self.bias_bank is None:
+            return None
+        return self.bias_bank.copies[self.ctx.require_task()]
+
+    def _learning_weight(self) -> torch.Tensor:
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable:
+            key = self._version_key()
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+        w = self.weight
+        if self.kind is not None:
+            plan = self._mask_plan()
+            if self.ctx.fuse_masks and self.training and plan.masked and self.score is not None:
+                w = _fused_weight()(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
+                                    plan.active, plan.scale, plan.threshold, plan.noise, w.dim() - self.score.dim())
+            else:
+                if plan.none_trainable:
+                    w = self.frozen
+                elif plan.trainable is not None:
+                    w = torch.where(plan.trainable, w, self.frozen)
+                mult = self._unit_multiplier(plan)
+                if mult is not None:
+                    w = w * self._expand(mult)
+        gate = self.ctx.gate_vector(self.target, "in", self.training) if self.in_role() == "in" else None
+        if gate is not None:
+            w = w * gate.view((1, -1) + (1,) * (w.dim() - 2))
+        if cacheable:
+            # detached like a finished task's weight: some kernels (attention) pick their path by requires_grad
+            w = w.detach()
+            self._cache = (key, w)
+        return w
+
+    def _version_key(self) -> tuple:
+        parts = [self.ctx.version, self.weight._version, id(self.weight), self.weight.device, self.ctx.temperature]
+        if self.score is not None:
+            parts += [self.score._version, id(self.score)]
+        parts += self.ctx.gate_versions()
+        return tuple(parts)
+
+    def _mask_plan(self) -> "_MaskPlan":
+        """Per-unit constants of the learning task's masks, rebuilt only when kinds or the temperature change."""
+        key = (self.weight.device, self.ctx.temperature, id(self.ctx.policy))
+        if self._plan is None or self._plan.key != key:
+            self._plan = _MaskPlan.build(self, key)
+        return self._plan
+
+    def _unit_multiplier(self, plan: "_MaskPlan") -> torch.Tensor | None:
+        """const (1 for dense units) + a straight-through binary mask on units with a learned mask; selective
+        (Gumbel-Sigmoid: scale beta/T, noise 1/T) and attentive (threshold: no noise) units in one call."""
+        if not plan.masked or self.score is None:
+            return plan.const
+        st = M.binary_concrete(self.score, plan.scale, plan.threshold, plan.noise, self.training)
+        if plan.active is None:  # every unit carries a learned mask
+            return st
+        return st * plan.active if plan.const is None else torch.addcmul(plan.const, st, plan.active)
+
+    def _finished_weight(self, task: int) -> torch.Tensor:
+        key = (task, self.frozen.device, self.frozen.dtype, self.frozen._version)
+        if self._frozen_cache is not None and self._frozen_cache[0] == key:
+            return self._frozen_cache[1]
+        w = self.frozen
+        out_idx = self.ctx.visible(self.target, "grouped" if self.in_role() == "grouped" else "out", task)
+        if out_idx is not None:
+            w = w.index_select(0, out_idx.to(w.device))
+        if self.in_role() == "in":
+            in_idx = self.ctx.visible(self.target, "in", task)
+            if in_idx is not None:
+                w = w.index_select(1, in_idx.to(w.device))
+        mask = M.unpack_bits(getattr(self, f"mask_{task}"), self._unit_shape(w.shape)).to(w.device)
+        w = torch.where(self._expand(mask), w, torch.zeros((), dtype=w.dtype, device=w.device))
+        self._frozen_cache = (key, w)
+        return w
+
+    # -- task lifecycle -------------------------------------------------------------------------------------
+    def configure(self, task: int) -> None:
+        """Assign unit kinds for the task being learned from ownership, channel births and the policy."""
+        pol = self.ctx.policy
+        owned = self.owner != FREE
+        kind = torch.where(owned, torch.tensor(pol.frozen_kind), torch.where(
+            self.grown_units(task), torch.tensor(pol.grown_kind), torch.tensor(pol.released_kind)))
+        self.kind = kind.to(torch.int8).to(self.owner.device)
+        old = self.score
+        sel_init = pol.selective_ste.init if pol.selective_kind == "ste" else pol.selective.init
+        fresh = torch.where(kind == SEL, sel_init, pol.attentive_init).to(self.weight.dtype)
+        if old is not None and old.shape == fresh.shape:
+            fresh = old.detach()  # keep what stage 1 learned
+        needs = bool(((kind == SEL) | (kind == ATT)).any())
+        self.score = nn.Parameter(fresh.to(self.weight.device)) if needs else None
+        self._cache = self._plan = None
+        self._mask_plan()  # built now, outside any compiled region
+
+    def grown_units(self, task: int) -> torch.Tensor:
+        """Bool per unit: its output or input channel was born for `task` (a grown unit, not an old one)."""
+        new_out = self.ctx.born(self.target, "grouped" if self.in_role() == "grouped" else "out", task)
+        new = new_out[:, None] if new_out is not None else torch.zeros(self.owner.shape[:1] + (1,), dtype=torch.bool)
+        if self.in_role() == "in":
+            new_in = self.ctx.born(self.target, "in", task)
+            if new_in is not None:
+                new = new | new_in[None, :]
+        new = new.to(self.owner.device)
+        if self.granularity == "element":
+            new = self._expand(new)
+        return new.expand(self.owner.shape)
+
+    def set_kind(self, units: torch.Tensor, kind: int) -> None:
+        """Override the kind of some units of the learning task (e.g. PackNet/CPG prune units with OFF)."""
+        if self.kind is None:
+            raise RuntimeError(f"'{self.target}' has no task being learned")
+        self.kind[units.to(self.kind.device)] = kind
+        self._cache = self._plan = None
+        self._mask_plan()
+
+    def used_units(self) -> torch.Tensor:
+        """Units the task being learned uses, as its final hard mask (no noise)."""
+        was = self.training
+        self.training = False
+        with torch.no_grad():
+            mult = self._unit_multiplier(self._mask_plan()) if self.kind is not None else None
+        self.training = was
+        if mult is None:
+            return torch.ones(self.owner.shape, dtype=torch.bool, device=self.owner.device)
+        return mult > 0
+
+    def freeze(self, task: int) -> None:
+        used = self.used_units()
+        trainable = (self.owner == FREE) & (self.kind != OFF if self.kind is not None else True)
+        with torch.no_grad():
+            self.frozen.copy_(torch.where(self._expand(trainable), self.weight, self.frozen))
+        self.owner[trainable & used] = task
+        self.register_buffer(f"mask_{task}", M.pack_bits(used))
+        self.mask_shapes[task] = tuple(used.shape)
+        self.score, self.kind, self._plan = None, None, None
+        self.weight.requires_grad_(bool((self.owner == FREE).any()))
+        self.weight.grad = None  # the next task's optimiser starts from nothing; no stale gradient memory
+        self._cache = self._frozen_cache = None
+
+    def mask_bytes(self, task: int) -> int:
+        return getattr(self, f"mask_{task}").numel()
+
+    def used_count(self, task: int) -> int:
+        """Weights task `task` computes with (units selected by its mask times the unit size)."""
+        if self.ctx.is_learning(task):
+            return int(self.used_units().sum()) * self.unit_size
+        mask = getattr(self, f"mask_{task}")
+        return int(M.unpack_bits(mask, self.mask_shapes[task]).sum()) * self.unit_size
+
+    # -- growth and pruning ---------------------------------------------------------------------------------
+    def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, **_) -> None:
+        w = self.weight.data
+        n = int(src.numel())
+        if role in ("out", "grouped"):
+            axis, fan_in = 0, math.prod(w.shape[1:])
+            fill = random_fill((n,) + tuple(w.shape[1:]), fan_in, generator, w)
+        else:
+            axis, fill = 1, 0.0
+        self.weight = nn.Parameter(remap(w, axis, src, fill), requires_grad=True)
+        self.frozen = remap(self.frozen, axis, src, 0.0)
+        unit_axis = axis
+        self.owner = remap(self.owner, unit_axis, src, FREE)
+        if self.kind is not None:
+            self.kind = remap(self.kind, unit_axis, src, ATT)
+        if self.score is not None:
+            self.score = nn.Parameter(remap(self.score.data, unit_axis, src, self.ctx.policy.attentive_init))
+        if self.bias_bank is not None and role in ("out", "grouped"):
+            self.bias_bank.resize_axis(role, src, birth=birth)
+        self._update_shape_attrs(role, n)
+        self._cache = self._plan = None
+
+    def _update_shape_attrs(self, role: str, n: int) -> None:
+        pass
+
+
+def _masked_weight(weight, frozen, score, trainable, none_trainable: bool, const, active, scale, threshold, noise,
+                   extra_dims: int):
+    """where(trainable, weight, frozen) * (const + active * binary_concrete(score)), written as one expression so
+    torch.compile can fuse it into a single pass over the weights (forward) and one or two (backward)."""
+    w = frozen if none_trainable else (weight if trainable is None else torch.where(trainable, weight, frozen))
+    z = (score - threshold) * scale
+    if noise is not None:
+        z = z + noise * torch.logit(torch.rand_like(score), eps=1e-6)
+    soft = torch.sigmoid(z)
+    m = (z >= 0).to(z.dtype) + (soft - soft.detach())
+    if active is not None:
+        m = m * active
+    if const is not None:
+        m = m + const
+    return w * m.view(m.shape + (1,) * extra_dims)
+
+
+_FUSED = None
+
+
+def _fused_weight():
+    """The compiled `_masked_weight` (compiled once per process, on first use)."""
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = torch.compile(_masked_weight, dynamic=True)
+    return _FUSED
+
+
+class _MaskPlan:
+    """What the learning task does with each unit, as tensors ready for the forward pass."""
+
+    def __init__(self, key, trainable, const, active, scale, threshold, noise, none_trainable=False):
+        self.key, self.trainable, self.const, self.active = key, trainable, const, active
+        self.scale, self.threshold, self.noise = scale, threshold, noise
+        self.none_trainable = none_trainable
+        self.masked = scale is not None  # some unit carries a learned (selective or attentive) mask
+
+    @classmethod
+    def build(cls, layer: MaskedLayer, key) -> "_MaskPlan":
+        kind, pol, dtype = layer.kind, layer.ctx.policy, layer.weight.dtype
+        trainable = (layer.owner == FREE) & (kind != OFF)
+        none_trainable = not bool(trainable.any())
+        trainable = None if bool(trainable.all()) else layer._expand(trainable)
+        dense = kind == DENSE
+        const = None if bool(dense.all()) else dense.to(dtype)
+        sel, att = kind == SEL, kind == ATT
+        if not bool((sel | att).any()):
+            return cls(key, trainable, const, None, None, None, None, none_trainable)
+        t_sel = layer.ctx.temperature or pol.selective.temperature
+        if pol.selective_kind == "ste":
+            sel_p = (pol.selective_ste.scale, pol.selective_ste.threshold, 0.0)
+        else:
+            sel_p = (pol.selective.beta / t_sel, pol.selective.threshold, 1.0 / t_sel)
+        if pol.attentive_kind == "ste":
+            att_p = (pol.attentive.scale, pol.attentive.threshold, 0.0)
+        else:
+            t_att = layer.ctx.temperature or pol.attentive_gumbel.temperature
+            att_p = (pol.attentive_gumbel.beta / t_att, pol.attentive_gumbel.threshold, 1.0 / t_att)
+
+        has_sel, has_att = bool(sel.any()), bool(att.any())
+
+        def per_unit(i):  # a plain number when every masked unit shares it (saves a weight-sized tensor)
+            if not has_att or not has_sel or sel_p[i] == att_p[i]:
+                return sel_p[i] if has_sel else att_p[i]
+            return torch.where(sel, sel_p[i], att_p[i]).to(dtype)
+
+        noise = per_unit(2)
+        active = sel | att
+        return cls(key, trainable, const, None if bool(active.all()) else active.to(dtype), per_unit(0), per_unit(1),
+                   None if isinstance(noise, float) and noise == 0.0 else noise, none_trainable)
+
+
+class MaskedConv(MaskedLayer):
+    def __init__(self, src: nn.Module, ctx: "TaskContext", target: str, granularity: str = "kernel"):
+        super().__init__(src, ctx, target, granularity)
+        self.conv_type = type(src)
+        self.in_channels, self.out_channels = src.in_channels, src.out_channels
+        self.kernel_size, self.stride, self.padding = src.kernel_size, src.stride, src.padding
+        self.dilation, self.groups, self.padding_mode = src.dilation, src.groups, src.padding_mode
+        self._fn = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(src)]
+        if src.padding_mode != "zeros":
+            raise NotImplementedError(f"padding_mode={src.padding_mode!r} is not supported in '{target}'")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.effective_weight()
+        groups = self.groups
+        if self.groups > 1:
+            groups = w.shape[0] // (self.out_channels // self.groups)
+        return self._fn(x, w, self.effective_bias(), self.stride, self.padding, self.dilation, groups)
+
+    def _update_shape_attrs(self, role: str, n: int) -> None:
+        set_conv_width(self, role, n)
+
+    def to_plain(self, task: int) -> nn.Module:
+        w = export_weight(self, task)
+        groups = self.groups if self.groups == 1 else w.shape[0] // (self.out_channels // self.groups)
+        m = self.conv_type(w.shape[1] * groups, w.shape[0], self.kernel_size, self.stride, self.padding,
+                           self.dilation, groups, bias=self.bias_bank is not None)
+        return _load_plain(m, w, self.bias_bank, task)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, groups={self.groups}"
+
+
+class MaskedLinear(MaskedLayer):
+    def __init__(self, src: nn.Linear, ctx: "TaskContext", target: str, granularity: str = "kernel"):
+        super().__init__(src, ctx, target, granularity)
+        self.in_features, self.out_features = src.in_features, src.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.effective_bias())
+
+    def _update_shape_attrs(self, role: str, n: int) -> None:
+        set_linear_width(self, role, n)
+
+    def to_plain(self, task: int) -> nn.Module:
+        w = export_weight(self, task)
+        m = nn.Linear(w.shape[1], w.shape[0], bias=self.bias_bank is not None)
+        return _load_plain(m, w, self.bias_bank, task)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def export_weight(layer: MaskedLayer, task: int) -> torch.Tensor:
+    """The weight `task` computes with, in evaluation mode (no Gumbel noise, hard gates)."""
+    was = layer.training
+    layer.training = False
+    try:
+        with torch.no_grad(), _TaskScope(layer.ctx, task):
+            return layer.effective_weight().detach().clone()
+    finally:
+        layer.training = was
+
+
+def _load_plain(m: nn.Module, w: torch.Tensor, bias_bank, task: int) -> nn.Module:
+    m = m.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        if bias_bank is not None:
+            m.bias.copy_(bias_bank.copies[task].detach())
+    return m
+
+
+class _TaskScope:
+    """Temporarily compute for another task (export, evaluation of old tasks)."""
+
+    def __init__(self, ctx: "TaskContext", task: int):
+        self.ctx, self.task = ctx, task
+
+    def __enter__(self):
+        self.prev = self.ctx.task
+        self.ctx.task = self.task
+
+    def __exit__(self, *exc):
+        self.ctx.task = self.prev
+
+
+class TaskMultiheadAttention(_TaskModule):
+    """`nn.MultiheadAttention` whose input and output projections are masked banks."""
+
+    def __init__(self, src: nn.MultiheadAttention, ctx: "TaskContext", target: str, granularity: str = "kernel"):
+        super().__init__()
+        self._attach(ctx, target)
+        if not src._qkv_same_embed_dim or src.bias_k is not None:
+            raise NotImplementedError(f"'{target}': only MultiheadAttention with kdim == vdim == embed_dim")
+        proj = nn.Linear(src.embed_dim, 3 * src.embed_dim, bias=src.in_proj_bias is not None)
+        proj.weight, proj.bias = src.in_proj_weight, src.in_proj_bias
+        self.in_proj = MaskedLinear(proj, ctx, target + ".in_proj", granularity)
+        self.out_proj = MaskedLinear(src.out_proj, ctx, target + ".out_proj", granularity)
+        self.embed_dim, self.num_heads, self.dropout = src.embed_dim, src.num_heads, src.dropout
+        self.batch_first, self.add_zero_attn = src.batch_first, src.add_zero_attn
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj.effective_weight(),
+            self.in_proj.effective_bias(), None, None, self.add_zero_attn, self.dropout,
+            self.out_proj.effective_weight(), self.out_proj.effective_bias(), training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def to_plain(self, task: int) -> nn.Module:
+        m = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
+                                  bias=self.in_proj.bias_bank is not None, add_zero_attn=self.add_zero_attn,
+                                  batch_first=self.batch_first)
+        inp, outp = self.in_proj.to_plain(task), self.out_proj.to_plain(task)
+        m = m.to(device=inp.weight.device, dtype=inp.weight.dtype)
+        with torch.no_grad():
+            m.in_proj_weight.copy_(inp.weight)
+            if inp.bias is not None:
+                m.in_proj_bias.copy_(inp.bias)
+            m.out_proj.weight.copy_(outp.weight)
+            if outp.bias is not None:
+                m.out_proj.bias.copy_(outp.bias)
+        return m

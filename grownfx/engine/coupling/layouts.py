@@ -1,0 +1,341 @@
+"""How channel layouts move through tensor-manipulation ops (reshape, permute, cat, split, indexing, broadcast).
+
+A mixin of `CouplingAnalysis`: each method maps the layouts of an op's inputs to its output's, tying or fixing
+channel groups where the op mixes them.  Anything these rules cannot follow exactly raises `Opaque`, and the
+analysis then ties and fixes every channel the op touches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from grownfx.engine.tracing import tensor_shape
+from grownfx.engine.coupling.types import Binding, Layout, Seg
+
+
+@dataclass
+class TVal:
+    """A tensor: per-axis layouts (None: the axis carries no channels) and per-axis parameter origins."""
+
+    axes: tuple
+    shape: tuple
+    origin: tuple = ()  # per axis: (param_target, param_axis) or None
+
+    def __post_init__(self):
+        if not self.origin:
+            self.origin = (None,) * len(self.axes)
+
+
+@dataclass
+class Seq:
+    items: list
+
+
+class _Other:
+    pass
+
+
+OTHER = _Other()
+
+
+class Opaque(Exception):
+    pass
+
+
+def lcm(*xs: int) -> int:
+    out = 1
+    for x in xs:
+        out = out * x // math.gcd(out, x)
+    return out
+
+
+def reshape_blocks(a: tuple, b: tuple) -> list | None:
+    """Split a reshape into blocks of input axes and output axes with equal products (size-1 axes dropped)."""
+    A = [(i, n) for i, n in enumerate(a) if n != 1]
+    B = [(i, n) for i, n in enumerate(b) if n != 1]
+    blocks, i, j = [], 0, 0
+    while i < len(A) and j < len(B):
+        ins, outs = [A[i][0]], [B[j][0]]
+        pa, pb = A[i][1], B[j][1]
+        i += 1
+        j += 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(A):
+                    return None
+                ins.append(A[i][0])
+                pa *= A[i][1]
+                i += 1
+            else:
+                if j >= len(B):
+                    return None
+                outs.append(B[j][0])
+                pb *= B[j][1]
+                j += 1
+        blocks.append((ins, outs))
+    if i != len(A) or j != len(B):
+        return None
+    return blocks
+
+
+def op_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", str(target))
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+class LayoutOps:
+    """Layout rules for ops that move, split or merge axes; mixed into CouplingAnalysis."""
+
+    def elementwise(self, node: fx.Node) -> Any:
+        out_shape = tensor_shape(node)
+        if out_shape is None:
+            return OTHER
+        nd = len(out_shape)
+        operands = [self.val(a) for a in list(node.args) + list(node.kwargs.values())]
+        ts = [t for t in operands if isinstance(t, TVal)]
+        axes: list = [None] * nd
+        origin: list = [None] * nd
+        for k in range(nd):
+            entries = []
+            for t in ts:
+                j = k - (nd - len(t.shape))
+                if j >= 0 and t.shape[j] > 1:
+                    entries.append((t.axes[j], t.origin[j]))
+            lays = [lay for lay, _ in entries if lay is not None]
+            if lays:
+                for lay in lays[1:]:
+                    self.tie(lays[0], lay, node.name)
+                axes[k] = lays[0]
+                for lay, org in entries:
+                    if lay is None and org is not None:
+                        self.bindings.append(Binding(org[0], "param", lays[0], org[1], node.name))
+                    elif lay is None:
+                        self.fix(lays[0], f"channels combined with an untracked tensor at '{node.name}'")
+            elif len(entries) == 1 or (entries and all(o == entries[0][1] for _, o in entries)):
+                origin[k] = entries[0][1] if entries else None
+        return TVal(tuple(axes), out_shape, tuple(origin))
+
+    def cat(self, node: fx.Node, stack: bool) -> Any:
+        items = self.val(node.args[0])
+        out_shape = tensor_shape(node)
+        if not isinstance(items, Seq) or out_shape is None:
+            raise Opaque(f"cat at '{node.name}' of unknown inputs")
+        ts = [t for t in items.items if isinstance(t, TVal)]
+        if len(ts) != len(items.items):
+            raise Opaque(f"cat at '{node.name}' mixes tensors and other values")
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        dim = norm_dim(dim, len(out_shape))
+        nd = len(out_shape)
+        axes: list = [None] * nd
+        origin: list = [None] * nd
+        in_nd = len(ts[0].shape)
+        for k in range(nd):
+            if stack and k == dim:
+                continue
+            j = k if not stack or k < dim else k - 1
+            if not stack and k == dim:
+                if any(t.axes[j] for t in ts):
+                    axes[k] = tuple(s for t in ts for s in self.ensure(t, j, node))
+                continue
+            lays = [t.axes[j] for t in ts if t.axes[j] is not None and t.shape[j] > 1]
+            if lays:
+                for lay in lays[1:]:
+                    self.tie(lays[0], lay, node.name)
+                axes[k] = lays[0]
+                for t in ts:
+                    if t.axes[j] is None and t.shape[j] > 1:
+                        if t.origin[j] is not None:
+                            self.bindings.append(Binding(t.origin[j][0], "param", lays[0], t.origin[j][1], node.name))
+                        else:
+                            self.fix(lays[0], f"channels concatenated with an untracked tensor at '{node.name}'")
+        del in_nd
+        return TVal(tuple(axes), out_shape, tuple(origin))
+
+    def getitem(self, node: fx.Node) -> Any:
+        src = self.val(node.args[0])
+        idx = node.args[1]
+        if isinstance(src, Seq):
+            return src.items[idx] if isinstance(idx, int) and -len(src.items) <= idx < len(src.items) else OTHER
+        if not isinstance(src, TVal):
+            return OTHER
+        out_shape = tensor_shape(node)
+        if out_shape is None:
+            return OTHER
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in idx):
+            raise Opaque(f"advanced indexing at '{node.name}'")
+        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        expanded: list = []
+        for i in idx:
+            if i is Ellipsis:
+                expanded.extend([slice(None)] * (len(src.shape) - n_real))
+            else:
+                expanded.append(i)
+        expanded.extend([slice(None)] * (len(src.shape) - sum(1 for i in expanded if i is not None)))
+        axes, origin, j = [], [], 0
+        for i in expanded:
+            if i is None:
+                axes.append(None)
+                origin.append(None)
+                continue
+            lay, org, n = src.axes[j], src.origin[j], src.shape[j]
+            j += 1
+            if isinstance(i, int):
+                if lay:
+                    self.fix(lay, f"a single channel is picked at '{node.name}'")
+                continue
+            start, stop, step = i.indices(n)
+            if lay and (step != 1 or (start, stop) != (0, n)):
+                if step != 1:
+                    self.fix(lay, f"strided channel slice at '{node.name}'")
+                    lay = self.fresh_layout(len(range(start, stop, step)), node.name, "strided slice")
+                else:
+                    lay = self.sub_layout(lay, start, stop, node)
+            axes.append(lay)
+            origin.append(org if (start, stop, step) == (0, n, 1) else None)
+        return TVal(tuple(axes), out_shape, tuple(origin))
+
+    def sub_layout(self, lay: Layout, start: int, stop: int, node: fx.Node) -> Layout:
+        out, pos = [], 0
+        for s in lay:
+            ext = s.width * s.factor
+            lo, hi = max(start, pos), min(stop, pos + ext)
+            if lo < hi:
+                if (lo, hi) == (pos, pos + ext):
+                    out.append(s)
+                else:
+                    self.fix([s], f"channels sliced at '{node.name}'")
+                    out.append(Seg(s.var, hi - lo, 1))
+            pos += ext
+        return tuple(out)
+
+    def split(self, node: fx.Node, x: Any, name: str) -> Any:
+        meta = node.meta.get("tensor_meta")
+        if not isinstance(x, TVal) or not isinstance(meta, (list, tuple)):
+            raise Opaque(f"'{name}' at '{node.name}'")
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        if name == "unbind":
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        dim = norm_dim(dim, len(x.shape))
+        items, pos = [], 0
+        for m in meta:
+            shape = tuple(int(s) for s in m.shape)
+            if name == "unbind":
+                if x.axes[dim]:
+                    self.fix(x.axes[dim], f"unbind over channels at '{node.name}'")
+                items.append(TVal(x.axes[:dim] + x.axes[dim + 1:], shape))
+                continue
+            n = shape[dim]
+            lay = self.sub_layout(x.axes[dim], pos, pos + n, node) if x.axes[dim] else None
+            pos += n
+            items.append(TVal(x.axes[:dim] + (lay,) + x.axes[dim + 1:], shape))
+        return Seq(items)
+
+    def permute(self, node: fx.Node, x: Any, name: str) -> Any:
+        out_shape = tensor_shape(node)
+        if not isinstance(x, TVal) or out_shape is None:
+            raise Opaque(f"'{name}' at '{node.name}'")
+        nd = len(x.shape)
+        a = [arg for arg in node.args[1:]]
+        if name == "permute":
+            dims = node.kwargs.get("dims", a[0] if len(a) == 1 and isinstance(a[0], (list, tuple)) else a)
+            order = [norm_dim(d, nd) for d in dims]
+        elif name == "t":
+            order = [1, 0] if nd == 2 else list(range(nd))
+        elif name == "movedim":
+            src, dst = [norm_dim(int(a[0]), nd)], [norm_dim(int(a[1]), nd)]
+            rest = [i for i in range(nd) if i not in src]
+            order = rest[:]
+            order.insert(dst[0], src[0])
+        else:
+            d0, d1 = norm_dim(int(a[0]), nd), norm_dim(int(a[1]), nd)
+            order = list(range(nd))
+            order[d0], order[d1] = order[d1], order[d0]
+        return TVal(tuple(x.axes[i] for i in order), out_shape, tuple(x.origin[i] for i in order))
+
+    def reshape(self, node: fx.Node, x: Any) -> Any:
+        out_shape = tensor_shape(node)
+        if not isinstance(x, TVal) or out_shape is None:
+            raise Opaque(f"reshape at '{node.name}' of an unknown value")
+        blocks = reshape_blocks(x.shape, out_shape)
+        if blocks is None:
+            raise Opaque(f"reshape at '{node.name}' from {x.shape} to {out_shape}")
+        axes: list = [None] * len(out_shape)
+        origin: list = [None] * len(out_shape)
+        for ins, outs in blocks:
+            lays = [(i, x.axes[i]) for i in ins if x.axes[i]]
+            if len(ins) == 1 and len(outs) == 1:
+                axes[outs[0]], origin[outs[0]] = x.axes[ins[0]], x.origin[ins[0]]
+                continue
+            if not lays:
+                continue
+            if len(outs) == 1 and len(lays) == 1 and lays[0][0] == ins[0]:
+                inner = math.prod(x.shape[i] for i in ins[1:])
+                axes[outs[0]] = tuple(Seg(s.var, s.width, s.factor * inner) for s in lays[0][1])
+                continue
+            raise Opaque(f"reshape at '{node.name}' splits or interleaves channels ({x.shape} -> {out_shape})")
+        for i, n in enumerate(x.shape):
+            if n == 1 and x.axes[i] and all(i not in b[0] for b in blocks):
+                self.fix(x.axes[i], f"a one-channel axis is squeezed at '{node.name}'")
+        self.literal_bindings(node, out_shape, axes)
+        return TVal(tuple(axes), out_shape, tuple(origin))
+
+    def literal_bindings(self, node: fx.Node, out_shape: tuple, axes: list) -> None:
+        """`x.reshape(n, 768, -1)`: a width written into the graph must follow the channels it counts."""
+        if op_name(node.target) not in ("view", "reshape"):
+            return
+        args = list(node.args[1:])
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            args = list(args[0])
+        if len(args) != len(out_shape):
+            return
+        for k, a in enumerate(args):
+            if isinstance(a, int) and a == out_shape[k] and axes[k] and a > 1:
+                self.bindings.append(Binding(node.name, "literal", axes[k], k, node.name))
+
+    def expand(self, node: fx.Node, x: Any, name: str) -> Any:
+        out_shape = tensor_shape(node)
+        if not isinstance(x, TVal) or out_shape is None:
+            raise Opaque(f"'{name}' at '{node.name}'")
+        nd, off = len(out_shape), len(out_shape) - len(x.shape)
+        axes, origin = [None] * nd, [None] * nd
+        for k in range(off, nd):
+            j = k - off
+            if x.shape[j] == out_shape[k]:
+                axes[k], origin[k] = x.axes[j], x.origin[j]
+            elif x.axes[j]:
+                self.fix(x.axes[j], f"channels repeated at '{node.name}'")
+        return TVal(tuple(axes), out_shape, tuple(origin))
+
+    def pool(self, node: fx.Node, x: Any, k: int) -> Any:
+        if not isinstance(x, TVal):
+            raise Opaque(f"pooling at '{node.name}'")
+        out_shape = tensor_shape(node) or x.shape
+        nd = len(x.shape)
+        for ax in range(nd - k, nd):
+            if x.axes[ax]:
+                self.fix(x.axes[ax], f"pooling over a channel axis at '{node.name}'")
+        return TVal(x.axes[: nd - k] + (None,) * k, out_shape)
+
+    def reduce_like(self, node: fx.Node, x: Any, dims: list, keep: bool, what: str) -> Any:
+        if not isinstance(x, TVal):
+            raise Opaque(what)
+        nd = len(x.shape)
+        dims = [norm_dim(int(d), nd) for d in dims]
+        for d in dims:
+            if x.axes[d]:
+                self.fix(x.axes[d], f"{what} at '{node.name}'")
+        out_shape = tensor_shape(node) or x.shape
+        if keep or len(out_shape) == nd:
+            return TVal(tuple(None if i in dims and out_shape[i] == 1 else x.axes[i] for i in range(nd)), out_shape)
+        return TVal(tuple(x.axes[i] for i in range(nd) if i not in dims), out_shape)

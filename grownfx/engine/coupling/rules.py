@@ -1,0 +1,342 @@
+"""Which ops tie channels and which fix them: the op registry of the coupling analysis."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable
+
+import networkx as nx
+from torch import fx, nn
+
+from grownfx.engine.tracing import tensor_shape
+from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal, lcm, op_name
+from grownfx.engine.coupling.types import Binding, CouplingGroup, CouplingResult, Layout, Seg
+
+_UNARY = {
+    "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu",
+    "elu", "selu", "celu", "mish", "softplus", "hardtanh", "dropout", "dropout1d", "dropout2d", "alpha_dropout",
+    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as", "abs", "neg",
+    "exp", "log", "sqrt", "rsqrt", "clamp", "clamp_min", "clamp_max", "clip", "stochastic_depth", "pow", "square",
+    "sin", "cos", "erf", "sign", "round", "floor", "ceil", "reciprocal", "cpu", "cuda", "requires_grad_",
+    "silu_", "hardswish_", "relu6_", "sigmoid_", "tanh_", "logsigmoid", "softsign", "tanhshrink", "threshold",
+}
+_BINARY = {"add", "sub", "mul", "truediv", "div", "iadd", "isub", "imul", "itruediv", "radd", "rsub", "rmul",
+           "maximum", "minimum", "add_", "mul_", "sub_", "div_", "floordiv", "mod"}
+_RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "ravel"}
+_PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "t"}
+_REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "prod"}
+_SPLIT = {"chunk", "split", "tensor_split", "unbind", "split_with_sizes"}
+_POOL_FN = {"adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3, "avg_pool1d": 1,
+            "avg_pool2d": 2, "avg_pool3d": 3, "max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3,
+            "adaptive_max_pool2d": 2, "interpolate": 2, "upsample": 2}
+_IGNORE = {"size", "dim", "getattr", "numel", "_assert", "eq", "ne", "lt", "gt", "le", "ge", "len", "item",
+           "is_floating_point", "_set_grad_enabled"}
+
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU,
+    nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
+)
+_POOL_MODULES = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.Upsample: 2, nn.UpsamplingNearest2d: 2,
+    nn.UpsamplingBilinear2d: 2,
+}
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_stochastic_depth(m: nn.Module) -> bool:
+    return type(m).__name__ == "StochasticDepth"
+
+
+class CouplingAnalysis(LayoutOps):
+    """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
+    """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.ties = nx.Graph()
+        self.bindings: list[Binding] = []
+        self.values: dict[str, Any] = {}
+        self.output_vars: set[int] = set()
+        self.input_vars: set[int] = set()
+        self.head_nodes: list[str] = []
+        self._n = 0
+
+    # -- tie graph ----------------------------------------------------------------------------------------
+    def new_var(self, width: int, label: str, fixed: str | None = None, gran: int = 1) -> int:
+        v = self._n
+        self._n += 1
+        self.ties.add_node(v, width=width, label=label, reasons=[fixed] if fixed else [], gran=gran)
+        return v
+
+    def fix(self, layout_or_vars: Iterable, reason: str) -> None:
+        for x in layout_or_vars:
+            v = x.var if isinstance(x, Seg) else x
+            self.ties.nodes[v]["reasons"].append(reason)
+
+    def tie(self, a: Layout, b: Layout, where: str) -> None:
+        """Channels of layouts `a` and `b` are the same channels (residual add, norm, ...)."""
+        if len(a) == len(b) and all(x.width == y.width and x.factor == y.factor for x, y in zip(a, b)):
+            for x, y in zip(a, b):
+                self.ties.add_edge(x.var, y.var, via=where)
+            return
+        vars_ = [s.var for s in a] + [s.var for s in b]
+        for u, w in zip(vars_, vars_[1:]):
+            self.ties.add_edge(u, w, via=where)
+        self.fix(vars_, f"channels of different layouts meet at '{where}'")
+
+    def fresh_layout(self, size: int, label: str, reason: str) -> Layout:
+        return (Seg(self.new_var(size, label, fixed=reason), size),)
+
+    def ensure(self, val: TVal, axis: int, node: fx.Node) -> Layout:
+        """The layout of `axis`, creating a fixed dimension variable for channels we did not track."""
+        lay = val.axes[axis]
+        if lay is None:
+            lay = self.fresh_layout(val.shape[axis], f"{node.name}.untracked", f"untracked channels at '{node.name}'")
+        return lay
+
+    def bind(self, target: str, role: str, layout: Layout, node: fx.Node, axis: int = 0) -> None:
+        self.bindings.append(Binding(target, role, layout, axis, node.name))
+
+    # -- walk ---------------------------------------------------------------------------------------------
+    def run(self) -> "CouplingResult":
+        for node in self.gm.graph.nodes:
+            try:
+                self.values[node.name] = self.visit(node)
+            except Opaque as op:
+                self.values[node.name] = self.opaque(node, str(op))
+        return self.finish()
+
+    def val(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return self.values.get(a.name, OTHER)
+        if isinstance(a, (list, tuple)):
+            return Seq([self.val(x) for x in a])
+        return OTHER
+
+    def tensors_in(self, obj: Any) -> list[TVal]:
+        out: list[TVal] = []
+
+        def walk(x):
+            if isinstance(x, TVal):
+                out.append(x)
+            elif isinstance(x, Seq):
+                for y in x.items:
+                    walk(y)
+
+        walk(obj)
+        return out
+
+    def from_meta(self, node: fx.Node, axes_fn) -> Any:
+        meta = node.meta.get("tensor_meta")
+        if meta is None:
+            return OTHER
+        if hasattr(meta, "shape"):
+            shape = tuple(int(s) for s in meta.shape)
+            return axes_fn(shape)
+        return OTHER
+
+    def opaque(self, node: fx.Node, reason: str) -> Any:
+        ins = self.tensors_in(self.val(list(node.args) + list(node.kwargs.values())))
+        vars_ = [s.var for t in ins for lay in t.axes if lay for s in lay]
+        for u, w in zip(vars_, vars_[1:]):
+            self.ties.add_edge(u, w, via=node.name)
+        self.fix(vars_, reason)
+        anchor = vars_[0] if vars_ else None
+
+        def mk(shape):
+            axes = []
+            for i, n in enumerate(shape):
+                if anchor is None or i == 0 or n <= 1:
+                    axes.append(None)
+                else:
+                    v = self.new_var(n, f"{node.name}.{i}", fixed=reason)
+                    self.ties.add_edge(anchor, v, via=node.name)
+                    axes.append((Seg(v, n),))
+            return TVal(tuple(axes), shape)
+
+        meta = node.meta.get("tensor_meta")
+        if meta is None:
+            return OTHER
+        if hasattr(meta, "shape"):
+            return mk(tuple(int(s) for s in meta.shape))
+        if isinstance(meta, (list, tuple)):
+            return Seq([mk(tuple(int(s) for s in m.shape)) if hasattr(m, "shape") else OTHER for m in meta])
+        return OTHER
+
+    def visit(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return self.from_meta(node, lambda shape: TVal(
+                tuple(None if i == 0 else (Seg(self.new_var(n, f"input.{i}", fixed="touches the network input"), n),)
+                      for i, n in enumerate(shape)), shape))
+        if node.op == "get_attr":
+            return self.from_meta(node, lambda shape: TVal((None,) * len(shape), shape,
+                                                           tuple((node.target, i) for i in range(len(shape)))))
+        if node.op == "output":
+            for t in self.tensors_in(self.val(node.args[0])):
+                for lay in t.axes:
+                    for s in lay or ():
+                        self.output_vars.add(s.var)
+            return OTHER
+        if node.op == "call_module":
+            return self.visit_module(node, self.modules[node.target])
+        name = op_name(node.target)
+        if node.op == "call_function" and node.target is operator.getitem:
+            return self.getitem(node)
+        if name in _IGNORE or not self.tensors_in(self.val(list(node.args) + list(node.kwargs.values()))):
+            return self.from_meta(node, lambda shape: TVal((None,) * len(shape), shape))
+        return self.visit_function(node, name)
+
+    # -- modules ------------------------------------------------------------------------------------------
+    def visit_module(self, node: fx.Node, m: nn.Module) -> Any:
+        x = self.val(node.args[0]) if node.args else OTHER
+        if isinstance(m, _PASS_MODULES) or is_stochastic_depth(m):
+            return x
+        if isinstance(m, tuple(_POOL_MODULES)):
+            return self.pool(node, x, _POOL_MODULES[type(m)] if type(m) in _POOL_MODULES else 2)
+        if isinstance(m, nn.Flatten):
+            return self.reshape(node, x)
+        if not isinstance(x, TVal):
+            raise Opaque(f"module '{node.target}' ({type(m).__name__}) takes no single tensor")
+        if isinstance(m, _CONV):
+            return self.conv(node, m, x)
+        if isinstance(m, nn.Linear):
+            lay_in = self.ensure(x, -1 % len(x.shape), node)
+            self.bind(node.target, "in", lay_in, node)
+            out = (Seg(self.new_var(m.out_features, f"{node.target}.out"), m.out_features),)
+            self.bind(node.target, "out", out, node)
+            return TVal(x.axes[:-1] + (out,), x.shape[:-1] + (m.out_features,))
+        if isinstance(m, _BN + _IN):
+            lay = self.ensure(x, 1, node)
+            self.bind(node.target, "feat", lay, node)
+            return TVal(x.axes[:1] + (lay,) + x.axes[2:], x.shape, x.origin)
+        if isinstance(m, nn.GroupNorm):
+            lay = self.ensure(x, 1, node)
+            self.bind(node.target, "feat", lay, node)
+            if len(lay) == 1 and lay[0].factor == 1:
+                self.ties.nodes[lay[0].var]["gran"] = lcm(self.ties.nodes[lay[0].var]["gran"],
+                                                           m.num_channels // m.num_groups)
+            else:
+                self.fix(lay, f"GroupNorm '{node.target}' over several channel groups")
+            return TVal(x.axes[:1] + (lay,) + x.axes[2:], x.shape, x.origin)
+        if isinstance(m, nn.LayerNorm):
+            k = len(m.normalized_shape)
+            for ax in range(len(x.shape) - k, len(x.shape)):
+                if x.axes[ax]:
+                    self.fix(x.axes[ax], f"LayerNorm '{node.target}' normalises across channels")
+            if k == 1:
+                self.bind(node.target, "feat", self.ensure(x, len(x.shape) - 1, node), node)
+            return x
+        if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+            dim = m.dim if m.dim is not None else -1
+            return self.reduce_like(node, x, [dim], keep=True, what=f"softmax '{node.target}'")
+        if isinstance(m, nn.MultiheadAttention):
+            ins = [self.val(a) for a in node.args[:3]]
+            lays = [self.ensure(t, len(t.shape) - 1, node) for t in ins if isinstance(t, TVal)]
+            for lay in lays[1:]:
+                self.tie(lays[0], lay, node.name)
+            self.fix(lays[0], f"attention '{node.target}' splits channels into heads")
+            self.bind(node.target, "attn", lays[0], node)
+            out = TVal(x.axes, x.shape, ())
+            return Seq([out, OTHER])
+        raise Opaque(f"module '{node.target}' ({type(m).__name__}) is not in the coupling registry")
+
+    def conv(self, node: fx.Node, m: nn.Module, x: TVal) -> TVal:
+        lay_in = self.ensure(x, 1, node)
+        nsp = len(x.shape) - 2
+        out_shape = tensor_shape(node) or ()
+        spatial_none = (None,) * nsp
+        if m.groups == 1:
+            self.bind(node.target, "in", lay_in, node)
+            out = (Seg(self.new_var(m.out_channels, f"{node.target}.out"), m.out_channels),)
+            self.bind(node.target, "out", out, node)
+            return TVal((None, out) + spatial_none, out_shape)
+        per_group = m.in_channels // m.groups
+        if m.in_channels == m.out_channels and len(lay_in) == 1 and lay_in[0].factor == 1:
+            v = lay_in[0].var
+            self.ties.nodes[v]["gran"] = lcm(self.ties.nodes[v]["gran"], per_group)
+            self.bind(node.target, "grouped", lay_in, node)
+            return TVal((None, lay_in) + spatial_none, out_shape)
+        self.fix(lay_in, f"grouped conv '{node.target}' with {m.in_channels}->{m.out_channels} channels")
+        out = (Seg(self.new_var(m.out_channels, f"{node.target}.out", fixed=f"grouped conv '{node.target}'"),
+                   m.out_channels),)
+        self.ties.add_edge(lay_in[0].var, out[0].var, via=node.name)
+        self.bind(node.target, "grouped", lay_in, node)
+        return TVal((None, out) + spatial_none, out_shape)
+
+    # -- functions ----------------------------------------------------------------------------------------
+    def visit_function(self, node: fx.Node, name: str) -> Any:
+        args = node.args
+        x = self.val(args[0]) if args else OTHER
+        if name in _UNARY:
+            return x if isinstance(x, TVal) else self.elementwise(node)
+        if name in _BINARY or name in ("where", "addcmul", "lerp"):
+            return self.elementwise(node)
+        if name in ("cat", "concat", "concatenate", "stack"):
+            return self.cat(node, name == "stack")
+        if name in _RESHAPE:
+            return self.reshape(node, x)
+        if name in ("expand", "expand_as", "broadcast_to", "repeat"):
+            return self.expand(node, x, name)
+        if name in _PERMUTE:
+            return self.permute(node, x, name)
+        if name in _SPLIT:
+            return self.split(node, x, name)
+        if name in _REDUCE:
+            dims = node.kwargs.get("dim", args[1] if len(args) > 1 else None)
+            keep = bool(node.kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+            if dims is None:
+                dims = list(range(len(x.shape)))
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            return self.reduce_like(node, x, dims, keep=keep, what=f"'{name}' over a channel axis")
+        if name in ("softmax", "log_softmax", "softmin", "cumsum", "cumprod", "argsort", "sort"):
+            dim = node.kwargs.get("dim", args[1] if len(args) > 1 else -1)
+            return self.reduce_like(node, x, [dim], keep=True, what=f"'{name}' along a channel axis")
+        if name in _POOL_FN and isinstance(x, TVal):
+            return self.pool(node, x, _POOL_FN[name])
+        if name == "layer_norm" and isinstance(x, TVal):
+            shape = node.kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
+            k = len(shape) if isinstance(shape, (list, tuple)) else 1
+            for ax in range(len(x.shape) - k, len(x.shape)):
+                if x.axes[ax]:
+                    self.fix(x.axes[ax], f"layer_norm at '{node.name}' normalises across channels")
+            return TVal(x.axes, tensor_shape(node) or x.shape)
+        raise Opaque(f"'{name}' at node '{node.name}' is not in the coupling registry")
+
+    # -- result -------------------------------------------------------------------------------------------
+    def finish(self) -> "CouplingResult":
+        groups: list[CouplingGroup] = []
+        var_group: dict[int, int] = {}
+        for vars_ in sorted(nx.connected_components(self.ties), key=min):
+            gid = len(groups)
+            for v in vars_:
+                var_group[v] = gid
+            data = [self.ties.nodes[v] for v in vars_]
+            reasons = sorted({r for d in data for r in d["reasons"]})
+            if vars_ & self.output_vars:
+                reasons.insert(0, "touches the logits")
+            widths = {d["width"] for d in data}
+            groups.append(CouplingGroup(gid, max(widths), [], False, lcm(*[d["gran"] for d in data]), reasons,
+                                        frozenset(vars_)))
+            if len(widths) > 1:
+                groups[-1].reasons.append(f"members of different widths {sorted(widths)}")
+        for b in self.bindings:
+            gids = []
+            for s in b.layout:
+                g = var_group[s.var]
+                if g not in gids:
+                    gids.append(g)
+            for g in gids:
+                groups[g].members.append(b)
+        for g in groups:
+            if not g.producers and not g.reasons:
+                g.reasons.append("no layer produces these channels")
+            if any(b.role == "attn" for b in g.members) and not g.reasons:
+                g.reasons.append("attention embedding")
+            g.growable = not g.reasons and g.width % g.granularity == 0
+        return CouplingResult(self.gm, groups, var_group, self.ties, self.bindings, self.output_vars)

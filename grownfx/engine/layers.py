@@ -1,0 +1,146 @@
+"""Step 4: task-aware layers that the rewriting engine puts in place of standard ones.
+
+* `PerTask`: one copy of a module per task (norms with their statistics, heads, modules we cannot mask).
+* `TaskParameter`: one copy of a free-standing parameter per task (class tokens, position embeddings).
+* `WeightOf`: stands in for `get_attr layer.weight` where a replaced layer's tensor is used directly.
+The shared, masked weight banks are in `banks.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from grownfx.engine.surgery import random_fill, remap, resize_plain
+
+if TYPE_CHECKING:  # pragma: no cover
+    from grownfx.engine.context import TaskContext
+
+
+FREE = -1  # owner of a unit no finished task uses
+
+
+def _ctx_of(module: nn.Module) -> "TaskContext":
+    return module.__dict__["_ctx"]
+
+
+class _TaskModule(nn.Module):
+    """Base: holds an unregistered reference to the shared TaskContext (so it is not saved per layer)."""
+
+    def _attach(self, ctx: "TaskContext", target: str) -> None:
+        self.__dict__["_ctx"] = ctx
+        self.target = target
+
+    @property
+    def ctx(self) -> "TaskContext":
+        return _ctx_of(self)
+
+
+# --- per-task copies -------------------------------------------------------------------------------------
+
+
+class PerTask(_TaskModule):
+    """One copy of `template` per task; the task being learned trains its copy, finished copies are frozen."""
+
+    def __init__(self, template: nn.Module, ctx: "TaskContext", target: str, kind: str):
+        super().__init__()
+        self._attach(ctx, target)
+        self.kind = kind  # 'norm' | 'head' | 'module'
+        self.pending = template.requires_grad_(False)  # what the next task starts from
+        self.copies = nn.ModuleList()
+
+    def forward(self, *args, **kwargs):
+        return self.copies[self.ctx.require_task()](*args, **kwargs)
+
+    def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None) -> None:
+        new = copy.deepcopy(self.pending)
+        if self.kind == "head":
+            _reset_head(new, num_classes, generator)
+        new.requires_grad_(True)
+        self.copies.append(new)
+
+    def freeze(self, task: int) -> None:
+        self.copies[task].requires_grad_(False)
+        for p in self.copies[task].parameters():
+            p.grad = None  # a frozen copy keeps no gradient memory
+        if self.kind != "head":
+            self.pending = copy.deepcopy(self.copies[task])  # later tasks start from the latest (warm start)
+            self.pending.requires_grad_(False)
+
+    def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, **_) -> None:
+        # channels born for task `birth` exist in that task's copy (if it is being learned) and in the template
+        targets = [self.pending]
+        if birth < len(self.copies):
+            targets.append(self.copies[birth])
+        for m in targets:
+            resize_plain(m, role, src, generator)
+
+    def copy_for(self, task: int) -> nn.Module:
+        return self.copies[task]
+
+
+def _reset_head(head: nn.Module, num_classes: int | None, generator) -> None:
+    """A fresh head with `num_classes` outputs, initialised as torch initialises the layer."""
+    if num_classes is None:
+        return
+    w = head.weight
+    shape = (num_classes,) + tuple(w.shape[1:])
+    head.weight = nn.Parameter(random_fill(shape, math.prod(w.shape[1:]), generator, w))
+    if getattr(head, "bias", None) is not None:
+        head.bias = nn.Parameter(random_fill((num_classes,), math.prod(w.shape[1:]), generator, w))
+    if isinstance(head, nn.Linear):
+        head.out_features = num_classes
+    else:
+        head.out_channels = num_classes
+
+
+class TaskParameter(_TaskModule):
+    """A free-standing parameter (get_attr in the graph) with one copy per task."""
+
+    def __init__(self, value: torch.Tensor, ctx: "TaskContext", target: str):
+        super().__init__()
+        self._attach(ctx, target)
+        self.pending = nn.Parameter(value.detach().clone(), requires_grad=False)
+        self.copies = nn.ParameterList()
+
+    def forward(self):
+        return self.copies[self.ctx.require_task()]
+
+    def add_task(self, **_) -> None:
+        self.copies.append(nn.Parameter(self.pending.detach().clone(), requires_grad=True))
+
+    def freeze(self, task: int) -> None:
+        self.copies[task].requires_grad_(False)
+        self.copies[task].grad = None
+        self.pending = nn.Parameter(self.copies[task].detach().clone(), requires_grad=False)
+
+    def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, axis: int = 0, **_):
+        self.pending = nn.Parameter(remap(self.pending.data, axis, src, 0.0), requires_grad=False)
+        if birth < len(self.copies):
+            self.copies[birth] = nn.Parameter(remap(self.copies[birth].data, axis, src, 0.0))
+
+    def copy_for(self, task: int) -> torch.Tensor:
+        return self.copies[task]
+
+
+# --- masked weight banks ---------------------------------------------------------------------------------
+
+
+class WeightOf(_TaskModule):
+    """Stands in for `get_attr layer.weight` where a replaced layer's tensor is used directly (Swin's qkv)."""
+
+    def __init__(self, layer: nn.Module, which: str, ctx: "TaskContext", target: str):
+        super().__init__()
+        self._attach(ctx, target)
+        self.__dict__["layer"] = layer
+        self.which = which
+
+    def forward(self):
+        layer = self.__dict__["layer"]
+        if isinstance(layer, PerTask):
+            return getattr(layer.copies[self.ctx.require_task()], self.which)
+        return layer.effective_weight() if self.which == "weight" else layer.effective_bias()

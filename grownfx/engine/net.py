@@ -1,0 +1,452 @@
+"""`prepare()` and `GrowableNet`: the public face of the surgery engine.
+
+    net = grownfx.prepare(model, example_input, seed_width=0.5)   # trace -> couple -> slim -> rewrite
+    t = net.add_task(num_classes)                                  # new head, per-task norms; t is current
+    net.grow(ratio=0.25)                                           # every growth site gains channels
+    y = net(x, task=t)
+    net.freeze_task(t)                                             # t's weights, masks, norms, head immutable
+    sub = net.export(task=t)                                       # plain fx.GraphModule for task t
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import fx, nn
+
+from grownfx.engine import masks as M
+from grownfx.engine.context import DENSE, SEL, MaskPolicy, TaskContext
+from grownfx.engine.coupling import CouplingGroup, CouplingResult, analyze
+from grownfx.engine.banks import MaskedLayer
+from grownfx.engine.layers import FREE, PerTask, TaskParameter
+from grownfx.engine.rewrite import export_graph, make_task_aware
+from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
+from grownfx.engine.tracing import trace
+
+
+class SurgeryError(ValueError):
+    """A model or request the surgery engine cannot handle, with the reason."""
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def prepare(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    seed_width: float = 1.0,
+    *,
+    leaf_modules: Iterable[str | type] = (),
+    granularity: str = "kernel",
+    seed: int = 0,
+) -> "GrowableNet":
+    """Trace `model`, find its coupling groups, slim every growable group to `seed_width`, make it task-aware."""
+    if not isinstance(seed_width, (int, float)) or not 0 < seed_width <= 1:
+        raise SurgeryError(f"seed_width must be in (0, 1], got {seed_width!r}")
+    if granularity not in ("kernel", "element"):
+        raise SurgeryError(f"granularity must be 'kernel' or 'element', got {granularity!r}")
+    gm, coupling, widths, full_params = slim(model, example_input, seed_width, leaf_modules=leaf_modules, seed=seed)
+    heads = coupling.head_targets()
+    ctx = TaskContext()
+    ctx.widths = widths
+    ctx.births = {gid: torch.full((w,), -1, dtype=torch.long) for gid, w in widths.items()}
+    for b in coupling.bindings:
+        if b.role in ("in", "out", "grouped"):
+            ctx.layouts[(b.target, b.role)] = binding_layout(coupling, b)
+    gm, holders = make_task_aware(gm, heads, ctx, granularity)
+    for b in coupling.bindings:
+        if b.role == "param" and b.target in holders:
+            b.target = holders[b.target]
+    return GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, head=heads[0],
+                       input_shape=tuple(example_input.shape[1:]))
+
+
+def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
+         leaf_modules: Iterable[str | type] = (), seed: int = 0):
+    """Trace and analyse `model`, and slice every growable group to `width` of its channels (a plain graph).
+
+    Returns (graph module, coupling result, {group: width}, parameters of the full-width model).
+    The caller's model is left untouched (the graph module works on a copy).
+    """
+    gm = trace(copy.deepcopy(model), example_input, leaf_modules)
+    coupling = analyze(gm)
+    _fix_reused_modules(coupling)
+    heads = coupling.head_targets()
+    if len(heads) != 1:
+        raise SurgeryError(f"expected one layer producing the logits, found {heads or 'none'}; "
+                           "the model must end in a single classifier layer")
+    full_params = count_parameters(gm)
+    widths = {g.id: g.width for g in coupling.groups if g.growable}
+    if width < 1:
+        changes = {gid: keep_change(torch.arange(seed_channels(w, width, coupling.groups[gid].granularity)))
+                   for gid, w in widths.items()}
+        apply_changes(gm, coupling, widths, changes, torch.Generator().manual_seed(seed))
+    return gm, coupling, widths, full_params
+
+
+def seed_channels(width: int, fraction: float, granularity: int) -> int:
+    return max(granularity, int(round(width * fraction / granularity)) * granularity)
+
+
+def _fix_reused_modules(coupling: CouplingResult) -> None:
+    """A module called at two places with different channel layouts cannot be resized consistently."""
+    seen: dict[tuple, tuple] = {}
+    for b in coupling.bindings:
+        if b.role not in ("in", "out", "grouped", "feat"):
+            continue
+        lay = binding_layout(coupling, b)
+        key = (b.target, b.role)
+        if key in seen and seen[key] != lay:
+            for gid, _, _ in lay + seen[key]:
+                g = coupling.groups[gid]
+                g.reasons.append(f"module '{b.target}' is called with different channel layouts")
+                g.growable = False
+        seen[key] = lay
+
+
+class GrowableNet(nn.Module):
+    """A traced backbone whose conv/linear weights are shared across tasks under per-task masks."""
+
+    def __init__(self, gm: fx.GraphModule, coupling: CouplingResult, ctx: TaskContext, *, full_params: int,
+                 seed: int, head: str, input_shape: tuple):
+        super().__init__()
+        self.graph_module = gm
+        self.gates = nn.ParameterDict()
+        self.ctx = ctx
+        self.coupling = coupling
+        self.full_params = full_params
+        self.head_target = head
+        self.input_shape = input_shape
+        self.num_classes: list[int] = []
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # -- structure ------------------------------------------------------------------------------------------
+    @property
+    def coupling_groups(self) -> list[CouplingGroup]:
+        """Coupling groups with their current widths."""
+        return [dataclasses.replace(g, width=self.ctx.widths.get(g.id, g.width)) for g in self.coupling.groups
+                if g.members]
+
+    @property
+    def growable_groups(self) -> list[CouplingGroup]:
+        return [g for g in self.coupling_groups if g.growable]
+
+    def groups_matching(self, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+                        layer_types: Sequence[str] = ()) -> list[int]:
+        """Growable groups with a member module matching `include` (globs) and none matching `exclude`."""
+        out = []
+        for g in self.growable_groups:
+            targets = [b.target for b in g.members if b.role in ("in", "out", "grouped", "feat")]
+            if not any(fnmatch.fnmatchcase(t, p) for t in targets for p in include):
+                continue
+            if any(fnmatch.fnmatchcase(t, p) for t in targets for p in exclude):
+                continue
+            if layer_types:
+                types = {self._layer_type_name(t) for t in targets}
+                if not types & set(layer_types):
+                    continue
+            out.append(g.id)
+        return out
+
+    def _layer_type_name(self, target: str) -> str:
+        m = self.graph_module.get_submodule(target)
+        if isinstance(m, PerTask):
+            return type(m.pending).__name__
+        if hasattr(m, "conv_type"):
+            return m.conv_type.__name__
+        return "Linear" if isinstance(m, MaskedLayer) else type(m).__name__
+
+    def task_modules(self):
+        for m in self.modules():
+            if isinstance(m, (MaskedLayer, PerTask, TaskParameter)):
+                yield m
+
+    def masked_layers(self) -> list[MaskedLayer]:
+        return [m for m in self.modules() if isinstance(m, MaskedLayer)]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.ctx.num_tasks
+
+    @property
+    def learning_task(self) -> int | None:
+        return self.ctx.learning_task
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        t = self.ctx.num_tasks - 1 if task is None else int(task)
+        if not 0 <= t < self.ctx.num_tasks:
+            raise IndexError(f"task {task} does not exist (the net has {self.ctx.num_tasks} tasks)")
+        self.ctx.task = t
+        return self.graph_module(x)
+
+    # -- task lifecycle -------------------------------------------------------------------------------------
+    def add_task(self, num_classes: int) -> int:
+        """Add a task with its own head and norm state; the previous task is frozen first."""
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if self.ctx.learning_task is not None:
+            self.freeze_task(self.ctx.learning_task)
+        t = self.ctx.num_tasks
+        self.ctx.num_tasks += 1
+        self.num_classes.append(num_classes)
+        device = self._device()
+        for m in list(self.task_modules()):
+            if isinstance(m, PerTask):
+                m.add_task(num_classes=num_classes, generator=self.generator)
+                m.copies[-1].to(device)
+            elif isinstance(m, TaskParameter):
+                m.add_task()
+        self.ctx.task = t
+        self.ctx.bump()
+        self.configure()
+        return t
+
+    def set_policy(self, policy: MaskPolicy) -> None:
+        self.ctx.policy = policy
+        self.configure()
+
+    def configure(self) -> None:
+        """Recompute which masks the learning task puts on which units (after a policy change or growth)."""
+        t = self.ctx.learning_task
+        if t is None:
+            return
+        for m in self.masked_layers():
+            m.configure(t)
+
+    def freeze_task(self, task: int) -> None:
+        """Binarise the task's masks, drop its pruned candidate channels, and make everything it owns immutable."""
+        if task != self.ctx.learning_task:
+            raise ValueError(f"task {task} is not the task being learned ({self.ctx.learning_task})")
+        self.settle_gates()
+        for m in list(self.task_modules()):
+            m.freeze(task)
+        self.ctx.frozen.add(task)
+        self.ctx.bump()
+
+    # -- growth ---------------------------------------------------------------------------------------------
+    def grow(self, ratio: float | None = None, channels: int | None = None, groups: Iterable[int] | None = None,
+             gated: bool = False) -> dict[int, int]:
+        """Add channels to growable groups (all by default), keeping every task's outputs unchanged.
+
+        `ratio` is relative to each group's current width; `channels` is an absolute count.  Counts round up
+        to a group's granularity (grouped convs grow by whole groups).  With `gated`, the new channels get a
+        learnable grown-mask (continuous sparsification) for the task being learned.
+        """
+        if (ratio is None) == (channels is None):
+            raise ValueError("give exactly one of ratio= or channels=")
+        if ratio is not None and ratio <= 0 or channels is not None and channels <= 0:
+            raise ValueError("growth must add at least one channel")
+        gids = list(groups) if groups is not None else [g.id for g in self.growable_groups]
+        birth = self.ctx.birth_task
+        changes: dict[int, GroupChange] = {}
+        added: dict[int, int] = {}
+        for gid in gids:
+            g = self.coupling.groups[gid]
+            if not g.growable:
+                raise SurgeryError(f"group {gid} is fixed: {'; '.join(g.reasons)}")
+            w = self.ctx.widths[gid]
+            n = channels if channels is not None else math.ceil(ratio * w)
+            n = math.ceil(n / g.granularity) * g.granularity
+            changes[gid], added[gid] = grow_change(w, n), n
+        apply_changes(self.graph_module, self.coupling, self.ctx.widths, changes, self.generator, birth=birth)
+        device = self._device()
+        for gid, n in added.items():
+            self.ctx.births[gid] = torch.cat([self.ctx.births[gid], torch.full((n,), birth, dtype=torch.long)])
+            if gated and self.ctx.learning_task is not None:
+                old = self.gates[str(gid)].data if str(gid) in self.gates else torch.empty(0, device=device)
+                fresh = torch.full((n,), self.ctx.policy.cs.init, device=device)
+                self.gates[str(gid)] = nn.Parameter(torch.cat([old, fresh]))
+        self.ctx.gates = {int(k): v for k, v in self.gates.items()}
+        self.to(device)
+        self.ctx.bump()
+        self.configure()
+        return added
+
+    def settle_gates(self) -> dict[int, int]:
+        """End of a learnable growth: drop candidates whose gate is off, fold the kept gates into the weights."""
+        pruned: dict[int, int] = {}
+        if not len(self.gates):
+            return pruned
+        changes: dict[int, GroupChange] = {}
+        for key, s in self.gates.items():
+            gid = int(key)
+            hard = M.cs_hard(s.detach(), self.ctx.beta, self.ctx.policy.cs)
+            self._scale_consumer_columns(gid, hard)
+            w, n = self.ctx.widths[gid], s.numel()
+            keep_cand = self._round_keep(gid, hard > 0, w - n)
+            keep = torch.cat([torch.arange(w - n), (w - n) + keep_cand.nonzero().squeeze(1).cpu()])
+            if keep.numel() < w:
+                changes[gid] = keep_change(keep)
+                pruned[gid] = w - keep.numel()
+        self.gates.clear()
+        self.ctx.gates = {}
+        if changes:
+            apply_changes(self.graph_module, self.coupling, self.ctx.widths, changes, self.generator,
+                          birth=self.ctx.birth_task)
+            for gid, ch in changes.items():
+                self.ctx.births[gid] = self.ctx.births[gid][ch.src]
+        self.ctx.bump()
+        self.configure()
+        return pruned
+
+    def _round_keep(self, gid: int, keep: torch.Tensor, offset: int) -> torch.Tensor:
+        gran = self.coupling.groups[gid].granularity
+        if gran == 1:
+            return keep
+        blocks = keep.view(-1, gran).any(dim=1, keepdim=True)
+        return blocks.expand(-1, gran).reshape(-1)
+
+    def _scale_consumer_columns(self, gid: int, hard: torch.Tensor) -> None:
+        """Multiply the input columns of the group's newest channels by their hard gate value."""
+        w, n = self.ctx.widths[gid], hard.numel()
+        for b in self.coupling.groups[gid].members:
+            if b.role != "in":
+                continue
+            layout = binding_layout(self.coupling, b)
+            scale = torch.ones(_axis_size(layout, self.ctx.widths), device=hard.device)
+            pos = 0
+            for g2, factor, fixed in layout:
+                w2 = self.ctx.widths.get(g2, fixed)
+                if g2 == gid:
+                    scale[pos + (w - n) * factor: pos + w * factor] = hard.repeat_interleave(factor)
+                pos += w2 * factor
+            module = self.graph_module.get_submodule(b.target)
+            weight = module.copies[self.ctx.learning_task].weight if isinstance(module, PerTask) else module.weight
+            with torch.no_grad():
+                weight.mul_(scale.to(weight.dtype).view((1, -1) + (1,) * (weight.dim() - 2)))
+
+    # -- what the learner trains ----------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The learning task's parameters, split by optimiser: weights, masks (unit scores), gates."""
+        t = self.ctx.learning_task
+        out: dict[str, list[nn.Parameter]] = {"weights": [], "masks": [], "gates": list(self.gates.values())}
+        if t is None:
+            return out
+        for m in self.task_modules():
+            if isinstance(m, MaskedLayer):
+                if m.weight.requires_grad:
+                    out["weights"].append(m.weight)
+                if m.score is not None:
+                    out["masks"].append(m.score)
+            elif isinstance(m, PerTask):
+                out["weights"] += [p for p in m.copies[t].parameters() if p.requires_grad]
+            elif m.copies[t].requires_grad:
+                out["weights"].append(m.copies[t])
+        return out
+
+    def gate_costs(self) -> dict[int, float]:
+        """Weights each channel of a gated group brings (producer rows, consumer columns, norm entries)."""
+        costs: dict[int, float] = {}
+        for gid in self.ctx.gates:
+            total = 0.0
+            for b in self.coupling.groups[gid].members:
+                if b.role not in ("in", "out", "grouped"):
+                    continue
+                m = self.graph_module.get_submodule(b.target)
+                w = m.copies[-1].weight if isinstance(m, PerTask) else m.weight
+                if b.role == "in":
+                    reps = sum(f for g2, f, _ in binding_layout(self.coupling, b) if g2 == gid)
+                    total += w.shape[0] * math.prod(w.shape[2:]) * reps
+                else:
+                    total += math.prod(w.shape[1:])
+            costs[gid] = total
+        return costs
+
+    def unit_stats(self) -> dict:
+        """For the learning task: fraction of old units its selective mask drops, re-trained released weights."""
+        sel = sel_zero = retrained = 0
+        t = self.ctx.learning_task
+        for m in self.masked_layers():
+            if m.kind is None:
+                continue
+            used = m.used_units()
+            is_sel = m.kind == SEL
+            sel += int(is_sel.sum())
+            sel_zero += int((is_sel & ~used).sum())
+            released = (m.kind == DENSE) & (m.owner == FREE) & ~m.grown_units(t)  # old channels, free units
+            retrained += int((released & used).sum()) * m.unit_size
+        return {"selective_zero_frac": sel_zero / sel if sel else None, "retrained": retrained}
+
+    def free_weights(self) -> int:
+        """Weights in the banks that no finished task uses (released, available to the next task)."""
+        return sum(int((m.owner == FREE).sum()) * m.unit_size for m in self.masked_layers())
+
+    # -- export and accounting ------------------------------------------------------------------------------
+    def export(self, task: int, prune_unused: bool = True) -> fx.GraphModule:
+        """A plain `fx.GraphModule` of standard layers computing task `task`, unused channels removed."""
+        if not 0 <= task < self.ctx.num_tasks:
+            raise IndexError(f"task {task} does not exist")
+        was = self.training
+        self.eval()
+        try:
+            sub = export_graph(self.graph_module, task)
+        finally:
+            self.train(was)
+        widths = {gid: int((b <= task).sum()) for gid, b in self.ctx.births.items()}
+        if prune_unused:
+            changes = self._unused_channel_changes(sub, widths)
+            if changes:
+                apply_changes(sub, self.coupling, widths, changes)
+        return sub.eval()
+
+    def _unused_channel_changes(self, sub: fx.GraphModule, widths: dict[int, int]) -> dict[int, GroupChange]:
+        changes = {}
+        for gid, w in widths.items():
+            consumers = [b for b in self.coupling.groups[gid].members if b.role == "in"]
+            if not consumers or w == 0:
+                continue
+            alive = torch.zeros(w, dtype=torch.bool)
+            for b in consumers:
+                weight = sub.get_submodule(b.target).weight.detach()
+                used = weight.ne(0).transpose(0, 1).reshape(weight.shape[1], -1).any(dim=1).cpu()
+                pos = 0
+                for g2, factor, fixed in binding_layout(self.coupling, b):
+                    w2 = widths.get(g2, fixed)
+                    if g2 == gid:
+                        alive |= used[pos: pos + w2 * factor].view(w2, factor).any(dim=1)
+                    pos += w2 * factor
+            alive = self._round_keep(gid, alive, 0)
+            if not alive.any():
+                alive[: self.coupling.groups[gid].granularity] = True
+            if not alive.all():
+                changes[gid] = keep_change(alive.nonzero().squeeze(1))
+        return changes
+
+    def num_parameters(self, task: int | None = None) -> int:
+        """Parameters stored (task=None) or the parameters task `task` computes with."""
+        total = 0
+        for m in self.task_modules():
+            if isinstance(m, MaskedLayer):
+                total += m.weight.numel() if task is None else m.used_count(task)
+            else:  # per-task copies
+                copies = m.copies if task is None else [m.copies[task]]
+                total += sum(_numel(c) for c in copies)
+        return total
+
+    def mask_bytes(self, task: int | None = None) -> int:
+        """Bytes of bit-packed masks stored for one finished task, or for all."""
+        tasks = sorted(self.ctx.frozen) if task is None else [task]
+        return sum(m.mask_bytes(t) for m in self.masked_layers() for t in tasks)
+
+    def _device(self) -> torch.device:
+        return next(self.graph_module.parameters()).device
+
+    def extra_repr(self) -> str:
+        g = self.growable_groups
+        return (f"tasks={self.ctx.num_tasks}, coupling_groups={len(self.coupling_groups)}, growable={len(g)}, "
+                f"parameters={self.num_parameters()}")
+
+
+def _numel(x) -> int:
+    return x.numel() if isinstance(x, torch.Tensor) else count_parameters(x)
+
+
+def _axis_size(layout: tuple, widths: dict[int, int]) -> int:
+    return sum(widths.get(g, fixed) * factor for g, factor, fixed in layout)

@@ -1,0 +1,177 @@
+"""Step 3 (part 2): rewrite a plain traced graph into a task-aware one, and back (export).
+
+Every module or tensor a task computes with is replaced by a task-aware counterpart, so that no parameter
+is ever shared mutably between tasks:
+
+    conv / linear (not the head)      -> MaskedConv / MaskedLinear   (shared bank, per-task masks)
+    classifier head                   -> PerTask('head')              (one head per task)
+    norms, other modules with params  -> PerTask('norm' / 'module')   (per-task copies and statistics)
+    nn.MultiheadAttention             -> TaskMultiheadAttention       (masked projection banks)
+    get_attr of a parameter           -> TaskParameter / WeightOf     (per-task copy / the layer's weight)
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from torch import fx, nn
+
+from grownfx.engine.banks import MaskedConv, MaskedLinear, TaskMultiheadAttention
+from grownfx.engine.context import TaskContext
+from grownfx.engine.layers import PerTask, TaskParameter, WeightOf, _TaskModule
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
+          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, last = path.split(".")
+    obj = root
+    for p in parents:
+        if not hasattr(obj, p):
+            obj.add_module(p, nn.Module())
+        obj = getattr(obj, p)
+    setattr(obj, last, module)
+
+
+def _param_holder_name(target: str) -> str:
+    return "task_params." + re.sub(r"[^0-9a-zA-Z_]", "_", target)
+
+
+def make_task_aware(
+    gm: fx.GraphModule, heads: list[str], ctx: TaskContext, granularity: str = "kernel"
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Replace modules and parameters in place; returns the graph module and a map param path -> holder path."""
+    replaced: dict[str, nn.Module] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in replaced:
+            continue
+        m = gm.get_submodule(node.target)
+        new = _task_module(m, node.target, heads, ctx, granularity)
+        if new is not None:
+            set_submodule(gm, node.target, new)
+            replaced[node.target] = new
+    holders: dict[str, str] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        owner_path, _, attr = node.target.rpartition(".")
+        try:
+            value = gm.get_parameter(node.target)
+        except AttributeError:
+            continue  # a buffer or a constant: shared and immutable
+        owner = replaced.get(owner_path)
+        if owner is None and owner_path:
+            try:
+                m = gm.get_submodule(owner_path)
+            except AttributeError:
+                m = None
+            if isinstance(m, _CONVS + (nn.Linear,)) and attr in ("weight", "bias"):
+                owner = MaskedConv(m, ctx, owner_path, granularity) if isinstance(m, _CONVS) else \
+                    MaskedLinear(m, ctx, owner_path, granularity)
+                set_submodule(gm, owner_path, owner)
+                replaced[owner_path] = owner
+        if owner is not None:
+            holder_path = owner_path + "__" + attr
+            new: nn.Module = WeightOf(owner, attr, ctx, holder_path)
+        else:
+            holder_path = _param_holder_name(node.target)
+            new = TaskParameter(value, ctx, holder_path)
+        holder_path = holder_path.replace(".", "_") if owner is not None else holder_path
+        set_submodule(gm, holder_path, new)
+        holders[node.target] = holder_path
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(holder_path)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, holders
+
+
+def _task_module(m: nn.Module, target: str, heads: list[str], ctx: TaskContext, granularity: str):
+    if isinstance(m, _TaskModule):
+        return None
+    if target in heads:
+        return PerTask(m, ctx, target, "head")
+    if isinstance(m, _CONVS):
+        return MaskedConv(m, ctx, target, granularity)
+    if isinstance(m, nn.Linear):
+        return MaskedLinear(m, ctx, target, granularity)
+    if isinstance(m, nn.MultiheadAttention):
+        return TaskMultiheadAttention(m, ctx, target, granularity)
+    if isinstance(m, _NORMS):
+        return PerTask(m, ctx, target, "norm") if any(True for _ in m.parameters()) or _has_stats(m) else None
+    if any(True for _ in m.parameters()):
+        return PerTask(m, ctx, target, "module")
+    return None
+
+
+def _has_stats(m: nn.Module) -> bool:
+    return getattr(m, "running_mean", None) is not None
+
+
+def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
+    """A plain GraphModule computing what `gm` computes for `task`: standard layers, that task's tensors only."""
+    root = nn.Module()
+    graph = copy.deepcopy(gm.graph)
+    plain_cache: dict[str, nn.Module] = {}
+
+    def plain_of(path: str) -> nn.Module:
+        if path not in plain_cache:
+            m = gm.get_submodule(path)
+            if isinstance(m, PerTask):
+                plain_cache[path] = copy.deepcopy(m.copy_for(task))
+            elif hasattr(m, "to_plain"):
+                plain_cache[path] = m.to_plain(task)
+            else:
+                plain_cache[path] = copy.deepcopy(m)
+            set_submodule(root, path, plain_cache[path])
+        return plain_cache[path]
+
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, TaskParameter):
+                value = m.copy_for(task).detach().clone()
+                _set_param(root, node.target, nn.Parameter(value))
+                node.op = "get_attr"
+            elif isinstance(m, WeightOf):
+                layer = m.__dict__["layer"]
+                plain = plain_of(layer.target)
+                path = layer.target + "." + m.which
+                node.op, node.target = "get_attr", path
+                del plain
+            else:
+                plain_of(node.target)
+        elif node.op == "get_attr":
+            value = _get_attr(gm, node.target)
+            _set_param(root, node.target, value.detach().clone() if isinstance(value, torch.Tensor) else value,
+                       buffer=True)
+    out = fx.GraphModule(root, graph, gm.__class__.__name__ + f"_task{task}")
+    return out.eval()
+
+
+def _get_attr(root: nn.Module, path: str):
+    obj = root
+    for p in path.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def _set_param(root: nn.Module, path: str, value, buffer: bool = False) -> None:
+    *parents, last = path.split(".")
+    obj = root
+    for p in parents:
+        if not hasattr(obj, p):
+            obj.add_module(p, nn.Module())
+        obj = getattr(obj, p)
+    if isinstance(value, nn.Parameter) or not buffer:
+        obj.register_parameter(last, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
+    elif isinstance(value, torch.Tensor):
+        obj.register_buffer(last, value)
+    else:
+        setattr(obj, last, value)

@@ -1,0 +1,108 @@
+"""A GrowableNet's structure and state, for checkpoints.
+
+A GrowableNet's shapes change as it learns (growth, per-task copies, packed masks), so its state is its
+*structure* (tasks, channel births, which layers have masks) next to its state dict.  Restoring rebuilds that
+structure on a freshly prepared net from the same recipe, then loads the tensors strictly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from grownfx.engine import masks as M
+from grownfx.engine.context import MaskPolicy
+from grownfx.engine.layers import PerTask, TaskParameter
+from grownfx.engine.net import GrowableNet
+from grownfx.engine.surgery import apply_changes, grow_change
+
+FORMAT = 1
+
+
+def net_structure(net: GrowableNet) -> dict:
+    ctx = net.ctx
+    layers = {}
+    for m in net.masked_layers():
+        layers[m.target] = {"score": m.score is not None, "kind": m.kind is not None,
+                            "masks": {str(t): list(s) for t, s in m.mask_shapes.items()}}
+    return {
+        "format": FORMAT,
+        "num_classes": list(net.num_classes),
+        "frozen": sorted(ctx.frozen),
+        "births": {str(g): b.tolist() for g, b in ctx.births.items()},
+        "gates": {k: int(v.numel()) for k, v in net.gates.items()},
+        "policy": _policy_to_dict(ctx.policy),
+        "beta": ctx.beta,
+        "temperature": ctx.temperature,
+        "layers": layers,
+        "generator": net.generator.get_state(),
+    }
+
+
+def restore_net(net: GrowableNet, structure: dict, state: dict) -> GrowableNet:
+    """Rebuild `structure` on a freshly prepared `net` (same recipe), then load `state` strictly."""
+    if structure.get("format") != FORMAT:
+        raise ValueError(f"checkpoint format {structure.get('format')} is not {FORMAT}")
+    ctx = net.ctx
+    births = {int(g): torch.tensor(b, dtype=torch.long) for g, b in structure["births"].items()}
+    device = net._device()
+    for k, nc in enumerate(structure["num_classes"]):
+        ctx.num_tasks = k + 1
+        net.num_classes.append(nc)
+        for m in net.task_modules():
+            if isinstance(m, (PerTask, TaskParameter)):
+                m.add_task(num_classes=nc, generator=net.generator)
+        changes = {g: grow_change(ctx.widths[g], int((b == k).sum())) for g, b in births.items() if (b == k).any()}
+        if changes:
+            apply_changes(net.graph_module, net.coupling, ctx.widths, changes, net.generator, birth=k)
+        if k in structure["frozen"]:
+            for m in net.task_modules():
+                if isinstance(m, (PerTask, TaskParameter)):
+                    m.freeze(k)
+            ctx.frozen.add(k)
+    # channels born for a task not added yet (grown after the last freeze)
+    k = ctx.num_tasks
+    changes = {g: grow_change(ctx.widths[g], int((b == k).sum())) for g, b in births.items() if (b == k).any()}
+    if changes:
+        apply_changes(net.graph_module, net.coupling, ctx.widths, changes, net.generator, birth=k)
+    ctx.births = births
+    ctx.policy = _policy_from_dict(structure["policy"])
+    ctx.beta, ctx.temperature = structure["beta"], structure["temperature"]
+    for m in net.masked_layers():
+        spec = structure["layers"].get(m.target, {})
+        for t, shape in spec.get("masks", {}).items():
+            m.register_buffer(f"mask_{t}", torch.zeros((math.prod(shape) + 7) // 8, dtype=torch.uint8))
+            m.mask_shapes[int(t)] = tuple(shape)
+        unit = m.owner.shape
+        m.kind = torch.zeros(unit, dtype=torch.int8) if spec.get("kind") else None
+        m.score = nn.Parameter(torch.zeros(unit)) if spec.get("score") else None
+        if spec.get("masks") and m.frozen.shape != m.weight.shape:
+            m.frozen = torch.zeros_like(m.weight)
+    for key, n in structure["gates"].items():
+        net.gates[key] = nn.Parameter(torch.zeros(n))
+    net.to(device)
+    net.load_state_dict(state, strict=True)
+    ctx.gates = {int(k): v for k, v in net.gates.items()}
+    for m in net.masked_layers():
+        m.weight.requires_grad_(bool((m.owner == -1).any()))
+        m._cache = m._frozen_cache = m._plan = None
+    net.generator.set_state(structure["generator"])
+    ctx.task = ctx.num_tasks - 1 if ctx.num_tasks else None
+    ctx.bump()
+    return net
+
+
+def _policy_to_dict(p: MaskPolicy) -> dict:
+    return dataclasses.asdict(p)
+
+
+def _policy_from_dict(d: dict) -> MaskPolicy:
+    return MaskPolicy(
+        frozen_kind=d["frozen_kind"], released_kind=d["released_kind"], grown_kind=d["grown_kind"], gates=d["gates"],
+        selective_kind=d["selective_kind"], selective=M.GumbelConfig(**d["selective"]),
+        selective_ste=M.STEConfig(**d["selective_ste"]), attentive_kind=d["attentive_kind"],
+        attentive=M.STEConfig(**d["attentive"]), attentive_gumbel=M.GumbelConfig(**d["attentive_gumbel"]),
+        cs=M.CSConfig(**d["cs"]))

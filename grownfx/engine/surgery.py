@@ -1,0 +1,229 @@
+"""Step 3 (part 1): resize channel groups.  One operation serves seed slimming, growth, pruning and export.
+
+A change to a group is an *index map* over its channels: `src[j]` is the old channel that new channel `j`
+comes from, or -1 for a new channel.  Slicing to a seed keeps a prefix, growth appends -1s, pruning and
+export drop indices.  Each binding of the group (a layer axis, a parameter axis, a graph literal) turns the
+group map into a map over its own axis (segments, flatten factors) and applies it with the fill that keeps
+the network's function: new producer rows random, new consumer columns zero, new norm entries identity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from grownfx.engine.coupling import Binding, CouplingResult
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
+         nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+@dataclass
+class GroupChange:
+    """New channel order of one group: `src[j]` = old index, or -1 for a channel added here."""
+
+    src: torch.Tensor  # int64 (new_width,)
+
+    @property
+    def new_width(self) -> int:
+        return int(self.src.numel())
+
+
+def grow_change(width: int, n: int) -> GroupChange:
+    return GroupChange(torch.cat([torch.arange(width), torch.full((n,), -1, dtype=torch.long)]))
+
+
+def keep_change(keep: torch.Tensor) -> GroupChange:
+    return GroupChange(keep.to(torch.long))
+
+
+def axis_map(layout: tuple, changes: dict[int, GroupChange], widths: dict[int, int]) -> torch.Tensor | None:
+    """Index map over a whole axis whose layout is `((group_id, factor, fixed_width), ...)`; None if unchanged."""
+    parts, pos, touched = [], 0, False
+    for gid, factor, fixed in layout:
+        w = widths.get(gid, fixed)
+        if gid in changes:
+            touched = True
+            src = changes[gid].src
+            expanded = src[:, None] * factor + torch.arange(factor)
+            expanded = torch.where(src[:, None] >= 0, expanded + pos, torch.full_like(expanded, -1))
+            parts.append(expanded.reshape(-1))
+        else:
+            parts.append(torch.arange(pos, pos + w * factor))
+        pos += w * factor
+    return torch.cat(parts) if touched else None
+
+
+def remap(t: torch.Tensor, axis: int, src: torch.Tensor, fill: torch.Tensor | float) -> torch.Tensor:
+    """`out.select(axis, j) = t.select(axis, src[j])` where src[j] >= 0, else `fill` (a tensor of out's shape or a scalar)."""
+    shape = list(t.shape)
+    shape[axis] = int(src.numel())
+    if isinstance(fill, torch.Tensor):
+        out = fill.to(device=t.device, dtype=t.dtype).clone()
+    else:
+        out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+    kept = (src >= 0).nonzero().squeeze(1).to(t.device)
+    if kept.numel():
+        out.index_copy_(axis, kept, t.index_select(axis, src.to(t.device)[kept]))
+    return out
+
+
+def random_fill(shape: tuple, fan_in: int, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """PyTorch's default conv/linear init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    r = torch.rand(shape, generator=generator, dtype=torch.float32)
+    return ((r * 2 - 1) * bound).to(device=like.device, dtype=like.dtype)
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, value)
+
+
+def resize_plain(module: nn.Module, role: str, src: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Apply an axis map to a standard torch layer, keeping its attributes (in_channels, ...) in step."""
+    n = int(src.numel())
+    if isinstance(module, _CONV + (nn.Linear,)):
+        w = module.weight
+        if role in ("out", "grouped"):
+            fan_in = math.prod(w.shape[1:])
+            fill = random_fill((n,) + tuple(w.shape[1:]), fan_in, generator, w)
+            _set(module, "weight", remap(w.data, 0, src, fill))
+            if module.bias is not None:
+                _set(module, "bias", remap(module.bias.data, 0, src, 0.0))
+        elif role == "in":
+            _set(module, "weight", remap(w.data, 1, src, 0.0))
+        else:
+            raise ValueError(f"role {role!r} does not apply to {type(module).__name__}")
+        _update_attrs(module, role, n)
+    elif isinstance(module, _NORM):
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            t = getattr(module, name, None)
+            if isinstance(t, torch.Tensor):
+                _set(module, name, remap(t.data, 0, src, fill))
+        _update_attrs(module, role, n)
+    else:
+        raise TypeError(f"cannot resize a {type(module).__name__}")
+
+
+def set_conv_width(conv, role: str, n: int) -> None:
+    """A conv's in/out channels (and groups, for a grouped conv whose in and out are one group) after a resize;
+    also used by the task-aware MaskedConv, which carries the same attributes."""
+    if role == "in":
+        conv.in_channels = n
+    elif role == "out":
+        conv.out_channels = n
+    else:
+        per_group = conv.in_channels // conv.groups
+        conv.in_channels = conv.out_channels = n
+        conv.groups = n // per_group
+
+
+def set_linear_width(linear, role: str, n: int) -> None:
+    if role == "in":
+        linear.in_features = n
+    else:
+        linear.out_features = n
+
+
+def _update_attrs(module: nn.Module, role: str, n: int) -> None:
+    if isinstance(module, _CONV):
+        set_conv_width(module, role, n)
+    elif isinstance(module, nn.Linear):
+        set_linear_width(module, role, n)
+    elif isinstance(module, nn.GroupNorm):
+        per_group = module.num_channels // module.num_groups
+        module.num_channels, module.num_groups = n, n // per_group
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = (n,)
+    elif hasattr(module, "num_features"):
+        module.num_features = n
+
+
+def _get_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_path(root: nn.Module, path: str, value) -> None:
+    *parents, last = path.split(".")
+    obj = root
+    for part in parents:
+        obj = getattr(obj, part)
+    if isinstance(getattr(obj, last), nn.Parameter):
+        value = nn.Parameter(value, requires_grad=getattr(obj, last).requires_grad)
+    setattr(obj, last, value)
+
+
+def apply_binding(gm: fx.GraphModule, b: Binding, src: torch.Tensor, generator=None, **kw) -> bool:
+    """Resize one binding in `gm`; returns True when the graph itself changed (a literal)."""
+    if b.role == "literal":
+        node = next(n for n in gm.graph.nodes if n.name == b.target)
+        args = list(node.args)
+        if len(args) == 2 and isinstance(args[1], (list, tuple)):
+            inner = list(args[1])
+            inner[b.axis] = int(src.numel())
+            args[1] = type(args[1])(inner)
+        else:
+            args[b.axis + 1] = int(src.numel())
+        node.args = tuple(args)
+        return True
+    if b.role == "param":
+        t = _get_path(gm, b.target)
+        if hasattr(t, "resize_axis"):  # a task-aware parameter holder
+            t.resize_axis(b.role, src, generator=generator, axis=b.axis, **kw)
+        else:
+            _set_path(gm, b.target, remap(t.data, b.axis, src, 0.0))
+        return False
+    module = gm.get_submodule(b.target)
+    if hasattr(module, "resize_axis"):
+        module.resize_axis(b.role, src, generator=generator, **kw)
+    else:
+        resize_plain(module, b.role, src, generator)
+    return False
+
+
+def binding_layout(result: CouplingResult, b: Binding) -> tuple:
+    """A binding's layout as ((group_id, factor, fixed_width), ...)."""
+    return tuple((result.var_group[s.var], s.factor, s.width) for s in b.layout)
+
+
+def apply_changes(
+    gm: fx.GraphModule,
+    result: CouplingResult,
+    widths: dict[int, int],
+    changes: dict[int, GroupChange],
+    generator: torch.Generator | None = None,
+    **kw,
+) -> None:
+    """Apply group changes to every binding they touch (each binding once), then update `widths`."""
+    for gid in changes:
+        group = result.groups[gid]
+        if not group.growable:
+            raise ValueError(f"group {gid} is fixed ({'; '.join(group.reasons)}) and cannot be resized")
+        gran = group.granularity
+        if changes[gid].new_width % gran:
+            raise ValueError(f"group {gid} must keep a multiple of {gran} channels, got {changes[gid].new_width}")
+    seen: set[int] = set()
+    graph_changed = False
+    for gid in changes:
+        for b in result.groups[gid].members:
+            if id(b) in seen:
+                continue
+            seen.add(id(b))
+            src = axis_map(binding_layout(result, b), changes, widths)
+            if src is not None:
+                graph_changed |= apply_binding(gm, b, src, generator, **kw)
+    for gid, ch in changes.items():
+        widths[gid] = ch.new_width
+    if graph_changed:
+        gm.recompile()

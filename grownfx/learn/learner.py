@@ -1,0 +1,261 @@
+"""Step 5: the GROWN learner, a readable loop over the engine.
+
+For each task t:
+    task 1 : learnable sparse growth (LSG) from the seed: a gated candidate pool, attentive masks on it
+    task t>1: stage 1 "pick and reuse": selective mask on old weights + re-train released weights
+             stage 2 "expand only if needed": while val accuracy < target and budget left: an LSG round
+    then   : binarise, drop pruned candidates, freeze what the task owns
+The ablation switches (selective mask, LSG's attentive mask, re-training) only change the mask policy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from grownfx.engine import masks as M
+from grownfx.recipe.schema import GrowthConfig, MasksConfig, TrainingConfig
+from grownfx.engine.context import ATT, DENSE, OFF, SEL, MaskPolicy
+from grownfx.data import Task
+from grownfx.learn.distributed import Dist
+from grownfx.engine.net import GrowableNet
+from grownfx.learn.training import StageOptim, Timer, derive_seed, make_optimizer, run_epoch
+
+
+@dataclass
+class TaskRecord:
+    """What happened while learning one task (the runner adds test accuracies)."""
+
+    index: int
+    name: str
+    num_classes: int
+    target: Optional[float] = None
+    val_acc: float = 0.0
+    val_history: list[float] = field(default_factory=list)
+    grew: bool = False
+    growth_rounds: int = 0
+    growth: dict[str, int] = field(default_factory=dict)
+    pruned_candidates: int = 0
+    params_stored: int = 0
+    params_task: int = 0
+    mask_bytes: int = 0
+    time_s: float = 0.0
+    epochs: int = 0
+    selective_zero_frac: Optional[float] = None
+    released: int = 0
+    retrained: int = 0
+    extra: dict = field(default_factory=dict)  # method-specific facts (e.g. CPG's chosen sparsity)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LearnerPosition:
+    """Where a task's training stands; saved in mid-task checkpoints."""
+
+    stage: str = "start"  # start | stage1 | grow | done
+    round: int = 0
+    epoch: int = 0
+    val_history: list[float] = field(default_factory=list)
+    widths_at_start: dict[str, int] = field(default_factory=dict)
+    epochs_done: int = 0
+    pruned: int = 0
+    elapsed: float = 0.0
+
+
+def build_policy(task: int, switches: tuple[bool, bool, bool], masks: MasksConfig) -> MaskPolicy:
+    selective, lsg, retrain = switches
+    sel = masks.selective
+    att = masks.attentive
+    return MaskPolicy(
+        frozen_kind=SEL if selective else DENSE,
+        # on task 1 the free units are the seed network itself: always trained
+        released_kind=DENSE if (retrain or task == 0) else OFF,
+        grown_kind=ATT if lsg else DENSE,
+        gates=True,
+        selective=M.GumbelConfig(sel.init, sel.threshold, sel.beta, sel.temperature, sel.final_temperature),
+        attentive_kind=att.kind,
+        attentive=M.STEConfig(att.init, att.threshold, att.scale),
+        attentive_gumbel=M.GumbelConfig(att.init, att.threshold, sel.beta, sel.temperature, sel.final_temperature),
+        cs=M.CSConfig(masks.grown.init, masks.grown.final_beta),
+    )
+
+
+class GrownLearner:
+    """Learns a stream of tasks into one GrowableNet with GROWN (or one of its ablations)."""
+
+    def __init__(self, net: GrowableNet, *, training: TrainingConfig, growth: GrowthConfig, masks: MasksConfig,
+                 switches: tuple[bool, bool, bool] = (True, True, True), sites: Optional[list[int]] = None,
+                 device: torch.device | str = "cpu", seed: int = 0,
+                 on_epoch: Callable[[dict], None] | None = None,
+                 checkpoint: Callable[["GrownLearner", LearnerPosition, StageOptim], None] | None = None,
+                 should_stop: Callable[[], bool] = lambda: False, dist: Optional[Dist] = None):
+        self.net = net.to(device)
+        self.dist = dist if dist is not None else Dist(device)  # one process: every collective is a no-op
+        self.training, self.growth, self.masks = training, growth, masks
+        self.switches = switches
+        self.device = torch.device(device)
+        self.seed = seed
+        self.sites = sites if sites is not None else net.groups_matching(growth.sites.include, growth.sites.exclude,
+                                                                         growth.sites.layer_types)
+        full = {g.id: g.width for g in net.coupling.groups}  # widths at analysis = the full backbone
+        self.full_widths = {gid: full[gid] for gid in self.sites}
+        self.on_epoch = on_epoch or (lambda info: None)
+        self.checkpoint = checkpoint
+        self.should_stop = should_stop
+        self.scaler = torch.amp.GradScaler("cuda") if training.precision == "fp16" and self.device.type == "cuda" \
+            else None
+
+    # -- one task -------------------------------------------------------------------------------------------
+    def learn(self, task: Task, target: Optional[float] = None, resume: Optional[tuple] = None) -> TaskRecord:
+        """Learn `task`; `resume` = (position, optimizer state) from a mid-task checkpoint."""
+        net, cfg = self.net, self.training
+        timer = Timer()
+        pos, optim_state = resume if resume is not None else (LearnerPosition(), None)
+        if pos.stage == "start":
+            t = net.add_task(task.num_classes)
+            net.set_policy(build_policy(t, self.switches, self.masks))
+            pos.widths_at_start = {str(g): w for g, w in net.ctx.widths.items()}
+            if t == 0:  # learnable sparse growth from the seed network
+                pos.stage = "grow" if self._grow_round(pos) else "stage1"
+            else:
+                pos.stage = "stage1"
+        t = net.num_tasks - 1
+        while True:
+            epochs = cfg.epochs if pos.stage == "stage1" else (cfg.stage2_epochs or cfg.epochs)
+            self._train_stage(task, t, pos, epochs, optim_state, timer)
+            optim_state = None
+            if pos.stage == "grow":
+                pos.pruned += sum(net.settle_gates().values())
+            val = self.evaluate(t, task.val)
+            pos.val_history.append(val)
+            if self.should_stop():
+                raise KeyboardInterrupt
+            if not self._wants_growth(pos, val, target):
+                break
+            if not self._grow_round(pos):
+                break
+            pos.stage, pos.epoch = "grow", 0
+        return self._finish(task, t, target, pos, timer)
+
+    def _wants_growth(self, pos: LearnerPosition, val: float, target: Optional[float]) -> bool:
+        if pos.round >= self.growth.max_rounds:
+            return False
+        if self.growth.when == "always":
+            return pos.round == 0
+        return target is not None and val < target
+
+    def _grow_round(self, pos: LearnerPosition) -> bool:
+        """Add a gated candidate pool at every site below its width cap; False when none can grow."""
+        net = self.net
+        plan = {}
+        for gid in self.sites:
+            full = self.full_widths[gid]
+            gran = net.coupling.groups[gid].granularity
+            n = math.ceil(self.growth.pool * full / gran) * gran
+            cap = int(self.growth.max_width * full)
+            n = min(n, (cap - net.ctx.widths[gid]) // gran * gran)
+            if n > 0:
+                plan[gid] = n
+        if not plan:
+            return False
+        for gid, n in plan.items():
+            net.grow(channels=n, groups=[gid], gated=True)
+        pos.round += 1
+        return True
+
+    def _train_stage(self, task: Task, t: int, pos: LearnerPosition, epochs: int, optim_state, timer: Timer):
+        net, cfg = self.net, self.training
+        optim = self._optimizers()
+        if optim_state is not None:
+            optim.load_state_dict(optim_state)
+        # DDP over this stage's parameter set (growth and freezing change it between stages); net itself alone
+        model = self.dist.wrap(net, trainable=self.net.trainable_parameters())
+        lsg = pos.stage == "grow"
+        costs = self._gate_costs() if lsg else {}
+        lam = self.masks.grown.lam
+        sel_t0, sel_t1 = self.masks.selective.temperature, self.masks.selective.final_temperature
+        for epoch in range(pos.epoch, epochs):
+            progress = epoch / max(epochs, 1)
+            seed = derive_seed(self.seed, t, pos.stage, pos.round, epoch)
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            # CS: beta is multiplied by final_beta^(1/(epochs-1)) each epoch, reaching final_beta at the last
+            net.ctx.beta = M.anneal(1.0, self.masks.grown.final_beta, epoch / max(epochs - 1, 1)) if lsg else 1.0
+            # the last epoch of a growth round trains the network that will be kept: binarised gates
+            net.ctx.hard_gates = lsg and epoch == epochs - 1
+            net.ctx.temperature = M.anneal(sel_t0, sel_t1, progress) if sel_t1 else None
+            optim.set_progress(progress)
+            net.train()
+            loader = self.dist.train_loader(task.train, cfg.batch_size, gen, self.device)  # this rank's shard
+            penalty = (lambda: self._penalty(costs, lam)) if costs and lam > 0 else None
+            ep_timer = Timer()
+            loss, pen, acc, n = run_epoch(self.dist.step_model(model, loader, t), loader, optim, self.device,
+                                          precision=cfg.precision, penalty=penalty,
+                                          channels_last=cfg.channels_last, scaler=self.scaler)
+            loss, pen, acc, n = self.dist.reduce_epoch(loss, pen, acc, n)
+            pos.epoch, pos.epochs_done = epoch + 1, pos.epochs_done + 1
+            self.on_epoch({"task": t, "stage": pos.stage, "round": pos.round, "epoch": epoch + 1, "epochs": epochs,
+                           "loss": loss, "penalty": pen, "train_acc": acc, "seconds": ep_timer.seconds,
+                           "images_per_s": n / max(ep_timer.seconds, 1e-9), "beta": net.ctx.beta})
+            if self.should_stop():
+                if self.checkpoint is not None and pos.epoch < epochs:
+                    pos.elapsed += timer.seconds
+                    self.checkpoint(self, pos, optim)
+                raise KeyboardInterrupt
+            every = cfg.checkpoint_every
+            if self.checkpoint is not None and every and pos.epoch % every == 0 and pos.epoch < epochs:
+                self.checkpoint(self, pos, optim)
+        net.ctx.hard_gates = False
+        pos.epoch = 0
+        model = None  # drop the stage's DDP wrapper (and its gradient hooks)
+        self.dist.end_stage(net)  # rank 0's buffers (BatchNorm statistics) on every rank
+
+    def _optimizers(self) -> StageOptim:
+        groups = self.net.trainable_parameters()
+        cfg = self.training
+        opts = [make_optimizer(groups["weights"], cfg.optimizer), make_optimizer(groups["masks"], cfg.mask_optimizer),
+                make_optimizer(groups["gates"], cfg.gate_optimizer)]
+        return StageOptim([o for o in opts if o is not None], cfg.scheduler, tuple(cfg.milestones))
+
+    def _gate_costs(self) -> dict[int, float]:
+        return self.net.gate_costs()
+
+    def _penalty(self, costs: dict[int, float], lam: float) -> torch.Tensor:
+        """lambda * sum over candidate channels of gate * weights it brings (the L0 relaxation of Eq. 3)."""
+        total = None
+        for gid, s in self.net.ctx.gates.items():
+            g = M.cs_gate(s, self.net.ctx.beta, self.net.ctx.policy.cs).sum() * costs[gid]
+            total = g if total is None else total + g
+        return lam * total if total is not None else torch.zeros((), device=self.device)
+
+    @torch.no_grad()
+    def evaluate(self, task_index: int, data) -> float:
+        self.net.eval()
+        # one process: the whole split; several: a shard each, correct and total counts all-reduced
+        return self.dist.evaluate(lambda x: self.net(x, task=task_index), data, self.training.eval_batch_size,
+                                  self.device, self.training.precision, self.training.channels_last)
+
+    def _finish(self, task: Task, t: int, target, pos: LearnerPosition, timer: Timer) -> TaskRecord:
+        net = self.net
+        stats = net.unit_stats()
+        net.freeze_task(t)
+        self.dist.check_in_sync(net, f"after task {t}", extra={"ctx.widths": dict(net.ctx.widths), **{
+            f"ctx.births[{g}]": b for g, b in net.ctx.births.items()}})
+        growth = {str(g): w - pos.widths_at_start.get(str(g), w) for g, w in net.ctx.widths.items()}
+        growth = {g: n for g, n in growth.items() if n}
+        return TaskRecord(
+            index=t, name=task.name, num_classes=task.num_classes, target=target,
+            val_acc=pos.val_history[-1] if pos.val_history else 0.0, val_history=list(pos.val_history),
+            grew=bool(growth), growth_rounds=pos.round, growth=growth, pruned_candidates=pos.pruned,
+            params_stored=net.num_parameters(), params_task=net.num_parameters(t), mask_bytes=net.mask_bytes(t),
+            time_s=pos.elapsed + timer.seconds, epochs=pos.epochs_done,
+            selective_zero_frac=stats["selective_zero_frac"], released=net.free_weights(),
+            retrained=stats["retrained"] if t > 0 else 0)
+
+
+__all__ = ["GrownLearner", "LearnerPosition", "TaskRecord", "build_policy"]

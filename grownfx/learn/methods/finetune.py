@@ -1,0 +1,123 @@
+"""Fine-tune: one full-width backbone trained on every task in turn, a new head per task (old heads kept).
+
+The backbone and its norms are shared, so learning a task moves the features the earlier heads read: this is
+the forgetting baseline.  With `keep_copies` (the seed paper's Fine-tune row, model size T x) a copy of the
+whole network is stored after each task and evaluates that task, so nothing is forgotten.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import fx, nn
+
+from grownfx.data import Task, TaskData
+from grownfx.engine.layers import _reset_head
+from grownfx.learn.learner import TaskRecord
+from grownfx.models import build_backbone
+from grownfx.engine.net import count_parameters, slim
+from grownfx.engine.rewrite import set_submodule
+from grownfx.learn.training import Timer, derive_seed
+from grownfx.learn.methods.base import evaluate_with, example_input, train_stage
+
+
+class MultiHead(nn.Module):
+    """Stands in for the classifier layer: one head per task, `task` picks the one that computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleList()
+        self.task = 0
+
+    def forward(self, x):
+        return self.heads[self.task](x)
+
+
+class FinetuneContinual:
+    name = "finetune"
+
+    def __init__(self, recipe, stream, device: torch.device, *, on_epoch=None, should_stop=lambda: False, **_):
+        self.recipe, self.stream, self.device = recipe, stream, torch.device(device)
+        self.on_epoch, self.should_stop = on_epoch, should_stop
+        torch.manual_seed(recipe.seed)
+        model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs)
+        self.full_params = count_parameters(model)
+        gm, coupling, _, _ = slim(model, example_input(stream.input_shape), 1.0,
+                                  leaf_modules=recipe.model.leaf_modules, seed=recipe.seed)
+        self.head_target = coupling.head_targets()[0]
+        self.template = copy.deepcopy(gm.get_submodule(self.head_target))
+        self.heads = MultiHead()
+        set_submodule(gm, self.head_target, self.heads)
+        self.model = gm.to(self.device)
+        self.copies: list[nn.Module] = []  # keep_copies: the whole network after each task
+
+    def _new_head(self, num_classes: int, t: int) -> nn.Module:
+        head = copy.deepcopy(self.template)
+        _reset_head(head, num_classes, torch.Generator().manual_seed(derive_seed(self.recipe.seed, "head", t)))
+        return head.to(self.device)
+
+    def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
+        timer, training = Timer(), self.recipe.training
+        t = len(self.heads.heads)
+        for old in self.heads.heads:
+            old.requires_grad_(False)
+        self.heads.heads.append(self._new_head(task.num_classes, t))
+        self.heads.task = t
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        epochs = train_stage(self.model, self._forward(t), [(params, training.optimizer)], task, training,
+                             self.device, seed=(self.recipe.seed, self.name, t), epochs=training.epochs,
+                             stage="train", on_epoch=self.on_epoch, should_stop=self.should_stop)
+        if self.recipe.method.keep_copies:
+            self.copies.append(copy.deepcopy(self.model).requires_grad_(False))
+        val = self.evaluate(t, task.val)
+        return TaskRecord(index=t, name=task.name, num_classes=task.num_classes, target=target, val_acc=val,
+                          val_history=[val], params_stored=self.num_parameters(),
+                          params_task=count_parameters(self.export(t)), time_s=timer.seconds, epochs=epochs)
+
+    def _model_for(self, t: int) -> nn.Module:
+        return self.copies[t] if t < len(self.copies) else self.model
+
+    def _forward(self, t: int):
+        model = self._model_for(t)
+
+        def forward(x):
+            model.get_submodule(self.head_target).task = t
+            return model(x)
+
+        return forward
+
+    @torch.no_grad()
+    def logits(self, task_index: int, x: torch.Tensor) -> torch.Tensor:
+        self._model_for(task_index).eval()
+        return self._forward(task_index)(x.to(self.device))
+
+    def evaluate(self, task_index: int, data: TaskData) -> float:
+        return evaluate_with(self._model_for(task_index), self._forward(task_index), data, self.recipe.training,
+                             self.device)
+
+    def export(self, task_index: int) -> fx.GraphModule:
+        gm = copy.deepcopy(self._model_for(task_index))
+        set_submodule(gm, self.head_target, gm.get_submodule(self.head_target).heads[task_index])
+        return gm.eval()
+
+    def num_parameters(self) -> int:
+        if self.copies:
+            return sum(count_parameters(c) for c in self.copies)
+        return count_parameters(self.model)
+
+    def state(self) -> dict:
+        return {"num_classes": [h.out_features if isinstance(h, nn.Linear) else h.out_channels
+                                for h in self.heads.heads],
+                "model": self.model.state_dict(), "copies": [c.state_dict() for c in self.copies]}
+
+    def load_state(self, state: dict) -> None:
+        for t, n in enumerate(state["num_classes"]):
+            self.heads.heads.append(self._new_head(n, t).requires_grad_(False))
+        self.model.load_state_dict(state["model"])
+        self.copies = []
+        for sd in state["copies"]:
+            c = copy.deepcopy(self.model)
+            c.load_state_dict(sd)
+            self.copies.append(c.requires_grad_(False))

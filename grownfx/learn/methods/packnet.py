@@ -1,0 +1,69 @@
+"""PackNet (Mallya & Lazebnik 2018): train the free weights, release the smallest, retrain, freeze.
+
+One full-width weight bank, owned weight by weight (granularity 'element').  Task t computes with every weight
+an earlier task owns, as it is (frozen), plus the free weights it trains.  After training it releases
+`prune_ratio` of the weights it trained, layer by layer, by magnitude (mask kind OFF: they stay free for
+later tasks), retrains the rest and freezes them.  Norms and heads are per task (the engine does that).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from grownfx.engine.context import DENSE, OFF, MaskPolicy
+from grownfx.data import Task
+from grownfx.engine.banks import MaskedLayer
+from grownfx.engine.layers import FREE
+from grownfx.learn.learner import TaskRecord
+from grownfx.learn.training import Timer
+from grownfx.learn.methods.base import NetMethod
+
+
+def own_units(layer: MaskedLayer) -> torch.Tensor:
+    """Units the learning task trains itself: free ones (the engine keeps owned ones frozen)."""
+    return layer.owner == FREE
+
+
+def unit_magnitude(layer: MaskedLayer) -> torch.Tensor:
+    w = layer.weight.detach().abs()
+    return w if layer.granularity == "element" else w.flatten(2).sum(2)
+
+
+def prune_to(layer: MaskedLayer, sparsity: float) -> int:
+    """Switch off the smallest of the task's own units until `round(sparsity * own)` are off; returns that."""
+    own = own_units(layer)
+    off = own & (layer.kind == OFF)
+    want = int(round(sparsity * int(own.sum())))
+    extra = want - int(off.sum())
+    if extra > 0:
+        candidates = own & (layer.kind != OFF)
+        score = unit_magnitude(layer).masked_fill(~candidates, float("inf")).reshape(-1)
+        units = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+        units[torch.topk(score, extra, largest=False).indices] = True
+        layer.set_kind(units.view(own.shape), OFF)
+    return want
+
+
+def packnet_policy() -> MaskPolicy:
+    # earlier tasks' weights as they are, every free weight trained; no masks, no gates
+    return MaskPolicy(frozen_kind=DENSE, released_kind=DENSE, grown_kind=DENSE, gates=False)
+
+
+class PackNetContinual(NetMethod):
+    name = "packnet"
+
+    def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
+        timer, cfg = Timer(), self.recipe.method
+        net = self.net
+        t = net.add_task(task.num_classes)
+        net.set_policy(packnet_policy())
+        epochs = self.train(task, t, self.recipe.training.epochs, "train")
+        history = [self.evaluate(t, task.val)]
+        for layer in net.masked_layers():
+            prune_to(layer, cfg.prune_ratio)
+        retrain = cfg.retrain_epochs if cfg.retrain_epochs is not None else max(1, self.recipe.training.epochs // 2)
+        epochs += self.train(task, t, retrain, "retrain")
+        history.append(self.evaluate(t, task.val))
+        return self.record(task, t, target, history, timer, epochs)

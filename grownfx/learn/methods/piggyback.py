@@ -1,0 +1,42 @@
+"""Piggyback (Mallya, Davis & Lazebnik 2018): one backbone trained on task 1, a binary mask per later task.
+
+Task 1 trains the full backbone (granularity 'element': every weight becomes task 1's).  Every later task
+learns only a real-valued score per weight, binarised by a threshold in the forward pass with a
+straight-through gradient, plus its own norms and head.  Defaults from arunmallya/piggyback: score init 1e-2,
+threshold 5e-3, Adam 1e-4 for the scores.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from grownfx.engine import masks as M
+from grownfx.engine.context import DENSE, SEL, MaskPolicy
+from grownfx.data import Task
+from grownfx.learn.learner import TaskRecord
+from grownfx.learn.training import Timer
+from grownfx.learn.methods.base import NetMethod
+
+# Piggyback's Binarizer passes the gradient through unchanged.  Our surrogate is sigmoid((s - thr) * scale),
+# whose slope at the scores Piggyback uses (|s - thr| ~ 1e-2) is scale / 4: scale 4 gives that unit gradient.
+PIGGYBACK_STE = M.STEConfig(init=1e-2, threshold=5e-3, scale=4.0)
+
+
+def piggyback_policy(ste: M.STEConfig = PIGGYBACK_STE) -> MaskPolicy:
+    return MaskPolicy(frozen_kind=SEL, released_kind=DENSE, grown_kind=DENSE, gates=False, selective_kind="ste",
+                      selective_ste=ste)
+
+
+class PiggybackContinual(NetMethod):
+    name = "piggyback"
+
+    def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
+        timer, cfg = Timer(), self.recipe.method
+        net = self.net
+        t = net.add_task(task.num_classes)
+        net.set_policy(piggyback_policy(M.STEConfig(cfg.mask_init, cfg.mask_threshold, PIGGYBACK_STE.scale)))
+        # task 1: every weight is free, so this trains the backbone; later tasks: scores, norms and head only
+        epochs = self.train(task, t, self.recipe.training.epochs, "train", masks=self.mask_optimizer(cfg.mask_lr))
+        history = [self.evaluate(t, task.val)]
+        stats = net.unit_stats()
+        return self.record(task, t, target, history, timer, epochs, selective_zero_frac=stats["selective_zero_frac"])

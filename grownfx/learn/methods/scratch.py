@@ -1,0 +1,79 @@
+"""Scratch: a fresh full-width backbone per task (model size T x).  Also GROWN's `scratch` target."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from grownfx.recipe.schema import Recipe, TrainingConfig
+from grownfx.data import Task, TaskData, TaskStream
+from grownfx.learn.learner import TaskRecord
+from grownfx.models import build_backbone
+from grownfx.engine.net import count_parameters
+from grownfx.learn.training import Timer, derive_seed
+from grownfx.learn.methods.base import evaluate_with, train_stage
+
+
+def train_plain(model: nn.Module, task: Task, training: TrainingConfig, device: torch.device, seed,
+                epochs: Optional[int] = None, on_epoch: Callable[[dict], None] | None = None) -> float:
+    """Train a plain module on one task with the recipe's weight optimiser and schedule; returns val accuracy."""
+    model.to(device)
+    if training.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_stage(model, model, [(list(model.parameters()), training.optimizer)], task, training, device,
+                seed=tuple(seed), epochs=epochs or training.epochs, stage="scratch", on_epoch=on_epoch)
+    return evaluate_plain(model, task.val, training, device)
+
+
+def evaluate_plain(model: nn.Module, data: TaskData, training: TrainingConfig, device: torch.device) -> float:
+    return evaluate_with(model, model, data, training, device)
+
+
+def fresh_backbone(recipe: Recipe, task: Task, seed_parts: tuple) -> nn.Module:
+    torch.manual_seed(derive_seed(*seed_parts))
+    return build_backbone(recipe.model.builder, task.num_classes, recipe.model.kwargs)
+
+
+class ScratchContinual:
+    """One independent full-width backbone per task."""
+
+    name = "scratch"
+
+    def __init__(self, recipe: Recipe, stream: TaskStream, device: torch.device, *, on_epoch=None, **_):
+        self.recipe, self.stream, self.device, self.on_epoch = recipe, stream, device, on_epoch
+        self.models: list[nn.Module] = []
+        self.full_params = count_parameters(build_backbone(recipe.model.builder, stream.tasks[0].num_classes,
+                                                           recipe.model.kwargs))
+
+    def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
+        timer = Timer()
+        model = fresh_backbone(self.recipe, task, (self.recipe.seed, "scratch", task.index))
+        val = train_plain(model, task, self.recipe.training, self.device, (self.recipe.seed, "scratch", task.index),
+                          on_epoch=self.on_epoch)
+        self.models.append(model)
+        n = count_parameters(model)
+        return TaskRecord(index=task.index, name=task.name, num_classes=task.num_classes, target=target, val_acc=val,
+                          val_history=[val], params_stored=self.num_parameters(), params_task=n,
+                          time_s=timer.seconds, epochs=self.recipe.training.epochs)
+
+    def evaluate(self, task_index: int, data: TaskData) -> float:
+        return evaluate_plain(self.models[task_index], data, self.recipe.training, self.device)
+
+    def export(self, task_index: int) -> nn.Module:
+        return copy.deepcopy(self.models[task_index]).eval()  # a copy: callers may move it to another device
+
+    def num_parameters(self) -> int:
+        return sum(count_parameters(m) for m in self.models)
+
+    def state(self) -> dict:
+        return {"models": [m.state_dict() for m in self.models]}
+
+    def load_state(self, state: dict) -> None:
+        self.models = []
+        for i, sd in enumerate(state["models"]):
+            m = build_backbone(self.recipe.model.builder, self.stream.tasks[i].num_classes, self.recipe.model.kwargs)
+            m.load_state_dict(sd)
+            self.models.append(m.to(self.device))

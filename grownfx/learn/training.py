@@ -1,0 +1,177 @@
+"""Training and evaluation primitives shared by GROWN and every baseline: optimisers, one stage, accuracy.
+
+A stage is `epochs` passes over one task's training split.  Every epoch re-seeds torch and the loader from
+(seed, task, round, epoch), so a run resumed at an epoch boundary continues exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grownfx.recipe.schema import OptimConfig
+
+
+def derive_seed(*parts) -> int:
+    """A stable 63-bit seed from any tuple of ints/strings."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer | None:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return None
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(schedule: str, progress: float, milestones: Iterable[float] = (0.5, 0.8)) -> float:
+    """Learning-rate multiplier at `progress` in [0, 1) of a stage."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return 0.1 ** sum(progress >= m for m in milestones)
+    return 1.0
+
+
+@dataclass
+class StageOptim:
+    """The optimisers of one stage (weights, masks, gates) with their base learning rates."""
+
+    optimizers: list[torch.optim.Optimizer]
+    schedule: str = "cosine"
+    milestones: tuple = (0.5, 0.8)
+    base_lrs: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
+
+    def set_progress(self, progress: float) -> None:
+        f = lr_factor(self.schedule, progress, self.milestones)
+        for o, lrs in zip(self.optimizers, self.base_lrs):
+            for g, lr in zip(o.param_groups, lrs):
+                g["lr"] = lr * f
+
+    def zero_grad(self) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+
+    def step(self, scaler=None) -> None:
+        for o in self.optimizers:
+            if scaler is not None:
+                scaler.step(o)
+            else:
+                o.step()
+
+    def state_dict(self) -> list:
+        return [o.state_dict() for o in self.optimizers]
+
+    def load_state_dict(self, states: list) -> None:
+        for o, s in zip(self.optimizers, states):
+            o.load_state_dict(s)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float
+    penalty: float
+    train_acc: float
+    seconds: float
+    images: int
+
+
+def run_epoch(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    optim: StageOptim,
+    device: torch.device,
+    *,
+    precision: str = "fp32",
+    penalty: Callable[[], torch.Tensor] | None = None,
+    channels_last: bool = False,
+    scaler=None,
+) -> tuple[float, float, float, int]:
+    """One pass: cross-entropy (+ penalty) per batch.  Returns (mean loss, mean penalty, accuracy %, images).
+
+    A stop request is honoured between epochs, never inside one, so a checkpoint always holds whole epochs.
+    """
+    total = correct = 0
+    loss_sum = pen_sum = 0.0
+    batches = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        optim.zero_grad()
+        with autocast(device, precision):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+        pen = penalty() if penalty is not None else None
+        full = loss + pen if pen is not None else loss
+        if scaler is not None:
+            scaler.scale(full).backward()
+            optim.step(scaler)
+            scaler.update()
+        else:
+            full.backward()
+            optim.step()
+        batches += 1
+        loss_sum += float(loss.detach())
+        pen_sum += float(pen.detach()) if pen is not None else 0.0
+        correct += int((out.detach().argmax(1) == y).sum())
+        total += int(y.numel())
+    return loss_sum / max(batches, 1), pen_sum / max(batches, 1), 100.0 * correct / max(total, 1), total
+
+
+@torch.no_grad()
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device,
+             precision: str = "fp32", channels_last: bool = False) -> float:
+    """Top-1 accuracy (%) of `model` over `loader` (the caller puts the model in eval mode)."""
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            out = model(x)
+        correct += int((out.argmax(1) == y).sum())
+        total += int(y.numel())
+    return 100.0 * correct / max(total, 1)
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec!r} was asked for but CUDA is not available on this machine")
+    return dev

@@ -1,0 +1,270 @@
+"""What is wrong with a recipe, and where: pydantic errors mapped to dotted paths, checks beyond the schema.
+
+Pydantic locations name union members (`data.cifar100_split.root`, `target.rule.list[float].0`); walking the
+schema's types along a location turns it into the path the user wrote (`data.root`) and tells which model
+sits there, so an unknown key can be answered with the valid ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import re
+import types
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from grownfx.recipe.schema import Recipe
+from grownfx.data.config import DataConfig
+from grownfx.data.errors import abspath, describe_dir
+
+_GROWNFX_FALLBACK = ("lenet5", "small_cnn")  # used only while grownfx.models cannot be imported
+
+# --- schema types -----------------------------------------------------------------------------------------
+
+
+def unwrap(tp: Any) -> Any:
+    """Strip Annotated[...] and Optional[...]."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif is_union(tp) and type(None) in get_args(tp):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return Union[tuple(args)]
+            tp = args[0]
+        else:
+            return tp
+
+
+def is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def child_type(tp: Any, key: Any) -> Any:
+    """The type of `key` inside a value of type `tp`; None when unknown."""
+    tp = unwrap(tp)
+    if _is_model(tp):
+        field = tp.model_fields.get(str(key))
+        return field.annotation if field else None
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (list, set, frozenset) and args:
+        return args[0]
+    if origin is tuple and args:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+        return args[int(key)] if str(key).isdigit() and int(key) < len(args) else None
+    if origin is dict and args:
+        return args[1]
+    return None
+
+
+def _tags(member: Any, field: str = "name") -> tuple:
+    """Discriminator values (a Literal `name` field) of a union member model."""
+    f = member.model_fields.get(field) if _is_model(member) else None
+    return get_args(f.annotation) if f is not None and get_origin(f.annotation) is Literal else ()
+
+
+def pick_member(union: Any, node: Any) -> Any:
+    """The member of a discriminated union that a raw mapping selects via its `name`."""
+    if isinstance(node, dict):
+        for member in get_args(union):
+            if node.get("name") in _tags(member):
+                return member
+    return None
+
+
+def _member_for_tag(union: Any, tag: Any) -> Any:
+    for member in get_args(union):
+        if tag in _tags(member) or getattr(member, "__name__", None) == tag or _type_name(member) == tag:
+            return member
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "") if get_origin(tp) else getattr(tp, "__name__", str(tp))
+
+
+def _walk(loc: tuple) -> tuple[list[str], Any, Any, tuple | None]:
+    """Pydantic loc (with union tags) -> (data path, parent type, type, (union path, tag) of the last union)."""
+    tp: Any = Recipe
+    parent: Any = None
+    parts: list[str] = []
+    union_at = None
+    i = 0
+    while i < len(loc):
+        if tp is not None and is_union(unwrap(tp)):
+            union_at = (tuple(parts), loc[i])
+            tp = _member_for_tag(unwrap(tp), loc[i])
+            i += 1
+            continue
+        parent, tp = tp, (child_type(tp, loc[i]) if tp is not None else None)
+        parts.append(str(loc[i]))
+        i += 1
+    return parts, parent, tp, union_at
+
+
+def schema_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """(dotted path as written in the recipe, message) for each pydantic error, union branches merged."""
+    errors = exc.errors(include_url=False)
+    walked = [_walk(tuple(e["loc"])) for e in errors]
+    keep = _drop_losing_union_branches(errors, walked)
+    out: list[tuple[str, str]] = []
+    merged: dict[tuple, int] = {}
+    for err, (parts, parent, tp, union_at), k in zip(errors, walked, keep):
+        if k == "drop":
+            continue
+        path, msg = _describe(err, parts, parent, tp)
+        if k == "merge":
+            key = union_at[0]
+            if key in merged:
+                p, m = out[merged[key]]
+                out[merged[key]] = (p, f"{m}, or {msg.removeprefix('Input should be ')}")
+                continue
+            merged[key] = len(out)
+            path = ".".join(union_at[0])
+        out.append((path, msg))
+    return out
+
+
+def _drop_losing_union_branches(errors: list[dict], walked: list[tuple]) -> list[str]:
+    """A value matching no member of a plain union gives one error per member: keep the branch that got
+    deepest into the value (a list of bad numbers), or merge them into one message ("a number, or a string")."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, _, _, union_at) in enumerate(walked):
+        if union_at is not None:
+            groups.setdefault(union_at[0], []).append(i)
+    verdict = ["keep"] * len(errors)
+    for upath, idx in groups.items():
+        tags = {walked[i][3][1] for i in idx}
+        if len(tags) < 2:
+            continue
+        depth = {i: len(walked[i][0]) - len(upath) for i in idx}
+        deepest = max(depth.values())
+        for i in idx:
+            verdict[i] = "merge" if deepest == 0 else ("keep" if depth[i] == deepest else "drop")
+    return verdict
+
+
+def _describe(err: dict, parts: list[str], parent: Any, tp: Any) -> tuple[str, str]:
+    kind, msg, ctx = err["type"], err["msg"], err.get("ctx") or {}
+    path = ".".join(parts)
+    if kind == "extra_forbidden":
+        valid = list(unwrap(parent).model_fields) if _is_model(unwrap(parent)) else []
+        return path, _unknown(f"key {parts[-1]!r}", parts[-1], valid, "valid keys")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        disc = str(ctx.get("discriminator", "name")).strip("'")
+        valid = list(dict.fromkeys(t for m in get_args(unwrap(tp)) for t in _tags(m, disc)))
+        if kind == "union_tag_not_found":
+            return f"{path}.{disc}", f"missing; one of: {', '.join(valid)}"
+        tag, what = str(ctx.get("tag")), {"data": "dataset"}.get(path, parts[-1] if parts else "name")
+        return f"{path}.{disc}", _unknown(f"{what} {tag!r}", tag, valid, "valid names", always_list=True)
+    if not parts:  # a model-level validator on the whole recipe: locate it at the path its message names
+        found = re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b", msg)
+        path = found[0] if found else ""
+    msg = re.sub(r"^(Value|Assertion) error, ", "", msg)
+    if kind not in ("missing", "value_error") and not isinstance(err.get("input"), (dict, list)):
+        msg += f" (got {_short(err.get('input'))})"
+    return path, msg
+
+
+def _unknown(what: str, given: str, valid: list[str], label: str, always_list: bool = False) -> str:
+    close = difflib.get_close_matches(str(given), valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listing = f" ({label}: {', '.join(valid)})" if always_list or not close else ""
+    return f"unknown {what}{hint}{listing}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- checks beyond the schema -----------------------------------------------------------------------------
+
+
+def semantic_errors(raw: dict, check_data: bool) -> list[tuple[str, str]]:
+    """What the schema cannot see: an unknown or unimportable model builder, a missing dataset folder."""
+    out = []
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("builder"), str):
+        problem = _builder_problem(model["builder"])
+        if problem:
+            out.append(("model.builder", problem))
+    data = raw.get("data")
+    if check_data and isinstance(data, dict) and isinstance(data.get("root"), (str, Path)):
+        kind = pick_member(unwrap(DataConfig), data)
+        root = abspath(data["root"])
+        if kind is not None and "root" in kind.model_fields and not root.is_dir():
+            out.append(("data.root", f"dataset folder {root} not found: {describe_dir(root)}. {kind.howto} "
+                        "(check_data=False / --no-data-check skips this check)"))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _torchvision_builders() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(classification builders, all builders) of torchvision."""
+    import torchvision
+
+    return (tuple(torchvision.models.list_models(module=torchvision.models)),
+            tuple(torchvision.models.list_models()))
+
+
+def _grownfx_builders() -> dict[str, Callable | None]:
+    try:
+        from grownfx.models import BUILDERS
+    except ImportError:
+        return dict.fromkeys(_GROWNFX_FALLBACK)
+    return dict(BUILDERS)
+
+
+def resolve_builder(name: str) -> Callable:
+    """The callable a `model.builder` names: grownfx's, torchvision's, or `package.module:callable`."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except Exception as exc:  # noqa: BLE001 - any import failure is the user's module's problem
+            raise ValueError(f"cannot import module {module_name!r} of builder {name!r}: "
+                             f"{type(exc).__name__}: {exc}") from None
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise ValueError(f"{name!r} is a {type(obj).__name__}, not a callable")
+        return obj
+    ours = _grownfx_builders()
+    if name in ours:
+        if ours[name] is None:
+            raise ValueError(f"grownfx builder {name!r} needs grownfx.models, which does not import")
+        return ours[name]
+    classification, everything = _torchvision_builders()
+    if name in classification:
+        import torchvision
+
+        return torchvision.models.get_model_builder(name)
+    if name in everything:
+        raise ValueError(f"{name!r} is a torchvision model, but not a classification backbone (detection, "
+                         "segmentation, video and optical-flow models are not supported)")
+    close = difflib.get_close_matches(name, list(classification) + list(ours), n=1, cutoff=0.7)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown model builder {name!r}{hint} Use a torchvision classification builder (e.g. "
+                     f"resnet18), a grownfx one ({', '.join(ours)}) or 'package.module:callable'")
+
+
+def _builder_problem(name: str) -> str | None:
+    try:
+        resolve_builder(name)
+    except ValueError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - grownfx.models is still being written; never crash validation
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -1,0 +1,331 @@
+"""Recipes: YAML file + command-line overrides -> a validated `Recipe`, or every problem located.
+
+    recipe = load_recipe("digits_quickstart", ["training.epochs=3", "~model.kwargs"])
+
+Each error names where it comes from: `recipes/x.yaml:12: model.seed_width: ...` for the file, or
+`override 'model.seed_width=2': ...` for a command-line override, and all errors are reported together.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from grownfx.recipe.schema import Recipe
+from grownfx.recipe.checks import resolve_builder
+from grownfx.recipe.checks import child_type, is_union, pick_member, schema_errors, semantic_errors, unwrap
+
+__all__ = ["RecipeError", "builtin_recipes_dir", "dump_resolved", "list_builtin_recipes", "load_recipe",
+           "recipe_diff", "resolve_builder", "resolve_recipe_path", "validate_recipe"]
+
+
+class RecipeError(ValueError):
+    """A recipe that does not load; `errors` holds one located message per problem."""
+
+    def __init__(self, errors: Sequence[str], source: str = ""):
+        self.errors = list(errors)
+        self.source = source
+        super().__init__("\n".join(self.errors))
+
+
+# --- finding recipes --------------------------------------------------------------------------------------
+
+
+def builtin_recipes_dir() -> Path:
+    """The folder of built-in recipes: package data when installed, the repo's `recipes/` in a checkout."""
+    try:
+        found = Path(str(importlib.resources.files("grownfx.builtin_recipes")))
+        if found.is_dir():
+            return found
+    except (ModuleNotFoundError, TypeError, ValueError):
+        pass
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "builtin_recipes", here.parent / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no built-in recipes folder next to {here}")
+
+
+def list_builtin_recipes() -> dict[str, str]:
+    """Built-in recipe name -> first line of its `description`."""
+    out = {}
+    for path in sorted(builtin_recipes_dir().glob("*.yaml")):
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            raw = {}
+        desc = str(raw.get("description", "")) if isinstance(raw, dict) else ""
+        out[path.stem] = desc.strip().splitlines()[0] if desc.strip() else ""
+    return out
+
+
+def resolve_recipe_path(path_or_name: str | os.PathLike) -> Path:
+    """A recipe file, or a built-in recipe by name (`digits_quickstart`)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    text = str(path_or_name)
+    if "/" not in text and os.sep not in text:
+        stem = text[:-5] if text.endswith(".yaml") else text[:-4] if text.endswith(".yml") else text
+        builtin = builtin_recipes_dir() / f"{stem}.yaml"
+        if builtin.is_file():
+            return builtin
+    names = ", ".join(list_builtin_recipes())
+    raise RecipeError([f"{text}: no such recipe file (absolute path {path.absolute()}), and no built-in recipe "
+                       f"of that name; built-in recipes: {names}"], text)
+
+
+# --- loading and validation -------------------------------------------------------------------------------
+
+
+def load_recipe(path_or_name: str | os.PathLike, overrides: Sequence[str] = (), *,
+                check_data: bool = True) -> Recipe:
+    """Load, override and validate a recipe; raise `RecipeError` with every problem located."""
+    path = resolve_recipe_path(path_or_name)
+    source = _display(path)
+    raw, lines = parse_yaml(path.read_text(), source)
+    return validate_recipe(raw, overrides, source=source, lines=lines, check_data=check_data)
+
+
+def validate_recipe(raw: Any, overrides: Sequence[str] = (), *, source: str = "<recipe>",
+                    lines: Mapping[str, int] | None = None, check_data: bool = True) -> Recipe:
+    """Validate an already parsed recipe (a dict), after applying `overrides`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError([f"{source}:1: a recipe is a mapping of sections (name, model, data, ...), "
+                           f"got a {type(raw).__name__}"], source)
+    raw = copy.deepcopy(raw)
+    where = _Where(source, dict(lines or {}), {}, {})
+    problems = _apply_overrides(raw, list(overrides), where)
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems += [(where(path), path, msg) for path, msg in schema_errors(exc)]
+    problems += [(where(path), path, msg) for path, msg in semantic_errors(raw, check_data)]
+    if problems:
+        raise RecipeError([_format(w, p, m) for w, p, m in sorted(problems, key=lambda x: x[0][0])], source)
+    return recipe
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """`yaml.safe_load(text)` plus a map dotted path -> 1-based line; errors become `RecipeError`."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        raw = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        what = str(exc.problem or exc.context)
+        if exc.context and exc.context_mark and exc.problem:
+            what += f", {exc.context} that starts at line {exc.context_mark.line + 1}"
+        raise RecipeError([f"{source}{line}: YAML syntax error: {what}"], source) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{source}: YAML error: {exc}"], source) from None
+    finally:
+        loader.dispose()
+    lines: dict[str, int] = {}
+    dups: list[str] = []
+    if node is not None:
+        _map_lines(node, (), lines, dups)
+    if dups:
+        raise RecipeError([f"{source}:{lines[d]}: {d}: duplicate key (the later one would silently win)"
+                           for d in dups], source)
+    return raw, lines
+
+
+def _map_lines(node: yaml.Node, path: tuple, out: dict[str, int], dups: list[str]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            sub = path + (str(key_node.value),)
+            dotted = ".".join(sub)
+            if dotted in seen:
+                dups.append(dotted)
+            seen.add(dotted)
+            out[dotted] = key_node.start_mark.line + 1
+            _map_lines(value_node, sub, out, dups)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = path + (str(i),)
+            out[".".join(sub)] = item.start_mark.line + 1
+            _map_lines(item, sub, out, dups)
+
+
+class _Where:
+    """Where a dotted path's value came from: the last override that set it or a parent, else its file line."""
+
+    def __init__(self, source: str, lines: dict[str, int], overrides: dict[str, str], order: dict[str, int]):
+        self.source, self.lines, self.overrides, self.order = source, lines, overrides, order
+
+    def __call__(self, path: str) -> tuple[tuple, str]:
+        """((sort key), location text)."""
+        for p in _self_and_ancestors(path):
+            if p in self.overrides:
+                text = self.overrides[p]
+                return (1, self.order[text], 0), f"override {text!r}"
+        below = [t for p, t in self.overrides.items() if path and p.startswith(path + ".")]
+        after = f" (after override {below[-1]!r})" if below else ""  # e.g. a section-level check an override broke
+        for p in _self_and_ancestors(path):
+            if p in self.lines:
+                return (0, self.lines[p], 0), f"{self.source}:{self.lines[p]}{after}"
+        return (0, 0, 0), f"{self.source}{after}"
+
+    def override(self, text: str) -> tuple[tuple, str]:
+        return (1, self.order[text], 0), f"override {text!r}"
+
+
+def _self_and_ancestors(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _format(where: tuple, path: str, msg: str) -> str:
+    return f"{where[1]}: {path}: {msg}" if path else f"{where[1]}: {msg}"
+
+
+# --- overrides --------------------------------------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"(?P<op>[+~]?)(?P<key>[A-Za-z_][\w-]*(?:\.[\w-]+)*)(?:=(?P<value>.*))?", re.S)
+_OVERRIDE_HELP = "write key.sub=value, +key.sub=value (add a key) or ~key.sub (delete a key)"
+
+
+def _apply_overrides(raw: dict, overrides: list[str], where: _Where) -> list[tuple]:
+    problems = []
+    for i, text in enumerate(overrides):
+        where.order.setdefault(text, i)
+        trial = copy.deepcopy(raw)  # a failed override leaves nothing behind (no half-made sections)
+        try:
+            path = _apply_one(trial, text)
+        except ValueError as exc:
+            problems.append((where.override(text), "", str(exc)))
+            continue
+        raw.clear()
+        raw.update(trial)
+        where.overrides[path] = text
+        for p in [p for p in where.overrides if p.startswith(path + ".")]:
+            del where.overrides[p]  # this override replaced what earlier ones set below it
+    return problems
+
+
+def _apply_one(raw: dict, text: str) -> str:
+    m = _OVERRIDE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"cannot parse: {_OVERRIDE_HELP}")
+    op, key, value = m.group("op"), m.group("key"), m.group("value")
+    if op == "~" and value is not None:
+        raise ValueError(f"~{key} deletes a key and takes no value")
+    if op != "~" and value is None:
+        raise ValueError(f"missing '=value': {_OVERRIDE_HELP}")
+    parts = key.split(".")
+    parent = _container(raw, parts[:-1], create=op != "~")
+    last = parts[-1]
+    exists = _has(parent, last)
+    if op == "~":
+        if not exists:
+            raise ValueError(f"{key} is not set in the recipe, nothing to delete")
+        del parent[int(last) if isinstance(parent, list) else last]
+        return key
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"value {value!r} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if op == "+" and exists:
+        raise ValueError(f"{key} is already set; drop the '+' to change it")
+    if op == "" and not exists and _is_free_mapping(raw, parts[:-1]):
+        raise ValueError(f"{'.'.join(parts[:-1])} has no key {last!r}; add it with '+{key}={value}'")
+    if isinstance(parent, list):
+        if not last.isdigit() or int(last) >= len(parent):
+            raise ValueError(f"{'.'.join(parts[:-1])} is a list of {len(parent)} items; no index {last}")
+        parent[int(last)] = parsed
+    else:
+        parent[last] = parsed
+    return key
+
+
+def _has(container: Any, key: str) -> bool:
+    if isinstance(container, list):
+        return key.isdigit() and int(key) < len(container)
+    return key in container
+
+
+def _container(raw: dict, parts: list[str], create: bool) -> Any:
+    node: Any = raw
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"{'.'.join(parts[:i])} is a list of {len(node)} items; no index {part}")
+            node = node[int(part)]
+        elif part not in node or (node[part] is None and create):
+            if not create:
+                raise ValueError(f"{here} is not set in the recipe, nothing to delete")
+            node[part] = {}
+            node = node[part]
+        else:
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ValueError(f"{here} is a {type(node).__name__} ({node!r}), not a mapping")
+    return node
+
+
+def _is_free_mapping(raw: dict, parts: list[str]) -> bool:
+    """True where the schema takes arbitrary keys (a `dict` field such as model.kwargs)."""
+    tp: Any = Recipe
+    node: Any = raw
+    for part in parts:
+        tp = pick_member(unwrap(tp), node) if is_union(unwrap(tp)) else tp
+        tp = child_type(tp, part) if tp is not None else None
+        node = node.get(part) if isinstance(node, dict) else None
+    tp = unwrap(tp) if tp is not None else None
+    return tp is dict or get_origin(tp) is dict
+
+
+# --- resolved recipes -------------------------------------------------------------------------------------
+
+
+def dump_resolved(recipe: Recipe) -> str:
+    """The recipe as YAML with every default filled in; `load_recipe` of it gives the same recipe."""
+    body = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+    return f"# resolved recipe {recipe.name!r}: every default filled in\n{body}"
+
+
+def recipe_diff(a: Recipe | Mapping, b: Recipe | Mapping) -> list[str]:
+    """Dotted paths whose values differ between two recipes (lists compare whole)."""
+    fa, fb = _flatten(_as_dict(a)), _flatten(_as_dict(b))
+    missing = object()
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, missing) != fb.get(k, missing))
+
+
+def _as_dict(x: Recipe | Mapping) -> dict:
+    if isinstance(x, BaseModel):
+        return x.model_dump(mode="json")
+    return Recipe.model_validate(dict(x)).model_dump(mode="json")
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _display(path: Path) -> str:
+    """A path as the user would write it: relative to the working folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,288 @@
+"""The recipe schema: every field typed, documented and defaulted; unknown keys are errors.
+
+pydantic (not dataclasses) because validation errors come with the exact field path, all of them at once,
+and discriminated unions (`data.name`, `method.name`) select the right sub-schema; `grownfx.recipe.loading`
+turns those paths into file:line messages.  Defaults follow the seed paper and the code it builds on
+(see docs/method.md for each source).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from grownfx.data.config import DataConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    builder: str = Field(description="A torchvision classification builder (`resnet18`), a grownfx one "
+                         "(`lenet5`, `small_cnn`), or your own as `package.module:callable`.")
+    kwargs: dict = Field(default_factory=dict, description="Keyword arguments for the builder (not `num_classes`:"
+                         " heads are per task).")
+    leaf_modules: list[str] = Field(default_factory=list, description="Module-name globs torch.fx should not "
+                                    "trace into; they are kept opaque (their channels are never resized).")
+    seed_width: float = Field(0.5, gt=0.0, le=1.0, description="Width of the seed network as a fraction of "
+                              "the backbone, for every growable coupling group (GROWN starts small).")
+    granularity: Literal["kernel", "element"] = Field("kernel", description="Mask unit: one value per conv "
+                                                      "kernel (GROWN, KSM) or per weight (PackNet, Piggyback).")
+
+
+class SitesConfig(_Strict):
+    include: list[str] = Field(default_factory=lambda: ["*"], description="A coupling group is a growth site "
+                               "when one of its layers matches one of these module-name globs...")
+    exclude: list[str] = Field(default_factory=list, description="...and none of its layers matches these.")
+    layer_types: list[str] = Field(default_factory=list, description="If set, one of its layers must be of "
+                                   "these types (e.g. [Conv2d]).")
+
+
+class GrowthConfig(_Strict):
+    sites: SitesConfig = Field(default_factory=SitesConfig)
+    pool: float = Field(0.25, gt=0.0, le=4.0, description="Candidate channels added per growth round, as a "
+                        "fraction of each site's full backbone width (learnable sparse growth keeps some).")
+    max_rounds: int = Field(3, ge=0, description="Growth rounds per task after stage 1 (the growth budget).")
+    max_width: float = Field(2.0, gt=0.0, description="No site grows past this fraction of its full width.")
+    when: Literal["necessary", "always"] = Field("necessary", description="`necessary`: grow only while "
+                                                 "validation accuracy is below the target (GROWN); `always`: "
+                                                 "one growth round every task (Grow).")
+
+
+class GumbelSpec(_Strict):
+    init: float = Field(1e-2, description="Initial mask score (KSM: 1e-2, i.e. selected).")
+    threshold: float = Field(5e-3, description="Score threshold (KSM: 5e-3).")
+    beta: float = Field(1200.0, gt=0, description="Logit scale: logit = (score - threshold) * beta (KSM).")
+    temperature: float = Field(100.0, gt=0, description="Gumbel-Sigmoid temperature T (KSM: 100).")
+    final_temperature: Optional[float] = Field(None, gt=0, description="Anneal T geometrically to this over "
+                                               "a stage; null keeps it constant.")
+
+
+class STESpec(_Strict):
+    kind: Literal["ste", "gumbel"] = Field("ste", description="Straight-through hard threshold (KSM/Piggyback)"
+                                           " or Gumbel-Sigmoid like the selective mask.")
+    init: float = Field(1e-2, description="Initial score (KSM/Piggyback: 1e-2).")
+    threshold: float = Field(5e-3, description="Hard threshold on the score (5e-3).")
+    scale: float = Field(12.0, gt=0, description="Slope of the surrogate sigmoid: (score - thr) * scale "
+                         "(KSM: 1200 / 100).")
+
+
+class GrownMaskSpec(_Strict):
+    init: float = Field(0.0, description="Initial gate score s0 (continuous sparsification: 0).")
+    final_beta: float = Field(200.0, gt=1.0, description="beta anneals 1 -> final_beta over a growth stage.")
+    lam: float = Field(1e-8, ge=0.0, description="L0 penalty per weight a grown channel brings "
+                       "(continuous sparsification's lambda, per weight).")
+
+
+class SitePolicy(_Strict):
+    match: list[str] = Field(description="Module-name globs the policy applies to.")
+    selective: Optional[bool] = Field(None, description="Override: learn a selective mask on old weights.")
+    attentive: Optional[bool] = Field(None, description="Override: attentive mask on grown weights.")
+    retrain_released: Optional[bool] = Field(None, description="Override: re-train released weights.")
+
+
+class MasksConfig(_Strict):
+    selective: GumbelSpec = Field(default_factory=GumbelSpec, description="Selective mask on old tasks' weights.")
+    attentive: STESpec = Field(default_factory=STESpec, description="Attentive mask on grown weights.")
+    grown: GrownMaskSpec = Field(default_factory=GrownMaskSpec, description="Channel-wise grown-mask.")
+    per_site: list[SitePolicy] = Field(default_factory=list, description="Per-layer overrides, first match wins.")
+
+
+Ablation = Literal["full", "grow_only", "+selective_mask", "+lsg", "+retrain_released"]
+_ABLATIONS = {  # (selective_mask, lsg, retrain_released) of the paper's Table 5 rows
+    "grow_only": (False, False, False),
+    "+selective_mask": (True, False, False),
+    "+lsg": (True, True, False),
+    "+retrain_released": (True, True, True),
+    "full": (True, True, True),
+}
+
+
+class GrownMethod(_Strict):
+    name: Literal["grown"] = "grown"
+    ablation: Ablation = Field("full", description="Paper Table 5 rows: grow_only, +selective_mask, +lsg, "
+                               "+retrain_released (= full).")
+    selective_mask: Optional[bool] = Field(None, description="Override the ablation's selective-mask switch.")
+    lsg: Optional[bool] = Field(None, description="Override: attentive mask on grown weights (LSG).")
+    retrain_released: Optional[bool] = Field(None, description="Override: re-train released weights.")
+
+    def switches(self) -> tuple[bool, bool, bool]:
+        sel, lsg, ret = _ABLATIONS[self.ablation]
+        pick = lambda v, d: d if v is None else v  # noqa: E731
+        return pick(self.selective_mask, sel), pick(self.lsg, lsg), pick(self.retrain_released, ret)
+
+
+METHODS = ("scratch", "finetune", "pnn", "grow", "packnet", "piggyback", "cpg", "grown")
+ABLATIONS = ("grow_only", "+selective_mask", "+lsg", "+retrain_released")
+
+
+def parse_method_spec(spec: str) -> tuple[str, Optional[str]]:
+    """'packnet' -> ('packnet', None); 'grown[+lsg]' -> ('grown', '+lsg'); ValueError naming the valid ones."""
+    m = re.fullmatch(r"\s*(\w+)\s*(?:\[\s*([^\]]+?)\s*\])?\s*", spec)
+    if not m or m.group(1) not in METHODS:
+        raise ValueError(f"unknown method {spec!r}; expected one of {', '.join(METHODS)} or "
+                         f"grown[{'|'.join(ABLATIONS)}]")
+    name, ablation = m.group(1), m.group(2)
+    if ablation is not None and (name != "grown" or ablation not in ABLATIONS):
+        raise ValueError(f"unknown ablation {spec!r}; the ablation rows are "
+                         + ", ".join(f"grown[{a}]" for a in ABLATIONS))
+    return name, ablation
+
+
+class GrowMethod(_Strict):
+    name: Literal["grow"] = "grow"
+
+
+class ScratchMethod(_Strict):
+    name: Literal["scratch"] = "scratch"
+
+
+class FinetuneMethod(_Strict):
+    name: Literal["finetune"] = "finetune"
+    keep_copies: bool = Field(False, description="Store the whole network after each task and evaluate each task "
+                              "with its own copy (the seed paper's Fine-tune row: no forgetting, model size T x). "
+                              "False: one shared network, old heads kept, which forgets.")
+
+
+class PNNMethod(_Strict):
+    name: Literal["pnn"] = "pnn"
+    column_width: float = Field(0.08, gt=0, le=1.0, description="Width of every column after the first, as a "
+                                "fraction of the backbone (with laterals from the full first column, about +0.08x "
+                                "parameters per task, the paper's PNN growth).")
+    first_column_width: float = Field(1.0, gt=0, le=1.0, description="Width of the first task's column (the "
+                                      "paper's PNN starts from the full backbone, 1x).")
+    laterals: Literal["shared", "per_column"] = Field("shared", description="`shared`: per layer, one lateral "
+                                                      "adapter from the first column and one fed the mean of the "
+                                                      "other earlier columns (constant size per task); "
+                                                      "`per_column`: one adapter per earlier column (Rusu et al.; "
+                                                      "size grows quadratically).")
+
+
+class PackNetMethod(_Strict):
+    name: Literal["packnet"] = "packnet"
+    prune_ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of a task's free weights released after "
+                               "training it (PackNet: 0.5 to 0.75).")
+    retrain_epochs: Optional[int] = Field(None, ge=0, description="Epochs of retraining after pruning "
+                                          "(default: half the task's epochs).")
+
+
+class PiggybackMethod(_Strict):
+    name: Literal["piggyback"] = "piggyback"
+    mask_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the mask scores (Piggyback: 1e-4).")
+    mask_init: float = Field(1e-2, description="Initial mask score (Piggyback: 1e-2).")
+    mask_threshold: float = Field(5e-3, description="Scores at or above this keep their weight (Piggyback: 5e-3).")
+
+
+class CPGMethod(_Strict):
+    name: Literal["cpg"] = "cpg"
+    max_sparsity: float = Field(0.95, gt=0, lt=1, description="Gradual pruning goes 0.1 -> this (cubic).")
+    prune_steps: int = Field(5, ge=1, description="Pruning levels tried between 0.1 and max_sparsity.")
+    grow_ratio: float = Field(0.5, gt=0, description="Width added (fraction of the backbone) when the target "
+                              "is missed (CPG: 0.5).")
+    max_width: float = Field(1.5, gt=0, description="Width cap as a fraction of the backbone (CPG: 1.5).")
+    prune_epochs: Optional[int] = Field(None, ge=1, description="Retraining epochs after each pruning level "
+                                        "(default: a quarter of training.epochs, at least 1).")
+    prune_lr: Optional[float] = Field(None, gt=0, description="Weight learning rate while compacting "
+                                      "(default: 0.1 x training.optimizer.lr, as CPG's 1e-3 vs 1e-2).")
+    mask_lr: float = Field(5e-4, gt=0, description="Adam learning rate of the piggyback mask (CPG: 5e-4).")
+
+
+MethodConfig = Annotated[
+    Union[GrownMethod, GrowMethod, ScratchMethod, FinetuneMethod, PNNMethod, PackNetMethod, PiggybackMethod,
+          CPGMethod],
+    Field(discriminator="name"),
+]
+
+
+class TargetConfig(_Strict):
+    rule: Union[float, list[float], str] = Field("scratch", description="Accuracy target per task (validation, "
+                                                 "in %): a number, one number per task, `scratch` (accuracy of "
+                                                 "the full backbone trained from scratch on that task), or "
+                                                 "`scratch - 1.5`.")
+    scratch_epochs: Optional[int] = Field(None, ge=1, description="Epochs for the scratch reference "
+                                          "(default: training.epochs).")
+
+    @field_validator("rule")
+    @classmethod
+    def _check_rule(cls, v):
+        if isinstance(v, str) and parse_target(v) is None:
+            raise ValueError(f"target rule {v!r} is not a number, 'scratch' or 'scratch - <margin>'")
+        return v
+
+
+def parse_target(rule: str) -> Optional[float]:
+    """'scratch' -> 0.0 margin, 'scratch - 1.5' -> 1.5; None when malformed."""
+    m = re.fullmatch(r"\s*scratch\s*(?:-\s*([0-9]*\.?[0-9]+)\s*)?", rule)
+    return float(m.group(1) or 0.0) if m else None
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = True
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainingConfig(_Strict):
+    epochs: PositiveInt = Field(20, description="Epochs of task 1 and of stage 1 of later tasks.")
+    stage2_epochs: Optional[PositiveInt] = Field(None, description="Epochs of each growth round (default: epochs).")
+    batch_size: PositiveInt = Field(32, description="Global batch size (the seed paper: 32).")
+    eval_batch_size: PositiveInt = 256
+    optimizer: OptimConfig = Field(default_factory=OptimConfig, description="Weights (SGD, Nesterov 0.9).")
+    mask_optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(name="adam", lr=2e-4, momentum=0.0,
+                                                                            nesterov=False),
+                                        description="Selective and attentive masks (KSM: Adam 2e-4).")
+    gate_optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(name="sgd", lr=0.1, momentum=0.9),
+                                        description="Grown-mask gates (continuous sparsification: SGD 0.1, "
+                                        "Nesterov 0.9).")
+    scheduler: Literal["cosine", "none", "step"] = Field("cosine", description="Per-stage learning-rate schedule.")
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.8], description="Step schedule: fractions "
+                                    "of the stage where the lr is multiplied by 0.1 (CPG: epochs 50, 80 of 100).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision on CUDA (autocast).")
+    channels_last: bool = False
+    compile: bool = Field(False, description="Fuse each layer's mask arithmetic (where, unit masks, Gumbel noise) "
+                          "into one kernel with torch.compile: faster steps after a one-off compile per weight "
+                          "shape (seconds each); convolutions stay eager.")
+    checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N epochs (0: after each task only).")
+    num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's).")
+
+
+class OutputConfig(_Strict):
+    dir: str = Field("runs/{name}", description="Run folder; {name} is the recipe name.")
+    tensorboard: bool = True
+    export_format: Literal["pt2", "onnx", "torchscript", "none"] = Field("pt2", description="Per-task export format.")
+
+
+class Recipe(_Strict):
+    name: str = Field(description="Run name.")
+    description: str = ""
+    seed: int = Field(0, ge=0, description="Seeds data splits, initialisation, masks and growth.")
+    device: str = Field("auto", description="`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`.")
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=GrownMethod)
+    growth: GrowthConfig = Field(default_factory=GrowthConfig)
+    masks: MasksConfig = Field(default_factory=MasksConfig)
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_target_length(self):
+        rule = self.target.rule
+        if isinstance(rule, list):
+            n = getattr(self.data, "num_tasks", None)
+            if n is not None and len(rule) != n:
+                raise ValueError(f"target.rule lists {len(rule)} targets for {n} tasks")
+        return self

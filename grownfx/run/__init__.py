@@ -1,0 +1,1 @@
+"""Running recipes: the runner and its run folder, checkpoints, comparisons and exports."""

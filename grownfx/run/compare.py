@@ -1,0 +1,196 @@
+"""`grownfx compare`: one recipe, several methods and seeds, the same stream, schedule and validation split.
+
+    run_compare("digits_quickstart", ["scratch", "finetune", "pnn", "grown", "grown[+lsg]"], seeds=[0, 1])
+
+writes one run folder per method and seed (`<out>/<method>/seed<k>/`, each a normal `grownfx run` folder) and
+`<out>/compare.json` listing them; `grownfx report <out>` turns that into the paper's tables.
+
+Methods: scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown, and GROWN's ablation rows
+grown[grow_only], grown[+selective_mask], grown[+lsg], grown[+retrain_released] (the paper's Table 5).
+A method the recipe itself names keeps the recipe's settings for it; the others take their defaults.
+
+Scratch targets are trained once per seed: GROWN and CPG use "the validation accuracy of a full backbone
+trained from scratch" as their target; that is exactly what the `scratch` run computes (same seed, same
+function), so when `scratch` is in the comparison with the same epochs its validation accuracies become the
+targets of the other runs (as a per-task list), else they are computed once per seed here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from grownfx.data import build_stream
+from grownfx.files import atomic_write_text
+from grownfx.learn.methods.scratch import fresh_backbone, train_plain
+from grownfx.learn.training import resolve_device
+from grownfx.recipe.loading import load_recipe, validate_recipe
+from grownfx.run.runner import run
+from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, parse_target
+
+__all__ = ["ABLATIONS", "METHODS", "method_config", "run_compare", "slug"]
+
+TARGETED = ("grown", "cpg")  # methods the runner gives a target (grownfx.run.runner._Run.target)
+
+
+def method_config(recipe: Recipe, spec: str) -> dict:
+    """The `method:` section for `spec` ('packnet', 'grown[+lsg]', ...), based on the recipe's own if it matches."""
+    name, ablation = parse_method_spec(spec)
+    cfg = recipe.method.model_dump(mode="json") if recipe.method.name == name else {"name": name}
+    if ablation is not None:  # a Table 5 row: the ablation decides the switches
+        cfg.update(ablation=ablation, selective_mask=None, lsg=None, retrain_released=None)
+    return cfg
+
+
+def slug(spec: str) -> str:
+    """Folder name of a method: 'grown[+lsg]' -> 'grown-plus_lsg'."""
+    name, ablation = parse_method_spec(spec)
+    return name if ablation is None else f"{name}-{ablation.replace('+', 'plus_')}"
+
+
+def _load(recipe_or_path, overrides: Sequence[str]) -> Recipe:
+    if isinstance(recipe_or_path, Recipe):
+        if not overrides:
+            return recipe_or_path
+        return validate_recipe(recipe_or_path.model_dump(mode="json"), list(overrides), source=recipe_or_path.name)
+    return load_recipe(recipe_or_path, list(overrides))
+
+
+def _variant(recipe: Recipe, spec: str, seed: int, run_dir: Path, targets: Optional[list[float]]) -> Recipe:
+    d = recipe.model_dump(mode="json")
+    d.update(name=f"{recipe.name}-{slug(spec)}-s{seed}", seed=seed, method=method_config(recipe, spec))
+    d["output"]["dir"] = str(run_dir)
+    if targets is not None and d["method"]["name"] in TARGETED:
+        d["target"]["rule"] = targets
+    return Recipe.model_validate(d)
+
+
+def _scratch_epochs_match(recipe: Recipe) -> bool:
+    return recipe.target.scratch_epochs in (None, recipe.training.epochs)
+
+
+def scratch_targets(recipe: Recipe, seed: int) -> list[float]:
+    """Validation accuracy of a full backbone trained from scratch on each task: runner._Run.scratch_reference."""
+    recipe = recipe.model_copy(update={"seed": seed})
+    if recipe.training.num_threads:
+        torch.set_num_threads(recipe.training.num_threads)
+    device = resolve_device(recipe.device)
+    torch.manual_seed(seed)
+    stream = build_stream(recipe.data, seed)
+    epochs = recipe.target.scratch_epochs or recipe.training.epochs
+    out = []
+    for t, task in enumerate(stream.tasks):
+        parts = (seed, "scratch", t)
+        out.append(train_plain(fresh_backbone(recipe, task, parts), task, recipe.training, device, parts, epochs))
+    return out
+
+
+def _finished(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    s = json.loads(summary.read_text())
+    return len(s.get("tasks", [])) == s.get("num_tasks", -1)
+
+
+def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], overrides=(),  # noqa: B006
+                out_dir=None) -> Path:
+    """Run every method on every seed (same stream, schedule, validation split); returns the comparison folder.
+
+    A finished run folder is reused and an interrupted one resumed, so a comparison can be continued, or
+    extended with more methods and seeds, by calling this again with the same recipe and folder.  A method
+    that fails is recorded in compare.json and the others still run; the failures are raised at the end.
+    """
+    recipe = _load(recipe_or_path, overrides)
+    specs = list(dict.fromkeys(methods))
+    if not specs or not seeds:
+        raise ValueError("give at least one method and one seed")
+    for spec in specs:  # every variant must validate before hours of training start
+        _variant(recipe, spec, seeds[0], Path("."), None)
+    specs.sort(key=lambda s: s != "scratch")  # scratch first: its validation accuracies are the targets
+    if out_dir is None:  # beside the recipe's own run folder
+        own = Path(recipe.output.dir.format(name=recipe.name))
+        out_dir = own.with_name(own.name + "_compare")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rule = recipe.target.rule
+    margin = parse_target(rule) if isinstance(rule, str) else None
+    index = _index(out, recipe, specs, seeds)
+    wants = margin is not None and any(parse_method_spec(s)[0] in TARGETED for s in specs)
+    failures = []
+    for seed in seeds:
+        targets: Optional[list[float]] = None
+        for spec in specs:
+            name, _ = parse_method_spec(spec)
+            if wants and targets is None and name in TARGETED:
+                targets, source = _targets(recipe, seed, out)
+                targets = [v - margin for v in targets]
+                index["targets"][str(seed)] = {"values": targets, "source": source}
+            entry = _run_one(recipe, spec, seed, out, targets, index)
+            if entry["status"] != "ok":
+                failures.append(f"{spec} seed {seed}: {entry['error']}")
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed (see {out / 'compare.json'}):\n" + "\n".join(failures))
+    return out
+
+
+def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: dict) -> dict:
+    """Run (or reuse, or resume) one method and seed; record it in compare.json."""
+    run_dir = out / slug(spec) / f"seed{seed}"
+    before = next((r for r in index["runs"] if (r["method"], r["seed"]) == (spec, seed)), {})
+    entry = {"method": spec, "seed": seed, "dir": str(run_dir.relative_to(out)), "status": "ok"}
+    start = time.perf_counter()
+    try:
+        if _finished(run_dir):
+            entry.update(reused=True, wall_s=before.get("wall_s"))
+        else:
+            resume = (run_dir / "checkpoints" / "last.pt").exists()
+            run(_variant(recipe, spec, seed, run_dir, targets), resume=resume,
+                echo=lambda msg: print(f"[{spec} seed {seed}] {msg}", flush=True))
+    except KeyboardInterrupt:
+        _write(out, index)
+        raise
+    except Exception as exc:  # keep comparing; the caller reports the failure at the end
+        entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    if entry.get("wall_s") is None:
+        entry["wall_s"] = time.perf_counter() - start
+    index["runs"] = [r for r in index["runs"] if r is not before] + [entry]
+    _write(out, index)
+    return entry
+
+
+def _targets(recipe: Recipe, seed: int, out: Path) -> tuple[list[float], str]:
+    """Scratch validation accuracies per task: from this comparison's scratch run when it is the same
+    computation (same seed and epochs), else trained here once for every targeted method of this seed."""
+    run_dir = out / slug("scratch") / f"seed{seed}"
+    if _scratch_epochs_match(recipe) and _finished(run_dir):
+        tasks = json.loads((run_dir / "summary.json").read_text())["tasks"]
+        return [float(t["val_acc"]) for t in tasks], "scratch run"
+    return scratch_targets(recipe, seed), "trained once for this comparison"
+
+
+def _index(out: Path, recipe: Recipe, specs: list[str], seeds: Sequence[int]) -> dict:
+    """compare.json's content: a new one, or the folder's own extended (a comparison can grow over calls)."""
+    index = {"recipe": recipe.name, "methods": [], "seeds": [], "target_rule": recipe.target.rule, "runs": [],
+             "targets": {}, "recipe_config": recipe.model_dump(mode="json")}
+    path = out / "compare.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if _what_is_learned(old.get("recipe_config", {})) != _what_is_learned(index["recipe_config"]):
+            raise ValueError(f"{out} holds a comparison of another recipe; choose another out_dir")
+        index.update(methods=old["methods"], seeds=old["seeds"], runs=old["runs"], targets=old.get("targets", {}))
+    index["methods"] = sorted(dict.fromkeys(index["methods"] + specs), key=lambda s: s != "scratch")
+    index["seeds"] = list(dict.fromkeys(index["seeds"] + list(seeds)))
+    return index
+
+
+def _what_is_learned(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("output", "description")}
+
+
+def _write(out: Path, index: dict) -> None:
+    atomic_write_text(json.dumps(index, indent=1), out / "compare.json")
