@@ -297,11 +297,13 @@ def full_widths(net) -> dict[int, int]:
 
 def lsg_grow(net, pool: float = 0.25) -> dict[int, int]:
     """GROWN's learnable sparse growth: a gated candidate pool of `pool` x the full width at every site."""
+    from grownfx.learn.gates import CandidateGates  # torch-heavy: imported where used, like the other helpers
+
     added = {}
     for gid, full in full_widths(net).items():
         gran = net.coupling.groups[gid].granularity
         n = math.ceil(pool * full / gran) * gran
-        added.update(net.grow(channels=n, groups=[gid], gated=True))
+        added.update(CandidateGates.of(net).grow(net, channels=n, groups=[gid]))
     return added
 
 

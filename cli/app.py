@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -20,6 +21,38 @@ app = typer.Typer(
          "Start with:  grownfx run digits_quickstart",
 )
 _state = {"debug": False}
+
+
+def _click_style_help() -> None:
+    """Help in click's own style: `RECIPE [OVERRIDES]...`, `--out PATH`, flags without a type.  Recent typer
+    versions print `{recipe}` for required arguments and a `<bool>` / `<path>` type beside every option."""
+    from typer import core
+
+    arg, opt = getattr(core, "TyperArgument", None), getattr(core, "TyperOption", None)
+    if arg is not None and hasattr(arg, "_usage_display_name") and hasattr(arg, "display_type_rich"):
+        def usage(self) -> str:
+            name = (self.metavar or self.name or "").upper()
+            name = name if self.required else f"[{name}]"
+            return name + ("..." if self.nargs != 1 else "")
+
+        arg._usage_display_name = usage
+        arg.display_type_rich = lambda self, ctx: None
+    if opt is not None and hasattr(opt, "display_type_rich"):
+        typed = opt.display_type_rich
+
+        def option_type(self, ctx) -> Optional[str]:
+            if getattr(self, "is_flag", False) or getattr(self, "count", False):
+                return None
+            text = typed(self, ctx)
+            if self.metavar is not None or not text:
+                return text
+            word = (text.strip("<>").split() or [""])[0].split("[")[0]
+            return {"str": "TEXT", "int": "N", "float": "X"}.get(word, word.upper())
+
+        opt.display_type_rich = option_type
+
+
+_click_style_help()
 _PASS_THROUGH = (typer.Exit, typer.Abort, typer.BadParameter.__bases__[0])  # the framework's own (UsageError)
 _EXIT_USER, _EXIT_BUG, _EXIT_INTERRUPT = 2, 1, 130
 
@@ -42,21 +75,29 @@ def main() -> None:
     try:
         app()
     except SystemExit as exc:
-        from grownfx.learn.distributed import exit_worker, launched
-
-        if launched():  # a torchrun worker: leave without C++ finalisers (gloo can abort in them)
-            exit_worker(exc.code)
+        # Only a process that loaded grownfx.learn.distributed can hold a process group; importing it here for
+        # every command would pull in torch (`grownfx --help` must not).
+        dist = sys.modules.get("grownfx.learn.distributed")
+        if dist is not None and dist.launched():  # a torchrun worker: leave without C++ finalisers (gloo aborts)
+            dist.exit_worker(exc.code)
         raise
 
 
 # --- error handling ---------------------------------------------------------------------------------------
 
 
+class UserError(Exception):
+    """A mistake in what the user typed (a name, a number out of range): one line, exit code 2."""
+
+
 def _user_errors() -> tuple[type, ...]:
     """Errors that are the user's input, reported as one paragraph with exit code 2."""
-    kinds: list[type] = []
+    kinds: list[type] = [UserError]
     for module, name in (("grownfx.data", "DatasetError"), ("grownfx", "TraceError"), ("grownfx", "SurgeryError"),
-                         ("grownfx.run.runner", "RunError")):
+                         ("grownfx.run.runner", "RunError"), ("grownfx.run.export", "ExportError"),
+                         ("grownfx.files", "CorruptFileError"), ("grownfx.files", "LockedError"),
+                         ("grownfx.files", "DiskFullError"),
+                         ("grownfx.learn.guards", "NonFiniteError")):
         try:
             kinds.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -86,7 +127,8 @@ def guarded(fn: Callable) -> Callable:
             raise typer.Exit(_EXIT_INTERRUPT)
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if isinstance(exc, _user_errors()):
-                _err().print(f"[red bold]{type(exc).__name__}:[/] [red]{escape(str(exc))}[/]")
+                kind = "error" if isinstance(exc, UserError) else type(exc).__name__
+                _err().print(f"[red bold]{kind}:[/] [red]{escape(str(exc))}[/]")
                 raise typer.Exit(_EXIT_USER)
             if _state["debug"]:
                 _err().print(escape(traceback.format_exc()))
@@ -126,6 +168,8 @@ _OVERRIDES_ARG = typer.Argument(None, help="Overrides: key.sub=value, +key.sub=v
 def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the recipe's output.dir)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in the folder from its checkpoint."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Without a terminal (logs, CI): a line per "
+                                     "epoch, not only per task and stage."),
         nproc_per_node: Optional[int] = typer.Option(
             None, "--nproc-per-node", min=1,
             help="Train data-parallel in N processes on this machine (one per GPU), launched through "
@@ -143,10 +187,11 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
         _lazy("grownfx.run.runner", "check_distributed")(rec, nproc_per_node)  # one clear error, before launching
         argv = (["--debug"] if _state["debug"] else []) + ["run", recipe, *(overrides or [])]
         argv += (["--out", str(out)] if out is not None else []) + (["--resume"] if resume else [])
+        argv += ["--verbose"] if verbose else []
         raise typer.Exit(distributed.launch(argv, nproc_per_node))
     main_rank = distributed.env_rank() == 0  # under torchrun only rank 0 prints and shows progress
     run_fn = _lazy("grownfx.run.runner", "run")
-    with progress(0, enabled=main_rank) as bars:
+    with progress(0, enabled=main_rank, verbose=verbose) as bars:
         result = run_fn(rec, out_dir=out, resume=resume, progress=bars, echo=bars.log)
     if not main_rank:
         return
@@ -172,14 +217,26 @@ def validate(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRI
     con = _out()
     con.print("[green bold]ok[/]")
     con.print(_summary_table(rec))
+    from grownfx.recipe.checks import recipe_warnings
+
+    for line in recipe_warnings(rec):
+        _err().print(f"[yellow]warning:[/] {escape(line)}")
 
 
 def _results_table(summary: dict) -> Table:
     """Per task: accuracy when learned and at the end, the target, growth, model size, time."""
+    from rich import box
+
+    # no vertical rules and short headers: ten-task streams with long task names fit 80 columns uncut
     table = Table(title=f"{escape(summary['name'])} ({escape(summary['method'])}): average {summary['avg_acc']:.2f} %, "
-                        f"BWT {summary['bwt']:+.2f}")
-    for col in ("task", "val", "target", "test (learned)", "test (final)", "growth", "model size", "time"):
-        table.add_column(col, justify="right" if col != "task" else "left")
+                        f"BWT {summary['bwt']:+.2f}", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="accuracy %: val and test when learned (learned), test after the last task (final)")
+    width = max([len(str(t["name"])) for t in summary["tasks"]] + [4])
+    for col in ("task", "val", "target", "learned", "final", "growth", "size", "time"):
+        if col == "task":  # never cut a task name to "digits/…"
+            table.add_column(col, no_wrap=True, min_width=width)
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
     for t in summary["tasks"]:
         target = "" if t.get("target") is None else f"{t['target']:.1f}"
         grew = f"+{sum(t['growth'].values())} ch" if t.get("growth") else "-"
@@ -225,17 +282,24 @@ def ls_():
     _out().print(table)
 
 
-@app.command("cp", epilog="Example: grownfx cp digits_quickstart my_recipe.yaml")
+@app.command("cp", epilog="Examples: grownfx cp digits_quickstart   (writes ./digits_quickstart.yaml)\n\n"
+                          "grownfx cp digits_quickstart my_recipe.yaml")
 @guarded
 def cp_(name: str = typer.Argument(..., help="A built-in recipe name (see `grownfx ls`)."),
-        dest: Path = typer.Argument(..., help="Destination file, or a folder to copy it into."),
+        dest: Path = typer.Argument(Path("."), help="Destination file, or a folder to copy it into "
+                                    "(default: NAME.yaml in the current folder).", show_default=False),
         force: bool = typer.Option(False, "--force", help="Overwrite an existing file.")):
     """Copy a built-in recipe to edit it."""
     from grownfx.recipe.loading import RecipeError, builtin_recipes_dir, list_builtin_recipes
 
     src = builtin_recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
     if not src.is_file():
-        raise RecipeError([f"no built-in recipe {name!r}; built-in recipes: {', '.join(list_builtin_recipes())}"])
+        import difflib
+
+        names = list(list_builtin_recipes())
+        close = difflib.get_close_matches(name.removesuffix(".yaml"), names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise RecipeError([f"no built-in recipe {name!r}; {hint}built-in recipes: {', '.join(names)}"])
     target = dest / src.name if dest.is_dir() else dest
     if target.exists() and not force:
         _err().print(f"[red]{escape(str(target))} exists; pass --force to overwrite it[/]")
@@ -280,17 +344,32 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-@app.command(epilog="Example: grownfx export runs/digits_quickstart --task 0 --format onnx --verify")
+@app.command(epilog="Example: grownfx export runs/digits_quickstart --task 1 --format onnx --verify\n\n"
+                    "Tasks count from 1, as in the console, the report and exports/task_1/.")
 @guarded
 def export(run_dir: Path = typer.Argument(..., help="A run folder."),
-           task: int = typer.Option(..., "--task", help="Task index (0-based)."),
+           task: int = typer.Option(..., "--task", help="Task number, counting from 1 (exports/task_1/...)."),
            fmt: str = typer.Option("pt2", "--format", help="pt2, onnx or torchscript."),
-           verify: bool = typer.Option(False, "--verify", help="Check the exported model against the run's.")):
+           verify: bool = typer.Option(False, "--verify", help="Check the exported model against the run's."),
+           bake_preprocessing: bool = typer.Option(
+               False, "--bake-preprocessing",
+               help="Put the input scaling and normalisation into the graph: the file then takes raw inputs "
+                    "(meta.json says which a file expects).")):
     """Export the subnetwork of one task as a standalone model (torch.export, ONNX or TorchScript)."""
     if fmt not in ("pt2", "onnx", "torchscript"):
         raise typer.BadParameter(f"format must be pt2, onnx or torchscript, got {fmt!r}", param_hint="--format")
-    result = _lazy("grownfx.run.export", "export_run")(run_dir, task, fmt, verify)
-    _out().print(f"exported task {task} as {fmt}: {escape(str(result))}")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a run folder")
+    if task < 1:
+        raise UserError(f"--task counts from 1 (the first task is --task 1, exports/task_1/); got {task}")
+    result = _lazy("grownfx.run.export", "export_run")(run_dir, task - 1, fmt, verify,
+                                                       bake_preprocessing=bake_preprocessing)
+    path, entry = result if isinstance(result, tuple) else (result, {})
+    inputs = "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing in meta.json)"
+    _out().print(f"exported task {task} as {fmt}: {escape(str(path))} (takes {inputs})", soft_wrap=True)
+    if verify and entry.get("verified_max_rel_error") is not None:
+        _out().print(f"verified: max relative error {entry['verified_max_rel_error']:.1e} against the run's "
+                     "task-aware model (limit 1e-4)", soft_wrap=True)
 
 
 @app.command(epilog="Example: grownfx report runs/digits_quickstart")
@@ -323,7 +402,7 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
     """Run one recipe with several methods and seeds, then compare them (grownfx report DIR makes the tables).
 
     Methods: scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown, and the GROWN ablation rows
-    grown[grow_only], grown[+selective_mask], grown[+lsg], grown[+retrain_released]; every variant is
+    grown\\[grow_only], grown\\[+selective_mask], grown\\[+lsg], grown\\[+retrain_released]; every variant is
     validated before any training starts."""
     from grownfx.recipe.loading import load_recipe
 

@@ -38,12 +38,26 @@ def inspect_data(target: str, seed_width: Optional[float] = None,
             notes.append(f"input shape of {data.name} data unknown without the files; assumed "
                          f"{'x'.join(map(str, shape))} (set --input-shape)")
     else:
+        from grownfx.recipe.checks import resolve_builder
+
+        try:  # a typo gets its "did you mean" here, not a traceback from the model zoo
+            resolve_builder(target)
+        except ValueError as exc:
+            from grownfx.cli.app import UserError
+
+            raise UserError(f"{exc}; or a recipe (grownfx ls lists the built-in ones)") from None
         model_cfg, sites, classes = ModelConfig(builder=target), GrowthConfig().sites, 10
-        shape = input_shape or _DEFAULT_SHAPE
+        shape = input_shape or builder_input_shape(target)
     width = model_cfg.seed_width if seed_width is None else seed_width
     model = build_model(model_cfg.builder, classes, model_cfg.kwargs).eval()
-    net = grownfx.prepare(model, torch.randn(1, *shape), width, leaf_modules=model_cfg.leaf_modules,
-                          granularity=model_cfg.granularity)
+    try:
+        net = grownfx.prepare(model, torch.randn(1, *shape), width, leaf_modules=model_cfg.leaf_modules,
+                              granularity=model_cfg.granularity)
+    except grownfx.TraceError as exc:
+        if input_shape is not None:
+            raise
+        raise grownfx.TraceError(f"{exc}. The input {'x'.join(map(str, shape))} is a guess; pass the model's "
+                                 "own with --input-shape C,H,W") from None
     net.add_task(classes)  # a head of `classes` outputs, as the runner adds for a task
     site_ids = set(net.groups_matching(sites.include, sites.exclude, sites.layer_types))
     full_width = {g.id: g.width for g in net.coupling.groups}
@@ -59,6 +73,15 @@ def inspect_data(target: str, seed_width: Optional[float] = None,
                     "reasons": list(g.reasons),
                     "members": [{"target": b.target, "role": b.role} for b in g.members]} for g in groups],
     }
+
+
+def builder_input_shape(builder: str) -> tuple[int, ...]:
+    """The input shape a grownfx builder declares (`vgg16_bn_cifar`: 3x32x32), else the ImageNet default."""
+    try:
+        from grownfx.models import BUILDERS
+    except ImportError:
+        return _DEFAULT_SHAPE
+    return tuple(getattr(BUILDERS.get(builder), "input_shape", _DEFAULT_SHAPE))
 
 
 def build_model(builder: str, num_classes: int, kwargs: dict):

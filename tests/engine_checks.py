@@ -57,11 +57,11 @@ def _step(net, x, task, lr=1e-3):
     net.eval()
 
 
-def growth_error_float64(name: str, seed_width: float) -> float:
+def growth_error_float64(name: str, seed_width: float, builder=None, **prepare_kw) -> float:
     """The same growth in float64: tells float32 rounding (summation order in wider GEMMs) from a real change."""
     torch.manual_seed(0)
-    model, x = build(name)
-    net = grownfx.prepare(model.double(), x.double(), seed_width=seed_width)
+    model, x = (builder or build)(name)
+    net = grownfx.prepare(model.double(), x.double(), seed_width=seed_width, **prepare_kw)
     net.add_task(10)
     net.eval()
     with torch.no_grad():
@@ -70,13 +70,17 @@ def growth_error_float64(name: str, seed_width: float) -> float:
         return rel_err(net(x.double()), before)
 
 
-def check_backbone(name: str, seed_width: float = 0.5) -> dict:
-    """Seed slimming, function-preserving growth, exact old tasks, faithful export, consistent counts."""
+def check_backbone(name: str, seed_width: float = 0.5, builder=None, **prepare_kw) -> dict:
+    """Seed slimming, function-preserving growth, exact old tasks, faithful export, consistent counts.
+
+    `builder(name) -> (model, example_input)` defaults to `build` (torchvision); `prepare_kw` go to prepare."""
     torch.manual_seed(0)
-    model, x = build(name)
-    net = grownfx.prepare(model, x, seed_width=seed_width)
+    model, x = (builder or build)(name)
+    net = grownfx.prepare(model, x, seed_width=seed_width, **prepare_kw)
     del model
-    report = {"name": name, "growable": len(net.growable_groups), "full_params": net.full_params}
+    report = {"name": name, "growable": len(net.growable_groups), "full_params": net.full_params,
+              "fixed_reasons": [g.reasons[0] if g.reasons else "width not a multiple of its granularity"
+                                for g in net.coupling_groups if not g.growable]}
     assert net.growable_groups, f"{name}: no growable group"
     full = {g.id: g.width for g in net.coupling.groups}
     for g in net.growable_groups:  # seed slimming gives the stated width
@@ -95,7 +99,7 @@ def check_backbone(name: str, seed_width: float = 0.5) -> dict:
         err = rel_err(net(x, task=t0), seed_out)
     report["growth_error"] = err
     if err >= 1e-6:  # only rounding may remain: in float64 the same growth must be exact to 1e-12
-        report["growth_error_float64"] = growth_error_float64(name, seed_width)
+        report["growth_error_float64"] = growth_error_float64(name, seed_width, builder, **prepare_kw)
         assert err < 1e-4 and report["growth_error_float64"] < 1e-12, (name, err, report["growth_error_float64"])
     _step(net, x, t0)
     net.freeze_task(t0)

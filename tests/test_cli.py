@@ -138,12 +138,20 @@ def test_run_calls_the_runner(monkeypatch, tmp_path):
 
 def test_export_report_compare_call_through(monkeypatch, tmp_path):
     seen = {}
-    fake_module(monkeypatch, "grownfx.run.export",
-                export_run=lambda run_dir, task, fmt, verify: seen.update(export=(run_dir, task, fmt, verify)) or
-                tmp_path / "model.onnx")
-    result = invoke("export", str(tmp_path), "--task", "1", "--format", "onnx", "--verify")
-    assert result.exit_code == 0 and seen["export"] == (tmp_path, 1, "onnx", True)
+    def export_run(run_dir, task, fmt, verify, bake_preprocessing=False):
+        seen.update(export=(run_dir, task, fmt, verify, bake_preprocessing))
+        return tmp_path / "model.onnx", {"verified_max_rel_error": 2e-7}
+
+    fake_module(monkeypatch, "grownfx.run.export", export_run=export_run)
+    result = invoke("export", str(tmp_path), "--task", "2", "--format", "onnx", "--verify")
+    # --task counts from 1 like the console and exports/task_K; the Python API takes the 0-based index
+    assert result.exit_code == 0 and seen["export"] == (tmp_path, 1, "onnx", True, False)
+    assert "exported task 2 as onnx" in result.output and "max relative error 2.0e-07" in result.output
+    result = invoke("export", str(tmp_path), "--task", "1", "--bake-preprocessing")
+    assert seen["export"] == (tmp_path, 0, "pt2", False, True) and "takes raw inputs" in result.output
     assert invoke("export", str(tmp_path), "--task", "1", "--format", "tflite").exit_code == 2
+    result = invoke("export", str(tmp_path), "--task", "0")
+    assert result.exit_code == 2 and "--task counts from 1" in result.output and "Traceback" not in result.output
 
     (tmp_path / "compare.json").write_text("{}")
     fake_module(monkeypatch, "grownfx.report.compare_report",
@@ -232,19 +240,67 @@ def test_python_dash_m_grownfx():
 
 
 def test_progress_plain_lines():
+    """Without a TTY: a line per task and one per finished stage; -v (verbose) adds a line per epoch."""
+    def feed(p):
+        p.task_bar(0, "digits/task1")
+        for e in (1, 2):
+            p.epoch({"task": 0, "stage": "grow", "round": 1, "epoch": e, "epochs": 2, "loss": 0.5, "train_acc": 90.0})
+        p.epoch({"task": 0, "stage": "grow", "round": 2, "epoch": 1, "epochs": 1, "loss": 0.25, "train_acc": 91.0})
+        p.task_bar(1, "digits/task2")
+        p.epoch({"task": 1, "stage": "stage1", "round": 0, "epoch": 1, "epochs": 1, "loss": 0.3, "train_acc": 92.0})
+        p.epoch({"task": 1, "stage": "grow", "round": 1, "epoch": 1, "epochs": 1, "loss": 0.2, "train_acc": 93.0})
+        p.log("task 2: done")
+
     buf = io.StringIO()
     with progress(2, file=buf) as p:  # a StringIO is not a TTY: plain lines
-        p.task_bar(0, "digits/task0")
-        p.stage_bar("stage 1", epochs=2)
-        p.epoch_bar(3)
-        for _ in range(3):
-            p.update(loss=0.5)
-        p.epoch({"task": 0, "stage": "grow", "round": 1, "epoch": 1, "epochs": 4, "loss": 0.25, "train_acc": 91.0})
-        p.log("task 1: done")
+        feed(p)
+    assert buf.getvalue().splitlines() == [
+        "task 1/2: digits/task1",
+        "  task 1/2 [stage 1 (sparse growth from the seed)] 2 epochs: loss 0.5, train_acc 90.0",
+        "  task 1/2 [growth round 1] 1 epoch: loss 0.25, train_acc 91.0",
+        "task 2/2: digits/task2",
+        "  task 2/2 [stage 1] 1 epoch: loss 0.3, train_acc 92.0",
+        "  task 2/2 [growth round 1] 1 epoch: loss 0.2, train_acc 93.0",
+        "task 2: done"]
+    buf = io.StringIO()
+    with progress(2, file=buf, verbose=True) as p:
+        feed(p)
     lines = buf.getvalue().splitlines()
-    assert lines == ["task 1/2: digits/task0", "  task 1/2 [stage 1] (2 epochs)",
-                     "    task 1/2 [stage 1] epoch 1/2: loss 0.5", "  task 1/2 [grow round 1] (4 epochs)",
-                     "    task 1/2 [grow round 1] epoch 1/4: loss 0.25, train_acc 91.0", "task 1: done"]
+    assert lines[:4] == ["task 1/2: digits/task1", "  task 1/2 [stage 1 (sparse growth from the seed)] (2 epochs)",
+                         "    task 1/2 [stage 1 (sparse growth from the seed)] epoch 1/2: loss 0.5, train_acc 90.0",
+                         "    task 1/2 [stage 1 (sparse growth from the seed)] epoch 2/2: loss 0.5, train_acc 90.0"]
+    assert len(lines) == 12
+
+
+def test_phase_labels_and_tensorboard_tags():
+    from grownfx.report.progress import phase_label
+
+    assert phase_label({"task": 0, "stage": "grow", "round": 1}) == "stage 1 (sparse growth from the seed)"
+    assert phase_label({"task": 0, "stage": "grow", "round": 1}, short=True) == "stage 1"
+    assert phase_label({"task": 0, "stage": "grow", "round": 3}) == "growth round 2"
+    assert phase_label({"task": 4, "stage": "stage1", "round": 0}) == "stage 1"
+    assert phase_label({"task": 4, "stage": "grow", "round": 2}) == "growth round 2"
+    assert phase_label({"stage": "scratch"}) == "scratch reference"
+
+
+def test_task_line_says_why_a_task_below_target_did_not_grow():
+    from grownfx.learn.records import TaskRecord
+    from grownfx.recipe.schema import GrowthConfig
+    from grownfx.run.runner import _task_line
+
+    cfg = GrowthConfig(max_rounds=2, max_width=1.5)
+    spent = TaskRecord(index=2, name="t", num_classes=2, target=95.0, val_acc=90.0, growth_rounds=2, grew=True,
+                       growth={"1": 4})
+    line = _task_line(spent, [90.0, 91.0, 92.0], 1000, cfg)
+    assert line.startswith("task 3: ") and "grew 4 ch in 2 growth rounds" in line
+    assert "below target: growth budget spent (growth.max_rounds=2)" in line
+    capped = TaskRecord(index=1, name="t", num_classes=2, target=95.0, val_acc=90.0, growth_rounds=0)
+    assert "no growth; below target: every growth site is at its width cap (growth.max_width=1.5x" in \
+        _task_line(capped, [90.0, 90.0], 1000, cfg)
+    seed = TaskRecord(index=0, name="t", num_classes=2, target=90.0, val_acc=99.0, growth_rounds=1,
+                      pruned_candidates=12)
+    line = _task_line(seed, [99.0], 1000, cfg)
+    assert "kept the seed width (sparse growth pruned all 12 candidate channels)" in line and "below" not in line
 
 
 def test_progress_disabled_and_rich():
@@ -265,3 +321,203 @@ def test_progress_disabled_and_rich():
         p.log("task 1: done")
         p.end_task(0)
     assert "task 1: done" in console.file.getvalue()
+
+
+# --- start-up (issue 15): commands that need no model never import torch -------------------------------------
+
+_NO_TORCH_PROBE = ("import sys\nfrom grownfx.cli.app import app\n"
+                   "try:\n    app(sys.argv[1:], prog_name='grownfx')\nexcept SystemExit:\n    pass\n"
+                   "assert 'torch' not in sys.modules, 'torch was imported'\nprint('NO-TORCH')\n")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["ls"], ["validate", "digits_quickstart", "--no-data-check"],
+                                  ["run", "--help"]])
+def test_startup_does_not_import_torch(args, tmp_path):
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH_PROBE, *args], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and "NO-TORCH" in result.stdout, result.stderr
+
+
+def test_recipe_schema_does_not_import_torch():
+    code = "import sys, grownfx.recipe.schema, grownfx.recipe.loading; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_validate_knows_grownfx_builders_by_name():
+    from grownfx.models import BUILDERS
+    from grownfx.recipe.checks import _GROWNFX_FALLBACK
+
+    assert set(_GROWNFX_FALLBACK) == set(BUILDERS)
+
+
+# --- issue 14: the run folder's guarantees, as the command line shows them -----------------------------------
+
+
+def _one_error_line(result) -> str:
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in result.output and "weights_only" not in result.output, result.output
+    return " ".join(lines)
+
+
+def test_cli_second_writer_is_refused_with_exit_2(tmp_path):
+    from grownfx import files
+
+    out = tmp_path / "r"
+    with files.FolderLock(out):
+        result = invoke("run", "digits_quickstart", "--out", str(out), "--resume")
+    assert result.exit_code == 2, result.output
+    assert "in use by another grownfx process" in _one_error_line(result)
+
+
+def test_cli_out_holding_other_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = invoke("run", "digits_quickstart", "--out", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "not empty" in _one_error_line(result) and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_cli_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path):
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04 truncated")
+    result = invoke("export", str(tmp_path), "--task", "1")
+    assert result.exit_code == 2, result.output
+    assert "last.pt" in _one_error_line(result) and "corrupt" in result.output
+
+
+def test_cli_validate_refuses_infinite_learning_rate():
+    result = invoke("validate", "digits_quickstart", "training.optimizer.lr=.inf")
+    assert result.exit_code == 2 and "finite" in result.output, result.output
+
+
+# --- user mistakes: exit 2, one clear line, "did you mean" (issue 15) ----------------------------------------
+
+
+def test_inspect_unknown_builder_suggests_names():
+    result = invoke("inspect", "resnt18")
+    assert result.exit_code == 2 and "did you mean 'resnet18'?" in result.output
+    result = invoke("inspect", "resnet_typo")
+    assert result.exit_code == 2 and "did you mean 'resnet50'" in result.output and "Traceback" not in result.output
+
+
+def test_inspect_wrong_input_shape_is_one_clear_error(capfd):
+    result = invoke("inspect", "small_cnn", "--input-shape", "3,224,224")
+    assert result.exit_code == 2 and "expected input[1, 3, 224, 224] to have 1 channels" in result.output
+    captured = capfd.readouterr()
+    assert "Traceback" not in result.output + captured.err + captured.out  # ShapeProp's print_exc is silenced
+    assert invoke("inspect", "small_cnn").exit_code == 0  # its own input shape (1x8x8) by default
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 2, b"name: x\n\x01\x02 junk\n"])
+def test_binary_recipe_is_a_recipe_error(tmp_path, content):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    result = invoke("validate", str(bad))
+    assert result.exit_code == 2 and f"{bad}: not a YAML text file" in result.output
+
+
+def test_recipe_name_typo_suggests():
+    result = invoke("validate", "digits_quikstart")
+    assert result.exit_code == 2 and "did you mean 'digits_quickstart'?" in result.output
+    result = invoke("cp", "digits_quikstart")
+    assert result.exit_code == 2 and "did you mean 'digits_quickstart'?" in result.output
+
+
+def test_switching_method_by_override():
+    result = invoke("validate", "digits_quickstart", "method.name=scratch")
+    assert result.exit_code == 0, result.output
+    assert "scratch" in result.output and "ablation" not in result.output
+
+
+# --- output for people (issue 15) ----------------------------------------------------------------------------
+
+
+def test_cp_destination_defaults_to_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert invoke("cp", "digits_quickstart").exit_code == 0
+    assert (tmp_path / "digits_quickstart.yaml").is_file()
+
+
+def test_help_has_plain_placeholders_and_the_ablation_rows():
+    out = invoke("run", "--help").output
+    assert "RECIPE [OVERRIDES]..." in out and "{recipe}" not in out and "<bool>" not in out
+    out = invoke("export", "--help").output
+    assert "<bool>" not in out and "--bake-preprocessing" in out
+    out = invoke("compare", "--help").output
+    for row in ("grown[grow_only]", "grown[+selective_mask]", "grown[+lsg]", "grown[+retrain_released]"):
+        assert row in out
+
+
+def test_results_table_keeps_task_names_whole(monkeypatch, tmp_path):
+    tasks = [{"name": f"miniimagenet/task{k}", "val_acc": 70.0, "target": 69.0, "acc_when_learned": 71.0,
+              "acc_final": 71.0, "growth": {"1": 8}, "model_size": 0.5, "time_s": 12.0} for k in range(1, 11)]
+    summary = {"name": "r", "method": "grown", "avg_acc": 71.0, "bwt": 0.0, "tasks": tasks}
+
+    def run(recipe, out_dir=None, resume=False, progress=None, echo=None):
+        return types.SimpleNamespace(out_dir=out_dir, summary=summary)
+
+    fake_module(monkeypatch, "grownfx.run.runner", run=run)
+    result = invoke("run", "digits_quickstart", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    assert "miniimagenet/task10" in result.output and "…" not in result.output
+
+
+def test_cli_report_of_a_truncated_summary_is_one_line(tmp_path):
+    (tmp_path / "summary.json").write_text('{"name": "x", "tasks": [')
+    result = invoke("report", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "summary.json is not valid JSON" in _one_error_line(result)
+
+
+def test_cli_validate_warns_about_absurd_values():
+    result = invoke("validate", "digits_quickstart", "training.epochs=1000000000", "data.limit_per_task=8")
+    assert result.exit_code == 0, result.output
+    assert "training.epochs = 1,000,000,000" in result.output and "larger than data.limit_per_task 8" in result.output
+
+
+def test_cli_validate_catches_too_many_imagefolder_tasks(tmp_path):
+    for c in ("a", "b", "c"):
+        (tmp_path / c).mkdir()
+    result = invoke("validate", "digits_quickstart", "data=null", "+data.name=imagefolder", f"+data.root={tmp_path}",
+                    "+data.classes_per_task=2", "+data.num_tasks=2", "model.kwargs.in_channels=3")
+    assert result.exit_code == 2, result.output
+    assert "need 4 class folders" in result.output and "has 3" in result.output
+
+
+# --- exports carry their preprocessing (issue 15) -------------------------------------------------------------
+
+
+def test_export_meta_lists_formats_and_bakes_preprocessing(tmp_path):
+    import torch
+
+    from grownfx.recipe.loading import load_recipe
+    from grownfx.run.runner import run
+
+    rec = load_recipe("digits_quickstart", ["training.epochs=1", "training.stage2_epochs=1", "growth.max_rounds=0",
+                                            "data.classes_per_task=5"], check_data=False)
+    out = tmp_path / "run"
+    run(rec, out_dir=out, echo=lambda msg: None)
+    folder = out / "exports" / "task_1"  # tasks count from 1
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["task"] == 1 and meta["task_index"] == 0 and meta["name"] == "digits/task1"
+    prep = meta["preprocessing"]
+    assert prep["pixel_scale"] == 1 / 16 and prep["mean"] == [0.3053] and "formula" in prep
+    assert meta["formats"]["pt2"]["preprocessing_baked"] is False
+
+    result = invoke("export", str(out), "--task", "1", "--format", "onnx", "--verify")
+    assert result.exit_code == 0, result.output
+    assert "verified: max relative error" in result.output
+    plain = torch.export.load(str(folder / "model.pt2")).module()
+    result = invoke("export", str(out), "--task", "1", "--bake-preprocessing", "--verify")
+    assert result.exit_code == 0 and "takes raw inputs" in result.output, result.output
+    meta = json.loads((folder / "meta.json").read_text())
+    assert sorted(meta["formats"]) == ["onnx", "pt2"]  # one meta for all formats: onnx's entry kept
+    assert meta["formats"]["pt2"]["preprocessing_baked"] and not meta["formats"]["onnx"]["preprocessing_baked"]
+    assert meta["formats"]["onnx"]["verified_max_rel_error"] < 1e-4
+    baked = torch.export.load(str(folder / "model.pt2")).module()
+    raw = torch.randint(0, 17, (4, 1, 8, 8)).float()  # digits pixels are 0..16
+    pre = (raw / 16 - 0.3053) / 0.376
+    assert torch.allclose(baked(raw), plain(pre), atol=1e-5)
+
+    result = invoke("export", str(out), "--task", "3")
+    assert result.exit_code == 2 and "--task takes 1..2" in result.output and "Traceback" not in result.output

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from grownfx.run.compare import method_config, run_compare, slug
-from grownfx.report.compare_report import PAPER, compare_tables, load_compare, write_compare_report
+from grownfx.report.compare_report import compare_tables, load_compare, write_compare_report
+from grownfx.report.paper import PAPER
 from grownfx.recipe.schema import Recipe
 
 METHODS = ["finetune", "grown[grow_only]", "grown[+selective_mask]", "scratch"]
@@ -71,7 +72,7 @@ def test_report_tables_match_the_runs(compared):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
     runs = {m: [json.loads((out / slug(m) / f"seed{k}/summary.json").read_text()) for k in (0, 1)] for m in METHODS}
     acc = {r[0]: r for r in rows(report / "accuracy.csv")}
-    assert acc["Method"] == ["Method", "1", "2", "3", "Avg", "Model size"]
+    assert acc["Method"] == ["Method", "1", "2", "3", "Avg", "Model size", "Epochs/task"]
     for m in METHODS:
         finals = [s["tasks"][1]["acc_final"] for s in runs[m]]
         mean = sum(finals) / 2
@@ -117,9 +118,20 @@ def test_published_numbers_appear_on_the_papers_streams(compared):
     out, _ = compared
     data = load_compare(out)
     data["benchmark"] = "cifar100_superclass20"
+    n = data["num_tasks"]
+    paper = PAPER["cifar100_superclass20"]
     tables = compare_tables(data)
-    acc = {r[0]: r for r in tables["accuracy"][1]}
-    assert acc["CPG (published)"][-2:] == ["81.20", "1.5x"] and acc["DEN (published)"][1] == 66.4
-    abl = {r[0]: r for r in tables["ablation"][1]}
-    assert abl["+LSG (published)"][-1] == "+1.3" and abl["Grow only (published)"][1] == "67.0"
-    assert PAPER["cifar100_split10"]["acc"]["GROWN"][1] == 60.83
+    # every published row of the benchmark, cut to the stream's tasks, beside ours (values from the one table)
+    acc = {r[0]: r[1:] for r in tables["accuracy"][1] if r[0].endswith("(published)")}
+    assert set(acc) == {f"{m} (published)" for m in paper["acc"]}
+    for m, (row, avg, size) in paper["acc"].items():
+        assert acc[f"{m} (published)"] == [*row[:n], f"{avg:.2f}", f"{size:.1f}x", ""]
+    # Table 5: the first published row absolute, the others signed deltas
+    abl = {r[0]: r[1:] for r in tables["ablation"][1] if r[0].endswith("(published)")}
+    assert set(abl) == {f"{label} (published)" for label, _, _ in paper["ablation"]}
+    first, delta = paper["ablation"][0], paper["ablation"][2]
+    assert abl[f"{first[0]} (published)"][0] == f"{first[1][0]:.1f}"
+    assert abl[f"{delta[0]} (published)"][-1] == f"{delta[2]:+.1f}"
+    # not the paper's stream: no published rows
+    data["benchmark"] = None
+    assert not [r for r in compare_tables(data)["accuracy"][1] if r[0].endswith("(published)")]

@@ -133,7 +133,7 @@ def test_cifar_split10_task_k_holds_fine_labels_10k_to_10k_plus_9(cifar):
     stream = build_stream(cifar_split(root), seed=0)
     assert stream.num_tasks == 10 and stream.input_shape == (3, 32, 32)
     for k, task in enumerate(stream):
-        assert task.name == f"split10/task{k}" and task.num_classes == 10
+        assert task.name == f"split10/task{k + 1}" and task.num_classes == 10
         assert task.classes == [f"fine{f:02d}" for f in range(10 * k, 10 * k + 10)]
         for split, size in (("train", 50), ("val", 10), ("test", 20)):
             data = getattr(task, split)

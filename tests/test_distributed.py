@@ -221,7 +221,7 @@ def test_cli_nproc_per_node_runs_end_to_end(tmp_path):
     assert proc.stdout.count("done:") == 1  # rank 0 alone reports
     out = tmp_path / "cli_out"
     assert len(json.loads((out / "summary.json").read_text())["tasks"]) == 2
-    assert (out / "exports" / "task_1" / "model.pt2").exists()
+    assert (out / "exports" / "task_2" / "model.pt2").exists()  # tasks count from 1
     assert len(_epochs(out)) == len({(e["task"], e["stage"], e["epoch"]) for e in _epochs(out)})
 
 

@@ -7,6 +7,7 @@ import grownfx
 from grownfx.recipe.schema import GrowthConfig, MasksConfig, OptimConfig, TrainingConfig
 from grownfx.engine.context import ATT, DENSE, OFF, SEL
 from grownfx.data import build_stream
+from grownfx.learn.gates import CandidateGates
 from grownfx.learn.learner import GrownLearner
 from grownfx.models import build_backbone
 
@@ -71,7 +72,8 @@ def test_ablation_switches_change_what_is_trained(ablation, expected):
     from grownfx.learn.learner import build_policy
 
     net.set_policy(build_policy(1, ablation, MasksConfig()))
-    net.grow(ratio=0.25, gated=True)
+    for g in net.growable_groups:
+        CandidateGates.of(net).grow(net, channels=max(1, g.width // 4), groups=[g.id])
     kinds = set(torch.cat([m.kind.flatten() for m in net.masked_layers()]).unique().tolist())
     if ablation[1] or not ablation[0]:
         assert kinds - {OFF} == expected - {OFF}

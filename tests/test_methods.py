@@ -12,7 +12,7 @@ from grownfx.data import Task, TaskData, TaskStream, build_stream
 from grownfx.engine.layers import FREE
 from grownfx.learn.learner import build_policy
 from grownfx.learn.methods import make_method
-from grownfx.learn.methods.cpg import cubic_levels
+from grownfx.learn.methods.cpg import cubic_levels, step_levels
 from grownfx.models import build_backbone
 from grownfx.engine.net import prepare
 
@@ -70,21 +70,21 @@ def test_scratch_stores_exactly_one_model_per_task(tmp_path):
 
 def test_finetune_forgets_on_an_interfering_stream(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "build_stream", lambda cfg, seed: xor_stream(seed))
-    s = runner.run(recipe(tmp_path, {"name": "finetune"}, epochs=6), echo=quiet).summary
-    assert s["bwt"] < 0, s["bwt"]
+    s = runner.run(recipe(tmp_path, {"name": "finetune", "keep_copies": False}, epochs=6), echo=quiet).summary
+    assert s["method"] == "finetune[forgetting]" and s["bwt"] < 0, s["bwt"]
     assert s["tasks"][0]["acc_when_learned"] > 90  # it had learned task 1, then lost it
     # one shared backbone: the second task only adds a head
     assert s["tasks"][1]["params_stored"] - s["tasks"][0]["params_stored"] == 16 * 2 + 2
-    kept = runner.run(recipe(tmp_path / "copies", {"name": "finetune", "keep_copies": True}, epochs=6),
-                      echo=quiet).summary
-    assert kept["bwt"] == 0.0 and kept["tasks"][-1]["model_size"] >= 2.0
+    kept = runner.run(recipe(tmp_path / "copies", {"name": "finetune"}, epochs=6), echo=quiet).summary
+    # the default is the paper's Fine-tune row: a copy per task, nothing forgotten, T x the size
+    assert kept["method"] == "finetune" and kept["bwt"] == 0.0 and kept["tasks"][-1]["model_size"] >= 2.0
 
 
 # --- zero forgetting: old outputs bit-identical, BWT exactly 0, checkpoints restore them -----------------
 
 
 @pytest.mark.parametrize("method", [{"name": "pnn", "column_width": 0.25}, {"name": "packnet"},
-                                    {"name": "piggyback"}, {"name": "cpg", "prune_steps": 2},
+                                    {"name": "piggyback"}, {"name": "cpg", "prune_schedule": "cubic", "prune_steps": 2},
                                     {"name": "grown"}], ids=lambda m: m["name"])
 def test_old_tasks_are_bit_identical_after_later_tasks(tmp_path, method):
     r = recipe(tmp_path, method)
@@ -166,7 +166,7 @@ def test_piggyback_learns_only_masks_after_the_first_task(tmp_path):
 
 
 def test_cpg_keeps_exactly_the_sparsity_it_chose_and_records_it(tmp_path):
-    r = recipe(tmp_path, {"name": "cpg", "prune_steps": 3, "max_sparsity": 0.9}, tasks=2, epochs=1)
+    r = recipe(tmp_path, {"name": "cpg", "prune_schedule": "cubic", "prune_steps": 3, "max_sparsity": 0.9}, tasks=2, epochs=1)
     stream = build_stream(r.data, r.seed)
     events = []
     m = make_method(r, stream, torch.device("cpu"), on_epoch=events.append)
@@ -186,8 +186,20 @@ def test_cpg_keeps_exactly_the_sparsity_it_chose_and_records_it(tmp_path):
     assert net_state.net_structure(m.net) and m.state()["sparsity"] == m.sparsity
 
 
+def test_cpg_tries_sparsities_in_steps_of_a_tenth_and_keeps_the_most_pruned_meeting_the_target(tmp_path):
+    assert step_levels(0.1, 0.95) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    r = recipe(tmp_path, {"name": "cpg", "max_sparsity": 0.3, "prune_epochs": 1}, tasks=1, epochs=1)
+    stream = build_stream(r.data, r.seed)
+    events = []
+    m = make_method(r, stream, torch.device("cpu"), on_epoch=events.append)
+    m.learn(stream.tasks[0], 0.0)  # every level meets the target: the most pruned one is kept
+    assert [e["sparsity"] for e in events if "sparsity" in e] == [0.1, 0.2, 0.3]
+    assert m.sparsity == [pytest.approx(0.3)]
+
+
 def test_cpg_grows_when_the_target_is_missed_up_to_max_width(tmp_path):
-    r = recipe(tmp_path, {"name": "cpg", "prune_steps": 1, "grow_ratio": 0.5, "max_width": 1.5}, tasks=1, epochs=1)
+    r = recipe(tmp_path, {"name": "cpg", "prune_schedule": "cubic", "prune_steps": 1, "grow_ratio": 0.5,
+                             "max_width": 1.5}, tasks=1, epochs=1)
     stream = build_stream(r.data, r.seed)
     m = make_method(r, stream, torch.device("cpu"))
     full = dict(m.full_widths)

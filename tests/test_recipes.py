@@ -141,7 +141,7 @@ FILE_CASES = {
         data:
           name: imagenet22k   #!
         """, "data.name: unknown dataset 'imagenet22k'; did you mean 'miniimagenet'? (valid names: cifar100_split, "
-             "cifar100_superclass, miniimagenet, imagefolder, torchvision, digits, synthetic)"),
+             "cifar100_superclass, miniimagenet, imagefolder, torchvision, digits, fashion_mnist, synthetic)"),
     "missing data.name": ("""\
         name: t
         model: {builder: small_cnn}
@@ -171,7 +171,8 @@ FILE_CASES = {
         data: {name: synthetic}
         target:
           rule: scratch minus 2   #!
-        """, "target.rule: target rule 'scratch minus 2' is not a number, 'scratch' or 'scratch - <margin>'"),
+        """, "target.rule: target rule 'scratch minus 2' is not a number, 'scratch', 'best(scratch, finetune)' or "
+             "one of them minus a margin ('scratch - 1.5')"),
     "target rule of the wrong type": ("""\
         name: t
         model: {builder: small_cnn}
@@ -388,13 +389,13 @@ def test_builtin_recipes_load():
 
 def test_builtin_recipes_follow_the_seed_paper():
     lenet = load_recipe("lenet_cifar100_split10", check_data=False)
-    assert (lenet.model.builder, lenet.model.seed_width, lenet.data.num_tasks, lenet.data.val_per_task) == \
-        ("lenet5", 0.5, 10, 1000)
+    assert (lenet.model.builder, lenet.model.seed_size, lenet.data.num_tasks, lenet.data.val_per_task) == \
+        ("lenet5", 0.45, 10, 1000)
     assert (lenet.training.epochs, lenet.training.batch_size, lenet.training.optimizer.name,
-            lenet.training.optimizer.lr, lenet.target.rule) == (20, 32, "adam", 1e-3, "scratch")
+            lenet.training.optimizer.lr, lenet.target.rule) == (20, 32, "adam", 1e-3, "best(scratch, finetune)")
     vgg = load_recipe("vgg16bn_cifar100_superclass20", check_data=False)
     opt = vgg.training.optimizer
-    assert (vgg.model.builder, vgg.model.seed_width, vgg.data.num_tasks) == ("vgg16_bn", 0.3, 20)
+    assert (vgg.model.builder, vgg.model.seed_size, vgg.data.num_tasks) == ("vgg16_bn_cifar", 0.25, 20)
     assert (opt.name, opt.lr, opt.nesterov, opt.weight_decay) == ("sgd", 1e-2, True, 4e-5)
     assert (vgg.training.scheduler, vgg.training.milestones, vgg.training.epochs) == ("step", [0.5, 0.8], 100)
     res = load_recipe("resnet18_miniimagenet", check_data=False)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from grownfx.report.metrics import stream_metrics
+from grownfx.report.paper import PAPER, RUN_REPORT_ROWS, UNCHECKED_ABLATION_TASKS, UNCHECKED_AVERAGES
 from grownfx.report.run_report import load_run, report_tables, write_report
 
 NAMES = ["cifar100/task0", "cifar100/task1", "cifar100/task2"]
@@ -30,7 +32,8 @@ def make_run(folder: Path, tasks: int = 3, recipe: dict | None = None) -> Path:
             _task(2, True, {"3": 2}, 700, 63.5)][:tasks]
     final = MATRIX[tasks - 1]
     summary = {"name": "lenet_fixture", "method": "grown", "full_params": 1000,
-               "avg_acc": sum(v for v in final if v is not None) / tasks, "bwt": -0.75, "forgetting": 0.75,
+               # stale numbers: the report recomputes the stream metrics from acc_matrix.json
+               "avg_acc": 0.0, "bwt": 0.0, "forgetting": 0.0,
                "total_time_s": 40.5, "tasks": rows}
     (folder / "summary.json").write_text(json.dumps(summary))
     matrix = [row[:tasks] for row in MATRIX[:tasks]]  # the runner pads rows to the tasks learned so far
@@ -56,7 +59,8 @@ def test_write_report_makes_tables_csvs_and_plots(tmp_path):
     row = "| 2 | cifar100/task1 | 10 | 61.0 | 53.0 | 52.0 | 51.5 | yes | 1 | 12 | 640 | 540 | 0.64x | 80 | 20 | 13.5 |"
     assert row + " 0.25 | 3 | 2 |" in md
     assert "| 3 | 0 | 8 | 2 | 10 |" in md and "| 12 | 0 | 4 | 0 | 4 |" in md
-    assert "BWT): -0.75" in md and "1,000 parameters" in md
+    # from the matrix: ((59.0 - 60.0) + (51.5 - 52.0)) / 2; forgetting the same, as no accuracy rose after learning
+    assert "BWT): -0.75; forgetting: 0.75" in md and "1,000 parameters" in md
     assert "published" not in md  # not one of the paper's benchmarks
     for name in ("accuracy", "model_size", "acc_matrix", "tasks", "growth"):
         assert f"({name}.csv)" in md
@@ -76,12 +80,55 @@ def test_published_numbers_beside_the_run_on_the_papers_benchmark(tmp_path):
     recipe = {"name": "x", "data": {"name": "cifar100_split", "num_tasks": 10}}
     run = load_run(make_run(tmp_path / "run", recipe=recipe))
     header, rows = report_tables(run)["accuracy"]
-    grown = next(r for r in rows if r[0] == "GROWN (published)")
-    assert grown == ["GROWN (published)", 57.6, 53.4, 65.2, 60.83, "1.20x"]  # first 3 of Table 1, avg, size
+    # the run's 3 tasks: the published rows cut to 3 tasks, then their own average and final size
+    shown = {r[0]: r[1:] for r in rows if r[0].endswith("(published)")}
+    assert sorted(shown) == sorted(f"{m} (published)" for m in RUN_REPORT_ROWS["acc"])
+    for name, (row, avg, size) in PAPER["cifar100_split10"]["acc"].items():
+        if name in RUN_REPORT_ROWS["acc"]:
+            assert shown[f"{name} (published)"] == [*row[:3], avg, f"{size:.2f}x"]
     _, sizes = report_tables(run)["model_size"]
-    assert ["GROWN (published)", "0.50x", "0.64x", "0.78x"] in sizes
+    assert [r[0] for r in sizes] == ["grown (lenet_fixture)", "GROWN (published)"]
+    assert len(sizes[1]) == 4  # 3 tasks
     md = (write_report(tmp_path / "run") / "report.md").read_text()
-    assert "GROWN paper, Tables 1-2" in md
+    assert PAPER["cifar100_split10"]["source"] in md
+    # another stream (Split-10 needs 10 tasks): no published rows
+    run["recipe"] = {"name": "x", "data": {"name": "cifar100_split", "num_tasks": 5}}
+    assert [r[0] for r in report_tables(run)["accuracy"][1]] == ["grown (lenet_fixture)"]
+
+
+@pytest.mark.parametrize("bench", sorted(PAPER))
+def test_published_tables_agree_with_themselves(bench):
+    """A mistyped number shows: each average is the mean of its row (to the rounding of the printed values),
+    each size row ends at its final size and never shrinks, and Table 5's deltas add up to its last row.  The
+    rows already known to disagree are listed in grownfx.report.paper (a new disagreement fails here)."""
+    table, n = PAPER[bench], {"cifar100_split10": 10, "cifar100_superclass20": 20}[bench]
+    off = set()
+    for name, (row, avg, size) in table["acc"].items():
+        assert len(row) == n, name
+        # per-task values are printed to 0.1 (their mean is off by <= 0.05), the average to 0.01 or 0.1
+        if abs(sum(row) / n - avg) > 0.1:
+            off.add(name)
+        if name in table["size"]:
+            assert table["size"][name][-1] == pytest.approx(size), name
+    assert off == UNCHECKED_AVERAGES.get(bench, set())
+    for name, sizes in table["size"].items():
+        assert len(sizes) == n and all(a <= b for a, b in zip(sizes, sizes[1:])), name
+    if "ablation" in table:
+        rows = table["ablation"]
+        first, deltas, last = rows[0][1], [r[1] for r in rows[1:-1]], rows[-1][1]
+        bad = {j + 1 for j in range(n) if abs(first[j] + sum(d[j] for d in deltas) - last[j]) > 0.05 + 1e-9}
+        assert bad == UNCHECKED_ABLATION_TASKS.get(bench, set())
+        assert rows[0][2] + sum(r[2] for r in rows[1:-1]) == pytest.approx(rows[-1][2], abs=0.05)
+
+
+def test_stream_metrics_on_a_matrix_where_bwt_and_forgetting_differ():
+    # task 0 rises after task 1 (positive transfer) and falls after task 2; task 1 only falls
+    R = [[50.0], [60.0, 70.0], [40.0, 64.0, 90.0]]
+    m = stream_metrics(R)
+    assert m["avg_acc"] == pytest.approx((40 + 64 + 90) / 3)
+    assert m["bwt"] == pytest.approx(((40 - 50) + (64 - 70)) / 2)  # against the accuracy when learned
+    assert m["forgetting"] == pytest.approx(((60 - 40) + (70 - 64)) / 2)  # against the best earlier accuracy
+    assert stream_metrics([[80.0]]) == {"avg_acc": 80.0, "bwt": 0.0, "forgetting": 0.0}
 
 
 def test_a_run_that_is_still_going(tmp_path):

@@ -49,21 +49,21 @@ def test_grown_on_digits_matches_scratch_with_a_smaller_model(tmp_path):
     assert grown["bwt"] == 0.0
     out = tmp_path / "digits_test"
     for name in ("config.resolved.yaml", "metrics.jsonl", "acc_matrix.csv", "acc_matrix.json", "summary.json",
-                 "stream.json", "checkpoints/last.pt", "exports/task_4/model.pt2", "exports/task_4/meta.json"):
+                 "stream.json", "checkpoints/last.pt", "exports/task_5/model.pt2", "exports/task_5/meta.json"):
         assert (out / name).exists(), name
-    meta = json.loads((out / "exports/task_4/meta.json").read_text())
+    meta = json.loads((out / "exports/task_5/meta.json").read_text())
     assert meta["parameters"] > 0 and meta["macs"] > 0 and len(meta["classes"]) == 2
     matrix = json.loads((out / "acc_matrix.json").read_text())["matrix"]
     assert matrix[0][1] is None and len(matrix) == 5
-    program = torch.export.load(str(out / "exports/task_4/model.pt2")).module()
+    program = torch.export.load(str(out / "exports/task_5/model.pt2")).module()
     assert program(torch.randn(3, 1, 8, 8)).shape == (3, 2)
 
 
 def test_existing_run_is_not_overwritten_and_incompatible_resume_is_refused(tmp_path):
     r = recipe(tmp_path, training__epochs=1, data={"name": "digits", "classes_per_task": 5})
-    run(r, echo=quiet)
-    with pytest.raises(RunError, match="--resume"):
-        run(r, echo=quiet)
+    first = run(r, echo=quiet)
+    with pytest.raises(RunError, match="--resume"):  # an explicit folder (--out) is never renumbered
+        run(r, out_dir=first.out_dir, echo=quiet)
     changed = recipe(tmp_path, training__epochs=2, data={"name": "digits", "classes_per_task": 5})
     with pytest.raises(RunError, match="training.epochs"):
         run(changed, resume=True, echo=quiet)
@@ -110,7 +110,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, sig):
     resumed = run(r, resume=True, echo=quiet)
     assert resumed.acc_matrix == reference.acc_matrix
     for t in range(5):
-        a = torch.export.load(str(tmp_path / "digits_test" / f"exports/task_{t}/model.pt2")).module()
-        b = torch.export.load(str(tmp_path / "reference" / f"exports/task_{t}/model.pt2")).module()
+        a = torch.export.load(str(tmp_path / "digits_test" / f"exports/task_{t + 1}/model.pt2")).module()
+        b = torch.export.load(str(tmp_path / "reference" / f"exports/task_{t + 1}/model.pt2")).module()
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

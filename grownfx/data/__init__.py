@@ -8,30 +8,47 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from grownfx.data.config import (
     Cifar100SplitConfig,
     Cifar100SuperclassConfig,
     DataConfig,
     DigitsConfig,
+    FashionMNISTConfig,
     ImageFolderConfig,
     MiniImageNetConfig,
     SyntheticConfig,
     TorchvisionConfig,
     parse_data_config,
 )
-from grownfx.data.core import (
-    BatchLoader,
-    ShardedBatchLoader,
-    Task,
-    TaskData,
-    TaskDataset,
-    TaskStream,
-    crop_flip,
-    hflip,
-)
 from grownfx.data.errors import DatasetError
+
+if TYPE_CHECKING:
+    from grownfx.data.core import (
+        BatchLoader,
+        ShardedBatchLoader,
+        Task,
+        TaskData,
+        TaskDataset,
+        TaskStream,
+        crop_flip,
+        hflip,
+    )
+
+# grownfx.data.core imports torch; its names load on first use (PEP 562) so that the recipe schema, which
+# imports grownfx.data.config, and `grownfx validate` stay free of torch.
+_CORE = {"BatchLoader", "ShardedBatchLoader", "Task", "TaskData", "TaskDataset", "TaskStream", "crop_flip", "hflip"}
+
+
+def __getattr__(name: str):
+    if name in _CORE:
+        from grownfx.data import core
+
+        value = getattr(core, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'grownfx.data' has no attribute {name!r}")
 from grownfx.data.safe_pickle import safe_load
 
 __all__ = [
@@ -41,6 +58,7 @@ __all__ = [
     "DataConfig",
     "DatasetError",
     "DigitsConfig",
+    "FashionMNISTConfig",
     "ImageFolderConfig",
     "MiniImageNetConfig",
     "ShardedBatchLoader",
@@ -62,6 +80,7 @@ def _builders() -> dict[str, Callable[[Any, int], TaskStream]]:
     # Imported on use so that `import grownfx.data` does not pull in PIL, sklearn or torchvision datasets.
     from grownfx.data.cifar import build_cifar100_split, build_cifar100_superclass
     from grownfx.data.digits import build_digits
+    from grownfx.data.fashion_mnist import build_fashion_mnist
     from grownfx.data.folder import build_imagefolder
     from grownfx.data.miniimagenet import build_miniimagenet
     from grownfx.data.synthetic import build_synthetic
@@ -74,6 +93,7 @@ def _builders() -> dict[str, Callable[[Any, int], TaskStream]]:
         "imagefolder": build_imagefolder,
         "torchvision": build_torchvision,
         "digits": build_digits,
+        "fashion_mnist": build_fashion_mnist,
         "synthetic": build_synthetic,
     }
 

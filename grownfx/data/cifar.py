@@ -140,7 +140,7 @@ def build_cifar100_split(cfg: Cifar100SplitConfig, seed: int) -> TaskStream:
         test=data.test,
         class_names=data.fine_names,
         task_classes=task_classes,
-        task_names=[f"split{cfg.num_tasks}/task{t}" for t in range(cfg.num_tasks)],
+        task_names=[f"split{cfg.num_tasks}/task{t + 1}" for t in range(cfg.num_tasks)],
         seed=seed,
         val=Holdout(per_task=cfg.val_per_task),
         val_option="val_per_task",

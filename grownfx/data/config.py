@@ -21,6 +21,7 @@ __all__ = [
     "Cifar100SuperclassConfig",
     "DataConfig",
     "DigitsConfig",
+    "FashionMNISTConfig",
     "ImageFolderConfig",
     "MiniImageNetConfig",
     "SyntheticConfig",
@@ -42,7 +43,7 @@ _AUTO_TASKS = "Number of tasks; None = as many full tasks as classes allow."
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     howto: ClassVar[str] = "Copy the dataset files to this machine yourself."
 
     download: Literal[False] = Field(
@@ -87,7 +88,7 @@ class _Normalised(_Base):
 
 
 class _Ordered(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     class_order: Literal["fixed", "shuffled"] = Field(
         "fixed", description="'fixed' = class ids ascending; 'shuffled' = a permutation drawn from class_order_seed."
     )
@@ -236,6 +237,25 @@ class DigitsConfig(_Ordered, _Normalised):
     test_fraction: Fraction = Field(0.2, description="Fraction of each class held out for testing (seeded).")
 
 
+class FashionMNISTConfig(_Ordered, _Normalised):
+    """Fashion-MNIST from its four IDX files (10 classes, 60000 train / 10000 test, 28x28 grey)."""
+
+    howto: ClassVar[str] = "apt-get install dataset-fashion-mnist (Debian/Ubuntu), or copy the four IDX files."
+    name: Literal["fashion_mnist"] = Field(description="Dataset kind.")
+    root: Path = Field(
+        Path("/usr/share/datasets/fashion-mnist"),
+        description="Folder with the four IDX files (.gz or not), or a torchvision root holding FashionMNIST/raw/. "
+        "Default: where Debian's dataset-fashion-mnist package puts them.",
+    )
+    classes_per_task: PositiveInt = Field(2, description="Classes per task.")
+    num_tasks: Optional[PositiveInt] = Field(None, description="Number of tasks; None = 10 // classes_per_task.")
+    train_per_class: Optional[PositiveInt] = Field(
+        None, description="Keep only this many (seeded, random) training images per class before the validation "
+        "hold-out: the low-data setting. None keeps all 6000."
+    )
+    val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
+
+
 class SyntheticConfig(_Base):
     """Generated class-conditional Gaussian patterns, for tests and benchmarks."""
 
@@ -266,6 +286,7 @@ DataConfig = Annotated[
         ImageFolderConfig,
         TorchvisionConfig,
         DigitsConfig,
+        FashionMNISTConfig,
         SyntheticConfig,
     ],
     Field(discriminator="name"),

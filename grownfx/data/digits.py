@@ -30,7 +30,7 @@ def build_digits(cfg: DigitsConfig, seed: int) -> TaskStream:
         test=None,
         class_names=[str(c) for c in range(10)],
         task_classes=task_classes,
-        task_names=[f"digits/task{t}" for t in range(len(task_classes))],
+        task_names=[f"digits/task{t + 1}" for t in range(len(task_classes))],
         seed=seed,
         # val_fraction is of the whole class, like test_fraction; the hold-out comes from what test left.
         val=Holdout(fraction=cfg.val_fraction / max(1e-9, 1.0 - cfg.test_fraction)),
@@ -44,6 +44,7 @@ def build_digits(cfg: DigitsConfig, seed: int) -> TaskStream:
             "config": cfg.model_dump(mode="json"),
             "sources": {"dataset": "sklearn.datasets.load_digits", "samples": int(len(y))},
             "id_space": "id i = row i of load_digits()",
+            "pixel_scale": 1 / 16,  # load_digits().images hold 0..16
             "class_order": [int(c) for c in order],
             "class_order_seed": order_seed,
         },

@@ -50,10 +50,12 @@ def read_images(paths: list[Path], size: tuple[int, int] | None, channels: int, 
     def decode(path: Path) -> np.ndarray:
         try:
             with Image.open(path) as im:
-                im = im.convert(mode)
+                im = _to_8bit(im).convert(mode)
                 if size is not None and im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.BILINEAR)
                 return np.asarray(im, dtype=np.uint8)
+        except Image.DecompressionBombError as e:
+            raise DatasetError(f"refusing image {path}: {e}") from None
         except (UnidentifiedImageError, OSError) as e:
             raise DatasetError(f"cannot decode image {path}: {e}") from None
 
@@ -69,6 +71,18 @@ def read_images(paths: list[Path], size: tuple[int, int] | None, channels: int, 
         )
     x = np.stack(arrays)
     return x[:, None] if channels == 1 else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _to_8bit(im):
+    """16-bit (and 32-bit integer) grayscale images scaled to 8 bits: PIL's convert("L") clips them at 255, so
+    almost every pixel of a 16-bit PNG would read as white."""
+    from PIL import Image
+
+    if im.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return im
+    a = np.asarray(im).astype(np.float64)
+    top = 65535.0 if a.max(initial=0) <= 65535 else float(a.max())
+    return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
 
 
 def files_digest(root: Path, files: list[Path]) -> str:
@@ -117,7 +131,7 @@ def build_imagefolder(cfg: ImageFolderConfig, seed: int) -> TaskStream:
         test=test,
         class_names=classes,
         task_classes=task_classes,
-        task_names=[f"{root.name}/task{t}" for t in range(len(task_classes))],
+        task_names=[f"{root.name}/task{t + 1}" for t in range(len(task_classes))],
         seed=seed,
         val=Holdout(fraction=cfg.val_fraction),
         test_holdout=None if split_dirs else Holdout(fraction=cfg.test_fraction),

@@ -129,7 +129,7 @@ def build_miniimagenet(cfg: MiniImageNetConfig, seed: int) -> TaskStream:
         test=test,
         class_names=names,
         task_classes=task_classes,
-        task_names=[f"miniimagenet/task{t}" for t in range(cfg.num_tasks)],
+        task_names=[f"miniimagenet/task{t + 1}" for t in range(cfg.num_tasks)],
         seed=seed,
         val=Holdout(fraction=cfg.val_fraction),
         limit=cfg.limit_per_task,

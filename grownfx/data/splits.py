@@ -215,6 +215,9 @@ def assemble(
         "input_shape": list(input_shape),
         "mean": list(mean),
         "std": list(std),
+        # what a raw input is multiplied by before (x - mean) / std: 1/255 for uint8 images, a kind's own value
+        # (digits: 1/16) or 1 for data already in [0, 1]; exports record it in meta.json
+        "pixel_scale": full_meta.get("pixel_scale", 1 / 255 if train.x.dtype == np.uint8 else 1.0),
         "augment": augment,
         "limit_per_task": limit,
         "class_names": list(class_names),

@@ -78,7 +78,7 @@ def build_synthetic(cfg: SyntheticConfig, seed: int) -> TaskStream:
         val=pool("val"),
         class_names=class_names,
         task_classes=[list(range(t * k, (t + 1) * k)) for t in range(cfg.num_tasks)],
-        task_names=[f"synthetic/task{t}" for t in range(cfg.num_tasks)],
+        task_names=[f"synthetic/task{t + 1}" for t in range(cfg.num_tasks)],
         seed=seed,
         limit=cfg.limit_per_task,
         mean=(0.0,) * c,

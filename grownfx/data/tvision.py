@@ -111,7 +111,7 @@ def build_torchvision(cfg: TorchvisionConfig, seed: int) -> TaskStream:
         test=test,
         class_names=names,
         task_classes=task_classes,
-        task_names=[f"{cfg.dataset.lower()}/task{t}" for t in range(len(task_classes))],
+        task_names=[f"{cfg.dataset.lower()}/task{t + 1}" for t in range(len(task_classes))],
         seed=seed,
         val=Holdout(fraction=cfg.val_fraction),
         test_holdout=Holdout(fraction=cfg.test_fraction) if test is None else None,

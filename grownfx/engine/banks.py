@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from grownfx.engine import masks as M
 from grownfx.engine.context import ATT, DENSE, OFF, SEL
 from grownfx.engine.layers import FREE, TaskParameter, _TaskModule
 from grownfx.engine.surgery import random_fill, remap, set_conv_width, set_linear_width
+from grownfx.engine.tracing import bare_layer, call_with_weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from grownfx.engine.context import TaskContext
@@ -40,9 +42,8 @@ class MaskedLayer(_TaskModule):
         self.mask_shapes: dict[int, tuple[int, int]] = {}
         self.score: nn.Parameter | None = None
         self.register_buffer("kind", None)
-        self._plan: _MaskPlan | None = None
-        self._cache: tuple | None = None
-        self._frozen_cache: tuple | None = None
+        # derived tensors (the learning task's weight, a finished task's weight, the mask plan) live in the
+        # context's one cache (ctx.cached), which every structural change clears with ctx.bump()
 
     # -- shapes ---------------------------------------------------------------------------------------------
     def _unit_shape(self, wshape) -> tuple:
@@ -71,11 +72,13 @@ class MaskedLayer(_TaskModule):
         return self.bias_bank.copies[self.ctx.require_task()]
 
     def _learning_weight(self) -> torch.Tensor:
-        cacheable = not self.training and not torch.is_grad_enabled()
-        if cacheable:
-            key = self._version_key()
-            if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
+        if not self.training and not torch.is_grad_enabled():
+            # detached like a finished task's weight: some kernels (attention) pick their path by requires_grad
+            return self.ctx.cached(self.target, "learning", self._version_key(),
+                                   lambda: self._compute_learning_weight().detach())
+        return self._compute_learning_weight()
+
+    def _compute_learning_weight(self) -> torch.Tensor:
         w = self.weight
         if self.kind is not None:
             plan = self._mask_plan()
@@ -90,28 +93,21 @@ class MaskedLayer(_TaskModule):
                 mult = self._unit_multiplier(plan)
                 if mult is not None:
                     w = w * self._expand(mult)
-        gate = self.ctx.gate_vector(self.target, "in", self.training) if self.in_role() == "in" else None
+        gate = self.ctx.input_scale(self.target, self.training) if self.in_role() == "in" else None
         if gate is not None:
             w = w * gate.view((1, -1) + (1,) * (w.dim() - 2))
-        if cacheable:
-            # detached like a finished task's weight: some kernels (attention) pick their path by requires_grad
-            w = w.detach()
-            self._cache = (key, w)
         return w
 
     def _version_key(self) -> tuple:
-        parts = [self.ctx.version, self.weight._version, id(self.weight), self.weight.device, self.ctx.temperature]
+        parts = [self.weight._version, id(self.weight), self.weight.device, self.ctx.temperature]
         if self.score is not None:
             parts += [self.score._version, id(self.score)]
-        parts += self.ctx.gate_versions()
-        return tuple(parts)
+        return tuple(parts) + self.ctx.scale_version()
 
     def _mask_plan(self) -> "_MaskPlan":
         """Per-unit constants of the learning task's masks, rebuilt only when kinds or the temperature change."""
         key = (self.weight.device, self.ctx.temperature, id(self.ctx.policy))
-        if self._plan is None or self._plan.key != key:
-            self._plan = _MaskPlan.build(self, key)
-        return self._plan
+        return self.ctx.cached(self.target, "plan", key, lambda: _MaskPlan.build(self, key))
 
     def _unit_multiplier(self, plan: "_MaskPlan") -> torch.Tensor | None:
         """const (1 for dense units) + a straight-through binary mask on units with a learned mask; selective
@@ -124,9 +120,10 @@ class MaskedLayer(_TaskModule):
         return st * plan.active if plan.const is None else torch.addcmul(plan.const, st, plan.active)
 
     def _finished_weight(self, task: int) -> torch.Tensor:
-        key = (task, self.frozen.device, self.frozen.dtype, self.frozen._version)
-        if self._frozen_cache is not None and self._frozen_cache[0] == key:
-            return self._frozen_cache[1]
+        key = (self.frozen.device, self.frozen.dtype, self.frozen._version, id(self.frozen))
+        return self.ctx.cached(self.target, f"finished.{task}", key, lambda: self._compute_finished_weight(task))
+
+    def _compute_finished_weight(self, task: int) -> torch.Tensor:
         w = self.frozen
         out_idx = self.ctx.visible(self.target, "grouped" if self.in_role() == "grouped" else "out", task)
         if out_idx is not None:
@@ -136,9 +133,7 @@ class MaskedLayer(_TaskModule):
             if in_idx is not None:
                 w = w.index_select(1, in_idx.to(w.device))
         mask = M.unpack_bits(getattr(self, f"mask_{task}"), self._unit_shape(w.shape)).to(w.device)
-        w = torch.where(self._expand(mask), w, torch.zeros((), dtype=w.dtype, device=w.device))
-        self._frozen_cache = (key, w)
-        return w
+        return torch.where(self._expand(mask), w, torch.zeros((), dtype=w.dtype, device=w.device))
 
     # -- task lifecycle -------------------------------------------------------------------------------------
     def configure(self, task: int) -> None:
@@ -155,7 +150,7 @@ class MaskedLayer(_TaskModule):
             fresh = old.detach()  # keep what stage 1 learned
         needs = bool(((kind == SEL) | (kind == ATT)).any())
         self.score = nn.Parameter(fresh.to(self.weight.device)) if needs else None
-        self._cache = self._plan = None
+        self.ctx.bump()
         self._mask_plan()  # built now, outside any compiled region
 
     def grown_units(self, task: int) -> torch.Tensor:
@@ -176,7 +171,7 @@ class MaskedLayer(_TaskModule):
         if self.kind is None:
             raise RuntimeError(f"'{self.target}' has no task being learned")
         self.kind[units.to(self.kind.device)] = kind
-        self._cache = self._plan = None
+        self.ctx.bump()
         self._mask_plan()
 
     def used_units(self) -> torch.Tensor:
@@ -198,10 +193,10 @@ class MaskedLayer(_TaskModule):
         self.owner[trainable & used] = task
         self.register_buffer(f"mask_{task}", M.pack_bits(used))
         self.mask_shapes[task] = tuple(used.shape)
-        self.score, self.kind, self._plan = None, None, None
+        self.score, self.kind = None, None
         self.weight.requires_grad_(bool((self.owner == FREE).any()))
         self.weight.grad = None  # the next task's optimiser starts from nothing; no stale gradient memory
-        self._cache = self._frozen_cache = None
+        self.ctx.bump()
 
     def mask_bytes(self, task: int) -> int:
         return getattr(self, f"mask_{task}").numel()
@@ -233,7 +228,7 @@ class MaskedLayer(_TaskModule):
         if self.bias_bank is not None and role in ("out", "grouped"):
             self.bias_bank.resize_axis(role, src, birth=birth)
         self._update_shape_attrs(role, n)
-        self._cache = self._plan = None
+        self.ctx.bump()
 
     def _update_shape_attrs(self, role: str, n: int) -> None:
         pass
@@ -318,8 +313,10 @@ class MaskedConv(MaskedLayer):
         self.in_channels, self.out_channels = src.in_channels, src.out_channels
         self.kernel_size, self.stride, self.padding = src.kernel_size, src.stride, src.padding
         self.dilation, self.groups, self.padding_mode = src.dilation, src.groups, src.padding_mode
-        self._fn = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(src)]
-        if src.padding_mode != "zeros":
+        self._fn = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}.get(type(src))
+        # a subclass (timm's Conv2dSame, StdConv2d) runs its own forward on the masked weight
+        self.__dict__["_bare"] = None if self._fn is not None else bare_layer(src)
+        if src.padding_mode != "zeros" and self._fn is not None:
             raise NotImplementedError(f"padding_mode={src.padding_mode!r} is not supported in '{target}'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,6 +324,8 @@ class MaskedConv(MaskedLayer):
         groups = self.groups
         if self.groups > 1:
             groups = w.shape[0] // (self.out_channels // self.groups)
+        if self._fn is None:
+            return call_with_weight(self.__dict__["_bare"], x, w, self.effective_bias(), groups)
         return self._fn(x, w, self.effective_bias(), self.stride, self.padding, self.dilation, groups)
 
     def _update_shape_attrs(self, role: str, n: int) -> None:
@@ -335,6 +334,9 @@ class MaskedConv(MaskedLayer):
     def to_plain(self, task: int) -> nn.Module:
         w = export_weight(self, task)
         groups = self.groups if self.groups == 1 else w.shape[0] // (self.out_channels // self.groups)
+        if self._fn is None:
+            return _plain_subclass(self.__dict__["_bare"], w, self.bias_bank, task,
+                                   in_channels=w.shape[1] * groups, out_channels=w.shape[0], groups=groups)
         m = self.conv_type(w.shape[1] * groups, w.shape[0], self.kernel_size, self.stride, self.padding,
                            self.dilation, groups, bias=self.bias_bank is not None)
         return _load_plain(m, w, self.bias_bank, task)
@@ -347,8 +349,11 @@ class MaskedLinear(MaskedLayer):
     def __init__(self, src: nn.Linear, ctx: "TaskContext", target: str, granularity: str = "kernel"):
         super().__init__(src, ctx, target, granularity)
         self.in_features, self.out_features = src.in_features, src.out_features
+        self.__dict__["_bare"] = None if type(src) is nn.Linear else bare_layer(src)  # timm's Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.get("_bare") is not None:
+            return call_with_weight(self.__dict__["_bare"], x, self.effective_weight(), self.effective_bias())
         return F.linear(x, self.effective_weight(), self.effective_bias())
 
     def _update_shape_attrs(self, role: str, n: int) -> None:
@@ -356,11 +361,24 @@ class MaskedLinear(MaskedLayer):
 
     def to_plain(self, task: int) -> nn.Module:
         w = export_weight(self, task)
+        if self.__dict__.get("_bare") is not None:
+            return _plain_subclass(self.__dict__["_bare"], w, self.bias_bank, task,
+                                   in_features=w.shape[1], out_features=w.shape[0])
         m = nn.Linear(w.shape[1], w.shape[0], bias=self.bias_bank is not None)
         return _load_plain(m, w, self.bias_bank, task)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _plain_subclass(bare: nn.Module, w: torch.Tensor, bias_bank, task: int, **attrs) -> nn.Module:
+    """The layer subclass (timm's Conv2dSame, Linear, ...) again, holding task `task`'s weight and bias."""
+    m = copy.deepcopy(bare)
+    m.__dict__.update(attrs)
+    m.register_parameter("weight", nn.Parameter(w.detach().clone()))
+    bias = bias_bank.copies[task].detach().clone() if bias_bank is not None else None
+    m.register_parameter("bias", nn.Parameter(bias) if bias is not None else None)
+    return m
 
 
 def export_weight(layer: MaskedLayer, task: int) -> torch.Tensor:

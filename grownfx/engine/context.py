@@ -51,14 +51,14 @@ class TaskContext:
         self.widths: dict[int, int] = {}  # growable group -> width
         self.births: dict[int, torch.Tensor] = {}  # growable group -> task each channel was born for (-1: seed)
         self.layouts: dict[tuple[str, str], tuple] = {}  # (module, role) -> ((group, factor, fixed_width), ...)
-        self.gates: dict[int, torch.nn.Parameter] = {}  # group -> grown-mask scores of its newest channels
+        self.channel_scale: "ChannelScale | None" = None  # a method's multipliers on consumer inputs (gates)
         self.policy = MaskPolicy()
         self.beta = 1.0  # continuous-sparsification temperature (annealed by the learner)
         self.temperature: float | None = None  # Gumbel temperature override (annealed by the learner)
         self.hard_gates = False  # train with binarised gates (straight-through), as they will be kept
         self.fuse_masks = False  # compute masked weights with one torch.compile'd expression (training.compile)
         self.version = 0  # bumped on every structural change
-        self._vis: dict = {}
+        self._cache: dict = {}  # (owner, name) -> (key, derived tensor); see cached()
 
     # -- tasks ----------------------------------------------------------------------------------------------
     def require_task(self) -> int:
@@ -81,17 +81,19 @@ class TaskContext:
         return t if t is not None else self.num_tasks
 
     def bump(self) -> None:
+        """The one invalidation path: a structural change happened, every derived tensor is stale."""
         self.version += 1
-        self._vis.clear()
+        self._cache.clear()
 
     # -- channels -------------------------------------------------------------------------------------------
     def _channel_select(self, target: str, role: str, task: int, pick) -> torch.Tensor | None:
         layout = self.layouts.get((target, role))
         if layout is None:
             return None
-        key = (target, role, task, pick.__name__, self.version)
-        if key in self._vis:
-            return self._vis[key]
+        return self.cached(target, f"{role}.{pick.__name__}.{task}", (),
+                           lambda: self._select(layout, task, pick))
+
+    def _select(self, layout: tuple, task: int, pick) -> torch.Tensor | None:
         parts, pos, trivial = [], 0, True
         for gid, factor, fixed in layout:
             w = self.widths.get(gid, fixed)
@@ -107,7 +109,6 @@ class TaskContext:
                 [((s.nonzero().squeeze(1)[:, None] * f + torch.arange(f)).reshape(-1) + p) for s, f, p in parts])
         else:
             out = None if trivial else torch.cat([s.repeat_interleave(f) for s, f, _ in parts])
-        self._vis[key] = out
         return out
 
     def visible(self, target: str, role: str, task: int) -> torch.Tensor | None:
@@ -118,33 +119,64 @@ class TaskContext:
         """Bool per position on a layer axis: the channel was born for `task` (None: none was)."""
         return self._channel_select(target, role, task, _born)
 
-    # -- grown-mask gates -----------------------------------------------------------------------------------
-    def gate_vector(self, target: str, role: str, training: bool) -> torch.Tensor | None:
-        if not self.gates or not self.policy.gates:
-            return None
-        layout = self.layouts.get((target, role))
-        if layout is None or not any(gid in self.gates for gid, _, _ in layout):
-            return None
-        parts = []
-        for gid, factor, fixed in layout:
-            w = self.widths.get(gid, fixed)
-            s = self.gates.get(gid)
-            if s is None:
-                parts.append(torch.ones(w * factor, device=_dev(self.gates)))
-                continue
-            if not training:
-                g = M.cs_hard(s, self.beta, self.policy.cs)
-            elif self.hard_gates:
-                soft = M.cs_gate(s, self.beta, self.policy.cs)
-                g = M.cs_hard(s.detach(), self.beta, self.policy.cs) + (soft - soft.detach())
-            else:
-                g = M.cs_gate(s, self.beta, self.policy.cs)
-            vec = torch.cat([torch.ones(w - s.numel(), device=s.device, dtype=g.dtype), g])
-            parts.append(vec.repeat_interleave(factor) if factor > 1 else vec)
-        return torch.cat(parts)
+    # -- consumer-input channel scales (a method's gates) ---------------------------------------------------
+    def input_scale(self, target: str, training: bool) -> torch.Tensor | None:
+        """Multiplier over the input axis of consumer `target` (None: all ones), from the installed ChannelScale.
 
-    def gate_versions(self) -> list:
-        return [(gid, id(s), s._version) for gid, s in sorted(self.gates.items())] + [self.beta, self.hard_gates]
+        Every layer that consumes a group's channels (a masked bank's columns, a per-task head's columns) calls
+        this, so a gate acts wherever its channels are consumed, whatever the consumer is."""
+        scale = self.channel_scale
+        layout = self.layouts.get((target, "in")) if scale is not None else None
+        if layout is None:
+            return None
+        parts = [(scale.vector(gid, self.widths.get(gid, fixed), self, training), factor, self.widths.get(gid, fixed))
+                 for gid, factor, fixed in layout]
+        ref = next((v for v, _, _ in parts if v is not None), None)
+        if ref is None:
+            return None
+        return torch.cat([torch.ones(w * f, device=ref.device, dtype=ref.dtype) if v is None
+                          else (v.repeat_interleave(f) if f > 1 else v) for v, f, w in parts])
+
+    def scale_version(self) -> tuple:
+        return self.channel_scale.version_key(self) if self.channel_scale is not None else ()
+
+    # -- derived tensors: one cache, invalidated by bump() ---------------------------------------------------
+    def cached(self, owner: str, name: str, key: tuple, build):
+        """`build()` memoised per (owner, name) while `key` holds; every entry dies at the next `bump()`.
+
+        The only cache of derived tensors (masked layers' weights and mask plans, channel selections):
+        anything that changes the net's structure (growth, pruning, task switch of the learner, freezing,
+        kinds, restoring) calls `bump()`, so no layer keeps a private cache to clear."""
+        slot = (owner, name)
+        hit = self._cache.get(slot)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        self._cache[slot] = (key, value)
+        return value
+
+
+class ChannelScale:
+    """What a method installs to multiply channels at their consumers' inputs (GROWN's candidate gates).
+
+    The engine calls `vector` for each group on a consumer's input axis and keys its cached weights on
+    `version_key`; `GrowableNet.freeze_task` calls `on_freeze` first; checkpoints call `structure` and
+    `load_structure` (the method installs its scale with `net.set_channel_scale` before restoring)."""
+
+    def vector(self, gid: int, width: int, ctx: TaskContext, training: bool) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def version_key(self, ctx: TaskContext) -> tuple:
+        raise NotImplementedError
+
+    def on_freeze(self, net) -> None:
+        raise NotImplementedError
+
+    def structure(self) -> dict:
+        raise NotImplementedError
+
+    def load_structure(self, structure: dict) -> None:
+        raise NotImplementedError
 
 
 def _visible(births: torch.Tensor, task: int) -> torch.Tensor:
@@ -155,5 +187,3 @@ def _born(births: torch.Tensor, task: int) -> torch.Tensor:
     return births == task
 
 
-def _dev(gates: dict) -> torch.device:
-    return next(iter(gates.values())).device

@@ -54,7 +54,13 @@ class PerTask(_TaskModule):
         self.copies = nn.ModuleList()
 
     def forward(self, *args, **kwargs):
-        return self.copies[self.ctx.require_task()](*args, **kwargs)
+        t = self.ctx.require_task()
+        copy_t = self.copies[t]
+        scale = self.ctx.input_scale(self.target, self.training) if self.ctx.is_learning(t) else None
+        if scale is None:
+            return copy_t(*args, **kwargs)
+        # a consumer of gated channels (the task's head): the gate multiplies its input columns, as in a bank
+        return torch.func.functional_call(copy_t, {"weight": scaled_columns(copy_t.weight, scale)}, args, kwargs)
 
     def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None) -> None:
         new = copy.deepcopy(self.pending)
@@ -63,6 +69,14 @@ class PerTask(_TaskModule):
         new.requires_grad_(True)
         self.copies.append(new)
 
+    def train(self, mode: bool = True) -> "PerTask":
+        """A finished task's copy stays in eval mode whatever the net's mode: its norm statistics never update."""
+        super().train(mode)
+        for t in self.ctx.frozen:
+            if t < len(self.copies):
+                self.copies[t].train(False)
+        return self
+
     def freeze(self, task: int) -> None:
         self.copies[task].requires_grad_(False)
         for p in self.copies[task].parameters():
@@ -70,6 +84,7 @@ class PerTask(_TaskModule):
         if self.kind != "head":
             self.pending = copy.deepcopy(self.copies[task])  # later tasks start from the latest (warm start)
             self.pending.requires_grad_(False)
+        self.copies[task].train(False)
 
     def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, **_) -> None:
         # channels born for task `birth` exist in that task's copy (if it is being learned) and in the template
@@ -81,6 +96,23 @@ class PerTask(_TaskModule):
 
     def copy_for(self, task: int) -> nn.Module:
         return self.copies[task]
+
+    def to_plain(self, task: int) -> nn.Module:
+        """A standalone copy of task `task`'s module, with the hard input scale folded in (export)."""
+        out = copy.deepcopy(self.copies[task])
+        scale = self.ctx.input_scale(self.target, False) if self.ctx.is_learning(task) else None
+        if scale is not None:
+            with torch.no_grad():
+                out.weight.copy_(scaled_columns(out.weight, scale))
+        return out
+
+    def accepts_input_scale(self) -> bool:
+        return isinstance(getattr(self.pending, "weight", None), torch.Tensor) and self.pending.weight.dim() >= 2
+
+
+def scaled_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`weight` (out, in, *kernel) with input column i multiplied by scale[i]."""
+    return weight * scale.to(weight.dtype).view((1, -1) + (1,) * (weight.dim() - 2))
 
 
 def _reset_head(head: nn.Module, num_classes: int | None, generator) -> None:
@@ -101,9 +133,10 @@ def _reset_head(head: nn.Module, num_classes: int | None, generator) -> None:
 class TaskParameter(_TaskModule):
     """A free-standing parameter (get_attr in the graph) with one copy per task."""
 
-    def __init__(self, value: torch.Tensor, ctx: "TaskContext", target: str):
+    def __init__(self, value: torch.Tensor, ctx: "TaskContext", target: str, trainable: bool = True):
         super().__init__()
         self._attach(ctx, target)
+        self.trainable = trainable  # False: a float buffer of the backbone, copied per task but never trained
         self.pending = nn.Parameter(value.detach().clone(), requires_grad=False)
         self.copies = nn.ParameterList()
 
@@ -111,17 +144,19 @@ class TaskParameter(_TaskModule):
         return self.copies[self.ctx.require_task()]
 
     def add_task(self, **_) -> None:
-        self.copies.append(nn.Parameter(self.pending.detach().clone(), requires_grad=True))
+        self.copies.append(nn.Parameter(self.pending.detach().clone(), requires_grad=self.trainable))
 
     def freeze(self, task: int) -> None:
         self.copies[task].requires_grad_(False)
         self.copies[task].grad = None
         self.pending = nn.Parameter(self.copies[task].detach().clone(), requires_grad=False)
 
-    def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, axis: int = 0, **_):
-        self.pending = nn.Parameter(remap(self.pending.data, axis, src, 0.0), requires_grad=False)
+    def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, axis: int = 0,
+                    fill: float = 0.0, **_):
+        self.pending = nn.Parameter(remap(self.pending.data, axis, src, fill), requires_grad=False)
         if birth < len(self.copies):
-            self.copies[birth] = nn.Parameter(remap(self.copies[birth].data, axis, src, 0.0))
+            self.copies[birth] = nn.Parameter(remap(self.copies[birth].data, axis, src, fill),
+                                              requires_grad=self.copies[birth].requires_grad)
 
     def copy_for(self, task: int) -> torch.Tensor:
         return self.copies[task]

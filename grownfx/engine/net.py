@@ -19,8 +19,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from grownfx.engine import masks as M
-from grownfx.engine.context import DENSE, SEL, MaskPolicy, TaskContext
+from grownfx.engine.context import DENSE, SEL, ChannelScale, MaskPolicy, TaskContext
 from grownfx.engine.coupling import CouplingGroup, CouplingResult, analyze
 from grownfx.engine.banks import MaskedLayer
 from grownfx.engine.layers import FREE, PerTask, TaskParameter
@@ -63,8 +62,10 @@ def prepare(
     for b in coupling.bindings:
         if b.role == "param" and b.target in holders:
             b.target = holders[b.target]
-    return GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, head=heads[0],
-                       input_shape=tuple(example_input.shape[1:]))
+    net = GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, head=heads[0],
+                      input_shape=tuple(example_input.shape[1:]))
+    net.head_targets = list(heads)  # every layer producing the logits (a distillation head too); one copy per task
+    return net
 
 
 def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
@@ -78,9 +79,7 @@ def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
     coupling = analyze(gm)
     _fix_reused_modules(coupling)
     heads = coupling.head_targets()
-    if len(heads) != 1:
-        raise SurgeryError(f"expected one layer producing the logits, found {heads or 'none'}; "
-                           "the model must end in a single classifier layer")
+    _check_heads(coupling, heads)
     full_params = count_parameters(gm)
     widths = {g.id: g.width for g in coupling.groups if g.growable}
     if width < 1:
@@ -88,6 +87,19 @@ def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
                    for gid, w in widths.items()}
         apply_changes(gm, coupling, widths, changes, torch.Generator().manual_seed(seed))
     return gm, coupling, widths, full_params
+
+
+def _check_heads(coupling: CouplingResult, heads: list[str]) -> None:
+    """One or several layers produce the logits (a distillation head next to the classifier: every task gets a
+    copy of each); all must have the logits' width, or one is a hidden layer seen through an opaque op."""
+    if not heads:
+        raise SurgeryError("no layer produces the logits; the model must end in a classifier layer (Linear or conv)")
+    widths = {b.target: sum(s.width for s in b.layout) for b in coupling.bindings
+              if b.role == "out" and b.target in heads}
+    if len(set(widths.values())) > 1:
+        raise SurgeryError(f"the layers producing the logits have different widths {widths}: the logits are "
+                           "computed through an op the analysis cannot follow; keep the classifier a plain "
+                           "nn.Linear or declare the op's module in `leaf_modules`")
 
 
 def seed_channels(width: int, fraction: float, granularity: int) -> int:
@@ -117,7 +129,7 @@ class GrowableNet(nn.Module):
                  seed: int, head: str, input_shape: tuple):
         super().__init__()
         self.graph_module = gm
-        self.gates = nn.ParameterDict()
+        self.gates: ChannelScale | None = None  # a method's channel scale (set_channel_scale); name kept for state
         self.ctx = ctx
         self.coupling = coupling
         self.full_params = full_params
@@ -217,27 +229,43 @@ class GrowableNet(nn.Module):
         t = self.ctx.learning_task
         if t is None:
             return
-        for m in self.masked_layers():
-            m.configure(t)
+        layers = self.masked_layers()
+        for m in layers:
+            m.configure(t)  # each bumps the context: derived tensors are rebuilt from the new kinds
+        for m in layers:
+            m._mask_plan()  # built now, outside any compiled region
+
+    def set_channel_scale(self, scale: ChannelScale) -> None:
+        """Install a method's multipliers on consumer inputs (GROWN's candidate gates); it is saved with the net."""
+        if not isinstance(scale, nn.Module) or not isinstance(scale, ChannelScale):
+            raise TypeError("a channel scale is an nn.Module implementing engine.context.ChannelScale")
+        self.gates = scale.to(self._device())
+        self.ctx.channel_scale = scale
+        self.ctx.bump()
+
+    @property
+    def channel_scale(self) -> ChannelScale | None:
+        return self.ctx.channel_scale
 
     def freeze_task(self, task: int) -> None:
         """Binarise the task's masks, drop its pruned candidate channels, and make everything it owns immutable."""
         if task != self.ctx.learning_task:
             raise ValueError(f"task {task} is not the task being learned ({self.ctx.learning_task})")
-        self.settle_gates()
+        if self.ctx.channel_scale is not None:
+            self.ctx.channel_scale.on_freeze(self)  # e.g. GROWN settles its candidate gates
         for m in list(self.task_modules()):
             m.freeze(task)
         self.ctx.frozen.add(task)
         self.ctx.bump()
 
     # -- growth ---------------------------------------------------------------------------------------------
-    def grow(self, ratio: float | None = None, channels: int | None = None, groups: Iterable[int] | None = None,
-             gated: bool = False) -> dict[int, int]:
+    def grow(self, ratio: float | None = None, channels: int | None = None,
+             groups: Iterable[int] | None = None) -> dict[int, int]:
         """Add channels to growable groups (all by default), keeping every task's outputs unchanged.
 
         `ratio` is relative to each group's current width; `channels` is an absolute count.  Counts round up
-        to a group's granularity (grouped convs grow by whole groups).  With `gated`, the new channels get a
-        learnable grown-mask (continuous sparsification) for the task being learned.
+        to a group's granularity (grouped convs grow by whole groups).  New channels are appended at the end of
+        each group; a method that gates them (GROWN's grown-mask) does so through its channel scale.
         """
         if (ratio is None) == (channels is None):
             raise ValueError("give exactly one of ratio= or channels=")
@@ -259,34 +287,15 @@ class GrowableNet(nn.Module):
         device = self._device()
         for gid, n in added.items():
             self.ctx.births[gid] = torch.cat([self.ctx.births[gid], torch.full((n,), birth, dtype=torch.long)])
-            if gated and self.ctx.learning_task is not None:
-                old = self.gates[str(gid)].data if str(gid) in self.gates else torch.empty(0, device=device)
-                fresh = torch.full((n,), self.ctx.policy.cs.init, device=device)
-                self.gates[str(gid)] = nn.Parameter(torch.cat([old, fresh]))
-        self.ctx.gates = {int(k): v for k, v in self.gates.items()}
         self.to(device)
         self.ctx.bump()
         self.configure()
         return added
 
-    def settle_gates(self) -> dict[int, int]:
-        """End of a learnable growth: drop candidates whose gate is off, fold the kept gates into the weights."""
-        pruned: dict[int, int] = {}
-        if not len(self.gates):
-            return pruned
-        changes: dict[int, GroupChange] = {}
-        for key, s in self.gates.items():
-            gid = int(key)
-            hard = M.cs_hard(s.detach(), self.ctx.beta, self.ctx.policy.cs)
-            self._scale_consumer_columns(gid, hard)
-            w, n = self.ctx.widths[gid], s.numel()
-            keep_cand = self._round_keep(gid, hard > 0, w - n)
-            keep = torch.cat([torch.arange(w - n), (w - n) + keep_cand.nonzero().squeeze(1).cpu()])
-            if keep.numel() < w:
-                changes[gid] = keep_change(keep)
-                pruned[gid] = w - keep.numel()
-        self.gates.clear()
-        self.ctx.gates = {}
+    def keep_channels(self, keep: dict[int, torch.Tensor]) -> dict[int, int]:
+        """Prune: each group keeps the channels `keep[gid]` (old indices, in order); returns {group: removed}."""
+        changes = {gid: keep_change(k.cpu()) for gid, k in keep.items() if k.numel() < self.ctx.widths[gid]}
+        removed = {gid: self.ctx.widths[gid] - keep[gid].numel() for gid in changes}
         if changes:
             apply_changes(self.graph_module, self.coupling, self.ctx.widths, changes, self.generator,
                           birth=self.ctx.birth_task)
@@ -294,39 +303,22 @@ class GrowableNet(nn.Module):
                 self.ctx.births[gid] = self.ctx.births[gid][ch.src]
         self.ctx.bump()
         self.configure()
-        return pruned
+        return removed
 
-    def _round_keep(self, gid: int, keep: torch.Tensor, offset: int) -> torch.Tensor:
+    def round_to_granularity(self, gid: int, keep: torch.Tensor) -> torch.Tensor:
+        """A bool per channel of group `gid`, widened so that whole granularity blocks are kept or dropped."""
         gran = self.coupling.groups[gid].granularity
         if gran == 1:
             return keep
         blocks = keep.view(-1, gran).any(dim=1, keepdim=True)
         return blocks.expand(-1, gran).reshape(-1)
 
-    def _scale_consumer_columns(self, gid: int, hard: torch.Tensor) -> None:
-        """Multiply the input columns of the group's newest channels by their hard gate value."""
-        w, n = self.ctx.widths[gid], hard.numel()
-        for b in self.coupling.groups[gid].members:
-            if b.role != "in":
-                continue
-            layout = binding_layout(self.coupling, b)
-            scale = torch.ones(_axis_size(layout, self.ctx.widths), device=hard.device)
-            pos = 0
-            for g2, factor, fixed in layout:
-                w2 = self.ctx.widths.get(g2, fixed)
-                if g2 == gid:
-                    scale[pos + (w - n) * factor: pos + w * factor] = hard.repeat_interleave(factor)
-                pos += w2 * factor
-            module = self.graph_module.get_submodule(b.target)
-            weight = module.copies[self.ctx.learning_task].weight if isinstance(module, PerTask) else module.weight
-            with torch.no_grad():
-                weight.mul_(scale.to(weight.dtype).view((1, -1) + (1,) * (weight.dim() - 2)))
-
     # -- what the learner trains ----------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
         """The learning task's parameters, split by optimiser: weights, masks (unit scores), gates."""
         t = self.ctx.learning_task
-        out: dict[str, list[nn.Parameter]] = {"weights": [], "masks": [], "gates": list(self.gates.values())}
+        gates = list(self.gates.parameters()) if self.gates is not None else []
+        out: dict[str, list[nn.Parameter]] = {"weights": [], "masks": [], "gates": gates}
         if t is None:
             return out
         for m in self.task_modules():
@@ -340,24 +332,6 @@ class GrowableNet(nn.Module):
             elif m.copies[t].requires_grad:
                 out["weights"].append(m.copies[t])
         return out
-
-    def gate_costs(self) -> dict[int, float]:
-        """Weights each channel of a gated group brings (producer rows, consumer columns, norm entries)."""
-        costs: dict[int, float] = {}
-        for gid in self.ctx.gates:
-            total = 0.0
-            for b in self.coupling.groups[gid].members:
-                if b.role not in ("in", "out", "grouped"):
-                    continue
-                m = self.graph_module.get_submodule(b.target)
-                w = m.copies[-1].weight if isinstance(m, PerTask) else m.weight
-                if b.role == "in":
-                    reps = sum(f for g2, f, _ in binding_layout(self.coupling, b) if g2 == gid)
-                    total += w.shape[0] * math.prod(w.shape[2:]) * reps
-                else:
-                    total += math.prod(w.shape[1:])
-            costs[gid] = total
-        return costs
 
     def unit_stats(self) -> dict:
         """For the learning task: fraction of old units its selective mask drops, re-trained released weights."""
@@ -412,7 +386,7 @@ class GrowableNet(nn.Module):
                     if g2 == gid:
                         alive |= used[pos: pos + w2 * factor].view(w2, factor).any(dim=1)
                     pos += w2 * factor
-            alive = self._round_keep(gid, alive, 0)
+            alive = self.round_to_granularity(gid, alive)
             if not alive.any():
                 alive[: self.coupling.groups[gid].granularity] = True
             if not alive.all():
@@ -446,7 +420,3 @@ class GrowableNet(nn.Module):
 
 def _numel(x) -> int:
     return x.numel() if isinstance(x, torch.Tensor) else count_parameters(x)
-
-
-def _axis_size(layout: tuple, widths: dict[int, int]) -> int:
-    return sum(widths.get(g, fixed) * factor for g, factor, fixed in layout)

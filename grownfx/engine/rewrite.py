@@ -21,20 +21,30 @@ from torch import fx, nn
 from grownfx.engine.banks import MaskedConv, MaskedLinear, TaskMultiheadAttention
 from grownfx.engine.context import TaskContext
 from grownfx.engine.layers import PerTask, TaskParameter, WeightOf, _TaskModule
+from grownfx.engine.tracing import layer_kind
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
           nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, last = path.split(".")
-    obj = root
-    for p in parents:
-        if not hasattr(obj, p):
-            obj.add_module(p, nn.Module())
-        obj = getattr(obj, p)
-    setattr(obj, last, module)
+def set_submodule(root: fx.GraphModule, path: str, module: nn.Module) -> None:
+    """Install `module` at `path`, creating empty parents (fx's `GraphModule.add_submodule`)."""
+    if not root.add_submodule(path, module):
+        raise AttributeError(f"cannot install a module at '{path}': a parent is not a module")
+
+
+def _owner(root: fx.GraphModule, path: str) -> tuple[nn.Module, str]:
+    """The module holding attribute `path` (created empty if missing) and the attribute's name."""
+    owner_path, _, name = path.rpartition(".")
+    if not owner_path:
+        return root, name
+    try:
+        return root.get_submodule(owner_path), name
+    except AttributeError:
+        owner = nn.Module()
+        set_submodule(root, owner_path, owner)
+        return owner, name
 
 
 def _param_holder_name(target: str) -> str:
@@ -59,12 +69,17 @@ def make_task_aware(
         if node.op != "get_attr":
             continue
         owner_path, _, attr = node.target.rpartition(".")
+        trainable = True
         try:
             value = gm.get_parameter(node.target)
         except AttributeError:
-            continue  # a buffer or a constant: shared and immutable
-        owner = replaced.get(owner_path)
-        if owner is None and owner_path:
+            value = _float_buffer(gm, node.target)
+            if value is None:
+                continue  # an integer buffer (an index table) or a constant: shared and immutable
+            # a float buffer (a per-channel scale): per-task copies, so growth never resizes one all tasks share
+            trainable = False
+        owner = replaced.get(owner_path) if trainable else None
+        if owner is None and owner_path and trainable:
             try:
                 m = gm.get_submodule(owner_path)
             except AttributeError:
@@ -79,7 +94,7 @@ def make_task_aware(
             new: nn.Module = WeightOf(owner, attr, ctx, holder_path)
         else:
             holder_path = _param_holder_name(node.target)
-            new = TaskParameter(value, ctx, holder_path)
+            new = TaskParameter(value, ctx, holder_path, trainable=trainable)
         holder_path = holder_path.replace(".", "_") if owner is not None else holder_path
         set_submodule(gm, holder_path, new)
         holders[node.target] = holder_path
@@ -92,11 +107,21 @@ def make_task_aware(
     return gm, holders
 
 
+def _float_buffer(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
+    try:
+        value = gm.get_buffer(target)
+    except AttributeError:
+        return None
+    return value if value.is_floating_point() else None
+
+
 def _task_module(m: nn.Module, target: str, heads: list[str], ctx: TaskContext, granularity: str):
     if isinstance(m, _TaskModule):
         return None
     if target in heads:
         return PerTask(m, ctx, target, "head")
+    if layer_kind(m) == "other":  # a layer subclass with more than a weight (given as a leaf): copied per task
+        return PerTask(m, ctx, target, "module")
     if isinstance(m, _CONVS):
         return MaskedConv(m, ctx, target, granularity)
     if isinstance(m, nn.Linear):
@@ -116,16 +141,14 @@ def _has_stats(m: nn.Module) -> bool:
 
 def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
     """A plain GraphModule computing what `gm` computes for `task`: standard layers, that task's tensors only."""
-    root = nn.Module()
+    root = fx.GraphModule(nn.Module(), fx.Graph())  # an empty one, for its add_submodule
     graph = copy.deepcopy(gm.graph)
     plain_cache: dict[str, nn.Module] = {}
 
     def plain_of(path: str) -> nn.Module:
         if path not in plain_cache:
             m = gm.get_submodule(path)
-            if isinstance(m, PerTask):
-                plain_cache[path] = copy.deepcopy(m.copy_for(task))
-            elif hasattr(m, "to_plain"):
+            if hasattr(m, "to_plain"):
                 plain_cache[path] = m.to_plain(task)
             else:
                 plain_cache[path] = copy.deepcopy(m)
@@ -148,27 +171,15 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
             else:
                 plain_of(node.target)
         elif node.op == "get_attr":
-            value = _get_attr(gm, node.target)
+            value = getattr(*_owner(gm, node.target))
             _set_param(root, node.target, value.detach().clone() if isinstance(value, torch.Tensor) else value,
                        buffer=True)
     out = fx.GraphModule(root, graph, gm.__class__.__name__ + f"_task{task}")
     return out.eval()
 
 
-def _get_attr(root: nn.Module, path: str):
-    obj = root
-    for p in path.split("."):
-        obj = getattr(obj, p)
-    return obj
-
-
-def _set_param(root: nn.Module, path: str, value, buffer: bool = False) -> None:
-    *parents, last = path.split(".")
-    obj = root
-    for p in parents:
-        if not hasattr(obj, p):
-            obj.add_module(p, nn.Module())
-        obj = getattr(obj, p)
+def _set_param(root: fx.GraphModule, path: str, value, buffer: bool = False) -> None:
+    obj, last = _owner(root, path)
     if isinstance(value, nn.Parameter) or not buffer:
         obj.register_parameter(last, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
     elif isinstance(value, torch.Tensor):

@@ -33,7 +33,7 @@ def net_structure(net: GrowableNet) -> dict:
         "num_classes": list(net.num_classes),
         "frozen": sorted(ctx.frozen),
         "births": {str(g): b.tolist() for g, b in ctx.births.items()},
-        "gates": {k: int(v.numel()) for k, v in net.gates.items()},
+        "gates": net.gates.structure() if net.gates is not None else {},  # the method's channel scale
         "policy": _policy_to_dict(ctx.policy),
         "beta": ctx.beta,
         "temperature": ctx.temperature,
@@ -43,9 +43,15 @@ def net_structure(net: GrowableNet) -> dict:
 
 
 def restore_net(net: GrowableNet, structure: dict, state: dict) -> GrowableNet:
-    """Rebuild `structure` on a freshly prepared `net` (same recipe), then load `state` strictly."""
+    """Rebuild `structure` on a freshly prepared `net` (same recipe), then load `state` strictly.
+
+    A net saved with a channel scale (GROWN's candidate gates) needs the method's scale installed first
+    (`net.set_channel_scale`); the engine does not know the method."""
     if structure.get("format") != FORMAT:
         raise ValueError(f"checkpoint format {structure.get('format')} is not {FORMAT}")
+    if structure["gates"] and net.gates is None:
+        raise ValueError("the checkpoint has channel gates: install the method's channel scale "
+                         "(net.set_channel_scale) before restoring")
     ctx = net.ctx
     births = {int(g): torch.tensor(b, dtype=torch.long) for g, b in structure["births"].items()}
     device = net._device()
@@ -81,18 +87,23 @@ def restore_net(net: GrowableNet, structure: dict, state: dict) -> GrowableNet:
         m.score = nn.Parameter(torch.zeros(unit)) if spec.get("score") else None
         if spec.get("masks") and m.frozen.shape != m.weight.shape:
             m.frozen = torch.zeros_like(m.weight)
-    for key, n in structure["gates"].items():
-        net.gates[key] = nn.Parameter(torch.zeros(n))
+    if net.gates is not None:
+        net.gates.load_structure(structure["gates"])
     net.to(device)
     net.load_state_dict(state, strict=True)
-    ctx.gates = {int(k): v for k, v in net.gates.items()}
     for m in net.masked_layers():
         m.weight.requires_grad_(bool((m.owner == -1).any()))
-        m._cache = m._frozen_cache = m._plan = None
     net.generator.set_state(structure["generator"])
     ctx.task = ctx.num_tasks - 1 if ctx.num_tasks else None
     ctx.bump()
     return net
+
+
+def reload_state(net: GrowableNet, state: dict) -> None:
+    """Load a state dict of the net's current structure in place (a snapshot taken earlier, e.g. CPG's
+    compaction rollback); derived tensors are invalidated through the one path, ctx.bump()."""
+    net.load_state_dict(state, strict=True)
+    net.ctx.bump()
 
 
 def _policy_to_dict(p: MaskPolicy) -> dict:

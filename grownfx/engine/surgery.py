@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from grownfx.engine import registry
 from grownfx.engine.coupling import Binding, CouplingResult
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -109,8 +110,10 @@ def resize_plain(module: nn.Module, role: str, src: torch.Tensor, generator: tor
             if isinstance(t, torch.Tensor):
                 _set(module, name, remap(t.data, 0, src, fill))
         _update_attrs(module, role, n)
+    elif (rule := registry.module_rule(module)) is not None and rule.resize is not None:
+        rule.resize(module, role, src, generator)
     else:
-        raise TypeError(f"cannot resize a {type(module).__name__}")
+        raise TypeError(f"cannot resize a {type(module).__name__} (grownfx.register_module(..., resize=fn))")
 
 
 def set_conv_width(conv, role: str, n: int) -> None:
@@ -147,21 +150,10 @@ def _update_attrs(module: nn.Module, role: str, n: int) -> None:
         module.num_features = n
 
 
-def _get_path(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_path(root: nn.Module, path: str, value) -> None:
-    *parents, last = path.split(".")
-    obj = root
-    for part in parents:
-        obj = getattr(obj, part)
-    if isinstance(getattr(obj, last), nn.Parameter):
-        value = nn.Parameter(value, requires_grad=getattr(obj, last).requires_grad)
-    setattr(obj, last, value)
+def _owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(module holding attribute `path`, attribute name), by `get_submodule`."""
+    owner_path, _, name = path.rpartition(".")
+    return root.get_submodule(owner_path), name
 
 
 def apply_binding(gm: fx.GraphModule, b: Binding, src: torch.Tensor, generator=None, **kw) -> bool:
@@ -178,11 +170,12 @@ def apply_binding(gm: fx.GraphModule, b: Binding, src: torch.Tensor, generator=N
         node.args = tuple(args)
         return True
     if b.role == "param":
-        t = _get_path(gm, b.target)
+        owner, name = _owner(gm, b.target)
+        t = getattr(owner, name)
         if hasattr(t, "resize_axis"):  # a task-aware parameter holder
-            t.resize_axis(b.role, src, generator=generator, axis=b.axis, **kw)
-        else:
-            _set_path(gm, b.target, remap(t.data, b.axis, src, 0.0))
+            t.resize_axis(b.role, src, generator=generator, axis=b.axis, fill=b.fill, **kw)
+        else:  # a plain parameter or buffer (seed slimming, export)
+            _set(owner, name, remap(t.data, b.axis, src, b.fill))
         return False
     module = gm.get_submodule(b.target)
     if hasattr(module, "resize_axis"):
@@ -213,16 +206,23 @@ def apply_changes(
         gran = group.granularity
         if changes[gid].new_width % gran:
             raise ValueError(f"group {gid} must keep a multiple of {gran} channels, got {changes[gid].new_width}")
-    seen: set[int] = set()
-    graph_changed = False
+    # A module called at several sites (a shared conv or BN) has one binding per call but one tensor: resize
+    # it once.  Its calls have the same layout (else `_fix_reused_modules` fixed the group).  Every axis map
+    # is computed before anything changes, so a failure leaves the graph whole.
+    seen: set[tuple] = set()
+    todo = []
     for gid in changes:
         for b in result.groups[gid].members:
-            if id(b) in seen:
+            key = (b.target, b.role, b.axis) if b.role != "literal" else (id(b),)
+            if key in seen:
                 continue
-            seen.add(id(b))
+            seen.add(key)
             src = axis_map(binding_layout(result, b), changes, widths)
             if src is not None:
-                graph_changed |= apply_binding(gm, b, src, generator, **kw)
+                todo.append((b, src))
+    graph_changed = False
+    for b, src in todo:
+        graph_changed |= apply_binding(gm, b, src, generator, **kw)
     for gid, ch in changes.items():
         widths[gid] = ch.new_width
     if graph_changed:

@@ -6,12 +6,17 @@ produces a `GraphModule` whose nodes carry `meta["tensor_meta"]` from shape prop
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import fnmatch
+import io
 from typing import Iterable, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from grownfx.engine import registry
 
 
 class TraceError(RuntimeError):
@@ -35,16 +40,108 @@ class GrownTracer(fx.Tracer):
     """`fx.Tracer` with extra leaf modules: by type, or by qualified-name glob (`layer4.*.attn`)."""
 
     def __init__(self, leaf_modules: Sequence[str | type] = ()):
-        super().__init__()
-        self.leaf_types = _default_leaf_types() + tuple(m for m in leaf_modules if isinstance(m, type))
+        super().__init__(autowrap_functions=registry.wrapped_functions())  # registered functions stay one node
+        self.leaf_types = (_default_leaf_types() + registry.leaf_types()
+                           + tuple(m for m in leaf_modules if isinstance(m, type)))
         self.leaf_globs = tuple(m for m in leaf_modules if isinstance(m, str))
+
+    def trace(self, root, concrete_args=None):
+        if isinstance(root, nn.Module):
+            for m in root.modules():  # probe layer subclasses now: a probe run while fx traces would be recorded
+                layer_kind(m)
+        return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types):
             return True
         if any(fnmatch.fnmatchcase(qualname, g) for g in self.leaf_globs):
             return True
+        if is_norm_subclass(m) or layer_kind(m) in ("plain", "std"):
+            return True  # timm's BatchNormAct2d, Conv2dSame, StdConv2d, Linear: analysed and rewritten as layers
         return super().is_leaf_module(m, qualname)
+
+
+# --- subclasses of the standard layers (timm and others) -----------------------------------------------------
+
+_NORM_BASES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_KIND_CACHE: dict[type, str] = {}
+
+
+def is_norm_subclass(m: nn.Module) -> bool:
+    """A per-channel norm outside torch.nn that subclasses one (timm's BatchNormAct2d, GroupNormAct: norm, then an
+    elementwise activation).  Kept a leaf, it is a norm to the analysis and a per-task copy after rewriting;
+    traced through, its functional `batch_norm` would hide the per-channel statistics and fix the group."""
+    return isinstance(m, _NORM_BASES) and not type(m).__module__.startswith("torch.")
+
+
+def layer_kind(m: nn.Module) -> str | None:
+    """How a conv or linear layer computes from its weight (None for other modules):
+
+    * 'plain': a torch layer, or a subclass that is linear in its weight and has no other parameter (timm's
+      Conv2dSame, Linear): masked and grown like the torch layer, its own forward run on the masked weight;
+    * 'std': weight standardisation (StdConv2d): each filter is normalised over its inputs, so added input
+      columns would change old outputs: its input channels are fixed, its outputs grow;
+    * 'other': extra parameters (ScaledStdConv2d's gain) or a weight function we cannot follow: opaque.
+    """
+    if not isinstance(m, _LAYER_TYPES):
+        return None
+    if type(m) in _LAYER_TYPES:
+        return "plain"
+    if type(m) not in _KIND_CACHE:
+        _KIND_CACHE[type(m)] = _probe_kind(m)
+    return _KIND_CACHE[type(m)]
+
+
+def _probe_kind(m: nn.Module) -> str:
+    if {n for n, _ in m.named_parameters()} - {"weight", "bias"} or any(True for _ in m.children()):
+        return "other"
+    try:
+        t = bare_layer(m)
+        w = m.weight.detach()
+        if isinstance(m, nn.Linear):
+            x = torch.randn(2, m.in_features, dtype=w.dtype, device=w.device)
+        else:
+            k = [int(a) * int(b) + 3 for a, b in zip(m.kernel_size, m.dilation)]
+            x = torch.randn(1, m.in_channels, *k, dtype=w.dtype, device=w.device)
+        g = torch.Generator(device=w.device).manual_seed(0)
+        w1 = torch.randn(w.shape, generator=g, dtype=w.dtype, device=w.device)
+        w2 = torch.randn(w.shape, generator=g, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            f = lambda v: call_with_weight(t, x, v, None)  # noqa: E731
+            a, b, ab, a2 = f(w1), f(w2), f(w1 + w2), f(2 * w1)
+        linear = torch.allclose(ab, a + b, rtol=1e-4, atol=1e-4) and torch.allclose(a2, 2 * a, rtol=1e-4, atol=1e-4)
+    except Exception:  # noqa: BLE001 - a layer we cannot probe is one we do not understand
+        return "other"
+    if linear:
+        return "plain"
+    return "std" if "std" in type(m).__name__.lower() else "other"
+
+
+def bare_layer(m: nn.Module) -> nn.Module:
+    """A copy of a conv/linear layer without its weight and bias, to run its own forward on other tensors."""
+    t = copy.copy(m)
+    t._parameters = {k: v for k, v in m._parameters.items() if k not in ("weight", "bias")}
+    t._buffers = dict(m._buffers)
+    t._modules = dict(m._modules)
+    return t
+
+
+def call_with_weight(bare: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     groups: int | None = None) -> torch.Tensor:
+    """Run a bare layer's forward on `x` with `weight`/`bias` in place of its own (and `groups` for a conv)."""
+    d = bare.__dict__
+    d["weight"], d["bias"] = weight, bias
+    if groups is not None:
+        d["groups"] = groups
+    if "out_channels" in d:  # widths follow the weight (StdConv2d reshapes by self.out_channels)
+        d["out_channels"], d["in_channels"] = weight.shape[0], weight.shape[1] * d.get("groups", 1)
+    elif "out_features" in d:
+        d["out_features"], d["in_features"] = weight.shape[0], weight.shape[1]
+    try:
+        return bare(x)
+    finally:
+        del d["weight"], d["bias"]
 
 
 def _innermost_module(exc: BaseException, model: nn.Module) -> str | None:
@@ -82,7 +179,8 @@ def trace(
         hint = f" in module '{where}'" if where else ""
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}{hint}: {exc}. "
-            f"Declare the offending module as a leaf (recipe field `model.leaf_modules`) to keep it opaque."
+            f"Declare the offending module a leaf to keep it opaque: `leaf_modules=[...]` (module types or "
+            f"qualified-name globs) of `grownfx.prepare`/`trace`, or the recipe field `model.leaf_modules`."
         ) from exc
     finally:
         model.train(was_training)
@@ -93,16 +191,61 @@ def trace(
 
 
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
-    """Run ShapeProp; a failure names the graph node (and its module) that could not run."""
-    with torch.no_grad():
+    """Run ShapeProp; a failure names the graph node (and its module) that could not run.
+
+    Every node also gets `meta["batch_axes"]`: the axes of its output that follow the batch size (found by a
+    second propagation with one more example), so that ops we cannot see through never take a batch axis for
+    channels, whatever the example's batch size (a GRU's h_n is (layers, batch, hidden))."""
+    bigger = _shapes_with_batch(gm, example_input)
+    # ShapeProp prints the traceback of a failing node to stderr before re-raising; the TraceError says it all
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         try:
             ShapeProp(gm).propagate(example_input)
         except Exception as exc:
             node = _failing_node(exc)
+            cause = exc.__cause__ if "ShapeProp error" in str(exc) and exc.__cause__ is not None else exc
+            why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             raise TraceError(
                 f"the traced graph of {gm._get_name()} fails on an input of shape {tuple(example_input.shape)}"
-                f"{' at node ' + node if node else ''}: {exc}"
+                f"{' at node ' + node if node else ''}: {why}"
             ) from exc
+    if bigger is not None:
+        for n in gm.graph.nodes:
+            a, b = _meta_shapes(n.meta.get("tensor_meta")), bigger.get(n.name)
+            if a is not None and b is not None:
+                n.meta["batch_axes"] = _diff_axes(a, b)
+
+
+def _meta_shapes(meta):
+    if meta is None:
+        return None
+    if hasattr(meta, "shape"):
+        return tuple(int(s) for s in meta.shape)
+    if isinstance(meta, (list, tuple)):
+        return [_meta_shapes(m) for m in meta]
+    return None
+
+
+def _diff_axes(a, b):
+    """Axes whose size differs between two propagations (per item for a tuple output)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return tuple(i for i, (x, y) in enumerate(zip(a, b)) if x != y) if len(a) == len(b) else None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [_diff_axes(x, y) for x, y in zip(a, b)]
+    return None
+
+
+def _shapes_with_batch(gm: fx.GraphModule, example_input: torch.Tensor) -> dict | None:
+    """Node output shapes for the example with one more sample (None when the model refuses that batch)."""
+    if example_input.dim() == 0:
+        return None
+    x = torch.cat([example_input, example_input[:1]])
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(x)
+    except Exception:  # noqa: BLE001 - the propagation on the example itself reports real failures
+        return None
+    return {n.name: _meta_shapes(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
 
 
 def _failing_node(exc: BaseException) -> str | None:

@@ -11,7 +11,6 @@ The ablation switches (selective mask, LSG's attentive mask, re-training) only c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -21,50 +20,10 @@ from grownfx.recipe.schema import GrowthConfig, MasksConfig, TrainingConfig
 from grownfx.engine.context import ATT, DENSE, OFF, SEL, MaskPolicy
 from grownfx.data import Task
 from grownfx.learn.distributed import Dist
+from grownfx.learn.gates import CandidateGates
 from grownfx.engine.net import GrowableNet
-from grownfx.learn.training import StageOptim, Timer, derive_seed, make_optimizer, run_epoch
-
-
-@dataclass
-class TaskRecord:
-    """What happened while learning one task (the runner adds test accuracies)."""
-
-    index: int
-    name: str
-    num_classes: int
-    target: Optional[float] = None
-    val_acc: float = 0.0
-    val_history: list[float] = field(default_factory=list)
-    grew: bool = False
-    growth_rounds: int = 0
-    growth: dict[str, int] = field(default_factory=dict)
-    pruned_candidates: int = 0
-    params_stored: int = 0
-    params_task: int = 0
-    mask_bytes: int = 0
-    time_s: float = 0.0
-    epochs: int = 0
-    selective_zero_frac: Optional[float] = None
-    released: int = 0
-    retrained: int = 0
-    extra: dict = field(default_factory=dict)  # method-specific facts (e.g. CPG's chosen sparsity)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class LearnerPosition:
-    """Where a task's training stands; saved in mid-task checkpoints."""
-
-    stage: str = "start"  # start | stage1 | grow | done
-    round: int = 0
-    epoch: int = 0
-    val_history: list[float] = field(default_factory=list)
-    widths_at_start: dict[str, int] = field(default_factory=dict)
-    epochs_done: int = 0
-    pruned: int = 0
-    elapsed: float = 0.0
+from grownfx.learn.records import LearnerPosition, TaskRecord
+from grownfx.learn.training import StageOptim, Timer, make_optimizer, make_scaler, train_stage
 
 
 def build_policy(task: int, switches: tuple[bool, bool, bool], masks: MasksConfig) -> MaskPolicy:
@@ -95,6 +54,7 @@ class GrownLearner:
                  checkpoint: Callable[["GrownLearner", LearnerPosition, StageOptim], None] | None = None,
                  should_stop: Callable[[], bool] = lambda: False, dist: Optional[Dist] = None):
         self.net = net.to(device)
+        self.gates = CandidateGates.of(net)  # GROWN's grown-mask on candidate channels (learn/gates.py)
         self.dist = dist if dist is not None else Dist(device)  # one process: every collective is a no-op
         self.training, self.growth, self.masks = training, growth, masks
         self.switches = switches
@@ -107,8 +67,6 @@ class GrownLearner:
         self.on_epoch = on_epoch or (lambda info: None)
         self.checkpoint = checkpoint
         self.should_stop = should_stop
-        self.scaler = torch.amp.GradScaler("cuda") if training.precision == "fp16" and self.device.type == "cuda" \
-            else None
 
     # -- one task -------------------------------------------------------------------------------------------
     def learn(self, task: Task, target: Optional[float] = None, resume: Optional[tuple] = None) -> TaskRecord:
@@ -126,11 +84,14 @@ class GrownLearner:
                 pos.stage = "stage1"
         t = net.num_tasks - 1
         while True:
-            epochs = cfg.epochs if pos.stage == "stage1" else (cfg.stage2_epochs or cfg.epochs)
+            # task 1's first LSG round is the task's training from the seed: `epochs`, like every method's task;
+            # later growth rounds (stage 2, task 1's extra rounds) train `stage2_epochs`
+            first = pos.stage == "stage1" or (t == 0 and pos.round == 1)
+            epochs = cfg.epochs if first else (cfg.stage2_epochs or cfg.epochs)
             self._train_stage(task, t, pos, epochs, optim_state, timer)
             optim_state = None
             if pos.stage == "grow":
-                pos.pruned += sum(net.settle_gates().values())
+                pos.pruned += sum(self.gates.settle(net).values())
             val = self.evaluate(t, task.val)
             pos.val_history.append(val)
             if self.should_stop():
@@ -164,7 +125,7 @@ class GrownLearner:
         if not plan:
             return False
         for gid, n in plan.items():
-            net.grow(channels=n, groups=[gid], gated=True)
+            self.gates.grow(net, channels=n, groups=[gid])
         pos.round += 1
         return True
 
@@ -173,64 +134,54 @@ class GrownLearner:
         optim = self._optimizers()
         if optim_state is not None:
             optim.load_state_dict(optim_state)
-        # DDP over this stage's parameter set (growth and freezing change it between stages); net itself alone
-        model = self.dist.wrap(net, trainable=self.net.trainable_parameters())
         lsg = pos.stage == "grow"
         costs = self._gate_costs() if lsg else {}
         lam = self.masks.grown.lam
         sel_t0, sel_t1 = self.masks.selective.temperature, self.masks.selective.final_temperature
-        for epoch in range(pos.epoch, epochs):
-            progress = epoch / max(epochs, 1)
-            seed = derive_seed(self.seed, t, pos.stage, pos.round, epoch)
-            torch.manual_seed(seed)
-            gen = torch.Generator().manual_seed(seed)
+
+        def before_epoch(epoch: int, epochs: int) -> None:
             # CS: beta is multiplied by final_beta^(1/(epochs-1)) each epoch, reaching final_beta at the last
             net.ctx.beta = M.anneal(1.0, self.masks.grown.final_beta, epoch / max(epochs - 1, 1)) if lsg else 1.0
             # the last epoch of a growth round trains the network that will be kept: binarised gates
             net.ctx.hard_gates = lsg and epoch == epochs - 1
-            net.ctx.temperature = M.anneal(sel_t0, sel_t1, progress) if sel_t1 else None
-            optim.set_progress(progress)
-            net.train()
-            loader = self.dist.train_loader(task.train, cfg.batch_size, gen, self.device)  # this rank's shard
-            penalty = (lambda: self._penalty(costs, lam)) if costs and lam > 0 else None
-            ep_timer = Timer()
-            loss, pen, acc, n = run_epoch(self.dist.step_model(model, loader, t), loader, optim, self.device,
-                                          precision=cfg.precision, penalty=penalty,
-                                          channels_last=cfg.channels_last, scaler=self.scaler)
-            loss, pen, acc, n = self.dist.reduce_epoch(loss, pen, acc, n)
-            pos.epoch, pos.epochs_done = epoch + 1, pos.epochs_done + 1
-            self.on_epoch({"task": t, "stage": pos.stage, "round": pos.round, "epoch": epoch + 1, "epochs": epochs,
-                           "loss": loss, "penalty": pen, "train_acc": acc, "seconds": ep_timer.seconds,
-                           "images_per_s": n / max(ep_timer.seconds, 1e-9), "beta": net.ctx.beta})
-            if self.should_stop():
-                if self.checkpoint is not None and pos.epoch < epochs:
-                    pos.elapsed += timer.seconds
-                    self.checkpoint(self, pos, optim)
-                raise KeyboardInterrupt
-            every = cfg.checkpoint_every
-            if self.checkpoint is not None and every and pos.epoch % every == 0 and pos.epoch < epochs:
-                self.checkpoint(self, pos, optim)
+            net.ctx.temperature = M.anneal(sel_t0, sel_t1, epoch / max(epochs, 1)) if sel_t1 else None
+
+        def epoch_done(done: int) -> dict:
+            pos.epoch, pos.epochs_done = done, pos.epochs_done + 1
+            return {"beta": net.ctx.beta}
+
+        def checkpoint(optim: StageOptim, stopping: bool) -> None:
+            if self.checkpoint is None:
+                return
+            if stopping:
+                pos.elapsed += timer.seconds
+            self.checkpoint(self, pos, optim)
+
+        # the stage's DDP wrapper covers this stage's parameter set (growth and freezing change it between stages)
+        train_stage(net, lambda m, x: m(x, task=t), optim, task.train, cfg, self.device, dist=self.dist,
+                    seed=(self.seed, t, pos.stage, pos.round), epochs=epochs, start_epoch=pos.epoch,
+                    trainable=net.trainable_parameters(),
+                    event={"task": t, "stage": pos.stage, "round": pos.round}, before_epoch=before_epoch,
+                    penalty=(lambda: self._penalty(costs, lam)) if costs and lam > 0 else None,
+                    epoch_done=epoch_done, on_epoch=self.on_epoch, should_stop=self.should_stop,
+                    checkpoint=checkpoint)
         net.ctx.hard_gates = False
         pos.epoch = 0
-        model = None  # drop the stage's DDP wrapper (and its gradient hooks)
-        self.dist.end_stage(net)  # rank 0's buffers (BatchNorm statistics) on every rank
 
     def _optimizers(self) -> StageOptim:
         groups = self.net.trainable_parameters()
         cfg = self.training
         opts = [make_optimizer(groups["weights"], cfg.optimizer), make_optimizer(groups["masks"], cfg.mask_optimizer),
                 make_optimizer(groups["gates"], cfg.gate_optimizer)]
-        return StageOptim([o for o in opts if o is not None], cfg.scheduler, tuple(cfg.milestones))
+        return StageOptim([o for o in opts if o is not None], cfg.scheduler, tuple(cfg.milestones),
+                          scaler=make_scaler(cfg.precision, self.device))
 
     def _gate_costs(self) -> dict[int, float]:
-        return self.net.gate_costs()
+        return self.gates.costs(self.net)
 
     def _penalty(self, costs: dict[int, float], lam: float) -> torch.Tensor:
         """lambda * sum over candidate channels of gate * weights it brings (the L0 relaxation of Eq. 3)."""
-        total = None
-        for gid, s in self.net.ctx.gates.items():
-            g = M.cs_gate(s, self.net.ctx.beta, self.net.ctx.policy.cs).sum() * costs[gid]
-            total = g if total is None else total + g
+        total = self.gates.penalty(self.net.ctx, costs)
         return lam * total if total is not None else torch.zeros((), device=self.device)
 
     @torch.no_grad()

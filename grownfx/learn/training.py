@@ -1,7 +1,9 @@
-"""Training and evaluation primitives shared by GROWN and every baseline: optimisers, one stage, accuracy.
+"""The one training loop of grownfx, and its primitives: optimisers, one epoch, accuracy.
 
-A stage is `epochs` passes over one task's training split.  Every epoch re-seeds torch and the loader from
-(seed, task, round, epoch), so a run resumed at an epoch boundary continues exactly as if never stopped.
+`train_stage` serves the GROWN learner, every baseline and the scratch reference that sets GROWN's targets:
+`epochs` passes over one task's training split, each re-seeding torch and the loader from (seed..., epoch), so a
+run resumed at an epoch boundary (`start_epoch`, the optimisers' and the GradScaler's state) continues exactly as
+if never stopped; fp16 trains with a GradScaler; a `Dist` makes it data-parallel (grownfx.learn.distributed).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grownfx.recipe.schema import OptimConfig
+from grownfx.learn.guards import check_epoch
+from grownfx.recipe.schema import OptimConfig, TrainingConfig
 
 
 def derive_seed(*parts) -> int:
@@ -54,6 +57,7 @@ class StageOptim:
     schedule: str = "cosine"
     milestones: tuple = (0.5, 0.8)
     base_lrs: list[list[float]] = field(default_factory=list)
+    scaler: "torch.amp.GradScaler | None" = None  # fp16's loss scaler; its state travels with the optimisers'
 
     def __post_init__(self):
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
@@ -75,12 +79,26 @@ class StageOptim:
             else:
                 o.step()
 
-    def state_dict(self) -> list:
-        return [o.state_dict() for o in self.optimizers]
+    def state_dict(self) -> list | dict:
+        states = [o.state_dict() for o in self.optimizers]
+        if self.scaler is None:
+            return states
+        return {"optimizers": states, "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, states: list) -> None:
+    def load_state_dict(self, states: list | dict) -> None:
+        if isinstance(states, dict):
+            if self.scaler is not None and states.get("scaler"):
+                self.scaler.load_state_dict(states["scaler"])
+            states = states["optimizers"]
         for o, s in zip(self.optimizers, states):
             o.load_state_dict(s)
+
+
+def make_scaler(precision: str, device: torch.device) -> "torch.amp.GradScaler | None":
+    """fp16 trains with a GradScaler (its gradients would underflow unscaled); fp32 and bf16 need none."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
 
 
 def autocast(device: torch.device, precision: str):
@@ -175,3 +193,62 @@ def resolve_device(spec: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {spec!r} was asked for but CUDA is not available on this machine")
     return dev
+
+
+def train_stage(net: nn.Module, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor], optim: StageOptim,
+                data, training: TrainingConfig, device: torch.device, *, dist, seed: tuple, epochs: int,
+                start_epoch: int = 0, trainable: dict | None = None, event: dict | None = None,
+                before_epoch: Callable[[int, int], None] | None = None,
+                penalty: Callable[[], torch.Tensor] | None = None,
+                epoch_done: Callable[[int], dict | None] | None = None,
+                on_epoch: Callable[[dict], None] | None = None,
+                should_stop: Callable[[], bool] = lambda: False,
+                checkpoint: Callable[[StageOptim, bool], None] | None = None) -> int:
+    """Epochs `start_epoch`..`epochs`-1 of one stage over `data` (a TaskData); returns the epochs run.
+
+    * `forward(module, x)`: logits of `module` (the net itself, or the stage's DDP wrapper around it);
+    * `dist` (grownfx.learn.distributed.Dist): wraps `net` for the stage over `trainable` ({group: params}),
+      shards the batches and reduces the epoch's numbers; the single-process `Dist` does nothing;
+    * epoch e re-seeds torch and the loader from `derive_seed(*seed, e)`; `before_epoch(e, epochs)` then sets
+      whatever else the epoch needs (GROWN's temperatures and gates);
+    * `optim.scaler` (fp16) scales the loss; `penalty()` joins the loss of every step;
+    * after each epoch: `epoch_done(e + 1)` (its dict joins the event), `on_epoch(event)`; a stop request
+      (`should_stop()`, read between epochs only) calls `checkpoint(optim, True)` when the stage is unfinished
+      and raises KeyboardInterrupt; `training.checkpoint_every` calls `checkpoint(optim, False)` mid-stage.
+    """
+    if not optim.optimizers or epochs <= start_epoch:
+        return 0
+    model = dist.wrap(net, trainable=trainable)
+    for epoch in range(start_epoch, epochs):
+        s = derive_seed(*seed, epoch)
+        torch.manual_seed(s)
+        gen = torch.Generator().manual_seed(s)
+        if before_epoch is not None:
+            before_epoch(epoch, epochs)
+        optim.set_progress(epoch / max(epochs, 1))
+        net.train()
+        loader = dist.train_loader(data, training.batch_size, gen, device)  # this rank's shard of every batch
+        timer = Timer()
+        step = dist.step_forward(lambda x: forward(model, x), loader)
+        loss, pen, acc, n = run_epoch(step, loader, optim, device, precision=training.precision, penalty=penalty,
+                                      channels_last=training.channels_last, scaler=optim.scaler)
+        loss, pen, acc, n = dist.reduce_epoch(loss, pen, acc, n)
+        info = {**(event or {}), "epoch": epoch + 1, "epochs": epochs, "loss": loss, "penalty": pen,
+                "train_acc": acc, "seconds": timer.seconds, "images_per_s": n / max(timer.seconds, 1e-9)}
+        if epoch_done is not None:
+            info.update(epoch_done(epoch + 1) or {})
+        if on_epoch is not None:
+            on_epoch(info)
+        ev = event or {}
+        check_epoch(loss, net.parameters(), task=ev.get("task"), stage=ev.get("stage", "train"),
+                    round=ev.get("round", 0), epoch=epoch + 1)
+        if should_stop():  # between epochs; `checkpoint` saves where the stage stands
+            if checkpoint is not None and epoch + 1 < epochs:
+                checkpoint(optim, True)
+            raise KeyboardInterrupt
+        every = training.checkpoint_every
+        if checkpoint is not None and every and (epoch + 1) % every == 0 and epoch + 1 < epochs:
+            checkpoint(optim, False)
+    model = None  # drop the stage's DDP wrapper (and its gradient hooks) before `end_stage` collects it
+    dist.end_stage(net)  # rank 0's buffers (BatchNorm statistics) on every rank
+    return epochs - start_epoch

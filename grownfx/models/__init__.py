@@ -9,8 +9,10 @@ from torch import nn
 
 from grownfx.models.lenet import LeNet5, lenet5
 from grownfx.models.small_cnn import SmallCNN, small_cnn
+from grownfx.models.vgg_cifar import VGGCifar, vgg16_bn_cifar
 
-BUILDERS: dict[str, Callable[..., nn.Module]] = {"lenet5": lenet5, "small_cnn": small_cnn}
+BUILDERS: dict[str, Callable[..., nn.Module]] = {"lenet5": lenet5, "small_cnn": small_cnn,
+                                                 "vgg16_bn_cifar": vgg16_bn_cifar}
 
 # torchvision builders whose auxiliary heads only exist in training mode; a continual learner needs none
 _NO_AUX = {"googlenet", "inception_v3"}
@@ -35,4 +37,4 @@ def build_backbone(builder: str, num_classes: int, kwargs: dict | None = None) -
     return torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **kwargs)
 
 
-__all__ = ["BUILDERS", "LeNet5", "SmallCNN", "build_backbone", "lenet5", "small_cnn"]
+__all__ = ["BUILDERS", "LeNet5", "SmallCNN", "VGGCifar", "build_backbone", "lenet5", "small_cnn", "vgg16_bn_cifar"]

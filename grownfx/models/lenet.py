@@ -28,3 +28,6 @@ class LeNet5(nn.Module):
 
 def lenet5(num_classes: int = 10, **kwargs) -> LeNet5:
     return LeNet5(num_classes=num_classes, **kwargs)
+
+
+lenet5.input_shape = (3, 32, 32)  # what `grownfx inspect lenet5` feeds it (the CIFAR LeNet)

@@ -28,3 +28,6 @@ class SmallCNN(nn.Module):
 
 def small_cnn(num_classes: int = 10, **kwargs) -> SmallCNN:
     return SmallCNN(num_classes=num_classes, **kwargs)
+
+
+small_cnn.input_shape = (1, 8, 8)  # what `grownfx inspect small_cnn` feeds it (the digits quickstart's input)

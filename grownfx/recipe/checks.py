@@ -21,7 +21,8 @@ from grownfx.recipe.schema import Recipe
 from grownfx.data.config import DataConfig
 from grownfx.data.errors import abspath, describe_dir
 
-_GROWNFX_FALLBACK = ("lenet5", "small_cnn")  # used only while grownfx.models cannot be imported
+# = grownfx.models.BUILDERS (tests/test_cli.py checks): `validate` trusts these names without importing torch
+_GROWNFX_FALLBACK = ("lenet5", "small_cnn", "vgg16_bn_cifar")
 
 # --- schema types -----------------------------------------------------------------------------------------
 
@@ -205,6 +206,46 @@ def semantic_errors(raw: dict, check_data: bool) -> list[tuple[str, str]]:
         if kind is not None and "root" in kind.model_fields and not root.is_dir():
             out.append(("data.root", f"dataset folder {root} not found: {describe_dir(root)}. {kind.howto} "
                         "(check_data=False / --no-data-check skips this check)"))
+        elif data.get("name") == "imagefolder" and root.is_dir():
+            problem = _imagefolder_tasks_problem(root, data)
+            if problem:
+                out.append(("data.num_tasks", problem))
+    return out
+
+
+def _imagefolder_tasks_problem(root: Path, data: dict) -> str | None:
+    """num_tasks x classes_per_task more than the class folders under `root` (listed, not decoded)."""
+    per, tasks = data.get("classes_per_task"), data.get("num_tasks")
+    if not isinstance(per, int) or per < 1:
+        return None
+    train = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
+    classes = [p for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    need = per * (tasks if isinstance(tasks, int) else 1)
+    if need > len(classes):
+        return (f"{tasks or 1} task(s) of {per} classes need {need} class folders, but {train} has {len(classes)}; "
+                f"lower data.num_tasks or data.classes_per_task")
+    return None
+
+
+MAX_SENSIBLE_EPOCHS = 10_000
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Values that validate but are almost surely mistakes (a stray exponent, a batch no task can fill)."""
+    out = []
+    tr = recipe.training
+    for key, value in (("training.epochs", tr.epochs), ("training.stage2_epochs", getattr(tr, "stage2_epochs", None)),
+                       ("target.scratch_epochs", recipe.target.scratch_epochs)):
+        if isinstance(value, int) and value > MAX_SENSIBLE_EPOCHS:
+            out.append(f"{key} = {value:,}: more than {MAX_SENSIBLE_EPOCHS:,} epochs per stage would take ages; "
+                       "a typo?")
+    limit = recipe.data.limit_per_task
+    if limit is not None and tr.batch_size > limit:
+        out.append(f"training.batch_size {tr.batch_size} is larger than data.limit_per_task {limit}: every epoch is "
+                   "one partial batch")
+    if tr.optimizer.lr > 10:
+        out.append(f"training.optimizer.lr = {tr.optimizer.lr:g} is far above any usual learning rate; training "
+                   "will likely diverge (a run stops at the first NaN/inf)")
     return out
 
 
@@ -254,13 +295,18 @@ def resolve_builder(name: str) -> Callable:
     if name in everything:
         raise ValueError(f"{name!r} is a torchvision model, but not a classification backbone (detection, "
                          "segmentation, video and optical-flow models are not supported)")
-    close = difflib.get_close_matches(name, list(classification) + list(ours), n=1, cutoff=0.7)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    names = list(classification) + list(ours)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.7) or difflib.get_close_matches(name, names, n=3,
+                                                                                                  cutoff=0.6)
+    names_text = ", ".join(map(repr, close[:-1])) + (" or " if len(close) > 1 else "") + repr(close[-1]) if close else ""
+    hint = f"; did you mean {names_text}?" if close else ""
     raise ValueError(f"unknown model builder {name!r}{hint} Use a torchvision classification builder (e.g. "
                      f"resnet18), a grownfx one ({', '.join(ours)}) or 'package.module:callable'")
 
 
 def _builder_problem(name: str) -> str | None:
+    if name in _GROWNFX_FALLBACK:  # grownfx's own builders are known by name: validating needs no torch
+        return None
     try:
         resolve_builder(name)
     except ValueError as exc:

@@ -77,9 +77,13 @@ def resolve_recipe_path(path_or_name: str | os.PathLike) -> Path:
         builtin = builtin_recipes_dir() / f"{stem}.yaml"
         if builtin.is_file():
             return builtin
+    import difflib
+
+    close = difflib.get_close_matches(Path(text).stem, list(list_builtin_recipes()), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
     names = ", ".join(list_builtin_recipes())
     raise RecipeError([f"{text}: no such recipe file (absolute path {path.absolute()}), and no built-in recipe "
-                       f"of that name; built-in recipes: {names}"], text)
+                       f"of that name; {hint}built-in recipes: {names}"], text)
 
 
 # --- loading and validation -------------------------------------------------------------------------------
@@ -90,7 +94,13 @@ def load_recipe(path_or_name: str | os.PathLike, overrides: Sequence[str] = (), 
     """Load, override and validate a recipe; raise `RecipeError` with every problem located."""
     path = resolve_recipe_path(path_or_name)
     source = _display(path)
-    raw, lines = parse_yaml(path.read_text(), source)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{source}: not a YAML text file (byte {data[exc.start]:#04x} at offset {exc.start} "
+                           "is not UTF-8)"], source) from None
+    raw, lines = parse_yaml(text, source)
     return validate_recipe(raw, overrides, source=source, lines=lines, check_data=check_data)
 
 
@@ -118,7 +128,12 @@ def validate_recipe(raw: Any, overrides: Sequence[str] = (), *, source: str = "<
 
 def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
     """`yaml.safe_load(text)` plus a map dotted path -> 1-based line; errors become `RecipeError`."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # control characters: not a text recipe
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise RecipeError([f"{source}: not a YAML text file (character {code:#04x} at position "
+                           f"{exc.position} cannot appear in YAML)"], source) from None
     try:
         node = loader.get_single_node()
         raw = loader.construct_document(node) if node is not None else None
@@ -248,8 +263,26 @@ def _apply_one(raw: dict, text: str) -> str:
             raise ValueError(f"{'.'.join(parts[:-1])} is a list of {len(parent)} items; no index {last}")
         parent[int(last)] = parsed
     else:
+        old = parent.get(last)
         parent[last] = parsed
+        if last == "name" and old != parsed:
+            _drop_foreign_keys(parent, parts[:-1])
     return key
+
+
+def _drop_foreign_keys(section: dict, path: list[str]) -> None:
+    """`method.name=scratch` switches a discriminated section (method:, data:) to another kind: the keys that
+    only the old kind has (method.ablation of grown) go, so the switch validates."""
+    tp: Any = Recipe
+    for part in path:
+        tp = child_type(tp, part)
+        if tp is None:
+            return
+    member = pick_member(unwrap(tp), section) if is_union(unwrap(tp)) else None
+    if member is None:
+        return
+    for key in [k for k in section if k not in member.model_fields]:
+        del section[key]
 
 
 def _has(container: Any, key: str) -> bool:

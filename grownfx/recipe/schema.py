@@ -17,7 +17,8 @@ from grownfx.data.config import DataConfig
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` or `.nan` is an error naming the field, not a NaN run
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -28,7 +29,12 @@ class ModelConfig(_Strict):
     leaf_modules: list[str] = Field(default_factory=list, description="Module-name globs torch.fx should not "
                                     "trace into; they are kept opaque (their channels are never resized).")
     seed_width: float = Field(0.5, gt=0.0, le=1.0, description="Width of the seed network as a fraction of "
-                              "the backbone, for every growable coupling group (GROWN starts small).")
+                              "the backbone's channels, for every growable coupling group (GROWN starts small). "
+                              "Parameters scale about as its square; ignored when `seed_size` is set.")
+    seed_size: Optional[float] = Field(None, gt=0.0, le=1.0, description="Size of the seed network as a fraction "
+                                       "of the backbone's parameters (the seed paper's unit: 0.5x, 0.3x); the "
+                                       "channel fraction giving the closest size is found by bisection "
+                                       "(grownfx.learn.seed_size) and replaces `seed_width`.")
     granularity: Literal["kernel", "element"] = Field("kernel", description="Mask unit: one value per conv "
                                                       "kernel (GROWN, KSM) or per weight (PackNet, Piggyback).")
 
@@ -123,9 +129,11 @@ def parse_method_spec(spec: str) -> tuple[str, Optional[str]]:
     """'packnet' -> ('packnet', None); 'grown[+lsg]' -> ('grown', '+lsg'); ValueError naming the valid ones."""
     m = re.fullmatch(r"\s*(\w+)\s*(?:\[\s*([^\]]+?)\s*\])?\s*", spec)
     if not m or m.group(1) not in METHODS:
-        raise ValueError(f"unknown method {spec!r}; expected one of {', '.join(METHODS)} or "
+        raise ValueError(f"unknown method {spec!r}; expected one of {', '.join(METHODS)}, finetune[forgetting] or "
                          f"grown[{'|'.join(ABLATIONS)}]")
     name, ablation = m.group(1), m.group(2)
+    if name == "finetune" and ablation in (None, "forgetting"):
+        return name, ablation
     if ablation is not None and (name != "grown" or ablation not in ABLATIONS):
         raise ValueError(f"unknown ablation {spec!r}; the ablation rows are "
                          + ", ".join(f"grown[{a}]" for a in ABLATIONS))
@@ -142,9 +150,10 @@ class ScratchMethod(_Strict):
 
 class FinetuneMethod(_Strict):
     name: Literal["finetune"] = "finetune"
-    keep_copies: bool = Field(False, description="Store the whole network after each task and evaluate each task "
+    keep_copies: bool = Field(True, description="Store the whole network after each task and evaluate each task "
                               "with its own copy (the seed paper's Fine-tune row: no forgetting, model size T x). "
-                              "False: one shared network, old heads kept, which forgets.")
+                              "False: one shared network, old heads kept, which forgets: `finetune[forgetting]` "
+                              "in `grownfx compare`.")
 
 
 class PNNMethod(_Strict):
@@ -178,8 +187,14 @@ class PiggybackMethod(_Strict):
 
 class CPGMethod(_Strict):
     name: Literal["cpg"] = "cpg"
-    max_sparsity: float = Field(0.95, gt=0, lt=1, description="Gradual pruning goes 0.1 -> this (cubic).")
-    prune_steps: int = Field(5, ge=1, description="Pruning levels tried between 0.1 and max_sparsity.")
+    max_sparsity: float = Field(0.95, gt=0, lt=1, description="Gradual pruning goes 0.1 -> this.")
+    prune_schedule: Literal["steps", "cubic"] = Field("steps", description="`steps`: sparsities 0.1, 0.2, ... "
+                                                      "up to max_sparsity (ivclab/CPG tries steps of 0.1 and keeps "
+                                                      "the most pruned level still meeting the goal); `cubic`: "
+                                                      "`prune_steps` levels on Zhu & Gupta's cubic schedule.")
+    prune_step: float = Field(0.1, gt=0, lt=1, description="Sparsity step of the `steps` schedule (CPG: 0.1).")
+    prune_steps: int = Field(5, ge=1, description="Pruning levels of the `cubic` schedule between 0.1 and "
+                             "max_sparsity.")
     grow_ratio: float = Field(0.5, gt=0, description="Width added (fraction of the backbone) when the target "
                               "is missed (CPG: 0.5).")
     max_width: float = Field(1.5, gt=0, description="Width cap as a fraction of the backbone (CPG: 1.5).")
@@ -200,8 +215,10 @@ MethodConfig = Annotated[
 class TargetConfig(_Strict):
     rule: Union[float, list[float], str] = Field("scratch", description="Accuracy target per task (validation, "
                                                  "in %): a number, one number per task, `scratch` (accuracy of "
-                                                 "the full backbone trained from scratch on that task), or "
-                                                 "`scratch - 1.5`.")
+                                                 "the full backbone trained from scratch on that task), "
+                                                 "`best(scratch, finetune)` (the better of that and fine-tune's "
+                                                 "accuracy on the task when it learned it: the seed paper's "
+                                                 "target), either with a margin: `scratch - 1.5`.")
     scratch_epochs: Optional[int] = Field(None, ge=1, description="Epochs for the scratch reference "
                                           "(default: training.epochs).")
 
@@ -209,14 +226,29 @@ class TargetConfig(_Strict):
     @classmethod
     def _check_rule(cls, v):
         if isinstance(v, str) and parse_target(v) is None:
-            raise ValueError(f"target rule {v!r} is not a number, 'scratch' or 'scratch - <margin>'")
+            raise ValueError(f"target rule {v!r} is not a number, 'scratch', 'best(scratch, finetune)' or one of "
+                             f"them minus a margin ('scratch - 1.5')")
         return v
 
 
+_TARGET = re.compile(r"\s*(scratch|best\s*\(\s*scratch\s*,\s*finetune\s*\)|best\s*\(\s*finetune\s*,\s*scratch\s*\))"
+                     r"\s*(?:-\s*([0-9]*\.?[0-9]+)\s*)?")
+
+
 def parse_target(rule: str) -> Optional[float]:
-    """'scratch' -> 0.0 margin, 'scratch - 1.5' -> 1.5; None when malformed."""
-    m = re.fullmatch(r"\s*scratch\s*(?:-\s*([0-9]*\.?[0-9]+)\s*)?", rule)
-    return float(m.group(1) or 0.0) if m else None
+    """'scratch' -> 0.0 margin, 'scratch - 1.5' -> 1.5, 'best(scratch, finetune) - 1' -> 1.0; None if malformed."""
+    m = _TARGET.fullmatch(rule)
+    return float(m.group(2) or 0.0) if m else None
+
+
+def target_sources(rule) -> tuple[str, ...]:
+    """The reference runs a target rule reads: ('scratch',), ('scratch', 'finetune'), or () for numbers."""
+    if not isinstance(rule, str):
+        return ()
+    m = _TARGET.fullmatch(rule)
+    if m is None:
+        return ()
+    return ("scratch",) if m.group(1) == "scratch" else ("scratch", "finetune")
 
 
 class OptimConfig(_Strict):
@@ -228,8 +260,12 @@ class OptimConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    epochs: PositiveInt = Field(20, description="Epochs of task 1 and of stage 1 of later tasks.")
-    stage2_epochs: Optional[PositiveInt] = Field(None, description="Epochs of each growth round (default: epochs).")
+    epochs: PositiveInt = Field(20, description="Epochs per task of every method: task 1 (GROWN's first LSG "
+                                "round from the seed) and stage 1 of later tasks; Scratch, Fine-tune, PNN, PackNet,"
+                                " Piggyback and CPG's pick stage train this many.")
+    stage2_epochs: Optional[PositiveInt] = Field(None, description="Epochs of each later growth round (GROWN's "
+                                                 "stage 2 rounds, task 1's extra rounds, CPG's widening rounds; "
+                                                 "default: epochs).")
     batch_size: PositiveInt = Field(32, description="Global batch size (the seed paper: 32).")
     eval_batch_size: PositiveInt = 256
     optimizer: OptimConfig = Field(default_factory=OptimConfig, description="Weights (SGD, Nesterov 0.9).")
@@ -248,7 +284,10 @@ class TrainingConfig(_Strict):
                           "into one kernel with torch.compile: faster steps after a one-off compile per weight "
                           "shape (seconds each); convolutions stay eager.")
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N epochs (0: after each task only).")
-    num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's).")
+    num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's). It changes "
+                                       "what is learned (CPU kernels sum in a thread-dependent order, so 1 and 2 "
+                                       "threads give slightly different weights): a run resumes only with the same "
+                                       "value.")
 
 
 class OutputConfig(_Strict):
@@ -277,6 +316,16 @@ class Recipe(_Strict):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _check_decisions_have_validation_data(self):
+        """GROWN and CPG decide growth (and a scratch target) on validation accuracy: with no validation split
+        the accuracy reads 0, the target becomes negative and growth silently never runs."""
+        decides = self.method.name == "cpg" or (self.method.name == "grown" and self.growth.when == "necessary")
+        if decides and getattr(self.data, "val_fraction", None) == 0:
+            raise ValueError(f"data.val_fraction is 0, but {self.method.name}'s growth decisions and its target "
+                             "are made on validation accuracy; set data.val_fraction > 0 (e.g. 0.1)")
+        return self
 
     @model_validator(mode="after")
     def _check_target_length(self):

@@ -11,74 +11,15 @@ beside ours.  `runs.csv` holds every number per method, seed and task, for furth
 
 from __future__ import annotations
 
-import csv
-import json
 import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from grownfx.report.run_report import benchmark_of, load_run, md_table, write_csv_tables
+from grownfx import files
+from grownfx.report.paper import ABLATION_ROWS, PAPER, PAPER_NAME, benchmark_of
+from grownfx.report.run_report import load_run, md_table, write_csv_tables
 
 __all__ = ["PAPER", "compare_tables", "load_compare", "write_compare_report"]
-
-_S10 = "cifar100_split10"
-_S20 = "cifar100_superclass20"
-# The seed paper's published numbers: per-task accuracy (%), average, final size; model size after each task.
-PAPER: dict[str, dict] = {
-    _S10: {"source": "GROWN (AAAI 2022), Tables 1 and 2", "acc": {
-        "Scratch": ([62.4, 57.0, 67.8, 64.4, 67.8, 67.2, 68.6, 67.6, 61.4, 69.6], 63.75, 10.0),
-        "PNN": ([58.2, 45.6, 59.4, 46.8, 53.2, 58.0, 61.2, 60.4, 53.8, 62.4], 55.90, 1.7),
-        "Grow": ([56.4, 45.4, 56.6, 47.8, 53.2, 55.6, 61.8, 57.4, 53.2, 59.8], 54.72, 1.3),
-        "DEN": ([61.3, 49.8, 60.2, 49.4, 54.5, 57.1, 64.3, 62.7, 55.1, 66.5], 58.09, 1.8),
-        "CPG": ([59.4, 55.2, 64.8, 57.4, 59.6, 59.4, 66.2, 62.8, 57.6, 65.4], 60.12, 1.3),
-        "APD": ([55.1, 52.5, 62.3, 56.7, 61.4, 58.2, 63.4, 63.1, 54.8, 64.2], 57.54, 1.3),
-        "GROWN": ([57.6, 53.4, 65.2, 58.8, 60.4, 60.6, 65.4, 62.2, 58.0, 66.4], 60.83, 1.2)},
-        "size": {
-        "Scratch": [float(k) for k in range(1, 11)],
-        "PNN": [1.0, 1.08, 1.16, 1.24, 1.32, 1.40, 1.48, 1.54, 1.62, 1.7],
-        "Grow": [0.5, 0.64, 0.78, 0.86, 0.92, 0.99, 1.06, 1.16, 1.24, 1.3],
-        "DEN": [1.0, 1.2, 1.46, 1.46, 1.64, 1.64, 1.8, 1.8, 1.8, 1.8],
-        "CPG": [1.0] + [1.3] * 9,  # printed as "1.0x 1.3x 1.3x"
-        "APD": [1.0, 1.05, 1.10, 1.13, 1.16, 1.19, 1.23, 1.26, 1.28, 1.3],
-        "GROWN": [0.5, 0.64, 0.78, 0.78, 0.84, 0.90, 0.90, 1.10, 1.15, 1.2]}},
-    _S20: {"source": "GROWN (AAAI 2022), Tables 3, 4 and 5", "acc": {
-        "Scratch": ([65.8, 78.4, 76.6, 82.4, 82.2, 84.6, 78.6, 84.8, 83.4, 89.4, 87.8, 80.2, 84.4, 80.2, 52.0, 69.4,
-                     66.4, 70.0, 87.2, 91.2], 78.8, 20.0),
-        "Fine-tune": ([65.2, 76.1, 76.1, 77.8, 85.4, 82.5, 79.4, 82.4, 82.0, 87.4, 87.4, 81.5, 84.6, 80.8, 52.0, 72.1,
-                       68.1, 71.9, 88.1, 91.5], 78.6, 20.0),
-        "Grow": ([67.0, 73.8, 74.4, 75.2, 81.4, 81.2, 78.8, 80.4, 80.6, 85.4, 85.8, 80.4, 81.2, 80.6, 50.8, 68.8, 66.4,
-                  68.2, 84.2, 88.4], 76.5, 1.5),
-        "DEN": ([66.4, 78.0, 77.4, 78.8, 81.6, 81.8, 76.0, 80.4, 79.8, 85.0, 85.2, 78.8, 83.2, 81.6, 50.4, 71.2, 66.8,
-                 79.4, 85.0, 90.2], 77.4, 2.1),
-        "CPG": ([67.0, 79.6, 77.2, 82.0, 86.8, 87.2, 82.4, 85.6, 86.4, 89.6, 90.0, 84.0, 87.2, 84.8, 55.4, 73.8, 72.0,
-                 71.6, 89.6, 92.8], 81.2, 1.5),
-        "GROWN": ([67.2, 76.8, 79.6, 81.8, 87.4, 86.8, 84.2, 83.8, 87.8, 89.4, 91.0, 84.6, 87.2, 85.0, 55.4, 73.6,
-                   71.2, 73.8, 89.2, 94.6], 82.2, 1.5)},
-        "size": {
-        "Scratch": [float(k) for k in range(1, 21)], "Fine-tune": [float(k) for k in range(1, 21)],
-        "Grow": [0.3, 0.4, 0.48, 0.56, 0.65, 0.75, 0.75, 0.83, 0.94, 0.94, 1.12, 1.18, 1.24, 1.24, 1.30, 1.30, 1.38,
-                 1.44, 1.44, 1.5],
-        "DEN": [1.0, 1.06, 1.13, 1.13, 1.19, 1.25, 1.32, 1.32, 1.40, 1.46, 1.46, 1.55, 1.61, 1.61, 1.61, 1.70, 1.82,
-                1.90, 2.02, 2.1],
-        "CPG": [1.0] + [1.5] * 19,  # printed as "1.0x 1.5x 1.5x 1.5x"
-        "GROWN": [0.3, 0.4, 0.48, 0.56, 0.65, 0.75, 0.75, 0.83, 0.94, 0.94, 1.12, 1.18, 1.24, 1.24, 1.30, 1.30, 1.38,
-                  1.44, 1.44, 1.5]},
-        "ablation": [  # Table 5: first and last rows absolute, the others deltas to the row above
-        ("Grow only", [67.0, 73.8, 74.4, 75.2, 81.4, 81.2, 78.8, 80.4, 80.6, 85.4, 85.8, 80.4, 81.2, 80.6, 50.8, 68.8,
-                       66.4, 68.2, 84.2, 88.4], 76.5),
-        ("+Sel-mask", [0.0, 2.0, 3.4, 4.0, 3.4, 4.2, 3.6, 2.0, 3.8, 3.0, 3.8, 3.0, 3.6, 3.4, 2.8, 4.0, 3.2, 3.8, 3.0,
-                       3.6], 3.7),
-        ("+LSG", [0.2, 0.6, 1.0, 1.8, 1.4, 0.8, 1.2, 0.6, 2.2, 0.6, 1.0, 0.6, 2.0, 0.4, 1.4, 0.6, 0.6, 1.0, 1.4, 1.6],
-         1.3),
-        ("+Re-train", [0.0, 0.4, 0.8, 0.4, 0.4, 0.6, 0.6, 0.8, 1.0, 0.4, 0.8, 0.6, 0.4, 1.2, 0.4, 0.2, 1.0, 0.8, 0.6,
-                       1.0], 0.7),
-        ("Ours", [67.2, 76.8, 79.6, 81.8, 86.8, 86.8, 84.2, 83.8, 87.8, 89.4, 91.0, 84.6, 87.2, 85.0, 55.4, 73.6, 71.2,
-                  73.8, 89.2, 94.6], 82.2)]},
-}
-PAPER_NAME = {"scratch": "Scratch", "finetune": "Fine-tune", "pnn": "PNN", "grow": "Grow", "cpg": "CPG",
-              "grown": "GROWN"}
-ABLATION_ROWS = [("grown[grow_only]", "Grow only"), ("grown[+selective_mask]", "+Sel-mask"),
-                 ("grown[+lsg]", "+LSG"), ("grown[+retrain_released]", "+Re-train")]
 
 Table = tuple[list[str], list[list[Any]]]
 
@@ -89,7 +30,7 @@ Table = tuple[list[str], list[list[Any]]]
 def load_compare(compare_dir: str | Path) -> dict:
     """compare.json and, per method (in its order), the finished or partial runs of every seed."""
     compare_dir = Path(compare_dir)
-    index = json.loads((compare_dir / "compare.json").read_text())
+    index = files.read_json(compare_dir / "compare.json")
     by_method: dict[str, list[dict]] = {m: [] for m in index["methods"]}
     for entry in index["runs"]:
         path = compare_dir / entry["dir"]
@@ -141,18 +82,19 @@ def compare_tables(data: dict) -> dict[str, Table]:
     for m, runs in methods.items():
         s = [r["summary"] for r in runs]
         final = [x["tasks"][-1]["model_size"] for x in s if x["tasks"] and x["tasks"][-1].get("model_size")]
+        epochs = [sum(t.get("epochs") or 0 for t in x["tasks"]) / len(x["tasks"]) for x in s if x["tasks"]]
         acc.append([m, *[_cell(v) for v in _per_task(runs, "acc_final", n)],
-                    _cell([x["avg_acc"] for x in s], 2), _cell(final, 2, "x")])
+                    _cell([x["avg_acc"] for x in s], 2), _cell(final, 2, "x"), _cell(epochs, 1)])
         size.append([m, *[_cell(v, 2, "x") for v in _per_task(runs, "model_size", n)]])
         summary.append([m, len(runs), _cell([x["avg_acc"] for x in s], 2), _cell([x["bwt"] for x in s], 2),
                         _cell([x["forgetting"] for x in s], 2), _cell(final, 2, "x"),
                         _cell([x["total_time_s"] for x in s], 1), _cell([r["wall_s"] for r in runs if r["wall_s"]], 1)])
     for name, (row, avg, final) in bench.get("acc", {}).items():
-        acc.append([f"{name} (published)", *row[:n], f"{avg:.2f}", f"{final:.1f}x"])
+        acc.append([f"{name} (published)", *row[:n], f"{avg:.2f}", f"{final:.1f}x", ""])
     for name, row in bench.get("size", {}).items():
         size.append([f"{name} (published)", *[f"{v:.2f}x" for v in row[:n]]])
     tables = {
-        "accuracy": (["Method", *cols, "Avg", "Model size"], acc),
+        "accuracy": (["Method", *cols, "Avg", "Model size", "Epochs/task"], acc),
         "model_size": (["Method", *cols], size),
         "summary": (["Method", "Seeds", "Avg acc (%)", "BWT", "Forgetting", "Final size", "Train time (s)",
                      "Wall time (s)"], summary),
@@ -215,7 +157,7 @@ def write_compare_report(compare_dir: str | Path) -> Path:
     write_csv_tables(tables, out)
     _write_runs_csv(data, out / "runs.csv")
     plots = _plots(data, out)
-    (out / "compare.md").write_text(_markdown(data, tables, plots))
+    files.atomic_write_text(_markdown(data, tables, plots), out / "compare.md")
     return out
 
 
@@ -227,8 +169,7 @@ def _write_runs_csv(data: dict, path: Path) -> None:
         for r in runs:
             for t in r["summary"]["tasks"]:
                 rows.append([m, r["seed"], t["index"] + 1, *[t.get(k) for k in header[3:]]])
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+    files.atomic_write_csv([header, *rows], path)
 
 
 def _markdown(data: dict, tables: dict[str, Table], plots: list[str]) -> str:

@@ -17,13 +17,13 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-__all__ = ["Progress", "progress"]
+__all__ = ["Progress", "phase_label", "progress"]
 
 
 class Progress:
     def __init__(self, total_tasks: int, *, enabled: bool = True, plain: Optional[bool] = None, console=None,
-                 file=None):
-        self.total_tasks, self.enabled = int(total_tasks), enabled
+                 file=None, verbose: bool = False):
+        self.total_tasks, self.enabled, self.verbose = int(total_tasks), enabled, verbose
         self.file = file
         self.plain = (not _is_tty(file)) if plain is None else plain
         self.task_index, self.task_name, self.stage = -1, "", ""
@@ -49,7 +49,7 @@ class Progress:
         if self._rich is not None:
             self._rich.reset(self._bars["stage"], total=self.epochs or None, description=f"  {name}", visible=True,
                              info="")
-        elif self.enabled:
+        elif self.enabled and self.verbose:  # otherwise the stage's line comes when it ends
             self._print(f"  {self._where()}" + (f" ({self.epochs} epochs)" if self.epochs else ""))
 
     def epoch_bar(self, total: int, description: str = "batches") -> None:
@@ -84,7 +84,7 @@ class Progress:
 
     def epoch(self, info: dict) -> None:
         """One finished epoch: info has stage, round, epoch, epochs and metrics (loss, train_acc, ...)."""
-        stage = _stage_name(info)
+        stage = phase_label(info)
         if stage != self.stage:
             self.stage_bar(stage, info.get("epochs"))
         self.epochs = int(info.get("epochs") or self.epochs)
@@ -102,9 +102,12 @@ class Progress:
         self.epoch_no, self.batch_no = epoch, 0
         if self._rich is not None:
             self._set("stage", completed=epoch, total=epochs or None, info=_fmt(self.metrics, short=True))
-        elif self.enabled:
+        elif self.enabled and self.verbose:
             of = f"/{epochs}" if epochs else ""
             self._print(f"    {self._where()} epoch {epoch}{of}: {_fmt(self.metrics)}".rstrip(": "))
+        elif self.enabled and epochs and epoch >= epochs:  # one line per stage: its last epoch
+            self._print(f"  {self._where()} {epochs} epoch{'s' if epochs != 1 else ''}: "
+                        f"{_fmt(self.metrics, short=True)}".rstrip(": "))
 
     def _where(self) -> str:
         task = f"task {self.task_index + 1}/{self.total_tasks}" if self.task_index >= 0 else ""
@@ -122,7 +125,9 @@ class Progress:
         self._rich = RichProgress(TextColumn("{task.description}", table_column=fixed), BarColumn(bar_width=16),
                                   MofNCompleteColumn(), TimeElapsedColumn(),
                                   TextColumn("{task.fields[info]}", table_column=rest), console=console)
-        self._bars = {"tasks": self._rich.add_task("tasks", total=self.total_tasks, info=""),
+        # before the first task the stream loads and the model is traced: say so rather than "tasks 0/0"
+        first = ("tasks", self.total_tasks) if self.total_tasks else ("preparing (data, model)", None)
+        self._bars = {"tasks": self._rich.add_task(first[0], total=first[1], info=""),
                       "stage": self._rich.add_task("  stage", total=None, info="", visible=False),
                       "epoch": self._rich.add_task("    batches", total=None, info="", visible=False)}
 
@@ -144,9 +149,10 @@ class Progress:
 
 @contextmanager
 def progress(total_tasks: int, *, enabled: bool = True, plain: Optional[bool] = None, console=None,
-             file=None) -> Iterator[Progress]:
-    """Progress bars for a run of `total_tasks` tasks; `plain` forces (or forbids) line output."""
-    with Progress(total_tasks, enabled=enabled, plain=plain, console=console, file=file) as p:
+             file=None, verbose: bool = False) -> Iterator[Progress]:
+    """Progress bars for a run of `total_tasks` tasks; `plain` forces (or forbids) line output, which is a
+    line per task and per stage, or also one per epoch with `verbose`."""
+    with Progress(total_tasks, enabled=enabled, plain=plain, console=console, file=file, verbose=verbose) as p:
         yield p
 
 
@@ -155,11 +161,24 @@ def _is_tty(file) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
-def _stage_name(info: dict) -> str:
-    stage, rnd = info.get("stage", ""), info.get("round") or 0
+def phase_label(info: dict, short: bool = False) -> str:
+    """A learner's epoch info -> the phase people read: "stage 1", "growth round 2", "scratch reference".
+
+    GROWN learns task 1 by sparse growth from the seed (learner stage "grow", round 1): that is task 1's stage 1,
+    and its later rounds are growth rounds 1, 2, ...  `short` drops the explanation (TensorBoard tags)."""
+    stage, rnd = info.get("stage", ""), int(info.get("round") or 0)
     if stage == "scratch":
         return "scratch reference"
-    name = f"stage {stage}" if isinstance(stage, int) or str(stage).isdigit() else str(stage)
+    if stage == "grow":
+        if info.get("task") == 0:
+            if rnd <= 1:
+                return "stage 1" if short else "stage 1 (sparse growth from the seed)"
+            rnd -= 1
+        return f"growth round {rnd}"
+    text = str(stage)
+    if text.startswith("stage") and text[5:].isdigit():
+        return f"stage {text[5:]}"
+    name = f"stage {stage}" if text.isdigit() else text
     return f"{name} round {rnd}" if rnd else name
 
 

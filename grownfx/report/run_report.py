@@ -8,43 +8,19 @@ to print the seed paper's published numbers beside the run's own on the paper's 
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-__all__ = ["PUBLISHED", "load_run", "report_tables", "write_report"]
+from grownfx import files
+from grownfx.report.metrics import stream_metrics
+from grownfx.report.paper import PAPER, RUN_REPORT_ROWS, benchmark_of, published
+
+__all__ = ["load_run", "report_tables", "write_report"]
 
 Table = tuple[list[str], list[list[Any]]]
-
-# The seed paper's published rows: per-task accuracy (%), average, final model size, model size per task.
-PUBLISHED: dict[str, dict] = {
-    "cifar100_split10": {
-        "source": "GROWN paper, Tables 1-2",
-        "acc": {
-            "Scratch": ([62.4, 57.0, 67.8, 64.4, 67.8, 67.2, 68.6, 67.6, 61.4, 69.6], 63.75, 10.0),
-            "CPG": ([59.4, 55.2, 64.8, 57.4, 59.6, 59.4, 66.2, 62.8, 57.6, 65.4], 60.12, 1.3),
-            "GROWN": ([57.6, 53.4, 65.2, 58.8, 60.4, 60.6, 65.4, 62.2, 58.0, 66.4], 60.83, 1.2),
-        },
-        "size": {"GROWN": [0.5, 0.64, 0.78, 0.78, 0.84, 0.90, 0.90, 1.10, 1.15, 1.2]},
-    },
-    "cifar100_superclass20": {
-        "source": "GROWN paper, Tables 3-4",
-        "acc": {
-            "Scratch": ([65.8, 78.4, 76.6, 82.4, 82.2, 84.6, 78.6, 84.8, 83.4, 89.4, 87.8, 80.2, 84.4, 80.2, 52.0,
-                         69.4, 66.4, 70.0, 87.2, 91.2], 78.8, 20.0),
-            "CPG": ([67.0, 79.6, 77.2, 82.0, 86.8, 87.2, 82.4, 85.6, 86.4, 89.6, 90.0, 84.0, 87.2, 84.8, 55.4, 73.8,
-                     72.0, 71.6, 89.6, 92.8], 81.2, 1.5),
-            "GROWN": ([67.2, 76.8, 79.6, 81.8, 87.4, 86.8, 84.2, 83.8, 87.8, 89.4, 91.0, 84.6, 87.2, 85.0, 55.4, 73.6,
-                       71.2, 73.8, 89.2, 94.6], 82.2, 1.5),
-        },
-        "size": {"GROWN": [0.3, 0.4, 0.48, 0.56, 0.65, 0.75, 0.75, 0.83, 0.94, 0.94, 1.12, 1.18, 1.24, 1.24, 1.30,
-                           1.30, 1.38, 1.44, 1.44, 1.5]},
-    },
-}
 
 
 # --- reading ----------------------------------------------------------------------------------------------
@@ -57,9 +33,11 @@ def load_run(run_dir: str | Path) -> dict:
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path.absolute()} not found: {run_dir} is not a finished (or started) "
                                 "run folder; `grownfx run` writes summary.json after each task")
-    summary = json.loads(summary_path.read_text())
+    summary = files.read_json(summary_path)
     matrix_path = run_dir / "acc_matrix.json"
-    acc = json.loads(matrix_path.read_text()) if matrix_path.is_file() else {"tasks": [], "matrix": []}
+    acc = files.read_json(matrix_path) if matrix_path.is_file() else {"tasks": [], "matrix": []}
+    if acc.get("matrix"):  # one definition of the stream metrics for the runner and both reports
+        summary.update(stream_metrics(acc["matrix"]))
     tasks = summary.get("tasks", [])
     names = acc.get("tasks") or [t.get("name", str(t.get("index", i))) for i, t in enumerate(tasks)]
     recipe = None
@@ -72,16 +50,6 @@ def load_run(run_dir: str | Path) -> dict:
     return {"dir": run_dir, "summary": summary, "matrix": acc.get("matrix", []), "names": names, "recipe": recipe}
 
 
-def benchmark_of(recipe: Optional[dict]) -> Optional[str]:
-    """The seed paper's benchmark a recipe runs, if any (a key of PUBLISHED)."""
-    data = (recipe or {}).get("data") or {}
-    if data.get("name") == "cifar100_split" and data.get("num_tasks", 10) == 10:
-        return "cifar100_split10"
-    if data.get("name") == "cifar100_superclass" and data.get("num_tasks", 20) == 20:
-        return "cifar100_superclass20"
-    return None
-
-
 # --- tables -----------------------------------------------------------------------------------------------
 
 
@@ -91,7 +59,7 @@ def report_tables(run: dict) -> dict[str, Table]:
     n = len(tasks)
     label = f"{s.get('method', '?')} ({s.get('name', 'this run')})"
     final_size = tasks[-1].get("model_size") if tasks else None
-    bench = PUBLISHED.get(benchmark_of(run.get("recipe")) or "", {})
+    bench = published(benchmark_of(run.get("recipe")), RUN_REPORT_ROWS)
 
     acc_rows = [[label, *[_num(t.get("acc_final")) for t in tasks], _num(s.get("avg_acc"), 2), _size(final_size)]]
     for method, (row, avg, size) in bench.get("acc", {}).items():
@@ -164,15 +132,14 @@ def write_report(run_dir: str | Path) -> Path:
     tables = report_tables(run)
     write_csv_tables(tables, out)
     plots = _plots(run, out)
-    (out / "report.md").write_text(_markdown(run, tables, plots))
+    files.atomic_write_text(_markdown(run, tables, plots), out / "report.md")
     return out
 
 
 def write_csv_tables(tables: dict[str, Table], out: Path) -> None:
     """One CSV per table, named after it."""
     for name, (header, rows) in tables.items():
-        with open(out / f"{name}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
+        files.atomic_write_csv([header, *rows], out / f"{name}.csv")
 
 
 def _markdown(run: dict, tables: dict[str, Table], plots: list[str]) -> str:
@@ -187,7 +154,7 @@ def _markdown(run: dict, tables: dict[str, Table], plots: list[str]) -> str:
              f"- final model size: {_size(tasks[-1].get('model_size')) if tasks else '-'} of the full backbone",
              f"- total time: {_fmt(s.get('total_time_s'), 1)} s"]
     if bench:
-        lines.append(f"- published numbers: {PUBLISHED[bench]['source']} (same benchmark, their own runs)")
+        lines.append(f"- published numbers: {PAPER[bench]['source']} (same benchmark, their own runs)")
     sections = [
         ("accuracy", "Accuracy per task after the whole stream (%), as in the paper's Tables 1 and 3"),
         ("model_size", "Model size after each task, relative to the full backbone, as in Tables 2 and 4"),
@@ -277,7 +244,7 @@ def _plot_size(fig, run: dict) -> None:
         for xi, yi in grew:
             added = sum((tasks[xi - 1].get("growth") or {}).values())
             ax.annotate(f"+{added}", (xi, yi), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
-    for method, row in PUBLISHED.get(benchmark_of(run.get("recipe")) or "", {}).get("size", {}).items():
+    for method, row in published(benchmark_of(run.get("recipe")), RUN_REPORT_ROWS).get("size", {}).items():
         ax.plot(x, row[: len(x)], linestyle="--", color="gray", label=f"{method} (published)")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="full backbone")
     ax.set_xticks(x)

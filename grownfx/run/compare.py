@@ -26,11 +26,14 @@ import torch
 
 from grownfx.data import build_stream
 from grownfx.files import atomic_write_text
+from grownfx.learn.methods.finetune import finetune_references
 from grownfx.learn.methods.scratch import fresh_backbone, train_plain
 from grownfx.learn.training import resolve_device
 from grownfx.recipe.loading import load_recipe, validate_recipe
-from grownfx.run.runner import run
-from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, parse_target
+from grownfx import files
+from grownfx.learn.guards import NonFiniteError
+from grownfx.run.runner import RunError, _lock, holds_run, run
+from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, parse_target, target_sources
 
 __all__ = ["ABLATIONS", "METHODS", "method_config", "run_compare", "slug"]
 
@@ -41,7 +44,9 @@ def method_config(recipe: Recipe, spec: str) -> dict:
     """The `method:` section for `spec` ('packnet', 'grown[+lsg]', ...), based on the recipe's own if it matches."""
     name, ablation = parse_method_spec(spec)
     cfg = recipe.method.model_dump(mode="json") if recipe.method.name == name else {"name": name}
-    if ablation is not None:  # a Table 5 row: the ablation decides the switches
+    if name == "finetune":  # the paper's Fine-tune keeps a copy per task; finetune[forgetting] shares one net
+        cfg["keep_copies"] = ablation != "forgetting"
+    elif ablation is not None:  # a Table 5 row: the ablation decides the switches
         cfg.update(ablation=ablation, selective_mask=None, lsg=None, retrain_released=None)
     return cfg
 
@@ -111,11 +116,51 @@ def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], over
         raise ValueError("give at least one method and one seed")
     for spec in specs:  # every variant must validate before hours of training start
         _variant(recipe, spec, seeds[0], Path("."), None)
-    specs.sort(key=lambda s: s != "scratch")  # scratch first: its validation accuracies are the targets
-    if out_dir is None:  # beside the recipe's own run folder
-        own = Path(recipe.output.dir.format(name=recipe.name))
-        out_dir = own.with_name(own.name + "_compare")
-    out = Path(out_dir)
+    # scratch (and fine-tune) first: their validation accuracies are the targets
+    specs.sort(key=lambda s: (s != "scratch", parse_method_spec(s)[0] != "finetune"))
+    out, lock = _claim(recipe, out_dir)
+    try:
+        return _compare(recipe, specs, seeds, out)
+    finally:
+        lock.release()
+
+
+def _claim(recipe: Recipe, out_dir) -> tuple[Path, files.FolderLock]:
+    """The comparison folder, locked against a second writer: `out_dir` when given (refused when it holds a
+    comparison of another recipe); else the first of `runs/NAME_compare`, `runs/NAME_compare-2`, ... that is
+    new or holds this same comparison (so an override that changes what is learned gets a new folder)."""
+    if out_dir is not None:
+        out = Path(out_dir)
+        if _other_recipe(out, recipe):
+            raise RunError(f"{out} holds a comparison of another recipe; choose another --out")
+        return out, _lock(out)
+    own = Path(recipe.output.dir.format(name=recipe.name))
+    base = own.with_name(own.name + "_compare")
+    n = 1
+    while True:
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        n += 1
+        if _other_recipe(out, recipe):
+            continue
+        if out.is_dir() and not (out / "compare.json").is_file() and any(
+                p.name != files.FolderLock.NAME for p in out.iterdir()):
+            continue  # something else lives there
+        print(f"comparison folder {out}", flush=True)
+        return out, _lock(out)
+
+
+def _other_recipe(out: Path, recipe: Recipe) -> bool:
+    path = out / "compare.json"
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return False  # a torn compare.json (an older grownfx wrote it in place) is rewritten
+    return _what_is_learned(old.get("recipe_config", {})) != _what_is_learned(recipe.model_dump(mode="json"))
+
+
+def _compare(recipe: Recipe, specs: list[str], seeds: Sequence[int], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rule = recipe.target.rule
     margin = parse_target(rule) if isinstance(rule, str) else None
@@ -127,7 +172,12 @@ def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], over
         for spec in specs:
             name, _ = parse_method_spec(spec)
             if wants and targets is None and name in TARGETED:
-                targets, source = _targets(recipe, seed, out)
+                try:
+                    targets, source = _targets(recipe, seed, out, specs)
+                except NonFiniteError as exc:  # no target: never let a diverged reference set one
+                    entry = _record_failure(out, index, spec, seed, f"no target: the reference diverged ({exc})")
+                    failures.append(f"{spec} seed {seed}: {entry['error']}")
+                    continue
                 targets = [v - margin for v in targets]
                 index["targets"][str(seed)] = {"values": targets, "source": source}
             entry = _run_one(recipe, spec, seed, out, targets, index)
@@ -136,6 +186,14 @@ def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], over
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed (see {out / 'compare.json'}):\n" + "\n".join(failures))
     return out
+
+
+def _record_failure(out: Path, index: dict, spec: str, seed: int, error: str) -> dict:
+    entry = {"method": spec, "seed": seed, "dir": str(Path(slug(spec)) / f"seed{seed}"), "status": "failed",
+             "error": error}
+    index["runs"] = [r for r in index["runs"] if (r["method"], r["seed"]) != (spec, seed)] + [entry]
+    _write(out, index)
+    return entry
 
 
 def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: dict) -> dict:
@@ -148,8 +206,9 @@ def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: di
         if _finished(run_dir):
             entry.update(reused=True, wall_s=before.get("wall_s"))
         else:
-            resume = (run_dir / "checkpoints" / "last.pt").exists()
-            run(_variant(recipe, spec, seed, run_dir, targets), resume=resume,
+            # an explicit folder (never renumbered); resumed when it holds a run, even one killed before its
+            # first checkpoint (the runner starts that one again)
+            run(_variant(recipe, spec, seed, run_dir, targets), out_dir=run_dir, resume=holds_run(run_dir),
                 echo=lambda msg: print(f"[{spec} seed {seed}] {msg}", flush=True))
     except KeyboardInterrupt:
         _write(out, index)
@@ -163,14 +222,27 @@ def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: di
     return entry
 
 
-def _targets(recipe: Recipe, seed: int, out: Path) -> tuple[list[float], str]:
+def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = ()) -> tuple[list[float], str]:
     """Scratch validation accuracies per task: from this comparison's scratch run when it is the same
-    computation (same seed and epochs), else trained here once for every targeted method of this seed."""
+    computation (same seed and epochs), else trained here once for every targeted method of this seed.
+    With `best(scratch, finetune)` the per-task maximum with fine-tune's validation accuracy when it learned
+    the task (the same with and without keep_copies), read from a fine-tune run of this comparison or trained."""
     run_dir = out / slug("scratch") / f"seed{seed}"
     if _scratch_epochs_match(recipe) and _finished(run_dir):
         tasks = json.loads((run_dir / "summary.json").read_text())["tasks"]
-        return [float(t["val_acc"]) for t in tasks], "scratch run"
-    return scratch_targets(recipe, seed), "trained once for this comparison"
+        values, source = [float(t["val_acc"]) for t in tasks], "scratch run"
+    else:
+        values, source = scratch_targets(recipe, seed), "scratch trained once for this comparison"
+    if "finetune" not in target_sources(recipe.target.rule):
+        return values, source
+    ft = [out / slug(s) / f"seed{seed}" for s in specs if parse_method_spec(s)[0] == "finetune"]
+    ft = [d for d in ft if _finished(d)]
+    if ft:
+        tasks = json.loads((ft[0] / "summary.json").read_text())["tasks"]
+        fine, where = [float(t["val_acc"]) for t in tasks], "fine-tune run"
+    else:
+        fine, where = finetune_references(recipe.model_copy(update={"seed": seed})), "fine-tune trained once"
+    return [max(a, b) for a, b in zip(values, fine)], f"best of {source} and {where}"
 
 
 def _index(out: Path, recipe: Recipe, specs: list[str], seeds: Sequence[int]) -> dict:
@@ -178,10 +250,15 @@ def _index(out: Path, recipe: Recipe, specs: list[str], seeds: Sequence[int]) ->
     index = {"recipe": recipe.name, "methods": [], "seeds": [], "target_rule": recipe.target.rule, "runs": [],
              "targets": {}, "recipe_config": recipe.model_dump(mode="json")}
     path = out / "compare.json"
+    old = None
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:  # torn by an older grownfx's in-place write: the run folders are the record
+            old = None
+    if old is not None:
         if _what_is_learned(old.get("recipe_config", {})) != _what_is_learned(index["recipe_config"]):
-            raise ValueError(f"{out} holds a comparison of another recipe; choose another out_dir")
+            raise RunError(f"{out} holds a comparison of another recipe; choose another out_dir")
         index.update(methods=old["methods"], seeds=old["seeds"], runs=old["runs"], targets=old.get("targets", {}))
     index["methods"] = sorted(dict.fromkeys(index["methods"] + specs), key=lambda s: s != "scratch")
     index["seeds"] = list(dict.fromkeys(index["seeds"] + list(seeds)))

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from grownfx import files
 from grownfx.learn.methods import make_method
 from grownfx.recipe.schema import Recipe
+from grownfx.version import __version__
 
 FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscript": "model.ts"}
 
@@ -69,8 +70,87 @@ def load_exported(path: str | Path):
 
 def write_meta(folder: str | Path, meta: dict) -> Path:
     path = Path(folder) / "meta.json"
-    path.write_text(json.dumps(meta, indent=2))
+    files.atomic_write_text(json.dumps(meta, indent=2), path)
     return path
+
+
+class ExportError(ValueError):
+    """A user's mistake in an export request (a task the run did not learn); the CLI exits 2 with it."""
+
+
+def task_folder(run_dir: str | Path, index: int) -> Path:
+    """exports/task_<k>/ of the task with 0-based `index`: folders count tasks from 1, like every printed place."""
+    return Path(run_dir) / "exports" / f"task_{index + 1}"
+
+
+def preprocessing(stream_meta: dict) -> dict:
+    """How a raw input becomes the model's input, from a stream's meta (stream.json)."""
+    scale = float(stream_meta.get("pixel_scale", 1.0))
+    return {"input_shape": list(stream_meta["input_shape"]), "pixel_scale": scale,
+            "mean": list(stream_meta["mean"]), "std": list(stream_meta["std"]),
+            "formula": "model_input = (raw * pixel_scale - mean) / std, per channel (NCHW)"}
+
+
+class Preprocessed(nn.Module):
+    """`module` behind its preprocessing, so that the exported graph takes raw inputs."""
+
+    def __init__(self, module: nn.Module, prep: dict):
+        super().__init__()
+        self.module = module
+        shape = (1, -1, 1, 1)
+        std = torch.tensor(prep["std"], dtype=torch.float32).view(shape)
+        self.register_buffer("scale", (prep["pixel_scale"] / std))
+        self.register_buffer("shift", torch.tensor(prep["mean"], dtype=torch.float32).view(shape) / std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x * self.scale - self.shift)
+
+
+def record_export(folder: str | Path, base: dict, fmt: str, entry: dict) -> dict:
+    """Merge one format's entry into the folder's single meta.json: `base` (task, preprocessing, ...) and
+    `formats[fmt]` = entry; the entries of formats exported earlier are kept."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "meta.json"
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    formats = meta.get("formats", {})
+    for stale in ("format", "file", "verified_max_rel_error", "error"):  # single-format meta of older versions
+        meta.pop(stale, None)
+    meta.update(base)
+    formats[fmt] = entry
+    meta["formats"] = dict(sorted(formats.items()))
+    write_meta(folder, meta)
+    return meta
+
+
+def task_meta(stream, stream_meta: dict, t: int, sub: nn.Module, checkpoint: str | Path) -> dict:
+    """The task part of an export's meta.json, the same whether the run or `grownfx export` writes it: the task,
+    its class map, input shape and normalisation, parameters, MACs, the checkpoint it came from, versions.
+    `stream`: a TaskStream or the _StreamInfo read back from stream.json; `stream_meta`: stream.json's content."""
+    task = stream.tasks[t]
+    example = torch.zeros(1, *stream.input_shape)
+    return {"task": t + 1, "task_index": t, "name": task.name, "classes": list(task.classes),
+            "num_classes": task.num_classes, "input_shape": list(stream.input_shape), "mean": list(stream.mean),
+            "std": list(stream.std), "preprocessing": preprocessing(stream_meta),
+            "parameters": sum(p.numel() for p in sub.parameters()), "macs": count_macs(sub, example),
+            "source_checkpoint_sha256": files.file_sha256(checkpoint), "grownfx": __version__,
+            "torch": torch.__version__}
+
+
+def export_complete(folder: str | Path, fmt: str) -> bool:
+    """Whether `folder` holds a finished export in `fmt`: a readable meta.json whose entry for `fmt` names a file
+    that exists with the recorded SHA-256 (or records why exporting failed)."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    entry = meta.get("formats", {}).get(fmt)
+    if not isinstance(entry, dict) or "preprocessing" not in meta:
+        return False
+    if "error" in entry:
+        return True
+    path = Path(folder) / str(entry.get("file", ""))
+    return path.is_file() and entry.get("sha256") in (None, files.file_sha256(path))
 
 
 class _StreamInfo:
@@ -99,28 +179,40 @@ def restore_method(run_dir: str | Path):
     return method, recipe, stream, state
 
 
-def export_run(run_dir: str | Path, task: int, fmt: str = "pt2", verify: bool = False) -> Path:
-    """Export task `task` of a run to `fmt` under exports/task_<task>/; `verify` re-loads the file and
-    compares it with the task-aware model on random inputs (relative error <= 1e-4, ONNX runs in float32)."""
+def export_run(run_dir: str | Path, task: int, fmt: str = "pt2", verify: bool = False,
+               bake_preprocessing: bool = False) -> tuple[Path, dict]:
+    """Export the task with 0-based index `task` (the CLI's --task is 1-based) of a run to `fmt` under
+    exports/task_<task + 1>/; returns (file, that format's meta entry).  `bake_preprocessing` puts
+    `(raw * pixel_scale - mean) / std` into the graph, so the file takes raw inputs.  `verify` re-loads the file
+    and compares it with the task-aware model on random inputs (relative error <= 1e-4, ONNX runs in float32)."""
     run_dir = Path(run_dir)
     method, recipe, stream, state = restore_method(run_dir)
     if not 0 <= task < state["completed"]:
-        raise ValueError(f"task {task} was not learned in {run_dir} (it finished {state['completed']} tasks)")
+        raise ExportError(f"no task {task + 1} in {run_dir}: it finished {state['completed']} task(s); "
+                          f"--task takes 1..{state['completed']}")
+    meta_stream = json.loads((run_dir / "stream.json").read_text())
+    prep = preprocessing(meta_stream)
     sub = method.export(task).cpu().eval()
+    if bake_preprocessing:
+        sub = Preprocessed(sub, prep).eval()
     example = torch.randn(2, *stream.input_shape)
-    folder = run_dir / "exports" / f"task_{task}"
+    folder = task_folder(run_dir, task)
     path = save_module(sub, example, fmt, folder)
-    meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"task": task}
-    meta.update(format=fmt, file=path.name, parameters=sum(p.numel() for p in sub.parameters()))
+    entry: dict = {"file": path.name, "parameters": sum(p.numel() for p in sub.parameters()),
+                   "preprocessing_baked": bake_preprocessing,
+                   "expects": "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing)"}
     if verify:
         x = torch.randn(8, *stream.input_shape, generator=torch.Generator().manual_seed(task))
         with torch.no_grad():
-            ref = method.predict(x, task) if hasattr(method, "predict") else sub(x)
-            got = load_exported(path)(x)
+            ref = method.predict(x, task) if hasattr(method, "predict") else method.export(task).eval()(x)
+            raw = (x + sub.shift) / sub.scale if bake_preprocessing else x  # the raw input behind x
+            got = load_exported(path)(raw)
         err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-        meta["verified_max_rel_error"] = err
+        entry["verified_max_rel_error"] = err
         if err > 1e-4:
-            raise RuntimeError(f"exported task {task} differs from the task-aware model: relative error {err:.2e}")
-    write_meta(folder, meta)
-    return path
+            raise RuntimeError(f"exported task {task + 1} differs from the task-aware model: relative error {err:.2e}")
+    entry["sha256"] = files.file_sha256(path)
+    # the same task meta the run writes (mean, std, classes, input shape, ...), from the plain subnetwork
+    base = task_meta(stream, meta_stream, task, method.export(task).cpu().eval(), run_dir / "checkpoints" / "last.pt")
+    record_export(folder, base, fmt, entry)
+    return path, entry

@@ -28,17 +28,25 @@ from grownfx.engine import state as net_state
 from grownfx import files
 from grownfx.learn import distributed
 from grownfx.recipe.loading import load_recipe
-from grownfx.recipe.schema import Recipe, parse_target
+from grownfx.recipe.schema import Recipe, parse_target, target_sources
 from grownfx.data import TaskStream, build_stream
-from grownfx.run.export import count_macs, save_module, write_meta
-from grownfx.learn.learner import LearnerPosition, TaskRecord
+from grownfx.run.export import export_complete, record_export, save_module, task_folder, task_meta
+from grownfx.learn.guards import NonFiniteError, check_tensors
+from grownfx.learn.records import LearnerPosition, TaskRecord
+from grownfx.report.metrics import stream_metrics
+from grownfx.report.progress import phase_label
 from grownfx.learn.methods import make_method
 from grownfx.learn.methods.base import example_input
+from grownfx.learn.methods.finetune import finetune_references
 from grownfx.learn.methods.scratch import fresh_backbone, train_plain
 from grownfx.recipe.loading import dump_resolved, recipe_diff
 
 # recipe fields that may differ when resuming (they do not change what is learned)
-RESUME_FREE = ("output.", "training.checkpoint_every", "training.num_threads", "device", "description")
+# (training.num_threads is not among them: CPU kernels reduce in a thread-dependent order, so 1 and 2 threads
+# learn slightly different weights)
+RESUME_FREE = ("output.", "training.checkpoint_every", "device", "description")
+# files whose presence means a folder holds a run (started, perhaps killed before its first checkpoint)
+RUN_MARKERS = ("config.resolved.yaml", "metrics.jsonl", "checkpoints/last.pt", "summary.json")
 
 
 class RunError(RuntimeError):
@@ -88,31 +96,127 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
-    out = Path(out_dir or recipe.output.dir.format(name=recipe.name))
     echo = echo or (lambda msg: print(msg, flush=True))
-    last = out / "checkpoints" / "last.pt"
     own = dist is None
     dist = distributed.setup(recipe.device) if dist is None else dist
+    lock: Optional[files.FolderLock] = None
     try:
         check_distributed(recipe, dist.world_size)
-        state = dist.main_first(lambda: _prepare_out(out, recipe, resume, last))
-        if resume and not dist.is_main:  # every rank restores the checkpoint itself
+        claimed = dist.main_first(lambda: claim_out(recipe, out_dir, resume))  # rank 0 picks and locks the folder
+        if dist.is_main:
+            out, lock = claimed
+        out = Path(dist.broadcast_object(str(out) if dist.is_main else None))
+        last = out / "checkpoints" / "last.pt"
+        echo(f"{'resuming' if resume else 'writing'} run folder {out}")
+        state = dist.main_first(lambda: _prepare_out(out, recipe, resume, last, explicit=out_dir is not None))
+        resumed = dist.broadcast_object(state is not None) if dist.enabled else state is not None
+        if resumed and not dist.is_main:  # every rank restores the checkpoint itself
             if not last.exists():
                 raise RunError(f"rank {dist.rank} cannot read {last}: resuming a run on several machines needs "
                                "its folder on a filesystem every machine sees")
-            state = files.load(last)
+            state = _load_checkpoint(last)
         if recipe.training.num_threads:
             torch.set_num_threads(recipe.training.num_threads)
         device = dist.device
         torch.manual_seed(recipe.seed)
         stream = build_stream(recipe.data, recipe.seed)
+        check_validation(recipe, stream, echo if dist.is_main else (lambda msg: None))
         if dist.is_main:
-            (out / "stream.json").write_text(json.dumps(stream.meta, indent=1, default=str))
+            files.atomic_write_json(stream.meta, out / "stream.json")
         with StopFlag() as stop:
             return _Run(recipe, stream, out, device, state, stop, progress, echo, dist).loop()
+    except NonFiniteError as exc:  # a user's hyperparameters, not a bug: one clear line (exit 2 in the CLI)
+        raise RunError(str(exc)) from exc
     finally:
+        if lock is not None:
+            lock.release()
         if own:
             dist.close()
+
+
+MIN_VAL_PER_CLASS = 10  # below this a task's validation accuracy moves in steps too coarse to decide on
+
+
+def check_validation(recipe: Recipe, stream: TaskStream, echo: Callable[[str], None]) -> None:
+    """RunError when a method that decides on validation accuracy (GROWN's growth and target, CPG) gets a task
+    with no validation samples; a warning when a task has fewer than MIN_VAL_PER_CLASS per class."""
+    decides = recipe.method.name == "cpg" or (recipe.method.name == "grown" and recipe.growth.when == "necessary")
+    knobs = (f"data.val_fraction {getattr(recipe.data, 'val_fraction', '-')}, "
+             f"data.limit_per_task {recipe.data.limit_per_task}")
+    for t, task in enumerate(stream.tasks):
+        train = getattr(task, "train", None)
+        if train is not None and len(train) < recipe.training.batch_size:
+            echo(f"warning: task {t + 1} has {len(train)} training samples, fewer than training.batch_size "
+                 f"{recipe.training.batch_size}: every epoch is one partial batch")
+        n = len(task.val)
+        if n == 0 and decides:
+            raise RunError(f"task {t + 1} has no validation samples ({knobs}); {recipe.method.name} decides growth "
+                           "and its target on validation accuracy: raise data.val_fraction or data.limit_per_task")
+        if n < MIN_VAL_PER_CLASS * task.num_classes:
+            echo(f"warning: task {t + 1} has {n} validation samples for {task.num_classes} classes (fewer than "
+                 f"{MIN_VAL_PER_CLASS} per class; {knobs}): its validation accuracy moves in steps of "
+                 f"{100 / max(n, 1):.1f} points" + (", so growth decisions on it are noisy" if decides else ""))
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether `folder` holds a grownfx run (finished, interrupted, or killed before its first checkpoint)."""
+    return any((Path(folder) / m).exists() for m in RUN_MARKERS)
+
+
+def numbered_folders(base: Path) -> list[tuple[int, Path]]:
+    """`base` (number 1) and its siblings `base-2`, `base-3`, ... that exist, by number."""
+    found = [(1, base)] if base.exists() else []
+    if base.parent.is_dir():
+        for p in base.parent.glob(base.name + "-*"):
+            suffix = p.name[len(base.name) + 1:]
+            if suffix.isdigit() and int(suffix) >= 2 and p.is_dir():
+                found.append((int(suffix), p))
+    return sorted(found)
+
+
+def claim_out(recipe: Recipe, out_dir, resume: bool) -> tuple[Path, files.FolderLock]:
+    """The run folder, locked: `out_dir` when given; else, resuming, the latest of the recipe's numbered folders
+    (`runs/NAME`, `runs/NAME-2`, ...) that holds a run; else the first that does not (a second run of the same
+    command gets `runs/NAME-2`).  RunError when another process holds the folder's lock."""
+    if out_dir is not None or resume:
+        if out_dir is not None:
+            out = Path(out_dir)
+        else:
+            base = Path(recipe.output.dir.format(name=recipe.name))
+            runs = [p for _, p in numbered_folders(base) if holds_run(p)]
+            if not runs:
+                raise RunError(f"nothing to resume: no run folder {base} (or {base.name}-N) holds a run")
+            out = runs[-1]
+        return out, _lock(out)
+    base = Path(recipe.output.dir.format(name=recipe.name))
+    n = 1
+    while True:
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        n += 1
+        if holds_run(out):
+            continue
+        try:
+            lock = files.FolderLock(out).acquire()
+        except files.LockedError:  # another process is starting a run there right now
+            continue
+        if holds_run(out):
+            lock.release()
+            continue
+        return out, lock
+
+
+def _lock(out: Path) -> files.FolderLock:
+    try:
+        return files.FolderLock(out).acquire()
+    except files.LockedError as exc:
+        raise RunError(str(exc)) from None
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return files.load(path)
+    except files.CorruptFileError as exc:
+        raise RunError(f"cannot resume: {exc}") from None
 
 
 def check_distributed(recipe: Recipe, world_size: int) -> None:
@@ -127,19 +231,30 @@ def check_distributed(recipe: Recipe, world_size: int) -> None:
                        f"divisible by the number of processes ({world_size})")
 
 
-def _prepare_out(out: Path, recipe: Recipe, resume: bool, last: Path) -> Optional[dict]:
+def _prepare_out(out: Path, recipe: Recipe, resume: bool, last: Path, explicit: bool = True) -> Optional[dict]:
+    """The checkpoint to resume from (None: a new run).  The checkpoint is the source of truth: a deleted
+    config.resolved.yaml is rebuilt from it, and a run killed before its first checkpoint starts again."""
+    files.clean_stale_temps(out)  # temp files of a writer killed mid-write (we hold the folder's lock)
     if resume:
-        if not last.exists():
+        if last.exists():
+            state = _load_checkpoint(last)
+            _check_compatible(state["recipe"], recipe)
+            if not (out / "config.resolved.yaml").exists():
+                saved = Recipe.model_validate(state["recipe"])
+                files.atomic_write_text(dump_resolved(saved) + "\n" + _provenance(), out / "config.resolved.yaml")
+            return state
+        if not holds_run(out):
             raise RunError(f"nothing to resume: {last} does not exist")
-        state = files.load(last)
-        _check_compatible(state["recipe"], recipe)
-        return state
-    if last.exists():
+        # killed before its first checkpoint: nothing was learned yet, start it again in the same folder
+    elif holds_run(out):
         raise RunError(f"{out} already holds a run; continue it with --resume or choose another --out")
+    elif explicit and any(p.name != files.FolderLock.NAME for p in out.iterdir()):
+        raise RunError(f"{out} is not empty and holds no grownfx run; refusing to write into it "
+                       "(choose an empty or new folder for --out)")
     out.mkdir(parents=True, exist_ok=True)
     text = dump_resolved(recipe) + "\n" + _provenance()
     files.atomic_write_text(text, out / "config.resolved.yaml")
-    (out / "metrics.jsonl").write_text("")
+    files.atomic_write_text("", out / "metrics.jsonl")
     return None
 
 
@@ -176,8 +291,9 @@ class _Run:
         self.matrix: list[list[float]] = []
         self.targets: dict[int, dict] = {}
         self.metrics_lines = 0
+        self.metrics: list[str] = []  # every event line so far (rank 0): checkpointed, metrics.jsonl rebuilt from it
         self.writer = _tensorboard(out) if recipe.output.tensorboard and main else None
-        extra = {"dist": self.dist} if recipe.method.name in distributed.DISTRIBUTED_METHODS else {}
+        extra = {"dist": self.dist}  # every method trains through the one stage loop, data-parallel with `dist`
         # a stop request counts when any rank has one, so all ranks stop after the same epoch
         self.method = make_method(recipe, stream, device, on_epoch=self.on_epoch, checkpoint=self.mid_task_checkpoint,
                                   should_stop=lambda: self.dist.any(self.stop.requested), **extra)
@@ -190,8 +306,9 @@ class _Run:
         self.metrics_lines += 1
         if not self.dist.is_main:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(event) + "\n")
+        line = json.dumps(event)
+        self.metrics.append(line)
+        files.append_line(line, self.out / "metrics.jsonl")
 
     def on_epoch(self, info: dict) -> None:
         if not self.dist.is_main:
@@ -199,7 +316,8 @@ class _Run:
         self.log({"event": "epoch", **info})
         if self.writer is not None:
             step = info["epoch"]
-            tag = f"task{info['task']}/{info['stage']}{info.get('round', 0)}"
+            # task1/stage_1/loss, task2/growth_round_1/loss: tasks count from 1, as everywhere a person reads them
+            tag = f"task{info['task'] + 1}/{phase_label(info, short=True).replace(' ', '_')}"
             self.writer.add_scalar(f"{tag}/loss", info["loss"], step)
             self.writer.add_scalar(f"{tag}/train_acc", info["train_acc"], step)
         if self.progress is not None:
@@ -208,6 +326,9 @@ class _Run:
     # -- loop -----------------------------------------------------------------------------------------------
     def loop(self) -> RunResult:
         tasks = self.stream.tasks
+        if self.dist.is_main and self.records:
+            self.finish_undone()
+        self.dist.barrier()
         try:
             for t in range(len(self.records), len(tasks)):
                 task = tasks[t]
@@ -223,12 +344,14 @@ class _Run:
                 if self.writer is not None:
                     self.writer.add_scalar("stream/avg_acc", sum(row) / len(row), t)
                     self.writer.add_scalar("stream/params_stored", record.params_stored, t)
-                if self.dist.is_main:
+                if self.dist.is_main:  # a task is done when its results, checkpoint and export are on disk
                     self.write_results()
                     self.save_checkpoint(None, None)
+                    files.kill_point("after_checkpoint")
                     self.export(t)
                 self.dist.barrier()  # the task's files exist before any rank goes on (or exits)
-                self.echo(_task_line(record, row, self.full_params))
+                self.echo(_task_line(record, row, self.full_params,
+                                     self.recipe.growth if self.recipe.method.name == "grown" else None))
                 if self.progress is not None:
                     self.progress.end_task(t, record, row)
         except KeyboardInterrupt:
@@ -266,17 +389,19 @@ class _Run:
         seed = (self.recipe.seed, "scratch", t)
         model = fresh_backbone(self.recipe, task, seed)
         epochs = self.recipe.target.scratch_epochs or self.recipe.training.epochs
-        val = train_plain(model, task, self.recipe.training, self.device, seed, epochs)
+        val = train_plain(model, task, self.recipe.training, self.device, seed, epochs, dist=self.dist)
+        if "finetune" in target_sources(self.recipe.target.rule):  # best(scratch, finetune): the paper's target
+            if getattr(self, "_finetune_refs", None) is None:
+                self._finetune_refs = finetune_references(self.recipe)
+            return {"val_acc": max(val, self._finetune_refs[t]), "scratch_val_acc": val,
+                    "finetune_val_acc": self._finetune_refs[t], "epochs": epochs}
         return {"val_acc": val, "epochs": epochs}
 
     # -- outputs --------------------------------------------------------------------------------------------
     def summary(self) -> dict:
         R, full = self.matrix, self.full_params
-        T = len(R)
         final = R[-1] if R else []
-        bwt = sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0
-        forgetting = (sum(max(R[i][j] for i in range(j, T - 1)) - R[-1][j] for j in range(T - 1)) / (T - 1)
-                      if T > 1 else 0.0)
+        metrics = stream_metrics(R)  # average accuracy, BWT, forgetting (grownfx.report.metrics)
         tasks = []
         for r in self.records:
             d = r.to_dict()
@@ -284,7 +409,7 @@ class _Run:
                      model_size=r.params_stored / full if full else None)
             tasks.append(d)
         return {"name": self.recipe.name, "method": self.method.name, "full_params": full,
-                "avg_acc": sum(final) / len(final) if final else 0.0, "bwt": bwt, "forgetting": forgetting,
+                "avg_acc": metrics["avg_acc"], "bwt": metrics["bwt"], "forgetting": metrics["forgetting"],
                 "total_time_s": sum(r.time_s for r in self.records), "num_tasks": len(self.stream.tasks),
                 "tasks": tasks}
 
@@ -297,26 +422,37 @@ class _Run:
         files.atomic_write_text("\n".join(lines) + "\n", self.out / "acc_matrix.csv")
         files.atomic_write_text(json.dumps(self.summary(), indent=1), self.out / "summary.json")
 
+    def finish_undone(self) -> None:
+        """After a crash: rewrite the results of the finished tasks from the checkpoint, and export the last
+        finished task when a kill came between its checkpoint and its export."""
+        self.write_results()
+        t = len(self.records) - 1
+        fmt = self.recipe.output.export_format
+        if fmt != "none" and not export_complete(task_folder(self.out, t), fmt):
+            self.echo(f"task {t + 1}'s export is missing or incomplete (the run stopped before writing it); "
+                      "exporting it now")
+            self.export(t)
+
     def export(self, t: int) -> None:
+        """exports/task_<t+1>/: the task's subnetwork in the recipe's format and meta.json (the same meta
+        `grownfx export` writes)."""
         fmt = self.recipe.output.export_format
         if fmt == "none":
             return
-        folder = self.out / "exports" / f"task_{t}"
-        sub = self.method.export(t).cpu()
+        folder = task_folder(self.out, t)
+        sub = self.method.export(t).cpu().eval()
+        check_tensors(sub.state_dict(), f"the export of task {t + 1}")  # never export a diverged network
         example = example_input(self.stream.input_shape)
-        meta = {"task": t, "name": self.stream.tasks[t].name, "format": fmt, "input_shape": list(self.stream.input_shape),
-                "mean": list(self.stream.mean), "std": list(self.stream.std),
-                "classes": self.stream.tasks[t].classes, "num_classes": self.stream.tasks[t].num_classes,
-                "parameters": sum(p.numel() for p in sub.parameters()), "macs": count_macs(sub, example[:1]),
-                "source_checkpoint_sha256": files.file_sha256(self.out / "checkpoints" / "last.pt"),
-                "grownfx": __version__, "torch": torch.__version__}
+        base = task_meta(self.stream, self.stream.meta, t, sub, self.out / "checkpoints" / "last.pt")
+        entry: dict = {"parameters": base["parameters"], "preprocessing_baked": False,
+                       "expects": "preprocessed inputs (see preprocessing)"}
         try:
-            meta["file"] = save_module(sub, example, fmt, folder).name
+            path = save_module(sub, example, fmt, folder)
+            entry.update(file=path.name, sha256=files.file_sha256(path))
         except Exception as exc:  # keep the run going; the weights are in the checkpoint
-            meta["error"] = f"{type(exc).__name__}: {exc}"
-            self.echo(f"warning: exporting task {t} as {fmt} failed ({meta['error']}); see {folder}/meta.json")
-        folder.mkdir(parents=True, exist_ok=True)
-        write_meta(folder, meta)
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            self.echo(f"warning: exporting task {t + 1} as {fmt} failed ({entry['error']}); see {folder}/meta.json")
+        record_export(folder, base, fmt, entry)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(self, position: Optional[LearnerPosition], optim) -> None:
@@ -326,16 +462,18 @@ class _Run:
             "format": net_state.FORMAT, "recipe": self.recipe.model_dump(mode="json"),
             "completed": len(self.records), "records": [r.to_dict() for r in self.records],
             "matrix": self.matrix, "targets": {str(k): v for k, v in self.targets.items()},
-            "metrics_lines": self.metrics_lines, "method": self.method.state(),
+            "metrics_lines": self.metrics_lines, "metrics": list(self.metrics), "method": self.method.state(),
             "position": asdict(position) if position is not None else None,
             "optim": optim.state_dict() if optim is not None else None,
         }
+        check_tensors(payload["method"], "a checkpoint")  # never checkpoint a diverged network
         files.atomic_save(payload, self.out / "checkpoints" / "last.pt")
 
     def mid_task_checkpoint(self, learner, position: LearnerPosition, optim) -> None:
+        # logged first, so that the checkpoint's own event is among the lines it holds (and survives a resume)
+        self.log({"event": "checkpoint", "task": len(self.records), "stage": position.stage, "epoch": position.epoch})
         if self.dist.is_main:
             self.save_checkpoint(position, optim)
-        self.log({"event": "checkpoint", "task": len(self.records), "stage": position.stage, "epoch": position.epoch})
         self.dist.barrier()  # no rank stops (or goes on) before the checkpoint is on disk
 
     def _restore(self, state: dict) -> None:
@@ -343,10 +481,14 @@ class _Run:
         self.matrix = [list(r) for r in state["matrix"]]
         self.targets = {int(k): v for k, v in state["targets"].items()}
         self.method.load_state(state["method"])
-        if self.dist.is_main:
-            lines = (self.out / "metrics.jsonl").read_text().splitlines()[: state["metrics_lines"]]
-            (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-            self.metrics_lines = len(lines)
+        if self.dist.is_main:  # metrics.jsonl as of the checkpoint, rebuilt from it (the file may be gone)
+            if "metrics" in state:
+                lines = list(state["metrics"])
+            else:  # a checkpoint from before grownfx kept the lines: cut the file back to the checkpoint
+                path = self.out / "metrics.jsonl"
+                lines = path.read_text().splitlines()[: state["metrics_lines"]] if path.exists() else []
+            files.atomic_write_text("".join(line + "\n" for line in lines), self.out / "metrics.jsonl")
+            self.metrics, self.metrics_lines = lines, len(lines)
         else:
             self.metrics_lines = state["metrics_lines"]
         if state["position"] is not None:
@@ -355,12 +497,35 @@ class _Run:
                   + (f" (task {len(self.records)} from epoch {state['position']['epoch']})" if state["position"] else ""))
 
 
-def _task_line(r: TaskRecord, row: list[float], full: int) -> str:
+def _task_line(r: TaskRecord, row: list[float], full: int, growth=None) -> str:
     size = f"{r.params_stored / full:.2f}x" if full else f"{r.params_stored} params"
-    grew = f"grew {sum(r.growth.values())} ch in {r.growth_rounds} round(s)" if r.grew else "no growth"
+    grew = _growth_text(r, growth)
     target = f" target {r.target:.1f}" if r.target is not None else ""
     return (f"task {r.index + 1}: val {r.val_acc:.1f}{target}, test {row[-1]:.1f}, avg {sum(row) / len(row):.1f}, "
             f"{grew}, model {size}, {r.time_s:.1f}s")
+
+
+def _growth_text(r: TaskRecord, growth=None) -> str:
+    """What the task's growth did, and (GROWN's `growth` config given) why a task below its target stopped."""
+    channels = sum(r.growth.values())
+    if r.index == 0 and r.growth_rounds:  # task 1 is learned by sparse growth from the seed
+        text = (f"grew {channels} ch from the seed" if r.grew
+                else f"kept the seed width (sparse growth pruned all {r.pruned_candidates} candidate channels)")
+        rounds = r.growth_rounds - 1  # its first round is its stage 1
+    else:
+        text = f"grew {channels} ch" if r.grew else "no growth"
+        rounds = r.growth_rounds
+        if r.growth_rounds and not r.grew:
+            text += f" (growth pruned all {r.pruned_candidates} candidate channels)"
+    if rounds and r.grew:
+        text += f" in {rounds} growth round{'s' if rounds != 1 else ''}"
+    if growth is not None and r.target is not None and r.val_acc < r.target and growth.when != "always":
+        if r.growth_rounds >= growth.max_rounds:
+            text += f"; below target: growth budget spent (growth.max_rounds={growth.max_rounds})"
+        else:
+            text += (f"; below target: every growth site is at its width cap "
+                     f"(growth.max_width={growth.max_width:g}x the full width)")
+    return text
 
 
 def _tensorboard(out: Path):

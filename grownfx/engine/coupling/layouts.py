@@ -47,6 +47,26 @@ class Opaque(Exception):
     pass
 
 
+@dataclass
+class ShapeOf:
+    """`x.shape` / `x.size()`: reading one of its channel entries gives a `Width`."""
+
+    of: TVal
+
+
+@dataclass
+class Width:
+    """A channel count read from a shape (`x.shape[1]`, `x.size(1)`, `x.numel()`), and the layouts it counts."""
+
+    layouts: tuple
+    source: str  # the node that read it
+
+
+# ops that may take a Width without making the network's values depend on it: they only shape a tensor
+_SHAPE_USES = {"view", "reshape", "expand", "broadcast_to", "unflatten", "new_zeros", "new_ones", "new_empty",
+               "new_full", "zeros", "ones", "empty", "full", "rand", "randn", "getitem", "len", "_assert"}
+
+
 def lcm(*xs: int) -> int:
     out = 1
     for x in xs:
@@ -83,6 +103,11 @@ def reshape_blocks(a: tuple, b: tuple) -> list | None:
     return blocks
 
 
+# binary ops whose identity element is 1: a parameter's new entries are filled with it (0 would divide by zero)
+_MULTIPLY = {"mul", "imul", "rmul", "mul_"}
+_DIVIDE = {"truediv", "div", "true_divide", "itruediv", "div_", "floordiv", "mod", "floor_divide", "remainder", "fmod"}
+
+
 def op_name(target: Any) -> str:
     if isinstance(target, str):
         return target
@@ -96,32 +121,93 @@ def norm_dim(d: int, ndim: int) -> int:
 class LayoutOps:
     """Layout rules for ops that move, split or merge axes; mixed into CouplingAnalysis."""
 
+    # -- widths read from shapes ----------------------------------------------------------------------------
+    def shape_read(self, node: fx.Node, name: str) -> Any:
+        """`x.shape`, `x.size()`, `x.size(d)`, `x.numel()`: a ShapeOf / Width, or None when `node` is no such read."""
+        args = node.args
+        x = self.val(args[0]) if args else OTHER
+        if not isinstance(x, TVal):
+            return None
+        if name == "getattr" and len(args) > 1 and args[1] == "shape":
+            return ShapeOf(x)
+        if name == "size":
+            d = node.kwargs.get("dim", args[1] if len(args) > 1 else None)
+            return ShapeOf(x) if d is None else self.width_at(x, d, node)
+        if name == "numel":
+            lays = tuple(lay for lay in x.axes if lay)
+            return Width(lays, node.name) if lays else OTHER
+        return None
+
+    def width_at(self, x: TVal, d: Any, node: fx.Node) -> Any:
+        if not isinstance(d, int):
+            return OTHER
+        lay = x.axes[norm_dim(d, len(x.shape))]
+        return Width((lay,), node.name) if lay else OTHER
+
+    def check_width_uses(self, node: fx.Node, name: str) -> None:
+        """A channel count read from a shape may only shape tensors (view, expand, zeros); any other use (a
+        `c ** -0.5` scale, a comparison) makes values depend on the width, so growth would change them."""
+        found: list[tuple] = []
+
+        def walk(a):
+            if isinstance(a, fx.Node):
+                v = self.values.get(a.name)
+                if isinstance(v, Width):
+                    found.append((v.layouts, v.source))
+                elif isinstance(v, ShapeOf):
+                    found.append((tuple(lay for lay in v.of.axes if lay), a.name))
+                elif isinstance(v, Seq):
+                    for item in v.items:
+                        if isinstance(item, Width):
+                            found.append((item.layouts, item.source))
+            elif isinstance(a, (list, tuple)):
+                for y in a:
+                    walk(y)
+            elif isinstance(a, dict):
+                for y in a.values():
+                    walk(y)
+
+        if name in _SHAPE_USES:
+            return
+        walk(list(node.args) + list(node.kwargs.values()))
+        for lays, source in found:
+            for lay in lays:
+                self.fix(lay, f"the channel count read from the shape at '{source}' is used by '{name}' at "
+                              f"'{node.name}' (values would change with the width)")
+
     def elementwise(self, node: fx.Node) -> Any:
         out_shape = tensor_shape(node)
         if out_shape is None:
             return OTHER
         nd = len(out_shape)
         operands = [self.val(a) for a in list(node.args) + list(node.kwargs.values())]
-        ts = [t for t in operands if isinstance(t, TVal)]
+        name = op_name(node.target)
+        if name in _DIVIDE and len(operands) > 1 and isinstance(operands[1], TVal):
+            for lay in operands[1].axes:
+                if lay:  # a new channel's value could be 0: inf, then NaN through the zero consumer columns
+                    self.fix(lay, f"channels are the divisor at '{node.name}'")
         axes: list = [None] * nd
         origin: list = [None] * nd
         for k in range(nd):
             entries = []
-            for t in ts:
+            for pos, t in enumerate(operands):
+                if not isinstance(t, TVal):
+                    continue
                 j = k - (nd - len(t.shape))
                 if j >= 0 and t.shape[j] > 1:
-                    entries.append((t.axes[j], t.origin[j]))
-            lays = [lay for lay, _ in entries if lay is not None]
+                    entries.append((t.axes[j], t.origin[j], pos))
+            lays = [lay for lay, _, _ in entries if lay is not None]
             if lays:
                 for lay in lays[1:]:
                     self.tie(lays[0], lay, node.name)
                 axes[k] = lays[0]
-                for lay, org in entries:
+                for lay, org, pos in entries:
                     if lay is None and org is not None:
-                        self.bindings.append(Binding(org[0], "param", lays[0], org[1], node.name))
+                        fill = 1.0 if name in _MULTIPLY or (name in _DIVIDE and pos == 1) else 0.0
+                        self.bindings.append(Binding(org[0], "param", lays[0], org[1], node.name, fill))
                     elif lay is None:
                         self.fix(lays[0], f"channels combined with an untracked tensor at '{node.name}'")
-            elif len(entries) == 1 or (entries and all(o == entries[0][1] for _, o in entries)):
+            elif len(entries) == 1 or (entries and all(o == entries[0][1] for _, o, _ in entries)):
                 origin[k] = entries[0][1] if entries else None
         return TVal(tuple(axes), out_shape, tuple(origin))
 
@@ -166,6 +252,12 @@ class LayoutOps:
         idx = node.args[1]
         if isinstance(src, Seq):
             return src.items[idx] if isinstance(idx, int) and -len(src.items) <= idx < len(src.items) else OTHER
+        if isinstance(src, ShapeOf):
+            if isinstance(idx, int):
+                return self.width_at(src.of, idx, node)
+            if isinstance(idx, slice):
+                return Seq([self.width_at(src.of, d, node) for d in range(len(src.of.shape))[idx]])
+            return OTHER
         if not isinstance(src, TVal):
             return OTHER
         out_shape = tensor_shape(node)
@@ -174,6 +266,7 @@ class LayoutOps:
         idx = idx if isinstance(idx, tuple) else (idx,)
         if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in idx):
             raise Opaque(f"advanced indexing at '{node.name}'")
+        idx = self.drop_full_slice_bounds(node, src, idx)
         n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
         expanded: list = []
         for i in idx:
@@ -199,7 +292,8 @@ class LayoutOps:
                 if step != 1:
                     self.fix(lay, f"strided channel slice at '{node.name}'")
                     lay = self.fresh_layout(len(range(start, stop, step)), node.name, "strided slice")
-                else:
+                else:  # the bounds are numbers: they would not follow any segment of the axis that grows
+                    self.fix(lay, f"channels sliced at '{node.name}' by bounds written as numbers")
                     lay = self.sub_layout(lay, start, stop, node)
             axes.append(lay)
             origin.append(org if (start, stop, step) == (0, n, 1) else None)
@@ -239,7 +333,43 @@ class LayoutOps:
             lay = self.sub_layout(x.axes[dim], pos, pos + n, node) if x.axes[dim] else None
             pos += n
             items.append(TVal(x.axes[:dim] + (lay,) + x.axes[dim + 1:], shape))
+        if name != "unbind" and x.axes[dim] and len(items) > 1:
+            self.split_channels(node, name, x.axes[dim], [t.axes[dim] for t in items])
         return Seq(items)
+
+    def split_channels(self, node: fx.Node, name: str, lay: Layout, pieces: list) -> None:
+        """Channels split into pieces.  `chunk(cat(a, b), 2)` cuts at whole segments of the same widths: tying
+        the pieces keeps them equal when they grow.  Any other split (sizes or a size written as numbers,
+        `split([16, 24, 8])`) would cut at the old positions once a segment grew: the whole axis is fixed."""
+        whole = set(lay)
+        shapes = [tuple((s.width, s.factor) for s in p) for p in pieces]
+        if name == "chunk" and all(s in whole for p in pieces for s in p) and len(set(shapes)) == 1:
+            for p in pieces[1:]:
+                self.tie(pieces[0], p, node.name)
+            return
+        self.fix(lay, f"channels split at '{node.name}' ('{name}') at positions written as numbers")
+
+    def drop_full_slice_bounds(self, node: fx.Node, src: "TVal", idx: tuple) -> tuple:
+        """`out[:, :self.out_chs]` that keeps every channel (GhostNet) is `out[:, :]` for the traced model; written
+        as a number it would cut away grown channels, so the graph gets the open slice instead."""
+        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        new, j, changed = [], 0, False
+        for i in idx:
+            if i is Ellipsis:
+                j += len(src.shape) - n_real
+            elif i is not None:
+                if (isinstance(i, slice) and src.axes[j] and (i.step in (None, 1))
+                        and (i.start is not None or i.stop is not None)
+                        and all(isinstance(b, int) or b is None for b in (i.start, i.stop))
+                        and i.indices(src.shape[j])[:2] == (0, src.shape[j])):
+                    i, changed = slice(None), True
+                j += 1
+            new.append(i)
+        if not changed:
+            return idx
+        node.args = (node.args[0], tuple(new) if isinstance(node.args[1], tuple) else new[0]) + tuple(node.args[2:])
+        self.gm.recompile()
+        return tuple(new)
 
     def permute(self, node: fx.Node, x: Any, name: str) -> Any:
         out_shape = tensor_shape(node)
@@ -301,7 +431,10 @@ class LayoutOps:
             return
         for k, a in enumerate(args):
             if isinstance(a, int) and a == out_shape[k] and axes[k] and a > 1:
-                self.bindings.append(Binding(node.name, "literal", axes[k], k, node.name))
+                # one graph serves every task: rewriting the number on growth would change (or break) the tasks
+                # learned before it, so the group is fixed; `x.shape[1]` instead of the number keeps it growable
+                self.fix(axes[k], f"a channel count ({a}) is written into the graph at '{node.name}' "
+                                  f"(read it from the shape to keep the group growable)")
 
     def expand(self, node: fx.Node, x: Any, name: str) -> Any:
         out_shape = tensor_shape(node)

@@ -8,7 +8,8 @@ from typing import Any, Iterable
 import networkx as nx
 from torch import fx, nn
 
-from grownfx.engine.tracing import tensor_shape
+from grownfx.engine.tracing import layer_kind, tensor_shape
+from grownfx.engine.coupling.custom import RegisteredOps
 from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal, lcm, op_name
 from grownfx.engine.coupling.types import Binding, CouplingGroup, CouplingResult, Layout, Seg
 
@@ -52,7 +53,7 @@ def is_stochastic_depth(m: nn.Module) -> bool:
     return type(m).__name__ == "StochasticDepth"
 
 
-class CouplingAnalysis(LayoutOps):
+class CouplingAnalysis(RegisteredOps, LayoutOps):
     """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
     """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
 
@@ -149,10 +150,11 @@ class CouplingAnalysis(LayoutOps):
         self.fix(vars_, reason)
         anchor = vars_[0] if vars_ else None
 
-        def mk(shape):
+        def mk(shape, batch):
+            batch = (0,) if batch is None else batch  # axes that follow the batch size (tracing's batch_axes)
             axes = []
             for i, n in enumerate(shape):
-                if anchor is None or i == 0 or n <= 1:
+                if anchor is None or i in batch or n <= 1:
                     axes.append(None)
                 else:
                     v = self.new_var(n, f"{node.name}.{i}", fixed=reason)
@@ -160,13 +162,15 @@ class CouplingAnalysis(LayoutOps):
                     axes.append((Seg(v, n),))
             return TVal(tuple(axes), shape)
 
-        meta = node.meta.get("tensor_meta")
+        meta, batch = node.meta.get("tensor_meta"), node.meta.get("batch_axes")
         if meta is None:
             return OTHER
         if hasattr(meta, "shape"):
-            return mk(tuple(int(s) for s in meta.shape))
+            return mk(tuple(int(s) for s in meta.shape), batch if isinstance(batch, tuple) else None)
         if isinstance(meta, (list, tuple)):
-            return Seq([mk(tuple(int(s) for s in m.shape)) if hasattr(m, "shape") else OTHER for m in meta])
+            per = batch if isinstance(batch, list) and len(batch) == len(meta) else [None] * len(meta)
+            return Seq([mk(tuple(int(s) for s in m.shape), b if isinstance(b, tuple) else None)
+                        if hasattr(m, "shape") else OTHER for m, b in zip(meta, per)])
         return OTHER
 
     def visit(self, node: fx.Node) -> Any:
@@ -183,11 +187,18 @@ class CouplingAnalysis(LayoutOps):
                     for s in lay or ():
                         self.output_vars.add(s.var)
             return OTHER
+        name = op_name(node.target)
+        self.check_width_uses(node, "getitem" if node.target is operator.getitem else name)
+        registered = self.registered_rule(node)
+        if registered is not None:
+            return self.apply_registered(node, *registered)
         if node.op == "call_module":
             return self.visit_module(node, self.modules[node.target])
-        name = op_name(node.target)
         if node.op == "call_function" and node.target is operator.getitem:
             return self.getitem(node)
+        read = self.shape_read(node, name)
+        if read is not None:
+            return read
         if name in _IGNORE or not self.tensors_in(self.val(list(node.args) + list(node.kwargs.values()))):
             return self.from_meta(node, lambda shape: TVal((None,) * len(shape), shape))
         return self.visit_function(node, name)
@@ -203,13 +214,22 @@ class CouplingAnalysis(LayoutOps):
             return self.reshape(node, x)
         if not isinstance(x, TVal):
             raise Opaque(f"module '{node.target}' ({type(m).__name__}) takes no single tensor")
+        kind = layer_kind(m)
+        if kind == "other":
+            raise Opaque(f"layer subclass '{node.target}' ({type(m).__name__}) computes from more than its weight")
         if isinstance(m, _CONV):
-            return self.conv(node, m, x)
+            out = self.conv(node, m, x)
+            if kind == "std":
+                self.fix(self.ensure(x, 1, node), f"'{node.target}' ({type(m).__name__}) standardises each filter "
+                                                  "over its input channels")
+            return out
         if isinstance(m, nn.Linear):
             lay_in = self.ensure(x, -1 % len(x.shape), node)
             self.bind(node.target, "in", lay_in, node)
             out = (Seg(self.new_var(m.out_features, f"{node.target}.out"), m.out_features),)
             self.bind(node.target, "out", out, node)
+            if kind == "std":
+                self.fix(lay_in, f"'{node.target}' ({type(m).__name__}) standardises its weight over its inputs")
             return TVal(x.axes[:-1] + (out,), x.shape[:-1] + (m.out_features,))
         if isinstance(m, _BN + _IN):
             lay = self.ensure(x, 1, node)

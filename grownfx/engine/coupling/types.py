@@ -30,6 +30,7 @@ class Binding:
     layout: Layout
     axis: int = 0  # parameter axis for role 'param'; arg position for role 'literal'
     node: str = ""  # the graph node that created the binding
+    fill: float = 0.0  # role 'param': value of new entries, the identity of the consuming op (1 for mul/div)
 
 
 @dataclass

@@ -17,8 +17,10 @@ from grownfx.engine import state as net_state
 from grownfx.engine.net import prepare
 from grownfx.models import build_backbone
 from grownfx.recipe.schema import OptimConfig, Recipe, TrainingConfig
-from grownfx.learn.learner import TaskRecord
-from grownfx.learn.training import StageOptim, Timer, accuracy, derive_seed, make_optimizer, run_epoch
+from grownfx.learn.distributed import Dist
+from grownfx.learn.records import LearnerPosition, TaskRecord
+from grownfx.learn.training import StageOptim, Timer, accuracy, make_optimizer, make_scaler
+from grownfx.learn.training import train_stage as run_stage
 
 
 class ContinualMethod(Protocol):
@@ -55,36 +57,62 @@ def train_stage(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
                 device: torch.device, *, seed: tuple, epochs: int, stage: str, round: int = 0,
                 on_epoch: Callable[[dict], None] | None = None,
                 should_stop: Callable[[], bool] = lambda: False,
-                after: Callable[[], dict] | None = None) -> int:
-    """`epochs` passes over the task's train split, one optimiser per (parameters, config) group.
+                after: Callable[[], dict] | None = None, dist: Optional[Dist] = None,
+                resume: Optional[tuple] = None, checkpoint: Callable | None = None, epochs_before: int = 0) -> int:
+    """A baseline's stage through the one loop (grownfx.learn.training.train_stage): `epochs` passes over the
+    task's train split, one optimiser per (parameters, config) group, fp16 with a GradScaler.
 
     Every epoch re-seeds torch and the loader from (seed, stage, round, epoch), like GROWN's learner, so two
     methods given the same seed see the same batches.  `after()` runs after the last epoch and its dict joins
-    that epoch's event (e.g. a validation accuracy and the decision taken on it).  Returns the epochs run.
+    that epoch's event (e.g. a validation accuracy and the decision taken on it).
+
+    `forward(x)` calls `model`; `_Forward` makes it a module that holds `model`, which is what the loop trains
+    (and what DDP wraps with several processes, `dist`).  `resume` = (LearnerPosition, optimiser state) of a
+    mid-task checkpoint of this (stage, round): training continues from its epoch.  `checkpoint(None, position,
+    optim)` (the runner's mid-task checkpoint) is called on a stop request and every `checkpoint_every` epochs.
+    Returns the stage's epochs (those before a resume included).
     """
+    dist = dist if dist is not None else Dist(device)
     opts = [make_optimizer(list(params), cfg) for params, cfg in groups]
-    optim = StageOptim([o for o in opts if o is not None], training.scheduler, tuple(training.milestones))
-    if not optim.optimizers or epochs <= 0:
-        return 0
-    for epoch in range(epochs):
-        s = derive_seed(*seed, stage, round, epoch)
-        torch.manual_seed(s)
-        optim.set_progress(epoch / epochs)
-        model.train()
-        loader = task.train.loader(training.batch_size, shuffle=True, generator=torch.Generator().manual_seed(s),
-                                   device=device)
-        timer = Timer()
-        loss, _, acc, n = run_epoch(forward, loader, optim, device, precision=training.precision,
-                                    channels_last=training.channels_last)
-        info = {"task": task.index, "stage": stage, "round": round, "epoch": epoch + 1, "epochs": epochs,
-                "loss": loss, "train_acc": acc, "seconds": timer.seconds, "images_per_s": n / max(timer.seconds, 1e-9)}
-        if after is not None and epoch == epochs - 1:
-            info.update(after())
-        if on_epoch is not None:
-            on_epoch(info)
-        if should_stop():  # between epochs; the runner resumes from the last finished task
-            raise KeyboardInterrupt
-    return epochs
+    optim = StageOptim([o for o in opts if o is not None], training.scheduler, tuple(training.milestones),
+                       scaler=make_scaler(training.precision, device))
+    start, elapsed = 0, 0.0
+    if resume is not None and resume[0].stage == stage and resume[0].round == round:
+        position, optim_state = resume
+        start, elapsed = position.epoch, position.elapsed
+        if optim_state is not None:
+            optim.load_state_dict(optim_state)
+    timer = Timer()
+
+    done_epochs = [start]
+
+    def epoch_done(done: int) -> dict:
+        done_epochs[0] = done
+        return after() if after is not None and done == epochs else {}
+
+    def save(optim: StageOptim, stopping: bool) -> None:
+        done = done_epochs[0]
+        checkpoint(None, LearnerPosition(stage=stage, round=round, epoch=done, epochs_done=epochs_before + done,
+                                         elapsed=elapsed + timer.seconds), optim)
+
+    trainable = {"params": [p for params, _ in groups for p in params if p.requires_grad]}
+    ran = run_stage(_Forward(model, forward), lambda m, x: m(x), optim, task.train, training, device, dist=dist,
+                    seed=(*seed, stage, round), epochs=epochs, start_epoch=start, trainable=trainable,
+                    event={"task": task.index, "stage": stage, "round": round}, epoch_done=epoch_done,
+                    on_epoch=on_epoch, should_stop=should_stop, checkpoint=save if checkpoint is not None else None)
+    return start + ran  # the stage's epochs, those before a resume included
+
+
+class _Forward(nn.Module):
+    """A baseline's `forward(x)` as a module holding the `model` it runs (what DDP wraps)."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self._forward = forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)
 
 
 @torch.no_grad()
@@ -115,9 +143,10 @@ class NetMethod:
 
     def __init__(self, recipe: Recipe, stream: TaskStream, device: torch.device, *,
                  on_epoch: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] = lambda: False,
-                 **_):
+                 dist: Optional[Dist] = None, **_):
         self.recipe, self.stream, self.device = recipe, stream, torch.device(device)
         self.on_epoch, self.should_stop = on_epoch, should_stop
+        self.dist = dist if dist is not None else Dist(self.device)
         self.net = build_masked_net(recipe, stream, 1.0, self.granularity).to(self.device)
 
     # -- training -------------------------------------------------------------------------------------------
@@ -130,7 +159,8 @@ class NetMethod:
             groups.append((params["masks"], masks))
         return train_stage(self.net, lambda x: self.net(x, task=t), groups, task, self.recipe.training,
                            self.device, seed=(self.recipe.seed, self.name, t), epochs=epochs, stage=stage,
-                           round=round, on_epoch=self.on_epoch, should_stop=self.should_stop, after=after)
+                           round=round, on_epoch=self.on_epoch, should_stop=self.should_stop, after=after,
+                           dist=self.dist)
 
     def mask_optimizer(self, lr: float) -> OptimConfig:
         return OptimConfig(name="adam", lr=lr, momentum=0.0, nesterov=False, weight_decay=0.0)

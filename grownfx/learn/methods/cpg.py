@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
-
-from grownfx.engine.context import DENSE, OFF, SEL, MaskPolicy
+from grownfx.engine import state as net_state
+from grownfx.engine.context import DENSE, SEL, MaskPolicy
 from grownfx.data import Task
-from grownfx.learn.learner import TaskRecord
+from grownfx.learn.records import TaskRecord
 from grownfx.learn.training import Timer
 from grownfx.learn.methods.base import NetMethod
 from grownfx.learn.methods.packnet import prune_to
@@ -31,6 +30,12 @@ def cubic_levels(start: float, end: float, steps: int) -> list[float]:
     if steps == 1:
         return [end]
     return [end + (start - end) * (1 - i / (steps - 1)) ** 3 for i in range(steps)]
+
+
+def step_levels(step: float, end: float) -> list[float]:
+    """ivclab/CPG's levels: step, 2 step, ... while <= end (0.1, 0.2, ..., 0.9 for step 0.1, end 0.95)."""
+    n = int(math.floor(end / step + 1e-9))
+    return [round(step * i, 10) for i in range(1, n + 1)]
 
 
 def cpg_policy() -> MaskPolicy:
@@ -94,7 +99,9 @@ class CPGContinual(NetMethod):
         weights = training.optimizer.model_copy(update={"lr": lr})
         epochs = cfg.prune_epochs if cfg.prune_epochs is not None else max(1, training.epochs // 4)
         kept, snapshot, spent, trail = 0.0, _snapshot(self.net), 0, []
-        for i, level in enumerate(cubic_levels(0.1, cfg.max_sparsity, cfg.prune_steps)):
+        levels = (step_levels(cfg.prune_step, cfg.max_sparsity) if cfg.prune_schedule == "steps"
+                  else cubic_levels(0.1, cfg.max_sparsity, cfg.prune_steps))
+        for i, level in enumerate(levels):
             for layer in self.net.masked_layers():
                 prune_to(layer, level)
 
@@ -127,9 +134,6 @@ def _snapshot(net) -> dict:
 
 
 def _restore(net, snapshot: dict) -> None:
-    net.load_state_dict(snapshot)
-    for layer in net.masked_layers():  # kinds were copied in place: an empty set_kind drops derived caches
-        layer.set_kind(torch.zeros_like(layer.kind, dtype=torch.bool), OFF)
-    net.ctx.bump()
+    net_state.reload_state(net, snapshot)  # kinds and weights copied in place; derived tensors invalidated
 
 

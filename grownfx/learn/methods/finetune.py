@@ -13,13 +13,14 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from grownfx.data import Task, TaskData
+from grownfx.data import Task, TaskData, build_stream
 from grownfx.engine.layers import _reset_head
-from grownfx.learn.learner import TaskRecord
+from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters, slim
 from grownfx.engine.rewrite import set_submodule
-from grownfx.learn.training import Timer, derive_seed
+from grownfx.learn.training import Timer, derive_seed, resolve_device
+from grownfx.recipe.schema import FinetuneMethod
 from grownfx.learn.methods.base import evaluate_with, example_input, train_stage
 
 
@@ -38,8 +39,12 @@ class MultiHead(nn.Module):
 class FinetuneContinual:
     name = "finetune"
 
-    def __init__(self, recipe, stream, device: torch.device, *, on_epoch=None, should_stop=lambda: False, **_):
+    def __init__(self, recipe, stream, device: torch.device, *, on_epoch=None, should_stop=lambda: False,
+                 checkpoint=None, dist=None, **_):
         self.recipe, self.stream, self.device = recipe, stream, torch.device(device)
+        self.checkpoint, self.dist = checkpoint, dist  # mid-task checkpoints; data-parallel training
+        # the paper's row (a copy per task) is "finetune"; the shared network that forgets is labelled apart
+        self.name = "finetune" if recipe.method.keep_copies else "finetune[forgetting]"
         self.on_epoch, self.should_stop = on_epoch, should_stop
         torch.manual_seed(recipe.seed)
         model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs)
@@ -60,21 +65,27 @@ class FinetuneContinual:
 
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
         timer, training = Timer(), self.recipe.training
-        t = len(self.heads.heads)
         for old in self.heads.heads:
             old.requires_grad_(False)
-        self.heads.heads.append(self._new_head(task.num_classes, t))
+        if resume is None:
+            t = len(self.heads.heads)
+            self.heads.heads.append(self._new_head(task.num_classes, t))
+        else:  # a mid-task checkpoint: its state already holds this task's head, part-trained
+            t = len(self.heads.heads) - 1
+            self.heads.heads[t].requires_grad_(True)
         self.heads.task = t
         params = [p for p in self.model.parameters() if p.requires_grad]
         epochs = train_stage(self.model, self._forward(t), [(params, training.optimizer)], task, training,
                              self.device, seed=(self.recipe.seed, self.name, t), epochs=training.epochs,
-                             stage="train", on_epoch=self.on_epoch, should_stop=self.should_stop)
+                             stage="train", on_epoch=self.on_epoch, should_stop=self.should_stop,
+                             dist=self.dist, resume=resume, checkpoint=self.checkpoint)
         if self.recipe.method.keep_copies:
             self.copies.append(copy.deepcopy(self.model).requires_grad_(False))
         val = self.evaluate(t, task.val)
         return TaskRecord(index=t, name=task.name, num_classes=task.num_classes, target=target, val_acc=val,
                           val_history=[val], params_stored=self.num_parameters(),
-                          params_task=count_parameters(self.export(t)), time_s=timer.seconds, epochs=epochs)
+                          params_task=count_parameters(self.export(t)),
+                          time_s=timer.seconds + (resume[0].elapsed if resume else 0.0), epochs=epochs)
 
     def _model_for(self, t: int) -> nn.Module:
         return self.copies[t] if t < len(self.copies) else self.model
@@ -121,3 +132,14 @@ class FinetuneContinual:
             c = copy.deepcopy(self.model)
             c.load_state_dict(sd)
             self.copies.append(c.requires_grad_(False))
+
+
+def finetune_references(recipe) -> list[float]:
+    """Fine-tune's validation accuracy on each task right after learning it (what `best(scratch, finetune)`
+    targets read; identical with and without keep_copies, so the cheaper shared network is trained)."""
+    if recipe.training.num_threads:
+        torch.set_num_threads(recipe.training.num_threads)
+    recipe = recipe.model_copy(update={"method": FinetuneMethod(keep_copies=False)})
+    stream = build_stream(recipe.data, recipe.seed)
+    method = FinetuneContinual(recipe, stream, resolve_device(recipe.device))
+    return [method.learn(task, None).val_acc for task in stream.tasks]

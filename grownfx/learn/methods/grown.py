@@ -10,7 +10,9 @@ from grownfx.engine import state as net_state
 from grownfx.recipe.schema import GrownMethod as GrownMethodConfig
 from grownfx.recipe.schema import Recipe
 from grownfx.data import Task, TaskData, TaskStream
-from grownfx.learn.learner import GrownLearner, TaskRecord
+from grownfx.learn.learner import GrownLearner
+from grownfx.learn.records import TaskRecord
+from grownfx.learn.seed_size import width_for_size
 from grownfx.models import build_backbone
 from grownfx.engine.net import GrowableNet, prepare
 from grownfx.learn.methods.base import example_input
@@ -21,6 +23,9 @@ def build_net(recipe: Recipe, stream: TaskStream, seed_width: Optional[float] = 
     torch.manual_seed(recipe.seed)
     model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs)
     width = recipe.model.seed_width if seed_width is None else seed_width
+    if seed_width is None and recipe.model.seed_size is not None:  # a parameter fraction: the paper's unit
+        width = width_for_size(model, example_input(stream.input_shape), recipe.model.seed_size,
+                               leaf_modules=recipe.model.leaf_modules)
     return prepare(model, example_input(stream.input_shape), width, leaf_modules=recipe.model.leaf_modules,
                    granularity=recipe.model.granularity, seed=recipe.seed)
 
@@ -40,6 +45,10 @@ class GrownContinual:
         else:
             assert isinstance(method, GrownMethodConfig)
             switches, growth = method.switches(), recipe.growth
+            if method.ablation == "grow_only" and switches == (False, False, False):
+                # the paper's Grow row (Table 3) and Table 5's "Grow only" row are one experiment (76.5 both),
+                # which "only grows the model for each task": a growth round every task, like `grow`
+                growth = growth.model_copy(update={"when": "always"})
         self.name = method.name if method.name == "grow" else (
             "grown" if method.ablation == "full" else f"grown[{method.ablation}]")
         self.recipe, self.stream = recipe, stream

@@ -16,7 +16,7 @@ from grownfx.engine.context import DENSE, OFF, MaskPolicy
 from grownfx.data import Task
 from grownfx.engine.banks import MaskedLayer
 from grownfx.engine.layers import FREE
-from grownfx.learn.learner import TaskRecord
+from grownfx.learn.records import TaskRecord
 from grownfx.learn.training import Timer
 from grownfx.learn.methods.base import NetMethod
 

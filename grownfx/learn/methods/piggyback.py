@@ -13,7 +13,7 @@ from typing import Optional
 from grownfx.engine import masks as M
 from grownfx.engine.context import DENSE, SEL, MaskPolicy
 from grownfx.data import Task
-from grownfx.learn.learner import TaskRecord
+from grownfx.learn.records import TaskRecord
 from grownfx.learn.training import Timer
 from grownfx.learn.methods.base import NetMethod
 

@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from grownfx.data import Task, TaskData
-from grownfx.learn.learner import TaskRecord
+from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters, slim
 from grownfx.learn.training import Timer, derive_seed
@@ -168,9 +168,10 @@ class PNNContinual:
     name = "pnn"
 
     def __init__(self, recipe, stream, device: torch.device, *, on_epoch=None,
-                 should_stop=lambda: False, **_):
+                 should_stop=lambda: False, checkpoint=None, dist=None, **_):
         self.recipe, self.stream, self.device = recipe, stream, torch.device(device)
         self.on_epoch, self.should_stop = on_epoch, should_stop
+        self.checkpoint, self.dist = checkpoint, dist  # mid-task checkpoints; data-parallel training
         self.net = ProgressiveNet(recipe.method.laterals).to(self.device)
         self.full_params = count_parameters(build_backbone(recipe.model.builder, stream.tasks[0].num_classes,
                                                            recipe.model.kwargs))
@@ -194,15 +195,24 @@ class PNNContinual:
 
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
         timer, training = Timer(), self.recipe.training
-        k = self._add(task.num_classes)
+        if resume is None:
+            k = self._add(task.num_classes)
+        else:  # a mid-task checkpoint: its state holds this task's column, part-trained (and frozen by load_state)
+            k = len(self.num_classes) - 1
+            for p in self.net.column_parameters(k):
+                p.requires_grad_(True)
+            self.net.frozen = k
+            self.net.train(self.net.training)
         epochs = train_stage(self.net, lambda x: self.net(x, k), [(self.net.column_parameters(k), training.optimizer)],
                              task, training, self.device, seed=(self.recipe.seed, self.name, k), epochs=training.epochs,
-                             stage="train", on_epoch=self.on_epoch, should_stop=self.should_stop)
+                             stage="train", on_epoch=self.on_epoch, should_stop=self.should_stop, dist=self.dist,
+                             resume=resume, checkpoint=self.checkpoint)
         self.net.freeze(k)
         val = self.evaluate(k, task.val)
         return TaskRecord(index=k, name=task.name, num_classes=task.num_classes, target=target, val_acc=val,
                           val_history=[val], params_stored=self.num_parameters(),
-                          params_task=count_parameters(self.export(k)), time_s=timer.seconds, epochs=epochs)
+                          params_task=count_parameters(self.export(k)),
+                          time_s=timer.seconds + (resume[0].elapsed if resume else 0.0), epochs=epochs)
 
     @torch.no_grad()
     def logits(self, task_index: int, x: torch.Tensor) -> torch.Tensor:

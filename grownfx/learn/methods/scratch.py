@@ -10,7 +10,7 @@ from torch import nn
 
 from grownfx.recipe.schema import Recipe, TrainingConfig
 from grownfx.data import Task, TaskData, TaskStream
-from grownfx.learn.learner import TaskRecord
+from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters
 from grownfx.learn.training import Timer, derive_seed
@@ -18,13 +18,20 @@ from grownfx.learn.methods.base import evaluate_with, train_stage
 
 
 def train_plain(model: nn.Module, task: Task, training: TrainingConfig, device: torch.device, seed,
-                epochs: Optional[int] = None, on_epoch: Callable[[dict], None] | None = None) -> float:
-    """Train a plain module on one task with the recipe's weight optimiser and schedule; returns val accuracy."""
+                epochs: Optional[int] = None, on_epoch: Callable[[dict], None] | None = None, *,
+                dist=None, resume: Optional[tuple] = None, checkpoint=None,
+                should_stop: Callable[[], bool] = lambda: False) -> float:
+    """Train a plain module on one task with the recipe's weight optimiser and schedule; returns val accuracy.
+
+    Through the one stage loop: fp16 with a GradScaler, data-parallel with `dist`, mid-task `checkpoint`s and
+    `resume` (see grownfx.learn.methods.base.train_stage).
+    """
     model.to(device)
     if training.channels_last:
         model.to(memory_format=torch.channels_last)
     train_stage(model, model, [(list(model.parameters()), training.optimizer)], task, training, device,
-                seed=tuple(seed), epochs=epochs or training.epochs, stage="scratch", on_epoch=on_epoch)
+                seed=tuple(seed), epochs=epochs or training.epochs, stage="scratch", on_epoch=on_epoch,
+                dist=dist, resume=resume, checkpoint=checkpoint, should_stop=should_stop)
     return evaluate_plain(model, task.val, training, device)
 
 
@@ -42,22 +49,30 @@ class ScratchContinual:
 
     name = "scratch"
 
-    def __init__(self, recipe: Recipe, stream: TaskStream, device: torch.device, *, on_epoch=None, **_):
+    def __init__(self, recipe: Recipe, stream: TaskStream, device: torch.device, *, on_epoch=None,
+                 should_stop: Callable[[], bool] = lambda: False, checkpoint=None, dist=None, **_):
         self.recipe, self.stream, self.device, self.on_epoch = recipe, stream, device, on_epoch
+        self.should_stop, self.checkpoint, self.dist = should_stop, checkpoint, dist
         self.models: list[nn.Module] = []
+        self.current: Optional[nn.Module] = None  # the task being learned (in mid-task checkpoints)
         self.full_params = count_parameters(build_backbone(recipe.model.builder, stream.tasks[0].num_classes,
                                                            recipe.model.kwargs))
 
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
         timer = Timer()
-        model = fresh_backbone(self.recipe, task, (self.recipe.seed, "scratch", task.index))
+        if resume is None or self.current is None:
+            self.current = fresh_backbone(self.recipe, task, (self.recipe.seed, "scratch", task.index))
+        model = self.current
         val = train_plain(model, task, self.recipe.training, self.device, (self.recipe.seed, "scratch", task.index),
-                          on_epoch=self.on_epoch)
+                          on_epoch=self.on_epoch, dist=self.dist, resume=resume, checkpoint=self.checkpoint,
+                          should_stop=self.should_stop)
         self.models.append(model)
+        self.current = None
         n = count_parameters(model)
         return TaskRecord(index=task.index, name=task.name, num_classes=task.num_classes, target=target, val_acc=val,
                           val_history=[val], params_stored=self.num_parameters(), params_task=n,
-                          time_s=timer.seconds, epochs=self.recipe.training.epochs)
+                          time_s=timer.seconds + (resume[0].elapsed if resume else 0.0),
+                          epochs=self.recipe.training.epochs)
 
     def evaluate(self, task_index: int, data: TaskData) -> float:
         return evaluate_plain(self.models[task_index], data, self.recipe.training, self.device)
@@ -69,7 +84,8 @@ class ScratchContinual:
         return sum(count_parameters(m) for m in self.models)
 
     def state(self) -> dict:
-        return {"models": [m.state_dict() for m in self.models]}
+        return {"models": [m.state_dict() for m in self.models],
+                "current": self.current.state_dict() if self.current is not None else None}
 
     def load_state(self, state: dict) -> None:
         self.models = []
@@ -77,3 +93,9 @@ class ScratchContinual:
             m = build_backbone(self.recipe.model.builder, self.stream.tasks[i].num_classes, self.recipe.model.kwargs)
             m.load_state_dict(sd)
             self.models.append(m.to(self.device))
+        self.current = None
+        if state.get("current") is not None:  # a mid-task checkpoint: the part-trained backbone of the next task
+            task = self.stream.tasks[len(self.models)]
+            self.current = build_backbone(self.recipe.model.builder, task.num_classes, self.recipe.model.kwargs)
+            self.current.load_state_dict(state["current"])
+            self.current.to(self.device)

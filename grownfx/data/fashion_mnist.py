@@ -1,0 +1,117 @@
+"""Fashion-MNIST (Xiao et al. 2017) read from its four IDX files, split into tasks of classes.
+
+The files are the ones Zalando publishes (`train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`,
+`t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`), gzipped or not, found in `root` itself, in
+`root/FashionMNIST/raw/` (torchvision's layout) or in `root/raw/`.  On Debian/Ubuntu
+`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist (the default root).
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from grownfx.data.config import FashionMNISTConfig
+from grownfx.data.core import TaskStream
+from grownfx.data.errors import DatasetError, abspath, describe_dir
+from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
+
+__all__ = ["FASHION_CLASSES", "FASHION_MEAN", "FASHION_STD", "build_fashion_mnist", "find_idx", "read_idx"]
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+# Over the 60000 training images scaled to [0, 1] (torchvision's usual FashionMNIST values).
+FASHION_MEAN = (0.2860,)
+FASHION_STD = (0.3530,)
+FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+         "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+HOWTO = ("Install Debian's package with `apt-get install dataset-fashion-mnist` (files in "
+         "/usr/share/datasets/fashion-mnist), or copy the four IDX files from "
+         "https://github.com/zalandoresearch/fashion-mnist (data/fashion/) or a torchvision FashionMNIST root "
+         "(FashionMNIST/raw/) into data.root.")
+_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
+           0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX file (LeCun's format: 0, 0, dtype code, ndim, big-endian uint32 dims, data), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
+        raise DatasetError(f"{path} is not an IDX file (bad magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dtype = np.dtype(_DTYPES[raw[2]])
+    count = int(np.prod(dims)) if dims else 0
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != count * dtype.itemsize:
+        raise DatasetError(f"{path}: header says {dims} of {dtype} ({count * dtype.itemsize} bytes), "
+                           f"the file holds {len(raw) - offset}")
+    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
+
+
+def find_idx(root: Path) -> dict[str, Path]:
+    """The four files under root, root/FashionMNIST/raw or root/raw (plain or .gz); DatasetError if missing."""
+    root = abspath(root)
+    for folder in (root, root / "FashionMNIST" / "raw", root / "raw"):
+        found = {}
+        for key, stem in FILES.items():
+            for name in (stem, stem + ".gz"):
+                if (folder / name).is_file():
+                    found[key] = folder / name
+                    break
+        if len(found) == len(FILES):
+            return found
+    raise DatasetError(f"Fashion-MNIST: expected {', '.join(s + '[.gz]' for s in FILES.values())} in {root}, "
+                       f"{root / 'FashionMNIST' / 'raw'} or {root / 'raw'}; found instead: {describe_dir(root)}. "
+                       f"{HOWTO} Nothing is downloaded.")
+
+
+def _per_class(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Row indices keeping (at most) n random samples of every class, in ascending row order."""
+    keep = [rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]
+    return np.sort(np.concatenate(keep))
+
+
+def build_fashion_mnist(cfg: FashionMNISTConfig, seed: int) -> TaskStream:
+    files = find_idx(cfg.root)
+    arrays = {k: read_idx(p) for k, p in files.items()}
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DatasetError(f"Fashion-MNIST {split}: images {x.shape} and labels {y.shape} do not match "
+                               f"(expected (N, 28, 28) and (N,))")
+    train_y = arrays["train_y"].astype(np.int64)
+    train_ids = np.arange(len(train_y))
+    if cfg.train_per_class is not None:  # the low-data setting: a seeded, class-balanced subset
+        train_ids = _per_class(train_y, cfg.train_per_class, np.random.default_rng([seed, 7919]))
+    test_y = arrays["test_y"].astype(np.int64)
+    order_seed = seed if cfg.class_order_seed is None else cfg.class_order_seed
+    order = class_order(10, cfg.class_order == "shuffled", order_seed)
+    task_classes = group_classes(order, cfg.classes_per_task, cfg.num_tasks)
+    return assemble(
+        name="fashion_mnist",
+        train=Pool(arrays["train_x"][:, None], train_y[train_ids], train_ids, rows=train_ids),
+        test=Pool(arrays["test_x"][:, None], test_y, np.arange(len(test_y)) + len(arrays["train_y"])),
+        class_names=list(FASHION_CLASSES),
+        task_classes=task_classes,
+        task_names=[f"fashion_mnist/task{t + 1}" for t in range(len(task_classes))],
+        seed=seed,
+        val=Holdout(fraction=cfg.val_fraction),
+        limit=cfg.limit_per_task,
+        mean=cfg.mean or FASHION_MEAN,
+        std=cfg.std or FASHION_STD,
+        augment=None if cfg.augment == "none" else cfg.augment,
+        meta={
+            "kind": cfg.name,
+            "config": cfg.model_dump(mode="json"),
+            "sources": {k: str(p) for k, p in files.items()},
+            "id_space": "id i < 60000: row i of the train files; 60000 + j: row j of the t10k files",
+            "class_order": [int(c) for c in order],
+            "class_order_seed": order_seed,
+        },
+    )

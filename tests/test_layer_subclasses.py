@@ -1,0 +1,235 @@
+"""Patterns timm models are made of, in small torch-only models: subclasses of the standard layers and norms,
+channel slices and splits written as numbers, opaque ops with the batch off axis 0, several logit layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import grownfx
+from grownfx.engine.tracing import TraceError, layer_kind
+from engine_checks import check_backbone
+
+
+class SameConv(nn.Conv2d):
+    """timm's Conv2dSame: padding computed from the input in forward (control flow fx cannot trace)."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        ph = max((-(-ih // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - ih, 0)
+        pw = max((-(-iw // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - iw, 0)
+        if ph > 0 or pw > 0:
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardisation (timm's StdConv2d)."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class GainConv(nn.Conv2d):
+    """A conv with a parameter besides weight and bias (timm's ScaledStdConv2d)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.gain, self.bias, self.stride, self.padding)
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: functional batch_norm, then an activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+class TLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class SubclassNet(nn.Module):
+    def __init__(self, conv=SameConv, classes=10):
+        super().__init__()
+        self.stem = conv(3, 16, 3, stride=2)
+        self.bn1 = BNAct(16)
+        self.conv = conv(16, 16, 3, padding=1)
+        self.bn2 = BNAct(16)
+        self.head = TLinear(16, classes)
+
+    def forward(self, x):
+        x = self.bn1(self.stem(x))
+        x = x + self.bn2(self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _builder(model_fn, shape=(4, 3, 16, 16)):
+    return lambda name: (model_fn(), torch.randn(*shape))
+
+
+def test_layer_kinds():
+    assert layer_kind(nn.Conv2d(3, 4, 3)) == "plain"
+    assert layer_kind(SameConv(3, 4, 3)) == "plain"
+    assert layer_kind(TLinear(3, 4)) == "plain"
+    assert layer_kind(StdConv(3, 4, 3)) == "std"
+    assert layer_kind(GainConv(3, 4, 3)) == "other"
+    assert layer_kind(nn.ReLU()) is None
+
+
+def test_conv_and_norm_subclasses_grow_and_export():
+    report = check_backbone("subclasses", 0.5, builder=_builder(SubclassNet))
+    assert report["growable"] == 1  # the residual stream: nothing lost to a functional batch_norm
+    assert sorted(report["fixed_reasons"]) == ["touches the logits", "touches the network input"]
+    net = grownfx.prepare(SubclassNet(), torch.randn(2, 3, 16, 16), seed_width=0.5)
+    t = net.add_task(10)
+    sub = net.export(t)
+    assert isinstance(sub.get_submodule("stem"), SameConv) and isinstance(sub.get_submodule("bn1"), BNAct)
+
+
+class StdThenPlain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.std, self.bn = StdConv(3, 16, 3, padding=1), BNAct(16)
+        self.std2 = StdConv(16, 16, 3, padding=1)
+        self.plain = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.plain(self.std2(self.bn(self.std(x)))).mean((2, 3)))
+
+
+def test_std_conv_keeps_its_inputs_fixed():
+    net = grownfx.prepare(StdThenPlain(), torch.randn(2, 3, 16, 16), seed_width=0.5)
+    by_producer = {b.target: g for g in net.coupling_groups for b in g.members if b.role == "out"}
+    assert not by_producer["std"].growable and "standardises" in " ".join(by_producer["std"].reasons)
+    assert by_producer["std2"].growable and by_producer["plain"].growable  # std convs' outputs grow
+    check_backbone("std", 0.5, builder=_builder(StdThenPlain))
+
+
+def test_conv_with_extra_parameter_is_opaque():
+    net = grownfx.prepare(SubclassNet(GainConv), torch.randn(2, 3, 16, 16), seed_width=0.5,
+                          leaf_modules=[GainConv])
+    t = net.add_task(10)
+    x = torch.randn(2, 3, 16, 16)
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(net.export(t)(x), net(x, task=t), atol=1e-5)
+
+
+class CatSlice(nn.Module):
+    """GhostNet: cat of two producers, then a numeric slice that keeps every channel (or cuts some)."""
+
+    def __init__(self, keep=None):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.keep = keep
+        self.c = nn.Conv2d(16 if keep is None else keep, 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        y = y[:, :16] if self.keep is None else y[:, :self.keep]
+        return self.head(self.c(y).mean((2, 3)))
+
+
+class CatSplit(nn.Module):
+    def __init__(self, chunk=False):
+        super().__init__()
+        self.chunk = chunk
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 24 if not chunk else 16, 1)
+        self.c = nn.Conv2d(3, 8, 1)
+        self.d = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        if self.chunk:
+            p, q = torch.chunk(torch.cat([self.a(x), self.b(x)], 1), 2, dim=1)
+        else:
+            p, q, r = torch.split(torch.cat([self.a(x), self.b(x), self.c(x)], 1), [16, 24, 8], dim=1)
+        return self.head(self.d(p + q[:, :16] if not self.chunk else p * q).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", [lambda: CatSlice(), lambda: CatSlice(12), lambda: CatSplit(),
+                                  lambda: CatSplit(chunk=True)], ids=["full-slice", "cut-slice", "split", "chunk"])
+def test_numeric_slices_and_splits(make):
+    report = check_backbone("slices", 0.5, builder=_builder(make))
+    assert report["growable"] >= 1
+
+
+def test_cut_slice_fixes_the_whole_axis_with_reason():
+    net = grownfx.prepare(CatSlice(12), torch.randn(2, 3, 8, 8), seed_width=0.5)
+    reasons = [r for g in net.coupling_groups for r in g.reasons]
+    assert any("written as numbers" in r for r in reasons)
+    assert not any(g.growable and any(b.target in ("a", "b") for b in g.members) for g in net.coupling_groups)
+
+
+def test_chunk_of_cat_ties_its_pieces():
+    net = grownfx.prepare(CatSplit(chunk=True), torch.randn(2, 3, 8, 8), seed_width=0.5)
+    g = next(g for g in net.coupling_groups if any(b.target == "a" and b.role == "out" for b in g.members))
+    assert g.growable and any(b.target == "b" and b.role == "out" for b in g.members)
+
+
+class GRUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.gru = nn.GRU(16, 12, num_layers=2, batch_first=True)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        _, h = self.gru(self.proj(x))
+        return self.head(h[-1])
+
+
+def test_opaque_op_batch_axis_does_not_depend_on_example_batch():
+    structure = []
+    for b in (1, 2, 12):
+        net = grownfx.prepare(GRUNet(), torch.randn(b, 5, 8), seed_width=0.5)
+        structure.append(sorted((g.width, g.growable) for g in net.coupling_groups))
+    assert structure[0] == structure[1] == structure[2]
+
+
+class Distilled(nn.Module):
+    """LeViT / EfficientFormer: a classifier and a distillation head, averaged in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.head, self.head_dist = nn.Linear(16, 10), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.conv(x).mean((2, 3))
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+def test_several_logit_layers_each_task_gets_all():
+    report = check_backbone("distilled", 0.5, builder=_builder(Distilled))
+    assert report["growable"] == 1
+    net = grownfx.prepare(Distilled(), torch.randn(2, 3, 8, 8))
+    assert sorted(net.head_targets) == ["head", "head_dist"]
+    net.add_task(3)
+    assert net(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+
+
+def test_trace_error_names_the_python_argument():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(TraceError, match=r"leaf_modules=\[\.\.\.\]"):
+        grownfx.prepare(Bad(), torch.randn(2, 3))

@@ -1,0 +1,330 @@
+"""Issue 14: the run folder survives kills, second writers, corrupt files and diverged training.
+
+Every run here is tiny (digits, 2 tasks of 5 classes, 60 samples per split, 1 epoch): a few seconds each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grownfx import files
+from grownfx.recipe.schema import Recipe
+from grownfx.run import runner
+from grownfx.run.export import export_complete, export_run, task_folder
+from grownfx.run.runner import RunError, run
+
+
+def tiny(out: Path | None, **changes) -> Recipe:
+    d = {"name": "tiny", "seed": 0, "model": {"builder": "small_cnn", "seed_width": 0.5, "kwargs": {"in_channels": 1}},
+         "data": {"name": "digits", "classes_per_task": 5, "limit_per_task": 60},
+         "training": {"epochs": 1, "stage2_epochs": 1, "num_threads": 1,
+                      "optimizer": {"name": "adam", "lr": 1e-3, "momentum": 0.0}},
+         "growth": {"max_rounds": 1}, "target": {"rule": 0.0},
+         "output": {"dir": str(out), "tensorboard": False, "export_format": "pt2"}}
+    for key, value in changes.items():
+        node = d
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return Recipe.model_validate(d)
+
+
+def quiet(msg):
+    pass
+
+
+SCRIPT = """
+import sys
+from grownfx.recipe.schema import Recipe
+from grownfx.run.runner import run
+run(Recipe.model_validate_json(sys.argv[1]), resume=sys.argv[2] == '1', echo=lambda m: print(m, flush=True))
+"""
+
+
+def _subprocess_run(r: Recipe, kill_at: str, resume: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GROWNFX_TEST_KILL_AT=kill_at)
+    return subprocess.run([sys.executable, "-c", SCRIPT, r.model_dump_json(), "1" if resume else "0"], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# --- 1. a kill between a task's checkpoint and its export ---------------------------------------------------
+
+
+def test_kill_between_checkpoint_and_export_is_finished_by_resume(tmp_path):
+    r = tiny(tmp_path / "run")
+    proc = _subprocess_run(r, "after_checkpoint")
+    assert proc.returncode == 137, proc.stdout + proc.stderr
+    out = tmp_path / "run"
+    assert (out / "checkpoints/last.pt").exists() and not export_complete(task_folder(out, 0), "pt2")
+    result = run(r, resume=True, echo=quiet)
+    assert len(result.records) == 2
+    for t in range(2):
+        assert export_complete(task_folder(out, t), "pt2"), t
+    meta = json.loads((task_folder(out, 0) / "meta.json").read_text())
+    # `grownfx export` writes the same meta as the run (mean, std, classes, input shape, ...)
+    export_run(out, 0, "pt2")
+    again = json.loads((task_folder(out, 0) / "meta.json").read_text())
+    for key in ("mean", "std", "classes", "input_shape", "num_classes", "preprocessing", "macs", "name"):
+        assert again[key] == meta[key], key
+
+
+def test_export_writes_the_run_meta_after_the_export_folder_is_deleted(tmp_path):
+    out = tmp_path / "run"
+    run(tiny(out), echo=quiet)
+    meta = json.loads((task_folder(out, 1) / "meta.json").read_text())
+    for p in task_folder(out, 1).iterdir():
+        p.unlink()
+    export_run(out, 1, "pt2")
+    again = json.loads((task_folder(out, 1) / "meta.json").read_text())
+    assert {k: v for k, v in again.items() if k != "formats"} == {k: v for k, v in meta.items() if k != "formats"}
+    assert again["formats"]["pt2"]["sha256"] == files.file_sha256(task_folder(out, 1) / "model.pt2")
+
+
+# --- 2. one writer per run folder ---------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with files.FolderLock(out):  # another process writing the folder
+        with pytest.raises(RunError, match="in use by another grownfx process"):
+            run(tiny(out), out_dir=out, echo=quiet)
+        with pytest.raises(RunError, match="in use"):
+            run(tiny(out), out_dir=out, resume=True, echo=quiet)
+    # a lock file left by a process that died (its pid written, no flock held) does not block
+    (out / ".lock").write_text("999999")
+    run(tiny(out), out_dir=out, echo=quiet)
+    assert (out / "summary.json").exists()
+
+
+# --- 3. --out holding something else ------------------------------------------------------------------------
+
+
+def test_out_that_is_not_empty_and_not_a_run_is_refused(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.csv").write_text("precious")
+    with pytest.raises(RunError, match="not empty"):
+        run(tiny(out), out_dir=out, echo=quiet)
+    assert (out / "summary.csv").read_text() == "precious" and not (out / "config.resolved.yaml").exists()
+
+
+def test_same_command_twice_makes_numbered_folders_and_resume_takes_the_latest(tmp_path):
+    base = tmp_path / "tiny"
+    lines: list[str] = []
+    first = run(tiny(base), echo=lines.append)
+    second = run(tiny(base), echo=lines.append)
+    assert first.out_dir == base and second.out_dir == tmp_path / "tiny-2"
+    assert f"writing run folder {tmp_path / 'tiny-2'}" in lines
+    resumed = run(tiny(base), resume=True, echo=lines.append)
+    assert resumed.out_dir == tmp_path / "tiny-2"
+    with pytest.raises(RunError, match="already holds a run"):  # an explicit --out is never renumbered
+        run(tiny(base), out_dir=base, echo=quiet)
+
+
+# --- 4. the checkpoint is the source of truth ---------------------------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_keeps_the_checkpoint_event_and_rebuilds_deleted_files(tmp_path, monkeypatch):
+    r = tiny(tmp_path / "run", training__epochs=3, training__checkpoint_every=1)
+    original = runner._Run.mid_task_checkpoint
+
+    def crash_after(self, *args):
+        original(self, *args)
+        raise Crash  # like a kill right after the first mid-task checkpoint
+
+    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash_after)
+    with pytest.raises(Crash):
+        run(r, echo=quiet)
+    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", original)
+    out = tmp_path / "run"
+    (out / "metrics.jsonl").unlink()
+    (out / "config.resolved.yaml").unlink()
+    run(r, resume=True, echo=quiet)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events[:2]] == ["epoch", "checkpoint"], events[:3]
+    assert sum(e["event"] == "task" for e in events) == 2
+    assert "seed_width: 0.5" in (out / "config.resolved.yaml").read_text()
+
+
+# --- 5. atomic writes with the user's umask -----------------------------------------------------------------
+
+
+def test_result_files_get_the_umask_mode_and_stale_temps_are_removed(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        run(tiny(out), echo=quiet)
+        for name in ("checkpoints/last.pt", "summary.json", "stream.json", "acc_matrix.csv", "config.resolved.yaml",
+                     "exports/task_1/meta.json"):
+            assert (out / name).stat().st_mode & 0o777 == 0o644, name
+        stale = out / "summary.json.k2j3h4.tmp"
+        stale.write_text("{")
+        run(tiny(out), resume=True, echo=quiet)
+        assert not stale.exists()
+    finally:
+        os.umask(old)
+
+
+def test_full_disk_names_the_path_and_leaves_no_temp(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError, match="no space left on the device writing .*summary.json"):
+        files.atomic_write_json({"a": 1}, tmp_path / "summary.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- 6. divergence ------------------------------------------------------------------------------------------
+
+
+def test_diverged_training_stops_with_a_clear_error_and_writes_no_checkpoint_or_export(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=r"training diverged: .* in task 1, stage \w+( round \d)?, epoch \d+"):
+        run(tiny(out, training__optimizer={"name": "sgd", "lr": 1e30, "momentum": 0.0}), echo=quiet)
+    assert not (out / "checkpoints/last.pt").exists() and not (out / "exports").exists()
+
+
+def test_diverged_scratch_reference_stops_the_run(tmp_path):
+    with pytest.raises(RunError, match="stage scratch"):
+        run(tiny(tmp_path / "run", target={"rule": "scratch - 1.0"},
+                 training__optimizer={"name": "sgd", "lr": 1e30, "momentum": 0.0}), echo=quiet)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), float("-inf")])
+def test_recipes_reject_non_finite_numbers(tmp_path, value):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="finite"):
+        tiny(tmp_path, training__optimizer={"name": "sgd", "lr": value})
+
+
+# --- 7. checkpoint integrity --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "flip"])
+def test_corrupt_checkpoint_is_one_clear_error_naming_the_file(tmp_path, damage):
+    out = tmp_path / "run"
+    run(tiny(out), echo=quiet)
+    last = out / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    if damage == "truncate":
+        last.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        last.write_bytes(b"")
+    else:
+        last.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with pytest.raises(RunError, match=f"{last}.*(corrupt|empty)") as info:
+        run(tiny(out), resume=True, echo=quiet)
+    assert "weights_only" not in str(info.value)
+    with pytest.raises(files.CorruptFileError, match=str(last)):
+        export_run(out, 0, "pt2")
+
+
+# --- 8. num_threads changes what is learned -----------------------------------------------------------------
+
+
+def test_resume_with_another_thread_count_is_refused(tmp_path):
+    out = tmp_path / "run"
+    run(tiny(out), echo=quiet)
+    with pytest.raises(RunError, match="training.num_threads"):
+        run(tiny(out, training__num_threads=2), resume=True, echo=quiet)
+
+
+# --- compare: folders, and a diverged reference -------------------------------------------------------------
+
+
+def test_compare_marks_a_diverged_reference_failed_instead_of_setting_targets(tmp_path):
+    from grownfx.run.compare import run_compare
+
+    r = tiny(tmp_path / "c", target={"rule": "scratch - 1.0"},
+             training__optimizer={"name": "sgd", "lr": 1e30, "momentum": 0.0})
+    with pytest.raises(RuntimeError, match="2 run"):
+        run_compare(r, ["scratch", "grown"], out_dir=tmp_path / "cmp")
+    index = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert {(e["method"], e["status"]) for e in index["runs"]} == {("scratch", "failed"), ("grown", "failed")}
+    assert "diverged" in next(e["error"] for e in index["runs"] if e["method"] == "grown")
+    assert not index["targets"]
+
+
+def test_compare_with_an_override_gets_a_new_folder_and_explicit_out_is_refused(tmp_path):
+    from grownfx.run.compare import run_compare
+
+    first = run_compare(tiny(tmp_path / "c"), ["finetune"])
+    assert first == tmp_path / "c_compare"
+    again = run_compare(tiny(tmp_path / "c"), ["finetune"])  # the same comparison: continued (reused)
+    assert again == first
+    other = run_compare(tiny(tmp_path / "c", training__epochs=2), ["finetune"])
+    assert other == tmp_path / "c_compare-2"
+    with pytest.raises(RunError, match="another recipe"):
+        run_compare(tiny(tmp_path / "c", training__epochs=3), ["finetune"], out_dir=first)
+
+
+# --- 9. decisions need validation data ----------------------------------------------------------------------
+
+
+def test_recipe_whose_decisions_have_no_validation_data_is_refused(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="val_fraction is 0"):
+        tiny(tmp_path, data={"name": "digits", "classes_per_task": 5, "val_fraction": 0.0})
+    tiny(tmp_path, data={"name": "digits", "classes_per_task": 5, "val_fraction": 0.0},
+         method={"name": "finetune"})  # reports val accuracy, decides nothing on it
+
+
+def test_a_tiny_or_empty_validation_split_is_warned_or_refused(tmp_path):
+    from types import SimpleNamespace
+
+    def stream(n_val):
+        return SimpleNamespace(tasks=[SimpleNamespace(val=[0] * n_val, num_classes=5)])
+
+    lines: list[str] = []
+    runner.check_validation(tiny(tmp_path), stream(12), lines.append)
+    assert lines and "fewer than 10 per class" in lines[0] and "noisy" in lines[0]
+    with pytest.raises(RunError, match="task 1 has no validation samples"):
+        runner.check_validation(tiny(tmp_path), stream(0), lines.append)
+    lines.clear()
+    runner.check_validation(tiny(tmp_path), stream(50), lines.append)
+    assert not lines
+
+
+# --- 10. 16-bit PNGs, decompression bombs -------------------------------------------------------------------
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from grownfx.data.folder import read_images
+
+    a = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    x = read_images([tmp_path / "g16.png"], None, 1)
+    assert x.dtype == np.uint8 and x.max() == 245 and x[0, 0, 0, 1] == 4  # 1000/65535*255, not 255
+
+
+def test_decompression_bomb_names_the_file(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from grownfx.data import DatasetError
+    from grownfx.data.folder import read_images
+
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(DatasetError, match="bomb.png"):
+        read_images([tmp_path / "bomb.png"], None, 1)
