@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import RESULTS, verdict
+from .common import RESULTS, fmt_value, verdict
 
 BENCHMARKS = ("train_step", "inference", "storage", "scale_tasks", "method_cost", "data_pipeline", "compile_amp",
               "profile_step", "mask_arith")
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     for r in results.values():
         for row in (r or {}).get("rows", []):
             if row["pass"] is False:
-                print(f"  {verdict(False)}: {row['name']} (goal {row['goal']}, measured {row['measured']})")
+                measured = fmt_value(row["measured"], row.get("unit", ""))  # as the tables show it, not a raw float
+                print(f"  {verdict(False)}: {row['name']} (goal {row['goal']}, measured {measured})")
     return 1 if failed else 0
 
 

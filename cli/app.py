@@ -96,7 +96,7 @@ def _user_errors() -> tuple[type, ...]:
     for module, name in (("grownfx.data", "DatasetError"), ("grownfx", "TraceError"), ("grownfx", "SurgeryError"),
                          ("grownfx.run.runner", "RunError"), ("grownfx.run.export", "ExportError"),
                          ("grownfx.files", "CorruptFileError"), ("grownfx.files", "LockedError"),
-                         ("grownfx.files", "DiskFullError"),
+                         ("grownfx.files", "DiskFullError"), ("grownfx.models", "BuilderError"),
                          ("grownfx.learn.guards", "NonFiniteError")):
         try:
             kinds.append(getattr(__import__(module, fromlist=[name]), name))
@@ -192,7 +192,14 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
     main_rank = distributed.env_rank() == 0  # under torchrun only rank 0 prints and shows progress
     run_fn = _lazy("grownfx.run.runner", "run")
     with progress(0, enabled=main_rank, verbose=verbose) as bars:
-        result = run_fn(rec, out_dir=out, resume=resume, progress=bars, echo=bars.log)
+        try:
+            result = run_fn(rec, out_dir=out, resume=resume, progress=bars, echo=bars.log)
+        except Exception as exc:
+            if resume and str(exc).startswith("nothing to resume"):  # the runner's RunError: say what to do
+                again = " ".join(["grownfx run", recipe, *(overrides or [])] + (["--out", str(out)] if out else []))
+                raise UserError(f"{exc}. Nothing was learned yet: start it with `{again}` (without --resume)") \
+                    from None
+            raise
     if not main_rank:
         return
     summary = getattr(result, "summary", {}) or {}
@@ -412,13 +419,18 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise typer.BadParameter(f"seeds must be integers, got {seeds!r}", param_hint="--seeds") from None
-    from grownfx.recipe.schema import parse_method_spec
+    import difflib
 
+    from grownfx.recipe.schema import ABLATIONS, METHODS, parse_method_spec
+
+    valid = [*METHODS, "finetune[forgetting]", *(f"grown[{a}]" for a in ABLATIONS)]
     for m in method_list:  # a typo fails here, not after hours of training
         try:
             parse_method_spec(m)
         except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--methods") from None
+            close = difflib.get_close_matches(m, valid, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"--methods: {hint}{exc}") from None
     result = _lazy("grownfx.run.compare", "run_compare")(rec, methods=method_list, seeds=seed_list, out_dir=out)
     _out().print(f"[green]done[/]: {escape(str(result))}")
 

@@ -50,6 +50,10 @@ def inspect_data(target: str, seed_width: Optional[float] = None,
         shape = input_shape or builder_input_shape(target)
     width = model_cfg.seed_width if seed_width is None else seed_width
     model = build_model(model_cfg.builder, classes, model_cfg.kwargs).eval()
+    if seed_width is None and getattr(model_cfg, "seed_size", None) is not None:  # a parameter fraction
+        from grownfx.learn.seed_size import width_for_size
+
+        width = width_for_size(model, torch.randn(1, *shape), model_cfg.seed_size, leaf_modules=model_cfg.leaf_modules)
     try:
         net = grownfx.prepare(model, torch.randn(1, *shape), width, leaf_modules=model_cfg.leaf_modules,
                               granularity=model_cfg.granularity)
@@ -103,6 +107,8 @@ def data_shape(data) -> Optional[tuple[int, ...]]:
         return (3, data.image_size, data.image_size)
     if name == "digits":
         return (1, 8, 8)
+    if name == "fashion_mnist":
+        return (1, 28, 28)
     if name == "synthetic":
         return tuple(data.input_shape)
     if name == "imagefolder" and data.image_size:
@@ -134,8 +140,14 @@ def render(data: dict[str, Any]) -> tuple[Tree, list[Text]]:
         _members(node, g)
     branch = tree.add(f"[yellow bold]fixed coupling groups ({len(fixed)})[/]")
     for g in fixed:
-        why = "; ".join(g["reasons"]) or "fixed"
-        node = branch.add(f"group {g['id']}: width {g['width']}, [yellow]fixed: {escape(why)}[/]")
+        reasons = group_reasons(g["reasons"])
+        if len(reasons) <= 1:
+            why = reasons[0] if reasons else "fixed"
+            node = branch.add(f"group {g['id']}: width {g['width']}, [yellow]fixed: {escape(why)}[/]")
+        else:  # one line per kind of reason (a ViT has 25 LayerNorms and 12 attentions in one group)
+            node = branch.add(f"group {g['id']}: width {g['width']}, [yellow]fixed, for {len(reasons)} reasons:[/]")
+            for why in reasons:
+                node.add(f"[yellow]{escape(why)}[/]")
         _members(node, g)
     frac = data["seed_fraction"]
     footer = Text.from_markup(
@@ -144,6 +156,26 @@ def render(data: dict[str, Any]) -> tuple[Tree, list[Text]]:
         + f"; growth sites: {len(data['growth_sites'])} of {len(growable)} growable groups")
     notes = [Text(f"note: {n}", style="dim") for n in data["notes"]]
     return tree, [footer, *notes]
+
+
+def group_reasons(reasons: list[str], show: int = 2) -> list[str]:
+    """Reasons that differ only in the module they name, as one line each: "LayerNorm normalises across
+    channels (25 modules: encoder.layers.encoder_layer_0.ln_1, encoder.layers.encoder_layer_0.ln_2, ...)"."""
+    import re
+
+    kinds: dict[str, list[str]] = {}  # template -> the reasons it stands for, in order
+    for text in reasons:
+        names = re.findall(r"'([^']*)'", text)
+        kinds.setdefault(re.sub(r" ?'[^']*'", "", text) if len(names) == 1 else text, []).append(text)
+    out = []
+    for template, texts in kinds.items():
+        if len(texts) == 1:
+            out.append(texts[0])
+            continue
+        names = [re.findall(r"'([^']*)'", t)[0] for t in texts]
+        more = ", ..." if len(names) > show else ""
+        out.append(f"{template} ({len(names)} modules: {', '.join(names[:show])}{more})")
+    return out
 
 
 def _members(node: Tree, group: dict) -> None:

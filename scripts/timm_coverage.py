@@ -108,7 +108,8 @@ def worker(name: str, seed_width: float) -> dict:
         torch.manual_seed(0)
         model, x = build(name)
         row["input"] = list(x.shape[1:])
-        net = grownfx.prepare(model, x, seed_width=seed_width, leaf_modules=leaves)
+        net = grownfx.prepare(model, x, seed_width=seed_width, leaf_modules=leaves, auto_leaves=True)
+        row["auto_leaves"] = list(net.graph_module.auto_leaves)
         groups = net.coupling_groups
         row["groups"] = len(groups)
         row["growable"] = len(net.growable_groups)
@@ -127,7 +128,7 @@ def worker(name: str, seed_width: float) -> dict:
         row["seconds"] = round(time.time() - t0, 1)
         return row
     try:
-        check_backbone(name, seed_width, builder=build, leaf_modules=leaves)
+        check_backbone(name, seed_width, builder=build, leaf_modules=leaves, auto_leaves=True)
         row["ok"] = True
     except Exception as exc:  # noqa: BLE001
         row["stage"] = "checks"
@@ -175,6 +176,7 @@ def write_doc(rows: list[dict], seed_width: float, path: Path = DOC) -> None:
     passed = [r for r in rows if r.get("ok")]
     growable = [r for r in passed if r.get("growable")]
     no_leaves = [r for r in rows if r.get("ok") and not r.get("leaves")]
+    no_auto = [r for r in no_leaves if not r.get("auto_leaves")]
     cnn = [r for r in rows if r["kind"] == "cnn"]
     cnn_seed = [r for r in cnn if r.get("ok") and r.get("seed_ratio", 1) <= SEED_GOAL]
     lines = [
@@ -186,10 +188,13 @@ def write_doc(rows: list[dict], seed_width: float, path: Path = DOC) -> None:
         "accepts, batch 2. Each goes through `tests/engine_checks.check_backbone`: `prepare` at seed width "
         f"{seed_width}, growth (outputs unchanged), a second task with growth and two training steps, old "
         "tasks bit-exact, exports equal to the task-aware net (≤ 1e-5 relative). Every model runs in its own "
-        "process with one thread and a timeout.",
+        "process with one thread and a timeout. `prepare(auto_leaves=True)`: a submodule torch.fx cannot trace is "
+        "kept opaque (its name is listed; its channels stay fixed) instead of raising; no model needs a "
+        "user-supplied leaf module unless the table says so.",
         "",
         f"* passing all checks: **{len(passed)}/{n}**; with at least one growth site: {len(growable)}/{n}",
-        f"* with zero user-supplied leaf modules: {len(no_leaves)}/{n}",
+        f"* passing with zero user-supplied leaf modules: {len(no_leaves)}/{n} ({len(no_auto)}/{n} without any "
+        "automatic leaf either)",
         f"* CNN families with seed/full parameters ≤ {SEED_GOAL} at seed width {seed_width}: "
         f"{len(cnn_seed)}/{len(cnn)}",
         "",
@@ -198,7 +203,7 @@ def write_doc(rows: list[dict], seed_width: float, path: Path = DOC) -> None:
         "analysis cannot follow costs growth sites, never correctness. The fixed-group column counts reasons "
         "(every model has the input group and the logits group fixed).",
         "",
-        "| family | model | input | pass | growable / groups | seed ratio | fixed groups: reasons | failure |",
+        "| family | model | input | pass | growable / groups | seed ratio | fixed groups: reasons | failure, leaves |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -206,6 +211,10 @@ def write_doc(rows: list[dict], seed_width: float, path: Path = DOC) -> None:
         seed = f"{r['seed_ratio']:.3f}" if "seed_ratio" in r else "–"
         inp = "×".join(str(s) for s in r.get("input", [])[1:]) or "–"
         err = f"{r.get('stage')}: {r.get('error')}" if not r.get("ok") else ""
+        if r.get("auto_leaves"):
+            err = (err + " " if err else "") + "automatic leaves: " + ", ".join(f"`{m}`" for m in r["auto_leaves"])
+        if r.get("leaves"):
+            err = (err + " " if err else "") + "user leaves: " + ", ".join(f"`{m}`" for m in r["leaves"])
         gg = f"{r.get('growable', '–')} / {r.get('groups', '–')}"
         lines.append(f"| {r['family']} | {r['model']} | {inp} | {'yes' if r.get('ok') else '**no**'} | {gg} | "
                      f"{seed} | {_cell(reasons)} | {_cell(err)} |")

@@ -106,6 +106,7 @@ def check_backbone(name: str, seed_width: float = 0.5, builder=None, **prepare_k
     with torch.no_grad():
         ref0 = net(x, task=t0)
     ref_state = _fingerprint(net.export(t0))
+    used0 = net.num_parameters(t0)
 
     t1 = net.add_task(3)
     net.grow(ratio=0.25)  # growth after masks exist and tasks are frozen
@@ -129,6 +130,9 @@ def check_backbone(name: str, seed_width: float = 0.5, builder=None, **prepare_k
     copies = sum(sum(c.numel() if isinstance(c, torch.Tensor) else grownfx.count_parameters(c) for c in m.copies)
                  for m in net.task_modules() if hasattr(m, "copies"))
     assert net.num_parameters() == stored + copies
-    assert net.num_parameters(t0) + net.num_parameters(t1) >= net.num_parameters(t1)
+    # a frozen task's parameter count does not move with later growth and training; no task uses more than the
+    # net stores
+    assert net.num_parameters(t0) == used0, name
+    assert max(used0, net.num_parameters(t1)) <= net.num_parameters(), name
     report["params_after"] = net.num_parameters()
     return report

@@ -98,3 +98,20 @@ def _fake(name, out) -> int:
     data["markdown"] = rep.markdown()
     out.write_text(json.dumps(data))
     return 0
+
+
+def test_all_prints_failed_goals_formatted(tmp_path, monkeypatch, capsys):
+    """`benchmarks.all --quick` ends with the failed goals as the tables show them, not raw floats."""
+    from benchmarks import all as run_all
+    from benchmarks.common import Report
+
+    def fake(name, out, quick, extra):
+        rep = Report(name, quick=True)
+        rep.add("step ratio", "≤ 1.10×", 1.2345678901, False, "x")
+        out.write_text(json.dumps({**rep.to_dict(), "markdown": rep.markdown()}))
+        return 0, 0.0
+
+    monkeypatch.setattr(run_all, "run_one", fake)
+    run_all.main(["--quick", "--only", "train_step", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "FAIL: step ratio (goal ≤ 1.10×, measured 1.235×)" in out and "1.2345678901" not in out

@@ -90,7 +90,9 @@ class Chunked(nn.Module):
 def test_chunk_fixes_the_split_group():
     res, g = groups_of(Chunked(), torch.randn(2, 3, 8, 8))
     assert not g[("a", "out")].growable and "sliced" in " ".join(g[("a", "out")].reasons)
-    assert g[("b", "out")].growable is False or g[("b", "out")].id != g[("a", "out")].id
+    # b reads a slice of a but produces channels of its own: its output grows, placed in head's input after x1
+    assert g[("b", "out")].growable and g[("b", "out")] is not g[("a", "out")]
+    assert ("head", "in") in [(m.target, m.role) for m in g[("b", "out")].members]
 
 
 class Shuffle(nn.Module):

@@ -1,15 +1,18 @@
 """Data-parallel GROWN (grownfx.learn.distributed): 2 CPU processes with gloo, launched through torch.distributed.run.
 
-Tolerance of the 1-process vs 2-process comparison.  The 2-rank run computes the same mathematics as one process
-on the global batch: the ranks' batches at each step are exactly the single-process batch (strided split of the
-same permutation), DDP averages per-rank mean-loss gradients (uneven last batches are re-weighted), BatchNorm
-uses the statistics of the global batch (all-reduced sums) and the Gumbel noise of the masks is drawn from the
-same seed on every rank.  What differs is float summation order: the first task's per-epoch losses must agree
-to 1e-4 relative (they agree to ~1e-8).  GROWN's binary decisions (a mask unit or a gate on its threshold) can
-turn a last-bit difference into a discrete one later in the stream, exactly as between two single-process runs
-with 1 and 2 threads (docs/distributed.md: over seeds 0-3 both comparisons differ by at most 4.2 points per
-entry in this setting).  So each entry may differ by a few test images: we allow 5 points per entry (3.6 of the
-72 test images of a task) and 2 points on the final average.  With this seed the matrices are equal.
+Where 1 and 2 processes differ, and the tolerances.  The 2-rank step is the single-process step on the global
+batch: the ranks' batches at step k are the single-process batch k (strided split of the same permutation, each
+sample augmented with its single-process draws), DDP averages per-rank mean-loss gradients (an uneven last batch
+re-weighted), BatchNorm normalises with the global batch's statistics, and the masks' Gumbel noise comes from
+the same seed on every rank.  In float64 the two agree to 1e-14 (test_one_stage_in_two_processes_...: the
+mathematics is the same, only the order of summation differs), while per-rank BatchNorm is off by 1e-1.  In
+float32 the summation order costs a few ulps per step: the GROWN run's epoch losses agree to ~5e-8 until one of
+GROWN's binary decisions (a mask unit or a gate on its threshold) flips on a last-bit difference (here at task 3,
+after which losses differ by ~5e-5), exactly as between two single-process runs with 1 and 2 threads
+(docs/distributed.md).  Hence: task 1's losses to LOSS_RTOL = 1e-6 (20x the measured 5e-8, 10x float32's
+epsilon); accuracy entries to one test image of a task (100/72 points: a borderline logit may flip on a last
+bit; a flipped mask or gate decision typically moves more and fails the test: then compare with the
+thread-count control before suspecting the distributed code).  With this seed the matrices are equal.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import pytest
 import torch
 
 from grownfx.recipe.schema import Recipe
-from grownfx.learn.distributed import Dist, StridedShardLoader
+from grownfx.learn.distributed import StridedShardLoader
 from grownfx.run.runner import RunError, check_distributed, run
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_TOL, AVG_TOL, LOSS_RTOL = 5.0, 2.0, 1e-4
+ENTRY_TOL = AVG_TOL = 100.0 / 72  # one of a task's 72 test images (module docstring)
+LOSS_RTOL = 1e-6  # float32 summation order before any binary decision flips (module docstring)
 
 WORKER = r'''
 import json, os, sys, weakref
@@ -163,7 +167,6 @@ def test_two_ranks_match_one_process_and_end_identical(runs):
     e1, e2 = _epochs(tmp / "single"), _epochs(tmp / "two")
     assert [(e["task"], e["stage"], e["epoch"]) for e in e1] == [(e["task"], e["stage"], e["epoch"]) for e in e2]
     for a, b in zip(e1, e2):
-        assert b["train_acc"] >= 0 and b["images_per_s"] > 0
         if a["task"] == 0:
             assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL), (a, b)
     assert [t["growth_rounds"] for t in two["tasks"]] == [r.growth_rounds for r in single.records]
@@ -171,8 +174,6 @@ def test_two_ranks_match_one_process_and_end_identical(runs):
         for a, b in zip(row_a, row_b):
             assert abs(a - b) <= ENTRY_TOL, (single.acc_matrix, matrix)
     assert abs(two["avg_acc"] - single.summary["avg_acc"]) <= AVG_TOL
-    # only rank 0 wrote: one line per event
-    assert len(e2) == len(e1)
 
 
 def test_two_rank_run_resumes_from_a_mid_task_checkpoint(runs):
@@ -245,20 +246,92 @@ def test_strided_shards_make_up_the_single_process_batches():
     assert scales[-1] == (pytest.approx(2 * 14 / 27), pytest.approx(2 * 13 / 27))  # the last batch: 14 + 13
 
 
-def test_distributed_runs_refuse_baselines_and_indivisible_batches(tmp_path):
+def test_strided_shards_augment_each_sample_as_one_process_does():
+    """crop_flip draws per-sample offsets and flips for a whole batch: each rank must get its samples' draws."""
+    from grownfx.data.core import TaskData
+
+    g = torch.Generator().manual_seed(5)
+    data = TaskData(torch.randint(0, 256, (70, 1, 8, 8), generator=g, dtype=torch.uint8), torch.arange(70),
+                    (0.5,), (0.25,), augment="crop_flip")
+    single = list(data.loader(32, shuffle=True, generator=torch.Generator().manual_seed(9)))
+    for r in range(2):
+        shard = StridedShardLoader(data, 32, rank=r, world_size=2, generator=torch.Generator().manual_seed(9))
+        for (x, y), (xs, ys) in zip(shard, single):
+            assert torch.equal(y, ys[r::2]) and torch.equal(x, xs[r::2])
+
+
+def test_distributed_runs_refuse_cpg_and_indivisible_batches(tmp_path):
     r = Recipe.model_validate(_recipe(tmp_path, "x"))
     check_distributed(r, 1)
     check_distributed(r, 2)
     with pytest.raises(RunError, match="global batch size and must be divisible"):
         check_distributed(r, 3)
-    scratch = Recipe.model_validate({**_recipe(tmp_path, "y"), "method": {"name": "scratch"}})
+    for name in ("scratch", "finetune", "pnn", "packnet", "piggyback"):  # every method of the one stage loop
+        check_distributed(Recipe.model_validate({**_recipe(tmp_path, "y"), "method": {"name": name}}), 2)
+    cpg = Recipe.model_validate({**_recipe(tmp_path, "y"), "method": {"name": "cpg"}})
     with pytest.raises(RunError, match="runs in one process only"):
-        check_distributed(scratch, 2)
+        check_distributed(cpg, 2)
 
 
-def test_single_process_dist_is_a_no_op():
-    d = Dist("cpu")
-    m = torch.nn.Linear(2, 2)
-    assert d.wrap(m) is m and d.world_size == 1 and d.is_main and not d.enabled
-    assert d.all_reduce_sum([1.0, 2.0]) == [1.0, 2.0] and d.any(True) and not d.any(False)
-    assert d.reduce_epoch(0.5, 0.1, 50.0, 10) == (0.5, 0.1, 50.0, 10)
+LOOP_WORKER = r'''
+"""One stage of the one loop on a plain BatchNorm CNN in float64, in 1 process or under torchrun."""
+import sys
+import torch
+from grownfx.data.core import TaskData
+from grownfx.learn.distributed import Dist, exit_worker, launched, setup
+from grownfx.learn.training import StageOptim, make_optimizer, train_stage
+from grownfx.recipe.schema import TrainingConfig
+
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                          torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 3)).double()
+g = torch.Generator().manual_seed(1)
+# 219 samples, global batch 32: six full batches and a last one of 27, split 14 + 13 over two ranks
+data = TaskData(torch.randint(0, 256, (219, 1, 8, 8), generator=g, dtype=torch.uint8),
+                torch.randint(0, 3, (219,), generator=g), (0.5,), (0.25,), augment="crop_flip")
+training = TrainingConfig(epochs=2, batch_size=32, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9})
+dist = setup("cpu") if launched() else Dist("cpu")
+optim = StageOptim([make_optimizer(list(net.parameters()), training.optimizer)], "cosine")
+train_stage(net, lambda m, x: m(x.double()), optim, data, training, torch.device("cpu"), dist=dist, seed=(0,),
+            epochs=2)
+if dist.rank == 0:
+    torch.save(net.state_dict(), sys.argv[1])
+dist.close()
+if launched():
+    exit_worker(0)
+'''
+
+# What float64 leaves of the 1- vs 2-process difference: the order of summation only (DDP sums two half-batch
+# gradients, BatchNorm sums two shards' statistics), ~1e-16 relative per operation; after 14 steps the worst
+# tensor differs by ~1e-14 of its largest entry (measured 9e-15).  1e-12 leaves a margin of 100 and is still ten
+# orders of magnitude below a real defect: per-rank BatchNorm statistics give 2e-1, per-rank augmentation draws
+# or an unweighted uneven last batch give differences of the same order.
+LOOP_RTOL = 1e-12
+
+
+def test_one_stage_in_two_processes_is_the_single_process_stage_in_float64(tmp_path):
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP_WORKER)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def two(name: str, **env) -> dict:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               str(tmp_path / name)]
+        proc = subprocess.run(cmd, env={**_env(), **env}, cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return torch.load(tmp_path / name, weights_only=True)
+
+    def worst(a: dict, b: dict) -> float:
+        assert a.keys() == b.keys()
+        return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-300))
+                   for k in a if a[k].is_floating_point())
+
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    synced = two("two.pt")
+    assert worst(one, synced) <= LOOP_RTOL
+    assert all(torch.equal(one[k], synced[k]) for k in one if not one[k].is_floating_point())  # batches counted
+    # the comparison can fail: per-rank BatchNorm statistics are another computation
+    assert worst(one, two("two_unsynced.pt", GROWNFX_SYNC_BN="0")) > 1e-4

@@ -51,11 +51,12 @@ def test_vgg16_bn_cifar_is_cpgs_network():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(bool((b.weight == 1).all()) and bool((b.bias == 0).all()) for b in bns)
-    assert all(bool((m.bias == 0).all()) and abs(float(m.weight.std()) - 0.01) < 2e-3 for m in linears[:2])
+    assert all(bool((m.bias == 0).all()) and abs(float(m.weight.detach().std()) - 0.01) < 2e-3
+               for m in linears[:2])
 
 
 def test_inspect_shows_the_vgg_parameter_count():
-    from cli.inspect_model import inspect_data
+    from grownfx.cli.inspect_model import inspect_data
 
     data = inspect_data("vgg16_bn_cifar", seed_width=1.0)
     assert data["input_shape"] == [3, 32, 32] and data["full_params"] == expected_vgg_params(10)

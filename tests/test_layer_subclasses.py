@@ -35,11 +35,11 @@ class StdConv(nn.Conv2d):
 
 
 class GainConv(nn.Conv2d):
-    """A conv with a parameter besides weight and bias (timm's ScaledStdConv2d)."""
+    """A conv with a parameter besides weight, bias and per-filter values: a layer we cannot follow."""
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
-        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+        self.gain = nn.Parameter(torch.ones(()))
 
     def forward(self, x):
         return F.conv2d(x, self.weight * self.gain, self.bias, self.stride, self.padding)
@@ -233,3 +233,65 @@ def test_trace_error_names_the_python_argument():
 
     with pytest.raises(TraceError, match=r"leaf_modules=\[\.\.\.\]"):
         grownfx.prepare(Bad(), torch.randn(2, 3))
+
+
+class ScaledStd(nn.Conv2d):
+    """timm's ScaledStdConv2d: weight standardisation with a per-filter gain."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=self.gain.view(-1), training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = ScaledStd(3, 16, 3, padding=1), ScaledStd(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.c(F.gelu(self.b(F.gelu(self.a(x))))).mean((2, 3)))
+
+
+def test_scaled_std_conv_gain_follows_its_filters():
+    assert layer_kind(ScaledStd(3, 4, 3)) == "std"
+    report = check_backbone("scaled", 0.5, builder=_builder(ScaledNet))
+    assert report["growable"] == 2  # b's and c's outputs; a's outputs feed b's standardised inputs
+
+
+class ShapeBranch(nn.Module):
+    """timm's VGG pre_logits: control flow on a shape, which fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        if x.shape[-1] < 4:
+            x = F.adaptive_avg_pool2d(x, 4)
+        return self.fc(x)
+
+
+class WithShapeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mid, self.pre = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), ShapeBranch()
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.pre(self.mid(self.conv(x))).mean((2, 3)))
+
+
+def test_auto_leaves_keep_untraceable_modules_opaque():
+    with pytest.raises(TraceError):
+        grownfx.prepare(WithShapeBranch(), torch.randn(2, 3, 8, 8))
+    net = grownfx.prepare(WithShapeBranch(), torch.randn(2, 3, 8, 8), auto_leaves=True)
+    assert net.graph_module.auto_leaves == ["pre"]
+    report = check_backbone("auto", 0.5, builder=_builder(WithShapeBranch, (2, 3, 8, 8)), auto_leaves=True)
+    assert report["growable"] == 1  # conv -> mid; mid's output meets the opaque leaf and stays fixed

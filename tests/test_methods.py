@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import grownfx.run.runner as runner
-from grownfx.engine import state as net_state
 from grownfx import files
 from grownfx.recipe.schema import MasksConfig, Recipe
 from grownfx.engine.context import ATT, DENSE, OFF, SEL
@@ -98,8 +97,8 @@ def test_old_tasks_are_bit_identical_after_later_tasks(tmp_path, method):
         matrix.append([m.evaluate(j, stream.tasks[j].test) for j in range(t + 1)])
         for j in range(t + 1):
             assert torch.equal(logits_of(m, j, x), seen[j]), f"task {j} changed while learning task {t}"
-    bwt = sum(matrix[-1][j] - matrix[j][j] for j in range(len(matrix) - 1)) / (len(matrix) - 1)
-    assert bwt == 0.0
+    # and on the whole test split of every earlier task, not only the probe images: accuracy never moved
+    assert all(row[j] == matrix[j][j] for row in matrix for j in range(len(row))), matrix
     for j in range(len(stream.tasks)):  # the export computes the same function
         torch.testing.assert_close(m.export(j).eval()(x), seen[j], rtol=1e-4, atol=1e-4)
     # the runner's checkpoint round trip (weights_only load) gives back the same outputs
@@ -174,16 +173,18 @@ def test_cpg_keeps_exactly_the_sparsity_it_chose_and_records_it(tmp_path):
     for t, task in enumerate(stream.tasks):
         record = m.learn(task, 0.0)  # a target every level meets: compaction goes all the way
         s = m.sparsity[t]
-        assert s == pytest.approx(0.9) and s == cubic_levels(0.1, 0.9, 3)[-1]
+        assert s == pytest.approx(0.9)
         for layer, f in zip(m.net.masked_layers(), free):
             assert int((layer.owner == t).sum()) == f - round(s * f)
         free = [int((layer.owner == FREE).sum()) for layer in m.net.masked_layers()]
         levels = [e for e in events if e["task"] == t and "sparsity" in e]
         assert [e["sparsity"] for e in levels] == cubic_levels(0.1, 0.9, 3) and all(e["kept"] for e in levels)
         assert record.val_acc == levels[-1]["val_acc"]
-        if hasattr(record, "extra"):
-            assert record.extra["sparsity"] == s
-    assert net_state.net_structure(m.net) and m.state()["sparsity"] == m.sparsity
+        assert record.extra["sparsity"] == s
+    fresh = make_method(r, stream, torch.device("cpu"))  # the chosen sparsities survive a checkpoint
+    files.atomic_save({"method": m.state()}, tmp_path / "cpg.pt")
+    fresh.load_state(files.load(tmp_path / "cpg.pt")["method"])
+    assert fresh.sparsity == m.sparsity and len(fresh.sparsity) == 2
 
 
 def test_cpg_tries_sparsities_in_steps_of_a_tenth_and_keeps_the_most_pruned_meeting_the_target(tmp_path):

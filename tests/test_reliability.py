@@ -328,3 +328,95 @@ def test_decompression_bomb_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
     with pytest.raises(DatasetError, match="bomb.png"):
         read_images([tmp_path / "bomb.png"], None, 1)
+
+
+def test_a_builder_returning_a_tuple_is_a_clear_error(tmp_path, monkeypatch):
+    import types
+
+    import torch
+
+    from grownfx.models import BuilderError, build_backbone
+
+    mod = types.ModuleType("my_models")
+    mod.pair = lambda num_classes: (torch.nn.Linear(4, num_classes), "info")
+    monkeypatch.setitem(sys.modules, "my_models", mod)
+    with pytest.raises(BuilderError, match="'my_models:pair' returned a tuple, not a torch.nn.Module"):
+        build_backbone("my_models:pair", 3)
+
+
+@pytest.mark.parametrize("content", ["empty_split", "empty_file", "missing"])
+def test_empty_or_missing_cifar_splits_name_the_file(tmp_path, content):
+    import pickle
+
+    import numpy as np
+
+    from grownfx.data import DatasetError
+    from grownfx.data.cifar import load_cifar100
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    split = {b"data": np.zeros((0, 3072), np.uint8), b"fine_labels": [], b"coarse_labels": []}
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(pickle.dumps(split if name != "meta" else {}))
+    if content == "empty_file":
+        (folder / "train").write_bytes(b"")
+    elif content == "missing":
+        (folder / "train").unlink()
+    with pytest.raises(DatasetError, match="train"):
+        load_cifar100(tmp_path)
+
+
+# --- a resumed run is the run never interrupted --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("crash_at", ["mid_task", "after_checkpoint"])
+def test_resume_after_a_crash_ends_bit_identical(tmp_path, monkeypatch, crash_at):
+    import torch
+
+    changes = dict(training__epochs=2, training__checkpoint_every=1, data={"name": "digits", "classes_per_task": 5,
+                                                                           "limit_per_task": 60})
+    reference = run(tiny(tmp_path / "ref", **changes), echo=quiet)
+    r = tiny(tmp_path / "run", **changes)
+    calls = []
+    if crash_at == "mid_task":
+        original = runner._Run.mid_task_checkpoint
+
+        def crash(self, *args):
+            original(self, *args)
+            calls.append(1)
+            if len(calls) == 2:  # the first mid-task checkpoint of task 2
+                raise Crash
+
+        monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash)
+    else:
+        def crash(name):
+            calls.append(name)
+            if name == "after_checkpoint" and calls.count(name) == 1:  # task 1 checkpointed, not exported
+                raise Crash
+
+        monkeypatch.setattr(runner.files, "kill_point", crash)
+    with pytest.raises(Crash):
+        run(r, echo=quiet)
+    monkeypatch.undo()
+    resumed = run(r, resume=True, echo=quiet)
+    assert resumed.acc_matrix == reference.acc_matrix
+    for t in range(2):
+        a = torch.export.load(str(task_folder(tmp_path / "run", t) / "model.pt2")).module().state_dict()
+        b = torch.export.load(str(task_folder(tmp_path / "ref", t) / "model.pt2")).module().state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), t
+
+
+def test_a_corrupt_export_is_detected_on_load(tmp_path):
+    from grownfx.run.export import load_exported
+
+    out = tmp_path / "run"
+    run(tiny(out), echo=quiet)
+    model = task_folder(out, 1) / "model.pt2"
+    load_exported(model)
+    data = model.read_bytes()
+    model.write_bytes(data[:-10])
+    with pytest.raises(files.CorruptFileError, match="model.pt2 is corrupt"):
+        load_exported(model)
+    assert not export_complete(task_folder(out, 1), "pt2")
+    run(tiny(out), resume=True, echo=quiet)  # the last task's export is re-created
+    load_exported(model)

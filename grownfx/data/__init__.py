@@ -27,7 +27,6 @@ from grownfx.data.errors import DatasetError
 if TYPE_CHECKING:
     from grownfx.data.core import (
         BatchLoader,
-        ShardedBatchLoader,
         Task,
         TaskData,
         TaskDataset,
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
 
 # grownfx.data.core imports torch; its names load on first use (PEP 562) so that the recipe schema, which
 # imports grownfx.data.config, and `grownfx validate` stay free of torch.
-_CORE = {"BatchLoader", "ShardedBatchLoader", "Task", "TaskData", "TaskDataset", "TaskStream", "crop_flip", "hflip"}
+_CORE = {"BatchLoader", "Task", "TaskData", "TaskDataset", "TaskStream", "crop_flip", "hflip"}
 
 
 def __getattr__(name: str):
@@ -61,7 +60,6 @@ __all__ = [
     "FashionMNISTConfig",
     "ImageFolderConfig",
     "MiniImageNetConfig",
-    "ShardedBatchLoader",
     "SyntheticConfig",
     "Task",
     "TaskData",

@@ -83,6 +83,8 @@ def read_cifar100_split(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DatasetError(f"{path}: data should be uint8 (N, 3072), got {data.dtype} {data.shape}. {CIFAR100_HOWTO}")
     n = data.shape[0]
+    if n == 0:
+        raise DatasetError(f"{path} holds no images (an empty split). {CIFAR100_HOWTO}")
     # Each row is the 1024 red values, then green, then blue, each plane row-major: channel-first.
     x = data.reshape(n, 3, 32, 32)
     return x, _labels(d, "fine_labels", path, n, 100), _labels(d, "coarse_labels", path, n, 20)

@@ -35,7 +35,12 @@ CIFAR100_HOWTO = (
 )
 MINIIMAGENET_HOWTO = (
     "Put the mini-imagenet-cache-train.pkl, -val.pkl and -test.pkl files (the few-shot learning cache of "
-    "Ravi & Larochelle's split, 84x84) in <root>, or one folder of images per class (100 folders) in <root>."
+    "Ravi & Larochelle's split, 84x84) in <root>, or one folder of images per class (100 folders) in <root>. "
+    "The pickles: on a machine with internet access, `pip install learn2learn` and run "
+    "learn2learn.vision.datasets.MiniImagenet(root, mode=m, download=True) for m in train, validation, test "
+    "(it writes mini-imagenet-cache-<mode>.pkl; rename -validation to -val), then copy them here. The folders: "
+    "ImageNet ILSVRC-2012 train images (image-net.org, registered account) of the 100 classes listed in "
+    "github.com/twitterresearch/meta-learning-lstm data/miniImagenet/{train,val,test}.csv. See docs/data.md."
 )
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 _VAL_FRACTION = "Fraction of each class's train images held out for validation (seeded)."

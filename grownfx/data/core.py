@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,7 +15,6 @@ from torch import Tensor
 __all__ = [
     "Augment",
     "BatchLoader",
-    "ShardedBatchLoader",
     "Task",
     "TaskData",
     "TaskDataset",
@@ -136,24 +134,6 @@ class TaskData:
             self, batch_size, shuffle=shuffle, generator=generator, device=device, augment=aug, drop_last=drop_last
         )
 
-    def sharded_loader(
-        self,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        shuffle: bool = True,
-        device: torch.device | str | None = None,
-        augment: Augment = _DEFAULT,
-        drop_last: bool = False,
-    ) -> ShardedBatchLoader:
-        """This rank's disjoint, equal-size slice of an epoch order drawn from (seed, epoch); see ShardedBatchLoader."""
-        aug = self.augment if augment == _DEFAULT else augment
-        return ShardedBatchLoader(
-            self, batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
-            device=device, augment=aug, drop_last=drop_last,
-        )
-
     def dataset(self, normalize: bool = True) -> TaskDataset:
         """A per-item `torch.utils.data.Dataset` view, for DataLoader / DistributedSampler users."""
         return TaskDataset(self, normalize)
@@ -232,45 +212,6 @@ class BatchLoader:
             xb = self.data.x[idx].to(self.device, non_blocking=True)
             yb = self.data.y[idx].to(self.device, non_blocking=True)
             yield self.data.normalize(xb, self.augment, gen), yb
-
-
-class ShardedBatchLoader(BatchLoader):
-    """Distributed loader: rank r of w gets slice r of the epoch's order, `len // w` samples each.
-
-    The order is a permutation drawn from `numpy.random.default_rng([seed, epoch])`, so every rank
-    computes the same one; the `len % w` samples left over (different ones each epoch) are skipped so
-    that ranks stay disjoint and run the same number of steps. Each iteration uses `self.epoch` then
-    advances it; `set_epoch(e)` sets it explicitly, as with DistributedSampler.
-    """
-
-    def __init__(self, data: TaskData, batch_size: int, *, rank: int, world_size: int, seed: int, shuffle: bool = True,
-                 device: torch.device | str | None = None, augment: Augment = None, drop_last: bool = False) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        super().__init__(data, batch_size, shuffle=shuffle, device=device, augment=augment, drop_last=drop_last)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _num_samples(self) -> int:
-        return len(self.data) // self.world_size
-
-    def _order(self) -> Tensor:
-        n = len(self.data)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-        per = n // self.world_size
-        return torch.from_numpy(order[self.rank * per : (self.rank + 1) * per].copy())
-
-    def _aug_generator(self) -> torch.Generator:
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1)[0])
-        return torch.Generator().manual_seed(seed)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = super().__iter__()
-        self.epoch += 1
-        return batches
 
 
 @dataclass(eq=False)

@@ -22,7 +22,7 @@ from grownfx.engine import masks as M
 from grownfx.engine.context import ATT, DENSE, OFF, SEL
 from grownfx.engine.layers import FREE, TaskParameter, _TaskModule
 from grownfx.engine.surgery import random_fill, remap, set_conv_width, set_linear_width
-from grownfx.engine.tracing import bare_layer, call_with_weight
+from grownfx.engine.tracing import bare_layer, call_with_weight, out_channel_params
 
 if TYPE_CHECKING:  # pragma: no cover
     from grownfx.engine.context import TaskContext
@@ -316,6 +316,10 @@ class MaskedConv(MaskedLayer):
         self._fn = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}.get(type(src))
         # a subclass (timm's Conv2dSame, StdConv2d) runs its own forward on the masked weight
         self.__dict__["_bare"] = None if self._fn is not None else bare_layer(src)
+        self.out_params = nn.ModuleDict()  # per-output-channel parameters of a subclass (gain): like the bias
+        for name in out_channel_params(src) if self._fn is None else ():
+            self.out_params[name] = TaskParameter(getattr(src, name).detach(), ctx, f"{target}.{name}")
+            self.__dict__["_bare"]._parameters.pop(name)
         if src.padding_mode != "zeros" and self._fn is not None:
             raise NotImplementedError(f"padding_mode={src.padding_mode!r} is not supported in '{target}'")
 
@@ -325,17 +329,26 @@ class MaskedConv(MaskedLayer):
         if self.groups > 1:
             groups = w.shape[0] // (self.out_channels // self.groups)
         if self._fn is None:
-            return call_with_weight(self.__dict__["_bare"], x, w, self.effective_bias(), groups)
+            task = self.ctx.require_task()
+            extra = {n: p.copies[task] for n, p in self.out_params.items()}
+            return call_with_weight(self.__dict__["_bare"], x, w, self.effective_bias(), groups, extra)
         return self._fn(x, w, self.effective_bias(), self.stride, self.padding, self.dilation, groups)
 
     def _update_shape_attrs(self, role: str, n: int) -> None:
         set_conv_width(self, role, n)
+
+    def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, **kw) -> None:
+        super().resize_axis(role, src, generator=generator, birth=birth, **kw)
+        if role in ("out", "grouped"):
+            for p in self.out_params.values():  # new channels start at 1, as timm initialises a gain
+                p.resize_axis(role, src, birth=birth, fill=1.0)
 
     def to_plain(self, task: int) -> nn.Module:
         w = export_weight(self, task)
         groups = self.groups if self.groups == 1 else w.shape[0] // (self.out_channels // self.groups)
         if self._fn is None:
             return _plain_subclass(self.__dict__["_bare"], w, self.bias_bank, task,
+                                   {n: p.copies[task] for n, p in self.out_params.items()},
                                    in_channels=w.shape[1] * groups, out_channels=w.shape[0], groups=groups)
         m = self.conv_type(w.shape[1] * groups, w.shape[0], self.kernel_size, self.stride, self.padding,
                            self.dilation, groups, bias=self.bias_bank is not None)
@@ -362,7 +375,7 @@ class MaskedLinear(MaskedLayer):
     def to_plain(self, task: int) -> nn.Module:
         w = export_weight(self, task)
         if self.__dict__.get("_bare") is not None:
-            return _plain_subclass(self.__dict__["_bare"], w, self.bias_bank, task,
+            return _plain_subclass(self.__dict__["_bare"], w, self.bias_bank, task, {},
                                    in_features=w.shape[1], out_features=w.shape[0])
         m = nn.Linear(w.shape[1], w.shape[0], bias=self.bias_bank is not None)
         return _load_plain(m, w, self.bias_bank, task)
@@ -371,10 +384,12 @@ class MaskedLinear(MaskedLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def _plain_subclass(bare: nn.Module, w: torch.Tensor, bias_bank, task: int, **attrs) -> nn.Module:
+def _plain_subclass(bare: nn.Module, w: torch.Tensor, bias_bank, task: int, params: dict, **attrs) -> nn.Module:
     """The layer subclass (timm's Conv2dSame, Linear, ...) again, holding task `task`'s weight and bias."""
     m = copy.deepcopy(bare)
     m.__dict__.update(attrs)
+    for name, value in params.items():
+        m.register_parameter(name, nn.Parameter(value.detach().clone()))
     m.register_parameter("weight", nn.Parameter(w.detach().clone()))
     bias = bias_bank.copies[task].detach().clone() if bias_bank is not None else None
     m.register_parameter("bias", nn.Parameter(bias) if bias is not None else None)

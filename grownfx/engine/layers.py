@@ -165,6 +165,28 @@ class TaskParameter(_TaskModule):
 # --- masked weight banks ---------------------------------------------------------------------------------
 
 
+class TaskLiteral(_TaskModule):
+    """A channel count written into the graph (`x.view(b, 64, -1)`): the width the computing task sees.
+
+    One graph serves every task, so the number cannot be rewritten on growth; each task gets the count of the
+    channels that exist for it (births <= task), which is the number it was learned with."""
+
+    def __init__(self, layout: tuple, ctx: "TaskContext", target: str):
+        super().__init__()
+        self._attach(ctx, target)
+        self.layout = layout  # ((group, factor, fixed_width), ...)
+
+    def forward(self) -> int:
+        return self.value_for(self.ctx.require_task())
+
+    def value_for(self, task: int) -> int:
+        n = 0
+        for gid, factor, fixed in self.layout:
+            births = self.ctx.births.get(gid)
+            n += (fixed if births is None else int((births <= task).sum())) * factor
+        return n
+
+
 class WeightOf(_TaskModule):
     """Stands in for `get_attr layer.weight` where a replaced layer's tensor is used directly (Swin's qkv)."""
 

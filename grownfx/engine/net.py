@@ -23,7 +23,7 @@ from grownfx.engine.context import DENSE, SEL, ChannelScale, MaskPolicy, TaskCon
 from grownfx.engine.coupling import CouplingGroup, CouplingResult, analyze
 from grownfx.engine.banks import MaskedLayer
 from grownfx.engine.layers import FREE, PerTask, TaskParameter
-from grownfx.engine.rewrite import export_graph, make_task_aware
+from grownfx.engine.rewrite import export_graph, make_literals_task_aware, make_task_aware
 from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
 from grownfx.engine.tracing import trace
 
@@ -44,13 +44,18 @@ def prepare(
     leaf_modules: Iterable[str | type] = (),
     granularity: str = "kernel",
     seed: int = 0,
+    auto_leaves: bool = False,
 ) -> "GrowableNet":
-    """Trace `model`, find its coupling groups, slim every growable group to `seed_width`, make it task-aware."""
+    """Trace `model`, find its coupling groups, slim every growable group to `seed_width`, make it task-aware.
+
+    `auto_leaves`: a submodule torch.fx cannot trace is kept opaque (a leaf) instead of raising TraceError;
+    `net.graph_module.auto_leaves` names them."""
     if not isinstance(seed_width, (int, float)) or not 0 < seed_width <= 1:
         raise SurgeryError(f"seed_width must be in (0, 1], got {seed_width!r}")
     if granularity not in ("kernel", "element"):
         raise SurgeryError(f"granularity must be 'kernel' or 'element', got {granularity!r}")
-    gm, coupling, widths, full_params = slim(model, example_input, seed_width, leaf_modules=leaf_modules, seed=seed)
+    gm, coupling, widths, full_params = slim(model, example_input, seed_width, leaf_modules=leaf_modules, seed=seed,
+                                             auto_leaves=auto_leaves)
     heads = coupling.head_targets()
     ctx = TaskContext()
     ctx.widths = widths
@@ -59,6 +64,9 @@ def prepare(
         if b.role in ("in", "out", "grouped"):
             ctx.layouts[(b.target, b.role)] = binding_layout(coupling, b)
     gm, holders = make_task_aware(gm, heads, ctx, granularity)
+    make_literals_task_aware(gm, [(b.target, b.axis, binding_layout(coupling, b)) for b in coupling.bindings
+                                  if b.role == "literal" and all(coupling.groups[g].growable
+                                                                 for g, _, _ in binding_layout(coupling, b))], ctx)
     for b in coupling.bindings:
         if b.role == "param" and b.target in holders:
             b.target = holders[b.target]
@@ -69,13 +77,13 @@ def prepare(
 
 
 def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
-         leaf_modules: Iterable[str | type] = (), seed: int = 0):
+         leaf_modules: Iterable[str | type] = (), seed: int = 0, auto_leaves: bool = False):
     """Trace and analyse `model`, and slice every growable group to `width` of its channels (a plain graph).
 
     Returns (graph module, coupling result, {group: width}, parameters of the full-width model).
     The caller's model is left untouched (the graph module works on a copy).
     """
-    gm = trace(copy.deepcopy(model), example_input, leaf_modules)
+    gm = trace(copy.deepcopy(model), example_input, leaf_modules, auto_leaves=auto_leaves)
     coupling = analyze(gm)
     _fix_reused_modules(coupling)
     heads = coupling.head_targets()

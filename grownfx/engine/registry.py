@@ -39,7 +39,7 @@ RULES = ("pass", "elementwise", "per_channel", "fixed")
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str | Callable  # one of RULES, or a custom rule(analysis, node, module)
+    kind: str | Callable | None  # one of RULES, a custom rule(analysis, node, module), or None (resize only)
     reason: str = ""  # for "fixed"
     resize: Callable | None = None  # resize(module, role, src, generator)
     leaf: bool = True
@@ -82,9 +82,10 @@ def register_function(fn: Callable, rule: str | Callable, *, reason: str | None 
 
 
 def register_resize(module_type: type, resize: Callable) -> None:
-    """How to resize a custom layer in place: `resize(module, role, src, generator)`."""
+    """How to resize a custom layer in place: `resize(module, role, src, generator)`; the built-in rules still
+    decide how it maps channels (e.g. a subclass of a torch layer) unless `register_module` gave a rule."""
     old = _MODULES.get(module_type)
-    _MODULES[module_type] = Rule(old.kind if old else "per_channel", old.reason if old else "", resize,
+    _MODULES[module_type] = Rule(old.kind if old else None, old.reason if old else "", resize,
                                  old.leaf if old else False)
 
 

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from grownfx.engine.banks import MaskedConv, MaskedLinear, TaskMultiheadAttention
 from grownfx.engine.context import TaskContext
-from grownfx.engine.layers import PerTask, TaskParameter, WeightOf, _TaskModule
+from grownfx.engine.layers import PerTask, TaskLiteral, TaskParameter, WeightOf, _TaskModule
 from grownfx.engine.tracing import layer_kind
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -107,6 +107,29 @@ def make_task_aware(
     return gm, holders
 
 
+def make_literals_task_aware(gm: fx.GraphModule, literals: list[tuple[str, int, tuple]], ctx: TaskContext) -> None:
+    """Each (view/reshape node, argument position, layout): the channel count written there becomes a
+    `TaskLiteral`, so every task reshapes with the width it was learned with."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, axis, layout in literals:
+        node = nodes[name]
+        path = "task_literals." + name + f"_{axis}"
+        set_submodule(gm, path, TaskLiteral(layout, ctx, path))
+        with gm.graph.inserting_before(node):
+            value = gm.graph.call_module(path)
+        args = list(node.args)
+        if len(args) == 2 and isinstance(args[1], (list, tuple)):
+            inner = list(args[1])
+            inner[axis] = value
+            args[1] = type(args[1])(inner)
+        else:
+            args[axis + 1] = value
+        node.args = tuple(args)
+    if literals:
+        gm.graph.lint()
+        gm.recompile()
+
+
 def _float_buffer(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
     try:
         value = gm.get_buffer(target)
@@ -158,7 +181,12 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if isinstance(m, TaskParameter):
+            if isinstance(m, TaskLiteral):  # the number this task reshapes with, written back as a constant
+                value = m.value_for(task)
+                for user in list(node.users):
+                    user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+                graph.erase_node(node)
+            elif isinstance(m, TaskParameter):
                 value = m.copy_for(task).detach().clone()
                 _set_param(root, node.target, nn.Parameter(value))
                 node.op = "get_attr"

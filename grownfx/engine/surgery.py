@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from grownfx.engine import registry
 from grownfx.engine.coupling import Binding, CouplingResult
+from grownfx.engine.tracing import out_channel_params
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -89,11 +90,17 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def resize_plain(module: nn.Module, role: str, src: torch.Tensor, generator: torch.Generator | None = None) -> None:
-    """Apply an axis map to a standard torch layer, keeping its attributes (in_channels, ...) in step."""
+    """Apply an axis map to a standard torch layer, keeping its attributes (in_channels, ...) in step; a module
+    type with a registered resize function (grownfx.register_module / register_resize) uses that instead."""
     n = int(src.numel())
-    if isinstance(module, _CONV + (nn.Linear,)):
+    rule = registry.module_rule(module)
+    if rule is not None and rule.resize is not None:
+        rule.resize(module, role, src, generator)
+    elif isinstance(module, _CONV + (nn.Linear,)):
         w = module.weight
         if role in ("out", "grouped"):
+            for name in out_channel_params(module):  # ScaledStdConv2d's gain: new channels start at 1
+                _set(module, name, remap(getattr(module, name).data, 0, src, 1.0))
             fan_in = math.prod(w.shape[1:])
             fill = random_fill((n,) + tuple(w.shape[1:]), fan_in, generator, w)
             _set(module, "weight", remap(w.data, 0, src, fill))
@@ -110,8 +117,6 @@ def resize_plain(module: nn.Module, role: str, src: torch.Tensor, generator: tor
             if isinstance(t, torch.Tensor):
                 _set(module, name, remap(t.data, 0, src, fill))
         _update_attrs(module, role, n)
-    elif (rule := registry.module_rule(module)) is not None and rule.resize is not None:
-        rule.resize(module, role, src, generator)
     else:
         raise TypeError(f"cannot resize a {type(module).__name__} (grownfx.register_module(..., resize=fn))")
 
@@ -161,7 +166,10 @@ def apply_binding(gm: fx.GraphModule, b: Binding, src: torch.Tensor, generator=N
     if b.role == "literal":
         node = next(n for n in gm.graph.nodes if n.name == b.target)
         args = list(node.args)
-        if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        nested = len(args) == 2 and isinstance(args[1], (list, tuple))
+        if isinstance(list(args[1])[b.axis] if nested else args[b.axis + 1], fx.Node):
+            return False  # a task-aware graph computes the number per task (layers.TaskLiteral)
+        if nested:
             inner = list(args[1])
             inner[b.axis] = int(src.numel())
             args[1] = type(args[1])(inner)

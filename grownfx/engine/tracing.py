@@ -82,7 +82,9 @@ def layer_kind(m: nn.Module) -> str | None:
       Conv2dSame, Linear): masked and grown like the torch layer, its own forward run on the masked weight;
     * 'std': weight standardisation (StdConv2d): each filter is normalised over its inputs, so added input
       columns would change old outputs: its input channels are fixed, its outputs grow;
-    * 'other': extra parameters (ScaledStdConv2d's gain) or a weight function we cannot follow: opaque.
+    * 'other': other parameters or a weight function we cannot follow: traced through, or opaque as a leaf.
+
+    Parameters with one value per output channel (ScaledStdConv2d's `gain`) follow the filters.
     """
     if not isinstance(m, _LAYER_TYPES):
         return None
@@ -93,8 +95,17 @@ def layer_kind(m: nn.Module) -> str | None:
     return _KIND_CACHE[type(m)]
 
 
+def out_channel_params(m: nn.Module) -> list[str]:
+    """Parameters of a conv/linear subclass besides weight and bias with one value per output channel
+    (ScaledStdConv2d's `gain`): they are resized and copied per task like the bias."""
+    out = getattr(m, "out_channels", getattr(m, "out_features", None))
+    return [n for n, p in m.named_parameters(recurse=False)
+            if n not in ("weight", "bias") and p.dim() >= 1 and p.shape[0] == out and p.numel() == out]
+
+
 def _probe_kind(m: nn.Module) -> str:
-    if {n for n, _ in m.named_parameters()} - {"weight", "bias"} or any(True for _ in m.children()):
+    extra = {n for n, _ in m.named_parameters()} - {"weight", "bias"} - set(out_channel_params(m))
+    if extra or any(True for _ in m.children()):
         return "other"
     try:
         t = bare_layer(m)
@@ -128,10 +139,12 @@ def bare_layer(m: nn.Module) -> nn.Module:
 
 
 def call_with_weight(bare: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     groups: int | None = None) -> torch.Tensor:
-    """Run a bare layer's forward on `x` with `weight`/`bias` in place of its own (and `groups` for a conv)."""
+                     groups: int | None = None, extra: dict | None = None) -> torch.Tensor:
+    """Run a bare layer's forward on `x` with `weight`/`bias` in place of its own (and `groups` for a conv, and
+    `extra` tensors for its per-output-channel parameters)."""
     d = bare.__dict__
     d["weight"], d["bias"] = weight, bias
+    d.update(extra or {})
     if groups is not None:
         d["groups"] = groups
     if "out_channels" in d:  # widths follow the weight (StdConv2d reshapes by self.out_channels)
@@ -142,6 +155,8 @@ def call_with_weight(bare: nn.Module, x: torch.Tensor, weight: torch.Tensor, bia
         return bare(x)
     finally:
         del d["weight"], d["bias"]
+        for k in extra or {}:
+            del d[k]
 
 
 def _innermost_module(exc: BaseException, model: nn.Module) -> str | None:
@@ -161,19 +176,31 @@ def trace(
     model: nn.Module,
     example_input: torch.Tensor,
     leaf_modules: Iterable[str | type] = (),
+    auto_leaves: bool = False,
 ) -> fx.GraphModule:
     """Trace `model` (in eval mode, so train-only branches like auxiliary heads are left out) and propagate shapes.
 
     Raises `TraceError` naming the module or node when fx cannot trace the model or the traced graph
-    cannot run on `example_input`; declare such modules as `leaf_modules` to keep them opaque.
+    cannot run on `example_input`; declare such modules as `leaf_modules` to keep them opaque.  With
+    `auto_leaves`, a submodule fx cannot trace (control flow on a shape, timm's VGG `pre_logits`) is made a leaf
+    and tracing is retried; the graph module's `auto_leaves` lists them (opaque: their channels stay fixed).
     """
     if not isinstance(example_input, torch.Tensor):
         raise TraceError(f"example_input must be a tensor, got {type(example_input).__name__}")
     was_training = model.training
     model.eval()
-    tracer = GrownTracer(tuple(leaf_modules))
+    auto: list[str] = []
     try:
-        graph = tracer.trace(model)
+        while True:
+            tracer = GrownTracer(tuple(leaf_modules) + tuple(auto))
+            try:
+                graph = tracer.trace(model)
+                break
+            except Exception as exc:
+                where = _innermost_module(exc, model)
+                if not auto_leaves or where in (None, "<root>") or where in auto or len(auto) >= 64:
+                    raise
+                auto.append(where)
     except Exception as exc:  # fx raises many types (TraceError, TypeError from Proxy iteration, ...)
         where = _innermost_module(exc, model)
         hint = f" in module '{where}'" if where else ""
@@ -185,6 +212,7 @@ def trace(
     finally:
         model.train(was_training)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.auto_leaves = auto
     gm.eval()
     propagate_shapes(gm, example_input)
     return gm

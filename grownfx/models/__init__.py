@@ -18,6 +18,10 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {"lenet5": lenet5, "small_cnn": 
 _NO_AUX = {"googlenet", "inception_v3"}
 
 
+class BuilderError(TypeError):
+    """A model builder that does not return an nn.Module (a user's `package.module:callable`)."""
+
+
 def build_backbone(builder: str, num_classes: int, kwargs: dict | None = None) -> nn.Module:
     """Instantiate a backbone with `num_classes` outputs (the head is replaced per task later)."""
     kwargs = dict(kwargs or {})
@@ -26,7 +30,12 @@ def build_backbone(builder: str, num_classes: int, kwargs: dict | None = None) -
     if ":" in builder:
         module_name, _, attr = builder.partition(":")
         fn = getattr(importlib.import_module(module_name), attr)
-        return fn(num_classes=num_classes, **kwargs)
+        model = fn(num_classes=num_classes, **kwargs)
+        if not isinstance(model, nn.Module):
+            hint = " (return the model alone, not a tuple)" if isinstance(model, tuple) else ""
+            raise BuilderError(f"model builder {builder!r} returned a {type(model).__name__}, not a "
+                               f"torch.nn.Module{hint}")
+        return model
     import torchvision
 
     if builder not in torchvision.models.list_models(module=torchvision.models):
@@ -37,4 +46,4 @@ def build_backbone(builder: str, num_classes: int, kwargs: dict | None = None) -
     return torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **kwargs)
 
 
-__all__ = ["BUILDERS", "LeNet5", "SmallCNN", "VGGCifar", "build_backbone", "lenet5", "small_cnn", "vgg16_bn_cifar"]
+__all__ = ["BUILDERS", "BuilderError", "LeNet5", "SmallCNN", "VGGCifar", "build_backbone", "lenet5", "small_cnn", "vgg16_bn_cifar"]

@@ -205,7 +205,8 @@ def semantic_errors(raw: dict, check_data: bool) -> list[tuple[str, str]]:
         root = abspath(data["root"])
         if kind is not None and "root" in kind.model_fields and not root.is_dir():
             out.append(("data.root", f"dataset folder {root} not found: {describe_dir(root)}. {kind.howto} "
-                        "(check_data=False / --no-data-check skips this check)"))
+                        "(to check the rest of the recipe without the data: grownfx validate RECIPE "
+                        "--no-data-check; from Python, check_data=False)"))
         elif data.get("name") == "imagefolder" and root.is_dir():
             problem = _imagefolder_tasks_problem(root, data)
             if problem:
@@ -298,7 +299,8 @@ def resolve_builder(name: str) -> Callable:
     names = list(classification) + list(ours)
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.7) or difflib.get_close_matches(name, names, n=3,
                                                                                                   cutoff=0.6)
-    names_text = ", ".join(map(repr, close[:-1])) + (" or " if len(close) > 1 else "") + repr(close[-1]) if close else ""
+    names_text = (", ".join(map(repr, close[:-1])) + (" or " if len(close) > 1 else "") + repr(close[-1])
+                  if close else "")
     hint = f"; did you mean {names_text}?" if close else ""
     raise ValueError(f"unknown model builder {name!r}{hint} Use a torchvision classification builder (e.g. "
                      f"resnet18), a grownfx one ({', '.join(ours)}) or 'package.module:callable'")

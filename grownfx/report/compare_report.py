@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from grownfx import files
-from grownfx.report.paper import ABLATION_ROWS, PAPER, PAPER_NAME, benchmark_of
+from grownfx.report.paper import ABLATION_ROWS, PAPER, benchmark_of
 from grownfx.report.run_report import load_run, md_table, write_csv_tables
 
 __all__ = ["PAPER", "compare_tables", "load_compare", "write_compare_report"]
@@ -208,9 +208,16 @@ def _plots(data: dict, out: Path) -> list[str]:
     made = []
     for name, draw in (("accuracy_per_task.png", _plot_accuracy), ("model_size.png", _plot_size),
                        ("accuracy_vs_size.png", _plot_tradeoff)):
-        fig = Figure(figsize=(7.5, 4.5))
-        draw(fig.add_subplot(), data)
-        fig.savefig(out / name, dpi=120, bbox_inches="tight")
+        zoom = _accuracy_zoom(data) if draw is _plot_accuracy else None
+        fig = Figure(figsize=(8, 8.5 if zoom else 4.5), layout="constrained")
+        if zoom:  # the whole range above, the close race at the top below
+            top, bottom = fig.subplots(2, 1)
+            draw(top, data)
+            draw(bottom, data, zoom=zoom)
+            bottom.get_legend().remove()
+        else:
+            draw(fig.add_subplot(), data)
+        fig.savefig(out / name, dpi=150, bbox_inches="tight")
         made.append(name)
     return made
 
@@ -221,29 +228,136 @@ def _series(runs: list[dict], key: str, n: int):
     return xs, [m for m, _ in stats if m is not None], [s or 0.0 for m, s in stats if m is not None]
 
 
-def _plot_accuracy(ax, data: dict) -> None:
-    for m, runs in data["methods"].items():
-        ax.errorbar(*_series(runs, "acc_final", data["num_tasks"]), marker="o", capsize=3, label=m)
-    ax.set(xlabel="task", ylabel="test accuracy after the last task (%)", title="Accuracy per task")
-    ax.legend(fontsize=7, ncol=2)
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
+_LINES = ("-", "--", "-.", ":")
+
+
+def _family(method: str) -> str:
+    return method.split("[", 1)[0]
+
+
+def _ordered(methods) -> list[str]:
+    """Methods in their order, but each family's rows together (grown, then its ablation rows)."""
+    families: dict[str, list[str]] = {}
+    for m in methods:
+        families.setdefault(_family(m), []).append(m)
+    return [m for rows in families.values() for m in rows]
+
+
+def method_styles(methods) -> dict[str, dict]:
+    """A colour per method family, and within it a marker and line style per row, so that 12 methods (grown
+    and its four ablation rows among them) stay apart in print and in grey scale."""
+    from matplotlib import colormaps
+
+    ordered = _ordered(methods)
+    families = [f for f in dict.fromkeys(_family(m) for m in ordered) if f != "grown"]
+    tab10 = colormaps["tab10"].colors
+    palette = [c for i, c in enumerate(tab10) if i != 7]  # no grey: GROWN's own rows are black and greys
+    base = {f: palette[i % len(palette)] for i, f in enumerate(families)}
+    base["grown"] = (0.0, 0.0, 0.0)
+    styles, rank = {}, {}
+    for i, m in enumerate(ordered):
+        fam = _family(m)
+        k = rank[fam] = rank.get(fam, -1) + 1
+        light = min(0.6, 0.15 * k)  # a family's later rows (ablations) in lighter shades of its colour
+        color = tuple(c + (1.0 - c) * light for c in base[fam][:3])
+        styles[m] = {"color": color, "marker": _MARKERS[i % len(_MARKERS)], "linestyle": _LINES[k % len(_LINES)]}
+    return styles
+
+
+def _dodge(n_methods: int, i: int, width: float = 0.36) -> float:
+    """Horizontal offset of method i, so that equal values at one task do not hide each other."""
+    return 0.0 if n_methods < 2 else -width / 2 + width * i / (n_methods - 1)
+
+
+def _per_task_lines(ax, data: dict, key: str, only=None) -> list[float]:
+    methods = _ordered(data["methods"])
+    styles = method_styles(methods)
+    values: list[float] = []
+    for i, m in enumerate(methods):
+        if only is not None and m not in only:
+            continue
+        xs, ys, errs = _series(data["methods"][m], key, data["num_tasks"])
+        xs = [x + _dodge(len(methods), i) for x in xs]
+        st = styles[m]
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, capsize=2, markersize=5, linewidth=1.3,
+                    elinewidth=0.8, label=m, **st)
+        values += [y - e for y, e in zip(ys, errs)] + [y + e for y, e in zip(ys, errs)]
+    n = data["num_tasks"]
+    ax.set_xticks(range(1, n + 1))  # whole tasks only
+    ax.set_xlim(0.5, n + 0.5)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return values
+
+
+def _plot_accuracy(ax, data: dict, zoom: Optional[tuple[float, float]] = None) -> None:
+    n = data["num_tasks"]
+    means = {m: _series(runs, "acc_final", n)[1] for m, runs in data["methods"].items()}
+    # the zoom shows only the methods that stay within it on every task: no lines falling through the panel
+    only = None if zoom is None else {m for m, ys in means.items() if ys and min(ys) >= zoom[0]}
+    _per_task_lines(ax, data, "acc_final", only=only)
+    flat = [y for m, ys in means.items() if only is None or m in only for y in ys]
+    lo, hi = zoom or (min(flat, default=0.0), max(flat, default=100.0))
+    pad = max(0.4, 0.06 * (hi - lo))  # the data's range, not 0-100: a point's difference must show
+    ax.set_ylim(max(0.0, lo - pad), min(100.0 + pad / 2, hi + pad))
+    ax.set(xlabel="task", ylabel="test accuracy after the last task (%)",
+           title="Accuracy per task (mean ± std over seeds)" if zoom is None else
+           f"Zoom: the {len(only)} methods within {lo:.1f}–{hi:.1f} % on every task")
+
+
+def _accuracy_zoom(data: dict) -> Optional[tuple[float, float]]:
+    """The range of the best methods' per-task means when outliers stretch the axis past 10 points."""
+    per_method = [ys for runs in data["methods"].values() if (ys := _series(runs, "acc_final", data["num_tasks"])[1])]
+    flat = [y for ys in per_method for y in ys]
+    if not flat or max(flat) - min(flat) <= 10:
+        return None
+    top = [ys for ys in per_method if min(ys) >= max(flat) - 5]  # methods within 5 points of the best throughout
+    if len(top) < 2:
+        return None
+    return (min(min(ys) for ys in top), max(max(ys) for ys in top))
 
 
 def _plot_size(ax, data: dict) -> None:
-    for m, runs in data["methods"].items():
-        ax.errorbar(*_series(runs, "model_size", data["num_tasks"]), marker="o", capsize=3, label=m)
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="full backbone")
-    ax.set(xlabel="after task", ylabel="parameters stored / full backbone", title="Model size per task")
-    ax.legend(fontsize=7, ncol=2)
+    values = [v for v in _per_task_lines(ax, data, "model_size") if v > 0]
+    if values and max(values) / min(values) > 4:  # 0.3x beside 5x: a log axis keeps both readable
+        ax.set_yscale("log")
+        nice = [0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 50, 100]
+        ticks = [t for t in nice if min(values) / 1.3 <= t <= max(values) * 1.3]
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_ylabel("parameters stored / full backbone (log scale)")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.annotate("full backbone", (0.55, 1.0), xytext=(0, 3), textcoords="offset points", fontsize=7)
+    ax.set(xlabel="after task", title="Model size per task")
+    if ax.get_yscale() != "log":
+        ax.set_ylabel("parameters stored / full backbone")
 
 
 def _plot_tradeoff(ax, data: dict) -> None:
-    for m, runs in data["methods"].items():
+    methods = _ordered(data["methods"])
+    styles = method_styles(methods)
+    accs, sizes = [], []
+    for m in methods:
+        runs = data["methods"][m]
         acc = _stat([r["summary"]["avg_acc"] for r in runs])
         size = _stat([r["summary"]["tasks"][-1]["model_size"] for r in runs if r["summary"]["tasks"]])
         if acc[0] is None or size[0] is None:
             continue
-        ax.errorbar(size[0], acc[0], xerr=size[1] or 0, yerr=acc[1] or 0, marker="o", capsize=3, label=m)
-        ax.annotate(m, (size[0], acc[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        st = {k: v for k, v in styles[m].items() if k != "linestyle"}
+        ax.errorbar(size[0], acc[0], xerr=size[1] or 0, yerr=acc[1] or 0, capsize=2, markersize=7, linestyle="none",
+                    label=f"{m}: {acc[0]:.1f} %, {size[0]:.2f}x", **st)
+        accs += [acc[0] - (acc[1] or 0), acc[0] + (acc[1] or 0)]
+        sizes.append(size[0])
+    if sizes and min(sizes) > 0 and max(sizes) / min(sizes) > 4:  # 0.3x beside 5x
+        ax.set_xscale("log")
+        nice = [0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 50, 100]
+        ticks = [t for t in nice if min(sizes) / 1.5 <= t <= max(sizes) * 1.5]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              title="average accuracy, final size", title_fontsize=7)
     for name, (_, avg, final) in PAPER.get(data["benchmark"] or "", {}).get("acc", {}).items():
         ax.scatter(final, avg, marker="s", facecolors="none", edgecolors="gray")
         ax.annotate(f"{name} (published)", (final, avg), textcoords="offset points", xytext=(4, -8), fontsize=6,

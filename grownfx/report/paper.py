@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["ABLATION_ROWS", "PAPER", "PAPER_NAME", "RUN_REPORT_ROWS", "UNCHECKED_ABLATION_TASKS", "UNCHECKED_AVERAGES",
+__all__ = ["ABLATION_ROWS", "PAPER", "RUN_REPORT_ROWS", "UNCHECKED_ABLATION_TASKS", "UNCHECKED_AVERAGES",
            "benchmark_of", "published"]
 
 _S10 = "cifar100_split10"
@@ -68,8 +68,6 @@ PAPER: dict[str, dict] = {
         ("Ours", [67.2, 76.8, 79.6, 81.8, 86.8, 86.8, 84.2, 83.8, 87.8, 89.4, 91.0, 84.6, 87.2, 85.0, 55.4, 73.6, 71.2,
                   73.8, 89.2, 94.6], 82.2)]},
 }
-PAPER_NAME = {"scratch": "Scratch", "finetune": "Fine-tune", "pnn": "PNN", "grow": "Grow", "cpg": "CPG",
-              "grown": "GROWN"}
 ABLATION_ROWS = [("grown[grow_only]", "Grow only"), ("grown[+selective_mask]", "+Sel-mask"),
                  ("grown[+lsg]", "+LSG"), ("grown[+retrain_released]", "+Re-train")]
 

@@ -217,13 +217,16 @@ def _plot_matrix(fig, run: dict) -> None:
         for j, v in enumerate(row):
             m[i, j] = np.nan if v is None else float(v)
     ax = fig.add_subplot()
-    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    # colours span the data's range, not 0-100: 97.8 against 99.6 must look different
+    lo, hi = (float(np.nanmin(m)), float(np.nanmax(m))) if np.isfinite(m).any() else (0.0, 100.0)
+    lo = min(lo, hi - 1.0)  # at least a point of range, never past the data's maximum
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=lo, vmax=hi, aspect="auto")
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
     if n <= 20:
         for (i, j), v in np.ndenumerate(m):
             if not np.isnan(v):
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < 60 else "black")
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7 if n <= 10 else 5,
+                        color="white" if v < lo + 0.55 * (hi - lo) else "black")
     ticks = range(n)
     ax.set_xticks(ticks, [str(j + 1) for j in ticks])
     ax.set_yticks(range(len(rows)), [str(i + 1) for i in range(len(rows))])
@@ -258,15 +261,24 @@ def _plot_final(fig, run: dict) -> None:
     tasks = run["summary"]["tasks"]
     x = [i + 1 for i in range(len(tasks))]
     ax = fig.add_subplot()
-    ax.bar(x, [t.get("acc_final") or 0.0 for t in tasks], color="tab:blue", label="after the last task")
-    ax.scatter(x, [t.get("acc_when_learned") or 0.0 for t in tasks], color="tab:orange", zorder=3,
+    final = [t.get("acc_final") or 0.0 for t in tasks]
+    learned = [t.get("acc_when_learned") or 0.0 for t in tasks]
+    ax.plot(x, final, marker="o", color="tab:blue", linewidth=1.5, label="after the last task")
+    ax.scatter(x, learned, marker="D", s=22, facecolors="none", edgecolors="tab:orange", zorder=3,
                label="when learned")
     targets = [(xi, t["target"]) for xi, t in zip(x, tasks) if t.get("target") is not None]
     if targets:
         ax.scatter(*zip(*targets), marker="_", s=300, color="black", zorder=3, label="target (validation)")
+    if len(x) <= 20:  # one decimal: the differences that matter are often below a point
+        for xi, v in zip(x, final):
+            ax.annotate(f"{v:.1f}", (xi, v), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+    values = final + learned + [v for _, v in targets]
+    lo, hi = min(values), max(values)
+    pad = max(0.5, 0.12 * (hi - lo))  # the data's range, not 0-100
+    ax.set_ylim(max(0.0, lo - pad), min(100.0 + pad, hi + 1.6 * pad))
+    ax.grid(axis="y", alpha=0.3)
     ax.set_xticks(x)
-    ax.set_ylim(0, 100)
     ax.set_xlabel("task")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Final accuracy per task (average {_fmt(run['summary'].get('avg_acc'), 2)} %)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # never over a point

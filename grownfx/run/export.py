@@ -49,8 +49,10 @@ def save_module(module: nn.Module, example: torch.Tensor, fmt: str, folder: str 
 
 
 def load_exported(path: str | Path):
-    """A callable `x -> logits` for a file written by `save_module`."""
+    """A callable `x -> logits` for a file written by `save_module`; its SHA-256 is checked against the meta.json
+    beside it when that records one (CorruptFileError naming the file otherwise)."""
     path = Path(path)
+    verify_export_file(path)
     if path.suffix == ".pt2":
         return torch.export.load(str(path)).module()
     if path.suffix == ".ts":
@@ -137,6 +139,22 @@ def task_meta(stream, stream_meta: dict, t: int, sub: nn.Module, checkpoint: str
             "torch": torch.__version__}
 
 
+def verify_export_file(path: str | Path) -> None:
+    """CorruptFileError when `path` is empty or differs from the SHA-256 its folder's meta.json records."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise files.CorruptFileError(f"{path} is empty (0 bytes): the export is corrupt; re-create it with "
+                                     "grownfx export")
+    try:
+        formats = json.loads((path.parent / "meta.json").read_text()).get("formats", {})
+    except (OSError, ValueError, AttributeError):
+        return
+    recorded = [e.get("sha256") for e in formats.values() if isinstance(e, dict) and e.get("file") == path.name]
+    if recorded and recorded[0] and files.file_sha256(path) != recorded[0]:
+        raise files.CorruptFileError(f"{path} is corrupt: its SHA-256 does not match the one in meta.json "
+                                     "(truncated or altered); re-create it with grownfx export")
+
+
 def export_complete(folder: str | Path, fmt: str) -> bool:
     """Whether `folder` holds a finished export in `fmt`: a readable meta.json whose entry for `fmt` names a file
     that exists with the recorded SHA-256 (or records why exporting failed)."""
@@ -170,7 +188,8 @@ def restore_method(run_dir: str | Path):
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.pt"
     if not last.exists():
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint (expected {last})")
+        raise ExportError(f"{run_dir} holds no checkpoint (expected {last}); is it a run folder? "
+                          "(`grownfx run` prints the folder it writes)")
     state = files.load(last)
     recipe = Recipe.model_validate(state["recipe"])
     stream = _StreamInfo(json.loads((run_dir / "stream.json").read_text()))

@@ -107,7 +107,8 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
             out, lock = claimed
         out = Path(dist.broadcast_object(str(out) if dist.is_main else None))
         last = out / "checkpoints" / "last.pt"
-        echo(f"{'resuming' if resume else 'writing'} run folder {out}")
+        if dist.is_main:
+            echo(f"{'resuming' if resume else 'writing'} run folder {out}")
         state = dist.main_first(lambda: _prepare_out(out, recipe, resume, last, explicit=out_dir is not None))
         resumed = dist.broadcast_object(state is not None) if dist.enabled else state is not None
         if resumed and not dist.is_main:  # every rank restores the checkpoint itself
@@ -342,8 +343,8 @@ class _Run:
                 self.records.append(record)
                 self.log({"event": "task", **record.to_dict(), "test_row": row})
                 if self.writer is not None:
-                    self.writer.add_scalar("stream/avg_acc", sum(row) / len(row), t)
-                    self.writer.add_scalar("stream/params_stored", record.params_stored, t)
+                    self.writer.add_scalar("stream/avg_acc", sum(row) / len(row), t + 1)  # step = task number
+                    self.writer.add_scalar("stream/params_stored", record.params_stored, t + 1)
                 if self.dist.is_main:  # a task is done when its results, checkpoint and export are on disk
                     self.write_results()
                     self.save_checkpoint(None, None)
@@ -494,7 +495,8 @@ class _Run:
         if state["position"] is not None:
             self.resume_position = (LearnerPosition(**state["position"]), state["optim"])
         self.echo(f"resuming {self.out} after {len(self.records)} finished tasks"
-                  + (f" (task {len(self.records)} from epoch {state['position']['epoch']})" if state["position"] else ""))
+                  + (f" (task {len(self.records) + 1} from epoch {state['position']['epoch']})"
+                     if state["position"] else ""))
 
 
 def _task_line(r: TaskRecord, row: list[float], full: int, growth=None) -> str:

@@ -20,7 +20,7 @@ class RegisteredOps:
         if node.op == "call_module":
             m = self.modules[node.target]
             rule = registry.module_rule(m)
-            return (rule, m) if rule is not None else None
+            return (rule, m) if rule is not None and rule.kind is not None else None
         if node.op == "call_function":
             rule = registry.function_rule(node.target)
             return (rule, None) if rule is not None else None

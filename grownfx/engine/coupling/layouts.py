@@ -63,8 +63,9 @@ class Width:
 
 
 # ops that may take a Width without making the network's values depend on it: they only shape a tensor
+# (not `full`/`new_full`: their fill value could be the width)
 _SHAPE_USES = {"view", "reshape", "expand", "broadcast_to", "unflatten", "new_zeros", "new_ones", "new_empty",
-               "new_full", "zeros", "ones", "empty", "full", "rand", "randn", "getitem", "len", "_assert"}
+               "zeros", "ones", "empty", "rand", "randn", "getitem", "len", "_assert"}
 
 
 def lcm(*xs: int) -> int:
@@ -106,6 +107,23 @@ def reshape_blocks(a: tuple, b: tuple) -> list | None:
 # binary ops whose identity element is 1: a parameter's new entries are filled with it (0 would divide by zero)
 _MULTIPLY = {"mul", "imul", "rmul", "mul_"}
 _DIVIDE = {"truediv", "div", "true_divide", "itruediv", "div_", "floordiv", "mod", "floor_divide", "remainder", "fmod"}
+
+
+# ops that only move a parameter's entries (a parameter reaching an op through them is used "directly")
+_MOVE_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "expand_as", "broadcast_to",
+              "permute", "transpose", "contiguous", "to", "type_as", "float", "half", "double", "bfloat16", "view_as",
+              "reshape_as", "clone", "detach", "getitem"}
+
+
+def direct_param(arg: Any) -> bool:
+    """`arg` is a parameter or buffer (get_attr), possibly reshaped or moved, with no arithmetic on it."""
+    while isinstance(arg, fx.Node):
+        if arg.op == "get_attr":
+            return True
+        if arg.op not in ("call_function", "call_method") or op_name(arg.target) not in _MOVE_ONLY or not arg.args:
+            return False
+        arg = arg.args[0]
+    return False
 
 
 def op_name(target: Any) -> str:
@@ -203,6 +221,10 @@ class LayoutOps:
                 axes[k] = lays[0]
                 for lay, org, pos in entries:
                     if lay is None and org is not None:
+                        if not direct_param((list(node.args) + list(node.kwargs.values()))[pos]):
+                            # `x + self.b.log()`: the fill below is the op's identity only for the raw value
+                            self.fix(lays[0], f"parameter '{org[0]}' is transformed before it meets the "
+                                              f"channels at '{node.name}' (no fill keeps new channels finite)")
                         fill = 1.0 if name in _MULTIPLY or (name in _DIVIDE and pos == 1) else 0.0
                         self.bindings.append(Binding(org[0], "param", lays[0], org[1], node.name, fill))
                     elif lay is None:
@@ -431,10 +453,9 @@ class LayoutOps:
             return
         for k, a in enumerate(args):
             if isinstance(a, int) and a == out_shape[k] and axes[k] and a > 1:
-                # one graph serves every task: rewriting the number on growth would change (or break) the tasks
-                # learned before it, so the group is fixed; `x.shape[1]` instead of the number keeps it growable
-                self.fix(axes[k], f"a channel count ({a}) is written into the graph at '{node.name}' "
-                                  f"(read it from the shape to keep the group growable)")
+                # resized with the group: in a plain graph the number is rewritten; in a task-aware one it
+                # becomes a per-task value (rewrite.make_literals_task_aware), the width each task sees
+                self.bindings.append(Binding(node.name, "literal", axes[k], k, node.name))
 
     def expand(self, node: fx.Node, x: Any, name: str) -> Any:
         out_shape = tensor_shape(node)

@@ -11,6 +11,7 @@ from torch import fx, nn
 from grownfx.engine.tracing import layer_kind, tensor_shape
 from grownfx.engine.coupling.custom import RegisteredOps
 from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal, lcm, op_name
+from grownfx.engine.coupling.refine import Refinement
 from grownfx.engine.coupling.types import Binding, CouplingGroup, CouplingResult, Layout, Seg
 
 _UNARY = {
@@ -53,7 +54,7 @@ def is_stochastic_depth(m: nn.Module) -> bool:
     return type(m).__name__ == "StochasticDepth"
 
 
-class CouplingAnalysis(RegisteredOps, LayoutOps):
+class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
     """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
     """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
 
@@ -76,15 +77,17 @@ class CouplingAnalysis(RegisteredOps, LayoutOps):
         return v
 
     def fix(self, layout_or_vars: Iterable, reason: str) -> None:
-        for x in layout_or_vars:
-            v = x.var if isinstance(x, Seg) else x
+        for v in self.fix_targets(layout_or_vars):
             self.ties.nodes[v]["reasons"].append(reason)
 
     def tie(self, a: Layout, b: Layout, where: str) -> None:
         """Channels of layouts `a` and `b` are the same channels (residual add, norm, ...)."""
+        a, b = self.expand_layout(a), self.expand_layout(b)
         if len(a) == len(b) and all(x.width == y.width and x.factor == y.factor for x, y in zip(a, b)):
             for x, y in zip(a, b):
                 self.ties.add_edge(x.var, y.var, via=where)
+            return
+        if self.refine_tie(a, b, where):  # the same channels cut differently (GhostNet's cat + shortcut)
             return
         vars_ = [s.var for s in a] + [s.var for s in b]
         for u, w in zip(vars_, vars_[1:]):
@@ -115,7 +118,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps):
 
     def val(self, a: Any) -> Any:
         if isinstance(a, fx.Node):
-            return self.values.get(a.name, OTHER)
+            return self.expand_value(self.values.get(a.name, OTHER))
         if isinstance(a, (list, tuple)):
             return Seq([self.val(x) for x in a])
         return OTHER
@@ -277,9 +280,10 @@ class CouplingAnalysis(RegisteredOps, LayoutOps):
             self.bind(node.target, "out", out, node)
             return TVal((None, out) + spatial_none, out_shape)
         per_group = m.in_channels // m.groups
-        if m.in_channels == m.out_channels and len(lay_in) == 1 and lay_in[0].factor == 1:
-            v = lay_in[0].var
-            self.ties.nodes[v]["gran"] = lcm(self.ties.nodes[v]["gran"], per_group)
+        # in = out: channels stay in place, conv groups never straddle segments (GhostNet's depthwise over a cat)
+        if m.in_channels == m.out_channels and all(s.factor == 1 and s.width % per_group == 0 for s in lay_in):
+            for v in {s.var for s in lay_in}:
+                self.ties.nodes[v]["gran"] = lcm(self.ties.nodes[v]["gran"], per_group)
             self.bind(node.target, "grouped", lay_in, node)
             return TVal((None, lay_in) + spatial_none, out_shape)
         self.fix(lay_in, f"grouped conv '{node.target}' with {m.in_channels}->{m.out_channels} channels")
@@ -330,6 +334,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps):
 
     # -- result -------------------------------------------------------------------------------------------
     def finish(self) -> "CouplingResult":
+        self.finish_refinement()
         groups: list[CouplingGroup] = []
         var_group: dict[int, int] = {}
         for vars_ in sorted(nx.connected_components(self.ties), key=min):

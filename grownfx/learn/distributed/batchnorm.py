@@ -81,22 +81,23 @@ def _cpu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
     dims = [0] + list(range(2, x.dim()))
     shape = (1, c) + (1,) * (x.dim() - 2)
-    xf = x.float()
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp16/bf16 normalise in fp32
+    xf = x.to(dtype)
     # sums in float64: exact counts, and E[x^2] - E[x]^2 without fp32 cancellation
     count = torch.tensor([x.numel() // c], dtype=torch.float64, device=x.device)
     local = torch.cat([xf.sum(dims, dtype=torch.float64), (xf * xf).sum(dims, dtype=torch.float64), count])
     stats = dist_fn.all_reduce(local)
     n = stats[-1]
     mean64 = stats[:c] / n
-    var = (stats[c:2 * c] / n - mean64 * mean64).clamp_min(0.0).float()
-    mean = mean64.float()
+    var = (stats[c:2 * c] / n - mean64 * mean64).clamp_min(0.0).to(dtype)
+    mean = mean64.to(dtype)
     y = (xf - mean.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
     if bn.affine:
         y = y * bn.weight.view(shape) + bn.bias.view(shape)
     if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             m = _factor(bn)
-            unbiased = var.detach() * (n / (n - 1.0).clamp_min(1.0)).float()
+            unbiased = var.detach() * (n / (n - 1.0).clamp_min(1.0)).to(dtype)
             bn.running_mean.mul_(1 - m).add_(mean.detach().to(bn.running_mean.dtype), alpha=m)
             bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
     return y.to(x.dtype)

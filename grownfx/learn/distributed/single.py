@@ -79,10 +79,6 @@ class Dist:
         """The training step's `x -> logits`: `forward` itself here (several ranks weight uneven shards)."""
         return forward
 
-    def step_model(self, model: Callable, loader, task: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """`step_forward` of `model(x, task=task)` (the GROWN net's call)."""
-        return self.step_forward(lambda x: model(x, task=task), loader)
-
     def evaluate(self, model: Callable, data: TaskData, batch_size: int, device, precision: str = "fp32",
                  channels_last: bool = False) -> float:
         loader = data.loader(batch_size, shuffle=False, device=device, augment=None)

@@ -128,8 +128,9 @@ class FinetuneContinual:
             self.heads.heads.append(self._new_head(n, t).requires_grad_(False))
         self.model.load_state_dict(state["model"])
         self.copies = []
-        for sd in state["copies"]:
+        for i, sd in enumerate(state["copies"]):
             c = copy.deepcopy(self.model)
+            del c.get_submodule(self.head_target).heads[i + 1:]  # task i's copy was taken with heads 0..i
             c.load_state_dict(sd)
             self.copies.append(c.requires_grad_(False))
 

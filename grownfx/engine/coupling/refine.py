@@ -1,0 +1,142 @@
+"""Refining a dimension variable into pieces, so that channels of different segmentations can still be tied.
+
+GhostNet adds `cat([primary, cheap])` (two producers, 8 + 8 channels) to a shortcut conv's 16 channels; a
+squeeze-excitation multiplies the same cat by one conv's 16 gates.  The 16 channels of the single producer are
+the 8 + 8 of the cat, in order: the single variable is *refined* into two pieces, each tied to its counterpart,
+and every variable tied to it (the residual stream it belongs to) is refined the same way.  Each piece then
+grows on its own, and the producer's output axis simply has two segments, like a concatenation's.
+
+A mixin of `CouplingAnalysis`: layouts read after a refinement are expanded (`expand_value`), bindings and the
+logits' variables at the end (`finish_refinement`).  A refinement that would cut a conv group (granularity)
+or a flatten factor is not made: the layouts are then tied as before, and fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from grownfx.engine.coupling.types import Layout, Seg
+
+
+class Refinement:
+    """Refine variables so that two layouts of the same channels line up segment by segment."""
+
+    def _refinements(self) -> dict[int, tuple]:
+        if "_refined" not in self.__dict__:
+            self.__dict__["_refined"] = {}
+        return self.__dict__["_refined"]
+
+    # -- reading layouts --------------------------------------------------------------------------------------
+    def expand_layout(self, lay: Layout | None) -> Layout | None:
+        ref = self._refinements()
+        if not ref or not lay or not any(s.var in ref for s in lay):
+            return lay
+        out: list[Seg] = []
+        for s in lay:
+            pieces = ref.get(s.var)
+            if pieces is None or s.width != sum(p.width for p in pieces):  # a cut part of it stays as it is
+                out.append(s)
+                continue
+            out.extend(Seg(p.var, p.width, s.factor * p.factor) for p in self.expand_layout(pieces))
+        return tuple(out)
+
+    def expand_value(self, value: Any) -> Any:
+        if not self._refinements():
+            return value
+        axes = getattr(value, "axes", None)
+        if isinstance(axes, tuple) and hasattr(value, "origin"):
+            new = tuple(self.expand_layout(lay) for lay in axes)
+            return value if new == axes else dataclasses.replace(value, axes=new)
+        items = getattr(value, "items", None)
+        if isinstance(items, list):
+            return dataclasses.replace(value, items=[self.expand_value(x) for x in items])
+        return value
+
+    # -- tying by refinement ----------------------------------------------------------------------------------
+    def refine_tie(self, a: Layout, b: Layout, where: str) -> bool:
+        """Tie `a` and `b` (same channels, different segmentations) by refining variables; False if it cannot."""
+        if not a or not b or any(s.factor != 1 for s in a + b):
+            return False
+        if sum(s.width for s in a) != sum(s.width for s in b):
+            return False
+        for s in a + b:  # only whole variables are refined
+            if s.width != self.ties.nodes[s.var]["width"]:
+                return False
+        cuts = set()
+        for lay in (a, b):
+            pos = 0
+            for s in lay:
+                pos += s.width
+                cuts.add(pos)
+        plans = []
+        for lay in (a, b):
+            pos = 0
+            for s in lay:
+                inner = sorted(c for c in cuts if pos < c < pos + s.width)
+                if inner:
+                    bounds = [pos] + inner + [pos + s.width]
+                    widths = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+                    if any(w % self.ties.nodes[s.var]["gran"] for w in widths):
+                        return False
+                    plans.append((s.var, widths))
+                pos += s.width
+        cut_vars = [v for v, _ in plans]
+        if len(cut_vars) != len(set(cut_vars)):  # a variable cut at two places (one repeated whole is fine)
+            return False
+        for v, widths in plans:
+            self._refine(v, widths)
+        a, b = self.expand_layout(a), self.expand_layout(b)
+        if [s.width for s in a] != [s.width for s in b]:  # pragma: no cover - the cuts line them up
+            return False
+        for x, y in zip(a, b):
+            self.ties.add_edge(x.var, y.var, via=where)
+        return True
+
+    def _refine(self, v: int, widths: list[int]) -> None:
+        ref = self._refinements()
+        if v in ref:
+            return
+        node = self.ties.nodes[v]
+        pieces = []
+        for i, w in enumerate(widths):
+            p = self.new_var(w, f"{node['label']}[{i}]", gran=node["gran"])
+            self.ties.nodes[p]["reasons"] = list(node["reasons"])
+            pieces.append(Seg(p, w))
+        ref[v] = tuple(pieces)
+        for u in list(self.ties.neighbors(v)):
+            via = self.ties.edges[v, u].get("via")
+            self.ties.remove_edge(v, u)
+            data = self.ties.nodes[u]
+            if u not in ref and data["width"] == node["width"] and all(w % data["gran"] == 0 for w in widths):
+                self._refine(u, widths)
+            if u in ref and [p.width for p in ref[u]] == widths:
+                for p, q in zip(pieces, ref[u]):
+                    self.ties.add_edge(p.var, q.var, via=via)
+            else:  # a different width (an opaque op's chain): every piece stays tied to it, and fixed with it
+                for p in pieces:
+                    self.ties.add_edge(p.var, u, via=via)
+        node["reasons"].append("refined into pieces")  # the variable itself no longer appears anywhere
+
+    def finish_refinement(self) -> None:
+        """Expand every binding's layout and the logits' variables."""
+        ref = self._refinements()
+        if not ref:
+            return
+        for b in self.bindings:
+            b.layout = self.expand_layout(b.layout)
+        out = set()
+        for v in self.output_vars:
+            out.update(s.var for s in self.expand_layout((Seg(v, self.ties.nodes[v]["width"]),)))
+        self.output_vars = out
+
+    def fix_targets(self, layout_or_vars) -> list[int]:
+        """The variables a fix applies to: a refined variable's pieces too (a layout read before it was refined)."""
+        ref = self._refinements()
+        out: list[int] = []
+        stack = [x.var if isinstance(x, Seg) else x for x in layout_or_vars]
+        while stack:
+            v = stack.pop()
+            out.append(v)
+            stack.extend(p.var for p in ref.get(v, ()))
+        return out

@@ -1,0 +1,147 @@
+"""Fault injection: break each step of a task's life on purpose and check that the fast tests go red.
+
+    python tests/fault_injection.py                      # every fault, then a clean run; exit 1 if one was missed
+    python tests/fault_injection.py cache_not_cleared    # some faults
+    python -m pytest -p tests.fault_injection --fault mask_not_applied tests/test_steps.py   # one by hand
+
+Each fault is a monkeypatch applied by this file acting as a pytest plugin (`-p tests.fault_injection`,
+`--fault NAME`); the production code has no fault switch.  docs/testing.md has the table of what caught what.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = ["tests/test_steps.py"]  # the fast step-by-step checks
+
+
+# -- the faults -----------------------------------------------------------------------------------------------
+
+
+def _mask_not_applied():
+    """A finished task computes with its visible slice of the bank, without its stored mask."""
+    from grownfx.engine.banks import MaskedLayer
+
+    def full_bank(self, task):
+        w = self.frozen
+        out_idx = self.ctx.visible(self.target, "grouped" if self.in_role() == "grouped" else "out", task)
+        if out_idx is not None:
+            w = w.index_select(0, out_idx.to(w.device))
+        if self.in_role() == "in":
+            in_idx = self.ctx.visible(self.target, "in", task)
+            if in_idx is not None:
+                w = w.index_select(1, in_idx.to(w.device))
+        return w
+
+    MaskedLayer._compute_finished_weight = full_bank
+
+
+def _frozen_copy_shared():
+    """A new task's norm copy is the previous task's copy (one module shared), not a copy of it."""
+    from grownfx.engine.layers import PerTask
+
+    add_task = PerTask.add_task
+
+    def shared(self, num_classes=None, generator=None):
+        if self.kind == "norm" and len(self.copies):
+            self.copies.append(self.copies[-1])
+            self.copies[-1].requires_grad_(True)
+            return
+        add_task(self, num_classes=num_classes, generator=generator)
+
+    PerTask.add_task = shared
+
+
+def _gate_not_folded():
+    """Settling drops the candidates whose gate is off but does not fold the kept gates into the weights."""
+    import grownfx.learn.gates as gates
+
+    gates._scale_consumer_columns = lambda net, gid, hard: None
+
+
+def _cache_not_cleared():
+    """A structural change bumps the version but leaves the derived tensors cached."""
+    from grownfx.engine.context import TaskContext
+
+    def bump(self):
+        self.version += 1
+
+    TaskContext.bump = bump
+
+
+def _freeze_wrong_mask():
+    """Freezing stores an all-ones mask (every unit the task could see) instead of the units it used."""
+    import torch
+
+    from grownfx.engine import masks as M
+    from grownfx.engine.banks import MaskedLayer
+
+    freeze = MaskedLayer.freeze
+
+    def wrong(self, task):
+        freeze(self, task)
+        shape = self.mask_shapes[task]
+        self.register_buffer(f"mask_{task}", M.pack_bits(torch.ones(shape, dtype=torch.bool)))
+
+    MaskedLayer.freeze = wrong
+
+
+FAULTS = {
+    "mask_not_applied": _mask_not_applied,
+    "frozen_copy_shared": _frozen_copy_shared,
+    "gate_not_folded": _gate_not_folded,
+    "cache_not_cleared": _cache_not_cleared,
+    "freeze_wrong_mask": _freeze_wrong_mask,
+}
+
+
+# -- pytest plugin --------------------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fault", default=None, choices=sorted(FAULTS), help="inject this fault (fault_injection.py)")
+
+
+def pytest_configure(config):
+    name = config.getoption("--fault")
+    if name:
+        FAULTS[name]()
+
+
+# -- runner ---------------------------------------------------------------------------------------------------
+
+
+def run(fault: str | None) -> tuple[int, list[str]]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.fault_injection", *TESTS]
+    if fault:
+        cmd += ["--fault", fault]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    failed = re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.M)
+    return proc.returncode, failed
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(FAULTS)
+    unknown = [n for n in names if n not in FAULTS]
+    if unknown:
+        print(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
+        return 2
+    missed = []
+    print("| fault | tests that went red |\n| --- | --- |")
+    for name in names:
+        rc, failed = run(name)
+        caught = rc != 0 and failed
+        print(f"| {name} | {', '.join(f.split('::')[-1] for f in failed) if caught else 'NONE (missed)'} |")
+        if not caught:
+            missed.append(name)
+    rc, failed = run(None)
+    print(f"| (no fault) | {'none: clean run passes' if rc == 0 else ', '.join(failed) or f'exit {rc}'} |")
+    return 1 if missed or rc != 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

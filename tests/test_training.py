@@ -1,0 +1,96 @@
+"""The one stage loop (grownfx.learn.training.train_stage) as the baselines and the scratch reference use it:
+fp16 through a GradScaler, and a run killed mid-task that resumes and ends bit-identical."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from grownfx import files
+from grownfx.data import build_stream
+from grownfx.learn.methods import make_method
+from grownfx.recipe.schema import Recipe
+from grownfx.run.runner import run
+
+
+def recipe(tmp_path, method: dict, **training) -> Recipe:
+    return Recipe.model_validate({
+        "name": "loop", "seed": 0, "device": "cpu",
+        "model": {"builder": "small_cnn", "kwargs": {"in_channels": 1, "width": 8, "hidden": 16}},
+        "data": {"name": "digits", "num_tasks": 2},
+        "method": method,
+        "training": {"epochs": 3, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, **training},
+        "output": {"dir": str(tmp_path / "{name}"), "tensorboard": False, "export_format": "none"},
+    })
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_an_fp16_baseline_stage_steps_through_a_grad_scaler(tmp_path, monkeypatch, precision):
+    scaled = []
+    real = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, loss: scaled.append(loss.dtype) or real(self, loss))
+    r = recipe(tmp_path, {"name": "finetune"}, precision=precision, checkpoint_every=1)
+    stream = build_stream(r.data, r.seed)
+    saved = []
+    m = make_method(r, stream, torch.device("cpu"), checkpoint=lambda _, pos, optim: saved.append(optim.state_dict()))
+    record = m.learn(stream.tasks[0], None)
+    steps = len(stream.tasks[0].train.loader(r.training.batch_size)) * r.training.epochs
+    if precision == "fp16":
+        assert len(scaled) == steps  # every step's loss went through the scaler
+        # and the scaler's state travels with the optimisers' in mid-task checkpoints (epochs 1 and 2 of 3)
+        assert len(saved) == 2 and all(s["scaler"]["scale"] > 1 for s in saved)
+    else:
+        assert scaled == [] and len(saved) == 2 and all(isinstance(s, list) for s in saved)
+    assert record.epochs == 3 and record.val_acc > 50
+
+
+class _Kill:
+    """Progress display that kills the run (as a SIGKILL would: no checkpoint of its own) at one epoch."""
+
+    def __init__(self, task: int, epoch: int):
+        self.at = (task, epoch)
+
+    def start_task(self, *a, **k):
+        pass
+
+    def end_task(self, *a, **k):
+        pass
+
+    def epoch(self, info: dict) -> None:
+        if (info["task"], info["epoch"]) == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("method", [{"name": "finetune"}, {"name": "scratch"}, {"name": "pnn", "column_width": 0.5}],
+                         ids=lambda m: m["name"])
+def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, method):
+    whole = run(recipe(tmp_path / "whole", method), echo=lambda m: None)
+    r = recipe(tmp_path / "killed", method, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):  # killed during epoch 3 of task 2: the last checkpoint is epoch 2's
+        run(r, echo=lambda m: None, progress=_Kill(task=1, epoch=3))
+    out = tmp_path / "killed" / "loop"
+    last = files.load(out / "checkpoints" / "last.pt")
+    assert last["completed"] == 1 and last["position"]["epoch"] == 2 and last["position"]["stage"] in ("train",
+                                                                                                       "scratch")
+    resumed = run(r, resume=True, echo=lambda m: None)
+    assert resumed.acc_matrix == whole.acc_matrix
+    a = files.load(whole.out_dir / "checkpoints" / "last.pt")["method"]
+    b = files.load(out / "checkpoints" / "last.pt")["method"]
+    flat_a, flat_b = _tensors(a), _tensors(b)
+    assert flat_a.keys() == flat_b.keys() and flat_a
+    assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), [k for k in flat_a if not torch.equal(flat_a[k], flat_b[k])]
+    epochs = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "epoch"]
+    assert [(e["task"], e["epoch"]) for e in epochs] == [(t, k) for t in (0, 1) for k in (1, 2, 3)]  # none twice
+    assert [r.epochs for r in resumed.records] == [r.epochs for r in whole.records] == [3, 3]
+
+
+def _tensors(state, prefix="") -> dict:
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in _tensors(value, f"{prefix}.{key}").items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, value in enumerate(state) for k, v in _tensors(value, f"{prefix}[{i}]").items()}
+    return {}
