@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import shutil
@@ -126,7 +127,7 @@ def guarded(fn: Callable) -> Callable:
             _err().print("[yellow]interrupted[/]")
             raise typer.Exit(_EXIT_INTERRUPT)
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-            if isinstance(exc, _user_errors()):
+            if isinstance(exc, UserError) or isinstance(exc, _user_errors()):  # UserError: no torch import
                 kind = "error" if isinstance(exc, UserError) else type(exc).__name__
                 _err().print(f"[red bold]{kind}:[/] [red]{escape(str(exc))}[/]")
                 raise typer.Exit(_EXIT_USER)
@@ -166,8 +167,10 @@ _OVERRIDES_ARG = typer.Argument(None, help="Overrides: key.sub=value, +key.sub=v
                     "torchrun --nproc-per-node 4 -m grownfx run RECIPE (docs/distributed.md)")
 @guarded
 def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
-        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the recipe's output.dir)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in the folder from its checkpoint."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the recipe's output.dir, or "
+                                           "output.dir-2, -3, ... when that holds a run; must be empty or new)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in the folder from its checkpoint "
+                                    "(without --out: the recipe's latest run)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Without a terminal (logs, CI): a line per "
                                      "epoch, not only per task and stage."),
         nproc_per_node: Optional[int] = typer.Option(
@@ -237,7 +240,7 @@ def _results_table(summary: dict) -> Table:
     # no vertical rules and short headers: ten-task streams with long task names fit 80 columns uncut
     table = Table(title=f"{escape(summary['name'])} ({escape(summary['method'])}): average {summary['avg_acc']:.2f} %, "
                         f"BWT {summary['bwt']:+.2f}", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="accuracy %: val and test when learned (learned), test after the last task (final)")
+                  caption="accuracy %; learned: test when learned; final: after the last task")
     width = max([len(str(t["name"])) for t in summary["tasks"]] + [4])
     for col in ("task", "val", "target", "learned", "final", "growth", "size", "time"):
         if col == "task":  # never cut a task name to "digits/…"
@@ -301,8 +304,6 @@ def cp_(name: str = typer.Argument(..., help="A built-in recipe name (see `grown
 
     src = builtin_recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
     if not src.is_file():
-        import difflib
-
         names = list(list_builtin_recipes())
         close = difflib.get_close_matches(name.removesuffix(".yaml"), names, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -324,7 +325,8 @@ def inspect(target: str = typer.Argument(..., help="A recipe (file or built-in n
             seed_width: Optional[float] = typer.Option(None, "--seed-width", help="Seed width (default: the "
                                                        "recipe's, or 0.5)."),
             input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input (default: "
-                                                      "from the recipe's data, or 3,224,224)."),
+                                                      "from the recipe's data, or the grownfx builder's own, e.g. "
+                                                      "small_cnn 1,8,8; else 3,224,224)."),
             json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the data as JSON here.")):
     """Show how grownfx sees a backbone: coupling groups (what grows together), growth sites, parameters."""
     from grownfx.cli.inspect_model import inspect_data, render
@@ -347,7 +349,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
-        raise typer.BadParameter(f"expected C,H,W like 3,32,32, got {text!r}", param_hint="--input-shape")
+        raise UserError(f"--input-shape: expected C,H,W like 3,32,32, got {text!r}")
     return shape
 
 
@@ -364,7 +366,9 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
                     "(meta.json says which a file expects).")):
     """Export the subnetwork of one task as a standalone model (torch.export, ONNX or TorchScript)."""
     if fmt not in ("pt2", "onnx", "torchscript"):
-        raise typer.BadParameter(f"format must be pt2, onnx or torchscript, got {fmt!r}", param_hint="--format")
+        close = difflib.get_close_matches(fmt, ["pt2", "onnx", "torchscript"], n=1, cutoff=0.5)
+        raise UserError(f"--format: {f'did you mean {close[0]!r}? ' if close else ''}"
+                        f"the formats are pt2, onnx and torchscript, got {fmt!r}")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a run folder")
     if task < 1:
@@ -418,9 +422,7 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
-        raise typer.BadParameter(f"seeds must be integers, got {seeds!r}", param_hint="--seeds") from None
-    import difflib
-
+        raise UserError(f"--seeds: comma-separated integers like 0,1,2, got {seeds!r}") from None
     from grownfx.recipe.schema import ABLATIONS, METHODS, parse_method_spec
 
     valid = [*METHODS, "finetune[forgetting]", *(f"grown[{a}]" for a in ABLATIONS)]

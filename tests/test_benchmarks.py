@@ -115,3 +115,18 @@ def test_all_prints_failed_goals_formatted(tmp_path, monkeypatch, capsys):
     run_all.main(["--quick", "--only", "train_step", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "FAIL: step ratio (goal ≤ 1.10×, measured 1.235×)" in out and "1.2345678901" not in out
+
+
+def test_cli_startup_benchmark_table(tmp_path, monkeypatch, capsys):
+    """`python -m benchmarks.cli_startup` prints a table; none of its commands imports torch (no timing asserted)."""
+    import sys
+
+    from benchmarks import cli_startup
+
+    out = tmp_path / "startup.json"
+    monkeypatch.setattr(sys, "argv", ["cli_startup", "--quick", "--json", str(out)])
+    cli_startup.main()
+    text = capsys.readouterr().out
+    assert "median s  imports torch" in text and "grownfx --help" in text
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 5 and not any(r["imports_torch"] for r in results.values())

@@ -106,7 +106,8 @@ def test_inspect_torchvision_model(tmp_path):
 def test_inspect_recipe_uses_its_settings():
     result = invoke("inspect", "lenet_cifar100_split10")
     assert result.exit_code == 0, result.output
-    assert "lenet5" in result.output and "input 3x32x32, seed width 0.5" in result.output
+    # the recipe sets model.seed_size 0.45 (a parameter fraction): the seed holds 0.45x the backbone's parameters
+    assert "lenet5" in result.output and "input 3x32x32, seed width" in result.output and "(0.45x)" in result.output
     assert "growable coupling groups (4)" in result.output
 
 
@@ -611,3 +612,25 @@ def test_ctrl_c_while_the_command_line_starts_is_one_line_and_exit_130():
     code = "import sys; sys.argv[0] = 'grownfx'; import grownfx.cli; raise KeyboardInterrupt"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130 and proc.stderr.strip() == "interrupted" and "Traceback" not in proc.stderr
+
+
+def test_cli_same_run_twice_gets_a_numbered_folder_and_resume_takes_the_latest(tmp_path):
+    args = ["run", "digits_quickstart", "training.epochs=1", "training.stage2_epochs=1", "growth.max_rounds=0",
+            "data.classes_per_task=5", "data.limit_per_task=60", "target.rule=0", "output.tensorboard=false",
+            "output.export_format=none", f"output.dir={tmp_path}/q"]
+    first, second = invoke(*args), invoke(*args)
+    assert first.exit_code == 0 and second.exit_code == 0, second.output
+    assert f"{tmp_path}/q-2" in second.output and (tmp_path / "q-2" / "summary.json").exists()
+    resumed = invoke(*args, "--resume")
+    assert resumed.exit_code == 0 and f"resuming run folder {tmp_path}/q-2" in resumed.output, resumed.output
+
+
+@pytest.mark.parametrize("args, text", [
+    (["inspect", "resnet18", "--input-shape", "3,32"], "--input-shape: expected C,H,W"),
+    (["export", ".", "--task", "1", "--format", "onxx"], "did you mean 'onnx'?"),
+    (["compare", "digits_quickstart", "--methods", "grown", "--seeds", "0,x"], "--seeds: comma-separated integers"),
+])
+def test_option_mistakes_are_one_line(args, text):
+    result = invoke(*args)
+    assert result.exit_code == 2 and text in result.output and "Usage:" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

@@ -295,3 +295,60 @@ def test_auto_leaves_keep_untraceable_modules_opaque():
     assert net.graph_module.auto_leaves == ["pre"]
     report = check_backbone("auto", 0.5, builder=_builder(WithShapeBranch, (2, 3, 8, 8)), auto_leaves=True)
     assert report["growable"] == 1  # conv -> mid; mid's output meets the opaque leaf and stays fixed
+
+
+class GhostLike(nn.Module):
+    """GhostNet: cat([primary, cheap(primary)]) added to a shortcut conv and gated by one SE conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.primary, self.cheap = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.shortcut = nn.Conv2d(8, 16, 1)
+        self.se = nn.Conv2d(16, 16, 1)
+        self.bn = nn.BatchNorm2d(16)
+        self.out = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        p = self.primary(x)
+        y = torch.cat([p, self.cheap(p)], 1)
+        y = y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True)))
+        y = self.bn(y + self.shortcut(x))
+        return self.head(self.out(y).mean((2, 3)))
+
+
+def test_single_producer_refined_to_match_a_concatenation():
+    report = check_backbone("ghost", 0.5, builder=_builder(GhostLike, (4, 3, 8, 8)))
+    net = grownfx.prepare(GhostLike(), torch.randn(2, 3, 8, 8), seed_width=0.5)
+    g = next(g for g in net.coupling_groups if any(b.target == "primary" and b.role == "out" for b in g.members))
+    assert g.growable and {"shortcut", "se"} <= {b.target for b in g.members if b.role == "out"}
+    assert report["growable"] == 3  # stem, the ghost stream (shortcut and SE refined into 8 + 8), out
+
+
+class Res2Like(nn.Module):
+    """Res2Net / FasterNet: one conv's output split by sizes written as numbers, pieces processed apart."""
+
+    def __init__(self, sizes=(8, 8), as_int=True):
+        super().__init__()
+        self.sizes, self.as_int = list(sizes), as_int
+        self.conv1 = nn.Conv2d(3, sum(sizes), 1)
+        self.convs = nn.ModuleList(nn.Conv2d(s, s, 3, padding=1) for s in sizes[:-1])
+        self.conv3 = nn.Conv2d(sum(sizes), 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        parts = torch.split(y, self.sizes[0] if self.as_int else self.sizes, 1)
+        out = [c(parts[i]) for i, c in enumerate(self.convs)] + [parts[len(self.sizes) - 1]]
+        return self.head(self.conv3(torch.cat(out, 1)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("sizes,as_int", [((8, 8), True), ((4, 12, 8), False)], ids=["int", "list"])
+def test_numeric_split_sizes_follow_growth_per_task(sizes, as_int):
+    report = check_backbone("res2", 0.5, builder=_builder(lambda: Res2Like(sizes, as_int), (4, 3, 8, 8)))
+    net = grownfx.prepare(Res2Like(sizes, as_int), torch.randn(2, 3, 8, 8), seed_width=0.5)
+    by_producer = {b.target: g for g in net.coupling_groups for b in g.members if b.role == "out"}
+    assert by_producer["conv1"].growable  # conv1's output, refined into one piece per split part
+    assert report["growable"] >= len(sizes)

@@ -74,3 +74,19 @@ def test_run_accuracy_plots_fit_the_data_with_one_decimal(tmp_path):
     rr._plot_matrix(fig, run)
     assert "59.5" in {t.get_text() for t in fig.axes[0].texts}
     assert fig.axes[0].images[0].get_clim() == (51.5, 64.2)
+
+
+def test_run_model_size_plot_fits_small_sizes(tmp_path):
+    from tests.test_report import make_run
+
+    run = rr.load_run(make_run(Path(tmp_path) / "run"))
+    sizes = [t["model_size"] for t in run["summary"]["tasks"]]
+    fig = Figure()
+    rr._plot_size(fig, run)
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo <= min(sizes) and max(sizes) <= hi
+    labels = {t.get_text() for t in ax.texts}
+    assert {f"{s:.2f}x" for s in sizes} <= labels
+    if max(sizes) < 0.6:  # the full backbone's 1.0 would flatten them: named in the title instead
+        assert hi < 1.0 and "full backbone = 1.00x" in ax.get_title()

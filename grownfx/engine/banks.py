@@ -120,8 +120,9 @@ class MaskedLayer(_TaskModule):
         return st * plan.active if plan.const is None else torch.addcmul(plan.const, st, plan.active)
 
     def _finished_weight(self, task: int) -> torch.Tensor:
-        key = (self.frozen.device, self.frozen.dtype, self.frozen._version, id(self.frozen))
-        return self.ctx.cached(self.target, f"finished.{task}", key, lambda: self._compute_finished_weight(task))
+        key = (task, self.frozen.device, self.frozen.dtype, self.frozen._version, id(self.frozen))
+        # one finished task per layer at a time (memory: a bank's size), as before the cache moved to ctx
+        return self.ctx.cached(self.target, "finished", key, lambda: self._compute_finished_weight(task))
 
     def _compute_finished_weight(self, task: int) -> torch.Tensor:
         w = self.frozen

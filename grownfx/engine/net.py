@@ -24,6 +24,7 @@ from grownfx.engine.coupling import CouplingGroup, CouplingResult, analyze
 from grownfx.engine.banks import MaskedLayer
 from grownfx.engine.layers import FREE, PerTask, TaskParameter
 from grownfx.engine.rewrite import export_graph, make_literals_task_aware, make_task_aware
+from grownfx.engine.splits import install_task_splits
 from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
 from grownfx.engine.tracing import trace
 
@@ -64,6 +65,7 @@ def prepare(
         if b.role in ("in", "out", "grouped"):
             ctx.layouts[(b.target, b.role)] = binding_layout(coupling, b)
     gm, holders = make_task_aware(gm, heads, ctx, granularity)
+    install_task_splits(gm, coupling.bindings, lambda b: binding_layout(coupling, b), ctx)
     make_literals_task_aware(gm, [(b.target, b.axis, binding_layout(coupling, b)) for b in coupling.bindings
                                   if b.role == "literal" and all(coupling.groups[g].growable
                                                                  for g, _, _ in binding_layout(coupling, b))], ctx)

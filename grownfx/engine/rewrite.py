@@ -21,6 +21,7 @@ from torch import fx, nn
 from grownfx.engine.banks import MaskedConv, MaskedLinear, TaskMultiheadAttention
 from grownfx.engine.context import TaskContext
 from grownfx.engine.layers import PerTask, TaskLiteral, TaskParameter, WeightOf, _TaskModule
+from grownfx.engine.splits import TaskSizes
 from grownfx.engine.tracing import layer_kind
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -181,7 +182,13 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if isinstance(m, TaskLiteral):  # the number this task reshapes with, written back as a constant
+            if isinstance(m, TaskSizes):  # the task's split sizes, as numbers again (engine/splits.py)
+                sizes = m.sizes_for(task)
+                for user in list(node.users):
+                    user.args = fx.node.map_arg(user.args, lambda a: sizes if a is node else a)
+                    user.kwargs = fx.node.map_arg(user.kwargs, lambda a: sizes if a is node else a)
+                graph.erase_node(node)
+            elif isinstance(m, TaskLiteral):  # the number this task reshapes with, written back as a constant
                 value = m.value_for(task)
                 for user in list(node.users):
                     user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)

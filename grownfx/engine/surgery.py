@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from grownfx.engine import registry
 from grownfx.engine.coupling import Binding, CouplingResult
+from grownfx.engine.splits import apply_split_sizes
 from grownfx.engine.tracing import out_channel_params
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -163,6 +164,8 @@ def _owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 def apply_binding(gm: fx.GraphModule, b: Binding, src: torch.Tensor, generator=None, **kw) -> bool:
     """Resize one binding in `gm`; returns True when the graph itself changed (a literal)."""
+    if b.role == "split":  # numeric split sizes (engine/splits.py)
+        return apply_split_sizes(gm, b.target, src)
     if b.role == "literal":
         node = next(n for n in gm.graph.nodes if n.name == b.target)
         args = list(node.args)

@@ -17,7 +17,8 @@ class NonFiniteError(RuntimeError):
     """Training diverged: a loss or a weight became NaN or infinite."""
 
 
-_ADVICE = "lower training.optimizer.lr (or use a warm-up/scheduler); the last checkpoint holds the state before it"
+_ADVICE = ("lower training.optimizer.lr (or use a warm-up/scheduler); nothing from this state is checkpointed or "
+           "exported")
 
 
 def check_epoch(loss: float, parameters: Optional[Iterable[torch.Tensor]], *, task: Any, stage: str, epoch: int,

@@ -246,15 +246,29 @@ def _plot_size(fig, run: dict) -> None:
         ax.scatter(*zip(*grew), marker="*", s=160, color="tab:red", zorder=3, label="grew")
         for xi, yi in grew:
             added = sum((tasks[xi - 1].get("growth") or {}).values())
-            ax.annotate(f"+{added}", (xi, yi), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+            ax.annotate(f"+{added} ch", (xi, yi), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+    shown = list(y)
     for method, row in published(benchmark_of(run.get("recipe")), RUN_REPORT_ROWS).get("size", {}).items():
         ax.plot(x, row[: len(x)], linestyle="--", color="gray", label=f"{method} (published)")
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="full backbone")
+        shown += [v for v in row[: len(x)] if v is not None]
+    if len(x) <= 20:  # two decimals: growth of a few channels moves the size by hundredths
+        for xi, yi in zip(x, y):
+            ax.annotate(f"{yi:.2f}x", (xi, yi), textcoords="offset points", xytext=(0, -13), ha="center", fontsize=7)
+    title = "Model size per task"
+    if shown and max(shown) >= 0.6:
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="full backbone")
+    elif shown:  # the full backbone's 1.0 far above would flatten the differences: say it, do not draw it
+        title += " (full backbone = 1.00x)"
+    if shown:
+        lo, hi = min(shown + ([1.0] if max(shown) >= 0.6 else [])), max(shown + ([1.0] if max(shown) >= 0.6 else []))
+        pad = max(0.01, 0.15 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    ax.grid(axis="y", alpha=0.3)
     ax.set_xticks(x)
     ax.set_xlabel("after task")
     ax.set_ylabel("parameters stored / full backbone")
-    ax.set_title("Model size per task")
-    ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 def _plot_final(fig, run: dict) -> None:

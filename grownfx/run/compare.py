@@ -32,6 +32,7 @@ from grownfx.learn.training import resolve_device
 from grownfx.recipe.loading import load_recipe, validate_recipe
 from grownfx import files
 from grownfx.learn.guards import NonFiniteError
+from grownfx.run.export import export_complete, task_folder
 from grownfx.run.runner import RunError, _lock, holds_run, run
 from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, parse_target, target_sources
 
@@ -94,12 +95,19 @@ def scratch_targets(recipe: Recipe, seed: int) -> list[float]:
     return out
 
 
-def _finished(run_dir: Path) -> bool:
+def _finished(run_dir: Path, export_format: str = "none") -> bool:
+    """All tasks learned (and, with `export_format`, the last one exported: a kill can come between)."""
     summary = run_dir / "summary.json"
     if not summary.is_file():
         return False
-    s = json.loads(summary.read_text())
-    return len(s.get("tasks", [])) == s.get("num_tasks", -1)
+    try:
+        s = files.read_json(summary)
+    except files.CorruptFileError:  # torn by an older grownfx's in-place write: resume the run, which rewrites it
+        return False
+    done = len(s.get("tasks", [])) == s.get("num_tasks", -1)
+    if done and export_format != "none":
+        return export_complete(task_folder(run_dir, len(s["tasks"]) - 1), export_format)
+    return done
 
 
 def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], overrides=(),  # noqa: B006
@@ -203,7 +211,7 @@ def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: di
     entry = {"method": spec, "seed": seed, "dir": str(run_dir.relative_to(out)), "status": "ok"}
     start = time.perf_counter()
     try:
-        if _finished(run_dir):
+        if _finished(run_dir, recipe.output.export_format):
             entry.update(reused=True, wall_s=before.get("wall_s"))
         else:
             # an explicit folder (never renumbered); resumed when it holds a run, even one killed before its

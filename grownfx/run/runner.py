@@ -226,7 +226,7 @@ def check_distributed(recipe: Recipe, world_size: int) -> None:
         return
     if recipe.method.name not in distributed.DISTRIBUTED_METHODS:
         raise RunError(f"method {recipe.method.name!r} runs in one process only; data-parallel runs "
-                       f"({world_size} processes here) support {' and '.join(distributed.DISTRIBUTED_METHODS)}")
+                       f"({world_size} processes here) support {', '.join(distributed.DISTRIBUTED_METHODS)}")
     if recipe.training.batch_size % world_size:
         raise RunError(f"training.batch_size {recipe.training.batch_size} is the global batch size and must be "
                        f"divisible by the number of processes ({world_size})")

@@ -343,6 +343,10 @@ class LayoutOps:
         if name == "unbind":
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         dim = norm_dim(dim, len(x.shape))
+        if name in ("split", "split_with_sizes") and x.axes[dim] and len(meta) > 1:
+            refined = self.split_by_numbers(node, x, dim, meta)  # pieces whose sizes follow growth
+            if refined is not None:
+                return refined
         items, pos = [], 0
         for m in meta:
             shape = tuple(int(s) for s in m.shape)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from grownfx.engine.coupling.types import Layout, Seg
+from grownfx.engine.coupling.layouts import Seq, TVal
+from grownfx.engine.coupling.types import Binding, Layout, Seg
+from grownfx.engine.splits import get_sizes, set_sizes
 
 
 class Refinement:
@@ -140,3 +142,54 @@ class Refinement:
             out.append(v)
             stack.extend(p.var for p in ref.get(v, ()))
         return out
+
+    # -- splits at positions written as numbers ---------------------------------------------------------------
+    def split_by_numbers(self, node, x, dim: int, meta) -> Any:
+        """`split(x, sizes, dim)` over channels: refine the variables it cuts so that every piece is whole
+        segments, and bind the node (role 'split') so that its sizes follow growth (`engine/splits.py`).
+        None when it cannot (a flatten factor, a conv group or a variable cut at two places)."""
+        from_sizes = [int(m.shape[dim]) for m in meta]
+        lay = self.expand_layout(x.axes[dim])
+        if any(s.factor != 1 for s in lay) or sum(s.width for s in lay) != sum(from_sizes):
+            return None
+        cuts, acc = set(), 0
+        for n in from_sizes[:-1]:
+            acc += n
+            cuts.add(acc)
+        plans, pos = [], 0
+        for s in lay:
+            inner = sorted(c for c in cuts if pos < c < pos + s.width)
+            if inner:
+                if s.width != self.ties.nodes[s.var]["width"]:
+                    return None
+                bounds = [pos] + inner + [pos + s.width]
+                widths = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+                if any(w % self.ties.nodes[s.var]["gran"] for w in widths):
+                    return None
+                plans.append((s.var, widths))
+            pos += s.width
+        cut_vars = [v for v, _ in plans]
+        if len(cut_vars) != len(set(cut_vars)) or any(lay.count(Seg(v, self.ties.nodes[v]["width"])) > 1
+                                                       for v in cut_vars):
+            return None
+        for v, widths in plans:
+            self._refine(v, widths)
+        lay = self.expand_layout(lay)
+        pieces, i = [], 0
+        for n in from_sizes:
+            piece, acc = [], 0
+            while acc < n:
+                piece.append(lay[i])
+                acc += lay[i].width
+                i += 1
+            pieces.append(tuple(piece))
+        sizes = get_sizes(node)
+        if isinstance(sizes, int):  # the same split for the traced shape, with sizes that can be rewritten
+            set_sizes(node, list(from_sizes))
+            self.gm.recompile()
+        self.bindings.append(Binding(node.name, "split", lay, dim, node.name))
+        items = []
+        for m, piece in zip(meta, pieces):
+            shape = tuple(int(s) for s in m.shape)
+            items.append(TVal(x.axes[:dim] + (piece,) + x.axes[dim + 1:], shape))
+        return Seq(items)

@@ -280,10 +280,9 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
             self.bind(node.target, "out", out, node)
             return TVal((None, out) + spatial_none, out_shape)
         per_group = m.in_channels // m.groups
-        # in = out: channels stay in place, conv groups never straddle segments (GhostNet's depthwise over a cat)
-        if m.in_channels == m.out_channels and all(s.factor == 1 and s.width % per_group == 0 for s in lay_in):
-            for v in {s.var for s in lay_in}:
-                self.ties.nodes[v]["gran"] = lcm(self.ties.nodes[v]["gran"], per_group)
+        if m.in_channels == m.out_channels and len(lay_in) == 1 and lay_in[0].factor == 1:
+            v = lay_in[0].var
+            self.ties.nodes[v]["gran"] = lcm(self.ties.nodes[v]["gran"], per_group)
             self.bind(node.target, "grouped", lay_in, node)
             return TVal((None, lay_in) + spatial_none, out_shape)
         self.fix(lay_in, f"grouped conv '{node.target}' with {m.in_channels}->{m.out_channels} channels")
