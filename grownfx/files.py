@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import csv
 import errno
-import io
 import fcntl
+import io
 import hashlib
 import json
 import os
@@ -22,8 +22,8 @@ import torch
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file beside `path`, fsync, rename: a crash never leaves half a checkpoint.
 
-    The SHA-256 of the bytes goes to `<path>.sha256` (with the previous file's, so that a crash between the two
-    renames leaves a pair that still verifies); `load` checks it.
+    The SHA-256 of the bytes goes to `<path>.sha256` (with the digest of the file it replaces, so that a crash
+    between the two renames leaves a pair that still verifies); `load` checks it.
     """
     path = Path(path)
     buf = io.BytesIO()
@@ -31,7 +31,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     sidecar = checksum_path(path)
-    previous = _recorded_digests(sidecar)[:1]
+    previous = [file_sha256(path)] if path.is_file() else []
     atomic_write_bytes(json.dumps({"sha256": digest, "previous": previous}).encode(), sidecar)
     atomic_write_bytes(data, path)
 

@@ -420,3 +420,21 @@ def test_a_corrupt_export_is_detected_on_load(tmp_path):
     assert not export_complete(task_folder(out, 1), "pt2")
     run(tiny(out), resume=True, echo=quiet)  # the last task's export is re-created
     load_exported(model)
+
+
+def test_a_crash_between_the_checksum_and_the_checkpoint_still_loads(tmp_path, monkeypatch):
+    path = tmp_path / "x.pt"
+    files.atomic_save({"v": 1}, path)
+
+    def die(name):
+        if name == "write:x.pt":
+            raise Crash  # the new checksum is on disk, the new checkpoint is not
+
+    monkeypatch.setattr(files, "_kill_point", die)
+    for _ in range(2):  # twice: the checksum file must still vouch for the file actually on disk
+        with pytest.raises(Crash):
+            files.atomic_save({"v": 2}, path)
+        assert files.load(path) == {"v": 1}
+    monkeypatch.undo()
+    files.atomic_save({"v": 3}, path)
+    assert files.load(path) == {"v": 3}
