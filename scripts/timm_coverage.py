@@ -36,7 +36,7 @@ MODELS: list[tuple[str, str, int, dict, str, tuple]] = [
     ("senet", "legacy_seresnet18", 32, {}, "cnn", ()),
     ("sknet", "skresnet18", 32, {}, "cnn", ()),
     ("resnest", "resnest14d", 32, {}, "cnn", ()),
-    ("res2net", "res2net50_14w_8s", 32, {}, "cnn", ()),
+    ("res2net", "res2net50_26w_4s", 32, {}, "cnn", ()),
     ("cspnet", "cspresnet50", 64, {}, "cnn", ()),
     ("cspnext", "cspnext_tiny", 32, {}, "cnn", ()),
     ("dpn", "dpn68", 32, {}, "cnn", ()),

@@ -71,3 +71,45 @@ def test_site_feeding_the_head_grows_when_growth_is_free():
     rec = learner.learn(stream.tasks[0], target=101.0)  # unreachable target, growth unpenalised
     assert rec.growth_rounds == 1
     assert net.ctx.widths[head_site] > seed, "no candidate of the site feeding the head was kept"
+
+
+def test_export_of_a_learning_task_folds_the_gate_on_the_head():
+    torch.manual_seed(0)
+    net = grownfx.prepare(build_backbone("small_cnn", 3), torch.randn(2, 1, 8, 8), seed_width=0.5)
+    t = net.add_task(3)
+    gates = CandidateGates.of(net)
+    (site,) = _head_site(net)
+    gates.grow(net, channels=8, groups=[site])
+    with torch.no_grad():
+        for p in net.trainable_parameters()["weights"]:
+            p.add_(torch.randn_like(p) * 0.05)
+        gates[str(site)].copy_(torch.linspace(-1, 1, 8))  # some gates off, the others kept below 1 at beta 2
+    net.ctx.beta = 2.0
+    x = torch.randn(8, 1, 8, 8)
+    net.eval()
+    with torch.no_grad():
+        ref = net(x, task=t)
+        assert (net.export(t, prune_unused=False)(x) - ref).abs().max() <= 1e-6 * ref.abs().max()
+        gates[str(site)].fill_(-1.0)  # every candidate off: the head must not see them
+        off = net(x, task=t)
+    assert not torch.equal(off, ref)
+
+
+def test_restoring_gates_needs_the_methods_scale_installed():
+    from grownfx.engine import state as net_state
+
+    torch.manual_seed(0)
+    net = grownfx.prepare(build_backbone("small_cnn", 3), torch.randn(2, 1, 8, 8), seed_width=0.5)
+    net.add_task(3)
+    CandidateGates.of(net).grow(net, channels=4, groups=_head_site(net))
+    structure, state = net_state.net_structure(net), net.state_dict()
+    bare = grownfx.prepare(build_backbone("small_cnn", 3), torch.randn(2, 1, 8, 8), seed_width=0.5)
+    with pytest.raises(ValueError, match="channel scale"):
+        net_state.restore_net(bare, structure, state)
+    other = grownfx.prepare(build_backbone("small_cnn", 3), torch.randn(2, 1, 8, 8), seed_width=0.5)
+    CandidateGates.of(other)
+    net_state.restore_net(other, structure, state)
+    x = torch.randn(4, 1, 8, 8)
+    net.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.equal(other(x), net(x))
