@@ -271,7 +271,9 @@ def _summary_table(rec) -> Table:
             ("tasks", "auto" if tasks is None else str(tasks)), ("seed width", f"{rec.model.seed_width}"),
             ("target", str(rec.target.rule)),
             ("training", f"{rec.training.epochs} epochs, batch {rec.training.batch_size}, "
-                         f"{rec.training.optimizer.name} lr {rec.training.optimizer.lr:g}"),
+                         f"{rec.training.optimizer.name} lr {rec.training.optimizer.lr:g}"
+                         + (f", equal budget {rec.training.epoch_budget} epochs per task"
+                            if rec.training.epoch_budget else "")),
             ("device", rec.device), ("output", rec.output.dir.format(name=rec.name))]
     for k, v in rows:
         table.add_row(k, escape(v))
@@ -310,7 +312,12 @@ def cp_(name: str = typer.Argument(..., help="A built-in recipe name (see `grown
         raise RecipeError([f"no built-in recipe {name!r}; {hint}built-in recipes: {', '.join(names)}"])
     target = dest / src.name if dest.is_dir() else dest
     if target.exists() and not force:
-        _err().print(f"[red]{escape(str(target))} exists; pass --force to overwrite it[/]")
+        # Running the same `cp` twice just works; a copy the user has edited is never overwritten silently.
+        if target.is_file() and target.read_bytes() == src.read_bytes():
+            _out().print(f"{escape(str(target))} is already a copy of {src.stem}")
+            return
+        _err().print(f"[red]{escape(str(target))} exists and differs from {src.stem} (your edits?); "
+                     "pass --force to overwrite it[/]")
         raise typer.Exit(_EXIT_USER)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, target)
@@ -409,7 +416,10 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder w
 def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
             methods: str = typer.Option(..., "--methods", help="Comma-separated method names."),
             seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
-            out: Optional[Path] = typer.Option(None, "--out", help="Comparison folder.")):
+            out: Optional[Path] = typer.Option(None, "--out", help="Comparison folder."),
+            equal_budget: Optional[int] = typer.Option(None, "--equal-budget", min=1, help="Every method trains "
+                                                       "exactly N epochs per task, all its phases together "
+                                                       "(sets training.epoch_budget).")):
     """Run one recipe with several methods and seeds, then compare them (grownfx report DIR makes the tables).
 
     Methods: scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown, and the GROWN ablation rows
@@ -433,7 +443,8 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
             close = difflib.get_close_matches(m, valid, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UserError(f"--methods: {hint}{exc}") from None
-    result = _lazy("grownfx.run.compare", "run_compare")(rec, methods=method_list, seeds=seed_list, out_dir=out)
+    result = _lazy("grownfx.run.compare", "run_compare")(rec, methods=method_list, seeds=seed_list, out_dir=out,
+                                                              equal_budget=equal_budget)
     _out().print(f"[green]done[/]: {escape(str(result))}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torchvision
+from torch import nn
 
 import grownfx
 from grownfx.engine.net import seed_channels
@@ -136,3 +137,18 @@ def check_backbone(name: str, seed_width: float = 0.5, builder=None, **prepare_k
     assert max(used0, net.num_parameters(t1)) <= net.num_parameters(), name
     report["params_after"] = net.num_parameters()
     return report
+
+
+class StemConvHead(nn.Module):
+    """The frame of the hand-written pattern models: stem conv -> the pattern (the subclass's forward) -> conv ->
+    pooled linear head.  The forward stays in the subclass, in the test's own module: fx wraps registered functions
+    only in the globals of the forward it traces."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.head = nn.Linear(c, 5)
+
+    def tail(self, x):
+        return self.head(self.conv(x).mean((2, 3)))

@@ -26,18 +26,7 @@ def _mask_not_applied():
     """A finished task computes with its visible slice of the bank, without its stored mask."""
     from grownfx.engine.banks import MaskedLayer
 
-    def full_bank(self, task):
-        w = self.frozen
-        out_idx = self.ctx.visible(self.target, "grouped" if self.in_role() == "grouped" else "out", task)
-        if out_idx is not None:
-            w = w.index_select(0, out_idx.to(w.device))
-        if self.in_role() == "in":
-            in_idx = self.ctx.visible(self.target, "in", task)
-            if in_idx is not None:
-                w = w.index_select(1, in_idx.to(w.device))
-        return w
-
-    MaskedLayer._compute_finished_weight = full_bank
+    MaskedLayer._compute_finished_weight = MaskedLayer._visible_bank  # the production slicing, mask skipped
 
 
 def _frozen_copy_shared():

@@ -157,15 +157,18 @@ def test_export_report_compare_call_through(monkeypatch, tmp_path):
                 write_compare_report=lambda d: seen.update(compare_report=d) or d / "report")
     assert invoke("report", str(tmp_path)).exit_code == 0 and seen["compare_report"] == tmp_path
 
-    def run_compare(recipe, methods, seeds, out_dir=None):
+    def run_compare(recipe, methods, seeds, out_dir=None, equal_budget=None):
         seen["compare"] = (recipe.training.epochs, methods, seeds)
+        seen["equal_budget"] = equal_budget
         return tmp_path
 
     fake_module(monkeypatch, "grownfx.run.compare", run_compare=run_compare)
     result = invoke("compare", "digits_quickstart", "--methods", "grown,scratch", "--seeds", "0,1",
                     "training.epochs=1")
     assert result.exit_code == 0, result.output
-    assert seen["compare"] == (1, ["grown", "scratch"], [0, 1])
+    assert seen["compare"] == (1, ["grown", "scratch"], [0, 1]) and seen["equal_budget"] is None
+    assert invoke("compare", "digits_quickstart", "--methods", "grown", "--equal-budget", "3").exit_code == 0
+    assert seen["equal_budget"] == 3
     result = invoke("compare", "digits_quickstart", "--methods", "grown,nope")
     assert result.exit_code == 2 and "unknown method 'nope'" in result.output
 
@@ -278,7 +281,7 @@ def test_phase_labels_and_tensorboard_tags():
 def test_task_line_says_why_a_task_below_target_did_not_grow():
     from grownfx.learn.records import TaskRecord
     from grownfx.recipe.schema import GrowthConfig
-    from grownfx.run.runner import _task_line
+    from grownfx.run.console import _task_line
 
     cfg = GrowthConfig(max_rounds=2, max_width=1.5)
     spent = TaskRecord(index=2, name="t", num_classes=2, target=95.0, val_acc=90.0, growth_rounds=2, grew=True,
@@ -428,6 +431,9 @@ def test_cp_destination_defaults_to_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert invoke("cp", "digits_quickstart").exit_code == 0
     assert (tmp_path / "digits_quickstart.yaml").is_file()
+    # the README's commands run twice: an unedited copy is left as it is and the second `cp` succeeds
+    again = invoke("cp", "digits_quickstart")
+    assert again.exit_code == 0 and "already a copy" in again.output
 
 
 def test_help_has_plain_placeholders_and_the_ablation_rows():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import grownfx
+from engine_checks import StemConvHead
 
 
 def _fingerprint(module) -> dict:
@@ -86,52 +87,37 @@ def _reasons(net) -> str:
 # --- one model per pattern --------------------------------------------------------------------------------
 
 
-class ViewLiteral(nn.Module):
+class ViewLiteral(StemConvHead):
     """Case 1: a channel count written into view() arguments."""
 
     def __init__(self, c=8):
-        super().__init__()
+        super().__init__(c)
         self.c = c
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.head = nn.Linear(c, 5)
 
     def forward(self, x):
         x = self.stem(x)
         b = x.size(0)
         x = x.view(b, self.c, -1).softmax(-1).view_as(x)
-        return self.head(self.conv(x).mean((2, 3)))
+        return self.tail(x)
 
 
-class ShapeRead(nn.Module):
+class ShapeRead(StemConvHead):
     """Case 2: a width read from the shape feeds arithmetic."""
-
-    def __init__(self, c=8):
-        super().__init__()
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.head = nn.Linear(c, 5)
 
     def forward(self, x):
         x = self.stem(x)
         x = x * x.shape[1] ** -0.5
-        return self.head(self.conv(x).mean((2, 3)))
+        return self.tail(x)
 
 
-class ShapeView(nn.Module):
+class ShapeView(StemConvHead):
     """A width read from the shape that only feeds view(): safe, stays growable."""
-
-    def __init__(self, c=8):
-        super().__init__()
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.head = nn.Linear(c, 5)
 
     def forward(self, x):
         x = self.stem(x)
         b, c, h, w = x.shape
         x = x.view(b, c, h * w).softmax(-1).view(b, c, h, w)
-        return self.head(self.conv(x).mean((2, 3)))
+        return self.tail(x)
 
 
 class Temperature(nn.Module):

@@ -105,14 +105,20 @@ def outputs(net, x):
     return {t: net(x, task=t) for t in range(net.num_tasks)}
 
 
-def history():
-    """Task 0: gated growth, trained, masks, settled and frozen.  Task 1: learning, grown, masks trained."""
+def gated_first_task():
+    """Task 0 learned with gated growth, then given partial unit masks and open gates (not yet settled)."""
     net = make_net()
     t0 = net.add_task(CLASSES)
     gates = gated_growth(net)
     train(net, t0)
     scramble_masks(net)
     open_gates(net)
+    return net, t0, gates
+
+
+def history():
+    """Task 0: gated growth, trained, masks, settled and frozen.  Task 1: learning, grown, masks trained."""
+    net, t0, gates = gated_first_task()
     gates.settle(net)
     net.freeze_task(t0)
     t1 = net.add_task(CLASSES)
@@ -145,12 +151,7 @@ def used_units(layer: MaskedLayer, task: int) -> torch.Tensor:
 
 
 def test_freeze_of_a_first_task_with_gates_and_masks():
-    net = make_net()
-    t0 = net.add_task(CLASSES)
-    gated_growth(net)
-    train(net, t0)
-    scramble_masks(net)
-    open_gates(net)
+    net, t0, _ = gated_first_task()
     x, _ = data()
     with torch.no_grad():
         before = net(x, task=t0)
@@ -222,12 +223,7 @@ def test_growth_keeps_outputs(dtype, backbone, shape):
 
 
 def test_finished_task_computes_with_its_masked_slice():
-    net = make_net()
-    t0 = net.add_task(CLASSES)
-    gated_growth(net)
-    train(net, t0)
-    scramble_masks(net)
-    open_gates(net)
+    net, t0, _ = gated_first_task()
     CandidateGates.of(net).settle(net)
     x, _ = data()
     ref = outputs(net, x)[t0]  # task 0 while it is learned: its unit masks applied

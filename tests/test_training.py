@@ -47,10 +47,11 @@ def test_an_fp16_baseline_stage_steps_through_a_grad_scaler(tmp_path, monkeypatc
 
 
 class _Kill:
-    """Progress display that kills the run (as a SIGKILL would: no checkpoint of its own) at one epoch."""
+    """Progress display that kills the run (as a SIGKILL would: no checkpoint of its own) at one epoch (of one
+    stage, when given)."""
 
-    def __init__(self, task: int, epoch: int):
-        self.at = (task, epoch)
+    def __init__(self, task: int, epoch: int, stage: str | None = None, round: int = 0):
+        self.at, self.stage = (task, epoch), (stage, round)
 
     def start_task(self, *a, **k):
         pass
@@ -59,21 +60,33 @@ class _Kill:
         pass
 
     def epoch(self, info: dict) -> None:
-        if (info["task"], info["epoch"]) == self.at:
+        if (info["task"], info["epoch"]) == self.at and self.stage[0] in (None, info["stage"]) \
+                and (self.stage[0] is None or info.get("round", 0) == self.stage[1]):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("method", [{"name": "finetune"}, {"name": "scratch"}, {"name": "pnn", "column_width": 0.5}],
-                         ids=lambda m: m["name"])
-def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, method):
+# (method, the stage of task 2 it is killed in, that stage's round): every phase of a multi-phase baseline
+KILLS = [
+    ({"name": "finetune"}, "train", 0),
+    ({"name": "scratch"}, "scratch", 0),
+    ({"name": "pnn", "column_width": 0.5}, "train", 0),
+    ({"name": "packnet", "retrain_epochs": 3}, "train", 0),
+    ({"name": "packnet", "retrain_epochs": 3}, "retrain", 0),  # after the pruning
+    ({"name": "piggyback"}, "train", 0),
+]
+
+
+@pytest.mark.parametrize("method,stage,round", KILLS,
+                         ids=[f"{m['name']}-{s}{r or ''}" for m, s, r in KILLS])
+def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, method, stage, round):
     whole = run(recipe(tmp_path / "whole", method), echo=lambda m: None)
     r = recipe(tmp_path / "killed", method, checkpoint_every=1)
-    with pytest.raises(KeyboardInterrupt):  # killed during epoch 3 of task 2: the last checkpoint is epoch 2's
-        run(r, echo=lambda m: None, progress=_Kill(task=1, epoch=3))
+    with pytest.raises(KeyboardInterrupt):  # killed during epoch 3 of a stage of task 2: the last checkpoint is
+        run(r, echo=lambda m: None, progress=_Kill(task=1, epoch=3, stage=stage, round=round))  # its epoch 2's
     out = tmp_path / "killed" / "loop"
     last = files.load(out / "checkpoints" / "last.pt")
-    assert last["completed"] == 1 and last["position"]["epoch"] == 2 and last["position"]["stage"] in ("train",
-                                                                                                       "scratch")
+    assert last["completed"] == 1 and last["position"]["epoch"] == 2
+    assert (last["position"]["stage"], last["position"]["round"]) == (stage, round)
     resumed = run(r, resume=True, echo=lambda m: None)
     assert resumed.acc_matrix == whole.acc_matrix
     a = files.load(whole.out_dir / "checkpoints" / "last.pt")["method"]
@@ -81,9 +94,17 @@ def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, method):
     flat_a, flat_b = _tensors(a), _tensors(b)
     assert flat_a.keys() == flat_b.keys() and flat_a
     assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), [k for k in flat_a if not torch.equal(flat_a[k], flat_b[k])]
-    epochs = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "epoch"]
-    assert [(e["task"], e["epoch"]) for e in epochs] == [(t, k) for t in (0, 1) for k in (1, 2, 3)]  # none twice
-    assert [r.epochs for r in resumed.records] == [r.epochs for r in whole.records] == [3, 3]
+    epochs = [_epochs(out), _epochs(whole.out_dir)]
+    assert epochs[0] == epochs[1]  # every epoch of every stage once: none run twice, none skipped
+    if method["name"] in ("finetune", "scratch", "pnn", "piggyback"):
+        assert [(t, k) for t, _, _, k in epochs[0]] == [(t, k) for t in (0, 1) for k in (1, 2, 3)]
+    assert [r.epochs for r in resumed.records] == [r.epochs for r in whole.records]
+    assert [r.val_history for r in resumed.records] == [r.val_history for r in whole.records]
+
+
+def _epochs(out) -> list[tuple]:
+    events = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [(e["task"], e["stage"], e.get("round", 0), e["epoch"]) for e in events if e["event"] == "epoch"]
 
 
 def _tensors(state, prefix="") -> dict:

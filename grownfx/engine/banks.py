@@ -125,6 +125,12 @@ class MaskedLayer(_TaskModule):
         return self.ctx.cached(self.target, "finished", key, lambda: self._compute_finished_weight(task))
 
     def _compute_finished_weight(self, task: int) -> torch.Tensor:
+        w = self._visible_bank(task)
+        mask = M.unpack_bits(getattr(self, f"mask_{task}"), self._unit_shape(w.shape)).to(w.device)
+        return torch.where(self._expand(mask), w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+    def _visible_bank(self, task: int) -> torch.Tensor:
+        """The slice of the bank a finished task sees (its stored mask not yet applied)."""
         w = self.frozen
         out_idx = self.ctx.visible(self.target, "grouped" if self.in_role() == "grouped" else "out", task)
         if out_idx is not None:
@@ -133,8 +139,7 @@ class MaskedLayer(_TaskModule):
             in_idx = self.ctx.visible(self.target, "in", task)
             if in_idx is not None:
                 w = w.index_select(1, in_idx.to(w.device))
-        mask = M.unpack_bits(getattr(self, f"mask_{task}"), self._unit_shape(w.shape)).to(w.device)
-        return torch.where(self._expand(mask), w, torch.zeros((), dtype=w.dtype, device=w.device))
+        return w
 
     # -- task lifecycle -------------------------------------------------------------------------------------
     def configure(self, task: int) -> None:

@@ -20,6 +20,7 @@ from grownfx.recipe.schema import GrowthConfig, MasksConfig, TrainingConfig
 from grownfx.engine.context import ATT, DENSE, OFF, SEL, MaskPolicy
 from grownfx.data import Task
 from grownfx.learn.distributed import Dist
+from grownfx.learn import budget
 from grownfx.learn.gates import CandidateGates
 from grownfx.engine.net import GrowableNet
 from grownfx.learn.records import LearnerPosition, TaskRecord
@@ -85,9 +86,16 @@ class GrownLearner:
         t = net.num_tasks - 1
         while True:
             # task 1's first LSG round is the task's training from the seed: `epochs`, like every method's task;
-            # later growth rounds (stage 2, task 1's extra rounds) train `stage2_epochs`
+            # later growth rounds (stage 2, task 1's extra rounds) train `stage2_epochs`.  With an epoch budget
+            # (learn/budget.py) stage 1 takes half of it, rounds what is left, and a `tune` stage the rest.
             first = pos.stage == "stage1" or (t == 0 and pos.round == 1)
-            epochs = cfg.epochs if first else (cfg.stage2_epochs or cfg.epochs)
+            before = pos.epochs_done - pos.epoch  # the task's epochs before this stage (a resume included)
+            if pos.stage == "tune":
+                epochs = budget.left(cfg, before)
+            elif first:
+                epochs = budget.first_phase(cfg, self.growth.max_rounds > 0)
+            else:
+                epochs = budget.capped(cfg, cfg.stage2_epochs or cfg.epochs, before)
             self._train_stage(task, t, pos, epochs, optim_state, timer)
             optim_state = None
             if pos.stage == "grow":
@@ -96,15 +104,18 @@ class GrownLearner:
             pos.val_history.append(val)
             if self.should_stop():
                 raise KeyboardInterrupt
-            if not self._wants_growth(pos, val, target):
-                break
-            if not self._grow_round(pos):
-                break
+            if not self._wants_growth(pos, val, target) or not self._grow_round(pos):
+                if budget.left(cfg, pos.epochs_done) == 0:
+                    break
+                pos.stage, pos.epoch = "tune", 0  # the budget's unspent epochs: train the task's network as is
+                continue
             pos.stage, pos.epoch = "grow", 0
         return self._finish(task, t, target, pos, timer)
 
     def _wants_growth(self, pos: LearnerPosition, val: float, target: Optional[float]) -> bool:
-        if pos.round >= self.growth.max_rounds:
+        if pos.round >= self.growth.max_rounds or pos.stage == "tune":
+            return False
+        if not budget.has_left(self.training, pos.epochs_done):
             return False
         if self.growth.when == "always":
             return pos.round == 0

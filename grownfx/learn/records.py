@@ -45,7 +45,7 @@ class LearnerPosition:
     of the whole task so far; `elapsed`: training seconds before the interruption.
     """
 
-    stage: str = "start"  # GROWN: start | stage1 | grow | done; a baseline: the name of its stage
+    stage: str = "start"  # GROWN: start | stage1 | grow | tune | done; a baseline: the name of its stage
     round: int = 0
     epoch: int = 0
     val_history: list[float] = field(default_factory=list)
@@ -53,6 +53,7 @@ class LearnerPosition:
     epochs_done: int = 0
     pruned: int = 0
     elapsed: float = 0.0
+    extra: dict = field(default_factory=dict)  # a method's own facts about its phases so far (e.g. CPG's levels)
 
 
 __all__ = ["LearnerPosition", "TaskRecord"]

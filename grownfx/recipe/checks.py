@@ -236,7 +236,8 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     out = []
     tr = recipe.training
     for key, value in (("training.epochs", tr.epochs), ("training.stage2_epochs", getattr(tr, "stage2_epochs", None)),
-                       ("target.scratch_epochs", recipe.target.scratch_epochs)):
+                       ("target.scratch_epochs", recipe.target.scratch_epochs), ("training.epoch_budget",
+                                                                                  tr.epoch_budget)):
         if isinstance(value, int) and value > MAX_SENSIBLE_EPOCHS:
             out.append(f"{key} = {value:,}: more than {MAX_SENSIBLE_EPOCHS:,} epochs per stage would take ages; "
                        "a typo?")

@@ -266,6 +266,11 @@ class TrainingConfig(_Strict):
     stage2_epochs: Optional[PositiveInt] = Field(None, description="Epochs of each later growth round (GROWN's "
                                                  "stage 2 rounds, task 1's extra rounds, CPG's widening rounds; "
                                                  "default: epochs).")
+    epoch_budget: Optional[PositiveInt] = Field(None, description="Equal-budget mode: every method trains exactly "
+                                                "this many epochs per task, all its phases together (GROWN's "
+                                                "stage 1 and growth rounds, PackNet's train and retrain, CPG's "
+                                                "pick, grow and compaction); docs/baselines.md says how each "
+                                                "splits it.  null: each method's own schedule.")
     batch_size: PositiveInt = Field(32, description="Global batch size (the seed paper: 32).")
     eval_batch_size: PositiveInt = 256
     optimizer: OptimConfig = Field(default_factory=OptimConfig, description="Weights (SGD, Nesterov 0.9).")

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from grownfx import files
 from grownfx.report.paper import ABLATION_ROWS, PAPER, benchmark_of
-from grownfx.report.run_report import load_run, md_table, write_csv_tables
+from grownfx.report.run_report import load_run, md_table, write_report_folder
 
 __all__ = ["PAPER", "compare_tables", "load_compare", "write_compare_report"]
 
@@ -150,20 +150,13 @@ _TITLES = {
 
 def write_compare_report(compare_dir: str | Path) -> Path:
     """Write `compare_dir/report/` (compare.md, one CSV per table, runs.csv, PNG plots); returns that folder."""
-    data = load_compare(compare_dir)
-    out = Path(compare_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    tables = compare_tables(data)
-    write_csv_tables(tables, out)
-    _write_runs_csv(data, out / "runs.csv")
-    plots = _plots(data, out)
-    files.atomic_write_text(_markdown(data, tables, plots), out / "compare.md")
-    return out
+    return write_report_folder(compare_dir, "compare.md", load_compare(compare_dir), compare_tables, _plots, _markdown,
+                               extra=lambda data, out: _write_runs_csv(data, out / "runs.csv"))
 
 
 def _write_runs_csv(data: dict, path: Path) -> None:
     header = ["method", "seed", "task", "acc_final", "acc_when_learned", "val_acc", "target", "model_size",
-              "params_stored", "params_task", "time_s"]
+              "params_stored", "params_task", "time_s", "epochs"]
     rows = []
     for m, runs in data["methods"].items():
         for r in runs:
@@ -179,6 +172,9 @@ def _markdown(data: dict, tables: dict[str, Table], plots: list[str]) -> str:
              "(cells are mean ± std over seeds when there are several)",
              f"- {data['num_tasks']} tasks; every method ran the same stream, schedule and validation split",
              f"- target rule: {index.get('target_rule')}"]
+    budget = (index.get("recipe_config") or {}).get("training", {}).get("epoch_budget")
+    if budget:
+        lines.append(f"- equal budget: every method trained {budget} epochs per task, all its phases together")
     for seed, t in index.get("targets", {}).items():
         lines.append(f"- targets for seed {seed} ({t['source']}): " + ", ".join(f"{v:.1f}" for v in t["values"]))
     failed = [f"{r['method']} seed {r['seed']}" for r in index["runs"] if r.get("status") != "ok"]

@@ -126,13 +126,21 @@ def _size(v: Any) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write `run_dir/report/` (report.md, one CSV per table, PNG plots); returns that folder."""
-    run = load_run(run_dir)
-    out = Path(run_dir) / "report"
+    return write_report_folder(run_dir, "report.md", load_run(run_dir), report_tables, _plots, _markdown)
+
+
+def write_report_folder(folder: str | Path, md_name: str, data, tables_of, plots_of, markdown_of,
+                        extra=None) -> Path:
+    """Write `folder/report/`: one CSV per table of `tables_of(data)`, then `extra(data, out)` when given, the PNG
+    plots of `plots_of(data, out)` and `md_name` from `markdown_of(data, tables, plots)`; returns that folder."""
+    out = Path(folder) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    tables = report_tables(run)
+    tables = tables_of(data)
     write_csv_tables(tables, out)
-    plots = _plots(run, out)
-    files.atomic_write_text(_markdown(run, tables, plots), out / "report.md")
+    if extra is not None:
+        extra(data, out)
+    plots = plots_of(data, out)
+    files.atomic_write_text(markdown_of(data, tables, plots), out / md_name)
     return out
 
 

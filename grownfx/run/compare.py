@@ -33,7 +33,8 @@ from grownfx.recipe.loading import load_recipe, validate_recipe
 from grownfx import files
 from grownfx.learn.guards import NonFiniteError
 from grownfx.run.export import export_complete, task_folder
-from grownfx.run.runner import RunError, _lock, holds_run, run
+from grownfx.run.folder import RunError, _lock, holds_run
+from grownfx.run.runner import run
 from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, parse_target, target_sources
 
 __all__ = ["ABLATIONS", "METHODS", "method_config", "run_compare", "slug"]
@@ -76,7 +77,9 @@ def _variant(recipe: Recipe, spec: str, seed: int, run_dir: Path, targets: Optio
 
 
 def _scratch_epochs_match(recipe: Recipe) -> bool:
-    return recipe.target.scratch_epochs in (None, recipe.training.epochs)
+    """Whether the `scratch` run trains the epochs of the scratch targets (an epoch budget changes its own)."""
+    own = recipe.training.epoch_budget or recipe.training.epochs
+    return (recipe.target.scratch_epochs or recipe.training.epochs) == own
 
 
 def scratch_targets(recipe: Recipe, seed: int) -> list[float]:
@@ -111,14 +114,20 @@ def _finished(run_dir: Path, export_format: str = "none") -> bool:
 
 
 def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], overrides=(),  # noqa: B006
-                out_dir=None) -> Path:
+                out_dir=None, equal_budget: Optional[int] = None) -> Path:
     """Run every method on every seed (same stream, schedule, validation split); returns the comparison folder.
+
+    `equal_budget` N sets `training.epoch_budget`: every method then trains exactly N epochs per task.
 
     A finished run folder is reused and an interrupted one resumed, so a comparison can be continued, or
     extended with more methods and seeds, by calling this again with the same recipe and folder.  A method
     that fails is recorded in compare.json and the others still run; the failures are raised at the end.
     """
     recipe = _load(recipe_or_path, overrides)
+    if equal_budget is not None:
+        d = recipe.model_dump(mode="json")
+        d["training"]["epoch_budget"] = equal_budget
+        recipe = Recipe.model_validate(d)
     specs = list(dict.fromkeys(methods))
     if not specs or not seeds:
         raise ValueError("give at least one method and one seed")

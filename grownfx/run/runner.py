@@ -8,28 +8,29 @@
 
 Launched by torchrun (WORLD_SIZE > 1), every rank runs this loop in step (grownfx.learn.distributed): training and
 evaluation are data-parallel, rank 0 alone writes files and prints, the others wait for it at barriers.
+
+The run folder (which one, its lock, what a resume must match) is grownfx.run.folder; the per-task console
+line and the TensorBoard writer are grownfx.run.console.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from grownfx.version import __version__
 from grownfx.engine import state as net_state
 from grownfx import files
 from grownfx.learn import distributed
 from grownfx.recipe.loading import load_recipe
 from grownfx.recipe.schema import Recipe, parse_target, target_sources
 from grownfx.data import TaskStream, build_stream
+from grownfx.run.console import _task_line, _tensorboard
+from grownfx.run.folder import RunError, _load_checkpoint, _prepare_out, claim_out
 from grownfx.run.export import export_complete, record_export, save_module, task_folder, task_meta
 from grownfx.learn.guards import NonFiniteError, check_tensors
 from grownfx.learn.records import LearnerPosition, TaskRecord
@@ -39,18 +40,6 @@ from grownfx.learn.methods import make_method
 from grownfx.learn.methods.base import example_input
 from grownfx.learn.methods.finetune import finetune_references
 from grownfx.learn.methods.scratch import fresh_backbone, train_plain
-from grownfx.recipe.loading import dump_resolved, recipe_diff
-
-# recipe fields that may differ when resuming (they do not change what is learned)
-# (training.num_threads is not among them: CPU kernels reduce in a thread-dependent order, so 1 and 2 threads
-# learn slightly different weights)
-RESUME_FREE = ("output.", "training.checkpoint_every", "device", "description")
-# files whose presence means a folder holds a run (started, perhaps killed before its first checkpoint)
-RUN_MARKERS = ("config.resolved.yaml", "metrics.jsonl", "checkpoints/last.pt", "summary.json")
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or continue, with the reason (e.g. an incompatible resume)."""
 
 
 @dataclass
@@ -159,67 +148,6 @@ def check_validation(recipe: Recipe, stream: TaskStream, echo: Callable[[str], N
                  f"{100 / max(n, 1):.1f} points" + (", so growth decisions on it are noisy" if decides else ""))
 
 
-def holds_run(folder: Path) -> bool:
-    """Whether `folder` holds a grownfx run (finished, interrupted, or killed before its first checkpoint)."""
-    return any((Path(folder) / m).exists() for m in RUN_MARKERS)
-
-
-def numbered_folders(base: Path) -> list[tuple[int, Path]]:
-    """`base` (number 1) and its siblings `base-2`, `base-3`, ... that exist, by number."""
-    found = [(1, base)] if base.exists() else []
-    if base.parent.is_dir():
-        for p in base.parent.glob(base.name + "-*"):
-            suffix = p.name[len(base.name) + 1:]
-            if suffix.isdigit() and int(suffix) >= 2 and p.is_dir():
-                found.append((int(suffix), p))
-    return sorted(found)
-
-
-def claim_out(recipe: Recipe, out_dir, resume: bool) -> tuple[Path, files.FolderLock]:
-    """The run folder, locked: `out_dir` when given; else, resuming, the latest of the recipe's numbered folders
-    (`runs/NAME`, `runs/NAME-2`, ...) that holds a run; else the first that does not (a second run of the same
-    command gets `runs/NAME-2`).  RunError when another process holds the folder's lock."""
-    if out_dir is not None or resume:
-        if out_dir is not None:
-            out = Path(out_dir)
-        else:
-            base = Path(recipe.output.dir.format(name=recipe.name))
-            runs = [p for _, p in numbered_folders(base) if holds_run(p)]
-            if not runs:
-                raise RunError(f"nothing to resume: no run folder {base} (or {base.name}-N) holds a run")
-            out = runs[-1]
-        return out, _lock(out)
-    base = Path(recipe.output.dir.format(name=recipe.name))
-    n = 1
-    while True:
-        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        n += 1
-        if holds_run(out):
-            continue
-        try:
-            lock = files.FolderLock(out).acquire()
-        except files.LockedError:  # another process is starting a run there right now
-            continue
-        if holds_run(out):
-            lock.release()
-            continue
-        return out, lock
-
-
-def _lock(out: Path) -> files.FolderLock:
-    try:
-        return files.FolderLock(out).acquire()
-    except files.LockedError as exc:
-        raise RunError(str(exc)) from None
-
-
-def _load_checkpoint(path: Path) -> dict:
-    try:
-        return files.load(path)
-    except files.CorruptFileError as exc:
-        raise RunError(f"cannot resume: {exc}") from None
-
-
 def check_distributed(recipe: Recipe, world_size: int) -> None:
     """RunError when `recipe` cannot run in `world_size` data-parallel processes."""
     if world_size == 1:
@@ -230,55 +158,6 @@ def check_distributed(recipe: Recipe, world_size: int) -> None:
     if recipe.training.batch_size % world_size:
         raise RunError(f"training.batch_size {recipe.training.batch_size} is the global batch size and must be "
                        f"divisible by the number of processes ({world_size})")
-
-
-def _prepare_out(out: Path, recipe: Recipe, resume: bool, last: Path, explicit: bool = True) -> Optional[dict]:
-    """The checkpoint to resume from (None: a new run).  The checkpoint is the source of truth: a deleted
-    config.resolved.yaml is rebuilt from it, and a run killed before its first checkpoint starts again."""
-    files.clean_stale_temps(out)  # temp files of a writer killed mid-write (we hold the folder's lock)
-    if resume:
-        if last.exists():
-            state = _load_checkpoint(last)
-            _check_compatible(state["recipe"], recipe)
-            if not (out / "config.resolved.yaml").exists():
-                saved = Recipe.model_validate(state["recipe"])
-                files.atomic_write_text(dump_resolved(saved) + "\n" + _provenance(), out / "config.resolved.yaml")
-            return state
-        if not holds_run(out):
-            raise RunError(f"nothing to resume: {last} does not exist")
-        # killed before its first checkpoint: nothing was learned yet, start it again in the same folder
-    elif holds_run(out):
-        raise RunError(f"{out} already holds a run; continue it with --resume or choose another --out")
-    elif explicit and any(p.name != files.FolderLock.NAME for p in out.iterdir()):
-        raise RunError(f"{out} is not empty and holds no grownfx run; refusing to write into it "
-                       "(choose an empty or new folder for --out)")
-    out.mkdir(parents=True, exist_ok=True)
-    text = dump_resolved(recipe) + "\n" + _provenance()
-    files.atomic_write_text(text, out / "config.resolved.yaml")
-    files.atomic_write_text("", out / "metrics.jsonl")
-    return None
-
-
-def _check_compatible(saved: dict, recipe: Recipe) -> None:
-    now = recipe.model_dump(mode="json")
-    diffs = [p for p in recipe_diff(saved, now) if not p.startswith(RESUME_FREE)]
-    if diffs:
-        raise RunError("cannot resume with a different recipe; these fields differ from the checkpoint: "
-                       + ", ".join(diffs))
-
-
-def _provenance() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except Exception:
-        commit = ""
-    import torchvision
-
-    lines = {"grownfx": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-             "python": platform.python_version(), "git_commit": commit or "unknown",
-             "command": " ".join(sys.argv)}
-    return "# provenance\n" + "\n".join(f"# {k}: {v}" for k, v in lines.items()) + "\n"
 
 
 class _Run:
@@ -497,42 +376,3 @@ class _Run:
         self.echo(f"resuming {self.out} after {len(self.records)} finished tasks"
                   + (f" (task {len(self.records) + 1} from epoch {state['position']['epoch']})"
                      if state["position"] else ""))
-
-
-def _task_line(r: TaskRecord, row: list[float], full: int, growth=None) -> str:
-    size = f"{r.params_stored / full:.2f}x" if full else f"{r.params_stored} params"
-    grew = _growth_text(r, growth)
-    target = f" target {r.target:.1f}" if r.target is not None else ""
-    return (f"task {r.index + 1}: val {r.val_acc:.1f}{target}, test {row[-1]:.1f}, avg {sum(row) / len(row):.1f}, "
-            f"{grew}, model {size}, {r.time_s:.1f}s")
-
-
-def _growth_text(r: TaskRecord, growth=None) -> str:
-    """What the task's growth did, and (GROWN's `growth` config given) why a task below its target stopped."""
-    channels = sum(r.growth.values())
-    if r.index == 0 and r.growth_rounds:  # task 1 is learned by sparse growth from the seed
-        text = (f"grew {channels} ch from the seed" if r.grew
-                else f"kept the seed width (sparse growth pruned all {r.pruned_candidates} candidate channels)")
-        rounds = r.growth_rounds - 1  # its first round is its stage 1
-    else:
-        text = f"grew {channels} ch" if r.grew else "no growth"
-        rounds = r.growth_rounds
-        if r.growth_rounds and not r.grew:
-            text += f" (growth pruned all {r.pruned_candidates} candidate channels)"
-    if rounds and r.grew:
-        text += f" in {rounds} growth round{'s' if rounds != 1 else ''}"
-    if growth is not None and r.target is not None and r.val_acc < r.target and growth.when != "always":
-        if r.growth_rounds >= growth.max_rounds:
-            text += f"; below target: growth budget spent (growth.max_rounds={growth.max_rounds})"
-        else:
-            text += (f"; below target: every growth site is at its width cap "
-                     f"(growth.max_width={growth.max_width:g}x the full width)")
-    return text
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency, but a run should not die without it
-        return None
-    return SummaryWriter(log_dir=str(out / "tb"))

@@ -7,6 +7,7 @@ forward function (`evaluate_with`), and `NetMethod`, the plumbing of methods tha
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 
 from grownfx.data import Task, TaskData, TaskStream
 from grownfx.engine import state as net_state
+from grownfx.engine.context import MaskPolicy
 from grownfx.engine.net import prepare
 from grownfx.models import build_backbone
 from grownfx.recipe.schema import OptimConfig, Recipe, TrainingConfig
@@ -136,31 +138,78 @@ def build_masked_net(recipe: Recipe, stream: TaskStream, width: float = 1.0, gra
 
 
 class NetMethod:
-    """Evaluation, export, accounting and checkpoints of a method that learns into one GrowableNet."""
+    """Evaluation, export, accounting and checkpoints of a method that learns into one GrowableNet.
+
+    A task runs through the method's `phases` in order (PackNet: train, retrain).  Mid-task checkpoints (the
+    runner's `checkpoint`) hold the net as it stands (the learning task unfrozen, its kinds and scores) and a
+    LearnerPosition: the phase (`stage`, `round`), its epochs done, the task's validation history and the
+    method's own facts (`phase`, saved as the position's `extra`).  `begin` takes a resumed task up where its
+    checkpoint left it; `skips(stage, round)` says which phases finished before that checkpoint was taken.
+    """
 
     name = "net"
     granularity: str | None = "element"  # PackNet, Piggyback and CPG own and mask single weights
+    phases: tuple[str, ...] = ("train",)  # a task's stages, in order
 
     def __init__(self, recipe: Recipe, stream: TaskStream, device: torch.device, *,
                  on_epoch: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] = lambda: False,
-                 dist: Optional[Dist] = None, **_):
+                 dist: Optional[Dist] = None, checkpoint: Callable | None = None, **_):
         self.recipe, self.stream, self.device = recipe, stream, torch.device(device)
         self.on_epoch, self.should_stop = on_epoch, should_stop
+        self.checkpoint = checkpoint  # the runner's mid-task checkpoint: checkpoint(None, position, optim)
         self.dist = dist if dist is not None else Dist(self.device)
         self.net = build_masked_net(recipe, stream, 1.0, self.granularity).to(self.device)
+        self._resume: Optional[tuple] = None  # (position, optimiser state) resumed, until its phase is reached
+        self._before = 0.0  # training seconds of the learning task before a resume
+        self._timer = Timer()
+        self.history: list[float] = []  # the learning task's validation accuracies so far
+        self.phase: dict = {}  # the learning task's method-specific facts (in mid-task checkpoints)
+
+    # -- a task's phases, resumable -------------------------------------------------------------------------
+    def begin(self, task: Task, policy: MaskPolicy, resume: Optional[tuple]) -> tuple[int, Optional[LearnerPosition]]:
+        """Add `task` under `policy`, or take up the part-learned task a mid-task checkpoint holds (load_state
+        restored it with its policy, kinds and scores; set_policy would reset them).  Returns (task index,
+        the resumed position or None)."""
+        self._timer, self._resume = Timer(), resume
+        if resume is None:
+            self._before, self.history, self.phase = 0.0, [], {}
+            t = self.net.add_task(task.num_classes)
+            self.net.set_policy(policy)
+            return t, None
+        position = resume[0]
+        self._before, self.history, self.phase = position.elapsed, list(position.val_history), dict(position.extra)
+        return self.net.learning_task, position
+
+    def skips(self, stage: str, round: int = 0) -> bool:
+        """Whether phase (`stage`, `round`) finished before the mid-task checkpoint being resumed."""
+        if self._resume is None:
+            return False
+        position = self._resume[0]
+        return (self.phases.index(stage), round) < (self.phases.index(position.stage), position.round)
+
+    def _save(self, learner, position: LearnerPosition, optim) -> None:
+        position = dataclasses.replace(position, val_history=list(self.history), extra=dict(self.phase),
+                                       elapsed=self._before + self._timer.seconds)
+        self.checkpoint(learner, position, optim)
 
     # -- training -------------------------------------------------------------------------------------------
     def train(self, task: Task, t: int, epochs: int, stage: str, *, weights: Optional[OptimConfig] = None,
-              masks: Optional[OptimConfig] = None, round: int = 0, after: Callable[[], dict] | None = None) -> int:
-        """Train the learning task's weights (with `weights`, default the recipe's) and, if given, its masks."""
+              masks: Optional[OptimConfig] = None, round: int = 0, after: Callable[[], dict] | None = None,
+              before: int = 0) -> int:
+        """Train the learning task's weights (with `weights`, default the recipe's) and, if given, its masks;
+        `before`: the task's epochs in earlier phases.  A resumed phase continues from its checkpoint."""
         params = self.net.trainable_parameters()
         groups = [(params["weights"], weights or self.recipe.training.optimizer)]
         if masks is not None:
             groups.append((params["masks"], masks))
+        resume = self._resume
+        if resume is not None and (resume[0].stage, resume[0].round) == (stage, round):
+            self._resume = None  # this phase takes the checkpoint up; later ones start afresh
         return train_stage(self.net, lambda x: self.net(x, task=t), groups, task, self.recipe.training,
                            self.device, seed=(self.recipe.seed, self.name, t), epochs=epochs, stage=stage,
                            round=round, on_epoch=self.on_epoch, should_stop=self.should_stop, after=after,
-                           dist=self.dist)
+                           dist=self.dist, resume=resume, epochs_before=before,
+                           checkpoint=self._save if self.checkpoint is not None else None)
 
     def mask_optimizer(self, lr: float) -> OptimConfig:
         return OptimConfig(name="adam", lr=lr, momentum=0.0, nesterov=False, weight_decay=0.0)
@@ -174,7 +223,7 @@ class NetMethod:
         return TaskRecord(index=t, name=task.name, num_classes=task.num_classes, target=target,
                           val_acc=val_history[-1], val_history=list(val_history),
                           params_stored=self.net.num_parameters(), params_task=self.net.num_parameters(t),
-                          mask_bytes=self.net.mask_bytes(t), time_s=timer.seconds, epochs=epochs,
+                          mask_bytes=self.net.mask_bytes(t), time_s=self._before + timer.seconds, epochs=epochs,
                           released=self.net.free_weights(), **fields)
 
     # -- the ContinualMethod protocol -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Optional
 from grownfx.engine import state as net_state
 from grownfx.engine.context import DENSE, SEL, MaskPolicy
 from grownfx.data import Task
+from grownfx.learn import budget
 from grownfx.learn.records import TaskRecord
 from grownfx.learn.training import Timer
 from grownfx.learn.methods.base import NetMethod
@@ -44,30 +45,52 @@ def cpg_policy() -> MaskPolicy:
 
 
 class CPGContinual(NetMethod):
+    """Mid-task checkpoints record the phase (pick; grow round r; compact level i, or the budget's last
+    retraining at round len(levels)) with the widths before growth, the rounds grown, the levels tried and kept,
+    and the snapshot a failing level rolls back to (in the method state)."""
+
     name = "cpg"
+    phases = ("pick", "grow", "compact")
 
     def __init__(self, recipe, stream, device, **hooks):
         super().__init__(recipe, stream, device, **hooks)
         self.full_widths = {g.id: g.width for g in self.net.growable_groups}
         self.sparsity: list[float] = []  # the compaction level kept for each task
         self.compaction: list[list[dict]] = []  # per task: every level tried, its val accuracy, kept or not
+        self.snapshot: Optional[dict] = None  # mid-compaction: the net of the last level kept (a rollback's)
 
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
         timer, cfg, training = Timer(), self.recipe.method, self.recipe.training
         net = self.net
-        t = net.add_task(task.num_classes)
-        net.set_policy(cpg_policy())
+        t, position = self.begin(task, cpg_policy(), resume)  # resumed: the net as the checkpoint left it
+        at = position.stage if position is not None else "pick"
         masks = self.mask_optimizer(cfg.mask_lr)
-        widths = dict(net.ctx.widths)
-        epochs = self.train(task, t, training.epochs, "pick", masks=masks)
-        history = [self.evaluate(t, task.val)]
-        rounds = 0
-        while target is not None and history[-1] < target and self._grow():
-            rounds += 1
-            epochs += self.train(task, t, training.stage2_epochs or training.epochs, "grow", masks=masks,
-                                 round=rounds)
+        phase, history = self.phase, self.history
+        if at == "pick":
+            phase.update(widths={str(g): w for g, w in net.ctx.widths.items()}, rounds=0)
+        widths = {int(g): w for g, w in phase["widths"].items()}
+        rounds = phase["rounds"]
+        grow_epochs = training.stage2_epochs or training.epochs
+        # an epoch budget (learn/budget.py): pick takes half, grow rounds and compaction levels what is left
+        if at == "pick":
+            epochs = self.train(task, t, budget.first_phase(training), "pick", masks=masks)
             history.append(self.evaluate(t, task.val))
-        sparsity, spent = self._compact(task, t, target, history)
+        elif at == "grow":  # resumed in round `rounds`, the net already grown for it
+            epochs = position.epochs_done - position.epoch
+            epochs += self.train(task, t, budget.capped(training, grow_epochs, epochs), "grow", masks=masks,
+                                 round=rounds, before=epochs)
+            history.append(self.evaluate(t, task.val))
+        else:  # resumed in compaction: picking and growth are done
+            epochs = phase["epochs"]
+        while (at != "compact" and target is not None and history[-1] < target and budget.has_left(training, epochs)
+               and self._grow()):
+            rounds += 1
+            phase["rounds"] = rounds
+            epochs += self.train(task, t, budget.capped(training, grow_epochs, epochs), "grow", masks=masks,
+                                 round=rounds, before=epochs)
+            history.append(self.evaluate(t, task.val))
+        phase["epochs"] = epochs
+        sparsity, spent = self._compact(task, t, target, history, epochs, position if at == "compact" else None)
         self.sparsity.append(sparsity)
         growth = {str(g): w - widths.get(g, w) for g, w in net.ctx.widths.items() if w != widths.get(g, w)}
         return self.record(task, t, target, history, timer, epochs + spent, grew=bool(growth), growth=growth,
@@ -89,44 +112,69 @@ class CPGContinual(NetMethod):
         return added
 
     # -- compact --------------------------------------------------------------------------------------------
-    def _compact(self, task: Task, t: int, target: Optional[float], history: list[float]) -> tuple[float, int]:
-        """Prune level by level; each level's last epoch event carries its sparsity, val accuracy and verdict."""
-        cfg, training = self.recipe.method, self.recipe.training
-        unpruned = history[-1]
-        criterion = target if target is not None and unpruned >= target else unpruned
+    def _compact(self, task: Task, t: int, target: Optional[float], history: list[float],
+                 done: int = 0, position=None) -> tuple[float, int]:
+        """Prune level by level; each level's last epoch event carries its sparsity, val accuracy and verdict.
+        With an epoch budget (`done` epochs of it spent), levels stop when it is, and what is left retrains the
+        kept network.  `position`: a mid-task checkpoint in compaction round `position.round` to resume."""
+        cfg, training, phase = self.recipe.method, self.recipe.training, self.phase
+        if position is None:
+            unpruned = history[-1]
+            phase.update(criterion=target if target is not None and unpruned >= target else unpruned,
+                         kept=0.0, spent=0, trail=[])
+            self.snapshot = _snapshot(self.net)
+        criterion, trail = phase["criterion"], phase["trail"]
+        first = position.round if position is not None else 0  # levels before it were tried (and kept)
         # CPG retrains with lr 1e-3 after each pruning step (10x below its 1e-2), masks fixed
         lr = cfg.prune_lr if cfg.prune_lr is not None else training.optimizer.lr * 0.1
         weights = training.optimizer.model_copy(update={"lr": lr})
         epochs = cfg.prune_epochs if cfg.prune_epochs is not None else max(1, training.epochs // 4)
-        kept, snapshot, spent, trail = 0.0, _snapshot(self.net), 0, []
+        kept, spent = phase["kept"], phase["spent"]
         levels = (step_levels(cfg.prune_step, cfg.max_sparsity) if cfg.prune_schedule == "steps"
                   else cubic_levels(0.1, cfg.max_sparsity, cfg.prune_steps))
         for i, level in enumerate(levels):
-            for layer in self.net.masked_layers():
-                prune_to(layer, level)
+            if i < first:
+                continue
+            if not budget.has_left(training, done + spent):
+                break
+            if not (position is not None and i == first):  # a resumed level's pruning is in the net
+                for layer in self.net.masked_layers():
+                    prune_to(layer, level)
 
             def verdict(level=level) -> dict:
                 val = self.evaluate(t, task.val)
                 trail.append({"sparsity": level, "val_acc": val, "kept": val >= criterion})
                 return {**trail[-1], "criterion": criterion}
 
-            spent += self.train(task, t, epochs, "compact", weights=weights, round=i, after=verdict)
+            spent += self.train(task, t, budget.capped(training, epochs, done + spent), "compact", weights=weights,
+                                round=i, after=verdict, before=done + spent)
             if not trail[-1]["kept"]:
-                _restore(self.net, snapshot)
+                _restore(self.net, self.snapshot)
                 break
-            kept, snapshot = level, _snapshot(self.net)
+            kept, self.snapshot = level, _snapshot(self.net)
             history.append(trail[-1]["val_acc"])
-        self.compaction.append(trail)
+            phase.update(kept=kept, spent=spent)
+        rest = budget.left(training, done + spent)
+        if rest:
+            phase.update(kept=kept, spent=spent)
+            spent += self.train(task, t, rest, "compact", weights=weights, round=len(levels), before=done + spent)
+            history.append(self.evaluate(t, task.val))
+        self.compaction.append(list(trail))
+        self.snapshot = None
         return kept, spent
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {**super().state(), "sparsity": list(self.sparsity), "compaction": self.compaction}
+        state = {**super().state(), "sparsity": list(self.sparsity), "compaction": self.compaction}
+        if self.snapshot is not None:  # a mid-task checkpoint in compaction
+            state["snapshot"] = self.snapshot
+        return state
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
         self.sparsity = list(state.get("sparsity", []))
         self.compaction = list(state.get("compaction", []))
+        self.snapshot = state.get("snapshot")
 
 
 def _snapshot(net) -> dict:

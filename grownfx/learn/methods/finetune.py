@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from grownfx.data import Task, TaskData, build_stream
 from grownfx.engine.layers import _reset_head
+from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters, slim
@@ -76,7 +77,7 @@ class FinetuneContinual:
         self.heads.task = t
         params = [p for p in self.model.parameters() if p.requires_grad]
         epochs = train_stage(self.model, self._forward(t), [(params, training.optimizer)], task, training,
-                             self.device, seed=(self.recipe.seed, self.name, t), epochs=training.epochs,
+                             self.device, seed=(self.recipe.seed, self.name, t), epochs=task_epochs(training),
                              stage="train", on_epoch=self.on_epoch, should_stop=self.should_stop,
                              dist=self.dist, resume=resume, checkpoint=self.checkpoint)
         if self.recipe.method.keep_copies:

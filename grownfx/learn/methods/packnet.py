@@ -16,6 +16,7 @@ from grownfx.engine.context import DENSE, OFF, MaskPolicy
 from grownfx.data import Task
 from grownfx.engine.banks import MaskedLayer
 from grownfx.engine.layers import FREE
+from grownfx.learn.budget import split_two
 from grownfx.learn.records import TaskRecord
 from grownfx.learn.training import Timer
 from grownfx.learn.methods.base import NetMethod
@@ -53,17 +54,23 @@ def packnet_policy() -> MaskPolicy:
 
 class PackNetContinual(NetMethod):
     name = "packnet"
+    phases = ("train", "retrain")
 
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
         timer, cfg = Timer(), self.recipe.method
         net = self.net
-        t = net.add_task(task.num_classes)
-        net.set_policy(packnet_policy())
-        epochs = self.train(task, t, self.recipe.training.epochs, "train")
-        history = [self.evaluate(t, task.val)]
-        for layer in net.masked_layers():
-            prune_to(layer, cfg.prune_ratio)
-        retrain = cfg.retrain_epochs if cfg.retrain_epochs is not None else max(1, self.recipe.training.epochs // 2)
-        epochs += self.train(task, t, retrain, "retrain")
+        t, _ = self.begin(task, packnet_policy(), resume)  # resumed: the net as the mid-task checkpoint left it
+        training = self.recipe.training
+        own_retrain = cfg.retrain_epochs if cfg.retrain_epochs is not None else max(1, training.epochs // 2)
+        train, retrain = split_two(training, own_retrain)  # an epoch budget splits in this ratio
+        history = self.history
+        if not self.skips("train"):  # a checkpoint in retrain was taken after the pruning: its kinds are in the net
+            epochs = self.train(task, t, train, "train")
+            history.append(self.evaluate(t, task.val))
+            for layer in net.masked_layers():
+                prune_to(layer, cfg.prune_ratio)
+        else:
+            epochs = train
+        epochs += self.train(task, t, retrain, "retrain", before=epochs) if retrain else 0
         history.append(self.evaluate(t, task.val))
         return self.record(task, t, target, history, timer, epochs)

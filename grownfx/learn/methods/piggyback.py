@@ -13,6 +13,7 @@ from typing import Optional
 from grownfx.engine import masks as M
 from grownfx.engine.context import DENSE, SEL, MaskPolicy
 from grownfx.data import Task
+from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
 from grownfx.learn.training import Timer
 from grownfx.learn.methods.base import NetMethod
@@ -33,10 +34,12 @@ class PiggybackContinual(NetMethod):
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
         timer, cfg = Timer(), self.recipe.method
         net = self.net
-        t = net.add_task(task.num_classes)
-        net.set_policy(piggyback_policy(M.STEConfig(cfg.mask_init, cfg.mask_threshold, PIGGYBACK_STE.scale)))
+        # resumed: the part-learned task (its scores) as the mid-task checkpoint left it
+        t, _ = self.begin(task, piggyback_policy(M.STEConfig(cfg.mask_init, cfg.mask_threshold, PIGGYBACK_STE.scale)),
+                          resume)
         # task 1: every weight is free, so this trains the backbone; later tasks: scores, norms and head only
-        epochs = self.train(task, t, self.recipe.training.epochs, "train", masks=self.mask_optimizer(cfg.mask_lr))
-        history = [self.evaluate(t, task.val)]
+        epochs = self.train(task, t, task_epochs(self.recipe.training), "train", masks=self.mask_optimizer(cfg.mask_lr))
+        history = self.history
+        history.append(self.evaluate(t, task.val))
         stats = net.unit_stats()
         return self.record(task, t, target, history, timer, epochs, selective_zero_frac=stats["selective_zero_frac"])

@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from grownfx.data import Task, TaskData
+from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters, slim
@@ -204,9 +205,9 @@ class PNNContinual:
             self.net.frozen = k
             self.net.train(self.net.training)
         epochs = train_stage(self.net, lambda x: self.net(x, k), [(self.net.column_parameters(k), training.optimizer)],
-                             task, training, self.device, seed=(self.recipe.seed, self.name, k), epochs=training.epochs,
-                             stage="train", on_epoch=self.on_epoch, should_stop=self.should_stop, dist=self.dist,
-                             resume=resume, checkpoint=self.checkpoint)
+                             task, training, self.device, seed=(self.recipe.seed, self.name, k),
+                             epochs=task_epochs(training), stage="train", on_epoch=self.on_epoch,
+                             should_stop=self.should_stop, dist=self.dist, resume=resume, checkpoint=self.checkpoint)
         self.net.freeze(k)
         val = self.evaluate(k, task.val)
         return TaskRecord(index=k, name=task.name, num_classes=task.num_classes, target=target, val_acc=val,

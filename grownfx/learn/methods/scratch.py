@@ -10,6 +10,7 @@ from torch import nn
 
 from grownfx.recipe.schema import Recipe, TrainingConfig
 from grownfx.data import Task, TaskData, TaskStream
+from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters
@@ -63,8 +64,9 @@ class ScratchContinual:
         if resume is None or self.current is None:
             self.current = fresh_backbone(self.recipe, task, (self.recipe.seed, "scratch", task.index))
         model = self.current
+        epochs = task_epochs(self.recipe.training)
         val = train_plain(model, task, self.recipe.training, self.device, (self.recipe.seed, "scratch", task.index),
-                          on_epoch=self.on_epoch, dist=self.dist, resume=resume, checkpoint=self.checkpoint,
+                          epochs, on_epoch=self.on_epoch, dist=self.dist, resume=resume, checkpoint=self.checkpoint,
                           should_stop=self.should_stop)
         self.models.append(model)
         self.current = None
@@ -72,7 +74,7 @@ class ScratchContinual:
         return TaskRecord(index=task.index, name=task.name, num_classes=task.num_classes, target=target, val_acc=val,
                           val_history=[val], params_stored=self.num_parameters(), params_task=n,
                           time_s=timer.seconds + (resume[0].elapsed if resume else 0.0),
-                          epochs=self.recipe.training.epochs)
+                          epochs=epochs)
 
     def evaluate(self, task_index: int, data: TaskData) -> float:
         return evaluate_plain(self.models[task_index], data, self.recipe.training, self.device)
