@@ -15,8 +15,8 @@ from grownfx.recipe.schema import Recipe
 from grownfx.run.runner import run
 
 
-def recipe(tmp_path, method: dict, **training) -> Recipe:
-    return Recipe.model_validate({
+def recipe(tmp_path, method: dict, target=None, **training) -> Recipe:
+    return Recipe.model_validate({**({"target": {"rule": target}} if target is not None else {}),
         "name": "loop", "seed": 0, "device": "cpu",
         "model": {"builder": "small_cnn", "kwargs": {"in_channels": 1, "width": 8, "hidden": 16}},
         "data": {"name": "digits", "num_tasks": 2},
@@ -65,6 +65,7 @@ class _Kill:
             raise KeyboardInterrupt
 
 
+CPG = {"name": "cpg", "max_width": 2.0, "prune_schedule": "cubic", "prune_steps": 2, "prune_epochs": 3}
 # (method, the stage of task 2 it is killed in, that stage's round): every phase of a multi-phase baseline
 KILLS = [
     ({"name": "finetune"}, "train", 0),
@@ -73,19 +74,31 @@ KILLS = [
     ({"name": "packnet", "retrain_epochs": 3}, "train", 0),
     ({"name": "packnet", "retrain_epochs": 3}, "retrain", 0),  # after the pruning
     ({"name": "piggyback"}, "train", 0),
+    # CPG misses a 99.9 target after picking, grows once, then compacts at two levels of 3 epochs each; at 0.99
+    # sparsity task 1's second level fails and rolls back to the first's snapshot (kept in the mid-task checkpoint)
+    *[({**CPG, "max_sparsity": 0.5}, stage, round) for stage, round in
+      [("pick", 0), ("grow", 1), ("compact", 0), ("compact", 1)]],
+    ({**CPG, "max_sparsity": 0.99, "kill_task": 0}, "compact", 1),
+    # an epoch budget of 12: pick 6, no room to grow, one level of 3, then the 3 left retrain (round 1)
+    ({**CPG, "max_width": 1.0, "prune_steps": 1, "max_sparsity": 0.5, "epoch_budget": 12}, "compact", 1),
 ]
 
 
 @pytest.mark.parametrize("method,stage,round", KILLS,
-                         ids=[f"{m['name']}-{s}{r or ''}" for m, s, r in KILLS])
+                         ids=[f"{m['name']}{m.get('max_sparsity', '')}{'-budget' if 'epoch_budget' in m else ''}-{s}{r or ''}"
+                              for m, s, r in KILLS])
 def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, method, stage, round):
-    whole = run(recipe(tmp_path / "whole", method), echo=lambda m: None)
-    r = recipe(tmp_path / "killed", method, checkpoint_every=1)
+    method = dict(method)
+    task = method.pop("kill_task", 1)
+    extra = {"epoch_budget": method.pop("epoch_budget")} if "epoch_budget" in method else {}
+    target = 99.9 if method["name"] == "cpg" else None
+    whole = run(recipe(tmp_path / "whole", method, target, **extra), echo=lambda m: None)
+    r = recipe(tmp_path / "killed", method, target, checkpoint_every=1, **extra)
     with pytest.raises(KeyboardInterrupt):  # killed during epoch 3 of a stage of task 2: the last checkpoint is
-        run(r, echo=lambda m: None, progress=_Kill(task=1, epoch=3, stage=stage, round=round))  # its epoch 2's
+        run(r, echo=lambda m: None, progress=_Kill(task=task, epoch=3, stage=stage, round=round))  # its epoch 2's
     out = tmp_path / "killed" / "loop"
     last = files.load(out / "checkpoints" / "last.pt")
-    assert last["completed"] == 1 and last["position"]["epoch"] == 2
+    assert last["completed"] == task and last["position"]["epoch"] == 2
     assert (last["position"]["stage"], last["position"]["round"]) == (stage, round)
     resumed = run(r, resume=True, echo=lambda m: None)
     assert resumed.acc_matrix == whole.acc_matrix
@@ -100,6 +113,12 @@ def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, method, stag
         assert [(t, k) for t, _, _, k in epochs[0]] == [(t, k) for t in (0, 1) for k in (1, 2, 3)]
     assert [r.epochs for r in resumed.records] == [r.epochs for r in whole.records]
     assert [r.val_history for r in resumed.records] == [r.val_history for r in whole.records]
+    assert [(r.growth, r.extra) for r in resumed.records] == [(r.growth, r.extra) for r in whole.records]
+    if extra:  # the budget's last retraining did happen
+        assert (1, "compact", 1, 3) in epochs[1] and whole.records[1].epochs == 12
+    elif method["name"] == "cpg":  # the phases the kill points assume did happen
+        assert whole.records[task].growth_rounds == 1 and len(whole.records[task].extra["compaction"]) == 2
+        assert [c["kept"] for c in whole.records[task].extra["compaction"]] == [True, method["max_sparsity"] < 0.9]
 
 
 def _epochs(out) -> list[tuple]:
