@@ -390,19 +390,22 @@ def make_step(forward: Callable[[torch.Tensor], torch.Tensor], weights: list, ma
               gates: list | None = None, ranges: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One training step: zero grads, forward, cross-entropy, backward, optimiser steps.
 
-    Weights: SGD Nesterov momentum 0.9 (both models); mask scores: Adam (task-aware only); gates: SGD.
+    Weights: SGD Nesterov momentum 0.9 (both models); mask scores: Adam (task-aware only); gates: SGD; built by
+    grownfx.learn.training.make_optimizer, as the library trains (fused kernels where torch has them).
     With `ranges`, each phase runs inside a torch.profiler.record_function range (for profile_step).
     """
     import contextlib
 
     from torch.profiler import record_function
 
-    trainable = [p for p in weights if p.requires_grad]
-    opts = [("sgd:weights", torch.optim.SGD(trainable, lr=WEIGHT_LR, momentum=0.9, nesterov=True))] if trainable else []
-    if masks:
-        opts.append(("adam:masks", torch.optim.Adam(masks, lr=MASK_LR)))
-    if gates:
-        opts.append(("sgd:gates", torch.optim.SGD(gates, lr=GATE_LR, momentum=0.9, nesterov=True)))
+    from grownfx.learn.training import make_optimizer  # the library's optimisers (fused kernels), both models
+    from grownfx.recipe.schema import OptimConfig
+
+    sgd = lambda lr: OptimConfig(name="sgd", lr=lr, momentum=0.9, nesterov=True)  # noqa: E731
+    opts = [(name, make_optimizer(params, cfg)) for name, params, cfg in (
+        ("sgd:weights", weights, sgd(WEIGHT_LR)), ("adam:masks", masks or [], OptimConfig(name="adam", lr=MASK_LR)),
+        ("sgd:gates", gates or [], sgd(GATE_LR)))]
+    opts = [(name, o) for name, o in opts if o is not None]
     rng = record_function if ranges else (lambda name: contextlib.nullcontext())
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

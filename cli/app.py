@@ -361,17 +361,44 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 @app.command(epilog="Example: grownfx export runs/digits_quickstart --task 1 --format onnx --verify\n\n"
-                    "Tasks count from 1, as in the console, the report and exports/task_1/.")
+                    "Tasks count from 1, as in the console, the report and exports/task_1/.\n\n"
+                    "grownfx export runs/digits_quickstart --all-tasks: every task in one file "
+                    "(exports/all_tasks/), served with torch alone.")
 @guarded
 def export(run_dir: Path = typer.Argument(..., help="A run folder."),
-           task: int = typer.Option(..., "--task", help="Task number, counting from 1 (exports/task_1/...)."),
+           task: Optional[int] = typer.Option(None, "--task",
+                                              help="Task number, counting from 1 (exports/task_1/...)."),
+           all_tasks: bool = typer.Option(
+               False, "--all-tasks",
+               help="Every finished task in one file sharing the weight bank (exports/all_tasks/model.pt, with "
+                    "its torch-only loader multitask.py: load(path)(x, task=t), t from 0)."),
            fmt: str = typer.Option("pt2", "--format", help="pt2, onnx or torchscript."),
            verify: bool = typer.Option(False, "--verify", help="Check the exported model against the run's."),
            bake_preprocessing: bool = typer.Option(
                False, "--bake-preprocessing",
                help="Put the input scaling and normalisation into the graph: the file then takes raw inputs "
                     "(meta.json says which a file expects).")):
-    """Export the subnetwork of one task as a standalone model (torch.export, ONNX or TorchScript)."""
+    """Export the subnetwork of one task as a standalone model (torch.export, ONNX or TorchScript), or every task
+    in one multi-task file (--all-tasks)."""
+    if all_tasks:
+        if task is not None:
+            raise UserError("--all-tasks exports every task: leave out --task")
+        if fmt != "pt2":
+            raise UserError(f"--all-tasks writes its own format (torch.export programs sharing one weight bank); "
+                            f"--format {fmt} is for one task (--task)")
+        if not run_dir.is_dir():
+            raise UserError(f"{run_dir} is not a run folder")
+        path, meta = _lazy("grownfx.run.export", "export_all_tasks")(run_dir, verify,
+                                                                     bake_preprocessing=bake_preprocessing)
+        _out().print(f"exported {len(meta['tasks'])} task(s) in one file: {escape(str(path))} "
+                     f"({meta['bytes'] / 1e6:.2f} MB, {meta['size_ratio']:.3f}x bank + per-task state + masks); "
+                     f"load it with {escape(str(path.parent / meta['loader']))}", soft_wrap=True)
+        if verify and meta.get("verified_max_rel_error") is not None:
+            _out().print(f"verified: max relative error {meta['verified_max_rel_error']:.1e} against the run's "
+                         "task-aware model (limit 1e-5)", soft_wrap=True)
+        return
+    if task is None:
+        raise UserError("give --task N (counting from 1) or --all-tasks")
     if fmt not in ("pt2", "onnx", "torchscript"):
         close = difflib.get_close_matches(fmt, ["pt2", "onnx", "torchscript"], n=1, cutoff=0.5)
         raise UserError(f"--format: {f'did you mean {close[0]!r}? ' if close else ''}"

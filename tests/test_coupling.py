@@ -195,10 +195,30 @@ class LN(nn.Module):
         return self.head(x + self.b(torch.nn.functional.gelu(self.hidden(x))))
 
 
-def test_layernorm_fixes_the_stream_but_mlp_hidden_grows():
+def test_layernorm_stream_grows_with_the_mlp_hidden():
+    # a layer norm over the channel axis is a feature binding: its statistics are taken over the channels born
+    # before the computing task (docs/architecture.md §5), so growth keeps the learning task's outputs
     res, g = groups_of(LN(), torch.randn(2, 6))
-    assert not g[("a", "out")].growable and "LayerNorm" in " ".join(g[("a", "out")].reasons)
+    stream = g[("a", "out")]
+    assert stream.growable and g[("ln", "feat")] is stream and g[("b", "out")] is stream
     assert g[("hidden", "out")].growable and g[("b", "in")] is g[("hidden", "out")]
+    grow_preserves(LN(), torch.randn(2, 6), channels=3, groups=[stream.id])
+
+
+class LN2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.ln = nn.LayerNorm((4, 8))  # over two axes: tokens and channels
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.ln(self.a(x)).mean(1))
+
+
+def test_layernorm_over_several_axes_fixes_the_stream():
+    res, g = groups_of(LN2d(), torch.randn(2, 4, 6))
+    assert not g[("a", "out")].growable and "LayerNorm" in " ".join(g[("a", "out")].reasons)
 
 
 class Unknown(nn.Module):

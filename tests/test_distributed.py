@@ -162,7 +162,7 @@ def test_two_ranks_match_one_process_and_end_identical(runs):
     assert _same(r0["structure"], r1["structure"])  # widths, births, masks, gates, the growth generator's state
     assert r0["weights"].keys() == r1["weights"].keys()
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
-    assert any(k.endswith("mask_0") for k in r0["weights"])  # the binarised masks are among the compared tensors
+    assert any(k.endswith("task_masks.0") for k in r0["weights"])  # the binarised masks are among the compared tensors
     # same mathematics as one process on the global batch (see the module docstring for the tolerances)
     e1, e2 = _epochs(tmp / "single"), _epochs(tmp / "two")
     assert [(e["task"], e["stage"], e["epoch"]) for e in e1] == [(e["task"], e["stage"], e["epoch"]) for e in e2]

@@ -167,6 +167,21 @@ def test_fashion_mnist_torchvision_layout_and_low_data(tmp_path):
     assert len(s.tasks) == 2 and s.meta["tasks"][0]["sizes"] == {"train": 30, "val": 10, "test": 25}
 
 
+def test_fashion_mnist_pads_to_32_for_cifar_backbones(tmp_path):
+    fake_fashion(tmp_path)
+    cfg = {"name": "fashion_mnist", "root": str(tmp_path), "classes_per_task": 2, "val_fraction": 0.25}
+    plain, padded = build_stream(cfg, 0), build_stream({**cfg, "pad_to": 32}, 0)
+    assert padded.input_shape == (1, 32, 32)
+    a, b = plain.tasks[2].train, padded.tasks[2].train
+    assert torch.equal(b.y, a.y) and torch.equal(b.x[:, :, 2:30, 2:30], a.x)  # the image, centred
+    border = b.x.clone()
+    border[:, :, 2:30, 2:30] = 0
+    black = (0 - 0.2860) / 0.3530 if b.x.dtype.is_floating_point else 0  # padded before normalisation
+    assert torch.allclose(border[:, :, :2].float(), torch.full_like(border[:, :, :2].float(), black))
+    with pytest.raises(Exception, match="pad_to"):
+        build_stream({**cfg, "pad_to": 20}, 0)
+
+
 def test_fashion_mnist_missing_names_the_debian_package(tmp_path):
     with pytest.raises(DatasetError, match="dataset-fashion-mnist"):
         build_stream({"name": "fashion_mnist", "root": str(tmp_path)}, 0)

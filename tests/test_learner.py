@@ -35,6 +35,17 @@ def test_stage2_skipped_when_stage1_meets_target_and_run_when_it_does_not():
     assert rec.growth_rounds == 2 and len(rec.val_history) == 3
 
 
+def test_task_records_break_their_time_down_by_stage():
+    learner = make_learner(epochs=1, growth=GrowthConfig(max_rounds=1))
+    first = learner.learn(STREAM.tasks[0], target=0.0)  # task 1 trains in its first growth round
+    second = learner.learn(STREAM.tasks[1], target=101.0)  # stage 1, then one growth round
+    assert set(first.stage_s) == {"grow", "other"} and set(second.stage_s) == {"stage1", "grow", "other"}
+    for rec in (first, second):
+        assert all(v >= 0 for v in rec.stage_s.values())
+        assert sum(rec.stage_s.values()) == pytest.approx(rec.time_s)
+        assert rec.to_dict()["stage_s"] == rec.stage_s
+
+
 def test_growth_ends_within_the_width_budget():
     # gates that start open (s0 = 1) keep every candidate: the 0.5 seed + a 0.25 pool reaches the 0.75 cap
     masks = MasksConfig(grown={"init": 1.0, "lam": 0.0})

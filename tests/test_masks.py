@@ -41,3 +41,47 @@ def test_bit_packing_round_trips_at_one_bit_per_unit(shape):
     packed = M.pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(mask.numel() / 8)
     assert torch.equal(M.unpack_bits(packed, shape), mask)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 3, 3), (7, 9)])
+@pytest.mark.parametrize("case", ["mixed", "all_trainable", "no_mult"])
+def test_masked_weight_backward_equals_autograd_of_where_then_mul(shape, case):
+    """The learning task's effective weight (`weight * mult` with a hand-written backward) equals autograd's
+    `where(trainable, weight, frozen) * mult` and its gradients, given the bank's invariant: the weight's
+    gradient is exactly 0 on units it may not train, and the unit multiplier's is the sum over the unit."""
+    from grownfx.engine.banks import _MaskedWeight
+
+    g = torch.Generator().manual_seed(0)
+    unit_shape = shape[:2]
+    extra = len(shape) - 2
+    frozen = torch.randn(shape, generator=g)
+    trainable_u = torch.rand(unit_shape, generator=g) < 0.3
+    if case == "all_trainable":
+        trainable_u[:] = True
+    # the bank's invariant: `weight` holds the frozen values on units the task may not train
+    weight = torch.where(trainable_u.view(unit_shape + (1,) * extra), torch.randn(shape, generator=g), frozen)
+    weight.requires_grad_(True)
+    score = torch.randn(unit_shape, generator=g, requires_grad=True)
+    upstream = torch.randn(shape, generator=g)
+
+    def mult_of():
+        return None if case == "no_mult" else torch.sigmoid(score) * 2
+
+    expand = (1,) * extra
+    tu = None if case == "all_trainable" else trainable_u.float()
+    m = mult_of()
+    out = _MaskedWeight.apply(weight, tu, m, extra)
+    (out * upstream).sum().backward()
+    got = (out.detach(), weight.grad.clone(), None if m is None else score.grad.clone())
+    weight.grad, score.grad = None, None
+
+    m = mult_of()
+    ref = torch.where(trainable_u.view(unit_shape + expand), weight, frozen)
+    if m is not None:
+        ref = ref * m.view(unit_shape + expand)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(got[0], ref.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(got[1], weight.grad, rtol=0, atol=0)
+    assert bool((got[1].reshape(unit_shape + (-1,))[~trainable_u] == 0).all())
+    if m is not None:
+        torch.testing.assert_close(got[2], score.grad, rtol=1e-6, atol=1e-6)

@@ -198,6 +198,14 @@ def test_cpg_tries_sparsities_in_steps_of_a_tenth_and_keeps_the_most_pruned_meet
     assert m.sparsity == [pytest.approx(0.3)]
 
 
+def test_cpg_record_breaks_its_time_down_by_phase(tmp_path):
+    r = recipe(tmp_path, {"name": "cpg", "max_sparsity": 0.2, "prune_epochs": 1}, tasks=1, epochs=1)
+    stream = build_stream(r.data, r.seed)
+    record = make_method(r, stream, torch.device("cpu")).learn(stream.tasks[0], 0.0)
+    assert set(record.stage_s) == {"pick", "compact", "other"} and min(record.stage_s.values()) >= 0
+    assert sum(record.stage_s.values()) == pytest.approx(record.time_s)
+
+
 def test_cpg_grows_when_the_target_is_missed_up_to_max_width(tmp_path):
     r = recipe(tmp_path, {"name": "cpg", "prune_schedule": "cubic", "prune_steps": 1, "grow_ratio": 0.5,
                              "max_width": 1.5}, tasks=1, epochs=1)

@@ -404,6 +404,20 @@ def test_builtin_recipes_follow_the_seed_paper():
     assert str(res.data.root) == "data/miniimagenet"
 
 
+def test_vgg_fashion_recipe_keeps_the_lenet_low_data_stream_and_pads_to_32():
+    import torch
+    from grownfx.models import build_backbone
+
+    vgg = load_recipe("vgg16bn_fashion_split5_lowdata", check_data=False)
+    lenet = load_recipe("lenet_fashion_split5_lowdata", check_data=False)
+    assert vgg.data.model_dump(exclude={"pad_to"}) == lenet.data.model_dump(exclude={"pad_to"})
+    assert (vgg.data.pad_to, vgg.model.builder, vgg.model.kwargs, vgg.model.seed_size) == \
+        (32, "vgg16_bn_cifar", {"in_channels": 1}, 0.3)
+    assert vgg.target.rule == lenet.target.rule == "best(scratch, finetune) - 0.5"
+    net = build_backbone(vgg.model.builder, 2, vgg.model.kwargs)  # 1x32x32 pools to 512x1x1
+    assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 2)
+
+
 def test_builtin_recipes_that_need_data_say_where(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in BUILTINS[1:]:

@@ -87,12 +87,12 @@ KILLS = [
 @pytest.mark.parametrize("method,stage,round", KILLS,
                          ids=[f"{m['name']}{m.get('max_sparsity', '')}{'-budget' if 'epoch_budget' in m else ''}-{s}{r or ''}"
                               for m, s, r in KILLS])
-def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, method, stage, round):
+def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, tmp_path_factory, method, stage, round):
     method = dict(method)
     task = method.pop("kill_task", 1)
     extra = {"epoch_budget": method.pop("epoch_budget")} if "epoch_budget" in method else {}
     target = 99.9 if method["name"] == "cpg" else None
-    whole = run(recipe(tmp_path / "whole", method, target, **extra), echo=lambda m: None)
+    whole = _whole_run(tmp_path_factory, method, target, extra)
     r = recipe(tmp_path / "killed", method, target, checkpoint_every=1, **extra)
     with pytest.raises(KeyboardInterrupt):  # killed during epoch 3 of a stage of task 2: the last checkpoint is
         run(r, echo=lambda m: None, progress=_Kill(task=task, epoch=3, stage=stage, round=round))  # its epoch 2's
@@ -119,6 +119,17 @@ def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, method, stag
     elif method["name"] == "cpg":  # the phases the kill points assume did happen
         assert whole.records[task].growth_rounds == 1 and len(whole.records[task].extra["compaction"]) == 2
         assert [c["kept"] for c in whole.records[task].extra["compaction"]] == [True, method["max_sparsity"] < 0.9]
+
+
+_WHOLE: dict = {}
+
+
+def _whole_run(tmp_path_factory, method: dict, target, extra: dict):
+    """The uninterrupted run a kill is compared with, run once per configuration (several kill points share it)."""
+    key = repr((sorted(method.items()), target, sorted(extra.items())))
+    if key not in _WHOLE:
+        _WHOLE[key] = run(recipe(tmp_path_factory.mktemp("whole"), method, target, **extra), echo=lambda m: None)
+    return _WHOLE[key]
 
 
 def _epochs(out) -> list[tuple]:

@@ -259,6 +259,11 @@ class FashionMNISTConfig(_Ordered, _Normalised):
         "hold-out: the low-data setting. None keeps all 6000."
     )
     val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
+    pad_to: Optional[Annotated[int, Field(ge=28)]] = Field(
+        None, description="Zero-pad the 28x28 images, centred and before normalisation (the padding is black "
+        "background, as the images' own border), to pad_to x pad_to: 32 for 32x32 CIFAR backbones such as "
+        "vgg16_bn_cifar (five 2x2 pools need 32). None keeps 28."
+    )
 
 
 class SyntheticConfig(_Base):

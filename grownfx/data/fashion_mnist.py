@@ -85,6 +85,11 @@ def build_fashion_mnist(cfg: FashionMNISTConfig, seed: int) -> TaskStream:
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DatasetError(f"Fashion-MNIST {split}: images {x.shape} and labels {y.shape} do not match "
                                f"(expected (N, 28, 28) and (N,))")
+    if cfg.pad_to is not None and cfg.pad_to > 28:  # black border, as the images' own: no resampling
+        lo = (cfg.pad_to - 28) // 2
+        pad = ((0, 0), (lo, cfg.pad_to - 28 - lo), (lo, cfg.pad_to - 28 - lo))
+        for split in ("train", "test"):
+            arrays[f"{split}_x"] = np.pad(arrays[f"{split}_x"], pad)
     train_y = arrays["train_y"].astype(np.int64)
     train_ids = np.arange(len(train_y))
     if cfg.train_per_class is not None:  # the low-data setting: a seeded, class-balanced subset

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from grownfx.engine import masks as M
 from grownfx.engine.context import ATT, DENSE, OFF, SEL
@@ -80,19 +83,20 @@ class MaskedLayer(_TaskModule):
 
     def _compute_learning_weight(self) -> torch.Tensor:
         w = self.weight
+        _BANK_OF[w] = weakref.ref(self)  # (re)registered here: covers copies, loads and growth's new Parameter
         if self.kind is not None:
             plan = self._mask_plan()
             if self.ctx.fuse_masks and self.training and plan.masked and self.score is not None:
                 w = _fused_weight()(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
                                     plan.active, plan.scale, plan.threshold, plan.noise, w.dim() - self.score.dim())
             else:
-                if plan.none_trainable:
-                    w = self.frozen
-                elif plan.trainable is not None:
-                    w = torch.where(plan.trainable, w, self.frozen)
                 mult = self._unit_multiplier(plan)
-                if mult is not None:
-                    w = w * self._expand(mult)
+                if plan.none_trainable:
+                    w = self.frozen if mult is None else self.frozen * self._expand(mult)
+                elif plan.trainable is not None or mult is not None:
+                    # the bank's weight equals `frozen` on every owned unit (restore_owned), so the learning
+                    # task's where(trainable, weight, frozen) is `weight` itself: no weight-sized select
+                    w = _MaskedWeight.apply(w, plan.trainable_units, mult, w.dim() - self.owner.dim())
         gate = self.ctx.input_scale(self.target, self.training) if self.in_role() == "in" else None
         if gate is not None:
             w = w * gate.view((1, -1) + (1,) * (w.dim() - 2))
@@ -120,9 +124,11 @@ class MaskedLayer(_TaskModule):
         return st * plan.active if plan.const is None else torch.addcmul(plan.const, st, plan.active)
 
     def _finished_weight(self, task: int) -> torch.Tensor:
-        key = (task, self.frozen.device, self.frozen.dtype, self.frozen._version, id(self.frozen))
-        # one finished task per layer at a time (memory: a bank's size), as before the cache moved to ctx
-        return self.ctx.cached(self.target, "finished", key, lambda: self._compute_finished_weight(task))
+        key = (self.frozen.device, self.frozen.dtype, self.frozen._version, id(self.frozen))
+        # up to ctx.finished_cache_size finished tasks per layer (LRU; memory: that many of a bank's size), so
+        # serving tasks in turn does not rebuild the weights at every switch
+        return self.ctx.cached_lru(self.target, "finished", task, key, lambda: self._compute_finished_weight(task),
+                                   self.ctx.finished_cache_size)
 
     def _compute_finished_weight(self, task: int) -> torch.Tensor:
         w = self._visible_bank(task)
@@ -156,8 +162,27 @@ class MaskedLayer(_TaskModule):
             fresh = old.detach()  # keep what stage 1 learned
         needs = bool(((kind == SEL) | (kind == ATT)).any())
         self.score = nn.Parameter(fresh.to(self.weight.device)) if needs else None
+        self.restore_owned()
         self.ctx.bump()
         self._mask_plan()  # built now, outside any compiled region
+
+    def restore_owned(self) -> None:
+        """Put the frozen values back into the bank's weight on every owned unit.  The learning task computes
+        with `weight` directly (see _MaskedWeight), which relies on this; gradients there are exactly 0, so only
+        an optimiser that decays every entry (weight decay, AdamW) moves them, and any optimiser's step with
+        weight decay calls this afterwards (`_restore_after_decay`, a global optimizer step hook)."""
+        owned = self._expand(self.owner != FREE)
+        with torch.no_grad():
+            torch.where(owned, self.frozen, self.weight.detach(), out=self.weight.data)
+
+    def check_owned(self) -> None:
+        """Raise if the bank's weight differs from the frozen values on an owned unit (the invariant above)."""
+        owned = self._expand(self.owner != FREE).expand_as(self.weight)
+        w = self.weight.detach()
+        if not torch.equal(torch.where(owned, w, 0), torch.where(owned, self.frozen, 0)):
+            raise RuntimeError(f"'{self.target}': the weight bank changed on units earlier tasks own (an optimiser "
+                               "step or an edit moved frozen weights without restore_owned()); the learning task "
+                               "computed with weights that are not the frozen ones")
 
     def grown_units(self, task: int) -> torch.Tensor:
         """Bool per unit: its output or input channel was born for `task` (a grown unit, not an old one)."""
@@ -192,10 +217,11 @@ class MaskedLayer(_TaskModule):
         return mult > 0
 
     def freeze(self, task: int) -> None:
+        self.check_owned()
         used = self.used_units()
         trainable = (self.owner == FREE) & (self.kind != OFF if self.kind is not None else True)
         with torch.no_grad():
-            self.frozen.copy_(torch.where(self._expand(trainable), self.weight, self.frozen))
+            self.frozen.copy_(torch.where(self._expand(trainable & used), self.weight, self.frozen))
         self.owner[trainable & used] = task
         self.register_buffer(f"mask_{task}", M.pack_bits(used))
         self.mask_shapes[task] = tuple(used.shape)
@@ -206,6 +232,47 @@ class MaskedLayer(_TaskModule):
 
     def mask_bytes(self, task: int) -> int:
         return getattr(self, f"mask_{task}").numel()
+
+    # -- what a checkpoint holds: the bank once ------------------------------------------------------------
+    def owner_from_masks(self, masks: dict | None = None) -> torch.Tensor:
+        """Each unit's owner rebuilt from the finished tasks' masks: the first task that used it, FREE if none.
+        (freeze() gives a used unit to the task only when it was free, and a task uses only free or owned units,
+        so the owner is the first user.)  `masks`: {task: packed mask} (default: this layer's)."""
+        owner = torch.full(self.owner.shape, FREE, dtype=self.owner.dtype, device=self.owner.device)
+        for t in sorted(self.mask_shapes):
+            packed = masks[t] if masks is not None else getattr(self, f"mask_{t}")
+            used = M.unpack_bits(packed.to(owner.device), self.mask_shapes[t])
+            rows = self.ctx.visible(self.target, "grouped" if self.in_role() == "grouped" else "out", t)
+            cols = self.ctx.visible(self.target, "in", t) if self.in_role() == "in" else None
+            rows = torch.arange(owner.shape[0]) if rows is None else rows
+            cols = torch.arange(owner.shape[1]) if cols is None else cols
+            placed = torch.zeros(owner.shape, dtype=torch.bool, device=owner.device)
+            placed.index_put_((rows.to(owner.device)[:, None], cols.to(owner.device)[None, :]), used)
+            owner[placed & (owner == FREE)] = t
+        return owner
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # `owner` follows from the masks and `frozen` from `weight` (the bank's invariant, restore_owned):
+        # dropped when they do, so a checkpoint holds the bank once; kept whenever they do not (never lossy)
+        if torch.equal(self.owner, self.owner_from_masks()):
+            del destination[prefix + "owner"]
+            owned = self._expand(self.owner != FREE)
+            if torch.equal(self.frozen, torch.where(owned, self.weight.detach(), 0)):
+                del destination[prefix + "frozen"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        masks = {t: state_dict.get(prefix + f"mask_{t}") for t in self.mask_shapes}
+        if prefix + "owner" not in state_dict and all(v is not None for v in masks.values()):
+            state_dict[prefix + "owner"] = self.owner_from_masks(masks)
+        weight = state_dict.get(prefix + "weight")
+        if prefix + "frozen" not in state_dict and prefix + "owner" in state_dict and weight is not None:
+            owned = self._expand(state_dict[prefix + "owner"] != FREE).to(weight.device)
+            state_dict[prefix + "frozen"] = torch.where(owned, weight, torch.zeros((), dtype=weight.dtype,
+                                                                                   device=weight.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def used_count(self, task: int) -> int:
         """Weights task `task` computes with (units selected by its mask times the unit size)."""
@@ -240,6 +307,59 @@ class MaskedLayer(_TaskModule):
         pass
 
 
+_BANK_OF = WeakIdKeyDictionary()  # a bank's weight Parameter -> the bank, for the step hook below
+
+
+def _restore_after_decay(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimiser step that decays every entry (weight decay, AdamW): owned units of a bank are put
+    back to their frozen values, so a user's own training loop keeps the invariant as grownfx's does."""
+    for group in optimizer.param_groups:
+        if not group.get("weight_decay"):
+            continue
+        for p in group["params"]:
+            ref = _BANK_OF.get(p)
+            layer = ref() if ref is not None else None
+            if layer is not None and layer.weight is p:
+                layer.restore_owned()
+
+
+register_optimizer_step_post_hook(_restore_after_decay)
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """The learning task's weight `weight * mult`, where `weight` holds the frozen values on owned units, with
+    its backward written out (profile: autograd of the former `where(trainable, weight, frozen) * mult` costs
+    a select forward and five weight-sized passes backward; this costs one forward and two or three backward).
+
+    trainable_units: 0/1 per unit, 1 where the task may train the unit (None: every unit); mult: the unit
+    multiplier (None: 1).  d weight = G * (trainable * mult): exactly 0 on units the task may not train, so an
+    optimiser without weight decay never moves an owned unit; d mult = sum over a unit's weights of G * weight."""
+
+    @staticmethod
+    def forward(ctx, weight, trainable_units, mult, extra_dims: int):
+        ctx.extra_dims = extra_dims
+        ctx.save_for_backward(weight if mult is not None and ctx.needs_input_grad[2] else None, trainable_units,
+                              mult)
+        if mult is None:
+            return weight.view_as(weight)
+        return weight * mult.view(mult.shape + (1,) * extra_dims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, trainable_units, mult = ctx.saved_tensors
+        expand = (1,) * ctx.extra_dims
+        grad_weight = grad_mult = None
+        if ctx.needs_input_grad[0]:
+            unit = mult.detach() if mult is not None else None
+            if trainable_units is not None:
+                unit = trainable_units if unit is None else unit * trainable_units
+            grad_weight = grad if unit is None else grad * unit.view(unit.shape + expand)
+        if ctx.needs_input_grad[2]:
+            prod = grad * w
+            grad_mult = prod.sum(dim=tuple(range(prod.dim() - ctx.extra_dims, prod.dim()))) if ctx.extra_dims else prod
+        return grad_weight, None, grad_mult, None
+
+
 def _masked_weight(weight, frozen, score, trainable, none_trainable: bool, const, active, scale, threshold, noise,
                    extra_dims: int):
     """where(trainable, weight, frozen) * (const + active * binary_concrete(score)), written as one expression so
@@ -271,8 +391,10 @@ def _fused_weight():
 class _MaskPlan:
     """What the learning task does with each unit, as tensors ready for the forward pass."""
 
-    def __init__(self, key, trainable, const, active, scale, threshold, noise, none_trainable=False):
+    def __init__(self, key, trainable, const, active, scale, threshold, noise, none_trainable=False,
+                 trainable_units=None):
         self.key, self.trainable, self.const, self.active = key, trainable, const, active
+        self.trainable_units = trainable_units  # `trainable` as 0/1 values of the unit shape (the backward's)
         self.scale, self.threshold, self.noise = scale, threshold, noise
         self.none_trainable = none_trainable
         self.masked = scale is not None  # some unit carries a learned (selective or attentive) mask
@@ -282,12 +404,13 @@ class _MaskPlan:
         kind, pol, dtype = layer.kind, layer.ctx.policy, layer.weight.dtype
         trainable = (layer.owner == FREE) & (kind != OFF)
         none_trainable = not bool(trainable.any())
-        trainable = None if bool(trainable.all()) else layer._expand(trainable)
+        units = None if bool(trainable.all()) else trainable.to(dtype)
+        trainable = None if units is None else layer._expand(trainable)
         dense = kind == DENSE
         const = None if bool(dense.all()) else dense.to(dtype)
         sel, att = kind == SEL, kind == ATT
         if not bool((sel | att).any()):
-            return cls(key, trainable, const, None, None, None, None, none_trainable)
+            return cls(key, trainable, const, None, None, None, None, none_trainable, units)
         t_sel = layer.ctx.temperature or pol.selective.temperature
         if pol.selective_kind == "ste":
             sel_p = (pol.selective_ste.scale, pol.selective_ste.threshold, 0.0)
@@ -309,7 +432,7 @@ class _MaskPlan:
         noise = per_unit(2)
         active = sel | att
         return cls(key, trainable, const, None if bool(active.all()) else active.to(dtype), per_unit(0), per_unit(1),
-                   None if isinstance(noise, float) and noise == 0.0 else noise, none_trainable)
+                   None if isinstance(noise, float) and noise == 0.0 else noise, none_trainable, units)
 
 
 class MaskedConv(MaskedLayer):

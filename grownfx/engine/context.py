@@ -7,6 +7,7 @@ signatures exactly as torchvision wrote them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from grownfx.engine import masks as M
 
 SEL, DENSE, ATT, OFF = 0, 1, 2, 3
+FINISHED_CACHE_SIZE = 4  # default of TaskContext.finished_cache_size (docs/performance.md §2)
 
 
 @dataclass
@@ -58,7 +60,10 @@ class TaskContext:
         self.hard_gates = False  # train with binarised gates (straight-through), as they will be kept
         self.fuse_masks = False  # compute masked weights with one torch.compile'd expression (training.compile)
         self.version = 0  # bumped on every structural change
-        self._cache: dict = {}  # (owner, name) -> (key, derived tensor); see cached()
+        self._cache: dict = {}  # (owner, name) -> (key, derived tensor); see cached() and cached_lru()
+        # finished tasks whose effective weights each masked layer keeps (least recently used evicted): memory
+        # up to this many weight-sized tensors per layer; serving that many tasks in turn rebuilds nothing
+        self.finished_cache_size = FINISHED_CACHE_SIZE
 
     # -- tasks ----------------------------------------------------------------------------------------------
     def require_task(self) -> int:
@@ -119,6 +124,28 @@ class TaskContext:
         """Bool per position on a layer axis: the channel was born for `task` (None: none was)."""
         return self._channel_select(target, role, task, _born)
 
+    def norm_stats(self, target: str, task: int) -> torch.Tensor | None:
+        """Positions, among the channels a layer norm `target` sees when `task` computes, that its statistics are
+        taken over: the channels born before `task` (None: every channel it sees, a standard layer norm).
+
+        Channels born for a task never enter that task's statistics, so adding (or pruning) them while it is
+        learned leaves its normalisation of the other channels unchanged; a finished task's set never changes."""
+        layout = self.layouts.get((target, "feat"))
+        if layout is None:
+            return None
+        return self.cached(target, f"norm_stats.{task}", (), lambda: self._norm_stats(layout, task))
+
+    def _norm_stats(self, layout: tuple, task: int) -> torch.Tensor | None:
+        parts = []
+        for gid, factor, fixed in layout:
+            births = self.births.get(gid)
+            if births is None:
+                births = torch.full((self.widths.get(gid, fixed),), -1, dtype=torch.long)
+            seen = births[births <= task]
+            parts.append((seen < task).repeat_interleave(factor))
+        keep = torch.cat(parts)
+        return None if bool(keep.all()) else keep.nonzero().squeeze(1)
+
     # -- consumer-input channel scales (a method's gates) ---------------------------------------------------
     def input_scale(self, target: str, training: bool) -> torch.Tensor | None:
         """Multiplier over the input axis of consumer `target` (None: all ones), from the installed ChannelScale.
@@ -153,6 +180,24 @@ class TaskContext:
             return hit[1]
         value = build()
         self._cache[slot] = (key, value)
+        return value
+
+    def cached_lru(self, owner: str, name: str, item, key: tuple, build, limit: int):
+        """`build()` memoised per (owner, name, item) while `key` holds, keeping at most `limit` items per (owner,
+        name): the least recently used one is dropped first.  Cleared by `bump()` like every other entry."""
+        slot = (owner, name, "lru")
+        lru = self._cache.get(slot)
+        if lru is None:
+            lru = self._cache[slot] = OrderedDict()
+        hit = lru.get(item)
+        if hit is not None and hit[0] == key:
+            value = hit[1]
+        else:
+            value = build()
+            lru[item] = (key, value)
+        lru.move_to_end(item)
+        while len(lru) > max(1, int(limit)):  # also when the limit was lowered since
+            lru.popitem(last=False)
         return value
 
 

@@ -52,10 +52,16 @@ class PerTask(_TaskModule):
         self.kind = kind  # 'norm' | 'head' | 'module'
         self.pending = template.requires_grad_(False)  # what the next task starts from
         self.copies = nn.ModuleList()
+        self.norm_axis: int | None = None  # a layer norm: the (negative) axis it normalises (rewrite sets it)
 
     def forward(self, *args, **kwargs):
         t = self.ctx.require_task()
         copy_t = self.copies[t]
+        if self.norm_axis is not None:
+            index = self.ctx.norm_stats(self.target, t)
+            if index is not None:  # statistics over the channels born before task t only
+                return stats_layer_norm(args[0], index.to(args[0].device), copy_t.weight, copy_t.bias, copy_t.eps,
+                                        self.norm_axis)
         scale = self.ctx.input_scale(self.target, self.training) if self.ctx.is_learning(t) else None
         if scale is None:
             return copy_t(*args, **kwargs)
@@ -108,6 +114,21 @@ class PerTask(_TaskModule):
 
     def accepts_input_scale(self) -> bool:
         return isinstance(getattr(self.pending, "weight", None), torch.Tensor) and self.pending.weight.dim() >= 2
+
+
+def stats_layer_norm(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     eps: float, axis: int) -> torch.Tensor:
+    """Layer norm over `axis` (negative) whose mean and variance are taken over the channels `index` only, then applied to
+    every channel: `(x - mean_S) / sqrt(var_S + eps) * weight + bias`.  Export writes the same torch ops into
+    the exported graph (`rewrite.export_graph`), so the two compute bit for bit alike."""
+    var, mean = torch.var_mean(torch.index_select(x, axis, index), dim=axis, correction=0, keepdim=True)
+    y = torch.mul(torch.sub(x, mean), torch.rsqrt(torch.add(var, eps)))
+    shape = (-1,) + (1,) * (-axis - 1)  # `axis` counts from the end: the affine broadcasts from the right
+    if weight is not None:
+        y = torch.mul(y, weight.reshape(shape))
+    if bias is not None:
+        y = torch.add(y, bias.reshape(shape))
+    return y
 
 
 def scaled_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -182,6 +203,30 @@ class TaskLiteral(_TaskModule):
     def value_for(self, task: int) -> int:
         n = 0
         for gid, factor, fixed in self.layout:
+            births = self.ctx.births.get(gid)
+            n += (fixed if births is None else int((births <= task).sum())) * factor
+        return n
+
+
+class TaskLayerNorm(_TaskModule):
+    """A functional `layer_norm(x, shape, weight, bias, eps)` over the last axis of the traced graph, per task: the
+    computing task's width, and statistics over the channels born before it (`stats_layer_norm`, §5 of
+    docs/architecture.md).  `weight` and `bias` arrive as the graph's (per-task) parameters."""
+
+    def __init__(self, ctx: "TaskContext", target: str, key: str, eps: float):
+        super().__init__()
+        self._attach(ctx, target)
+        self.key, self.eps = key, eps  # key: this norm's layout in ctx.layouts, as (key, 'feat')
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        index = self.ctx.norm_stats(self.key, self.ctx.require_task())
+        if index is None:
+            return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+        return stats_layer_norm(x, index.to(x.device), weight, bias, self.eps, -1)
+
+    def width_for(self, task: int) -> int:
+        n = 0
+        for gid, factor, fixed in self.ctx.layouts[(self.key, "feat")]:
             births = self.ctx.births.get(gid)
             n += (fixed if births is None else int((births <= task).sum())) * factor
         return n

@@ -19,11 +19,13 @@ from typing import Iterable, Sequence
 import torch
 from torch import fx, nn
 
+from grownfx.engine import masks as M
 from grownfx.engine.context import DENSE, SEL, ChannelScale, MaskPolicy, TaskContext
 from grownfx.engine.coupling import CouplingGroup, CouplingResult, analyze
+from grownfx.engine.attention import attention_layouts
 from grownfx.engine.banks import MaskedLayer
 from grownfx.engine.layers import FREE, PerTask, TaskParameter
-from grownfx.engine.rewrite import export_graph, make_literals_task_aware, make_task_aware
+from grownfx.engine.rewrite import export_graph, make_layer_norms_task_aware, make_literals_task_aware, make_task_aware
 from grownfx.engine.splits import install_task_splits
 from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
 from grownfx.engine.tracing import trace
@@ -62,10 +64,21 @@ def prepare(
     ctx.widths = widths
     ctx.births = {gid: torch.full((w,), -1, dtype=torch.long) for gid, w in widths.items()}
     for b in coupling.bindings:
-        if b.role in ("in", "out", "grouped"):
+        if b.role in ("in", "out", "grouped", "feat"):
             ctx.layouts[(b.target, b.role)] = binding_layout(coupling, b)
+        elif b.role == "lnfn":  # a functional layer_norm: its statistics (context.norm_stats)
+            ctx.layouts[("fn:" + b.target, "feat")] = binding_layout(coupling, b)
+        elif b.role == "attn":  # nn.MultiheadAttention: its projection banks (engine/attention.py)
+            ctx.layouts.update(attention_layouts(b.target, binding_layout(coupling, b)))
     gm, holders = make_task_aware(gm, heads, ctx, granularity)
+    for b in coupling.bindings:
+        if b.role == "feat" and b.axis < 0:  # a layer norm over one channel axis (coupling rules)
+            norm = gm.get_submodule(b.target)
+            if isinstance(norm, PerTask):
+                norm.norm_axis = b.axis
     install_task_splits(gm, coupling.bindings, lambda b: binding_layout(coupling, b), ctx)
+    make_layer_norms_task_aware(gm, [b.target for b in coupling.bindings if b.role == "lnfn" and any(
+        coupling.groups[g].growable for g, _, _ in binding_layout(coupling, b))], ctx)
     make_literals_task_aware(gm, [(b.target, b.axis, binding_layout(coupling, b)) for b in coupling.bindings
                                   if b.role == "literal" and all(coupling.groups[g].growable
                                                                  for g, _, _ in binding_layout(coupling, b))], ctx)
@@ -132,6 +145,40 @@ def _fix_reused_modules(coupling: CouplingResult) -> None:
         seen[key] = lay
 
 
+def _masked_by_name(net: "GrowableNet") -> list[tuple[str, MaskedLayer]]:
+    return [(name, m) for name, m in net.named_modules() if isinstance(m, MaskedLayer)]
+
+
+def _join_task_masks(net: "GrowableNet", state: dict, prefix: str, _meta) -> None:
+    """State dict: every layer's packed mask of task t -> one bit string `task_masks.t` (layers in module order)."""
+    layers = _masked_by_name(net)
+    for t in sorted({t for _, m in layers for t in m.mask_shapes}):
+        bits = []
+        for name, m in layers:
+            key = f"{prefix}{name}.mask_{t}"
+            if t in m.mask_shapes and key in state:
+                bits.append(M.unpack_bits(state.pop(key), m.mask_shapes[t]).reshape(-1))
+        if bits:
+            state[f"{prefix}task_masks.{t}"] = M.pack_bits(torch.cat([b.cpu() for b in bits]))
+
+
+def _split_task_masks(net: "GrowableNet", state: dict, prefix: str, *_args) -> None:
+    """The inverse of _join_task_masks, before the layers load (they need their masks to rebuild owners)."""
+    layers = _masked_by_name(net)
+    for key in [k for k in state if k.startswith(prefix + "task_masks.")]:
+        t = int(key[len(prefix + "task_masks."):])
+        shapes = [(name, m.mask_shapes[t]) for name, m in layers if t in m.mask_shapes]
+        total = sum(math.prod(shape) for _, shape in shapes)
+        packed = state.pop(key)
+        if packed.numel() != (total + 7) // 8:
+            raise ValueError(f"'{key}': {packed.numel()} bytes for {total} mask bits of task {t}")
+        flat, pos = M.unpack_bits(packed, (total,)), 0
+        for name, shape in shapes:
+            n = math.prod(shape)
+            state[f"{prefix}{name}.mask_{t}"] = M.pack_bits(flat[pos:pos + n]).to(packed.device)
+            pos += n
+
+
 class GrowableNet(nn.Module):
     """A traced backbone whose conv/linear weights are shared across tasks under per-task masks."""
 
@@ -147,6 +194,9 @@ class GrowableNet(nn.Module):
         self.input_shape = input_shape
         self.num_classes: list[int] = []
         self.generator = torch.Generator().manual_seed(seed)
+        # a finished task's masks are stored as one bit string (exactly 1 bit per unit, no per-layer padding)
+        self.register_state_dict_post_hook(_join_task_masks)
+        self.register_load_state_dict_pre_hook(_split_task_masks)
 
     # -- structure ------------------------------------------------------------------------------------------
     @property
@@ -384,8 +434,8 @@ class GrowableNet(nn.Module):
         changes = {}
         for gid, w in widths.items():
             consumers = [b for b in self.coupling.groups[gid].members if b.role == "in"]
-            if not consumers or w == 0:
-                continue
+            if not consumers or w == 0 or self._layer_normed(gid):
+                continue  # a layer norm's statistics read every channel, used by a consumer or not
             alive = torch.zeros(w, dtype=torch.bool)
             for b in consumers:
                 weight = sub.get_submodule(b.target).weight.detach()
@@ -403,6 +453,18 @@ class GrowableNet(nn.Module):
                 changes[gid] = keep_change(alive.nonzero().squeeze(1))
         return changes
 
+    def _layer_normed(self, gid: int) -> bool:
+        """A layer norm normalises across the channels of group `gid`, or attention heads are made of them (an
+        unused channel may still be read by a norm's statistics or an attention's q/k/v)."""
+        for b in self.coupling.groups[gid].members:
+            if b.role in ("attn", "heads", "lnfn"):
+                return True
+            if b.role == "feat":
+                m = self.graph_module.get_submodule(b.target)
+                if isinstance(m, PerTask) and m.norm_axis is not None:
+                    return True
+        return False
+
     def num_parameters(self, task: int | None = None) -> int:
         """Parameters stored (task=None) or the parameters task `task` computes with."""
         total = 0
@@ -415,9 +477,10 @@ class GrowableNet(nn.Module):
         return total
 
     def mask_bytes(self, task: int | None = None) -> int:
-        """Bytes of bit-packed masks stored for one finished task, or for all."""
+        """Bytes of bit-packed masks stored for one finished task, or for all (one bit string per task)."""
         tasks = sorted(self.ctx.frozen) if task is None else [task]
-        return sum(m.mask_bytes(t) for m in self.masked_layers() for t in tasks)
+        return sum((sum(math.prod(m.mask_shapes[t]) for m in self.masked_layers() if t in m.mask_shapes) + 7) // 8
+                   for t in tasks)
 
     def _device(self) -> torch.device:
         return next(self.graph_module.parameters()).device

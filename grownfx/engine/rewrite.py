@@ -6,23 +6,25 @@ is ever shared mutably between tasks:
     conv / linear (not the head)      -> MaskedConv / MaskedLinear   (shared bank, per-task masks)
     classifier head                   -> PerTask('head')              (one head per task)
     norms, other modules with params  -> PerTask('norm' / 'module')   (per-task copies and statistics)
-    nn.MultiheadAttention             -> TaskMultiheadAttention       (masked projection banks)
+    nn.MultiheadAttention             -> HeadGrowingAttention         (masked projection banks, grows by heads)
     get_attr of a parameter           -> TaskParameter / WeightOf     (per-task copy / the layer's weight)
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 import re
 
 import torch
 from torch import fx, nn
 
-from grownfx.engine.banks import MaskedConv, MaskedLinear, TaskMultiheadAttention
+from grownfx.engine.attention import HeadAttention, HeadGrowingAttention
+from grownfx.engine.banks import MaskedConv, MaskedLinear
 from grownfx.engine.context import TaskContext
-from grownfx.engine.layers import PerTask, TaskLiteral, TaskParameter, WeightOf, _TaskModule
+from grownfx.engine.layers import PerTask, TaskLayerNorm, TaskLiteral, TaskParameter, WeightOf, _TaskModule
 from grownfx.engine.splits import TaskSizes
-from grownfx.engine.tracing import layer_kind
+from grownfx.engine.tracing import head_attention_kind, layer_kind
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
           nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
@@ -150,8 +152,10 @@ def _task_module(m: nn.Module, target: str, heads: list[str], ctx: TaskContext, 
         return MaskedConv(m, ctx, target, granularity)
     if isinstance(m, nn.Linear):
         return MaskedLinear(m, ctx, target, granularity)
+    if head_attention_kind(m) is not None:
+        return HeadAttention(m, ctx, target, granularity)
     if isinstance(m, nn.MultiheadAttention):
-        return TaskMultiheadAttention(m, ctx, target, granularity)
+        return HeadGrowingAttention(m, ctx, target, granularity)
     if isinstance(m, _NORMS):
         return PerTask(m, ctx, target, "norm") if any(True for _ in m.parameters()) or _has_stats(m) else None
     if any(True for _ in m.parameters()):
@@ -203,6 +207,11 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
                 path = layer.target + "." + m.which
                 node.op, node.target = "get_attr", path
                 del plain
+            elif isinstance(m, TaskLayerNorm):
+                _export_task_layer_norm(root, graph, node, m, task)
+            elif isinstance(m, PerTask) and m.norm_axis is not None and \
+                    m.ctx.norm_stats(node.target, task) is not None:
+                _stats_layer_norm_nodes(root, graph, node, m, task)
             else:
                 plain_of(node.target)
         elif node.op == "get_attr":
@@ -211,6 +220,80 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
                        buffer=True)
     out = fx.GraphModule(root, graph, gm.__class__.__name__ + f"_task{task}")
     return out.eval()
+
+
+def _stats_layer_norm_nodes(root: fx.GraphModule, graph: fx.Graph, node: fx.Node, m: PerTask, task: int) -> None:
+    """Replace a call of a layer norm whose statistics cover only some channels (layers.stats_layer_norm) by the
+    same torch ops in the graph; its weight, bias and channel index live in a plain `nn.Module` at its path."""
+    norm = m.copies[task]
+    holder = nn.Module()
+    for name in ("weight", "bias"):
+        t = getattr(norm, name, None)
+        holder.register_parameter(name, nn.Parameter(t.detach().clone()) if t is not None else None)
+    index = m.ctx.norm_stats(node.target, task).to(next(norm.parameters()).device)
+    holder.register_buffer("stat_index", index.clone())
+    set_submodule(root, node.target, holder)
+    with graph.inserting_before(node):
+        weight, bias = (graph.get_attr(f"{node.target}.{n}") if getattr(holder, n) is not None else None
+                        for n in ("weight", "bias"))
+    _emit_stats_layer_norm(graph, node, node.args[0], weight, bias, node.target + ".stat_index", norm.eps,
+                           m.norm_axis)
+
+
+def _emit_stats_layer_norm(graph: fx.Graph, node: fx.Node, x, weight, bias, index_path: str, eps: float,
+                           axis: int) -> None:
+    """`layers.stats_layer_norm` written into `graph` in place of `node` (the same ops, in the same order)."""
+    with graph.inserting_before(node):
+        sel = graph.call_function(torch.index_select, (x, axis, graph.get_attr(index_path)))
+        var_mean = graph.call_function(torch.var_mean, (sel,), {"dim": axis, "correction": 0, "keepdim": True})
+        var = graph.call_function(operator.getitem, (var_mean, 0))
+        mean = graph.call_function(operator.getitem, (var_mean, 1))
+        y = graph.call_function(torch.mul, (graph.call_function(torch.sub, (x, mean)), graph.call_function(
+            torch.rsqrt, (graph.call_function(torch.add, (var, eps)),))))
+        for param, op in ((weight, torch.mul), (bias, torch.add)):
+            if param is not None:
+                y = graph.call_function(op, (y, graph.call_method("reshape", (param, (-1,) + (1,) * (-axis - 1)))))
+    node.replace_all_uses_with(y)
+    graph.erase_node(node)
+
+
+def _export_task_layer_norm(root: fx.GraphModule, graph: fx.Graph, node: fx.Node, m: TaskLayerNorm,
+                            task: int) -> None:
+    """A functional layer norm of the traced graph, as task `task` computes it: `F.layer_norm` over its width, or
+    the written-out statistics over the channels born before it."""
+    x = node.args[0]
+    weight = node.args[1] if len(node.args) > 1 else None
+    bias = node.args[2] if len(node.args) > 2 else None
+    index = m.ctx.norm_stats(m.key, task)
+    if index is None:
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.nn.functional.layer_norm, (x, (m.width_for(task),), weight, bias, m.eps))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return
+    holder = nn.Module()
+    holder.register_buffer("stat_index", index.clone())
+    set_submodule(root, node.target, holder)
+    _emit_stats_layer_norm(graph, node, x, weight, bias, node.target + ".stat_index", m.eps, -1)
+
+
+def make_layer_norms_task_aware(gm: fx.GraphModule, names: list[str], ctx: TaskContext) -> None:
+    """Each functional `layer_norm(x, shape, weight, bias, eps)` node named in `names` becomes a `TaskLayerNorm`
+    call: every task normalises its own width, with the statistics of docs/architecture.md §5."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name in names:
+        node = nodes[name]
+        args = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args))
+        args.update(node.kwargs)
+        path = "task_norms." + name
+        set_submodule(gm, path, TaskLayerNorm(ctx, path, "fn:" + name, float(args.get("eps", 1e-5))))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (args["input"], args.get("weight"), args.get("bias")))
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    if names:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _set_param(root: fx.GraphModule, path: str, value, buffer: bool = False) -> None:

@@ -112,6 +112,8 @@ def resize_plain(module: nn.Module, role: str, src: torch.Tensor, generator: tor
         else:
             raise ValueError(f"role {role!r} does not apply to {type(module).__name__}")
         _update_attrs(module, role, n)
+    elif isinstance(module, nn.MultiheadAttention) and role == "attn":
+        resize_multihead_attention(module, src, generator)
     elif isinstance(module, _NORM):
         for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
             t = getattr(module, name, None)
@@ -120,6 +122,55 @@ def resize_plain(module: nn.Module, role: str, src: torch.Tensor, generator: tor
         _update_attrs(module, role, n)
     else:
         raise TypeError(f"cannot resize a {type(module).__name__} (grownfx.register_module(..., resize=fn))")
+
+
+def qkv_map(src: torch.Tensor, width: int) -> torch.Tensor:
+    """The index map over packed q/k/v rows (3 sections of `width`) for a map `src` over the embedding."""
+    return torch.cat([torch.where(src >= 0, src + i * width, torch.full_like(src, -1)) for i in range(3)])
+
+
+def resize_multihead_attention(m: nn.MultiheadAttention, src: torch.Tensor, generator=None) -> None:
+    """Apply a map over the embedding E of a plain `nn.MultiheadAttention` (one group: input, q/k/v and output;
+    engine/attention.py): whole heads only, head_dim unchanged.  New q/k/v rows and out_proj rows random,
+    new input columns and out_proj columns zero, new biases zero."""
+    head_dim = m.embed_dim // m.num_heads
+    old, n = m.embed_dim, int(src.numel())
+    if n % head_dim:
+        raise ValueError(f"MultiheadAttention keeps whole heads of {head_dim} channels, got width {n}")
+    rows = qkv_map(src, old)
+    w = m.in_proj_weight
+    w_new = remap(remap(w.data, 0, rows, random_fill((3 * n, old), old, generator, w)), 1, src, 0.0)
+    m.in_proj_weight = nn.Parameter(w_new, requires_grad=w.requires_grad)
+    if m.in_proj_bias is not None:
+        m.in_proj_bias = nn.Parameter(remap(m.in_proj_bias.data, 0, rows, 0.0),
+                                      requires_grad=m.in_proj_bias.requires_grad)
+    lin = m.out_proj
+    fill = random_fill((n, old), old, generator, lin.weight)
+    lin.weight = nn.Parameter(remap(remap(lin.weight.data, 0, src, fill), 1, src, 0.0),
+                              requires_grad=lin.weight.requires_grad)
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(remap(lin.bias.data, 0, src, 0.0), requires_grad=lin.bias.requires_grad)
+    lin.in_features = lin.out_features = n
+    m.embed_dim = m.kdim = m.vdim = n
+    m.num_heads, m.head_dim = n // head_dim, head_dim
+
+
+def head_map(src: torch.Tensor, per: int) -> torch.Tensor:
+    """A map over heads from a map `src` over channels that keeps or adds whole heads of `per` channels."""
+    first = src.view(-1, per)[:, 0]
+    return torch.where(first >= 0, torch.div(first, per, rounding_mode="floor"), torch.full_like(first, -1))
+
+
+def resize_heads_plain(module: nn.Module, hsrc: torch.Tensor) -> None:
+    """A plain attention module (torchvision's ShiftedWindowAttention, timm's Attention) after its heads changed:
+    its head count, its `attn_dim`, and the columns of its relative position bias table (new heads: 0)."""
+    n = int(hsrc.numel())
+    table = getattr(module, "relative_position_bias_table", None)
+    if isinstance(table, torch.Tensor):
+        _set(module, "relative_position_bias_table", remap(table.data, 1, hsrc, 0.0))
+    module.num_heads = n
+    if hasattr(module, "attn_dim"):
+        module.attn_dim = n * module.head_dim
 
 
 def set_conv_width(conv, role: str, n: int) -> None:
@@ -180,6 +231,26 @@ def apply_binding(gm: fx.GraphModule, b: Binding, src: torch.Tensor, generator=N
             args[b.axis + 1] = int(src.numel())
         node.args = tuple(args)
         return True
+    if b.role == "lnfn":  # a functional layer_norm over the last axis: its normalized_shape in a plain graph
+        node = next((n for n in gm.graph.nodes if n.name == b.target and n.op == "call_function"), None)
+        if node is None:
+            return False  # a task-aware graph computes it per task (rewrite.TaskLayerNorm)
+        shape = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
+        if not all(isinstance(d, int) for d in shape):
+            return False  # read from the input's shape: it follows the width
+        if "normalized_shape" in node.kwargs:
+            node.kwargs = {**node.kwargs, "normalized_shape": (int(src.numel()),)}
+        else:
+            node.args = node.args[:1] + ((int(src.numel()),),) + node.args[2:]
+        return True
+    if b.role == "heads":  # an attention's head count and per-head tensors (coupling `head_attention`)
+        module = gm.get_submodule(b.target)
+        hsrc = head_map(src, b.per)
+        if hasattr(module, "resize_heads"):
+            module.resize_heads(hsrc, generator=generator, **kw)
+        else:
+            resize_heads_plain(module, hsrc)
+        return False
     if b.role == "param":
         owner, name = _owner(gm, b.target)
         t = getattr(owner, name)

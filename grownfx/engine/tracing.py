@@ -56,7 +56,7 @@ class GrownTracer(fx.Tracer):
             return True
         if any(fnmatch.fnmatchcase(qualname, g) for g in self.leaf_globs):
             return True
-        if is_norm_subclass(m) or layer_kind(m) in ("plain", "std"):
+        if is_norm_subclass(m) or layer_kind(m) in ("plain", "std") or head_attention_kind(m) is not None:
             return True  # timm's BatchNormAct2d, Conv2dSame, StdConv2d, Linear: analysed and rewritten as layers
         return super().is_leaf_module(m, qualname)
 
@@ -71,8 +71,74 @@ _KIND_CACHE: dict[type, str] = {}
 def is_norm_subclass(m: nn.Module) -> bool:
     """A per-channel norm outside torch.nn that subclasses one (timm's BatchNormAct2d, GroupNormAct: norm, then an
     elementwise activation).  Kept a leaf, it is a norm to the analysis and a per-task copy after rewriting;
-    traced through, its functional `batch_norm` would hide the per-channel statistics and fix the group."""
-    return isinstance(m, _NORM_BASES) and not type(m).__module__.startswith("torch.")
+    traced through, its functional `batch_norm` would hide the per-channel statistics and fix the group.
+    A LayerNorm subclass (torchvision's and timm's LayerNorm2d, timm's LayerNorm) is kept a leaf too: the
+    analysis finds the axis it normalises with `layer_norm_axis`."""
+    return isinstance(m, _NORM_BASES + (nn.LayerNorm,)) and not type(m).__module__.startswith("torch.")
+
+
+_LN_AXIS_CACHE: dict[tuple, int | None] = {}
+
+
+def head_attention_kind(m: nn.Module) -> str | None:
+    """An attention module that grows by whole heads when kept a leaf (coupling `head_attention`,
+    engine/attention.py), or None:
+
+    * 'swin': torchvision's `ShiftedWindowAttention` (v1; its qkv and proj Linear, a relative position bias
+      table with one column per head);
+    * 'timm': timm's `Attention` without a gate or q/k/scale norms (ViT, DeiT): qkv and proj Linear, no other
+      parameter."""
+    cls = type(m)
+    if not all(type(getattr(m, n, None)) is nn.Linear for n in ("qkv", "proj")):
+        return None
+    if cls.__name__ == "ShiftedWindowAttention" and cls.__module__ == "torchvision.models.swin_transformer":
+        return "swin"
+    if cls.__name__ == "Attention" and cls.__module__ in ("timm.layers.attention", "timm.models.vision_transformer"):
+        plain = all(isinstance(getattr(m, n, None), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
+        if plain and getattr(m, "gate", None) is None and hasattr(m, "attn_dim") and \
+                {n for n, _ in m.named_parameters()} <= {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}:
+            return "timm"
+    return None
+
+
+def layer_norm_axis(m: nn.Module, shape: tuple) -> int | None:
+    """The one axis a LayerNorm module normalises on an input of `shape` (None: several axes, or a subclass that
+    computes something else than a layer norm over one axis, e.g. a norm followed by an activation).
+
+    nn.LayerNorm with a 1-d `normalized_shape` normalises the last axis; a subclass (LayerNorm2d permutes NCHW to
+    NHWC around `F.layer_norm`) is probed once per (type, rank, channel position): its output on a random input
+    must equal `F.layer_norm` over the candidate axis with its own weight, bias and eps."""
+    if not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) != 1 or not shape:
+        return None
+    c = m.normalized_shape[0]
+    if type(m) is nn.LayerNorm:
+        return len(shape) - 1 if shape[-1] == c else None
+    key = (type(m), tuple(shape[1:]), c)
+    if key not in _LN_AXIS_CACHE:
+        _LN_AXIS_CACHE[key] = _probe_ln_axis(m, shape, c)
+    return _LN_AXIS_CACHE[key]
+
+
+def _probe_ln_axis(m: nn.LayerNorm, shape: tuple, c: int) -> int | None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((1,) + tuple(shape[1:]), generator=g, dtype=torch.float64)
+    probe = copy.deepcopy(m).double().eval()
+    with torch.no_grad():
+        if probe.weight is not None:
+            probe.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+        if probe.bias is not None:
+            probe.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+        try:
+            out = probe(x)
+        except Exception:  # noqa: BLE001 - a subclass that cannot run alone is not a plain layer norm
+            return None
+        for axis in [len(shape) - 1] + [a for a in range(1, len(shape) - 1)]:
+            if shape[axis] != c:
+                continue
+            ref = nn.functional.layer_norm(x.movedim(axis, -1), (c,), probe.weight, probe.bias, probe.eps)
+            if out.shape == x.shape and torch.allclose(out, ref.movedim(-1, axis), atol=1e-9):
+                return axis
+    return None
 
 
 def layer_kind(m: nn.Module) -> str | None:

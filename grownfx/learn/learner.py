@@ -23,7 +23,7 @@ from grownfx.learn.distributed import Dist
 from grownfx.learn import budget
 from grownfx.learn.gates import CandidateGates
 from grownfx.engine.net import GrowableNet
-from grownfx.learn.records import LearnerPosition, TaskRecord
+from grownfx.learn.records import LearnerPosition, TaskRecord, add_epoch_time, stage_breakdown
 from grownfx.learn.training import StageOptim, Timer, make_optimizer, make_scaler, train_stage
 
 
@@ -161,6 +161,10 @@ class GrownLearner:
             pos.epoch, pos.epochs_done = done, pos.epochs_done + 1
             return {"beta": net.ctx.beta}
 
+        def on_epoch(info: dict) -> None:
+            add_epoch_time(pos.extra.setdefault("stage_s", {}), info)  # in the position: survives a resume
+            self.on_epoch(info)
+
         def checkpoint(optim: StageOptim, stopping: bool) -> None:
             if self.checkpoint is None:
                 return
@@ -174,7 +178,7 @@ class GrownLearner:
                     trainable=net.trainable_parameters(),
                     event={"task": t, "stage": pos.stage, "round": pos.round}, before_epoch=before_epoch,
                     penalty=(lambda: self._penalty(costs, lam)) if costs and lam > 0 else None,
-                    epoch_done=epoch_done, on_epoch=self.on_epoch, should_stop=self.should_stop,
+                    epoch_done=epoch_done, on_epoch=on_epoch, should_stop=self.should_stop,
                     checkpoint=checkpoint)
         net.ctx.hard_gates = False
         pos.epoch = 0
@@ -210,14 +214,16 @@ class GrownLearner:
             f"ctx.births[{g}]": b for g, b in net.ctx.births.items()}})
         growth = {str(g): w - pos.widths_at_start.get(str(g), w) for g, w in net.ctx.widths.items()}
         growth = {g: n for g, n in growth.items() if n}
+        seconds = pos.elapsed + timer.seconds
         return TaskRecord(
             index=t, name=task.name, num_classes=task.num_classes, target=target,
             val_acc=pos.val_history[-1] if pos.val_history else 0.0, val_history=list(pos.val_history),
             grew=bool(growth), growth_rounds=pos.round, growth=growth, pruned_candidates=pos.pruned,
             params_stored=net.num_parameters(), params_task=net.num_parameters(t), mask_bytes=net.mask_bytes(t),
-            time_s=pos.elapsed + timer.seconds, epochs=pos.epochs_done,
+            time_s=seconds, epochs=pos.epochs_done,
             selective_zero_frac=stats["selective_zero_frac"], released=net.free_weights(),
-            retrained=stats["retrained"] if t > 0 else 0)
+            retrained=stats["retrained"] if t > 0 else 0,
+            stage_s=stage_breakdown(pos.extra.get("stage_s"), seconds))
 
 
 __all__ = ["GrownLearner", "LearnerPosition", "TaskRecord", "build_policy"]

@@ -32,6 +32,10 @@ class TaskRecord:
     released: int = 0
     retrained: int = 0
     extra: dict = field(default_factory=dict)  # method-specific facts (e.g. CPG's chosen sparsity)
+    # where time_s went: training seconds per stage (the epoch events' `seconds`, summed by their `stage`) and
+    # "other" = time_s minus those (validation, pruning, snapshots, growth set-up, freezing); empty for methods
+    # that do not record it (one-stage baselines: their time_s is their one stage)
+    stage_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,4 +60,17 @@ class LearnerPosition:
     extra: dict = field(default_factory=dict)  # a method's own facts about its phases so far (e.g. CPG's levels)
 
 
-__all__ = ["LearnerPosition", "TaskRecord"]
+def add_epoch_time(times: dict, info: dict) -> None:
+    """Add one epoch event's training seconds to `times[stage]` (a task's running per-stage breakdown)."""
+    stage = str(info.get("stage") or "train")
+    times[stage] = times.get(stage, 0.0) + float(info.get("seconds") or 0.0)
+
+
+def stage_breakdown(times: Optional[dict], time_s: float) -> dict[str, float]:
+    """TaskRecord.stage_s: the per-stage training seconds plus "other", the rest of the task's `time_s`."""
+    out = {str(k): float(v) for k, v in (times or {}).items()}
+    out["other"] = max(float(time_s) - sum(out.values()), 0.0)
+    return out
+
+
+__all__ = ["LearnerPosition", "TaskRecord", "add_epoch_time", "stage_breakdown"]

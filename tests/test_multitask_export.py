@@ -1,0 +1,265 @@
+"""Issue 16 (goal 3): every task served from one artifact, and per-task caching in the task-aware model.
+
+* the artifact (grownfx.engine.multitask, read by the torch-only multitask_runtime) computes every task bit for bit
+  as the task-aware model and the per-task export (every visible channel kept), at any batch size
+* it loads with torch alone (grownfx blocked from importing), and its loader imports nothing but torch and the
+  standard library
+* its size is <= 1.10x the frozen banks + every per-task copy + 1 bit per unit per task, counted from the net here
+* `grownfx export RUN --all-tasks` writes it, its loader and meta.json for a real (tiny) run
+* the task-aware model keeps up to `ctx.finished_cache_size` finished tasks' weights per layer (LRU): alternating
+  tasks rebuilds nothing, outputs stay identical, and no layer keeps more than the bound
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import grownfx
+from grownfx.engine import multitask as MT
+from grownfx.engine import multitask_runtime as R
+from grownfx.engine.banks import MaskedLayer
+from grownfx.engine.layers import PerTask, TaskParameter
+from grownfx.models import build_backbone
+
+SHAPE = (1, 8, 8)
+CLASSES = 3
+
+
+def _train(net, t, steps=3):
+    g = torch.Generator().manual_seed(10 + t)
+    x, y = torch.randn(32, *SHAPE, generator=g), torch.randint(0, CLASSES, (32,), generator=g)
+    p = net.trainable_parameters()
+    opt = torch.optim.SGD(p["weights"] + p["masks"] + p["gates"], lr=0.05)
+    net.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(x, task=t), y).backward()
+        opt.step()
+    with torch.no_grad():  # unit-mask scores around the threshold: about a third of the masked units dropped
+        for m in net.masked_layers():
+            if m.score is not None:
+                m.score.copy_(torch.randn(m.score.shape, generator=g) * 0.01)
+    net.eval()
+
+
+def make_net(tasks=3, learning=False):
+    """small_cnn with `tasks` finished tasks (partial masks; growth before task 1, so widths differ), and one more
+    task being learned when `learning`."""
+    torch.manual_seed(0)
+    net = grownfx.prepare(build_backbone("small_cnn", CLASSES), torch.randn(2, *SHAPE), seed_width=0.5, seed=0)
+    for t in range(tasks + learning):
+        net.add_task(CLASSES)
+        if t == 1:
+            net.grow(ratio=0.5)
+        _train(net, t)
+        if t < tasks:
+            net.freeze_task(t)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    net = make_net()
+    path = tmp_path_factory.mktemp("mt") / "model.pt"
+    MT.save(net, torch.randn(2, *SHAPE), path)
+    return net, path
+
+
+def reference_bytes(net, tasks: int) -> int:
+    """Frozen banks + per-task copies (norms, heads, biases) of `tasks` tasks + 1 bit per unit per task."""
+    total = 0
+    for m in net.modules():
+        if isinstance(m, MaskedLayer):
+            total += m.frozen.numel() * m.frozen.element_size()
+            total += tasks * math.ceil(m.owner.numel() / 8)
+        elif isinstance(m, (PerTask, TaskParameter)):
+            for t in range(tasks):
+                c = m.copies[t]
+                ts = [c] if isinstance(c, torch.Tensor) else list(c.parameters()) + list(c.buffers())
+                total += sum(x.numel() * x.element_size() for x in ts)
+    return total
+
+
+def test_artifact_computes_every_task_bit_for_bit(artifact):
+    net, path = artifact
+    model = R.load(path)
+    assert model.num_tasks == 3
+    widths = {tuple(net.export(t, prune_unused=False).state_dict()["features.0.weight"].shape) for t in range(3)}
+    assert len(widths) == 2, "growth should give the tasks different widths"
+    for batch in (1, 5):
+        x = torch.randn(batch, *SHAPE, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            for t in (0, 2, 1, 0):  # in any order: tasks switch from one call to the next
+                got = model(x, task=t)
+                assert torch.equal(got, net(x, task=t)), (t, batch)
+                assert torch.equal(got, net.export(t, prune_unused=False)(x)), (t, batch)
+                pruned = net.export(t)(x)  # the default per-task export sums fewer zero products
+                assert float((got - pruned).abs().max() / pruned.abs().max()) <= 1e-5
+
+
+def test_a_task_still_being_learned_is_stored_whole_and_still_exact(tmp_path):
+    net = make_net(tasks=2, learning=True)
+    blob = MT.save(net, torch.randn(2, *SHAPE), tmp_path / "m.pt")
+    layers = len(net.masked_layers())
+    # the learning task's weights are not the frozen bank under a mask: stored whole; the finished ones are not
+    assert blob["stats"]["dense_masked"] == layers and blob["stats"]["masked"] == 2 * layers
+    model = R.load(tmp_path / "m.pt")
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        for t in range(3):
+            assert torch.equal(model(x, task=t), net(x, task=t)), t
+
+
+def test_artifact_size_is_within_the_budget(artifact):
+    net, path = artifact
+    ref = reference_bytes(net, 3)
+    size = path.stat().st_size
+    assert size <= 1.10 * ref, (size, ref, size / ref)
+    per_task_exports = sum(sum(v.numel() * v.element_size() for v in net.export(t, prune_unused=False)
+                               .state_dict().values()) for t in range(3))
+    assert size < 0.6 * per_task_exports  # the bank is stored once, not once per task
+
+
+LOADER_CHECK = """
+import sys, json, torch
+sys.modules['grownfx'] = None  # any import of grownfx fails
+sys.path.insert(0, sys.argv[1])
+from multitask import load
+model = load(sys.argv[2])
+x = torch.load(sys.argv[3])
+torch.save({t: model(x, task=t) for t in range(model.num_tasks)}, sys.argv[4])
+print(json.dumps(sorted(m for m in sys.modules if m.startswith('grownfx'))))
+"""
+
+
+def test_artifact_loads_with_torch_alone(artifact, tmp_path):
+    net, path = artifact
+    shutil.copy(R.__file__, tmp_path / "multitask.py")
+    assert (tmp_path / "multitask.py").read_text() == MT.runtime_source()
+    x = torch.randn(3, *SHAPE)
+    torch.save(x, tmp_path / "x.pt")
+    proc = subprocess.run([sys.executable, "-c", LOADER_CHECK, str(tmp_path), str(path), str(tmp_path / "x.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["grownfx"]  # only the blocked entry
+    out = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        for t in range(3):
+            assert torch.equal(out[t], net(x, task=t)), t
+    # and the loader's own imports: the standard library and torch, nothing else
+    tree = ast.parse(Path(R.__file__).read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert names <= {"__future__", "io", "json", "lzma", "collections", "torch"}, names
+
+
+def test_artifact_cache_is_bounded_and_keeps_outputs(artifact):
+    net, path = artifact
+    model = R.load(path, cache_tasks=1)
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        for t in (0, 1, 2, 1, 0):
+            assert torch.equal(model(x, task=t), net(x, task=t))
+            assert len(model._cache) == 1
+    model = R.load(path)  # default: every task kept once built
+    with torch.no_grad():
+        for t in (0, 1, 2, 1, 0):
+            model(x, task=t)
+    assert len(model._cache) == 3
+    with pytest.raises(IndexError):
+        model(x, task=3)
+
+
+# -- per-task cache of the task-aware model -------------------------------------------------------------------
+
+
+def _count_builds(monkeypatch) -> list:
+    calls = []
+    build = MaskedLayer._compute_finished_weight
+
+    def counting(self, task):
+        calls.append((self.target, task))
+        return build(self, task)
+
+    monkeypatch.setattr(MaskedLayer, "_compute_finished_weight", counting)
+    return calls
+
+
+def _lru_sizes(net) -> list[int]:
+    return [len(v) for k, v in net.ctx._cache.items() if len(k) == 3 and k[1] == "finished"]
+
+
+def test_task_aware_model_alternates_tasks_without_rebuilding(monkeypatch):
+    net = make_net()
+    x = torch.randn(1, *SHAPE)
+    fresh = make_net()  # the same net, never served alternating tasks
+    with torch.no_grad():
+        want = {t: fresh(x, task=t) for t in range(3)}
+    calls = _count_builds(monkeypatch)
+    layers = len(net.masked_layers())
+    assert net.ctx.finished_cache_size >= 2
+    with torch.no_grad():
+        for _ in range(5):
+            for t in (0, 1):
+                assert torch.equal(net(x, task=t), want[t]), t
+    assert len(calls) == 2 * layers  # each task's weights built once, then served from the cache
+
+
+def test_task_aware_cache_stays_bounded(monkeypatch):
+    net = make_net()
+    x = torch.randn(1, *SHAPE)
+    net.ctx.finished_cache_size = 2
+    with torch.no_grad():
+        want = {t: net(x, task=t) for t in range(3)}  # leaves tasks 1 and 2 cached
+    calls = _count_builds(monkeypatch)
+    with torch.no_grad():
+        for _ in range(3):
+            for t in (0, 1, 2):
+                assert torch.equal(net(x, task=t), want[t]), t
+                assert max(_lru_sizes(net)) <= 2
+    layers = len(net.masked_layers())
+    assert len(calls) == 9 * layers  # three tasks through two slots in turn: every call rebuilds (LRU)
+    net.ctx.bump()  # a structural change clears every cached task
+    assert _lru_sizes(net) == []
+
+
+# -- the command ----------------------------------------------------------------------------------------------
+
+
+def test_cli_export_all_tasks_of_a_tiny_run(tmp_path):
+    from cli_helpers import invoke
+    from test_reliability import quiet, tiny
+
+    from grownfx.run.runner import run
+
+    out = tmp_path / "run"
+    run(tiny(out), echo=quiet)
+    result = invoke("export", str(out), "--all-tasks", "--verify")
+    assert result.exit_code == 0, result.output
+    folder = out / "exports" / "all_tasks"
+    assert "exported 2 task(s) in one file" in result.output and "max relative error 0.0e+00" in result.output
+    meta = json.loads((folder / "meta.json").read_text())
+    assert [t["task"] for t in meta["tasks"]] == [1, 2] and meta["verified_max_rel_error"] == 0.0
+    assert meta["size_ratio"] <= 1.10 and meta["bytes"] == (folder / "model.pt").stat().st_size
+    assert (folder / "multitask.py").read_text() == MT.runtime_source()
+    # raw inputs: the preprocessing in every task's graph, as --bake-preprocessing does for one task
+    result = invoke("export", str(out), "--all-tasks", "--bake-preprocessing", "--verify")
+    assert result.exit_code == 0 and json.loads((folder / "meta.json").read_text())["preprocessing_baked"]
+    model = R.load(folder / "model.pt")
+    plain = torch.export.load(str(out / "exports" / "task_1" / "model.pt2")).module()
+    raw = torch.randint(0, 17, (4, 1, 8, 8)).float()  # digits pixels are 0..16
+    assert torch.allclose(model(raw, task=0), plain((raw / 16 - 0.3053) / 0.376), atol=1e-5)
+    assert invoke("export", str(out), "--all-tasks", "--task", "1").exit_code == 2
+    assert invoke("export", str(out), "--all-tasks", "--format", "onnx").exit_code == 2
+    assert invoke("export", str(out)).exit_code == 2  # neither --task nor --all-tasks
