@@ -37,7 +37,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # (the recipes: LeNet-5 0.5, VGG16-BN 0.3, ResNet-18 0.5; MobileNetV2 has no recipe, 0.5).
 MODELS: dict[str, dict] = {
     "resnet18": {"seed_width": 0.5, "input": (3, 32, 32)},
-    "vgg16_bn": {"seed_width": 0.3, "input": (3, 32, 32)},
+    # the seed paper's VGG16-BN: CPG's CIFAR network (512 -> 4096 -> 4096 classifier, grownfx.models.vgg_cifar)
+    "vgg16_bn": {"seed_width": 0.3, "input": (3, 32, 32), "builder": "vgg16_bn_cifar"},
     "mobilenet_v2": {"seed_width": 0.5, "input": (3, 32, 32)},
     "lenet5": {"seed_width": 0.5, "input": (3, 32, 32)},
     "small_cnn": {"seed_width": 0.5, "input": (3, 32, 32), "kwargs": {"in_channels": 3}},
@@ -255,7 +256,7 @@ def build_model(name: str, num_classes: int = 10, seed: int = 0) -> tuple[nn.Mod
 
     spec = MODELS[name]
     torch.manual_seed(seed)
-    return build_backbone(name, num_classes, spec.get("kwargs")), spec["input"]
+    return build_backbone(spec.get("builder", name), num_classes, spec.get("kwargs")), spec["input"]
 
 
 def count_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -356,14 +357,14 @@ def learn_task(net, num_classes: int, steps: int, batch: int, input_shape: tuple
 
 def learned_net(name: str, tasks: int, *, steps: int = 4, batch: int = 32, grow_tasks: Sequence[int] = (0,),
                 seed_width: float | None = None, num_classes: int = 10, seed: int = 0, device="cpu",
-                input_shape: tuple | None = None):
+                input_shape: tuple | None = None, granularity: str = "kernel"):
     """A GrowableNet of backbone `name` after `tasks` briefly learned, frozen tasks; returns (net, stats, shape)."""
     import grownfx
 
     model, shape = build_model(name, num_classes, seed)
     shape = tuple(input_shape or shape)
     width = MODELS[name]["seed_width"] if seed_width is None else seed_width
-    net = grownfx.prepare(model, torch.randn(2, *shape), width, seed=seed).to(device)
+    net = grownfx.prepare(model, torch.randn(2, *shape), width, seed=seed, granularity=granularity).to(device)
     gen = torch.Generator().manual_seed(seed)
     stats = [learn_task(net, num_classes, steps, batch, shape, grow=t in grow_tasks, gen=gen, device=device)
              for t in range(tasks)]

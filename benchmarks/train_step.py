@@ -14,8 +14,10 @@ Task 10: nine earlier tasks learned briefly with GROWN's policy (task 1 with lea
 growing too so that task 10 has released weights to re-train), frozen, masks with zeros; task 10 in stage 1
 (selective Gumbel masks on the units earlier tasks own, released units re-trained).
 
-Goal: task-aware / plain <= 1.10x at batch 32.  The batch-128 rows show how the overhead (per weight, not per
-image) shrinks as compute grows; their goal is the same.
+Goals (issue 16), at batch 32: task 1 <= 1.05x; task 10 <= 1.10x for ResNet-18 and MobileNetV2, <= 1.30x for
+the Linear-heavy LeNet-5 and VGG16-BN (CPG's CIFAR network, 512 -> 4096 -> 4096), which are measured again
+with granularity 'channel' (a Linear's mask unit is a block of input columns instead of one weight).  The
+batch-128 rows show how the overhead (per weight, not per image) shrinks as compute grows; same goals.
 """
 
 from __future__ import annotations
@@ -28,18 +30,23 @@ import grownfx
 
 from . import common as C
 
-GOAL = 1.10
+GOAL = 1.10  # task 10, ResNet-18 and MobileNetV2 (issue 16)
+GOAL_TASK1 = 1.05  # task 1: the engine alone (no masks) costs nothing measurable
+# the Linear-heavy backbones: <= 1.30x (issue 16); their rows with granularity 'channel' are reported too
+CHANNEL_GOALS = {"lenet5": 1.30, "vgg16_bn": 1.30}
 
 
-def scenario(name: str, task: int, steps: int, device="cpu"):
+def scenario(name: str, task: int, steps: int, device="cpu", granularity: str = "kernel"):
     """(net with its learning task at index task-1, plain model of the same width, input shape, facts)."""
     if task == 1:
         model, shape = C.build_model(name)
-        net = grownfx.prepare(model, torch.randn(2, *shape), C.MODELS[name]["seed_width"]).to(device)
+        net = grownfx.prepare(model, torch.randn(2, *shape), C.MODELS[name]["seed_width"],
+                              granularity=granularity).to(device)
         net.add_task(10)
         earlier = []
     else:
-        net, earlier, shape = C.learned_net(name, task - 1, steps=steps, grow_tasks=(0, task - 2), device=device)
+        net, earlier, shape = C.learned_net(name, task - 1, steps=steps, grow_tasks=(0, task - 2), device=device,
+                                            granularity=granularity)
         net.add_task(10)
     plain = C.plain_of_learning_task(net).to(device)
     p = net.trainable_parameters()
@@ -77,18 +84,23 @@ def run(args) -> C.Report:
     tasks = (1, 3) if args.quick else (1, args.tasks)
     batches = (8, 16) if args.quick else (32, 128)
     steps = 2 if args.quick else args.steps
-    for name in models:
-        for task in tasks:
-            net, plain, shape, facts = scenario(name, task, steps, args.device)
-            for batch in batches:
-                reps = args.reps if batch == batches[0] else max(4, args.reps // 2)
-                if args.quick:
-                    reps = 3
-                s = measure(net, plain, shape, batch, reps, warmup=1 if args.quick else 3, device=args.device)
-                rep.add(f"{name} task {task} batch {batch}", f"≤ {GOAL:.2f}×", s["ratio"], s["ratio"] <= GOAL, "x",
-                        model=name, task=task, batch=batch, **{k: v for k, v in s.items() if k != "ratio"}, **facts)
-            del net, plain
-            gc.collect()
+    cases = [(name, task, "kernel") for name in models for task in tasks]
+    # the Linear-heavy backbones again with granularity 'channel' (a Linear's unit: a block of input columns)
+    cases += [(name, tasks[-1], "channel") for name in models if name in CHANNEL_GOALS and not args.quick]
+    for name, task, granularity in cases:
+        net, plain, shape, facts = scenario(name, task, steps, args.device, granularity)
+        goal = CHANNEL_GOALS.get(name, GOAL) if task > 1 else GOAL_TASK1
+        tag = "" if granularity == "kernel" else ", granularity channel"
+        for batch in batches:
+            reps = args.reps if batch == batches[0] else max(4, args.reps // 2)
+            if args.quick:
+                reps = 3
+            s = measure(net, plain, shape, batch, reps, warmup=1 if args.quick else 3, device=args.device)
+            rep.add(f"{name} task {task} batch {batch}{tag}", f"≤ {goal:.2f}×", s["ratio"], s["ratio"] <= goal, "x",
+                    model=name, task=task, batch=batch, granularity=granularity,
+                    **{k: v for k, v in s.items() if k != "ratio"}, **facts)
+        del net, plain
+        gc.collect()
     rep.note("ratio = median step time of the task-aware model / median of the plain model of the same width, "
              "interleaved in one process; on a CPU the step time is the thread's CPU time (time.thread_time; one "
              "intra-op thread), wall_ratio the same from wall-clock time; paired_q1/q3 = quartiles of the "

@@ -25,10 +25,22 @@ def build(name: str, num_classes: int = 10):
         size = 224
     if name.startswith(("alexnet", "squeezenet")):
         size = 64
-    if name in ("lenet5", "small_cnn"):
+    if name == "vit_small_test":  # torchvision's VisionTransformer, every op of vit_b_16 at a test's size
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
+                                  mlp_dim=128, num_classes=num_classes)
+        return model, torch.randn(4, 3, 32, 32)
+    if name == "swin_small_test":  # torchvision's SwinTransformer (swin_t's blocks, shifted windows) at a test's size
+        from torchvision.models.swin_transformer import SwinTransformer
+
+        model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                                window_size=[4, 4], num_classes=num_classes)
+        return model, torch.randn(4, 3, 32, 32)
+    if name in ("lenet5", "small_cnn", "vgg16_bn_cifar"):
         from grownfx.models import build_backbone
 
-        shape = (3, 32, 32) if name == "lenet5" else (1, 8, 8)
+        shape = (1, 8, 8) if name == "small_cnn" else (3, 32, 32)
         return build_backbone(name, num_classes), torch.randn(4 if size < 100 else 1, *shape)
     model = torchvision.models.get_model(name, weights=None, **kw)
     return model, torch.randn(4 if size < 100 else 1, 3, size, size)

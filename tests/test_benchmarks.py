@@ -18,10 +18,14 @@ EXPECTED = {
                             "aware-eval alternating 2 tasks/dense", "all-tasks artifact alternating 2 tasks/dense")],
     "storage": [f"small_cnn: {r}" for n in (2, 4)
                 for r in (f"mask bits/kernel, worst of {n} tasks", f"bytes task {n} stores",
-                          f"serving {n} tasks / backbone", f"checkpoint after {n} tasks / backbone")],
+                          f"serving {n} tasks / backbone", f"checkpoint after {n} tasks / backbone",
+                          f"checkpoint / serving after {n} tasks")],
     "scale_tasks": ["task 2 step / task 2 step", "task 4 step / task 2 step", "task 4 step / task 1 step",
                     "task 4 step peak memory / task 2", "live tensor bytes per task, tasks 2->4 / stored per task",
-                    "stale .grad bytes per task on frozen parameters, tasks 2->4"],
+                    "stale .grad bytes per task on frozen parameters, tasks 2->4",
+                    "resnet18 task 1 step / task 2 step", "resnet18 task 4 step / task 2 step",
+                    "resnet18 task 4 step / task 3 step (same widths)", "resnet18 checkpoint after 4 tasks / backbone",
+                    "resnet18 serving 4 tasks / backbone"],
     "method_cost": ["CPG / GROWN wall time", "CPG / GROWN learning time", "CPG / GROWN epochs learned",
                     "GROWN / SCRATCH wall time", "GROWN final average accuracy", "SCRATCH final average accuracy"],
     "method_cost_real": ["CPG / GROWN wall time", "CPG / GROWN learning time", "CPG / GROWN epochs learned",
@@ -43,8 +47,9 @@ EXPECTED = {
 WITH_GOAL = {
     "train_step": EXPECTED["train_step"],
     "inference": [r for r in EXPECTED["inference"] if "pruned" not in r and "alternating" not in r],
-    "storage": ["small_cnn: mask bits/kernel, worst of 2 tasks", "small_cnn: mask bits/kernel, worst of 4 tasks"],
-    "scale_tasks": ["task 4 step / task 2 step"],
+    "storage": ["small_cnn: mask bits/kernel, worst of 2 tasks", "small_cnn: mask bits/kernel, worst of 4 tasks",
+                "small_cnn: checkpoint / serving after 2 tasks", "small_cnn: checkpoint / serving after 4 tasks"],
+    "scale_tasks": ["task 4 step / task 2 step", "resnet18 task 4 step / task 3 step (same widths)"],
     "data_pipeline": EXPECTED["data_pipeline"],
     "compile_amp": EXPECTED["compile_amp"],
 }

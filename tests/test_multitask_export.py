@@ -120,6 +120,20 @@ def test_a_task_still_being_learned_is_stored_whole_and_still_exact(tmp_path):
             assert torch.equal(model(x, task=t), net(x, task=t)), t
 
 
+def test_a_graph_without_a_dynamic_batch_falls_back_to_a_checked_static_program(tmp_path, monkeypatch):
+    net = make_net(tasks=2)
+    monkeypatch.setattr(MT, "MODES", ("static",))  # as when torch.export cannot make the batch dynamic
+    blob = MT.save(net, torch.randn(2, *SHAPE), tmp_path / "m.pt")
+    assert blob["stats"]["exports"] == 2
+    model = R.load(tmp_path / "m.pt")
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        for t in (1, 0, 1):
+            assert torch.equal(model(x, task=t), net(x, task=t)), t
+        with pytest.raises(Exception):  # its input checks hold: the batch size it was exported with
+            model(torch.randn(3, *SHAPE), task=0)
+
+
 def test_artifact_size_is_within_the_budget(artifact):
     net, path = artifact
     ref = reference_bytes(net, 3)
@@ -230,6 +244,10 @@ def test_task_aware_cache_stays_bounded(monkeypatch):
                 assert max(_lru_sizes(net)) <= 2
     layers = len(net.masked_layers())
     assert len(calls) == 9 * layers  # three tasks through two slots in turn: every call rebuilds (LRU)
+    net.ctx.finished_cache_size = 1  # lowered: the next call, a hit, drops the other task
+    with torch.no_grad():
+        assert torch.equal(net(x, task=2), want[2])
+    assert max(_lru_sizes(net)) == 1 and len(calls) == 9 * layers
     net.ctx.bump()  # a structural change clears every cached task
     assert _lru_sizes(net) == []
 

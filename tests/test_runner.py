@@ -95,14 +95,26 @@ def _wait_for(path: Path, predicate, proc, timeout=120):
     raise AssertionError("timed out")
 
 
+_REFERENCE: dict = {}
+
+
+def _reference_run(tmp_path_factory):
+    """The uninterrupted run both kill signals are compared with (run once)."""
+    if "run" not in _REFERENCE:
+        folder = tmp_path_factory.mktemp("reference")
+        _REFERENCE["run"] = run(recipe(folder, name="reference", training__epochs=4, training__checkpoint_every=1,
+                                       training__num_threads=1, target={"rule": 90.0}), echo=quiet)
+        _REFERENCE["dir"] = folder / "reference"
+    return _REFERENCE["run"], _REFERENCE["dir"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_run_resumes_to_identical_results(tmp_path, sig):
+def test_killed_run_resumes_to_identical_results(tmp_path, tmp_path_factory, sig):
     # one thread everywhere: the killed subprocess, the reference and the resume (the thread count changes what is
     # learned, so a 1-thread start resumed with 2 threads is not the reference; issue 14)
     r = recipe(tmp_path, training__epochs=4, training__checkpoint_every=1, training__num_threads=1,
                target={"rule": 90.0})
-    reference = run(recipe(tmp_path, name="reference", training__epochs=4, training__checkpoint_every=1,
-                           training__num_threads=1, target={"rule": 90.0}), echo=quiet)
+    reference, reference_dir = _reference_run(tmp_path_factory)
     proc = _launch(r, resume=False)
     metrics = tmp_path / "digits_test" / "metrics.jsonl"
     _wait_for(metrics, lambda text: '"task": 1, "stage": "stage1", "round": 0, "epoch": 2' in text, proc)
@@ -114,6 +126,6 @@ def test_killed_run_resumes_to_identical_results(tmp_path, sig):
     assert resumed.acc_matrix == reference.acc_matrix
     for t in range(5):
         a = torch.export.load(str(tmp_path / "digits_test" / f"exports/task_{t + 1}/model.pt2")).module()
-        b = torch.export.load(str(tmp_path / "reference" / f"exports/task_{t + 1}/model.pt2")).module()
+        b = torch.export.load(str(reference_dir / f"exports/task_{t + 1}/model.pt2")).module()
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

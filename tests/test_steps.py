@@ -264,8 +264,10 @@ def test_cached_outputs_always_equal_a_fresh_computation():
     net.grow(ratio=0.25)  # resize
     same_as_fresh("growth")
     layer = net.masked_layers()[1]
+    free = (layer.owner == -1).view(layer.owner.shape + (1,) * (layer.weight.dim() - layer.owner.dim()))
+    assert bool(free.any())
     with torch.no_grad():
-        layer.weight.add_(1.0)  # the learning task's state changes in place
+        layer.weight.add_(free.to(layer.weight.dtype))  # the learning task's state changes in place (its own units)
     same_as_fresh("an in-place weight change")
     snapshot = {k: v.clone() for k, v in net.state_dict().items()}
     layer.set_kind(torch.rand(layer.kind.shape, generator=torch.Generator().manual_seed(4)) < 0.5, OFF)

@@ -82,3 +82,40 @@ def test_what_does_not_follow_is_stored_never_lost():
     assert any(k.endswith(".frozen") for k in sd)
     other = fresh_net(net)
     assert all(torch.equal(a.frozen, b.frozen) for a, b in zip(net.masked_layers(), other.masked_layers()))
+
+
+def test_channel_units_are_stored_once_too():
+    """granularity 'channel' (a Linear's unit: a block of input columns): owners and the frozen bank follow
+    from the masks and the weight there as well, and restore exactly."""
+    import grownfx
+    from grownfx.engine import state as net_state
+    from grownfx.models import build_backbone
+
+    def make():
+        torch.manual_seed(0)
+        return grownfx.prepare(build_backbone("lenet5", CLASSES), torch.randn(2, 3, 32, 32), 0.5,
+                               granularity="channel", seed=0)
+
+    net = make()
+    x = torch.randn(8, 3, 32, 32)
+    for t in range(3):
+        tt = net.add_task(CLASSES)
+        if t:
+            net.grow(ratio=0.25)
+        p = net.trainable_parameters()
+        opt = torch.optim.SGD(p["weights"] + p["masks"], lr=0.05)
+        net.train()
+        for _ in range(3):
+            opt.zero_grad()
+            net(x, task=tt).logsumexp(1).mean().backward()
+            opt.step()
+        net.freeze_task(tt)
+    assert any(m.unit_cols > 1 for m in net.masked_layers())
+    sd = net.state_dict()
+    assert not [k for k in sd if k.endswith((".frozen", ".owner"))]
+    other = net_state.restore_net(make(), net_state.net_structure(net), sd)
+    for a, b in zip(net.masked_layers(), other.masked_layers()):
+        assert torch.equal(a.owner, b.owner) and torch.equal(a.frozen, b.frozen)
+    net.eval(), other.eval()
+    with torch.no_grad():
+        assert all(torch.equal(net(x, task=t), other(x, task=t)) for t in range(3))

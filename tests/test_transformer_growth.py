@@ -270,3 +270,28 @@ def test_functional_layer_norm_grows_with_per_task_statistics(literal):
         out1 = net(x, task=t1)
         assert torch.equal(net.export(t0)(x), ref0)
         assert rel(net.export(t1)(x), out1) <= 1e-6
+
+
+def test_grown_gates_settle_through_attention_projections():
+    """GROWN's candidate gates act on nn.MultiheadAttention's projections too: settling them (kept gates folded
+    into the consumer columns, dropped heads removed) keeps the learning task's outputs."""
+    from grownfx.engine.banks import MaskedLayer
+    from grownfx.learn.gates import CandidateGates
+
+    net, x = _net()
+    net.add_task(4)
+    gates = CandidateGates.of(net)
+    gid = _stream(net).id
+    gates.grow(net, 8, [gid])
+    with torch.no_grad():
+        for m in net.modules():  # as if trained: the candidates' columns are no longer zero
+            if isinstance(m, MaskedLayer):
+                m.weight.add_(torch.randn_like(m.weight) * 0.1)
+        gates[str(gid)].copy_(torch.tensor([1.0, 2.0, -1.0, 0.5, -3.0, -0.2, -0.3, -0.4]))  # keep 1 head, drop 1
+    net.ctx.bump()
+    net.eval()
+    with torch.no_grad():
+        before = net(x)
+    assert gates.settle(net) == {gid: D // HEADS}
+    with torch.no_grad():
+        assert rel(net(x), before) <= 1e-6

@@ -127,11 +127,16 @@ class HeadAttention(_TaskModule):
         inner.num_heads = self.heads_for(t)
         if hasattr(inner, "attn_dim"):
             inner.attn_dim = inner.num_heads * self.head_dim
+        d = inner.__dict__
         if self.has_table:
-            inner.__dict__["relative_position_bias_table"] = self.relative_position_bias_table()
+            d["relative_position_bias_table"] = self.relative_position_bias_table()
         # Swin passes `self.qkv.weight` to a function, timm calls `self.qkv(x)`: both see the task's weights
-        inner.__dict__["qkv"], inner.__dict__["proj"] = _LinearView(self.qkv), _LinearView(self.proj)
-        return inner(x, *args, **kwargs)
+        d["qkv"], d["proj"] = _LinearView(self.qkv), _LinearView(self.proj)
+        try:
+            return inner(x, *args, **kwargs)
+        finally:  # nothing of this call stays behind (a deepcopy of the net would meet non-leaf tensors)
+            for k in ("qkv", "proj", "relative_position_bias_table"):
+                d.pop(k, None)
 
     def resize_heads(self, hsrc: torch.Tensor, generator=None, birth: int = 0, **_) -> None:
         """The heads changed (coupling 'heads' binding): new columns of the learning task's table are 0."""
@@ -139,12 +144,7 @@ class HeadAttention(_TaskModule):
             self.relative_position_bias_table.resize_axis("param", hsrc, birth=birth, axis=1, fill=0.0)
 
     def to_plain(self, task: int) -> nn.Module:
-        d = self.inner.__dict__
-        saved = {k: d.pop(k) for k in ("qkv", "proj", "relative_position_bias_table") if k in d}
-        try:
-            plain = copy.deepcopy(self.inner)
-        finally:
-            d.update(saved)
+        plain = copy.deepcopy(self.inner)
         plain.qkv, plain.proj = self.qkv.to_plain(task), self.proj.to_plain(task)
         plain.num_heads = self.heads_for(task)
         if hasattr(plain, "attn_dim"):

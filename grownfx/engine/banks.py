@@ -34,10 +34,12 @@ if TYPE_CHECKING:  # pragma: no cover
 class MaskedLayer(_TaskModule):
     """Weight bank with per-unit ownership and per-task bit-packed masks (see module docstring)."""
 
-    def __init__(self, src: nn.Module, ctx: "TaskContext", target: str, granularity: str = "kernel"):
+    def __init__(self, src: nn.Module, ctx: "TaskContext", target: str, granularity: str = "kernel",
+                 unit_cols: int = 1):
         super().__init__()
         self._attach(ctx, target)
         self.granularity = granularity
+        self.unit_cols = unit_cols  # a Linear's unit: this many consecutive input columns (one flattened channel)
         self.weight = nn.Parameter(src.weight.detach().clone())
         self.register_buffer("frozen", torch.zeros_like(self.weight.detach()))
         self.register_buffer("owner", torch.full(self._unit_shape(self.weight.shape), FREE, dtype=torch.int16))
@@ -50,14 +52,36 @@ class MaskedLayer(_TaskModule):
 
     # -- shapes ---------------------------------------------------------------------------------------------
     def _unit_shape(self, wshape) -> tuple:
-        return tuple(wshape) if self.granularity == "element" else tuple(wshape[:2])
+        if self.granularity == "element":
+            return tuple(wshape)
+        if self.unit_cols > 1:
+            return (wshape[0], wshape[1] // self.unit_cols)
+        return tuple(wshape[:2])
 
     def _expand(self, unit: torch.Tensor) -> torch.Tensor:
+        """A unit-shaped tensor made to broadcast against the weight (a channel unit's columns repeated)."""
+        if self.unit_cols > 1:
+            return unit.repeat_interleave(self.unit_cols, dim=1)
         return unit.view(unit.shape + (1,) * (self.weight.dim() - unit.dim()))
+
+    def _unit_view(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight with each unit's weights on trailing axes (a channel unit's columns: a view, no copy)."""
+        return w.view(w.shape[0], -1, self.unit_cols) if self.unit_cols > 1 else w
+
+    def unit_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped tensor summed over each unit's weights (unit-shaped)."""
+        v = self._unit_view(t)
+        return v.sum(dim=tuple(range(self.owner.dim(), v.dim()))) if v.dim() > self.owner.dim() else v
+
+    def _unit_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """Positions on the input axis (whole channels of unit_cols columns each) -> positions of their units."""
+        return idx.view(-1, self.unit_cols)[:, 0] // self.unit_cols if self.unit_cols > 1 else idx
 
     @property
     def unit_size(self) -> int:
-        return 1 if self.granularity == "element" else math.prod(self.weight.shape[2:])
+        if self.granularity == "element":
+            return 1
+        return self.unit_cols if self.unit_cols > 1 else math.prod(self.weight.shape[2:])
 
     def in_role(self) -> str:
         return "grouped" if getattr(self, "groups", 1) > 1 else "in"
@@ -86,7 +110,8 @@ class MaskedLayer(_TaskModule):
         _BANK_OF[w] = weakref.ref(self)  # (re)registered here: covers copies, loads and growth's new Parameter
         if self.kind is not None:
             plan = self._mask_plan()
-            if self.ctx.fuse_masks and self.training and plan.masked and self.score is not None:
+            if self.ctx.fuse_masks and self.training and plan.masked and self.score is not None \
+                    and self.unit_cols == 1:
                 w = _fused_weight()(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
                                     plan.active, plan.scale, plan.threshold, plan.noise, w.dim() - self.score.dim())
             else:
@@ -96,7 +121,8 @@ class MaskedLayer(_TaskModule):
                 elif plan.trainable is not None or mult is not None:
                     # the bank's weight equals `frozen` on every owned unit (restore_owned), so the learning
                     # task's where(trainable, weight, frozen) is `weight` itself: no weight-sized select
-                    w = _MaskedWeight.apply(w, plan.trainable_units, mult, w.dim() - self.owner.dim())
+                    v = self._unit_view(w)
+                    w = _MaskedWeight.apply(v, plan.trainable_units, mult, v.dim() - self.owner.dim()).view(w.shape)
         gate = self.ctx.input_scale(self.target, self.training) if self.in_role() == "in" else None
         if gate is not None:
             w = w * gate.view((1, -1) + (1,) * (w.dim() - 2))
@@ -191,6 +217,8 @@ class MaskedLayer(_TaskModule):
         if self.in_role() == "in":
             new_in = self.ctx.born(self.target, "in", task)
             if new_in is not None:
+                if self.unit_cols > 1:  # a channel's columns are born together
+                    new_in = new_in.view(-1, self.unit_cols)[:, 0]
                 new = new | new_in[None, :]
         new = new.to(self.owner.device)
         if self.granularity == "element":
@@ -245,7 +273,7 @@ class MaskedLayer(_TaskModule):
             rows = self.ctx.visible(self.target, "grouped" if self.in_role() == "grouped" else "out", t)
             cols = self.ctx.visible(self.target, "in", t) if self.in_role() == "in" else None
             rows = torch.arange(owner.shape[0]) if rows is None else rows
-            cols = torch.arange(owner.shape[1]) if cols is None else cols
+            cols = torch.arange(owner.shape[1]) if cols is None else self._unit_index(cols)
             placed = torch.zeros(owner.shape, dtype=torch.bool, device=owner.device)
             placed.index_put_((rows.to(owner.device)[:, None], cols.to(owner.device)[None, :]), used)
             owner[placed & (owner == FREE)] = t
@@ -271,8 +299,11 @@ class MaskedLayer(_TaskModule):
             owned = self._expand(state_dict[prefix + "owner"] != FREE).to(weight.device)
             state_dict[prefix + "frozen"] = torch.where(owned, weight, torch.zeros((), dtype=weight.dtype,
                                                                                    device=weight.device))
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if len(error_msgs) == errors and prefix + "weight" in state_dict:
+            self.restore_owned()  # a checkpoint written before the invariant held (older grownfx): now it does
 
     def used_count(self, task: int) -> int:
         """Weights task `task` computes with (units selected by its mask times the unit size)."""
@@ -293,6 +324,9 @@ class MaskedLayer(_TaskModule):
         self.weight = nn.Parameter(remap(w, axis, src, fill), requires_grad=True)
         self.frozen = remap(self.frozen, axis, src, 0.0)
         unit_axis = axis
+        if axis == 1 and self.unit_cols > 1:  # whole channels come and go: their units with them
+            first = src.view(-1, self.unit_cols)[:, 0]
+            src = torch.where(first >= 0, first // self.unit_cols, first)
         self.owner = remap(self.owner, unit_axis, src, FREE)
         if self.kind is not None:
             self.kind = remap(self.kind, unit_axis, src, ATT)
@@ -489,7 +523,7 @@ class MaskedConv(MaskedLayer):
 
 class MaskedLinear(MaskedLayer):
     def __init__(self, src: nn.Linear, ctx: "TaskContext", target: str, granularity: str = "kernel"):
-        super().__init__(src, ctx, target, granularity)
+        super().__init__(src, ctx, target, granularity, _channel_columns(ctx, target, src, granularity))
         self.in_features, self.out_features = src.in_features, src.out_features
         self.__dict__["_bare"] = None if type(src) is nn.Linear else bare_layer(src)  # timm's Linear
 
@@ -511,6 +545,13 @@ class MaskedLinear(MaskedLayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _channel_columns(ctx: "TaskContext", target: str, src: nn.Linear, granularity: str) -> int:
+    """granularity 'channel': a Linear's unit is (output, block of input columns), the block prepare chose
+    (engine.net._linear_unit_columns: a flattened channel, or LINEAR_BLOCK neurons); 1 elsewhere (per weight)."""
+    c = ctx.unit_cols.get(target, 1) if granularity == "channel" else 1
+    return c if c > 1 and src.in_features % c == 0 else 1
 
 
 def _plain_subclass(bare: nn.Module, w: torch.Tensor, bias_bank, task: int, params: dict, **attrs) -> nn.Module:

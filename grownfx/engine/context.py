@@ -59,6 +59,7 @@ class TaskContext:
         self.temperature: float | None = None  # Gumbel temperature override (annealed by the learner)
         self.hard_gates = False  # train with binarised gates (straight-through), as they will be kept
         self.fuse_masks = False  # compute masked weights with one torch.compile'd expression (training.compile)
+        self.unit_cols: dict[str, int] = {}  # granularity 'channel': a Linear's input columns per mask unit
         self.version = 0  # bumped on every structural change
         self._cache: dict = {}  # (owner, name) -> (key, derived tensor); see cached() and cached_lru()
         # finished tasks whose effective weights each masked layer keeps (least recently used evicted): memory
@@ -187,7 +188,12 @@ class TaskContext:
         name): the least recently used one is dropped first.  Cleared by `bump()` like every other entry."""
         slot = (owner, name, "lru")
         lru = self._cache.get(slot)
-        if lru is None:
+        if lru is not None:  # the hot path (a served task's weight): one lookup, one move
+            hit = lru.get(item)
+            if hit is not None and hit[0] == key and len(lru) <= limit:
+                lru.move_to_end(item)
+                return hit[1]
+        else:
             lru = self._cache[slot] = OrderedDict()
         hit = lru.get(item)
         if hit is not None and hit[0] == key:

@@ -4,8 +4,10 @@
 sees) as a `torch.export` program whose weights are inputs, so the programs hold no tensors, and stores
 
   * a masked layer's weight of task t as a reference into the layer's frozen bank (stored once): the channels t
-    sees (`ctx.visible`) and one bit per unit, where(bits, bank[visible], 0) -- checked bit for bit against the
-    task's plain weight when built; a weight that does not match (a task still being learned) is stored whole,
+    sees (`ctx.visible`) and one bit per unit (a kernel; a weight at element granularity), set where the task's
+    weight is non-zero: its mask, less units whose frozen values are all zero (they compute the same).
+    where(bits, bank[visible], 0) is checked bit for bit against the task's plain weight when built; a weight
+    that does not match (a task still being learned) is stored whole,
   * every other tensor as it is, once for all tasks holding the same bytes (a norm, head or bias per task),
   * the graphs: one program (batch size dynamic) per graph and shapes, checked to compute the task's plain model
     bit for bit; all programs and the index are compressed together (lzma).
@@ -17,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import json
+import logging
 import lzma
 
 import torch

@@ -55,10 +55,11 @@ def prepare(
     `net.graph_module.auto_leaves` names them."""
     if not isinstance(seed_width, (int, float)) or not 0 < seed_width <= 1:
         raise SurgeryError(f"seed_width must be in (0, 1], got {seed_width!r}")
-    if granularity not in ("kernel", "element"):
-        raise SurgeryError(f"granularity must be 'kernel' or 'element', got {granularity!r}")
+    if granularity not in ("kernel", "element", "channel"):
+        raise SurgeryError(f"granularity must be 'kernel', 'element' or 'channel', got {granularity!r}")
     gm, coupling, widths, full_params = slim(model, example_input, seed_width, leaf_modules=leaf_modules, seed=seed,
-                                             auto_leaves=auto_leaves)
+                                             auto_leaves=auto_leaves,
+                                             linear_block=LINEAR_BLOCK if granularity == "channel" else 1)
     heads = coupling.head_targets()
     ctx = TaskContext()
     ctx.widths = widths
@@ -70,6 +71,8 @@ def prepare(
             ctx.layouts[("fn:" + b.target, "feat")] = binding_layout(coupling, b)
         elif b.role == "attn":  # nn.MultiheadAttention: its projection banks (engine/attention.py)
             ctx.layouts.update(attention_layouts(b.target, binding_layout(coupling, b)))
+    if granularity == "channel":
+        ctx.unit_cols = _linear_unit_columns(gm, coupling, heads)
     gm, holders = make_task_aware(gm, heads, ctx, granularity)
     for b in coupling.bindings:
         if b.role == "feat" and b.axis < 0:  # a layer norm over one channel axis (coupling rules)
@@ -91,9 +94,34 @@ def prepare(
     return net
 
 
+LINEAR_BLOCK = 16  # granularity 'channel': a Linear's input neurons (no flatten before it) in blocks of this many
+
+
+def _linear_inputs(gm: fx.GraphModule, coupling: CouplingResult, heads: list[str]):
+    """The input bindings of the masked (non-head) Linear layers."""
+    for b in coupling.bindings:
+        if b.role == "in" and b.target not in heads and isinstance(gm.get_submodule(b.target), nn.Linear):
+            yield b
+
+
+def _linear_unit_columns(gm: fx.GraphModule, coupling: CouplingResult, heads: list[str]) -> dict[str, int]:
+    """granularity 'channel': the input columns of one mask unit of each masked Linear -- the largest block that
+    every segment of its input keeps whole as channels come and go (a flattened channel's spatial positions, or
+    LINEAR_BLOCK neurons of a group that grows by whole blocks)."""
+    out = {}
+    for b in _linear_inputs(gm, coupling, heads):
+        sizes = [f * (coupling.groups[g].granularity if coupling.groups[g].growable else fixed)
+                 for g, f, fixed in binding_layout(coupling, b)]
+        out[b.target] = math.gcd(*sizes) if sizes else 1
+    return out
+
+
 def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
-         leaf_modules: Iterable[str | type] = (), seed: int = 0, auto_leaves: bool = False):
+         leaf_modules: Iterable[str | type] = (), seed: int = 0, auto_leaves: bool = False, linear_block: int = 1):
     """Trace and analyse `model`, and slice every growable group to `width` of its channels (a plain graph).
+
+    `linear_block` > 1: groups read by a masked Linear without a flatten factor change width by whole blocks of
+    that many channels (granularity 'channel': the Linear's mask units are such blocks).
 
     Returns (graph module, coupling result, {group: width}, parameters of the full-width model).
     The caller's model is left untouched (the graph module works on a copy).
@@ -103,6 +131,11 @@ def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
     _fix_reused_modules(coupling)
     heads = coupling.head_targets()
     _check_heads(coupling, heads)
+    if linear_block > 1:
+        for b in _linear_inputs(gm, coupling, heads):
+            for g, factor, _ in binding_layout(coupling, b):
+                if factor == 1 and coupling.groups[g].growable:
+                    coupling.groups[g].granularity = math.lcm(coupling.groups[g].granularity, linear_block)
     full_params = count_parameters(gm)
     widths = {g.id: g.width for g in coupling.groups if g.growable}
     if width < 1:

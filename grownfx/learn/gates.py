@@ -151,17 +151,20 @@ def _scale_consumer_columns(net: GrowableNet, gid: int, hard: torch.Tensor) -> N
     masked banks and the learning task's copy of a per-task head)."""
     ctx = net.ctx
     w, n = ctx.widths[gid], hard.numel()
+    consumers = []
     for b in net.coupling.groups[gid].members:
-        if b.role != "in":
-            continue
-        layout = binding_layout(net.coupling, b)
+        if b.role == "in":
+            consumers.append((b.target, binding_layout(net.coupling, b)))
+        elif b.role == "attn":  # nn.MultiheadAttention: its projections consume the group (engine/attention.py)
+            consumers += [(b.target + p, binding_layout(net.coupling, b)) for p in (".in_proj", ".out_proj")]
+    for target, layout in consumers:
         scale = torch.ones(sum(ctx.widths.get(g, fixed) * f for g, f, fixed in layout), device=hard.device)
         pos = 0
         for g2, factor, fixed in layout:
             if g2 == gid:
                 scale[pos + (w - n) * factor: pos + w * factor] = hard.repeat_interleave(factor)
             pos += ctx.widths.get(g2, fixed) * factor
-        module = net.graph_module.get_submodule(b.target)
+        module = net.graph_module.get_submodule(target)
         weight = module.copies[ctx.learning_task].weight if isinstance(module, PerTask) else module.weight
         with torch.no_grad():
             weight.copy_(scaled_columns(weight, scale.to(weight.device)))

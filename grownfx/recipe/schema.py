@@ -35,8 +35,11 @@ class ModelConfig(_Strict):
                                        "of the backbone's parameters (the seed paper's unit: 0.5x, 0.3x); the "
                                        "channel fraction giving the closest size is found by bisection "
                                        "(grownfx.learn.seed_size) and replaces `seed_width`.")
-    granularity: Literal["kernel", "element"] = Field("kernel", description="Mask unit: one value per conv "
-                                                      "kernel (GROWN, KSM) or per weight (PackNet, Piggyback).")
+    granularity: Literal["kernel", "element", "channel"] = Field(
+        "kernel", description="Mask unit: one value per conv kernel and per Linear weight (GROWN, KSM), per weight "
+        "everywhere (PackNet, Piggyback), or 'channel': as 'kernel', but a Linear fed by a flatten gets one unit "
+        "per (output, input channel), the channel's spatial positions together (LeNet-5's fc1: 16 weights), like "
+        "a conv kernel; faster, coarser (docs/performance.md §1).")
 
 
 class SitesConfig(_Strict):

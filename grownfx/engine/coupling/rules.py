@@ -414,6 +414,9 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
                 # task-aware graph computes it per task (rewrite.make_layer_norms_task_aware)
                 for v, (_, fill) in zip(vals, affine):
                     self.bindings.append(Binding(v.origin[0][0], "param", lay, v.origin[0][1], node.name, fill))
+                for w in self.widths_in(shape):  # (C,) read from a shape: that count must stay this width
+                    for wl in w.layouts:
+                        self.tie(wl, lay, node.name)
                 self.bind(node.name, "lnfn", lay, node)
                 return TVal(x.axes, tensor_shape(node) or x.shape)
             for ax in range(len(x.shape) - k, len(x.shape)):

@@ -28,8 +28,7 @@ def own_units(layer: MaskedLayer) -> torch.Tensor:
 
 
 def unit_magnitude(layer: MaskedLayer) -> torch.Tensor:
-    w = layer.weight.detach().abs()
-    return w if layer.granularity == "element" else w.flatten(2).sum(2)
+    return layer.unit_sum(layer.weight.detach().abs())
 
 
 def prune_to(layer: MaskedLayer, sparsity: float) -> int:
