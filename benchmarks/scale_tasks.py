@@ -50,11 +50,12 @@ def live_tensor_bytes() -> int:
             if obj.device.type != "cpu":
                 continue
             st = obj.untyped_storage()
-        except Exception:  # noqa: BLE001 - some tensor subclasses refuse
+            ptr = st.data_ptr()
+        except Exception:  # noqa: BLE001 - some tensor subclasses refuse (FakeTensors left by torch.export)
             continue
-        if st.data_ptr() in seen:
+        if ptr in seen:
             continue
-        seen.add(st.data_ptr())
+        seen.add(ptr)
         total += st.nbytes()
     return total
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grownfx
-from grownfx.engine.tracing import TraceError, layer_kind
+from grownfx.engine.tracing import TraceError, layer_kind, trace
 from engine_checks import check_backbone
 
 
@@ -266,7 +266,8 @@ def test_scaled_std_conv_gain_follows_its_filters():
 
 
 class ShapeBranch(nn.Module):
-    """timm's VGG pre_logits: control flow on a shape, which fx cannot trace."""
+    """Control flow on a shape, which fx cannot trace (like timm's VGG pre_logits, but a class the tracer does not
+    know: ConvMlp below)."""
 
     def __init__(self):
         super().__init__()
@@ -295,6 +296,70 @@ def test_auto_leaves_keep_untraceable_modules_opaque():
     assert net.graph_module.auto_leaves == ["pre"]
     report = check_backbone("auto", 0.5, builder=_builder(WithShapeBranch, (2, 3, 8, 8)), auto_leaves=True)
     assert report["growable"] == 1  # conv -> mid; mid's output meets the opaque leaf and stays fixed
+
+
+class ConvMlp(nn.Module):
+    """timm's VGG pre_logits (timm.models.vgg.ConvMlp, forward as in timm 1.0): a shape test fx cannot trace;
+    the tracer knows a shape-free equivalent (tracing.traced_forward), so fc1 and fc2 are seen."""
+
+    __module__ = "timm.models.vgg"  # the class the tracer knows by name
+
+    def __init__(self, cin=8, cout=16, k=4):
+        super().__init__()
+        self.input_kernel_size = k
+        self.fc1, self.act1, self.drop = nn.Conv2d(cin, cout, k), nn.ReLU(True), nn.Dropout(0.2)
+        self.fc2, self.act2 = nn.Conv2d(cout, cout, 1), nn.ReLU(True)
+
+    def forward(self, x):
+        if x.shape[-2] < self.input_kernel_size or x.shape[-1] < self.input_kernel_size:
+            output_size = (max(self.input_kernel_size, x.shape[-2]), max(self.input_kernel_size, x.shape[-1]))
+            x = F.adaptive_avg_pool2d(x, output_size)
+        return self.act2(self.fc2(self.drop(self.act1(self.fc1(x)))))
+
+
+class OtherConvMlp(ConvMlp):
+    """The same name with another forward (pooled up to 2k x 2k): the tracer's equivalent does not hold."""
+
+    __module__ = "timm.models.vgg"
+
+    def forward(self, x):
+        k = 2 * self.input_kernel_size
+        if x.shape[-2] < k or x.shape[-1] < k:
+            x = F.adaptive_avg_pool2d(x, (max(k, x.shape[-2]), max(k, x.shape[-1])))
+        return self.act2(self.fc2(self.drop(self.act1(self.fc1(x)))))
+
+
+OtherConvMlp.__name__ = "ConvMlp"
+
+
+class VggLike(nn.Module):
+    def __init__(self, mlp=ConvMlp):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4))
+        self.pre_logits = mlp()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.pre_logits(self.features(x)).mean((2, 3)))
+
+
+def test_vgg_conv_mlp_traced_through_its_shape_test():
+    report = check_backbone("vgg", 0.5, builder=_builder(VggLike, (2, 3, 8, 8)), auto_leaves=True)
+    # features -> fc1, fc1 -> fc2, fc2 -> head: as a leaf, ConvMlp kept all three fixed (growable 0)
+    assert report["growable"] == 3
+    assert sorted(report["fixed_reasons"]) == ["touches the logits", "touches the network input"]
+    model = VggLike().eval()
+    gm = trace(model, torch.randn(2, 3, 8, 8))
+    assert gm.auto_leaves == [] and "pool_to_min_size" in gm.code
+    for h, w in ((8, 8), (8, 24), (24, 8), (16, 16), (40, 28)):  # features 2x2 .. 10x7: pooled where under 4x4
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            assert torch.equal(gm(x), model(x)), (h, w)  # one graph serves every input size
+
+
+def test_conv_mlp_with_another_forward_stays_a_leaf():
+    net = grownfx.prepare(VggLike(OtherConvMlp), torch.randn(2, 3, 8, 8), auto_leaves=True)
+    assert net.graph_module.auto_leaves == ["pre_logits"]
 
 
 class GhostLike(nn.Module):

@@ -30,6 +30,19 @@ def test_tiny_timm_model_batchnormact_and_timm_linear():
     assert sorted(report["fixed_reasons"]) == ["touches the logits", "touches the network input"]
 
 
+def test_timm_vgg_conv_mlp_is_traced_not_a_leaf():
+    # timm's VGG pre_logits (ConvMlp) branches on its input's shape: traced as tracing.traced_forward's equivalent
+    # (probed against this timm's own forward), its fc1 and fc2 grow; as an automatic leaf they stayed fixed
+    from timm.models.vgg import VGG
+
+    def builder(name):
+        return VGG([8, "M", 16, "M"], num_classes=10, mlp_ratio=1 / 64), torch.randn(2, 3, 8, 8)
+
+    report = check_backbone("vgg", 0.5, builder=builder, auto_leaves=True)
+    assert report["growable"] == 4  # conv1 -> conv2, conv2 -> fc1, fc1 -> fc2, fc2 -> head
+    assert sorted(report["fixed_reasons"]) == ["touches the logits", "touches the network input"]
+
+
 SLOW = [
     ("cspresnet50", 64, {}),  # BatchNormAct2d: no growth site before
     ("dpn68", 32, {}),  # + numeric channel slices of a conv's output

@@ -94,9 +94,10 @@ class MaskedLayer(_TaskModule):
         return self._finished_weight(task)
 
     def effective_bias(self) -> torch.Tensor | None:
-        if self.bias_bank is None:
+        bank = self._modules.get("bias_bank")  # direct lookups: this runs per layer per forward (batch-1 serving)
+        if bank is None:
             return None
-        return self.bias_bank.copies[self.ctx.require_task()]
+        return bank.copy_for(self.ctx.require_task())
 
     def _learning_weight(self) -> torch.Tensor:
         if not self.training and not torch.is_grad_enabled():
@@ -150,7 +151,8 @@ class MaskedLayer(_TaskModule):
         return st * plan.active if plan.const is None else torch.addcmul(plan.const, st, plan.active)
 
     def _finished_weight(self, task: int) -> torch.Tensor:
-        key = (self.frozen.device, self.frozen.dtype, self.frozen._version, id(self.frozen))
+        frozen = self._buffers["frozen"]  # one lookup (nn.Module.__getattr__ is slow at batch 1)
+        key = (frozen.device, frozen.dtype, frozen._version, id(frozen))
         # up to ctx.finished_cache_size finished tasks per layer (LRU; memory: that many of a bank's size), so
         # serving tasks in turn does not rebuild the weights at every switch
         return self.ctx.cached_lru(self.target, "finished", task, key, lambda: self._compute_finished_weight(task),

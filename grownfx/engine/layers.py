@@ -55,14 +55,15 @@ class PerTask(_TaskModule):
         self.norm_axis: int | None = None  # a layer norm: the (negative) axis it normalises (rewrite sets it)
 
     def forward(self, *args, **kwargs):
-        t = self.ctx.require_task()
-        copy_t = self.copies[t]
+        ctx = self.__dict__["_ctx"]  # direct lookups: this runs per norm per forward (batch-1 serving)
+        t = ctx.require_task()
+        copy_t = self._modules["copies"]._modules[str(t)]  # ModuleList keeps copy t under the name str(t)
         if self.norm_axis is not None:
-            index = self.ctx.norm_stats(self.target, t)
+            index = ctx.norm_stats(self.target, t)
             if index is not None:  # statistics over the channels born before task t only
                 return stats_layer_norm(args[0], index.to(args[0].device), copy_t.weight, copy_t.bias, copy_t.eps,
                                         self.norm_axis)
-        scale = self.ctx.input_scale(self.target, self.training) if self.ctx.is_learning(t) else None
+        scale = ctx.input_scale(self.target, self.training) if ctx.is_learning(t) else None
         if scale is None:
             return copy_t(*args, **kwargs)
         # a consumer of gated channels (the task's head): the gate multiplies its input columns, as in a bank
@@ -180,7 +181,8 @@ class TaskParameter(_TaskModule):
                                               requires_grad=self.copies[birth].requires_grad)
 
     def copy_for(self, task: int) -> torch.Tensor:
-        return self.copies[task]
+        # ParameterList registers copy i as parameter str(i): a direct lookup, not __getitem__ (per forward)
+        return self.copies._parameters[str(task)] if task >= 0 else self.copies[task]
 
 
 # --- masked weight banks ---------------------------------------------------------------------------------

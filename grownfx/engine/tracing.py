@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import functools
 import io
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -49,7 +51,14 @@ class GrownTracer(fx.Tracer):
         if isinstance(root, nn.Module):
             for m in root.modules():  # probe layer subclasses now: a probe run while fx traces would be recorded
                 layer_kind(m)
+                traced_forward(m)
         return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        fn = traced_forward(m)
+        if fn is not None:  # a forward that branches on a shape, traced as its shape-free equivalent
+            forward = functools.partial(fn, m)
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types):
@@ -59,6 +68,65 @@ class GrownTracer(fx.Tracer):
         if is_norm_subclass(m) or layer_kind(m) in ("plain", "std") or head_attention_kind(m) is not None:
             return True  # timm's BatchNormAct2d, Conv2dSame, StdConv2d, Linear: analysed and rewritten as layers
         return super().is_leaf_module(m, qualname)
+
+
+# --- modules whose forward branches on a shape, traced as a shape-free equivalent --------------------------------
+
+def pool_to_min_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Average-pool the last two axes up to `size` x `size` where they are smaller (timm's VGG ConvMlp keeps its 7x7
+    conv's input at least 7x7), the identity elsewhere.  One graph node (`fx.wrap`): the branch reads the input's
+    shape when the graph runs, so the graph is right for every input size; the coupling analysis treats it as
+    pooling (channels pass unchanged)."""
+    h, w = x.shape[-2], x.shape[-1]
+    if h < size or w < size:
+        x = F.adaptive_avg_pool2d(x, (max(size, h), max(size, w)))
+    return x
+
+
+fx.wrap("pool_to_min_size")
+
+
+def _timm_vgg_conv_mlp(m: nn.Module, x):
+    """timm's VGG `ConvMlp.forward` with its shape test moved into `pool_to_min_size`: fc1 and fc2 are seen."""
+    x = pool_to_min_size(x, m.input_kernel_size)
+    return m.act2(m.fc2(m.drop(m.act1(m.fc1(x)))))
+
+
+_TRACED_FORWARDS: dict[tuple[str, str], Callable] = {("timm.models.vgg", "ConvMlp"): _timm_vgg_conv_mlp}
+_FORWARD_OK: dict[type, bool] = {}
+
+
+def traced_forward(m: nn.Module) -> Callable | None:
+    """The traceable equivalent `fn(module, x)` of a known module's forward that fx cannot trace (control flow on a
+    shape), or None.  It is used only if it computes what the module's own forward computes on inputs on both sides
+    of the branch (probed once per class, `_probe_forward`): a library version whose forward differs stays
+    untraceable (an automatic leaf, its channels fixed) rather than being traced wrong."""
+    fn = _TRACED_FORWARDS.get((type(m).__module__, type(m).__name__))
+    if fn is None:
+        return None
+    if type(m) not in _FORWARD_OK:
+        _FORWARD_OK[type(m)] = _probe_forward(m, fn)
+    return fn if _FORWARD_OK[type(m)] else None
+
+
+def _probe_forward(m: nn.Module, fn: Callable) -> bool:
+    was_training = m.training
+    try:
+        k, c = int(m.input_kernel_size), int(m.fc1.in_channels)
+        p = next(m.parameters())
+        g = torch.Generator(device=p.device).manual_seed(0)
+        m.eval()
+        with torch.no_grad():
+            for hw in ((1, 1), (max(k - 1, 1), k + 1), (k + 1, max(k - 1, 1)), (k, k + 1)):
+                x = torch.randn(1, c, *hw, generator=g, dtype=p.dtype, device=p.device)
+                a, b = m(x.clone()), fn(m, x.clone())
+                if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+                    return False
+    except Exception:  # noqa: BLE001 - a module we cannot probe is one we do not understand
+        return False
+    finally:
+        m.train(was_training)
+    return True
 
 
 # --- subclasses of the standard layers (timm and others) -----------------------------------------------------
@@ -248,7 +316,7 @@ def trace(
 
     Raises `TraceError` naming the module or node when fx cannot trace the model or the traced graph
     cannot run on `example_input`; declare such modules as `leaf_modules` to keep them opaque.  With
-    `auto_leaves`, a submodule fx cannot trace (control flow on a shape, timm's VGG `pre_logits`) is made a leaf
+    `auto_leaves`, a submodule fx cannot trace (control flow on a shape) is made a leaf
     and tracing is retried; the graph module's `auto_leaves` lists them (opaque: their channels stay fixed).
     """
     if not isinstance(example_input, torch.Tensor):

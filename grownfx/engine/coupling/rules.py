@@ -30,7 +30,8 @@ _REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "pr
 _SPLIT = {"chunk", "split", "tensor_split", "unbind", "split_with_sizes"}
 _POOL_FN = {"adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3, "avg_pool1d": 1,
             "avg_pool2d": 2, "avg_pool3d": 3, "max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3,
-            "adaptive_max_pool2d": 2, "interpolate": 2, "upsample": 2}
+            "adaptive_max_pool2d": 2, "interpolate": 2, "upsample": 2,
+            "pool_to_min_size": 2}  # tracing.pool_to_min_size: adaptive_avg_pool2d where the input is small
 _IGNORE = {"size", "dim", "getattr", "numel", "_assert", "eq", "ne", "lt", "gt", "le", "ge", "len", "item",
            "is_floating_point", "_set_grad_enabled"}
 
