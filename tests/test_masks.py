@@ -49,7 +49,7 @@ def test_masked_weight_backward_equals_autograd_of_where_then_mul(shape, case):
     """The learning task's effective weight (`weight * mult` with a hand-written backward) equals autograd's
     `where(trainable, weight, frozen) * mult` and its gradients, given the bank's invariant: the weight's
     gradient is exactly 0 on units it may not train, and the unit multiplier's is the sum over the unit."""
-    from grownfx.engine.banks import _MaskedWeight
+    from grownfx.engine.unit_weight import MaskedWeight as _MaskedWeight
 
     g = torch.Generator().manual_seed(0)
     unit_shape = shape[:2]

@@ -22,9 +22,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grownfx.engine.banks import MaskedLinear, TaskMultiheadAttention
+from grownfx.engine.banks import MaskedLinear
 from grownfx.engine.layers import TaskParameter, _TaskModule
 from grownfx.engine.surgery import qkv_map
+
+
+class TaskMultiheadAttention(_TaskModule):
+    """`nn.MultiheadAttention` whose input and output projections are masked banks."""
+
+    def __init__(self, src: nn.MultiheadAttention, ctx, target: str, granularity: str = "kernel"):
+        super().__init__()
+        self._attach(ctx, target)
+        if not src._qkv_same_embed_dim or src.bias_k is not None:
+            raise NotImplementedError(f"'{target}': only MultiheadAttention with kdim == vdim == embed_dim")
+        proj = nn.Linear(src.embed_dim, 3 * src.embed_dim, bias=src.in_proj_bias is not None)
+        proj.weight, proj.bias = src.in_proj_weight, src.in_proj_bias
+        self.in_proj = MaskedLinear(proj, ctx, target + ".in_proj", granularity)
+        self.out_proj = MaskedLinear(src.out_proj, ctx, target + ".out_proj", granularity)
+        self.embed_dim, self.num_heads, self.dropout = src.embed_dim, src.num_heads, src.dropout
+        self.batch_first, self.add_zero_attn = src.batch_first, src.add_zero_attn
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj.effective_weight(),
+            self.in_proj.effective_bias(), None, None, self.add_zero_attn, self.dropout,
+            self.out_proj.effective_weight(), self.out_proj.effective_bias(), training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def to_plain(self, task: int) -> nn.Module:
+        m = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
+                                  bias=self.in_proj.bias_bank is not None, add_zero_attn=self.add_zero_attn,
+                                  batch_first=self.batch_first)
+        inp, outp = self.in_proj.to_plain(task), self.out_proj.to_plain(task)
+        m = m.to(device=inp.weight.device, dtype=inp.weight.dtype)
+        with torch.no_grad():
+            m.in_proj_weight.copy_(inp.weight)
+            if inp.bias is not None:
+                m.in_proj_bias.copy_(inp.bias)
+            m.out_proj.weight.copy_(outp.weight)
+            if outp.bias is not None:
+                m.out_proj.bias.copy_(outp.bias)
+        return m
 
 
 class HeadGrowingAttention(TaskMultiheadAttention):

@@ -4,8 +4,8 @@
   element of a linear) has an owner: the task that trained it, or FREE.  A finished task keeps a bit-packed
   mask over the units it could see; it computes with `where(mask, frozen_values, 0)` restricted to the
   channels that existed for it, so its computation never changes.  The task being learned computes with
-  `where(trainable, weight, frozen) * unit_mask * channel_gate`.
-* `TaskMultiheadAttention`: `nn.MultiheadAttention` over masked projection banks.
+  `weight * unit_mask * channel_gate`, `weight` holding the frozen values on owned units (unit_weight.py).
+`TaskMultiheadAttention` (masked projection banks) is in attention.py.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
 
 from grownfx.engine import masks as M
-from grownfx.engine.context import ATT, DENSE, OFF, SEL
+from grownfx.engine.context import ATT, OFF, SEL
 from grownfx.engine.layers import FREE, TaskParameter, _TaskModule
 from grownfx.engine.surgery import random_fill, remap, set_conv_width, set_linear_width
 from grownfx.engine.tracing import bare_layer, call_with_weight, out_channel_params
+from grownfx.engine.unit_weight import BANK_OF, MaskedWeight, MaskPlan, fused_masked_weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from grownfx.engine.context import TaskContext
@@ -108,12 +107,12 @@ class MaskedLayer(_TaskModule):
 
     def _compute_learning_weight(self) -> torch.Tensor:
         w = self.weight
-        _BANK_OF[w] = weakref.ref(self)  # (re)registered here: covers copies, loads and growth's new Parameter
+        BANK_OF[w] = weakref.ref(self)  # (re)registered here: covers copies, loads and growth's new Parameter
         if self.kind is not None:
             plan = self._mask_plan()
             if self.ctx.fuse_masks and self.training and plan.masked and self.score is not None \
                     and self.unit_cols == 1:
-                w = _fused_weight()(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
+                w = fused_masked_weight()(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
                                     plan.active, plan.scale, plan.threshold, plan.noise, w.dim() - self.score.dim())
             else:
                 mult = self._unit_multiplier(plan)
@@ -123,7 +122,7 @@ class MaskedLayer(_TaskModule):
                     # the bank's weight equals `frozen` on every owned unit (restore_owned), so the learning
                     # task's where(trainable, weight, frozen) is `weight` itself: no weight-sized select
                     v = self._unit_view(w)
-                    w = _MaskedWeight.apply(v, plan.trainable_units, mult, v.dim() - self.owner.dim()).view(w.shape)
+                    w = MaskedWeight.apply(v, plan.trainable_units, mult, v.dim() - self.owner.dim()).view(w.shape)
         gate = self.ctx.input_scale(self.target, self.training) if self.in_role() == "in" else None
         if gate is not None:
             w = w * gate.view((1, -1) + (1,) * (w.dim() - 2))
@@ -135,12 +134,12 @@ class MaskedLayer(_TaskModule):
             parts += [self.score._version, id(self.score)]
         return tuple(parts) + self.ctx.scale_version()
 
-    def _mask_plan(self) -> "_MaskPlan":
+    def _mask_plan(self) -> "MaskPlan":
         """Per-unit constants of the learning task's masks, rebuilt only when kinds or the temperature change."""
         key = (self.weight.device, self.ctx.temperature, id(self.ctx.policy))
-        return self.ctx.cached(self.target, "plan", key, lambda: _MaskPlan.build(self, key))
+        return self.ctx.cached(self.target, "plan", key, lambda: MaskPlan.build(self, key))
 
-    def _unit_multiplier(self, plan: "_MaskPlan") -> torch.Tensor | None:
+    def _unit_multiplier(self, plan: "MaskPlan") -> torch.Tensor | None:
         """const (1 for dense units) + a straight-through binary mask on units with a learned mask; selective
         (Gumbel-Sigmoid: scale beta/T, noise 1/T) and attentive (threshold: no noise) units in one call."""
         if not plan.masked or self.score is None:
@@ -196,7 +195,7 @@ class MaskedLayer(_TaskModule):
 
     def restore_owned(self) -> None:
         """Put the frozen values back into the bank's weight on every owned unit.  The learning task computes
-        with `weight` directly (see _MaskedWeight), which relies on this; gradients there are exactly 0, so only
+        with `weight` directly (see MaskedWeight), which relies on this; gradients there are exactly 0, so only
         an optimiser that decays every entry (weight decay, AdamW) moves them, and any optimiser's step with
         weight decay calls this afterwards (`_restore_after_decay`, a global optimizer step hook)."""
         owned = self._expand(self.owner != FREE)
@@ -343,134 +342,6 @@ class MaskedLayer(_TaskModule):
         pass
 
 
-_BANK_OF = WeakIdKeyDictionary()  # a bank's weight Parameter -> the bank, for the step hook below
-
-
-def _restore_after_decay(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """After any optimiser step that decays every entry (weight decay, AdamW): owned units of a bank are put
-    back to their frozen values, so a user's own training loop keeps the invariant as grownfx's does."""
-    for group in optimizer.param_groups:
-        if not group.get("weight_decay"):
-            continue
-        for p in group["params"]:
-            ref = _BANK_OF.get(p)
-            layer = ref() if ref is not None else None
-            if layer is not None and layer.weight is p:
-                layer.restore_owned()
-
-
-register_optimizer_step_post_hook(_restore_after_decay)
-
-
-class _MaskedWeight(torch.autograd.Function):
-    """The learning task's weight `weight * mult`, where `weight` holds the frozen values on owned units, with
-    its backward written out (profile: autograd of the former `where(trainable, weight, frozen) * mult` costs
-    a select forward and five weight-sized passes backward; this costs one forward and two or three backward).
-
-    trainable_units: 0/1 per unit, 1 where the task may train the unit (None: every unit); mult: the unit
-    multiplier (None: 1).  d weight = G * (trainable * mult): exactly 0 on units the task may not train, so an
-    optimiser without weight decay never moves an owned unit; d mult = sum over a unit's weights of G * weight."""
-
-    @staticmethod
-    def forward(ctx, weight, trainable_units, mult, extra_dims: int):
-        ctx.extra_dims = extra_dims
-        ctx.save_for_backward(weight if mult is not None and ctx.needs_input_grad[2] else None, trainable_units,
-                              mult)
-        if mult is None:
-            return weight.view_as(weight)
-        return weight * mult.view(mult.shape + (1,) * extra_dims)
-
-    @staticmethod
-    def backward(ctx, grad):
-        w, trainable_units, mult = ctx.saved_tensors
-        expand = (1,) * ctx.extra_dims
-        grad_weight = grad_mult = None
-        if ctx.needs_input_grad[0]:
-            unit = mult.detach() if mult is not None else None
-            if trainable_units is not None:
-                unit = trainable_units if unit is None else unit * trainable_units
-            grad_weight = grad if unit is None else grad * unit.view(unit.shape + expand)
-        if ctx.needs_input_grad[2]:
-            prod = grad * w
-            grad_mult = prod.sum(dim=tuple(range(prod.dim() - ctx.extra_dims, prod.dim()))) if ctx.extra_dims else prod
-        return grad_weight, None, grad_mult, None
-
-
-def _masked_weight(weight, frozen, score, trainable, none_trainable: bool, const, active, scale, threshold, noise,
-                   extra_dims: int):
-    """where(trainable, weight, frozen) * (const + active * binary_concrete(score)), written as one expression so
-    torch.compile can fuse it into a single pass over the weights (forward) and one or two (backward)."""
-    w = frozen if none_trainable else (weight if trainable is None else torch.where(trainable, weight, frozen))
-    z = (score - threshold) * scale
-    if noise is not None:
-        z = z + noise * torch.logit(torch.rand_like(score), eps=1e-6)
-    soft = torch.sigmoid(z)
-    m = (z >= 0).to(z.dtype) + (soft - soft.detach())
-    if active is not None:
-        m = m * active
-    if const is not None:
-        m = m + const
-    return w * m.view(m.shape + (1,) * extra_dims)
-
-
-_FUSED = None
-
-
-def _fused_weight():
-    """The compiled `_masked_weight` (compiled once per process, on first use)."""
-    global _FUSED
-    if _FUSED is None:
-        _FUSED = torch.compile(_masked_weight, dynamic=True)
-    return _FUSED
-
-
-class _MaskPlan:
-    """What the learning task does with each unit, as tensors ready for the forward pass."""
-
-    def __init__(self, key, trainable, const, active, scale, threshold, noise, none_trainable=False,
-                 trainable_units=None):
-        self.key, self.trainable, self.const, self.active = key, trainable, const, active
-        self.trainable_units = trainable_units  # `trainable` as 0/1 values of the unit shape (the backward's)
-        self.scale, self.threshold, self.noise = scale, threshold, noise
-        self.none_trainable = none_trainable
-        self.masked = scale is not None  # some unit carries a learned (selective or attentive) mask
-
-    @classmethod
-    def build(cls, layer: MaskedLayer, key) -> "_MaskPlan":
-        kind, pol, dtype = layer.kind, layer.ctx.policy, layer.weight.dtype
-        trainable = (layer.owner == FREE) & (kind != OFF)
-        none_trainable = not bool(trainable.any())
-        units = None if bool(trainable.all()) else trainable.to(dtype)
-        trainable = None if units is None else layer._expand(trainable)
-        dense = kind == DENSE
-        const = None if bool(dense.all()) else dense.to(dtype)
-        sel, att = kind == SEL, kind == ATT
-        if not bool((sel | att).any()):
-            return cls(key, trainable, const, None, None, None, None, none_trainable, units)
-        t_sel = layer.ctx.temperature or pol.selective.temperature
-        if pol.selective_kind == "ste":
-            sel_p = (pol.selective_ste.scale, pol.selective_ste.threshold, 0.0)
-        else:
-            sel_p = (pol.selective.beta / t_sel, pol.selective.threshold, 1.0 / t_sel)
-        if pol.attentive_kind == "ste":
-            att_p = (pol.attentive.scale, pol.attentive.threshold, 0.0)
-        else:
-            t_att = layer.ctx.temperature or pol.attentive_gumbel.temperature
-            att_p = (pol.attentive_gumbel.beta / t_att, pol.attentive_gumbel.threshold, 1.0 / t_att)
-
-        has_sel, has_att = bool(sel.any()), bool(att.any())
-
-        def per_unit(i):  # a plain number when every masked unit shares it (saves a weight-sized tensor)
-            if not has_att or not has_sel or sel_p[i] == att_p[i]:
-                return sel_p[i] if has_sel else att_p[i]
-            return torch.where(sel, sel_p[i], att_p[i]).to(dtype)
-
-        noise = per_unit(2)
-        active = sel | att
-        return cls(key, trainable, const, None if bool(active.all()) else active.to(dtype), per_unit(0), per_unit(1),
-                   None if isinstance(noise, float) and noise == 0.0 else noise, none_trainable, units)
-
-
 class MaskedConv(MaskedLayer):
     def __init__(self, src: nn.Module, ctx: "TaskContext", target: str, granularity: str = "kernel"):
         super().__init__(src, ctx, target, granularity)
@@ -600,48 +471,3 @@ class _TaskScope:
 
     def __exit__(self, *exc):
         self.ctx.task = self.prev
-
-
-class TaskMultiheadAttention(_TaskModule):
-    """`nn.MultiheadAttention` whose input and output projections are masked banks."""
-
-    def __init__(self, src: nn.MultiheadAttention, ctx: "TaskContext", target: str, granularity: str = "kernel"):
-        super().__init__()
-        self._attach(ctx, target)
-        if not src._qkv_same_embed_dim or src.bias_k is not None:
-            raise NotImplementedError(f"'{target}': only MultiheadAttention with kdim == vdim == embed_dim")
-        proj = nn.Linear(src.embed_dim, 3 * src.embed_dim, bias=src.in_proj_bias is not None)
-        proj.weight, proj.bias = src.in_proj_weight, src.in_proj_bias
-        self.in_proj = MaskedLinear(proj, ctx, target + ".in_proj", granularity)
-        self.out_proj = MaskedLinear(src.out_proj, ctx, target + ".out_proj", granularity)
-        self.embed_dim, self.num_heads, self.dropout = src.embed_dim, src.num_heads, src.dropout
-        self.batch_first, self.add_zero_attn = src.batch_first, src.add_zero_attn
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        if self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        out, weights = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, self.in_proj.effective_weight(),
-            self.in_proj.effective_bias(), None, None, self.add_zero_attn, self.dropout,
-            self.out_proj.effective_weight(), self.out_proj.effective_bias(), training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights, is_causal=is_causal)
-        if self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
-
-    def to_plain(self, task: int) -> nn.Module:
-        m = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
-                                  bias=self.in_proj.bias_bank is not None, add_zero_attn=self.add_zero_attn,
-                                  batch_first=self.batch_first)
-        inp, outp = self.in_proj.to_plain(task), self.out_proj.to_plain(task)
-        m = m.to(device=inp.weight.device, dtype=inp.weight.dtype)
-        with torch.no_grad():
-            m.in_proj_weight.copy_(inp.weight)
-            if inp.bias is not None:
-                m.in_proj_bias.copy_(inp.bias)
-            m.out_proj.weight.copy_(outp.weight)
-            if outp.bias is not None:
-                m.out_proj.bias.copy_(outp.bias)
-        return m

@@ -19,12 +19,12 @@ from typing import Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from grownfx.engine import masks as M
 from grownfx.engine.context import DENSE, SEL, ChannelScale, MaskPolicy, TaskContext
 from grownfx.engine.coupling import CouplingGroup, CouplingResult, analyze
 from grownfx.engine.attention import attention_layouts
 from grownfx.engine.banks import MaskedLayer
 from grownfx.engine.layers import FREE, PerTask, TaskParameter
+from grownfx.engine.mask_storage import join_task_masks, split_task_masks
 from grownfx.engine.rewrite import export_graph, make_layer_norms_task_aware, make_literals_task_aware, make_task_aware
 from grownfx.engine.splits import install_task_splits
 from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
@@ -178,40 +178,6 @@ def _fix_reused_modules(coupling: CouplingResult) -> None:
         seen[key] = lay
 
 
-def _masked_by_name(net: "GrowableNet") -> list[tuple[str, MaskedLayer]]:
-    return [(name, m) for name, m in net.named_modules() if isinstance(m, MaskedLayer)]
-
-
-def _join_task_masks(net: "GrowableNet", state: dict, prefix: str, _meta) -> None:
-    """State dict: every layer's packed mask of task t -> one bit string `task_masks.t` (layers in module order)."""
-    layers = _masked_by_name(net)
-    for t in sorted({t for _, m in layers for t in m.mask_shapes}):
-        bits = []
-        for name, m in layers:
-            key = f"{prefix}{name}.mask_{t}"
-            if t in m.mask_shapes and key in state:
-                bits.append(M.unpack_bits(state.pop(key), m.mask_shapes[t]).reshape(-1))
-        if bits:
-            state[f"{prefix}task_masks.{t}"] = M.pack_bits(torch.cat([b.cpu() for b in bits]))
-
-
-def _split_task_masks(net: "GrowableNet", state: dict, prefix: str, *_args) -> None:
-    """The inverse of _join_task_masks, before the layers load (they need their masks to rebuild owners)."""
-    layers = _masked_by_name(net)
-    for key in [k for k in state if k.startswith(prefix + "task_masks.")]:
-        t = int(key[len(prefix + "task_masks."):])
-        shapes = [(name, m.mask_shapes[t]) for name, m in layers if t in m.mask_shapes]
-        total = sum(math.prod(shape) for _, shape in shapes)
-        packed = state.pop(key)
-        if packed.numel() != (total + 7) // 8:
-            raise ValueError(f"'{key}': {packed.numel()} bytes for {total} mask bits of task {t}")
-        flat, pos = M.unpack_bits(packed, (total,)), 0
-        for name, shape in shapes:
-            n = math.prod(shape)
-            state[f"{prefix}{name}.mask_{t}"] = M.pack_bits(flat[pos:pos + n]).to(packed.device)
-            pos += n
-
-
 class GrowableNet(nn.Module):
     """A traced backbone whose conv/linear weights are shared across tasks under per-task masks."""
 
@@ -228,8 +194,8 @@ class GrowableNet(nn.Module):
         self.num_classes: list[int] = []
         self.generator = torch.Generator().manual_seed(seed)
         # a finished task's masks are stored as one bit string (exactly 1 bit per unit, no per-layer padding)
-        self.register_state_dict_post_hook(_join_task_masks)
-        self.register_load_state_dict_pre_hook(_split_task_masks)
+        self.register_state_dict_post_hook(join_task_masks)
+        self.register_load_state_dict_pre_hook(split_task_masks)
 
     # -- structure ------------------------------------------------------------------------------------------
     @property
