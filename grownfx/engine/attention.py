@@ -56,11 +56,15 @@ class TaskMultiheadAttention(_TaskModule):
             out = out.transpose(0, 1)
         return out, weights
 
+    def _heads_of_width(self, width: int) -> int:
+        return self.num_heads
+
     def to_plain(self, task: int) -> nn.Module:
-        m = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
+        inp, outp = self.in_proj.to_plain(task), self.out_proj.to_plain(task)
+        width = inp.weight.shape[1]
+        m = nn.MultiheadAttention(width, self._heads_of_width(width), dropout=self.dropout,
                                   bias=self.in_proj.bias_bank is not None, add_zero_attn=self.add_zero_attn,
                                   batch_first=self.batch_first)
-        inp, outp = self.in_proj.to_plain(task), self.out_proj.to_plain(task)
         m = m.to(device=inp.weight.device, dtype=inp.weight.dtype)
         with torch.no_grad():
             m.in_proj_weight.copy_(inp.weight)
@@ -105,21 +109,8 @@ class HeadGrowingAttention(TaskMultiheadAttention):
         self.embed_dim = int(src.numel())
         self.num_heads = self.embed_dim // self.head_dim
 
-    def to_plain(self, task: int) -> nn.Module:
-        inp, outp = self.in_proj.to_plain(task), self.out_proj.to_plain(task)
-        width = inp.weight.shape[1]
-        m = nn.MultiheadAttention(width, width // self.head_dim, dropout=self.dropout,
-                                  bias=self.in_proj.bias_bank is not None, add_zero_attn=self.add_zero_attn,
-                                  batch_first=self.batch_first)
-        m = m.to(device=inp.weight.device, dtype=inp.weight.dtype)
-        with torch.no_grad():
-            m.in_proj_weight.copy_(inp.weight)
-            if inp.bias is not None:
-                m.in_proj_bias.copy_(inp.bias)
-            m.out_proj.weight.copy_(outp.weight)
-            if outp.bias is not None:
-                m.out_proj.bias.copy_(outp.bias)
-        return m
+    def _heads_of_width(self, width: int) -> int:
+        return width // self.head_dim  # a task runs the whole heads it has
 
 
 def attention_layouts(target: str, layout: tuple) -> dict[tuple[str, str], tuple]:
