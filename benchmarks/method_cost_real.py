@@ -90,15 +90,19 @@ def table(runs: dict, refs: tuple[str, ...]) -> str:
                      f"{v['wall']:.1f} | {v['wall'] + ref_wall if add else v['wall']:.1f} | {v['avg_acc']:.2f} | "
                      f"{v['model_size']:.2f}× |")
     lines += ["", "| method | stage | epochs | seconds | share of learning | s / epoch |", "|---|---|---|---|---|---|"]
+    for m, stage, sec, n, share in stage_rows(runs):
+        lines.append(f"| {m} | {stage} | {n or '—'} | {sec:.1f} | {share:.0f}% | {f'{sec / n:.2f}' if n else '—'} |")
+    return "\n".join(lines)
+
+
+def stage_rows(runs: dict):
+    """(method, stage, seconds, epochs, % of the method's learning time) for GROWN and CPG, longest first."""
     for m in ("grown", "cpg"):
         if m not in runs:
             continue
         v = runs[m]
         for stage, sec in sorted(v["stage_s"].items(), key=lambda kv: -kv[1]):
-            n = v["stage_epochs"].get(stage, 0)
-            lines.append(f"| {m} | {stage} | {n or '—'} | {sec:.1f} | {100 * sec / v['learn']:.0f}% | "
-                         f"{f'{sec / n:.2f}' if n else '—'} |")
-    return "\n".join(lines)
+            yield m, stage, sec, v["stage_epochs"].get(stage, 0), 100 * sec / v["learn"]
 
 
 def report(runs: dict, index: dict, quick: bool) -> C.Report:
@@ -126,14 +130,9 @@ def report(runs: dict, index: dict, quick: bool) -> C.Report:
                 r = total(a, key) / total(b, key)
                 rep.add(f"{a.upper()} / {b.upper()} {label}, references shared", goal, r,
                         check(r) if check else None, "x", epochs_a=total(a, "epochs"), epochs_b=total(b, "epochs"))
-    for m in ("grown", "cpg"):
-        if m not in runs:
-            continue
-        v = runs[m]
-        for stage, sec in sorted(v["stage_s"].items(), key=lambda kv: -kv[1]):
-            n = v["stage_epochs"].get(stage, 0)
-            rep.add(f"{m.upper()} stage {stage}: seconds", "info", sec, None, "s", epochs=n,
-                    share=f"{100 * sec / v['learn']:.0f}%", s_per_epoch=round(sec / n, 3) if n else None)
+    for m, stage, sec, n, share in stage_rows(runs):
+        rep.add(f"{m.upper()} stage {stage}: seconds", "info", sec, None, "s", epochs=n, share=f"{share:.0f}%",
+                s_per_epoch=round(sec / n, 3) if n else None)
     for m, v in runs.items():
         rep.add(f"{m.upper()} final average accuracy", "info", v["avg_acc"], None, "%", model_size=v["model_size"],
                 epochs_a=v["epochs"])

@@ -67,6 +67,30 @@ def _train(net, x, task, steps=3):
     net.eval()
 
 
+def _grow_in_two_tasks(net, x, first: dict, second: dict) -> None:
+    """Growth (`first`) while task 0 learns keeps its outputs; after task 1 grows (`second`) and trains, task 0
+    and its export are bit for bit what task 0 froze with, and task 1's export equals it up to rounding."""
+    t0 = net.add_task(4)
+    net.eval()
+    with torch.no_grad():
+        before = net(x)
+    net.grow(**first)
+    with torch.no_grad():
+        assert rel(net(x), before) <= 1e-5
+    _train(net, x, t0)
+    net.freeze_task(t0)
+    with torch.no_grad():
+        ref0 = net(x, task=t0)
+    t1 = net.add_task(2)
+    net.grow(**second)
+    _train(net, x, t1)
+    with torch.no_grad():
+        assert torch.equal(net(x, task=t0), ref0)
+        out1 = net(x, task=t1)
+        assert torch.equal(net.export(t0)(x), ref0)
+        assert rel(net.export(t1)(x), out1) <= 1e-6
+
+
 def rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -178,23 +202,7 @@ def test_layernorm2d_subclass_is_a_growable_norm_over_channels():
     net = grownfx.prepare(ConvNeXtLike(), x, seed_width=0.5)
     g = next(g for g in net.growable_groups if any(b.target == "ln" for b in g.members))
     assert net.graph_module.ln.norm_axis == -3  # found by probing the subclass
-    t0 = net.add_task(5)
-    net.eval()
-    with torch.no_grad():
-        before = net(x)
-    net.grow(channels=4, groups=[g.id])
-    with torch.no_grad():
-        assert rel(net(x), before) <= 1e-5
-    _train(net, x, t0)
-    net.freeze_task(t0)
-    with torch.no_grad():
-        ref0 = net(x, task=t0)
-    net.add_task(2)
-    net.grow(channels=4, groups=[g.id])
-    _train(net, x, 1)
-    with torch.no_grad():
-        assert torch.equal(net(x, task=t0), ref0)
-        assert torch.equal(net.export(t0)(x), ref0)
+    _grow_in_two_tasks(net, x, dict(channels=4, groups=[g.id]), dict(channels=4, groups=[g.id]))
 
 
 def test_timm_vit_attention_grows_by_heads_and_embedding():
@@ -251,25 +259,7 @@ def test_functional_layer_norm_grows_with_per_task_statistics(literal):
     net = grownfx.prepare(FunctionalNormNet(literal), x, seed_width=0.5)
     g = next(g for g in net.growable_groups if any(b.role == "lnfn" for b in g.members))
     assert g.width == D // 2
-    t0 = net.add_task(4)
-    net.eval()
-    with torch.no_grad():
-        before = net(x)
-    net.grow(ratio=1.0, groups=[g.id])
-    with torch.no_grad():
-        assert rel(net(x), before) <= 1e-5
-    _train(net, x, t0)
-    net.freeze_task(t0)
-    with torch.no_grad():
-        ref0 = net(x, task=t0)
-    t1 = net.add_task(2)
-    net.grow(ratio=0.5, groups=[g.id])
-    _train(net, x, t1)
-    with torch.no_grad():
-        assert torch.equal(net(x, task=t0), ref0)
-        out1 = net(x, task=t1)
-        assert torch.equal(net.export(t0)(x), ref0)
-        assert rel(net.export(t1)(x), out1) <= 1e-6
+    _grow_in_two_tasks(net, x, dict(ratio=1.0, groups=[g.id]), dict(ratio=0.5, groups=[g.id]))
 
 
 def test_grown_gates_settle_through_attention_projections():

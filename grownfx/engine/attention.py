@@ -27,8 +27,9 @@ from grownfx.engine.layers import TaskParameter, _TaskModule
 from grownfx.engine.surgery import qkv_map
 
 
-class TaskMultiheadAttention(_TaskModule):
-    """`nn.MultiheadAttention` whose input and output projections are masked banks."""
+class HeadGrowingAttention(_TaskModule):
+    """`nn.MultiheadAttention` over masked projection banks that grows by whole heads: each task runs the heads
+    that exist for it (its width / head_dim)."""
 
     def __init__(self, src: nn.MultiheadAttention, ctx, target: str, granularity: str = "kernel"):
         super().__init__()
@@ -41,46 +42,6 @@ class TaskMultiheadAttention(_TaskModule):
         self.out_proj = MaskedLinear(src.out_proj, ctx, target + ".out_proj", granularity)
         self.embed_dim, self.num_heads, self.dropout = src.embed_dim, src.num_heads, src.dropout
         self.batch_first, self.add_zero_attn = src.batch_first, src.add_zero_attn
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        if self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        out, weights = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, self.in_proj.effective_weight(),
-            self.in_proj.effective_bias(), None, None, self.add_zero_attn, self.dropout,
-            self.out_proj.effective_weight(), self.out_proj.effective_bias(), training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights, is_causal=is_causal)
-        if self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
-
-    def _heads_of_width(self, width: int) -> int:
-        return self.num_heads
-
-    def to_plain(self, task: int) -> nn.Module:
-        inp, outp = self.in_proj.to_plain(task), self.out_proj.to_plain(task)
-        width = inp.weight.shape[1]
-        m = nn.MultiheadAttention(width, self._heads_of_width(width), dropout=self.dropout,
-                                  bias=self.in_proj.bias_bank is not None, add_zero_attn=self.add_zero_attn,
-                                  batch_first=self.batch_first)
-        m = m.to(device=inp.weight.device, dtype=inp.weight.dtype)
-        with torch.no_grad():
-            m.in_proj_weight.copy_(inp.weight)
-            if inp.bias is not None:
-                m.in_proj_bias.copy_(inp.bias)
-            m.out_proj.weight.copy_(outp.weight)
-            if outp.bias is not None:
-                m.out_proj.bias.copy_(outp.bias)
-        return m
-
-
-class HeadGrowingAttention(TaskMultiheadAttention):
-    """`TaskMultiheadAttention` that grows by whole heads: each task runs the heads that exist for it."""
-
-    def __init__(self, src: nn.MultiheadAttention, ctx, target: str, granularity: str = "kernel"):
-        super().__init__(src, ctx, target, granularity)
         self.head_dim = src.embed_dim // src.num_heads
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -109,8 +70,21 @@ class HeadGrowingAttention(TaskMultiheadAttention):
         self.embed_dim = int(src.numel())
         self.num_heads = self.embed_dim // self.head_dim
 
-    def _heads_of_width(self, width: int) -> int:
-        return width // self.head_dim  # a task runs the whole heads it has
+    def to_plain(self, task: int) -> nn.Module:
+        inp, outp = self.in_proj.to_plain(task), self.out_proj.to_plain(task)
+        width = inp.weight.shape[1]
+        m = nn.MultiheadAttention(width, width // self.head_dim, dropout=self.dropout,
+                                  bias=self.in_proj.bias_bank is not None, add_zero_attn=self.add_zero_attn,
+                                  batch_first=self.batch_first)
+        m = m.to(device=inp.weight.device, dtype=inp.weight.dtype)
+        with torch.no_grad():
+            m.in_proj_weight.copy_(inp.weight)
+            if inp.bias is not None:
+                m.in_proj_bias.copy_(inp.bias)
+            m.out_proj.weight.copy_(outp.weight)
+            if outp.bias is not None:
+                m.out_proj.bias.copy_(outp.bias)
+        return m
 
 
 def attention_layouts(target: str, layout: tuple) -> dict[tuple[str, str], tuple]:

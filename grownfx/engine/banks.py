@@ -5,7 +5,7 @@
   mask over the units it could see; it computes with `where(mask, frozen_values, 0)` restricted to the
   channels that existed for it, so its computation never changes.  The task being learned computes with
   `weight * unit_mask * channel_gate`, `weight` holding the frozen values on owned units (unit_weight.py).
-`TaskMultiheadAttention` (masked projection banks) is in attention.py.
+`HeadGrowingAttention` (nn.MultiheadAttention over masked projection banks) is in attention.py.
 """
 
 from __future__ import annotations
@@ -193,18 +193,25 @@ class MaskedLayer(_TaskModule):
         self.ctx.bump()
         self._mask_plan()  # built now, outside any compiled region
 
+    def _owned(self) -> torch.Tensor:
+        """Bool, broadcastable to the weight: the units finished tasks own.  Kept while `owner` is unchanged
+        (restore_owned runs after every optimiser step with weight decay; a channel unit's mask is weight-sized)."""
+        owner = self._buffers["owner"]
+        return self.ctx.cached(self.target, "owned", (id(owner), owner._version, owner.device),
+                               lambda: self._expand(owner != FREE))
+
     def restore_owned(self) -> None:
         """Put the frozen values back into the bank's weight on every owned unit.  The learning task computes
         with `weight` directly (see MaskedWeight), which relies on this; gradients there are exactly 0, so only
         an optimiser that decays every entry (weight decay, AdamW) moves them, and any optimiser's step with
         weight decay calls this afterwards (`_restore_after_decay`, a global optimizer step hook)."""
-        owned = self._expand(self.owner != FREE)
+        owned = self._owned()
         with torch.no_grad():
             torch.where(owned, self.frozen, self.weight.detach(), out=self.weight.data)
 
     def check_owned(self) -> None:
         """Raise if the bank's weight differs from the frozen values on an owned unit (the invariant above)."""
-        owned = self._expand(self.owner != FREE).expand_as(self.weight)
+        owned = self._owned().expand_as(self.weight)
         w = self.weight.detach()
         if not torch.equal(torch.where(owned, w, 0), torch.where(owned, self.frozen, 0)):
             raise RuntimeError(f"'{self.target}': the weight bank changed on units earlier tasks own (an optimiser "
@@ -286,8 +293,7 @@ class MaskedLayer(_TaskModule):
         # dropped when they do, so a checkpoint holds the bank once; kept whenever they do not (never lossy)
         if torch.equal(self.owner, self.owner_from_masks()):
             del destination[prefix + "owner"]
-            owned = self._expand(self.owner != FREE)
-            if torch.equal(self.frozen, torch.where(owned, self.weight.detach(), 0)):
+            if torch.equal(self.frozen, torch.where(self._owned(), self.weight.detach(), 0)):
                 del destination[prefix + "frozen"]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

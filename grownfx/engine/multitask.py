@@ -129,7 +129,7 @@ def _layer_of(layers: dict, name: str):
     path, _, last = name.rpartition(".")
     if last == "weight" and path in layers:
         return layers[path]
-    if last == "in_proj_weight":  # nn.MultiheadAttention's packed projection (TaskMultiheadAttention.in_proj)
+    if last == "in_proj_weight":  # nn.MultiheadAttention's packed projection (HeadGrowingAttention.in_proj)
         return layers.get(f"{path}.in_proj" if path else "in_proj")
     return None
 

@@ -7,7 +7,6 @@ analysis then ties and fixes every channel the op touches.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,42 +67,6 @@ _SHAPE_USES = {"view", "reshape", "expand", "broadcast_to", "unflatten", "new_ze
                "zeros", "ones", "empty", "rand", "randn", "getitem", "len", "_assert"}
 
 
-def lcm(*xs: int) -> int:
-    out = 1
-    for x in xs:
-        out = out * x // math.gcd(out, x)
-    return out
-
-
-def reshape_blocks(a: tuple, b: tuple) -> list | None:
-    """Split a reshape into blocks of input axes and output axes with equal products (size-1 axes dropped)."""
-    A = [(i, n) for i, n in enumerate(a) if n != 1]
-    B = [(i, n) for i, n in enumerate(b) if n != 1]
-    blocks, i, j = [], 0, 0
-    while i < len(A) and j < len(B):
-        ins, outs = [A[i][0]], [B[j][0]]
-        pa, pb = A[i][1], B[j][1]
-        i += 1
-        j += 1
-        while pa != pb:
-            if pa < pb:
-                if i >= len(A):
-                    return None
-                ins.append(A[i][0])
-                pa *= A[i][1]
-                i += 1
-            else:
-                if j >= len(B):
-                    return None
-                outs.append(B[j][0])
-                pb *= B[j][1]
-                j += 1
-        blocks.append((ins, outs))
-    if i != len(A) or j != len(B):
-        return None
-    return blocks
-
-
 # binary ops whose identity element is 1: a parameter's new entries are filled with it (0 would divide by zero)
 _MULTIPLY = {"mul", "imul", "rmul", "mul_"}
 _DIVIDE = {"truediv", "div", "true_divide", "itruediv", "div_", "floordiv", "mod", "floor_divide", "remainder", "fmod"}
@@ -124,6 +87,18 @@ def direct_param(arg: Any) -> bool:
             return False
         arg = arg.args[0]
     return False
+
+
+def nodes_in(a: Any):
+    """Every fx node in `a` and in the lists, tuples and dicts nested in it (not inside slices)."""
+    if isinstance(a, fx.Node):
+        yield a
+    elif isinstance(a, (list, tuple)):
+        for y in a:
+            yield from nodes_in(y)
+    elif isinstance(a, dict):
+        for y in a.values():
+            yield from nodes_in(y)
 
 
 def op_name(target: Any) -> str:
@@ -167,23 +142,20 @@ class LayoutOps:
         `c ** -0.5` scale, a comparison) makes values depend on the width, so growth would change them."""
         found: list[tuple] = []
 
-        def walk(a):
-            if isinstance(a, fx.Node):
-                v = self.values.get(a.name)
-                if isinstance(v, Width):
-                    found.append((v.layouts, v.source))
-                elif isinstance(v, ShapeOf):
-                    found.append((tuple(lay for lay in v.of.axes if lay), a.name))
-                elif isinstance(v, Seq):
-                    for item in v.items:
-                        if isinstance(item, Width):
-                            found.append((item.layouts, item.source))
-            elif isinstance(a, (list, tuple)):
-                for y in a:
-                    walk(y)
-            elif isinstance(a, dict):
-                for y in a.values():
-                    walk(y)
+        def visit(a: fx.Node) -> None:
+            v = self.values.get(a.name)
+            if isinstance(v, Width):
+                found.append((v.layouts, v.source))
+            elif isinstance(v, ShapeOf):
+                found.append((tuple(lay for lay in v.of.axes if lay), a.name))
+            elif isinstance(v, Seq):
+                for item in v.items:
+                    if isinstance(item, Width):
+                        found.append((item.layouts, item.source))
+
+        def walk(args: Any) -> None:
+            for a in nodes_in(args):
+                visit(a)
 
         if name in _SHAPE_USES:
             return
@@ -422,84 +394,6 @@ class LayoutOps:
             order = list(range(nd))
             order[d0], order[d1] = order[d1], order[d0]
         return TVal(tuple(x.axes[i] for i in order), out_shape, tuple(x.origin[i] for i in order))
-
-    def reshape(self, node: fx.Node, x: Any) -> Any:
-        out_shape = tensor_shape(node)
-        if not isinstance(x, TVal) or out_shape is None:
-            raise Opaque(f"reshape at '{node.name}' of an unknown value")
-        blocks = reshape_blocks(x.shape, out_shape)
-        if blocks is None:
-            raise Opaque(f"reshape at '{node.name}' from {x.shape} to {out_shape}")
-        axes: list = [None] * len(out_shape)
-        origin: list = [None] * len(out_shape)
-        for ins, outs in blocks:
-            lays = [(i, x.axes[i]) for i in ins if x.axes[i]]
-            if len(ins) == 1 and len(outs) == 1:
-                axes[outs[0]], origin[outs[0]] = x.axes[ins[0]], x.origin[ins[0]]
-                continue
-            if not lays:
-                continue
-            if len(outs) == 1 and len(lays) == 1 and lays[0][0] == ins[0]:
-                inner = math.prod(x.shape[i] for i in ins[1:])
-                axes[outs[0]] = tuple(Seg(s.var, s.width, s.factor * inner) for s in lays[0][1])
-                continue
-            raise Opaque(f"reshape at '{node.name}' splits or interleaves channels ({x.shape} -> {out_shape})")
-        for i, n in enumerate(x.shape):
-            if n == 1 and x.axes[i] and all(i not in b[0] for b in blocks):
-                self.fix(x.axes[i], f"a one-channel axis is squeezed at '{node.name}'")
-        self.literal_bindings(node, out_shape, axes)
-        self.width_ties(node, out_shape, axes)
-        return TVal(tuple(axes), out_shape, tuple(origin))
-
-    def width_ties(self, node: fx.Node, out_shape: tuple, axes: list) -> None:
-        """`y.reshape(B, N, C)` with C read from another tensor's shape (timm's PVT: `C` of the residual stream
-        shapes the attention's output): the two counts must stay equal, so their channels are tied (one group;
-        fixed with the other if that one is)."""
-        if op_name(node.target) not in ("view", "reshape"):
-            return
-        args = list(node.args[1:])
-        if len(args) == 1 and isinstance(args[0], (list, tuple)):
-            args = list(args[0])
-        if len(args) != len(out_shape):
-            return
-        for k, a in enumerate(args):
-            w = self.values.get(a.name) if isinstance(a, fx.Node) else None
-            if not isinstance(w, Width):
-                continue
-            if axes[k] and len(w.layouts) == 1 and self.expand_layout(w.layouts[0]) != self.expand_layout(axes[k]):
-                self.tie(w.layouts[0], axes[k], node.name)
-            elif len(w.layouts) != 1 or not axes[k]:
-                for lay in w.layouts + ((axes[k],) if axes[k] else ()):
-                    self.fix(lay, f"a channel count read at '{w.source}' shapes other channels at '{node.name}'")
-
-    def param_literals(self, arg: Any, org: tuple, lay: tuple) -> None:
-        """`x * self.scale.view(320, 1, 1)` (timm's Scale): a width written where the parameter is reshaped on its
-        way to the channels follows the channels too (a literal binding, like a view of the channels)."""
-        while isinstance(arg, fx.Node) and arg.op in ("call_function", "call_method") and arg.args:
-            v = self.values.get(arg.name)
-            if op_name(arg.target) in ("view", "reshape") and isinstance(v, TVal) and org in v.origin:
-                k = v.origin.index(org)
-                args = list(arg.args[1:])
-                if len(args) == 1 and isinstance(args[0], (list, tuple)):
-                    args = list(args[0])
-                if len(args) == len(v.shape) and isinstance(args[k], int) and args[k] == v.shape[k] > 1:
-                    self.bindings.append(Binding(arg.name, "literal", lay, k, arg.name))
-            arg = arg.args[0]
-
-    def literal_bindings(self, node: fx.Node, out_shape: tuple, axes: list) -> None:
-        """`x.reshape(n, 768, -1)`: a width written into the graph must follow the channels it counts."""
-        if op_name(node.target) not in ("view", "reshape"):
-            return
-        args = list(node.args[1:])
-        if len(args) == 1 and isinstance(args[0], (list, tuple)):
-            args = list(args[0])
-        if len(args) != len(out_shape):
-            return
-        for k, a in enumerate(args):
-            if isinstance(a, int) and a == out_shape[k] and axes[k] and a > 1:
-                # resized with the group: in a plain graph the number is rewritten; in a task-aware one it
-                # becomes a per-task value (rewrite.make_literals_task_aware), the width each task sees
-                self.bindings.append(Binding(node.name, "literal", axes[k], k, node.name))
 
     def expand(self, node: fx.Node, x: Any, name: str) -> Any:
         out_shape = tensor_shape(node)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Iterable
 
@@ -10,7 +11,8 @@ from torch import fx, nn
 
 from grownfx.engine.tracing import head_attention_kind, layer_kind, layer_norm_axis, tensor_shape
 from grownfx.engine.coupling.custom import RegisteredOps
-from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal, Width, direct_param, lcm, op_name
+from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal, Width, direct_param, nodes_in, op_name
+from grownfx.engine.coupling.reshapes import ReshapeOps
 from grownfx.engine.coupling.refine import Refinement
 from grownfx.engine.coupling.types import Binding, CouplingGroup, CouplingResult, Layout, Seg
 
@@ -55,7 +57,7 @@ def is_stochastic_depth(m: nn.Module) -> bool:
     return type(m).__name__ == "StochasticDepth"
 
 
-class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
+class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
     """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
     """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
 
@@ -125,22 +127,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
         return OTHER
 
     def widths_in(self, args: Any) -> list:
-        out: list = []
-
-        def walk(a):
-            if isinstance(a, fx.Node):
-                v = self.values.get(a.name)
-                if isinstance(v, Width):
-                    out.append(v)
-            elif isinstance(a, (list, tuple)):
-                for y in a:
-                    walk(y)
-            elif isinstance(a, dict):
-                for y in a.values():
-                    walk(y)
-
-        walk(args)
-        return out
+        return [v for a in nodes_in(args) if isinstance(v := self.values.get(a.name), Width)]
 
     def tensors_in(self, obj: Any) -> list[TVal]:
         out: list[TVal] = []
@@ -268,7 +255,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
             lay = self.ensure(x, 1, node)
             self.bind(node.target, "feat", lay, node)
             if len(lay) == 1 and lay[0].factor == 1:
-                self.ties.nodes[lay[0].var]["gran"] = lcm(self.ties.nodes[lay[0].var]["gran"],
+                self.ties.nodes[lay[0].var]["gran"] = math.lcm(self.ties.nodes[lay[0].var]["gran"],
                                                            m.num_channels // m.num_groups)
             else:
                 self.fix(lay, f"GroupNorm '{node.target}' over several channel groups")
@@ -303,7 +290,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
             whole = len(lays) == 3 and len(lays[0]) == 1 and lays[0][0].factor == 1
             if whole and m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None:
                 v = lays[0][0].var
-                self.ties.nodes[v]["gran"] = lcm(self.ties.nodes[v]["gran"], head_dim)
+                self.ties.nodes[v]["gran"] = math.lcm(self.ties.nodes[v]["gran"], head_dim)
             else:
                 self.fix(lays[0], f"attention '{node.target}': only self-/cross-attention over one channel "
                                   "segment with packed projections (kdim == vdim == embed_dim) grows")
@@ -330,7 +317,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
         self.bind(t + ".qkv", "in", lay, node)
         if kind == "swin":
             v = lay[0].var
-            self.ties.nodes[v]["gran"] = lcm(self.ties.nodes[v]["gran"], hd)
+            self.ties.nodes[v]["gran"] = math.lcm(self.ties.nodes[v]["gran"], hd)
             heads, out = lay, lay
         else:
             width = m.qkv.out_features // 3
@@ -355,7 +342,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
         per_group = m.in_channels // m.groups
         if m.in_channels == m.out_channels and len(lay_in) == 1 and lay_in[0].factor == 1:
             v = lay_in[0].var
-            self.ties.nodes[v]["gran"] = lcm(self.ties.nodes[v]["gran"], per_group)
+            self.ties.nodes[v]["gran"] = math.lcm(self.ties.nodes[v]["gran"], per_group)
             self.bind(node.target, "grouped", lay_in, node)
             return TVal((None, lay_in) + spatial_none, out_shape)
         self.fix(lay_in, f"grouped conv '{node.target}' with {m.in_channels}->{m.out_channels} channels")
@@ -440,7 +427,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, Refinement):
             if vars_ & self.output_vars:
                 reasons.insert(0, "touches the logits")
             widths = {d["width"] for d in data}
-            groups.append(CouplingGroup(gid, max(widths), [], False, lcm(*[d["gran"] for d in data]), reasons,
+            groups.append(CouplingGroup(gid, max(widths), [], False, math.lcm(*[d["gran"] for d in data]), reasons,
                                         frozenset(vars_)))
             if len(widths) > 1:
                 groups[-1].reasons.append(f"members of different widths {sorted(widths)}")
