@@ -182,6 +182,20 @@ def test_fashion_mnist_pads_to_32_for_cifar_backbones(tmp_path):
         build_stream({**cfg, "pad_to": 20}, 0)
 
 
+def test_fashion_mnist_in_three_channels_copies_the_grey_one(tmp_path):
+    fake_fashion(tmp_path)
+    cfg = {"name": "fashion_mnist", "root": str(tmp_path), "classes_per_task": 2, "val_fraction": 0.25, "pad_to": 32}
+    grey, rgb = build_stream(cfg, 0), build_stream({**cfg, "channels": 3}, 0)
+    assert rgb.input_shape == (3, 32, 32)
+    a, b = grey.tasks[3].train, rgb.tasks[3].train
+    assert torch.equal(b.y, a.y) and all(torch.equal(b.x[:, c:c + 1], a.x) for c in range(3))
+    xa, _ = next(iter(a.loader(8)))
+    xb, _ = next(iter(b.loader(8)))
+    assert all(torch.equal(xb[:, c:c + 1], xa) for c in range(3))  # normalised alike in each channel
+    with pytest.raises(Exception, match="channels"):
+        build_stream({**cfg, "channels": 3, "mean": [0.1, 0.2], "std": [0.3, 0.3]}, 0)
+
+
 def test_fashion_mnist_missing_names_the_debian_package(tmp_path):
     with pytest.raises(DatasetError, match="dataset-fashion-mnist"):
         build_stream({"name": "fashion_mnist", "root": str(tmp_path)}, 0)

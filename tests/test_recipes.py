@@ -418,6 +418,19 @@ def test_vgg_fashion_recipe_keeps_the_lenet_low_data_stream_and_pads_to_32():
     assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 2)
 
 
+def test_resnet_fashion_recipe_keeps_the_lenet_low_data_stream_in_rgb():
+    import torch
+    from grownfx.models import build_backbone
+
+    res = load_recipe("resnet18_fashion_split5_lowdata", check_data=False)
+    lenet = load_recipe("lenet_fashion_split5_lowdata", check_data=False)
+    assert res.data.model_dump(exclude={"pad_to", "channels"}) == lenet.data.model_dump(exclude={"pad_to", "channels"})
+    assert (res.data.pad_to, res.data.channels, res.model.builder) == (32, 3, "resnet18")
+    assert res.target.rule == lenet.target.rule
+    net = build_backbone(res.model.builder, 2, res.model.kwargs)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
+
+
 def test_builtin_recipes_that_need_data_say_where(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in BUILTINS[1:]:

@@ -26,6 +26,8 @@ from grownfx.engine import state as net_state
 from grownfx.engine.banks import MaskedLayer
 from grownfx.engine.context import OFF
 from grownfx.learn.gates import CandidateGates
+from grownfx.learn.training import make_optimizer
+from grownfx.recipe.schema import OptimConfig
 from grownfx.models import build_backbone
 
 SHAPE = (1, 8, 8)
@@ -269,6 +271,17 @@ def test_cached_outputs_always_equal_a_fresh_computation():
     with torch.no_grad():
         layer.weight.add_(free.to(layer.weight.dtype))  # the learning task's state changes in place (its own units)
     same_as_fresh("an in-place weight change")
+    # torch's fused optimisers (make_optimizer's) update in place without bumping `_version`: weights, mask
+    # scores and gate scores all move here, and the next evaluation must see it
+    outputs(net, x)
+    p = net.trainable_parameters()
+    net.train()
+    F.cross_entropy(net(x, task=1), data()[1]).backward()
+    for group, lr in (("weights", 0.5), ("masks", 0.05), ("gates", 5.0)):
+        opt = make_optimizer(p[group], OptimConfig(name="sgd", lr=lr, momentum=0.0))
+        assert opt.defaults.get("fused") and all(q.grad is not None for q in p[group])
+        opt.step()
+    same_as_fresh("a fused optimiser step")
     snapshot = {k: v.clone() for k, v in net.state_dict().items()}
     layer.set_kind(torch.rand(layer.kind.shape, generator=torch.Generator().manual_seed(4)) < 0.5, OFF)
     same_as_fresh("changing unit kinds")

@@ -92,6 +92,11 @@ def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, tmp_path_fac
     task = method.pop("kill_task", 1)
     extra = {"epoch_budget": method.pop("epoch_budget")} if "epoch_budget" in method else {}
     target = 99.9 if method["name"] == "cpg" else None
+    if method["name"] == "cpg" and not extra:
+        # the kill points assume CPG's pick misses 99.9 on task 2 and widens; with measured BatchNorm statistics
+        # it reaches 100 here, so this scenario keeps the running averages (the other methods resume with
+        # PreciseBN on)
+        extra = {"precise_bn": False}
     whole = _whole_run(tmp_path_factory, method, target, extra)
     r = recipe(tmp_path / "killed", method, target, checkpoint_every=1, **extra)
     with pytest.raises(KeyboardInterrupt):  # killed during epoch 3 of a stage of task 2: the last checkpoint is
@@ -114,7 +119,7 @@ def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, tmp_path_fac
     assert [r.epochs for r in resumed.records] == [r.epochs for r in whole.records]
     assert [r.val_history for r in resumed.records] == [r.val_history for r in whole.records]
     assert [(r.growth, r.extra) for r in resumed.records] == [(r.growth, r.extra) for r in whole.records]
-    if extra:  # the budget's last retraining did happen
+    if "epoch_budget" in extra:  # the budget's last retraining did happen
         assert (1, "compact", 1, 3) in epochs[1] and whole.records[1].epochs == 12
     elif method["name"] == "cpg":  # the phases the kill points assume did happen
         assert whole.records[task].growth_rounds == 1 and len(whole.records[task].extra["compaction"]) == 2

@@ -264,6 +264,17 @@ class FashionMNISTConfig(_Ordered, _Normalised):
         "background, as the images' own border), to pad_to x pad_to: 32 for 32x32 CIFAR backbones such as "
         "vgg16_bn_cifar (five 2x2 pools need 32). None keeps 28."
     )
+    channels: Literal[1, 3] = Field(
+        1, description="1 = the grey images as they are; 3 = the grey channel copied into R, G and B, for "
+        "backbones whose first layer takes RGB (torchvision's ResNet-18): the same function class as one channel "
+        "into the summed kernel."
+    )
+
+    @model_validator(mode="after")
+    def _stats_per_channel(self) -> "FashionMNISTConfig":
+        if self.mean is not None and len(self.mean) not in (1, self.channels):
+            raise ValueError(f"mean/std have {len(self.mean)} values; give 1 or channels={self.channels}")
+        return self
 
 
 class SyntheticConfig(_Base):

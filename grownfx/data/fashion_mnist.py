@@ -95,21 +95,26 @@ def build_fashion_mnist(cfg: FashionMNISTConfig, seed: int) -> TaskStream:
     if cfg.train_per_class is not None:  # the low-data setting: a seeded, class-balanced subset
         train_ids = _per_class(train_y, cfg.train_per_class, np.random.default_rng([seed, 7919]))
     test_y = arrays["test_y"].astype(np.int64)
+    images = {split: arrays[f"{split}_x"][:, None] for split in ("train", "test")}
+    if cfg.channels == 3:  # grey copied into R, G and B
+        images = {split: np.repeat(x, 3, axis=1) for split, x in images.items()}
+    mean, std = cfg.mean or FASHION_MEAN, cfg.std or FASHION_STD
+    mean, std = tuple(mean) * (cfg.channels // len(mean)), tuple(std) * (cfg.channels // len(std))
     order_seed = seed if cfg.class_order_seed is None else cfg.class_order_seed
     order = class_order(10, cfg.class_order == "shuffled", order_seed)
     task_classes = group_classes(order, cfg.classes_per_task, cfg.num_tasks)
     return assemble(
         name="fashion_mnist",
-        train=Pool(arrays["train_x"][:, None], train_y[train_ids], train_ids, rows=train_ids),
-        test=Pool(arrays["test_x"][:, None], test_y, np.arange(len(test_y)) + len(arrays["train_y"])),
+        train=Pool(images["train"], train_y[train_ids], train_ids, rows=train_ids),
+        test=Pool(images["test"], test_y, np.arange(len(test_y)) + len(arrays["train_y"])),
         class_names=list(FASHION_CLASSES),
         task_classes=task_classes,
         task_names=[f"fashion_mnist/task{t + 1}" for t in range(len(task_classes))],
         seed=seed,
         val=Holdout(fraction=cfg.val_fraction),
         limit=cfg.limit_per_task,
-        mean=cfg.mean or FASHION_MEAN,
-        std=cfg.std or FASHION_STD,
+        mean=mean,
+        std=std,
         augment=None if cfg.augment == "none" else cfg.augment,
         meta={
             "kind": cfg.name,

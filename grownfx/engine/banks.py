@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grownfx.engine import masks as M
-from grownfx.engine.context import ATT, OFF, SEL
+from grownfx.engine.context import ATT, OFF, SEL, optimizer_steps
 from grownfx.engine.layers import FREE, TaskParameter, _TaskModule
 from grownfx.engine.surgery import random_fill, remap, set_conv_width, set_linear_width
 from grownfx.engine.tracing import bare_layer, call_with_weight, out_channel_params
@@ -129,7 +129,7 @@ class MaskedLayer(_TaskModule):
         return w
 
     def _version_key(self) -> tuple:
-        parts = [self.weight._version, id(self.weight), self.weight.device, self.ctx.temperature]
+        parts = [self.weight._version, optimizer_steps(), id(self.weight), self.weight.device, self.ctx.temperature]
         if self.score is not None:
             parts += [self.score._version, id(self.score)]
         return tuple(parts) + self.ctx.scale_version()

@@ -11,11 +11,27 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from grownfx.engine import masks as M
 
 SEL, DENSE, ATT, OFF = 0, 1, 2, 3
 FINISHED_CACHE_SIZE = 4  # default of TaskContext.finished_cache_size (docs/performance.md §2)
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def optimizer_steps() -> int:
+    """Optimiser steps taken in this process, any optimiser.  Part of every cache key built on a trainable
+    tensor's `_version`: torch's fused optimisers (which grownfx uses) update parameters in place without
+    bumping `_version`, so the version alone would let an evaluation reuse a weight from before the step."""
+    return _OPTIMIZER_STEPS[0]
 
 
 @dataclass

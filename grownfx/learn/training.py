@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from grownfx.learn.guards import check_epoch
 from grownfx.recipe.schema import OptimConfig, TrainingConfig
@@ -244,6 +245,12 @@ def train_stage(net: nn.Module, forward: Callable[[nn.Module, torch.Tensor], tor
         loss, pen, acc, n = dist.reduce_epoch(loss, pen, acc, n)
         info = {**(event or {}), "epoch": epoch + 1, "epochs": epochs, "loss": loss, "penalty": pen,
                 "train_acc": acc, "seconds": timer.seconds, "images_per_s": n / max(timer.seconds, 1e-9)}
+        if training.precise_bn and epoch + 1 == epochs:
+            # before `epoch_done`, whose callers evaluate the stage's network.  Several processes: each passes
+            # over its share of every batch while the stage's BatchNorm is still synchronised, so the statistics
+            # are the single-process batches'
+            recompute_norm_stats(lambda x: forward(net, x), net, dist.stats_loader(data, training.batch_size, device),
+                                 device, training.precision, training.channels_last)
         if epoch_done is not None:
             info.update(epoch_done(epoch + 1) or {})
         if on_epoch is not None:
@@ -261,3 +268,41 @@ def train_stage(net: nn.Module, forward: Callable[[nn.Module, torch.Tensor], tor
     model = None  # drop the stage's DDP wrapper (and its gradient hooks) before `end_stage` collects it
     dist.end_stage(net)  # rank 0's buffers (BatchNorm statistics) on every rank
     return epochs - start_epoch
+
+
+@torch.no_grad()
+def recompute_norm_stats(forward: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, loader: Iterable,
+                         device: torch.device, precision: str = "fp32", channels_last: bool = False) -> int:
+    """PreciseBN: replace the running statistics of every BatchNorm that trains (in training mode under
+    `net.train()`: a finished task's copy is not) and that `forward` reaches, with their average over the
+    batches of `loader` (unaugmented), the rest of the network in evaluation mode.  Returns how many layers
+    were recomputed.  A layer `forward` never calls (a per-task template) keeps what it had."""
+    net.train()
+    norms = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    net.eval()
+    if not norms:
+        return 0
+    momenta = {m: m.momentum for m in norms}
+    reached: set[nn.Module] = set()
+
+    def first_call(m: nn.Module, _args) -> None:
+        if m not in reached:  # this pass's first batch through the layer: forget the running averages
+            reached.add(m)
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: every batch counts the same
+            m.train()
+
+    handles = [m.register_forward_pre_hook(first_call) for m in norms]
+    try:
+        for x, _ in loader:
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                forward(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in norms:
+            m.momentum = momenta[m]
+            m.train(False)
+    return len(reached)

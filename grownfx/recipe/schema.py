@@ -288,6 +288,12 @@ class TrainingConfig(_Strict):
                                     "of the stage where the lr is multiplied by 0.1 (CPG: epochs 50, 80 of 100).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision on CUDA (autocast).")
     channels_last: bool = False
+    precise_bn: bool = Field(True, description="After every training stage, recompute the BatchNorm statistics of "
+                             "the layers that trained: one pass over the task's training split without "
+                             "augmentation, through the network as it is evaluated (deterministic masks, "
+                             "binarised gates), each batch weighted equally (detectron2's PreciseBN).  The "
+                             "running averages of training trail a network whose masks, gates and weights move, "
+                             "and a task keeps its statistics for ever.  false: keep the running averages.")
     compile: bool = Field(False, description="Fuse each layer's mask arithmetic (where, unit masks, Gumbel noise) "
                           "into one kernel with torch.compile: faster steps after a one-off compile per weight "
                           "shape (seconds each); convolutions stay eager.")

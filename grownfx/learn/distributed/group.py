@@ -158,6 +158,12 @@ class ProcessGroupDist(Dist):
         return StridedShardLoader(data, batch_size, rank=self.rank, world_size=self.world_size,
                                   generator=generator, device=device)
 
+    def stats_loader(self, data: TaskData, batch_size: int, device) -> BatchLoader:
+        """This rank's share of each global batch of `data`, in order, unaugmented, whole batches: with the
+        stage's BatchNorm synchronised, every batch's statistics are those of the single-process batch."""
+        return StridedShardLoader(data, batch_size, rank=self.rank, world_size=self.world_size, generator=None,
+                                  device=device, augment=None, shuffle=False, drop_last=True)
+
     def step_forward(self, forward: Callable[[torch.Tensor], torch.Tensor], loader) -> Callable:
         def step(x: torch.Tensor) -> torch.Tensor:
             out = forward(x)

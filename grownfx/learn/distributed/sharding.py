@@ -28,7 +28,8 @@ class StridedShardLoader(BatchLoader):
     """
 
     def __init__(self, data: TaskData, global_batch: int, *, rank: int, world_size: int,
-                 generator: torch.Generator | None, device=None, augment="default", shuffle: bool = True):
+                 generator: torch.Generator | None, device=None, augment="default", shuffle: bool = True,
+                 drop_last: bool = False):
         if global_batch % world_size:
             raise ValueError(f"the batch size {global_batch} is global and must be divisible by the number of "
                              f"processes ({world_size})")
@@ -38,7 +39,8 @@ class StridedShardLoader(BatchLoader):
         self.rank, self.world_size, self.global_batch = rank, world_size, global_batch
         n = len(data)
         tail = n % global_batch
-        self.usable = n - tail if 0 < tail < world_size else n  # every rank gets at least one sample per step
+        # every rank gets at least one sample per step; `drop_last`: whole global batches only (when there is one)
+        self.usable = n - tail if (0 < tail < world_size or (drop_last and n > global_batch)) else n
         self.grad_scale = 1.0
 
     def __len__(self) -> int:

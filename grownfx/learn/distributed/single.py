@@ -62,6 +62,11 @@ class Dist:
         """What a training stage calls: the module itself here, DDP around it with several processes."""
         return module
 
+    def stats_loader(self, data: TaskData, batch_size: int, device) -> BatchLoader:
+        """`data` in order, unaugmented, whole batches only when there is one (a batch of one has no variance):
+        what PreciseBN (training.recompute_norm_stats) passes over."""
+        return data.loader(batch_size, device=device, augment=None, drop_last=len(data) > batch_size)
+
     def end_stage(self, module: nn.Module) -> None:
         """After a stage (its wrapper dropped): rank 0's buffers everywhere."""
 
