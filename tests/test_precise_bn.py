@@ -7,7 +7,6 @@ evaluation mode.  The statistics are measured here independently, with hooks on 
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -83,9 +82,10 @@ def test_a_stage_leaves_the_statistics_of_the_network_it_trained():
 def test_running_averages_alone_would_not_match():
     """The check above can fail: without PreciseBN the same stage leaves every layer's statistics off by more
     than 10 % (so the check is not vacuous on this network and data)."""
-    for m, stats in trained_cnn(precise_bn=False).items():
-        with pytest.raises(AssertionError):
-            assert_stats_match({m: stats}, rel=0.1)
+    for i, (m, (mean, var)) in enumerate(trained_cnn(precise_bn=False).items()):
+        off = max(float((m.running_mean - mean).abs().max() / mean.abs().max()),
+                  float((m.running_var - var).abs().max() / var.abs().max()))
+        assert off > 0.1, f"norm layer {i}: running averages within {off:.3f} of the measured statistics"
 
 
 def _norm_copies(net, task: int) -> list[nn.Module]:
