@@ -118,6 +118,11 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch in the memory layout the model trains with (`training.channels_last` for image batches)."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
 @dataclass
 class EpochResult:
     epoch: int
@@ -148,8 +153,7 @@ def run_epoch(
     batches = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = in_layout(x, channels_last)
         optim.zero_grad()
         with autocast(device, precision):
             out = model(x)
@@ -178,8 +182,7 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, de
     correct = total = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = in_layout(x, channels_last)
         with autocast(device, precision):
             out = model(x)
         correct += int((out.argmax(1) == y).sum())
@@ -295,8 +298,7 @@ def recompute_norm_stats(forward: Callable[[torch.Tensor], torch.Tensor], net: n
     handles = [m.register_forward_pre_hook(first_call) for m in norms]
     try:
         for x, _ in loader:
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = in_layout(x, channels_last)
             with autocast(device, precision):
                 forward(x)
     finally:
