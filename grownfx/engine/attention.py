@@ -46,18 +46,17 @@ class HeadGrowingAttention(_TaskModule):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        # nn.MultiheadAttention's own forward, on the computing task's weights: it picks the same kernel (its
+        # fused fast path in eval without grad, or the composite) as the exported nn.MultiheadAttention does, so
+        # a finished task's export computes bit for bit what the task-aware net computes
         width = query.shape[-1]  # the channels that exist for the computing task
-        out, weights = F.multi_head_attention_forward(
-            query, key, value, width, width // self.head_dim, self.in_proj.effective_weight(),
-            self.in_proj.effective_bias(), None, None, self.add_zero_attn, self.dropout,
-            self.out_proj.effective_weight(), self.out_proj.effective_bias(), training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights, is_causal=is_causal)
-        if self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
+        view = _MultiheadAttentionView(width, width // self.head_dim, self.in_proj.effective_weight(),
+                                       self.in_proj.effective_bias(), self.out_proj.effective_weight(),
+                                       self.out_proj.effective_bias(), self.dropout, self.add_zero_attn,
+                                       self.batch_first, self.training)
+        return nn.MultiheadAttention.forward(view, query, key, value, key_padding_mask=key_padding_mask,
+                                             need_weights=need_weights, attn_mask=attn_mask,
+                                             average_attn_weights=average_attn_weights, is_causal=is_causal)
 
     def resize_axis(self, role: str, src: torch.Tensor, generator=None, birth: int = 0, **kw) -> None:
         if role != "attn":
@@ -85,6 +84,27 @@ class HeadGrowingAttention(_TaskModule):
             if outp.bias is not None:
                 m.out_proj.bias.copy_(outp.bias)
         return m
+
+
+class _MultiheadAttentionView:
+    """The attributes `nn.MultiheadAttention.forward` reads, holding one task's tensors (not a module: nothing is
+    registered, saved or moved)."""
+
+    _qkv_same_embed_dim = True
+    bias_k = bias_v = q_proj_weight = k_proj_weight = v_proj_weight = None
+    merge_masks = nn.MultiheadAttention.merge_masks
+
+    def __init__(self, embed_dim, num_heads, in_w, in_b, out_w, out_b, dropout, add_zero_attn, batch_first,
+                 training):
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.in_proj_weight, self.in_proj_bias = in_w, in_b
+        self.out_proj = _Projection(out_w, out_b)
+        self.dropout, self.add_zero_attn, self.batch_first, self.training = dropout, add_zero_attn, batch_first, training
+
+
+class _Projection:
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
 
 
 def attention_layouts(target: str, layout: tuple) -> dict[tuple[str, str], tuple]:

@@ -427,7 +427,10 @@ class GrowableNet(nn.Module):
             changes = self._unused_channel_changes(sub, widths)
             if changes:
                 apply_changes(sub, self.coupling, widths, changes)
-        return sub.eval()
+        # an inference network, as a finished task's weights in the task-aware net are: tensors that do not
+        # require grad (torch's matmul picks its kernel, hence its rounding, by requires_grad; torch.equal with
+        # the task-aware net depends on it).  `requires_grad_(True)` makes it trainable.
+        return sub.eval().requires_grad_(False)
 
     def _unused_channel_changes(self, sub: fx.GraphModule, widths: dict[int, int]) -> dict[int, GroupChange]:
         changes = {}
