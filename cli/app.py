@@ -331,9 +331,10 @@ def inspect(target: str = typer.Argument(..., help="A recipe (file or built-in n
                                          "(torchvision like resnet18, grownfx like lenet5, or module:callable)."),
             seed_width: Optional[float] = typer.Option(None, "--seed-width", help="Seed width (default: the "
                                                        "recipe's, or 0.5)."),
-            input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input (default: "
-                                                      "from the recipe's data, or the grownfx builder's own, e.g. "
-                                                      "small_cnn 1,8,8; else 3,224,224)."),
+            input_shape: Optional[str] = typer.Option(None, "--input-shape", help="One input's shape, any rank: "
+                                                      "C,H,W (images), C,L (sequences), F (tabular), C,T,H,W "
+                                                      "(clips). Default: from the recipe's data, or the grownfx "
+                                                      "builder's own (small_cnn 1,8,8); else 3,224,224."),
             json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the data as JSON here.")):
     """Show how grownfx sees a backbone: coupling groups (what grows together), growth sites, parameters."""
     from grownfx.cli.inspect_model import inspect_data, render
@@ -355,8 +356,9 @@ def _parse_shape(text: str) -> tuple[int, ...]:
         shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise UserError(f"--input-shape: expected C,H,W like 3,32,32, got {text!r}")
+    if not shape or min(shape) < 1:
+        raise UserError(f"--input-shape: expected one input's sizes, comma-separated: C,H,W like 3,32,32 for images, "
+                        f"C,L like 2,128 for sequences, F like 12 for tabular rows; got {text!r}")
     return shape
 
 

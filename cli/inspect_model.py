@@ -33,6 +33,12 @@ def inspect_data(target: str, seed_width: Optional[float] = None,
         recipe = load_recipe(target, check_data=False)
         model_cfg, sites, data = recipe.model, recipe.growth.sites, recipe.data
         shape, classes = input_shape or data_shape(data), data_classes(data)
+        code_dir = recipe.code_dir
+        if shape is None and data.name == "python":  # the factory says: it is the user's own recipe, run it
+            from grownfx.data import stream_for
+
+            stream = stream_for(recipe)
+            shape, classes = tuple(stream.input_shape), stream.tasks[0].num_classes
         if shape is None:
             shape = _DEFAULT_SHAPE
             notes.append(f"input shape of {data.name} data unknown without the files; assumed "
@@ -48,8 +54,9 @@ def inspect_data(target: str, seed_width: Optional[float] = None,
             raise UserError(f"{exc}; or a recipe (grownfx ls lists the built-in ones)") from None
         model_cfg, sites, classes = ModelConfig(builder=target), GrowthConfig().sites, 10
         shape = input_shape or builder_input_shape(target)
+        code_dir = None
     width = model_cfg.seed_width if seed_width is None else seed_width
-    model = build_model(model_cfg.builder, classes, model_cfg.kwargs).eval()
+    model = build_model(model_cfg.builder, classes, model_cfg.kwargs, code_dir).eval()
     if seed_width is None and getattr(model_cfg, "seed_size", None) is not None:  # a parameter fraction
         from grownfx.learn.seed_size import width_for_size
 
@@ -61,7 +68,8 @@ def inspect_data(target: str, seed_width: Optional[float] = None,
         if input_shape is not None:
             raise
         raise grownfx.TraceError(f"{exc}. The input {'x'.join(map(str, shape))} is a guess; pass the model's "
-                                 "own with --input-shape C,H,W") from None
+                                 "own with --input-shape (C,H,W for images, C,L for sequences, F for "
+                                 "tabular rows)") from None
     net.add_task(classes)  # a head of `classes` outputs, as the runner adds for a task
     site_ids = set(net.groups_matching(sites.include, sites.exclude, sites.layer_types))
     full_width = {g.id: g.width for g in net.coupling.groups}
@@ -88,18 +96,14 @@ def builder_input_shape(builder: str) -> tuple[int, ...]:
     return tuple(getattr(BUILDERS.get(builder), "input_shape", _DEFAULT_SHAPE))
 
 
-def build_model(builder: str, num_classes: int, kwargs: dict):
-    try:
-        from grownfx.models import build_backbone
-    except ImportError:
-        from grownfx.recipe.loading import resolve_builder
+def build_model(builder: str, num_classes: int, kwargs: dict, code_dir: Optional[str] = None):
+    from grownfx.models import build_backbone
 
-        return resolve_builder(builder)(num_classes=num_classes, **kwargs)
-    return build_backbone(builder, num_classes, kwargs)
+    return build_backbone(builder, num_classes, kwargs, code_dir)
 
 
 def data_shape(data) -> Optional[tuple[int, ...]]:
-    """(C, H, W) of one input of a data config, when it follows from the config alone."""
+    """The shape of one input of a data config (C, H, W for the image kinds), when it follows from the config."""
     name = data.name
     if name.startswith("cifar100"):
         return (3, 32, 32)

@@ -189,12 +189,16 @@ def test_shuffled_class_order_follows_the_seed(cifar):
     assert (fine[ids] == np.array(s0.meta["class_order"][20:25])[task.train.y.numpy()]).all()
 
 
-def test_limit_per_task_caps_each_split_class_balanced(cifar):
+def test_limit_per_task_caps_train_and_val_class_balanced_never_test_unless_asked(cifar):
     root, _ = cifar
-    stream = build_stream(cifar_split(root, limit_per_task=20), seed=0)
-    task = stream[2]
-    assert (len(task.train), len(task.val), len(task.test)) == (20, 10, 20)
-    assert torch.bincount(task.train.y, minlength=10).tolist() == [2] * 10
+    full = build_stream(cifar_split(root), seed=0)[2]
+    task = build_stream(cifar_split(root, limit_per_task=10), seed=0)[2]
+    assert (len(task.train), len(task.val)) == (10, 10) and len(full.train) > 10
+    assert torch.bincount(task.train.y, minlength=10).tolist() == [1] * 10
+    assert torch.equal(task.test.ids, full.test.ids)  # the test split is the whole one: results stay comparable
+    capped = build_stream(cifar_split(root, limit_per_task=10, limit_test=True), seed=0)[2]
+    assert len(capped.test) == 10 < len(full.test)
+    assert torch.bincount(capped.test.y, minlength=10).tolist() == [1] * 10
 
 
 def test_missing_root_and_missing_file(tmp_path):

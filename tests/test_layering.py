@@ -26,15 +26,17 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "files": set(),
     "version": set(),
-    "data": {"files"},
-    "models": set(),
+    "usercode": set(),  # importing the user's `module:callable` code (model.builder, data.factory)
+    "data": {"files", "usercode"},
+    "models": {"usercode"},
     "engine": {"files"},
-    "recipe": {"data", "models", "files"},
+    "recipe": {"data", "models", "files", "usercode"},
     "learn": {"engine", "data", "models", "recipe", "files"},
     "report": {"data", "recipe", "files"},
-    "run": {"engine", "data", "models", "recipe", "learn", "report", "files", "version"},
-    "cli": {"engine", "data", "models", "recipe", "learn", "report", "run", "files", "top", "version"},
-    "top": {"engine", "version"},  # grownfx/__init__.py re-exports the engine's public API
+    "run": {"engine", "data", "models", "recipe", "learn", "report", "files", "version", "usercode"},
+    "cli": {"engine", "data", "models", "recipe", "learn", "report", "run", "files", "top", "version", "usercode"},
+    # grownfx/__init__.py re-exports the engine's public API and `load_run` (grownfx.run.results)
+    "top": {"engine", "version", "run"},
     "main": {"cli"},
     "builtin_recipes": set(),
 }

@@ -18,6 +18,7 @@ from grownfx.data.config import (
     FashionMNISTConfig,
     ImageFolderConfig,
     MiniImageNetConfig,
+    PythonConfig,
     SyntheticConfig,
     TorchvisionConfig,
     parse_data_config,
@@ -60,6 +61,7 @@ __all__ = [
     "FashionMNISTConfig",
     "ImageFolderConfig",
     "MiniImageNetConfig",
+    "PythonConfig",
     "SyntheticConfig",
     "Task",
     "TaskData",
@@ -67,6 +69,8 @@ __all__ = [
     "TaskStream",
     "TorchvisionConfig",
     "build_stream",
+    "data_seed",
+    "stream_for",
     "crop_flip",
     "hflip",
     "parse_data_config",
@@ -78,6 +82,7 @@ def _builders() -> dict[str, Callable[[Any, int], TaskStream]]:
     # Imported on use so that `import grownfx.data` does not pull in PIL, sklearn or torchvision datasets.
     from grownfx.data.cifar import build_cifar100_split, build_cifar100_superclass
     from grownfx.data.digits import build_digits
+    from grownfx.data.factory import build_python
     from grownfx.data.fashion_mnist import build_fashion_mnist
     from grownfx.data.folder import build_imagefolder
     from grownfx.data.miniimagenet import build_miniimagenet
@@ -93,10 +98,27 @@ def _builders() -> dict[str, Callable[[Any, int], TaskStream]]:
         "digits": build_digits,
         "fashion_mnist": build_fashion_mnist,
         "synthetic": build_synthetic,
+        "python": build_python,
     }
 
 
-def build_stream(cfg: DataConfig | dict[str, Any], seed: int) -> TaskStream:
-    """Build the task stream `cfg` describes; the same (cfg, seed) always gives identical tensors."""
+def build_stream(cfg: DataConfig | dict[str, Any], seed: int, *, code_dir: str | None = None) -> TaskStream:
+    """Build the task stream `cfg` describes; the same (cfg, seed) always gives identical tensors.
+
+    `code_dir`: where a `python` kind's factory module is looked for first (then the working folder, sys.path).
+    Building a `python` stream imports and runs the factory: the user's code."""
     cfg = parse_data_config(cfg)
+    if cfg.name == "python":
+        return _builders()["python"](cfg, seed, code_dir)
     return _builders()[cfg.name](cfg, seed)
+
+
+def data_seed(recipe: Any) -> int:
+    """The seed of a recipe's data: class order, hold-outs, subsets and a python factory's `seed`.  Every stream a
+    run, a comparison, a reference or `load_run` builds takes it from here (today the recipe's seed)."""
+    return int(recipe.seed)
+
+
+def stream_for(recipe: Any) -> TaskStream:
+    """The task stream of a recipe (a `grownfx.recipe.Recipe`): its data section, data seed and code folder."""
+    return build_stream(recipe.data, data_seed(recipe), code_dir=getattr(recipe, "code_dir", None))

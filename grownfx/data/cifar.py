@@ -12,7 +12,7 @@ from grownfx.data.config import CIFAR100_HOWTO, Cifar100SplitConfig, Cifar100Sup
 from grownfx.data.core import TaskStream
 from grownfx.data.errors import DatasetError, abspath, missing_files_error
 from grownfx.data.safe_pickle import safe_load
-from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.splits import Holdout, Pool, Sampling, assemble, class_order, group_classes
 
 __all__ = [
     "CIFAR100_MEAN",
@@ -146,10 +146,9 @@ def build_cifar100_split(cfg: Cifar100SplitConfig, seed: int) -> TaskStream:
         seed=seed,
         val=Holdout(per_task=cfg.val_per_task),
         val_option="val_per_task",
-        limit=cfg.limit_per_task,
+        sampling=Sampling.of(cfg),
         mean=cfg.mean or CIFAR100_MEAN,
         std=cfg.std or CIFAR100_STD,
-        augment=None if cfg.augment == "none" else cfg.augment,
         meta=_meta(cfg, data, class_order=[int(c) for c in order], class_order_seed=order_seed),
     )
 
@@ -181,9 +180,8 @@ def build_cifar100_superclass(cfg: Cifar100SuperclassConfig, seed: int) -> TaskS
         task_names=[data.coarse_names[c] for c in coarse_order],
         seed=seed,
         val=Holdout(fraction=cfg.val_fraction),
-        limit=cfg.limit_per_task,
+        sampling=Sampling.of(cfg),
         mean=cfg.mean or CIFAR100_MEAN,
         std=cfg.std or CIFAR100_STD,
-        augment=None if cfg.augment == "none" else cfg.augment,
         meta=_meta(cfg, data, coarse_order=coarse_order, coarse_names=data.coarse_names),
     )

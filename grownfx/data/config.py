@@ -24,6 +24,7 @@ __all__ = [
     "FashionMNISTConfig",
     "ImageFolderConfig",
     "MiniImageNetConfig",
+    "PythonConfig",
     "SyntheticConfig",
     "TorchvisionConfig",
     "parse_data_config",
@@ -56,8 +57,17 @@ class _Base(BaseModel):
     )
     limit_per_task: Optional[PositiveInt] = Field(
         None,
-        description="Cap on samples per split (train/val/test) per task, class-balanced, for quick runs; "
+        description="Cap on a task's train split and on its validation split (each at most this many samples, "
+        "class-balanced, seeded), for quick runs; the test split keeps every sample unless limit_test is true. "
         "None keeps all.",
+    )
+    limit_test: bool = Field(
+        False, description="Also cap each task's test split at limit_per_task (test accuracies then come from "
+        "fewer samples and are not comparable with full-test-set numbers)."
+    )
+    train_per_class: Optional[PositiveInt] = Field(
+        None, description="Keep only this many (seeded, random) training samples per class, before the validation "
+        "hold-out: the low-data setting. The test split is never subsampled by it. None keeps all."
     )
     augment: Literal["none", "crop_flip", "flip"] = Field(
         "none",
@@ -254,10 +264,6 @@ class FashionMNISTConfig(_Ordered, _Normalised):
     )
     classes_per_task: PositiveInt = Field(2, description="Classes per task.")
     num_tasks: Optional[PositiveInt] = Field(None, description="Number of tasks; None = 10 // classes_per_task.")
-    train_per_class: Optional[PositiveInt] = Field(
-        None, description="Keep only this many (seeded, random) training images per class before the validation "
-        "hold-out: the low-data setting. None keeps all 6000."
-    )
     val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
     pad_to: Optional[Annotated[int, Field(ge=28)]] = Field(
         None, description="Zero-pad the 28x28 images, centred and before normalisation (the padding is black "
@@ -275,6 +281,44 @@ class FashionMNISTConfig(_Ordered, _Normalised):
         if self.mean is not None and len(self.mean) not in (1, self.channels):
             raise ValueError(f"mean/std have {len(self.mean)} values; give 1 or channels={self.channels}")
         return self
+
+
+class PythonConfig(_Ordered, _Normalised):
+    """Your own data from Python: `factory` returns the tasks as (x, y) arrays or tensors, or torch Datasets, of any
+    input rank (docs/data.md#your-own-data-from-python)."""
+
+    howto: ClassVar[str] = "The factory makes the data; see docs/data.md#your-own-data-from-python."
+    name: Literal["python"] = Field(description="Dataset kind.")
+    factory: str = Field(
+        description="'module:callable' returning the tasks: a list with one dict per task ({'train': (x, y), "
+        "'test': (x, y), 'val': (x, y), 'classes': [...], 'name': ...}; only 'train' is required), or one dict "
+        "{'train', 'test', 'classes'} cut into tasks of classes_per_task. The module is looked for in the "
+        "recipe's code_dir (default: the recipe's folder), then the working folder, then sys.path."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the factory. A factory taking `seed` also gets "
+        "the run's data seed (unless kwargs sets it)."
+    )
+    classes_per_task: Optional[PositiveInt] = Field(
+        None, description="When the factory returns one dataset: classes per task. Leave out for a list of tasks."
+    )
+    num_tasks: Optional[PositiveInt] = Field(None, description=_AUTO_TASKS + " (one dataset only)")
+    val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION + " Used for tasks without a 'val' split.")
+    test_fraction: Fraction = Field(
+        0.2, description="Fraction of each class held out for testing (seeded), for tasks without a 'test' split."
+    )
+    normalize: bool = Field(
+        True, description="Subtract the per-channel (dimension 1: a tabular input's features) mean and divide by "
+        "the std of the training splits; false feeds the inputs as they are (mean 0, std 1). Explicit mean/std win."
+    )
+
+    @field_validator("factory")
+    @classmethod
+    def _module_callable(cls, value: str) -> str:
+        module, sep, attr = value.partition(":")
+        if not sep or not module.strip() or not attr.strip():
+            raise ValueError(f"expected 'module:callable' (e.g. 'my_data:make_tasks'), got {value!r}")
+        return value
 
 
 class SyntheticConfig(_Base):
@@ -308,6 +352,7 @@ DataConfig = Annotated[
         TorchvisionConfig,
         DigitsConfig,
         FashionMNISTConfig,
+        PythonConfig,
         SyntheticConfig,
     ],
     Field(discriminator="name"),

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from torch import Tensor
 
 __all__ = [
     "Augment",
+    "IMAGE_AUGMENTS",
+    "check_augment",
+    "channel_view",
     "BatchLoader",
     "Task",
     "TaskData",
@@ -50,11 +53,26 @@ def crop_flip(x: Tensor, generator: torch.Generator | None = None, padding: int 
 
 
 def hflip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample random horizontal flip of an image batch (N, C, H, W)."""
     flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 _AUGMENTS: dict[str, Callable[[Tensor, torch.Generator | None], Tensor]] = {"crop_flip": crop_flip, "flip": hflip}
+IMAGE_AUGMENTS = ("crop_flip", "flip")  # they crop and flip (H, W): image batches only
+
+
+def channel_view(values: Sequence[float], ndim: int, device: torch.device | str | None = None) -> Tensor:
+    """Per-channel values shaped to broadcast over a batch of rank `ndim` whose dimension 1 is the channel:
+    (1, C) for tabular (N, F), (1, C, 1) for sequences (N, C, L), (1, C, 1, 1) for images, and so on."""
+    return torch.tensor(tuple(values), dtype=torch.float32, device=device).view(1, -1, *([1] * (ndim - 2)))
+
+
+def check_augment(augment: Augment, input_shape: Sequence[int]) -> None:
+    """ValueError when a named image augmentation is asked of inputs that are not images (C, H, W)."""
+    if augment in IMAGE_AUGMENTS and len(input_shape) != 3:
+        raise ValueError(f"augment {augment!r} crops and flips images (C, H, W); these inputs are "
+                         f"{tuple(input_shape)}: use augment 'none' or a callable")
 
 
 def _resolve_augment(augment: Augment) -> Callable | None:
@@ -71,8 +89,10 @@ def _resolve_augment(augment: Augment) -> Callable | None:
 
 @dataclass(eq=False)
 class TaskData:
-    """One split of one task: `x` (N, C, H, W) uint8 (0..255) or float (already in [0, 1] scale),
+    """One split of one task: `x` uint8 (0..255) or float of any rank with the samples first and the channel
+    (or feature) second: (N, F) tabular, (N, C, L) sequences, (N, C, H, W) images, (N, C, T, H, W) clips;
     `y` (N,) int64 per-task labels, `ids` (N,) int64 row ids in the stream's source (see meta["id_space"]).
+    `mean`/`std` hold one value per channel (dimension 1), in [0, 1] scale for uint8 inputs.
 
     `augment` is what `loader()` applies by default ("crop_flip" on train splits when configured).
     """
@@ -85,9 +105,10 @@ class TaskData:
     augment: str | None = None
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 4 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
+        if self.x.ndim < 2 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
             raise ValueError(
-                f"TaskData needs x (N, C, H, W) and y (N,), got {tuple(self.x.shape)} and {tuple(self.y.shape)}"
+                f"TaskData needs x (N, C, ...) with at least 2 dimensions and y (N,), got {tuple(self.x.shape)} "
+                f"and {tuple(self.y.shape)}"
             )
         if self.ids is None:
             self.ids = torch.arange(len(self.y))
@@ -105,8 +126,8 @@ class TaskData:
         """Raw batch -> float model input: scale uint8 to [0, 1], augment, subtract mean, divide by std."""
         fn = _resolve_augment(augment)
         out = x.float()
-        scale = torch.tensor(self.std, device=out.device).reciprocal().view(1, -1, 1, 1)
-        bias = torch.tensor(self.mean, device=out.device).view(1, -1, 1, 1) * -scale
+        scale = channel_view(self.std, x.ndim, out.device).reciprocal()
+        bias = channel_view(self.mean, x.ndim, out.device) * -scale
         if x.dtype == torch.uint8:
             if fn is None:  # one fused pass: x * (1 / (255 std)) - mean / std
                 return torch.addcmul(bias, out, scale / 255.0)
@@ -186,6 +207,7 @@ class BatchLoader:
         self.augment = augment
         self.drop_last = drop_last
         _resolve_augment(augment)  # fail now, not mid-epoch
+        check_augment(augment, tuple(data.x.shape[1:]))
 
     def _num_samples(self) -> int:
         return len(self.data)
@@ -233,7 +255,7 @@ class Task:
 class TaskStream:
     name: str
     tasks: list[Task]
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # one input without the batch dimension: (F,), (C, L), (C, H, W), ...
     mean: tuple[float, ...]
     std: tuple[float, ...]
     meta: dict = field(default_factory=dict)

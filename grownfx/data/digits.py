@@ -6,7 +6,7 @@ import numpy as np
 
 from grownfx.data.config import DigitsConfig
 from grownfx.data.core import TaskStream
-from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.splits import Holdout, Pool, Sampling, assemble, class_order, group_classes
 
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "build_digits"]
 
@@ -35,10 +35,9 @@ def build_digits(cfg: DigitsConfig, seed: int) -> TaskStream:
         # val_fraction is of the whole class, like test_fraction; the hold-out comes from what test left.
         val=Holdout(fraction=cfg.val_fraction / max(1e-9, 1.0 - cfg.test_fraction)),
         test_holdout=Holdout(fraction=cfg.test_fraction),
-        limit=cfg.limit_per_task,
+        sampling=Sampling.of(cfg),
         mean=cfg.mean or DIGITS_MEAN,
         std=cfg.std or DIGITS_STD,
-        augment=None if cfg.augment == "none" else cfg.augment,
         meta={
             "kind": cfg.name,
             "config": cfg.model_dump(mode="json"),

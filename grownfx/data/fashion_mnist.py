@@ -17,7 +17,7 @@ import numpy as np
 from grownfx.data.config import FashionMNISTConfig
 from grownfx.data.core import TaskStream
 from grownfx.data.errors import DatasetError, abspath, describe_dir
-from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.splits import Holdout, Pool, Sampling, assemble, class_order, group_classes
 
 __all__ = ["FASHION_CLASSES", "FASHION_MEAN", "FASHION_STD", "build_fashion_mnist", "find_idx", "read_idx"]
 
@@ -71,12 +71,6 @@ def find_idx(root: Path) -> dict[str, Path]:
                        f"{HOWTO} Nothing is downloaded.")
 
 
-def _per_class(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Row indices keeping (at most) n random samples of every class, in ascending row order."""
-    keep = [rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]
-    return np.sort(np.concatenate(keep))
-
-
 def build_fashion_mnist(cfg: FashionMNISTConfig, seed: int) -> TaskStream:
     files = find_idx(cfg.root)
     arrays = {k: read_idx(p) for k, p in files.items()}
@@ -91,9 +85,6 @@ def build_fashion_mnist(cfg: FashionMNISTConfig, seed: int) -> TaskStream:
         for split in ("train", "test"):
             arrays[f"{split}_x"] = np.pad(arrays[f"{split}_x"], pad)
     train_y = arrays["train_y"].astype(np.int64)
-    train_ids = np.arange(len(train_y))
-    if cfg.train_per_class is not None:  # the low-data setting: a seeded, class-balanced subset
-        train_ids = _per_class(train_y, cfg.train_per_class, np.random.default_rng([seed, 7919]))
     test_y = arrays["test_y"].astype(np.int64)
     images = {split: arrays[f"{split}_x"][:, None] for split in ("train", "test")}
     if cfg.channels == 3:  # grey copied into R, G and B
@@ -105,17 +96,16 @@ def build_fashion_mnist(cfg: FashionMNISTConfig, seed: int) -> TaskStream:
     task_classes = group_classes(order, cfg.classes_per_task, cfg.num_tasks)
     return assemble(
         name="fashion_mnist",
-        train=Pool(images["train"], train_y[train_ids], train_ids, rows=train_ids),
+        train=Pool(images["train"], train_y, np.arange(len(train_y))),
         test=Pool(images["test"], test_y, np.arange(len(test_y)) + len(arrays["train_y"])),
         class_names=list(FASHION_CLASSES),
         task_classes=task_classes,
         task_names=[f"fashion_mnist/task{t + 1}" for t in range(len(task_classes))],
         seed=seed,
         val=Holdout(fraction=cfg.val_fraction),
-        limit=cfg.limit_per_task,
+        sampling=Sampling.of(cfg),
         mean=mean,
         std=std,
-        augment=None if cfg.augment == "none" else cfg.augment,
         meta={
             "kind": cfg.name,
             "config": cfg.model_dump(mode="json"),

@@ -12,7 +12,7 @@ import numpy as np
 from grownfx.data.config import ImageFolderConfig
 from grownfx.data.core import TaskStream
 from grownfx.data.errors import DatasetError, abspath, describe_dir
-from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.splits import Holdout, Pool, Sampling, assemble, class_order, group_classes
 
 __all__ = ["IMG_EXTENSIONS", "build_imagefolder", "read_images", "scan_class_folders"]
 
@@ -135,10 +135,9 @@ def build_imagefolder(cfg: ImageFolderConfig, seed: int) -> TaskStream:
         seed=seed,
         val=Holdout(fraction=cfg.val_fraction),
         test_holdout=None if split_dirs else Holdout(fraction=cfg.test_fraction),
-        limit=cfg.limit_per_task,
+        sampling=Sampling.of(cfg),
         mean=cfg.mean,
         std=cfg.std,
-        augment=None if cfg.augment == "none" else cfg.augment,
         meta={
             "kind": cfg.name,
             "config": cfg.model_dump(mode="json"),

@@ -16,7 +16,7 @@ from grownfx.data.core import TaskStream
 from grownfx.data.errors import DatasetError, abspath, missing_files_error
 from grownfx.data.folder import files_digest, read_images, scan_class_folders
 from grownfx.data.safe_pickle import safe_load
-from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.splits import Holdout, Pool, Sampling, assemble, class_order, group_classes
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PICKLES", "build_miniimagenet", "load_miniimagenet"]
 
@@ -132,10 +132,9 @@ def build_miniimagenet(cfg: MiniImageNetConfig, seed: int) -> TaskStream:
         task_names=[f"miniimagenet/task{t + 1}" for t in range(cfg.num_tasks)],
         seed=seed,
         val=Holdout(fraction=cfg.val_fraction),
-        limit=cfg.limit_per_task,
+        sampling=Sampling.of(cfg),
         mean=cfg.mean or IMAGENET_MEAN,
         std=cfg.std or IMAGENET_STD,
-        augment=None if cfg.augment == "none" else cfg.augment,
         meta={
             "kind": cfg.name,
             "config": cfg.model_dump(mode="json"),

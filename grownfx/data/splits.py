@@ -13,18 +13,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from grownfx.data.core import Task, TaskData, TaskStream
+from grownfx.data.core import Task, TaskData, TaskStream, check_augment
 from grownfx.data.errors import DatasetError
 
-__all__ = ["Holdout", "Pool", "assemble", "channel_stats", "class_order", "group_classes"]
+__all__ = ["Holdout", "Pool", "Sampling", "assemble", "channel_stats", "class_order", "group_classes"]
 
 _VAL, _TEST, _LIMIT = 0, 1, 2
+_PER_CLASS = 7919  # the stream (not task) level draw of `train_per_class`, as Fashion-MNIST's low-data setting had it
 
 
 @dataclass
 class Pool:
-    """Labelled samples: y (N,) global class ids, ids (N,) source row ids, and images `x` (M, C, H, W)
-    uint8 or float32 where sample i is x[rows[i]] (x[i] when rows is None), so pools can share one array."""
+    """Labelled samples: y (N,) global class ids, ids (N,) source row ids, and inputs `x` (M, C, ...) of any rank
+    (uint8 or float32) where sample i is x[rows[i]] (x[i] when rows is None), so pools can share one array."""
 
     x: np.ndarray
     y: np.ndarray
@@ -33,6 +34,27 @@ class Pool:
 
     def images(self, sel: np.ndarray) -> np.ndarray:
         return self.x[sel if self.rows is None else self.rows[sel]]
+
+    def subset(self, sel: np.ndarray) -> "Pool":
+        return Pool(self.x, self.y[sel], self.ids[sel], sel if self.rows is None else self.rows[sel])
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The subsets every kind offers, from its config: `train_per_class` (at most n training samples per class,
+    seeded, before the validation hold-out), `limit_per_task` (a class-balanced cap on each task's train and
+    validation splits; on its test split only with `limit_test`) and the train split's `augment`."""
+
+    limit: int | None = None
+    limit_test: bool = False
+    per_class: int | None = None
+    augment: str | None = None
+
+    @classmethod
+    def of(cls, cfg: Any) -> "Sampling":
+        augment = getattr(cfg, "augment", "none")
+        return cls(getattr(cfg, "limit_per_task", None), bool(getattr(cfg, "limit_test", False)),
+                   getattr(cfg, "train_per_class", None), None if augment == "none" else augment)
 
 
 @dataclass(frozen=True)
@@ -110,17 +132,24 @@ def _digest(ids: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+def _per_class(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Row indices keeping (at most) n random samples of every class, in ascending row order."""
+    keep = [rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
 def channel_stats(xs: Sequence[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std in [0, 1] scale over (N, C, H, W) arrays, accumulated in float64."""
+    """Per-channel (dimension 1) mean/std in [0, 1] scale over (N, C, ...) arrays of any rank, in float64."""
     total, s1, s2 = 0, 0.0, 0.0
     for x in xs:
+        axes = (0, *range(2, x.ndim))
         for start in range(0, len(x), 4096):
             chunk = x[start : start + 4096].astype(np.float64)
             if x.dtype == np.uint8:
                 chunk /= 255.0
-            s1 = s1 + chunk.sum(axis=(0, 2, 3))
-            s2 = s2 + (chunk**2).sum(axis=(0, 2, 3))
-            total += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+            s1 = s1 + chunk.sum(axis=axes)
+            s2 = s2 + (chunk**2).sum(axis=axes)
+            total += chunk.size // max(chunk.shape[1], 1)
     if total == 0:
         raise DatasetError("cannot compute mean/std: no training samples")
     mean = s1 / total
@@ -143,16 +172,26 @@ def assemble(
     seed: int,
     val: Holdout | Pool,
     test_holdout: Holdout | None = None,
-    limit: int | None = None,
+    sampling: Sampling = Sampling(),
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    augment: str | None = None,
     meta: dict[str, Any] | None = None,
     val_option: str = "val_fraction",
 ) -> TaskStream:
-    """Cut pools into tasks: select each task's classes, relabel them 0..k-1 in `task_classes` order,
-    carve test (when `test` is None) and then validation (unless `val` is a Pool) out of train, and
-    cap each split at `limit`."""
+    """Cut pools into tasks: keep `sampling.per_class` training samples per class, select each task's classes,
+    relabel them 0..k-1 in `task_classes` order, carve test (when `test` is None) and then validation (unless
+    `val` is a Pool) out of train, and cap the train and validation splits (and the test split with
+    `sampling.limit_test`) at `sampling.limit`."""
+    augment = sampling.augment
+    input_shape = tuple(int(d) for d in train.x.shape[1:])
+    if augment is not None:
+        try:
+            check_augment(augment, input_shape)
+        except ValueError as exc:
+            raise DatasetError(f"data.augment: {exc}") from None
+    if sampling.per_class is not None:  # the low-data setting: a seeded, class-balanced subset of the train pool
+        train = train.subset(_per_class(train.y, sampling.per_class, np.random.default_rng([seed, _PER_CLASS])))
+    limited = ("train", "val", "test") if sampling.limit_test else ("train", "val")
     splits: list[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
     task_meta = []
     for t, classes in enumerate(task_classes):
@@ -179,9 +218,10 @@ def assemble(
                               "validation", task_names[t], names, val_option)
             parts = {"train": take(train, rows[~is_val]), "val": take(train, rows[is_val]), "test": test_part}
         for i, split in enumerate(("train", "val", "test")):
-            x, y, ids = parts[split]
-            keep = _balanced_limit(y, limit, np.random.default_rng([seed, t, _LIMIT, i]))
-            parts[split] = (x[keep], y[keep], ids[keep])
+            if split in limited:
+                x, y, ids = parts[split]
+                keep = _balanced_limit(y, sampling.limit, np.random.default_rng([seed, t, _LIMIT, i]))
+                parts[split] = (x[keep], y[keep], ids[keep])
         for split in ("train", "test"):  # an empty validation split is allowed: val_per_task=0 asks for it
             if len(parts[split][1]) == 0:
                 raise DatasetError(f"{task_names[t]}: no {split} samples for classes {names}")
@@ -193,6 +233,7 @@ def assemble(
             "class_ids": [int(c) for c in classes],
             "sizes": {s: int(len(p[1])) for s, p in parts.items()},
             "val_ids": [int(i) for i in parts["val"][2]],
+            "test_ids": [int(i) for i in parts["test"][2]],
             "digests": {s: _digest(p[2]) for s, p in parts.items()},
         })
 
@@ -207,7 +248,7 @@ def assemble(
         }
         classes = task_meta[t]["classes"]
         tasks.append(Task(t, task_names[t], classes, len(classes), data["train"], data["val"], data["test"]))
-    input_shape = tuple(int(d) for d in train.x.shape[1:])
+    used = {c for classes in task_classes for c in classes}
     full_meta = dict(meta or {})
     full_meta.update({
         "stream": name,
@@ -219,8 +260,12 @@ def assemble(
         # (digits: 1/16) or 1 for data already in [0, 1]; exports record it in meta.json
         "pixel_scale": full_meta.get("pixel_scale", 1 / 255 if train.x.dtype == np.uint8 else 1.0),
         "augment": augment,
-        "limit_per_task": limit,
+        "limit_per_task": sampling.limit,
+        "limit_test": sampling.limit_test,
+        "train_per_class": sampling.per_class,
         "class_names": list(class_names),
+        # classes of the source no task holds (e.g. 10 classes cut into tasks of 3): said, never silently dropped
+        "unused_classes": [name for c, name in enumerate(class_names) if c not in used],
         "tasks": task_meta,
     })
     return TaskStream(name, tasks, input_shape, mean, std, full_meta)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from grownfx.data.config import SyntheticConfig
 from grownfx.data.core import TaskStream
-from grownfx.data.splits import Pool, assemble
+from grownfx.data.splits import Pool, Sampling, assemble
 
 __all__ = ["build_synthetic", "make_patterns"]
 
@@ -80,10 +80,9 @@ def build_synthetic(cfg: SyntheticConfig, seed: int) -> TaskStream:
         task_classes=[list(range(t * k, (t + 1) * k)) for t in range(cfg.num_tasks)],
         task_names=[f"synthetic/task{t + 1}" for t in range(cfg.num_tasks)],
         seed=seed,
-        limit=cfg.limit_per_task,
+        sampling=Sampling.of(cfg),
         mean=(0.0,) * c,
         std=(1.0,) * c,
-        augment=None if cfg.augment == "none" else cfg.augment,
         meta={
             "kind": cfg.name,
             "config": cfg.model_dump(mode="json"),

@@ -10,7 +10,7 @@ import numpy as np
 from grownfx.data.config import TorchvisionConfig
 from grownfx.data.core import TaskStream
 from grownfx.data.errors import DatasetError, abspath, describe_dir
-from grownfx.data.splits import Holdout, Pool, assemble, class_order, group_classes
+from grownfx.data.splits import Holdout, Pool, Sampling, assemble, class_order, group_classes
 
 __all__ = ["KNOWN_STATS", "build_torchvision", "dataset_arrays"]
 
@@ -115,10 +115,9 @@ def build_torchvision(cfg: TorchvisionConfig, seed: int) -> TaskStream:
         seed=seed,
         val=Holdout(fraction=cfg.val_fraction),
         test_holdout=Holdout(fraction=cfg.test_fraction) if test is None else None,
-        limit=cfg.limit_per_task,
+        sampling=Sampling.of(cfg),
         mean=mean,
         std=std,
-        augment=None if cfg.augment == "none" else cfg.augment,
         meta={
             "kind": cfg.name,
             "config": cfg.model_dump(mode="json"),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
+
+from grownfx.usercode import import_callable, is_user_code
 
 from grownfx.models.lenet import LeNet5, lenet5
 from grownfx.models.small_cnn import SmallCNN, small_cnn
@@ -22,14 +23,15 @@ class BuilderError(TypeError):
     """A model builder that does not return an nn.Module (a user's `package.module:callable`)."""
 
 
-def build_backbone(builder: str, num_classes: int, kwargs: dict | None = None) -> nn.Module:
-    """Instantiate a backbone with `num_classes` outputs (the head is replaced per task later)."""
+def build_backbone(builder: str, num_classes: int, kwargs: dict | None = None,
+                   code_dir: Optional[str] = None) -> nn.Module:
+    """Instantiate a backbone with `num_classes` outputs (the head is replaced per task later).  A `module:callable`
+    builder is the user's code, its module looked for in `code_dir` first (grownfx.usercode)."""
     kwargs = dict(kwargs or {})
     if builder in BUILDERS:
         return BUILDERS[builder](num_classes=num_classes, **kwargs)
-    if ":" in builder:
-        module_name, _, attr = builder.partition(":")
-        fn = getattr(importlib.import_module(module_name), attr)
+    if is_user_code(builder):
+        fn = import_callable(builder, code_dir, what="model.builder")
         model = fn(num_classes=num_classes, **kwargs)
         if not isinstance(model, nn.Module):
             hint = " (return the model alone, not a tuple)" if isinstance(model, tuple) else ""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 import re
 import types
 from pathlib import Path
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from grownfx.recipe.schema import Recipe
 from grownfx.data.config import DataConfig
 from grownfx.data.errors import abspath, describe_dir
+from grownfx.usercode import import_callable, is_user_code
 
 # = grownfx.models.BUILDERS (tests/test_cli.py checks): `validate` trusts these names without importing torch
 _GROWNFX_FALLBACK = ("lenet5", "small_cnn", "vgg16_bn_cifar")
@@ -192,19 +192,40 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def semantic_errors(raw: dict, check_data: bool) -> list[tuple[str, str]]:
-    """What the schema cannot see: an unknown or unimportable model builder, a missing dataset folder."""
-    out = []
+    """What the schema cannot see: a missing dataset folder, a data factory or model builder that does not import.
+
+    The data is checked first: a missing folder is reported without importing torch (a model check imports
+    torchvision, seconds on a laptop), so the builder is checked only when the data is in place."""
+    out = data_errors(raw) if check_data else []
     model = raw.get("model")
-    if isinstance(model, dict) and isinstance(model.get("builder"), str):
-        problem = _builder_problem(model["builder"])
+    if not out and isinstance(model, dict) and isinstance(model.get("builder"), str):
+        problem = _builder_problem(model["builder"], _code_dir(raw))
         if problem:
             out.append(("model.builder", problem))
+    return out
+
+
+def _code_dir(raw: dict) -> str | None:
+    value = raw.get("code_dir")
+    return value if isinstance(value, str) else None
+
+
+def data_errors(raw: dict) -> list[tuple[str, str]]:
+    """A dataset folder that does not exist, more tasks than class folders, a python factory that does not import."""
+    out = []
     data = raw.get("data")
-    if check_data and isinstance(data, dict) and isinstance(data.get("root"), (str, Path)):
+    if not isinstance(data, dict):
+        return out
+    if data.get("name") == "python" and is_user_code(data.get("factory")):
+        try:  # imports the module (the user's recipe names it); the factory itself runs with the stream
+            import_callable(data["factory"], _code_dir(raw), what="data.factory")
+        except ValueError as exc:
+            out.append(("data.factory", str(exc)))
+    if isinstance(data.get("root"), (str, Path)):
         kind = pick_member(unwrap(DataConfig), data)
         root = abspath(data["root"])
         if kind is not None and "root" in kind.model_fields and not root.is_dir():
-            out.append(("data.root", f"dataset folder {root} not found: {describe_dir(root)}. {kind.howto} "
+            out.append(("data.root", f"dataset folder {describe_dir(root)}. {kind.howto} "
                         "(to check the rest of the recipe without the data: grownfx validate RECIPE "
                         "--no-data-check; from Python, check_data=False)"))
         elif data.get("name") == "imagefolder" and root.is_dir():
@@ -268,22 +289,11 @@ def _grownfx_builders() -> dict[str, Callable | None]:
     return dict(BUILDERS)
 
 
-def resolve_builder(name: str) -> Callable:
-    """The callable a `model.builder` names: grownfx's, torchvision's, or `package.module:callable`."""
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except Exception as exc:  # noqa: BLE001 - any import failure is the user's module's problem
-            raise ValueError(f"cannot import module {module_name!r} of builder {name!r}: "
-                             f"{type(exc).__name__}: {exc}") from None
-        for part in attr.split("."):
-            if not hasattr(obj, part):
-                raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
-            obj = getattr(obj, part)
-        if not callable(obj):
-            raise ValueError(f"{name!r} is a {type(obj).__name__}, not a callable")
-        return obj
+def resolve_builder(name: str, code_dir: str | None = None) -> Callable:
+    """The callable a `model.builder` names: grownfx's, torchvision's, or the user's `module:callable` (its module
+    looked for in `code_dir`, the working folder, then sys.path)."""
+    if is_user_code(name):
+        return import_callable(name, code_dir, what="model.builder")
     ours = _grownfx_builders()
     if name in ours:
         if ours[name] is None:
@@ -307,11 +317,11 @@ def resolve_builder(name: str) -> Callable:
                      f"resnet18), a grownfx one ({', '.join(ours)}) or 'package.module:callable'")
 
 
-def _builder_problem(name: str) -> str | None:
+def _builder_problem(name: str, code_dir: str | None = None) -> str | None:
     if name in _GROWNFX_FALLBACK:  # grownfx's own builders are known by name: validating needs no torch
         return None
     try:
-        resolve_builder(name)
+        resolve_builder(name, code_dir)
     except ValueError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - grownfx.models is still being written; never crash validation

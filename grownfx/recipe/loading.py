@@ -23,7 +23,8 @@ from grownfx.recipe.checks import resolve_builder
 from grownfx.recipe.checks import child_type, is_union, pick_member, schema_errors, semantic_errors, unwrap
 
 __all__ = ["RecipeError", "builtin_recipes_dir", "dump_resolved", "list_builtin_recipes", "load_recipe",
-           "recipe_diff", "resolve_builder", "resolve_recipe_path", "validate_recipe"]
+           "names_user_code", "recipe_diff", "resolve_builder", "resolve_recipe_path", "shadowed_recipe_warning",
+           "validate_recipe"]
 
 
 class RecipeError(ValueError):
@@ -101,12 +102,15 @@ def load_recipe(path_or_name: str | os.PathLike, overrides: Sequence[str] = (), 
         raise RecipeError([f"{source}: not a YAML text file (byte {data[exc.start]:#04x} at offset {exc.start} "
                            "is not UTF-8)"], source) from None
     raw, lines = parse_yaml(text, source)
-    return validate_recipe(raw, overrides, source=source, lines=lines, check_data=check_data)
+    return validate_recipe(raw, overrides, source=source, lines=lines, check_data=check_data,
+                           recipe_dir=path.resolve().parent)
 
 
 def validate_recipe(raw: Any, overrides: Sequence[str] = (), *, source: str = "<recipe>",
-                    lines: Mapping[str, int] | None = None, check_data: bool = True) -> Recipe:
-    """Validate an already parsed recipe (a dict), after applying `overrides`."""
+                    lines: Mapping[str, int] | None = None, check_data: bool = True,
+                    recipe_dir: str | os.PathLike | None = None) -> Recipe:
+    """Validate an already parsed recipe (a dict), after applying `overrides`.  `recipe_dir`: the recipe file's
+    folder, where its own code (`module:callable`) is looked for and relative `code_dir` values start."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -115,6 +119,7 @@ def validate_recipe(raw: Any, overrides: Sequence[str] = (), *, source: str = "<
     raw = copy.deepcopy(raw)
     where = _Where(source, dict(lines or {}), {}, {})
     problems = _apply_overrides(raw, list(overrides), where)
+    _fill_code_dir(raw, recipe_dir)
     recipe = None
     try:
         recipe = Recipe.model_validate(raw)
@@ -124,6 +129,45 @@ def validate_recipe(raw: Any, overrides: Sequence[str] = (), *, source: str = "<
     if problems:
         raise RecipeError([_format(w, p, m) for w, p, m in sorted(problems, key=lambda x: x[0][0])], source)
     return recipe
+
+
+def names_user_code(raw: Any) -> list[str]:
+    """The `module:callable` values a recipe (a dict or a Recipe) would import: its model builder, its data factory."""
+    if isinstance(raw, BaseModel):
+        raw = raw.model_dump(mode="json")
+    if not isinstance(raw, dict):
+        return []
+    model, data = raw.get("model"), raw.get("data")
+    found = []
+    if isinstance(model, dict) and isinstance(model.get("builder"), str) and ":" in model["builder"]:
+        found.append(f"model.builder {model['builder']!r}")
+    if isinstance(data, dict) and data.get("name") == "python" and isinstance(data.get("factory"), str):
+        found.append(f"data.factory {data['factory']!r}")
+    return found
+
+
+def _fill_code_dir(raw: dict, recipe_dir: str | os.PathLike | None) -> None:
+    """An absolute `code_dir`: a relative one starts at the recipe's folder; a recipe naming its own code without
+    one gets the recipe's folder, so that config.resolved.yaml records where that code came from."""
+    value = raw.get("code_dir")
+    base = Path(recipe_dir) if recipe_dir is not None else Path.cwd()
+    if isinstance(value, str) and value:
+        raw["code_dir"] = str((base / value).resolve())
+    elif value is None and recipe_dir is not None and names_user_code(raw):
+        raw["code_dir"] = str(Path(recipe_dir).resolve())
+
+
+def shadowed_recipe_warning(path_or_name: str | os.PathLike) -> str | None:
+    """A bare name (`digits_quickstart`) runs the built-in recipe even when ./digits_quickstart.yaml (a copy the
+    user edited, from `grownfx cp`) is here: say which one runs and how to run the other."""
+    text = str(path_or_name)
+    if "/" in text or os.sep in text or text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        return None
+    local = next((Path(text + ext) for ext in (".yaml", ".yml") if Path(text + ext).is_file()), None)
+    if local is None or not (builtin_recipes_dir() / f"{text}.yaml").is_file():
+        return None
+    return (f"{text!r} is the built-in recipe {text} ({builtin_recipes_dir() / (text + '.yaml')}); your "
+            f"./{local} is not used. To run your copy, pass the file: ./{local}")
 
 
 def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:

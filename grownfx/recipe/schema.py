@@ -23,9 +23,20 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     builder: str = Field(description="A torchvision classification builder (`resnet18`), a grownfx one "
-                         "(`lenet5`, `small_cnn`), or your own as `package.module:callable`.")
+                         "(`lenet5`, `small_cnn`), or your own as `module:callable` (e.g. `my_models:conv1d`, "
+                         "`my_models.py` beside the recipe: see `code_dir`), called as `fn(num_classes=k, "
+                         "**kwargs)` and returning an nn.Module; the layer producing its logits becomes each "
+                         "task's head.")
     kwargs: dict = Field(default_factory=dict, description="Keyword arguments for the builder (not `num_classes`:"
                          " heads are per task).")
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_num_classes(cls, v: dict) -> dict:
+        if "num_classes" in v:
+            raise ValueError("num_classes is not a builder argument here: every task gets its own head, sized to "
+                             "the task's classes (the data decides it); remove model.kwargs.num_classes")
+        return v
     leaf_modules: list[str] = Field(default_factory=list, description="Module-name globs torch.fx should not "
                                     "trace into; they are kept opaque (their channels are never resized).")
     seed_width: float = Field(0.5, gt=0.0, le=1.0, description="Width of the seed network as a fraction of "
@@ -315,6 +326,10 @@ class Recipe(_Strict):
     description: str = ""
     seed: int = Field(0, ge=0, description="Seeds data splits, initialisation, masks and growth.")
     device: str = Field("auto", description="`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`.")
+    code_dir: Optional[str] = Field(None, description="Folder your own `module:callable` code (`model.builder`, "
+                                    "`data.factory`) is imported from first, then the working folder, then "
+                                    "sys.path; relative to the recipe's folder. Filled in with the recipe file's "
+                                    "folder when the recipe names such code, so the run folder records it.")
     model: ModelConfig
     data: DataConfig
     method: MethodConfig = Field(default_factory=GrownMethod)

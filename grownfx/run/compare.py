@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from grownfx.data import build_stream
+from grownfx.data import stream_for
 from grownfx.files import atomic_write_text
 from grownfx.learn.methods.finetune import finetune_references
 from grownfx.learn.methods.scratch import fresh_backbone, train_plain
@@ -89,7 +89,7 @@ def scratch_targets(recipe: Recipe, seed: int) -> list[float]:
         torch.set_num_threads(recipe.training.num_threads)
     device = resolve_device(recipe.device)
     torch.manual_seed(seed)
-    stream = build_stream(recipe.data, seed)
+    stream = stream_for(recipe)
     epochs = recipe.target.scratch_epochs or recipe.training.epochs
     out = []
     for t, task in enumerate(stream.tasks):
@@ -283,7 +283,7 @@ def _index(out: Path, recipe: Recipe, specs: list[str], seeds: Sequence[int]) ->
 
 
 def _what_is_learned(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("output", "description")}
+    return {k: v for k, v in config.items() if k not in ("output", "description", "code_dir")}
 
 
 def _write(out: Path, index: dict) -> None:

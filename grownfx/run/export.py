@@ -95,7 +95,8 @@ def preprocessing(stream_meta: dict) -> dict:
     scale = float(stream_meta.get("pixel_scale", 1.0))
     return {"input_shape": list(stream_meta["input_shape"]), "pixel_scale": scale,
             "mean": list(stream_meta["mean"]), "std": list(stream_meta["std"]),
-            "formula": "model_input = (raw * pixel_scale - mean) / std, per channel (NCHW)"}
+            "formula": "model_input = (raw * pixel_scale - mean) / std, per channel: dimension 1 of a batch "
+                       "(N, C, ...) shaped (N, *input_shape)"}
 
 
 class Preprocessed(nn.Module):
@@ -104,7 +105,7 @@ class Preprocessed(nn.Module):
     def __init__(self, module: nn.Module, prep: dict):
         super().__init__()
         self.module = module
-        shape = (1, -1, 1, 1)
+        shape = (1, -1, *([1] * (len(prep["input_shape"]) - 1)))  # channel = dimension 1, any input rank
         std = torch.tensor(prep["std"], dtype=torch.float32).view(shape)
         self.register_buffer("scale", (prep["pixel_scale"] / std))
         self.register_buffer("shift", torch.tensor(prep["mean"], dtype=torch.float32).view(shape) / std)

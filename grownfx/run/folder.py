@@ -21,7 +21,7 @@ from grownfx.recipe.schema import Recipe
 # recipe fields that may differ when resuming (they do not change what is learned)
 # (training.num_threads is not among them: CPU kernels reduce in a thread-dependent order, so 1 and 2 threads
 # learn slightly different weights)
-RESUME_FREE = ("output.", "training.checkpoint_every", "device", "description")
+RESUME_FREE = ("output.", "training.checkpoint_every", "device", "description", "code_dir")
 # files whose presence means a folder holds a run (started, perhaps killed before its first checkpoint)
 RUN_MARKERS = ("config.resolved.yaml", "metrics.jsonl", "checkpoints/last.pt", "summary.json")
 

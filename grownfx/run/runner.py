@@ -28,7 +28,7 @@ from grownfx import files
 from grownfx.learn import distributed
 from grownfx.recipe.loading import load_recipe
 from grownfx.recipe.schema import Recipe, parse_target, target_sources
-from grownfx.data import TaskStream, build_stream
+from grownfx.data import TaskStream, stream_for
 from grownfx.run.console import _task_line, _tensorboard
 from grownfx.run.folder import RunError, _load_checkpoint, _prepare_out, claim_out
 from grownfx.run.export import export_complete, record_export, save_module, task_folder, task_meta
@@ -96,9 +96,9 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
             out, lock = claimed
         out = Path(dist.broadcast_object(str(out) if dist.is_main else None))
         last = out / "checkpoints" / "last.pt"
-        if dist.is_main:
-            echo(f"{'resuming' if resume else 'writing'} run folder {out}")
         state = dist.main_first(lambda: _prepare_out(out, recipe, resume, last, explicit=out_dir is not None))
+        if dist.is_main:  # only once the folder is accepted: a refused folder was never written
+            echo(f"{'resuming' if state is not None else 'writing'} run folder {out}")
         resumed = dist.broadcast_object(state is not None) if dist.enabled else state is not None
         if resumed and not dist.is_main:  # every rank restores the checkpoint itself
             if not last.exists():
@@ -109,9 +109,16 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
             torch.set_num_threads(recipe.training.num_threads)
         device = dist.device
         torch.manual_seed(recipe.seed)
-        stream = build_stream(recipe.data, recipe.seed)
+        stream = stream_for(recipe)
+        if resumed and dist.is_main and (out / "stream.json").is_file():
+            check_same_data(files.read_json(out / "stream.json"), stream.meta, out)
         check_validation(recipe, stream, echo if dist.is_main else (lambda msg: None))
         if dist.is_main:
+            if stream.meta.get("unused_classes"):
+                unused = stream.meta["unused_classes"]
+                echo(f"warning: {len(unused)} class(es) of the data are in no task: {', '.join(unused[:8])}"
+                     f"{', ...' if len(unused) > 8 else ''} (data.classes_per_task x data.num_tasks covers "
+                     f"{len(stream.meta['class_names']) - len(unused)} of {len(stream.meta['class_names'])})")
             files.atomic_write_json(stream.meta, out / "stream.json")
         with StopFlag() as stop:
             return _Run(recipe, stream, out, device, state, stop, progress, echo, dist).loop()
@@ -122,6 +129,22 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
             lock.release()
         if own:
             dist.close()
+
+
+def check_same_data(saved: dict, now: dict, out: Path) -> None:
+    """RunError when the stream rebuilt for a resume differs from the one the run learned (stream.json): other
+    classes, other sample ids, or (a python factory) other values."""
+    old_tasks, new_tasks = saved.get("tasks", []), now.get("tasks", [])
+    if len(old_tasks) != len(new_tasks):
+        raise RunError(f"cannot resume {out}: the data now has {len(new_tasks)} tasks, the run learned "
+                       f"{len(old_tasks)} (stream.json)")
+    for t, (a, b) in enumerate(zip(old_tasks, new_tasks)):
+        for key in ("classes", "digests", "content_digests"):
+            if key in a and key in b and a[key] != b[key]:
+                what = [s for s in a[key] if a[key].get(s) != b[key].get(s)] if isinstance(a[key], dict) else []
+                raise RunError(f"cannot resume {out}: task {t + 1}'s data differs from the run's ({key}"
+                               f"{' of ' + ', '.join(what) if what else ''}; stream.json records what it learned): "
+                               "did the dataset or the data factory change?")
 
 
 MIN_VAL_PER_CLASS = 10  # below this a task's validation accuracy moves in steps too coarse to decide on

@@ -132,7 +132,7 @@ def evaluate_with(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tens
 def build_masked_net(recipe: Recipe, stream: TaskStream, width: float = 1.0, granularity: str | None = None):
     """The recipe's backbone traced at `width` with masks of `granularity` (same seed: same net)."""
     torch.manual_seed(recipe.seed)
-    model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs)
+    model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs, recipe.code_dir)
     return prepare(model, example_input(stream.input_shape), width, leaf_modules=recipe.model.leaf_modules,
                    granularity=granularity or recipe.model.granularity, seed=recipe.seed)
 

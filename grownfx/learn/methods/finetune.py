@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from grownfx.data import Task, TaskData, build_stream
+from grownfx.data import Task, TaskData, stream_for
 from grownfx.engine.layers import _reset_head
 from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
@@ -48,7 +48,7 @@ class FinetuneContinual:
         self.name = "finetune" if recipe.method.keep_copies else "finetune[forgetting]"
         self.on_epoch, self.should_stop = on_epoch, should_stop
         torch.manual_seed(recipe.seed)
-        model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs)
+        model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs, recipe.code_dir)
         self.full_params = count_parameters(model)
         gm, coupling, _, _ = slim(model, example_input(stream.input_shape), 1.0,
                                   leaf_modules=recipe.model.leaf_modules, seed=recipe.seed)
@@ -142,6 +142,6 @@ def finetune_references(recipe) -> list[float]:
     if recipe.training.num_threads:
         torch.set_num_threads(recipe.training.num_threads)
     recipe = recipe.model_copy(update={"method": FinetuneMethod(keep_copies=False)})
-    stream = build_stream(recipe.data, recipe.seed)
+    stream = stream_for(recipe)
     method = FinetuneContinual(recipe, stream, resolve_device(recipe.device))
     return [method.learn(task, None).val_acc for task in stream.tasks]

@@ -21,7 +21,7 @@ from grownfx.learn.methods.base import example_input
 def build_net(recipe: Recipe, stream: TaskStream, seed_width: Optional[float] = None) -> GrowableNet:
     """The recipe's backbone, traced and slimmed to its seed width (same seed: same net, for resuming)."""
     torch.manual_seed(recipe.seed)
-    model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs)
+    model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs, recipe.code_dir)
     width = recipe.model.seed_width if seed_width is None else seed_width
     if seed_width is None and recipe.model.seed_size is not None:  # a parameter fraction: the paper's unit
         width = width_for_size(model, example_input(stream.input_shape), recipe.model.seed_size,

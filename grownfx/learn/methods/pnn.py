@@ -175,13 +175,13 @@ class PNNContinual:
         self.checkpoint, self.dist = checkpoint, dist  # mid-task checkpoints; data-parallel training
         self.net = ProgressiveNet(recipe.method.laterals).to(self.device)
         self.full_params = count_parameters(build_backbone(recipe.model.builder, stream.tasks[0].num_classes,
-                                                           recipe.model.kwargs))
+                                                           recipe.model.kwargs, recipe.code_dir))
         self.num_classes: list[int] = []
 
     def _column(self, num_classes: int, k: int) -> fx.GraphModule:
         cfg = self.recipe.method
         torch.manual_seed(derive_seed(self.recipe.seed, "pnn", k))
-        model = build_backbone(self.recipe.model.builder, num_classes, self.recipe.model.kwargs)
+        model = build_backbone(self.recipe.model.builder, num_classes, self.recipe.model.kwargs, self.recipe.code_dir)
         gm, *_ = slim(model, example_input(self.stream.input_shape), cfg.first_column_width if k == 0 else
                       cfg.column_width, leaf_modules=self.recipe.model.leaf_modules, seed=self.recipe.seed)
         return gm

@@ -42,7 +42,7 @@ def evaluate_plain(model: nn.Module, data: TaskData, training: TrainingConfig, d
 
 def fresh_backbone(recipe: Recipe, task: Task, seed_parts: tuple) -> nn.Module:
     torch.manual_seed(derive_seed(*seed_parts))
-    return build_backbone(recipe.model.builder, task.num_classes, recipe.model.kwargs)
+    return build_backbone(recipe.model.builder, task.num_classes, recipe.model.kwargs, recipe.code_dir)
 
 
 class ScratchContinual:
@@ -57,7 +57,7 @@ class ScratchContinual:
         self.models: list[nn.Module] = []
         self.current: Optional[nn.Module] = None  # the task being learned (in mid-task checkpoints)
         self.full_params = count_parameters(build_backbone(recipe.model.builder, stream.tasks[0].num_classes,
-                                                           recipe.model.kwargs))
+                                                           recipe.model.kwargs, recipe.code_dir))
 
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
         timer = Timer()
@@ -92,12 +92,14 @@ class ScratchContinual:
     def load_state(self, state: dict) -> None:
         self.models = []
         for i, sd in enumerate(state["models"]):
-            m = build_backbone(self.recipe.model.builder, self.stream.tasks[i].num_classes, self.recipe.model.kwargs)
+            m = build_backbone(self.recipe.model.builder, self.stream.tasks[i].num_classes, self.recipe.model.kwargs,
+                               self.recipe.code_dir)
             m.load_state_dict(sd)
             self.models.append(m.to(self.device))
         self.current = None
         if state.get("current") is not None:  # a mid-task checkpoint: the part-trained backbone of the next task
             task = self.stream.tasks[len(self.models)]
-            self.current = build_backbone(self.recipe.model.builder, task.num_classes, self.recipe.model.kwargs)
+            self.current = build_backbone(self.recipe.model.builder, task.num_classes, self.recipe.model.kwargs,
+                                          self.recipe.code_dir)
             self.current.load_state_dict(state["current"])
             self.current.to(self.device)
