@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from grownfx.version import __version__
 
-# The engine's public API, imported on first use (PEP 562): `import grownfx.recipe` or `grownfx --help` must not
+# The engine's public API and `load_run` (a run folder opened from Python), imported on first use (PEP 562):
+# `import grownfx.recipe` or `grownfx --help` must not
 # pay for torch.  `from grownfx import prepare` works as before.
 _LAZY = {
     "MaskPolicy": "grownfx.engine.context", "CouplingGroup": "grownfx.engine.coupling",
@@ -17,6 +18,7 @@ _LAZY = {
     "register_module": "grownfx.engine.registry", "register_function": "grownfx.engine.registry",
     "register_resize": "grownfx.engine.registry", "unregister": "grownfx.engine.registry",
     "remap": "grownfx.engine.surgery",
+    "load_run": "grownfx.run.results",
 }
 
 if TYPE_CHECKING:
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from grownfx.engine.tracing import TraceError, trace
     from grownfx.engine.registry import register_function, register_module, register_resize, unregister
     from grownfx.engine.surgery import remap
+    from grownfx.run.results import load_run
 
 
 def __getattr__(name: str):
@@ -39,6 +42,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "CouplingGroup", "GrowableNet", "MaskPolicy", "SurgeryError", "TraceError", "analyze", "count_parameters",
-    "prepare", "trace", "__version__", "register_function", "register_module", "register_resize", "remap",
+    "load_run", "prepare", "trace", "__version__", "register_function", "register_module", "register_resize", "remap",
     "unregister",
 ]

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import grownfx
 from grownfx.data import DatasetError, build_stream
+from grownfx.run.results import UntrustedCodeError
 from grownfx.recipe.loading import load_recipe
 from tests.cli_helpers import invoke
 
@@ -195,6 +197,37 @@ def test_conv1d_sequences_from_numpy_arrays_compare_end_to_end(tmp_path):
     assert exported(torch.randn(5, 2, 32)).shape == (5, 2)
     targets = json.loads((out / "compare.json").read_text())["targets"]["0"]
     assert targets["source"] == "scratch run"  # GROWN's targets are the scratch run's validation accuracies
+    for method in ("scratch", "finetune", "grown"):
+        _predictions_agree_with_the_accuracy_matrix(out / method / "seed0")
+
+
+def _predictions_agree_with_the_accuracy_matrix(run_dir: Path) -> None:
+    """load_run's per-sample predictions give exactly the test accuracies the run recorded, ids from stream.json."""
+    untrusted = grownfx.load_run(run_dir)
+    assert untrusted.acc_matrix and untrusted.exports  # results are read without running any code
+    with pytest.raises(UntrustedCodeError, match="trust=True"):
+        untrusted.predictions(0)
+    run = grownfx.load_run(run_dir, trust=True)
+    for t, recorded in enumerate(run.acc_matrix[-1]):
+        p = run.predictions(t)
+        assert p.accuracy == pytest.approx(recorded, abs=1e-9)
+        assert p.ids.tolist() == run.stream_info["tasks"][t]["test_ids"]
+
+
+def test_load_run_of_a_builtin_dataset_needs_no_trust(tmp_path):
+    from tests.test_reliability import quiet, tiny
+    from grownfx.run.runner import run
+
+    run(tiny(tmp_path / "r", **{"data__num_tasks": 2}), echo=quiet)
+    loaded = grownfx.load_run(tmp_path / "r")
+    assert loaded.user_code == [] and loaded.task_names == ["digits/task1", "digits/task2"]
+    p = loaded.predictions(1, split="val")
+    assert p.ids.tolist() == loaded.stream_info["tasks"][1]["val_ids"] and p.logits.shape == (len(p.ids), 5)
+    assert loaded.predictions(0).accuracy == pytest.approx(loaded.acc_matrix[-1][0], abs=1e-9)
+    net = loaded.method().net
+    x = loaded.stream()[0].test.loader(4, augment=None)
+    xb, _ = next(iter(x))
+    assert torch.equal(net(xb, task=0).argmax(1), torch.from_numpy(loaded.predictions(0).predicted[:4]))
 
 
 def test_tabular_mlp_from_one_dataset_compare_end_to_end(tmp_path):

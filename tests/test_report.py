@@ -11,7 +11,7 @@ import yaml
 
 from grownfx.report.metrics import stream_metrics
 from grownfx.report.paper import PAPER, RUN_REPORT_ROWS, PAPER_INCONSISTENT_ABLATION_TASKS, PAPER_INCONSISTENT_AVERAGES
-from grownfx.report.run_report import load_run, report_tables, write_report
+from grownfx.report.run_report import read_run, report_tables, write_report
 
 NAMES = ["cifar100/task0", "cifar100/task1", "cifar100/task2"]
 MATRIX = [[60.0, None, None], [59.5, 52.0, None], [59.0, 51.5, 64.2]]
@@ -78,7 +78,7 @@ def test_write_report_makes_tables_csvs_and_plots(tmp_path):
 
 def test_published_numbers_beside_the_run_on_the_papers_benchmark(tmp_path):
     recipe = {"name": "x", "data": {"name": "cifar100_split", "num_tasks": 10}}
-    run = load_run(make_run(tmp_path / "run", recipe=recipe))
+    run = read_run(make_run(tmp_path / "run", recipe=recipe))
     header, rows = report_tables(run)["accuracy"]
     # the run's 3 tasks: the published rows cut to 3 tasks, then their own average and final size
     shown = {r[0]: r[1:] for r in rows if r[0].endswith("(published)")}

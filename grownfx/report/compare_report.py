@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from grownfx import files
 from grownfx.report.paper import ABLATION_ROWS, PAPER, benchmark_of
-from grownfx.report.run_report import load_run, md_table, write_report_folder
+from grownfx.report.run_report import md_table, read_run, write_report_folder
 
 __all__ = ["PAPER", "compare_tables", "load_compare", "write_compare_report"]
 
@@ -35,7 +35,7 @@ def load_compare(compare_dir: str | Path) -> dict:
     for entry in index["runs"]:
         path = compare_dir / entry["dir"]
         if entry.get("status") == "ok" and (path / "summary.json").is_file():
-            run = load_run(path)
+            run = read_run(path)
             run.update(seed=entry["seed"], wall_s=entry.get("wall_s"))
             by_method.setdefault(entry["method"], []).append(run)
     runs = [r for rs in by_method.values() for r in rs]

@@ -18,7 +18,7 @@ from grownfx import files
 from grownfx.report.metrics import stream_metrics
 from grownfx.report.paper import PAPER, RUN_REPORT_ROWS, benchmark_of, published
 
-__all__ = ["load_run", "report_tables", "write_report"]
+__all__ = ["read_run", "report_tables", "write_report"]
 
 Table = tuple[list[str], list[list[Any]]]
 
@@ -26,7 +26,7 @@ Table = tuple[list[str], list[list[Any]]]
 # --- reading ----------------------------------------------------------------------------------------------
 
 
-def load_run(run_dir: str | Path) -> dict:
+def read_run(run_dir: str | Path) -> dict:
     """summary, accuracy matrix, task names and (if saved) the resolved recipe of a run folder."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
@@ -126,7 +126,7 @@ def _size(v: Any) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write `run_dir/report/` (report.md, one CSV per table, PNG plots); returns that folder."""
-    return write_report_folder(run_dir, "report.md", load_run(run_dir), report_tables, _plots, _markdown)
+    return write_report_folder(run_dir, "report.md", read_run(run_dir), report_tables, _plots, _markdown)
 
 
 def write_report_folder(folder: str | Path, md_name: str, data, tables_of, plots_of, markdown_of,

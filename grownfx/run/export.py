@@ -192,8 +192,9 @@ class _StreamInfo:
                                       num_classes=len(t["classes"])) for t in meta["tasks"]]
 
 
-def restore_method(run_dir: str | Path):
-    """The method of a finished (or interrupted) run, rebuilt from its recipe and last checkpoint, on the CPU."""
+def restore_method(run_dir: str | Path, code_dir: str | None = None):
+    """The method of a finished (or interrupted) run, rebuilt from its recipe and last checkpoint, on the CPU.
+    A user's `module:callable` builder is imported (from `code_dir` when given, else the recipe's)."""
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.pt"
     if not last.exists():
@@ -201,6 +202,8 @@ def restore_method(run_dir: str | Path):
                           "(`grownfx run` prints the folder it writes)")
     state = files.load(last)
     recipe = Recipe.model_validate(state["recipe"])
+    if code_dir is not None:
+        recipe = recipe.model_copy(update={"code_dir": code_dir})
     stream = _StreamInfo(files.read_json(run_dir / "stream.json"))
     method = make_method(recipe, stream, torch.device("cpu"))
     method.load_state(state["method"])
