@@ -233,6 +233,24 @@ def validate(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRI
         _err().print(f"[yellow]warning:[/] {escape(line)}")
 
 
+@app.command(epilog="Examples: grownfx schema | less\n\ngrownfx schema --out docs/recipe.md")
+@guarded
+def schema(out: Optional[Path] = typer.Option(None, "--out", help="Write the reference to this file instead of "
+                                              "printing it.")):
+    """The recipe reference: every field of a recipe with its type, default, the methods that read it and what it
+    means (markdown; docs/recipe.md is this output)."""
+    from grownfx.recipe.reference import reference_markdown
+
+    text = reference_markdown()
+    if out is None:
+        sys.stdout.write(text)
+        return
+    from grownfx.files import atomic_write_text
+
+    atomic_write_text(text, out)
+    _out().print(f"wrote {escape(str(out))}")
+
+
 def _results_table(summary: dict) -> Table:
     """Per task: accuracy when learned and at the end, the target, growth, model size, time."""
     from rich import box

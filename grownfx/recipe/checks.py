@@ -266,10 +266,36 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     if limit is not None and tr.batch_size > limit:
         out.append(f"training.batch_size {tr.batch_size} is larger than data.limit_per_task {limit}: every epoch is "
                    "one partial batch")
+    left_out = _classes_left_out(recipe.data)
+    if left_out:
+        out.append(left_out)
     if tr.optimizer.lr > 10:
         out.append(f"training.optimizer.lr = {tr.optimizer.lr:g} is far above any usual learning rate; training "
                    "will likely diverge (a run stops at the first NaN/inf)")
     return out
+
+
+_CLASSES = {"digits": 10, "fashion_mnist": 10, "cifar100_split": 100, "miniimagenet": 100}
+
+
+def _classes_left_out(data: Any) -> str | None:
+    """A warning when the tasks leave some of the dataset's classes out (10 digits cut into tasks of 3: the 10th
+    is in no task), for the kinds whose class count the recipe alone tells (the runner warns for all kinds)."""
+    total = _CLASSES.get(data.name)
+    if data.name == "imagefolder" and Path(data.root).is_dir():
+        root = Path(data.root)
+        train = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
+        total = sum(1 for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per = getattr(data, "classes_per_task", None) or (total // data.num_tasks if total and data.name ==
+                                                      "cifar100_split" else None)
+    if not total or not per:
+        return None
+    tasks = getattr(data, "num_tasks", None) or total // per
+    used = min(tasks * per, total)
+    if used >= total:
+        return None
+    return (f"data: {tasks} task(s) of {per} classes use {used} of the {total} classes of {data.name}: "
+            f"{total - used} class(es) are in no task (change data.classes_per_task or data.num_tasks to use them)")
 
 
 @functools.lru_cache(maxsize=None)

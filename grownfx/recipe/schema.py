@@ -62,7 +62,10 @@ class SitesConfig(_Strict):
 
 
 class GrowthConfig(_Strict):
-    sites: SitesConfig = Field(default_factory=SitesConfig)
+    """When and where the network grows (GROWN's growth rounds; Grow grows every task)."""
+
+    sites: SitesConfig = Field(default_factory=SitesConfig, description="Which coupling groups may grow "
+                               "(`grownfx inspect` lists them).")
     pool: float = Field(0.25, gt=0.0, le=4.0, description="Candidate channels added per growth round, as a "
                         "fraction of each site's full backbone width (learnable sparse growth keeps some).")
     max_rounds: int = Field(3, ge=0, description="Growth rounds per task after stage 1 (the growth budget).")
@@ -266,11 +269,13 @@ def target_sources(rule) -> tuple[str, ...]:
 
 
 class OptimConfig(_Strict):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    nesterov: bool = True
-    weight_decay: float = Field(0.0, ge=0)
+    """An optimiser: SGD (with momentum), Adam or AdamW."""
+
+    name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="The torch.optim class.")
+    lr: float = Field(0.01, gt=0, description="Learning rate (the schedule's peak).")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum (ignored by Adam and AdamW).")
+    nesterov: bool = Field(True, description="SGD Nesterov momentum (ignored by Adam and AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay (AdamW: decoupled).")
 
 
 class TrainingConfig(_Strict):
@@ -286,7 +291,7 @@ class TrainingConfig(_Strict):
                                                 "pick, grow and compaction); docs/baselines.md says how each "
                                                 "splits it.  null: each method's own schedule.")
     batch_size: PositiveInt = Field(32, description="Global batch size (the seed paper: 32).")
-    eval_batch_size: PositiveInt = 256
+    eval_batch_size: PositiveInt = Field(256, description="Batch size of evaluation (validation, test).")
     optimizer: OptimConfig = Field(default_factory=OptimConfig, description="Weights (SGD, Nesterov 0.9).")
     mask_optimizer: OptimConfig = Field(default_factory=lambda: OptimConfig(name="adam", lr=2e-4, momentum=0.0,
                                                                             nesterov=False),
@@ -298,7 +303,8 @@ class TrainingConfig(_Strict):
     milestones: list[float] = Field(default_factory=lambda: [0.5, 0.8], description="Step schedule: fractions "
                                     "of the stage where the lr is multiplied by 0.1 (CPG: epochs 50, 80 of 100).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision on CUDA (autocast).")
-    channels_last: bool = False
+    channels_last: bool = Field(False, description="Train image models (4-D inputs) in the channels-last memory "
+                                "layout (faster convolutions on recent GPUs); other inputs are left as they are.")
     precise_bn: bool = Field(True, description="After every training stage, recompute the BatchNorm statistics of "
                              "the layers that trained: one pass over the task's training split without "
                              "augmentation, through the network as it is evaluated (deterministic masks, "
@@ -317,27 +323,30 @@ class TrainingConfig(_Strict):
 
 class OutputConfig(_Strict):
     dir: str = Field("runs/{name}", description="Run folder; {name} is the recipe name.")
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to <run folder>/tb.")
     export_format: Literal["pt2", "onnx", "torchscript", "none"] = Field("pt2", description="Per-task export format.")
 
 
 class Recipe(_Strict):
     name: str = Field(description="Run name.")
-    description: str = ""
+    description: str = Field("", description="Free text; `grownfx ls` shows its first line.")
     seed: int = Field(0, ge=0, description="Seeds data splits, initialisation, masks and growth.")
     device: str = Field("auto", description="`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`.")
     code_dir: Optional[str] = Field(None, description="Folder your own `module:callable` code (`model.builder`, "
                                     "`data.factory`) is imported from first, then the working folder, then "
                                     "sys.path; relative to the recipe's folder. Filled in with the recipe file's "
                                     "folder when the recipe names such code, so the run folder records it.")
-    model: ModelConfig
-    data: DataConfig
-    method: MethodConfig = Field(default_factory=GrownMethod)
-    growth: GrowthConfig = Field(default_factory=GrowthConfig)
-    masks: MasksConfig = Field(default_factory=MasksConfig)
-    target: TargetConfig = Field(default_factory=TargetConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
+    model: ModelConfig = Field(description="The backbone: a builder and how GROWN slims and masks it.")
+    data: DataConfig = Field(description="The task stream: a dataset kind (`name`) and how it is cut into tasks.")
+    method: MethodConfig = Field(default_factory=GrownMethod, description="The continual-learning method "
+                                 "(`name`) and its own settings.")
+    growth: GrowthConfig = Field(default_factory=GrowthConfig, description="When and where the network grows.")
+    masks: MasksConfig = Field(default_factory=MasksConfig, description="GROWN's three masks.")
+    target: TargetConfig = Field(default_factory=TargetConfig, description="The accuracy each task must reach "
+                                 "before growth stops.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Epochs, batches, optimisers "
+                                     "and schedules of every method.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="The run folder and what goes in it.")
 
     @field_validator("device")
     @classmethod
