@@ -178,11 +178,15 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
             help="Train data-parallel in N processes on this machine (one per GPU), launched through "
                  "torch.distributed.run; the recipe's batch size is global. For several machines use torchrun.")):
     """Run a recipe: learn its tasks one after the other, writing checkpoints, metrics and exports."""
-    from grownfx.learn import distributed
-    from grownfx.report.progress import progress
     from grownfx.recipe.loading import load_recipe
 
-    rec = load_recipe(recipe, overrides or [])  # recipe errors are reported here, once, before any launch
+    _warn_shadowed(recipe)
+    # recipe errors (a missing dataset folder among them) are reported here, once, before any launch and before
+    # torch is imported (seconds on a laptop)
+    rec = load_recipe(recipe, overrides or [])
+    from grownfx.learn import distributed
+    from grownfx.report.progress import progress
+
     if nproc_per_node is not None and nproc_per_node > 1:
         if distributed.launched():
             raise typer.BadParameter("this process was already launched by torchrun; drop --nproc-per-node",
@@ -197,6 +201,12 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
     with progress(0, enabled=main_rank, verbose=verbose) as bars:
         try:
             result = run_fn(rec, out_dir=out, resume=resume, progress=bars, echo=bars.log)
+        except KeyboardInterrupt as exc:
+            folder = getattr(exc, "out_dir", None)
+            if folder is None or not main_rank:
+                raise
+            bars.__exit__(None, None, None)
+            _interrupted(folder, _command_line("run", recipe, overrides, "--out", str(folder), "--resume"))
         except Exception as exc:
             if resume and str(exc).startswith("nothing to resume"):  # the runner's RunError: say what to do
                 again = " ".join(["grownfx run", recipe, *(overrides or [])] + (["--out", str(out)] if out else []))
@@ -212,7 +222,7 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
     avg = summary.get("avg_acc")
     _out().print(f"[green]done[/]: {escape(str(out_dir))}" + (f", average accuracy {avg:.2f} %" if avg is not None
                                                                 else ""))
-    _out().print(f"report: grownfx report {escape(str(out_dir))}")
+    _out().print(f"report: grownfx report {escape(str(out_dir))}", soft_wrap=True)
 
 
 @app.command(epilog="Example: grownfx validate my_recipe.yaml training.epochs=3 --no-data-check")
@@ -223,6 +233,7 @@ def validate(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRI
     """Check a recipe (and overrides) without running it: print a summary, or every error with its line."""
     from grownfx.recipe.loading import load_recipe
 
+    _warn_shadowed(recipe)
     rec = load_recipe(recipe, overrides or [], check_data=not no_data_check)
     con = _out()
     con.print("[green bold]ok[/]")
@@ -249,6 +260,30 @@ def schema(out: Optional[Path] = typer.Option(None, "--out", help="Write the ref
 
     atomic_write_text(text, out)
     _out().print(f"wrote {escape(str(out))}")
+
+
+def _warn_shadowed(recipe: str) -> None:
+    """A bare recipe name runs the built-in recipe even when ./NAME.yaml is here: say which one runs."""
+    from grownfx.recipe.loading import shadowed_recipe_warning
+
+    warning = shadowed_recipe_warning(recipe)
+    if warning:
+        _err().print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+def _command_line(*args: Any) -> str:
+    """The grownfx command line that runs `args` (each quoted for a POSIX shell where it needs it)."""
+    import shlex
+
+    flat = [str(a) for arg in args for a in (arg if isinstance(arg, (list, tuple)) else [arg]) if a is not None]
+    return shlex.join(["grownfx", *flat])
+
+
+def _interrupted(folder: Path, command: str) -> None:
+    """Ctrl-C (or SIGTERM) stopped a run: where its checkpoint is and the exact command that continues it."""
+    _err().print(f"[yellow]interrupted[/]: the last checkpoint is in {escape(str(folder))}; continue with:")
+    _err().print(f"  {escape(command)}", soft_wrap=True)
+    raise typer.Exit(_EXIT_INTERRUPT)
 
 
 def _results_table(summary: dict) -> Table:
@@ -369,6 +404,13 @@ def inspect(target: str = typer.Argument(..., help="A recipe (file or built-in n
         _out().print(f"wrote {escape(str(json_file))}")
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.exists():
+        raise UserError(f"{run_dir} does not exist (`grownfx run` prints the run folder it writes)")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder")
+
+
 def _parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
@@ -406,8 +448,7 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
         if fmt != "pt2":
             raise UserError(f"--all-tasks writes its own format (torch.export programs sharing one weight bank); "
                             f"--format {fmt} is for one task (--task)")
-        if not run_dir.is_dir():
-            raise UserError(f"{run_dir} is not a run folder")
+        _check_run_dir(run_dir)
         path, meta = _lazy("grownfx.run.export", "export_all_tasks")(run_dir, verify,
                                                                      bake_preprocessing=bake_preprocessing)
         _out().print(f"exported {len(meta['tasks'])} task(s) in one file: {escape(str(path))} "
@@ -423,8 +464,7 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
         close = difflib.get_close_matches(fmt, ["pt2", "onnx", "torchscript"], n=1, cutoff=0.5)
         raise UserError(f"--format: {f'did you mean {close[0]!r}? ' if close else ''}"
                         f"the formats are pt2, onnx and torchscript, got {fmt!r}")
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a run folder")
+    _check_run_dir(run_dir)
     if task < 1:
         raise UserError(f"--task counts from 1 (the first task is --task 1, exports/task_1/); got {task}")
     result = _lazy("grownfx.run.export", "export_run")(run_dir, task - 1, fmt, verify,
@@ -441,6 +481,9 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
 @guarded
 def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder written by `grownfx compare`.")):
     """Write tables (markdown, CSV) and plots for a run, in the seed paper's formats, to RUN_DIR/report."""
+    if not run_dir.exists():
+        raise UserError(f"{run_dir} does not exist (`grownfx run` and `grownfx compare` print the folder they "
+                        "write)")
     if not (run_dir / "summary.json").is_file() and not (run_dir / "compare.json").is_file():
         _err().print(f"[red]{escape(str(run_dir))} is not a run folder (no summary.json) nor a comparison folder "
                      "(no compare.json)[/]")
@@ -474,6 +517,7 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
     validated before any training starts."""
     from grownfx.recipe.loading import load_recipe
 
+    _warn_shadowed(recipe)
     rec = load_recipe(recipe, overrides or [])
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     try:
@@ -490,9 +534,67 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
             close = difflib.get_close_matches(m, valid, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UserError(f"--methods: {hint}{exc}") from None
-    result = _lazy("grownfx.run.compare", "run_compare")(rec, methods=method_list, seeds=seed_list, out_dir=out,
-                                                              equal_budget=equal_budget)
+    from grownfx.report.progress import progress
+
+    try:
+        with progress(0) as bars:
+            result = _lazy("grownfx.run.compare", "run_compare")(rec, methods=method_list, seeds=seed_list,
+                                                                      out_dir=out, equal_budget=equal_budget,
+                                                                      progress=bars, echo=bars.log)
+    except KeyboardInterrupt as exc:
+        folder = getattr(exc, "out_dir", None)
+        if folder is None:
+            raise
+        budget = ["--equal-budget", str(equal_budget)] if equal_budget is not None else []
+        _interrupted(folder, _command_line("compare", recipe, overrides, "--methods", methods, "--seeds", seeds,
+                                           *budget, "--out", str(folder)))
+    table = _compare_table(Path(result))
+    if table is not None:
+        _out().print(table)
     _out().print(f"[green]done[/]: {escape(str(result))}")
+    _out().print(f"report: grownfx report {escape(str(result))}", soft_wrap=True)
+
+
+def _compare_table(folder: Path) -> Optional[Table]:
+    """Per method, over its seeds: average accuracy, BWT, final model size and wall time, read from the runs'
+    summary.json (the report's tables, in short)."""
+    import statistics
+
+    from rich import box
+
+    try:
+        index = json.loads((folder / "compare.json").read_text())
+    except (OSError, ValueError):
+        return None
+    rows: dict[str, list[dict]] = {}
+    for entry in index.get("runs", []):
+        path = folder / entry["dir"] / "summary.json"
+        if entry.get("status") == "ok" and path.is_file():
+            rows.setdefault(entry["method"], []).append(json.loads(path.read_text()))
+    if not rows:
+        return None
+
+    def stat(values: list, fmt: str, unit: str = "") -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        mean = format(statistics.fmean(values), fmt) + unit
+        return mean + (f" ± {format(statistics.stdev(values), fmt)}{unit}" if len(values) > 1 else "")
+
+    table = Table(title=f"{escape(index.get('recipe', folder.name))}: {len(index.get('seeds', []))} seed(s)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, caption="mean ± std over seeds; accuracy: test, after the "
+                  "last task; size: of the full backbone")
+    for col in ("method", "average %", "BWT", "size", "wall time"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for method in index.get("methods", rows):
+        runs = rows.get(method)
+        if not runs:
+            continue
+        sizes = [(r.get("tasks") or [{}])[-1].get("model_size") for r in runs]
+        table.add_row(escape(method), stat([r.get("avg_acc") for r in runs], ".2f"),
+                      stat([r.get("bwt") for r in runs], "+.2f"), stat(sizes, ".2f", "x"),
+                      stat([r.get("wall_time_s") for r in runs], ".1f", "s"))
+    return table
 
 
 if __name__ == "__main__":

@@ -290,7 +290,7 @@ def test_export_of_a_folder_without_a_run_is_a_user_error(tmp_path):
     result = invoke("export", str(tmp_path), "--task", "1")
     assert result.exit_code == 2 and "holds no checkpoint" in result.output and "Traceback" not in result.output
     result = invoke("export", str(tmp_path / "nope"), "--task", "1")
-    assert result.exit_code == 2 and "is not a run folder" in result.output
+    assert result.exit_code == 2 and "does not exist" in result.output
 
 
 def test_progress_says_preparing_before_the_first_task():

@@ -15,7 +15,7 @@ import grownfx
 from grownfx.data import DatasetError, build_stream
 from grownfx.run.results import UntrustedCodeError
 from grownfx.recipe.loading import load_recipe
-from tests.cli_helpers import invoke
+from cli_helpers import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "docs" / "examples" / "own_data"

@@ -8,7 +8,7 @@ from pathlib import Path
 from grownfx.recipe.checks import unwrap
 from grownfx.recipe.reference import READ_BY, reference_markdown, schema_fields
 from grownfx.recipe.schema import Recipe
-from tests.cli_helpers import invoke
+from cli_helpers import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_MD = REPO / "docs" / "recipe.md"

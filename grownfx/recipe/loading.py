@@ -83,7 +83,7 @@ def resolve_recipe_path(path_or_name: str | os.PathLike) -> Path:
     close = difflib.get_close_matches(Path(text).stem, list(list_builtin_recipes()), n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
     names = ", ".join(list_builtin_recipes())
-    raise RecipeError([f"{text}: no such recipe file (absolute path {path.absolute()}), and no built-in recipe "
+    raise RecipeError([f"{text} does not exist (absolute path {path.absolute()}), and there is no built-in recipe "
                        f"of that name; {hint}built-in recipes: {names}"], text)
 
 

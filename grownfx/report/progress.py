@@ -68,6 +68,15 @@ class Progress:
         if self.batches and self.batch_no >= self.batches:
             self._epoch_done(self.epoch_no + 1, self.epochs)
 
+    def phase(self, name: str) -> None:
+        """A step of the current task without epochs (the export): its label on the stage bar, or one line."""
+        self.stage, self.epochs, self.epoch_no = str(name), 0, 0
+        if self._rich is not None:
+            self._rich.reset(self._bars["stage"], total=None, description=f"  {name}", visible=True, info="")
+            self._set("epoch", visible=False)
+        elif self.enabled:
+            self._print(f"  {self._where()}")
+
     def log(self, msg: str) -> None:
         """A line of text, printed above the bars."""
         if self._rich is not None:
@@ -169,6 +178,8 @@ def phase_label(info: dict, short: bool = False) -> str:
     stage, rnd = info.get("stage", ""), int(info.get("round") or 0)
     if stage == "scratch":
         return "scratch reference"
+    if stage == "finetune_reference":  # best(scratch, finetune): fine-tune learns every task once, up front
+        return "fine-tune reference" + ("" if short else f" (task {int(info.get('task', 0)) + 1})")
     if stage == "grow":
         if info.get("task") == 0:
             if rnd <= 1:

@@ -160,7 +160,9 @@ def _markdown(run: dict, tables: dict[str, Table], plots: list[str]) -> str:
              f"- backward transfer (BWT): {_fmt(s.get('bwt'), 2)}; forgetting: {_fmt(s.get('forgetting'), 2)}",
              f"- full backbone: {full:,} parameters" if isinstance(full, int) else "- full backbone: unknown",
              f"- final model size: {_size(tasks[-1].get('model_size')) if tasks else '-'} of the full backbone",
-             f"- total time: {_fmt(s.get('total_time_s'), 1)} s"]
+             f"- training time: {_fmt(s.get('total_time_s'), 1)} s (the tasks' own time)",
+             f"- wall time: {_fmt(s.get('wall_time_s'), 1)} s (start to end: data, tracing, targets' reference "
+             "runs, training, evaluation, checkpoints and exports; a resumed run counts its earlier parts)"]
     if bench:
         lines.append(f"- published numbers: {PAPER[bench]['source']} (same benchmark, their own runs)")
     sections = [
@@ -214,6 +216,9 @@ def _figure():
     return Figure(figsize=(7, 4.5))
 
 
+MATRIX_SCALE = (0.0, 100.0)
+
+
 def _plot_matrix(fig, run: dict) -> None:
     import numpy as np
 
@@ -225,9 +230,9 @@ def _plot_matrix(fig, run: dict) -> None:
         for j, v in enumerate(row):
             m[i, j] = np.nan if v is None else float(v)
     ax = fig.add_subplot()
-    # colours span the data's range, not 0-100: 97.8 against 99.6 must look different
-    lo, hi = (float(np.nanmin(m)), float(np.nanmax(m))) if np.isfinite(m).any() else (0.0, 100.0)
-    lo = min(lo, hi - 1.0)  # at least a point of range, never past the data's maximum
+    # one fixed scale, 0-100 %: a colour means the same accuracy in every report (a scale spanning the data's range
+    # painted 97.8 as dark as 10); the cells print their values for the small differences
+    lo, hi = MATRIX_SCALE
     im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=lo, vmax=hi, aspect="auto")
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
     if n <= 20:
@@ -280,27 +285,46 @@ def _plot_size(fig, run: dict) -> None:
 
 
 def _plot_final(fig, run: dict) -> None:
+    """Test accuracy per task (after the last task, when learned); beside it, when the run had targets, the
+    validation accuracy each task reached against its target: a target is a validation accuracy, so it is drawn
+    only against validation accuracies."""
     tasks = run["summary"]["tasks"]
     x = [i + 1 for i in range(len(tasks))]
-    ax = fig.add_subplot()
-    final = [t.get("acc_final") or 0.0 for t in tasks]
-    learned = [t.get("acc_when_learned") or 0.0 for t in tasks]
-    ax.plot(x, final, marker="o", color="tab:blue", linewidth=1.5, label="after the last task")
-    ax.scatter(x, learned, marker="D", s=22, facecolors="none", edgecolors="tab:orange", zorder=3,
-               label="when learned")
     targets = [(xi, t["target"]) for xi, t in zip(x, tasks) if t.get("target") is not None]
     if targets:
-        ax.scatter(*zip(*targets), marker="_", s=300, color="black", zorder=3, label="target (validation)")
+        fig.set_size_inches(11, 4.5)
+    ax = fig.add_subplot(1, 2 if targets else 1, 1)
+    final = [t.get("acc_final") or 0.0 for t in tasks]
+    learned = [t.get("acc_when_learned") or 0.0 for t in tasks]
+    ax.plot(x, final, marker="o", color="tab:blue", linewidth=1.5, label="test, after the last task")
+    ax.scatter(x, learned, marker="D", s=22, facecolors="none", edgecolors="tab:orange", zorder=3,
+               label="test, when learned")
+    _label_points(ax, x, final)
+    _finish_axis(ax, x, final + learned, "test accuracy (%)",
+                 f"Test accuracy per task (average {_fmt(run['summary'].get('avg_acc'), 2)} %)")
+    if targets:
+        val = [t.get("val_acc") or 0.0 for t in tasks]
+        ax2 = fig.add_subplot(1, 2, 2)
+        ax2.plot(x, val, marker="s", color="tab:green", linewidth=1.5, label="validation, when learned")
+        ax2.scatter(*zip(*targets), marker="_", s=300, color="black", zorder=3, label="target (validation)")
+        _label_points(ax2, x, val)
+        _finish_axis(ax2, x, val + [v for _, v in targets], "validation accuracy (%)",
+                     "Validation accuracy and target")
+
+
+def _label_points(ax, x: list[int], values: list[float]) -> None:
     if len(x) <= 20:  # one decimal: the differences that matter are often below a point
-        for xi, v in zip(x, final):
+        for xi, v in zip(x, values):
             ax.annotate(f"{v:.1f}", (xi, v), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
-    values = final + learned + [v for _, v in targets]
+
+
+def _finish_axis(ax, x: list[int], values: list[float], ylabel: str, title: str) -> None:
     lo, hi = min(values), max(values)
     pad = max(0.5, 0.12 * (hi - lo))  # the data's range, not 0-100
     ax.set_ylim(max(0.0, lo - pad), min(100.0 + pad, hi + 1.6 * pad))
     ax.grid(axis="y", alpha=0.3)
     ax.set_xticks(x)
     ax.set_xlabel("task")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Final accuracy per task (average {_fmt(run['summary'].get('avg_acc'), 2)} %)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # never over a point
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)  # never over a point

@@ -18,9 +18,10 @@ targets of the other runs (as a per-task list), else they are computed once per 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -34,7 +35,7 @@ from grownfx import files
 from grownfx.learn.guards import NonFiniteError
 from grownfx.run.export import export_complete, task_folder
 from grownfx.run.folder import RunError, _lock, holds_run
-from grownfx.run.runner import run
+from grownfx.run.runner import RunInterrupted, run
 from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, parse_target, target_sources
 
 __all__ = ["ABLATIONS", "METHODS", "method_config", "run_compare", "slug"]
@@ -82,8 +83,9 @@ def _scratch_epochs_match(recipe: Recipe) -> bool:
     return (recipe.target.scratch_epochs or recipe.training.epochs) == own
 
 
-def scratch_targets(recipe: Recipe, seed: int) -> list[float]:
-    """Validation accuracy of a full backbone trained from scratch on each task: runner._Run.scratch_reference."""
+def scratch_targets(recipe: Recipe, seed: int, progress=None) -> list[float]:
+    """Validation accuracy of a full backbone trained from scratch on each task: runner._Run.scratch_reference.
+    `progress`: a display its tasks and epochs show on ("scratch reference")."""
     recipe = recipe.model_copy(update={"seed": seed})
     if recipe.training.num_threads:
         torch.set_num_threads(recipe.training.num_threads)
@@ -94,7 +96,10 @@ def scratch_targets(recipe: Recipe, seed: int) -> list[float]:
     out = []
     for t, task in enumerate(stream.tasks):
         parts = (seed, "scratch", t)
-        out.append(train_plain(fresh_backbone(recipe, task, parts), task, recipe.training, device, parts, epochs))
+        if progress is not None:
+            progress.start_task(t, len(stream.tasks), f"{task.name} (scratch target, seed {seed})")
+        out.append(train_plain(fresh_backbone(recipe, task, parts), task, recipe.training, device, parts, epochs,
+                               progress.epoch if progress is not None else None))
     return out
 
 
@@ -114,7 +119,8 @@ def _finished(run_dir: Path, export_format: str = "none") -> bool:
 
 
 def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], overrides=(),  # noqa: B006
-                out_dir=None, equal_budget: Optional[int] = None) -> Path:
+                out_dir=None, equal_budget: Optional[int] = None, progress=None,
+                echo: Optional[Callable[[str], None]] = None) -> Path:
     """Run every method on every seed (same stream, schedule, validation split); returns the comparison folder.
 
     `equal_budget` N sets `training.epoch_budget`: every method then trains exactly N epochs per task.
@@ -122,7 +128,10 @@ def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], over
     A finished run folder is reused and an interrupted one resumed, so a comparison can be continued, or
     extended with more methods and seeds, by calling this again with the same recipe and folder.  A method
     that fails is recorded in compare.json and the others still run; the failures are raised at the end.
+    `progress`: a grownfx.report.progress display each run shows its tasks and phases on; `echo`: where lines go.
+    Ctrl-C raises RunInterrupted naming the comparison folder (calling this again continues it).
     """
+    echo = echo or (lambda msg: print(msg, flush=True))
     recipe = _load(recipe_or_path, overrides)
     if equal_budget is not None:
         d = recipe.model_dump(mode="json")
@@ -135,14 +144,18 @@ def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], over
         _variant(recipe, spec, seeds[0], Path("."), None)
     # scratch (and fine-tune) first: their validation accuracies are the targets
     specs.sort(key=lambda s: (s != "scratch", parse_method_spec(s)[0] != "finetune"))
-    out, lock = _claim(recipe, out_dir)
+    out, lock = _claim(recipe, out_dir, echo)
     try:
-        return _compare(recipe, specs, seeds, out)
+        return _compare(recipe, specs, seeds, out, progress, echo)
+    except KeyboardInterrupt:
+        if isinstance(sys.exc_info()[1], RunInterrupted) and sys.exc_info()[1].out_dir == out:
+            raise
+        raise RunInterrupted(out) from None
     finally:
         lock.release()
 
 
-def _claim(recipe: Recipe, out_dir) -> tuple[Path, files.FolderLock]:
+def _claim(recipe: Recipe, out_dir, echo: Callable[[str], None] = print) -> tuple[Path, files.FolderLock]:
     """The comparison folder, locked against a second writer: `out_dir` when given (refused when it holds a
     comparison of another recipe); else the first of `runs/NAME_compare`, `runs/NAME_compare-2`, ... that is
     new or holds this same comparison (so an override that changes what is learned gets a new folder)."""
@@ -162,7 +175,7 @@ def _claim(recipe: Recipe, out_dir) -> tuple[Path, files.FolderLock]:
         if out.is_dir() and not (out / "compare.json").is_file() and any(
                 p.name != files.FolderLock.NAME for p in out.iterdir()):
             continue  # something else lives there
-        print(f"comparison folder {out}", flush=True)
+        echo(f"comparison folder {out}")
         return out, _lock(out)
 
 
@@ -177,7 +190,8 @@ def _other_recipe(out: Path, recipe: Recipe) -> bool:
     return _what_is_learned(old.get("recipe_config", {})) != _what_is_learned(recipe.model_dump(mode="json"))
 
 
-def _compare(recipe: Recipe, specs: list[str], seeds: Sequence[int], out: Path) -> Path:
+def _compare(recipe: Recipe, specs: list[str], seeds: Sequence[int], out: Path, progress=None,
+             echo: Callable[[str], None] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rule = recipe.target.rule
     margin = parse_target(rule) if isinstance(rule, str) else None
@@ -190,14 +204,14 @@ def _compare(recipe: Recipe, specs: list[str], seeds: Sequence[int], out: Path) 
             name, _ = parse_method_spec(spec)
             if wants and targets is None and name in TARGETED:
                 try:
-                    targets, source = _targets(recipe, seed, out, specs)
+                    targets, source = _targets(recipe, seed, out, specs, progress)
                 except NonFiniteError as exc:  # no target: never let a diverged reference set one
                     entry = _record_failure(out, index, spec, seed, f"no target: the reference diverged ({exc})")
                     failures.append(f"{spec} seed {seed}: {entry['error']}")
                     continue
                 targets = [v - margin for v in targets]
                 index["targets"][str(seed)] = {"values": targets, "source": source}
-            entry = _run_one(recipe, spec, seed, out, targets, index)
+            entry = _run_one(recipe, spec, seed, out, targets, index, progress, echo)
             if entry["status"] != "ok":
                 failures.append(f"{spec} seed {seed}: {entry['error']}")
     if failures:
@@ -213,7 +227,8 @@ def _record_failure(out: Path, index: dict, spec: str, seed: int, error: str) ->
     return entry
 
 
-def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: dict) -> dict:
+def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: dict, progress=None,
+             echo: Callable[[str], None] = print) -> dict:
     """Run (or reuse, or resume) one method and seed; record it in compare.json."""
     run_dir = out / slug(spec) / f"seed{seed}"
     before = next((r for r in index["runs"] if (r["method"], r["seed"]) == (spec, seed)), {})
@@ -226,7 +241,7 @@ def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: di
             # an explicit folder (never renumbered); resumed when it holds a run, even one killed before its
             # first checkpoint (the runner starts that one again)
             run(_variant(recipe, spec, seed, run_dir, targets), out_dir=run_dir, resume=holds_run(run_dir),
-                echo=lambda msg: print(f"[{spec} seed {seed}] {msg}", flush=True))
+                progress=progress, echo=lambda msg: echo(f"[{spec} seed {seed}] {msg}"))
     except KeyboardInterrupt:
         _write(out, index)
         raise
@@ -239,7 +254,8 @@ def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: di
     return entry
 
 
-def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = ()) -> tuple[list[float], str]:
+def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = (), progress=None
+             ) -> tuple[list[float], str]:
     """Scratch validation accuracies per task: from this comparison's scratch run when it is the same
     computation (same seed and epochs), else trained here once for every targeted method of this seed.
     With `best(scratch, finetune)` the per-task maximum with fine-tune's validation accuracy when it learned
@@ -249,7 +265,7 @@ def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = ()) ->
         tasks = json.loads((run_dir / "summary.json").read_text())["tasks"]
         values, source = [float(t["val_acc"]) for t in tasks], "scratch run"
     else:
-        values, source = scratch_targets(recipe, seed), "scratch trained once for this comparison"
+        values, source = scratch_targets(recipe, seed, progress), "scratch trained once for this comparison"
     if "finetune" not in target_sources(recipe.target.rule):
         return values, source
     ft = [out / slug(s) / f"seed{seed}" for s in specs if parse_method_spec(s)[0] == "finetune"]
@@ -258,7 +274,9 @@ def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = ()) ->
         tasks = json.loads((ft[0] / "summary.json").read_text())["tasks"]
         fine, where = [float(t["val_acc"]) for t in tasks], "fine-tune run"
     else:
-        fine, where = finetune_references(recipe.model_copy(update={"seed": seed})), "fine-tune trained once"
+        fine = finetune_references(recipe.model_copy(update={"seed": seed}),
+                                   progress.epoch if progress is not None else None)
+        where = "fine-tune trained once"
     return [max(a, b) for a, b in zip(values, fine)], f"best of {source} and {where}"
 
 

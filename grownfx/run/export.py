@@ -19,6 +19,8 @@ from grownfx.recipe.schema import Recipe
 from grownfx.version import __version__
 
 FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscript": "model.ts"}
+# torch 2.9 made the torch.export-based ONNX exporter the default and deprecated the TorchScript one
+_TORCH_EXPORT_ONNX = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 9)
 
 
 def count_macs(module: nn.Module, example: torch.Tensor) -> int:
@@ -43,8 +45,12 @@ def save_module(module: nn.Module, example: torch.Tensor, fmt: str, folder: str 
                 program = torch.export.export(module, (example,))
             torch.export.save(program, str(path))
         elif fmt == "onnx":
-            torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+            if _TORCH_EXPORT_ONNX:  # the current exporter (torch.export-based); the TorchScript one is deprecated
+                torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
+                                  dynamic_shapes=({0: torch.export.Dim.AUTO},), dynamo=True, verbose=False)
+            else:
+                torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         elif fmt == "torchscript":
             torch.jit.trace(module, example).save(str(path))
         else:

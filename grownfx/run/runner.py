@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -40,6 +42,16 @@ from grownfx.learn.methods import make_method
 from grownfx.learn.methods.base import example_input
 from grownfx.learn.methods.finetune import finetune_references
 from grownfx.learn.methods.scratch import fresh_backbone, train_plain
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped a run after it chose its folder: `out_dir` holds the last checkpoint, and
+    `run(recipe, out_dir=out_dir, resume=True)` continues it (the CLI prints the command line that does)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        super().__init__(f"interrupted: the run's last checkpoint is in {self.out_dir / 'checkpoints'}; continue "
+                         f"it with out_dir={str(self.out_dir)!r} and resume=True")
 
 
 @dataclass
@@ -85,6 +97,7 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
+    started = time.perf_counter()
     echo = echo or (lambda msg: print(msg, flush=True))
     own = dist is None
     dist = distributed.setup(recipe.device) if dist is None else dist
@@ -121,9 +134,13 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
                      f"{len(stream.meta['class_names']) - len(unused)} of {len(stream.meta['class_names'])})")
             files.atomic_write_json(stream.meta, out / "stream.json")
         with StopFlag() as stop:
-            return _Run(recipe, stream, out, device, state, stop, progress, echo, dist).loop()
+            return _Run(recipe, stream, out, device, state, stop, progress, echo, dist, started).loop()
     except NonFiniteError as exc:  # a user's hyperparameters, not a bug: one clear line (exit 2 in the CLI)
         raise RunError(str(exc)) from exc
+    except KeyboardInterrupt:
+        if lock is None or isinstance(sys.exc_info()[1], RunInterrupted):
+            raise
+        raise RunInterrupted(out) from None
     finally:
         if lock is not None:
             lock.release()
@@ -185,8 +202,10 @@ def check_distributed(recipe: Recipe, world_size: int) -> None:
 
 class _Run:
     def __init__(self, recipe: Recipe, stream: TaskStream, out: Path, device, state, stop: StopFlag, progress, echo,
-                 dist: Optional[distributed.Dist] = None):
+                 dist: Optional[distributed.Dist] = None, started: Optional[float] = None):
         self.recipe, self.stream, self.out, self.device = recipe, stream, out, device
+        self.started = time.perf_counter() if started is None else started
+        self.wall_before = 0.0  # wall time of the run's earlier processes (a resumed run), from the checkpoint
         self.dist = dist if dist is not None else distributed.Dist(device)
         main = self.dist.is_main  # only rank 0 writes files, prints and shows progress
         self.stop, self.progress, self.echo = stop, progress if main else None, echo if main else (lambda msg: None)
@@ -212,6 +231,12 @@ class _Run:
         line = json.dumps(event)
         self.metrics.append(line)
         files.append_line(line, self.out / "metrics.jsonl")
+
+    def show_epoch(self, info: dict) -> None:
+        """An epoch of a reference run (a target's scratch or fine-tune training): shown, not logged as the
+        method's own epoch."""
+        if self.progress is not None:
+            self.progress.epoch(info)
 
     def on_epoch(self, info: dict) -> None:
         if not self.dist.is_main:
@@ -257,9 +282,8 @@ class _Run:
                                      self.recipe.growth if self.recipe.method.name == "grown" else None))
                 if self.progress is not None:
                     self.progress.end_task(t, record, row)
-        except KeyboardInterrupt:
-            self.echo(f"interrupted: the last checkpoint is in {self.out / 'checkpoints'}; continue with --resume")
-            raise
+            if self.dist.is_main and self.records:  # the wall time up to the end, the last export included
+                files.atomic_write_text(json.dumps(self.summary(), indent=1), self.out / "summary.json")
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -292,10 +316,11 @@ class _Run:
         seed = (self.recipe.seed, "scratch", t)
         model = fresh_backbone(self.recipe, task, seed)
         epochs = self.recipe.target.scratch_epochs or self.recipe.training.epochs
-        val = train_plain(model, task, self.recipe.training, self.device, seed, epochs, dist=self.dist)
+        val = train_plain(model, task, self.recipe.training, self.device, seed, epochs, self.show_epoch,
+                          dist=self.dist)
         if "finetune" in target_sources(self.recipe.target.rule):  # best(scratch, finetune): the paper's target
             if getattr(self, "_finetune_refs", None) is None:
-                self._finetune_refs = finetune_references(self.recipe)
+                self._finetune_refs = finetune_references(self.recipe, self.show_epoch)
             return {"val_acc": max(val, self._finetune_refs[t]), "scratch_val_acc": val,
                     "finetune_val_acc": self._finetune_refs[t], "epochs": epochs}
         return {"val_acc": val, "epochs": epochs}
@@ -313,8 +338,13 @@ class _Run:
             tasks.append(d)
         return {"name": self.recipe.name, "method": self.method.name, "full_params": full,
                 "avg_acc": metrics["avg_acc"], "bwt": metrics["bwt"], "forgetting": metrics["forgetting"],
-                "total_time_s": sum(r.time_s for r in self.records), "num_tasks": len(self.stream.tasks),
+                "total_time_s": sum(r.time_s for r in self.records), "wall_time_s": self.wall_time(),
+                "num_tasks": len(self.stream.tasks),
                 "tasks": tasks}
+
+    def wall_time(self) -> float:
+        """Seconds from the start of `run` (of each process, for a resumed run) to now."""
+        return self.wall_before + time.perf_counter() - self.started
 
     def write_results(self) -> None:
         names = [t.name for t in self.stream.tasks[: len(self.matrix)]]
@@ -343,6 +373,8 @@ class _Run:
         if fmt == "none":
             return
         folder = task_folder(self.out, t)
+        if self.progress is not None:
+            self.progress.phase(f"export ({fmt})")
         sub = self.method.export(t).cpu().eval()
         check_tensors(sub.state_dict(), f"the export of task {t + 1}")  # never export a diverged network
         example = example_input(self.stream.input_shape)
@@ -366,6 +398,7 @@ class _Run:
             "completed": len(self.records), "records": [r.to_dict() for r in self.records],
             "matrix": self.matrix, "targets": {str(k): v for k, v in self.targets.items()},
             "metrics_lines": self.metrics_lines, "metrics": list(self.metrics), "method": self.method.state(),
+            "wall_s": self.wall_time(),
             "position": asdict(position) if position is not None else None,
             "optim": optim.state_dict() if optim is not None else None,
         }
@@ -383,6 +416,7 @@ class _Run:
         self.records = [TaskRecord(**r) for r in state["records"]]
         self.matrix = [list(r) for r in state["matrix"]]
         self.targets = {int(k): v for k, v in state["targets"].items()}
+        self.wall_before = float(state.get("wall_s", 0.0))
         self.method.load_state(state["method"])
         if self.dist.is_main:  # metrics.jsonl as of the checkpoint, rebuilt from it (the file may be gone)
             if "metrics" in state:

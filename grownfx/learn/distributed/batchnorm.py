@@ -7,14 +7,15 @@ identity and get an instance-level `forward` for the duration of a stage (`patch
 
 * CUDA: the forward is SyncBatchNorm's own autograd function (`torch.nn.modules._functions.SyncBatchNorm`),
   the computation `nn.SyncBatchNorm` does;
-* CPU (gloo): per-channel sums in float64 all-reduced with `torch.distributed.nn.functional.all_reduce`
-  (differentiable: the backward all-reduces the gradients of the sums), then the normalisation.
+* CPU (gloo): per-channel sums in float64 all-reduced by `_SumAllRanks` (differentiable: the backward
+  all-reduces the gradients of the sums), then the normalisation.  (`torch.distributed.nn.functional.all_reduce`
+  does the same but is deprecated, and its suggested replacement is a private module whose autograd support
+  varies across the torch versions grownfx supports.)
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules._functions import SyncBatchNorm as _SyncBatchNormFn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -77,6 +78,21 @@ def _cuda(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
                                   torch.distributed.get_world_size(world))
 
 
+class _SumAllRanks(torch.autograd.Function):
+    """All-reduce (sum) of a tensor over the default group, differentiable: d(sum of x_r)/d(x_r) = 1, so each
+    rank's gradient is the all-reduced sum of every rank's output gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumAllRanks.apply(grad)
+
+
 def _cpu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
     dims = [0] + list(range(2, x.dim()))
@@ -86,7 +102,7 @@ def _cpu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # sums in float64: exact counts, and E[x^2] - E[x]^2 without fp32 cancellation
     count = torch.tensor([x.numel() // c], dtype=torch.float64, device=x.device)
     local = torch.cat([xf.sum(dims, dtype=torch.float64), (xf * xf).sum(dims, dtype=torch.float64), count])
-    stats = dist_fn.all_reduce(local)
+    stats = _SumAllRanks.apply(local)
     n = stats[-1]
     mean64 = stats[:c] / n
     var = (stats[c:2 * c] / n - mean64 * mean64).clamp_min(0.0).to(dtype)

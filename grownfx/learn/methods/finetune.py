@@ -136,12 +136,14 @@ class FinetuneContinual:
             self.copies.append(c.requires_grad_(False))
 
 
-def finetune_references(recipe) -> list[float]:
+def finetune_references(recipe, on_epoch=None) -> list[float]:
     """Fine-tune's validation accuracy on each task right after learning it (what `best(scratch, finetune)`
-    targets read; identical with and without keep_copies, so the cheaper shared network is trained)."""
+    targets read; identical with and without keep_copies, so the cheaper shared network is trained).
+    `on_epoch(info)`: each epoch's event, its stage "finetune_reference" (progress displays)."""
     if recipe.training.num_threads:
         torch.set_num_threads(recipe.training.num_threads)
     recipe = recipe.model_copy(update={"method": FinetuneMethod(keep_copies=False)})
     stream = stream_for(recipe)
-    method = FinetuneContinual(recipe, stream, resolve_device(recipe.device))
+    hook = None if on_epoch is None else (lambda info: on_epoch({**info, "stage": "finetune_reference"}))
+    method = FinetuneContinual(recipe, stream, resolve_device(recipe.device), on_epoch=hook)
     return [method.learn(task, None).val_acc for task in stream.tasks]
