@@ -237,3 +237,40 @@ def test_tabular_mlp_from_one_dataset_compare_end_to_end(tmp_path):
         ["cluster0", "cluster1", "cluster2"], ["cluster3", "cluster4", "cluster5"]]
     # no test split given: test_fraction 0.2 of each class's 20 rows is held out
     assert stream["tasks"][0]["sizes"]["test"] == 12
+
+
+# --- datasets already on disk: a Hugging Face `save_to_disk` folder ------------------------------------------------
+
+
+def test_huggingface_save_to_disk_folders_of_images_and_of_arrays(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 10)
+    pixels = rng.integers(0, 256, (40, 6, 6, 3), dtype=np.uint8)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("abcd"))})
+    images = datasets.Dataset.from_dict({"image": [Image.fromarray(p) for p in pixels], "label": labels},
+                                        features=features)
+    datasets.DatasetDict({"train": images, "test": images.select(range(0, 40, 2))}).save_to_disk(tmp_path / "imgs")
+    stream = build_stream({"name": "huggingface", "root": str(tmp_path / "imgs"), "classes_per_task": 2,
+                           "val_fraction": 0.2}, seed=0)
+    assert stream.input_shape == (3, 6, 6) and [t.classes for t in stream] == [["a", "b"], ["c", "d"]]
+    task = stream[1]
+    assert (len(task.train), len(task.val), len(task.test)) == (16, 4, 10)
+    row = int(task.train.ids[0])  # ids are rows of the train split: the pixels are the dataset's, channels first
+    assert torch.equal(task.train.x[0], torch.from_numpy(pixels[row].transpose(2, 0, 1).copy()))
+
+    seqs = rng.standard_normal((30, 2, 7)).astype(np.float32)
+    arrays = datasets.Dataset.from_dict(
+        {"signal": seqs, "label": np.arange(30) % 3},
+        features=datasets.Features({"signal": datasets.Array2D((2, 7), "float32"), "label": datasets.Value("int64")}))
+    arrays.save_to_disk(tmp_path / "seqs")  # a plain Dataset: the test split is held out (test_fraction)
+    stream = build_stream({"name": "huggingface", "root": str(tmp_path / "seqs"), "classes_per_task": 3,
+                           "test_fraction": 0.2}, seed=0)
+    assert stream.input_shape == (2, 7) and stream[0].classes == ["0", "1", "2"] and len(stream[0].test) == 6
+    with pytest.raises(DatasetError, match="not a column"):
+        build_stream({"name": "huggingface", "root": str(tmp_path / "seqs"), "classes_per_task": 3,
+                      "input_column": "pixels"}, seed=0)
+    with pytest.raises(DatasetError, match="not a folder written by save_to_disk"):
+        build_stream({"name": "huggingface", "root": str(tmp_path), "classes_per_task": 3}, seed=0)

@@ -16,6 +16,7 @@ from grownfx.data.config import (
     DataConfig,
     DigitsConfig,
     FashionMNISTConfig,
+    HuggingFaceConfig,
     ImageFolderConfig,
     MiniImageNetConfig,
     PythonConfig,
@@ -59,6 +60,7 @@ __all__ = [
     "DatasetError",
     "DigitsConfig",
     "FashionMNISTConfig",
+    "HuggingFaceConfig",
     "ImageFolderConfig",
     "MiniImageNetConfig",
     "PythonConfig",
@@ -85,6 +87,7 @@ def _builders() -> dict[str, Callable[[Any, int], TaskStream]]:
     from grownfx.data.factory import build_python
     from grownfx.data.fashion_mnist import build_fashion_mnist
     from grownfx.data.folder import build_imagefolder
+    from grownfx.data.huggingface import build_huggingface
     from grownfx.data.miniimagenet import build_miniimagenet
     from grownfx.data.synthetic import build_synthetic
     from grownfx.data.tvision import build_torchvision
@@ -99,6 +102,7 @@ def _builders() -> dict[str, Callable[[Any, int], TaskStream]]:
         "fashion_mnist": build_fashion_mnist,
         "synthetic": build_synthetic,
         "python": build_python,
+        "huggingface": build_huggingface,
     }
 
 

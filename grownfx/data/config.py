@@ -22,6 +22,7 @@ __all__ = [
     "DataConfig",
     "DigitsConfig",
     "FashionMNISTConfig",
+    "HuggingFaceConfig",
     "ImageFolderConfig",
     "MiniImageNetConfig",
     "PythonConfig",
@@ -321,6 +322,36 @@ class PythonConfig(_Ordered, _Normalised):
         return value
 
 
+class HuggingFaceConfig(_Ordered, _Normalised):
+    """A Hugging Face `datasets` folder written by `save_to_disk` (a Dataset or a DatasetDict), read offline with
+    `load_from_disk`: an image column or an array column, and a label column; cut into tasks of classes_per_task.
+    Needs the `datasets` package (`pip install "grownfx[hf]"`)."""
+
+    howto: ClassVar[str] = ("On a machine that has the dataset, save it with ds.save_to_disk(path) (a Dataset or a "
+                            "DatasetDict) and copy that folder here; reading it needs `pip install datasets`.")
+    name: Literal["huggingface"] = Field(description="Dataset kind.")
+    root: Path = Field(description="The folder `save_to_disk` wrote (dataset_dict.json or dataset_info.json in it).")
+    input_column: Optional[str] = Field(
+        None, description="The column holding the inputs: images (an Image feature, decoded to C, H, W) or arrays "
+        "(Array2D/3D/..., Sequence, numbers) of any rank. None: the first Image or array column."
+    )
+    label_column: str = Field("label", description="The column of integer (or ClassLabel) labels.")
+    train_split: str = Field("train", description="The DatasetDict split to train on (and hold validation out of).")
+    test_split: Optional[str] = Field(
+        "test", description="The DatasetDict split to test on; null (or a plain Dataset) holds out test_fraction."
+    )
+    classes_per_task: PositiveInt = Field(description="Classes per task.")
+    num_tasks: Optional[PositiveInt] = Field(None, description=_AUTO_TASKS)
+    val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
+    test_fraction: Fraction = Field(
+        0.2, description="Fraction of each class held out for testing when there is no test split."
+    )
+    normalize: bool = Field(
+        True, description="Normalise with the per-channel mean/std of the training splits; false: mean 0, std 1 "
+        "(uint8 images are still scaled to [0, 1]). Explicit mean/std win."
+    )
+
+
 class SyntheticConfig(_Base):
     """Generated class-conditional Gaussian patterns, for tests and benchmarks."""
 
@@ -353,6 +384,7 @@ DataConfig = Annotated[
         DigitsConfig,
         FashionMNISTConfig,
         PythonConfig,
+        HuggingFaceConfig,
         SyntheticConfig,
     ],
     Field(discriminator="name"),

@@ -38,7 +38,7 @@ from grownfx.data.errors import DatasetError
 from grownfx.data.splits import Holdout, Pool, Sampling, assemble, class_order, group_classes
 from grownfx.usercode import UserCodeError, import_callable
 
-__all__ = ["build_python", "split_arrays"]
+__all__ = ["build_python", "cut_dataset", "split_arrays"]
 
 SPLITS = ("train", "val", "test")
 
@@ -230,11 +230,10 @@ def _task_list(cfg: PythonConfig, seed: int, tasks: list[Any], source: dict) -> 
         xs, ys, ids = zip(*pools[s])
         return Pool(np.concatenate(xs), np.concatenate(ys), np.concatenate(ids))
 
-    val = pool("val")
-    test = pool("test")
-    return _assemble(cfg, seed, train=pool("train"), test=test, val=val, class_names=class_names,
-                     task_classes=task_classes, task_names=[p["name"] for p in per_task], source=source,
-                     extra={"id_space": "id = running number of the factory's rows, task by task, each task's "
+    return _assemble(cfg, seed, train=pool("train"), test=pool("test"), val=pool("val"), class_names=class_names,
+                     task_classes=task_classes, task_names=[p["name"] for p in per_task], name=f"python:{cfg.factory}",
+                     extra={"factory": {"spec": cfg.factory, **source},
+                            "id_space": "id = running number of the factory's rows, task by task, each task's "
                                         "train, val (when given) and test (when given) rows in order; "
                                         "tasks[k].id_ranges[split] = [first id, end): row = id - first",
                             "id_ranges": ranges})
@@ -250,7 +249,18 @@ def _one_dataset(cfg: PythonConfig, seed: int, data: Mapping, source: dict) -> T
         raise DatasetError(f"{where} returned one dataset: set data.classes_per_task to cut it into tasks (or "
                            "return a list of tasks)")
     splits = {s: split_arrays(data[s], f"{where}, {s}") for s in ("train", "test") if data.get(s) is not None}
-    ys, names = _labels([y for _, y in splits.values()], data.get("classes"), where)
+    return cut_dataset(cfg, seed, splits, data.get("classes"), where=where, name=f"python:{cfg.factory}",
+                       stem=cfg.factory.partition(":")[2],
+                       meta={"factory": {"spec": cfg.factory, **source},
+                             "id_space": "id i = row i of train, then len(train) + j for row j of test"})
+
+
+def cut_dataset(cfg: Any, seed: int, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: Optional[Sequence],
+                *, where: str, name: str, stem: str, meta: dict) -> TaskStream:
+    """One labelled dataset (`splits`: train and optionally test arrays) cut into tasks of `cfg.classes_per_task`
+    classes in `cfg.class_order`, as the built-in kinds are: the python factory's one-dataset form, and the
+    Hugging Face kind."""
+    ys, names = _labels([y for _, y in splits.values()], classes, where)
     if len({x.shape[1:] for x, _ in splits.values()}) > 1:
         raise DatasetError(f"{where}: train and test inputs differ in shape")
     dtype = _common_dtype([x for x, _ in splits.values()], where)
@@ -268,15 +278,13 @@ def _one_dataset(cfg: PythonConfig, seed: int, data: Mapping, source: dict) -> T
         task_classes = group_classes(order, cfg.classes_per_task, cfg.num_tasks)
     except ValueError as exc:
         raise DatasetError(f"{where}: {exc}") from None
-    stem = cfg.factory.partition(":")[2]
     return _assemble(cfg, seed, train=train, test=test, val=None, class_names=names, task_classes=task_classes,
-                     task_names=[f"{stem}/task{t + 1}" for t in range(len(task_classes))], source=source,
-                     extra={"id_space": "id i = row i of train, then len(train) + j for row j of test",
-                            "class_order": [int(c) for c in order], "class_order_seed": order_seed})
+                     task_names=[f"{stem}/task{t + 1}" for t in range(len(task_classes))], name=name,
+                     extra={**meta, "class_order": [int(c) for c in order], "class_order_seed": order_seed})
 
 
-def _assemble(cfg: PythonConfig, seed: int, *, train: Pool, test: Optional[Pool], val: Optional[Pool],
-              class_names: list[str], task_classes: list[list[int]], task_names: list[str], source: dict,
+def _assemble(cfg: Any, seed: int, *, train: Pool, test: Optional[Pool], val: Optional[Pool],
+              class_names: list[str], task_classes: list[list[int]], task_names: list[str], name: str,
               extra: dict) -> TaskStream:
     channels = train.x.shape[1]
     mean, std = cfg.mean, cfg.std
@@ -287,7 +295,7 @@ def _assemble(cfg: PythonConfig, seed: int, *, train: Pool, test: Optional[Pool]
         mean, std = (0.0,) * channels, (1.0,) * channels
     ranges = extra.pop("id_ranges", None)
     stream = assemble(
-        name=f"python:{cfg.factory}",
+        name=name,
         train=train,
         test=test,
         val=val if val is not None else Holdout(fraction=cfg.val_fraction),
@@ -299,14 +307,13 @@ def _assemble(cfg: PythonConfig, seed: int, *, train: Pool, test: Optional[Pool]
         sampling=Sampling.of(cfg),
         mean=mean,
         std=std,
-        meta={"kind": cfg.name, "config": cfg.model_dump(mode="json"), "factory": {"spec": cfg.factory, **source},
-              **extra},
+        meta={"kind": cfg.name, "config": cfg.model_dump(mode="json"), **extra},
     )
     for t, (entry, task) in enumerate(zip(stream.meta["tasks"], stream.tasks)):
         if ranges is not None:
             entry["id_ranges"] = ranges[t]
-        # the ids only number the factory's rows: a digest of the values themselves tells a resume (and load_run)
-        # whether the factory still makes the data the run learned
+        # the ids only number the rows: a digest of the values themselves tells a resume (and load_run) whether
+        # the source still gives the data the run learned
         entry["content_digests"] = {s: _content_digest(getattr(task, s)) for s in SPLITS}
     return stream
 
