@@ -82,7 +82,8 @@ def test_limit_and_per_class_subsets_touch_the_train_split_only_and_follow_the_s
     assert torch.equal(small[0].test.ids, full[0].test.ids)  # never the test set
     limited = build_stream({**cfg, "limit_per_task": 10}, seed=0)
     assert len(limited[0].train) == 10 and torch.equal(limited[0].test.ids, full[0].test.ids)
-    again, other = build_stream({**cfg, "train_per_class": 8}, seed=0), build_stream({**cfg, "train_per_class": 8}, seed=1)
+    again = build_stream({**cfg, "train_per_class": 8}, seed=0)
+    other = build_stream({**cfg, "train_per_class": 8}, seed=1)
     assert torch.equal(again[0].train.ids, small[0].train.ids)
     assert not torch.equal(other[0].train.ids, small[0].train.ids)
     assert small.meta["tasks"][0]["test_ids"] == full[0].test.ids.tolist()
@@ -128,7 +129,8 @@ def test_uint8_inputs_scale_by_1_over_255(factory_dir):
     ("def make():\n    return 3\n", ["returned a int", "list of tasks"]),
     ("def make():\n    x = np.zeros((4, 2), np.float32)\n    return [{'train': (x, np.arange(4))}, "
      "{'train': (x, np.arange(4)), 'test': (x, np.arange(4))}]\n", ["give it for every task or for none"]),
-    ("def make():\n    return [{'train': (np.zeros((4, 2), np.float32), np.array([0, 1, 2, 5])), 'classes': ['a', 'b']}]\n",
+    ("def make():\n    return [{'train': (np.zeros((4, 2), np.float32), np.array([0, 1, 2, 5])),\n"
+     "             'classes': ['a', 'b']}]\n",
      ["integers 0..1"]),
     ("def make():\n    return [{'train': (np.zeros((4, 2), np.float32), np.arange(3))}]\n", ["do not match"]),
     ("def make():\n    return [{'train': (np.full((4, 2), np.nan, np.float32), np.arange(4))}]\n", ["NaN"]),

@@ -10,7 +10,7 @@ def make_tasks(seed=0, tasks=3, per_class=60, length=32):
     def split(freqs, n):
         y = np.repeat([0, 1], n)
         wave = 2 * np.pi * np.asarray(freqs)[y, None] * time + rng.uniform(0, 2 * np.pi, (2 * n, 1))
-        x = np.stack([np.sin(wave), np.cos(wave)], axis=1) + 0.5 * rng.standard_normal((2 * n, 2, length))
+        x = np.stack([np.sin(wave), np.cos(wave)], axis=1) + 1.2 * rng.standard_normal((2 * n, 2, length))
         return x.astype(np.float32), y
 
     freqs = [(2 + 2 * k, 3 + 2 * k) for k in range(tasks)]
