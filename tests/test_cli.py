@@ -101,8 +101,10 @@ def test_inspect_recipe_uses_its_settings():
 
 
 def test_inspect_bad_input_shape():
-    result = invoke("inspect", "resnet18", "--input-shape", "3,32")
-    assert result.exit_code == 2 and "C,H,W" in result.output
+    result = invoke("inspect", "resnet18", "--input-shape", "3,0")
+    assert result.exit_code == 2 and "C,H,W" in result.output and "C,L" in result.output
+    result = invoke("inspect", "resnet18", "--input-shape", "3,32")  # a valid shape, not this model's: it says so
+    assert result.exit_code == 2 and "input of shape (1, 3, 32)" in result.output
 
 
 # --- commands that call the lead's modules ------------------------------------------------------------------

@@ -125,3 +125,11 @@ def test_slow_blocks():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "doc_blocks.py"), "--slow"], capture_output=True,
                           text=True, timeout=3 * 3600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+
+
+def test_outputs_md_shows_comparing_exports_by_weights_with_code_that_runs():
+    # the page said `torch.export.load(f).state_dict()`, but an ExportedProgram's state_dict is a dict attribute
+    doc = REPO / "docs" / "outputs.md"
+    assert ".state_dict()" not in doc.read_text()
+    runnable = [b for b in doc_blocks.blocks(doc) if b.lang == "python" and b.skip is None and not b.slow]
+    assert any("torch.export.load" in b.code and ".state_dict" in b.code for b in runnable)  # run above

@@ -276,3 +276,48 @@ def test_huggingface_save_to_disk_folders_of_images_and_of_arrays(tmp_path):
                       "input_column": "pixels"}, seed=0)
     with pytest.raises(DatasetError, match="not a folder written by save_to_disk"):
         build_stream({"name": "huggingface", "root": str(tmp_path), "classes_per_task": 3}, seed=0)
+
+
+def test_inspect_takes_any_input_rank_and_a_python_recipe_gives_its_own():
+    result = invoke("inspect", str(EXAMPLES / "tabular.yaml"))  # the factory says: (12,) rows, 3 classes per task
+    assert result.exit_code == 0, result.output
+    assert "input 12, seed width 0.5, 3-way head" in result.output
+    result = invoke("inspect", str(EXAMPLES / "sequences.yaml"), "--input-shape", "2,64")
+    assert result.exit_code == 0 and "input 2x64" in result.output, result.output
+
+
+def test_classes_left_out_of_every_task_are_recorded(factory_dir):
+    spec = write_factory(factory_dir, "nine", """
+        def make():
+            y = np.repeat(np.arange(9), 10)
+            return {"train": (np.random.default_rng(0).standard_normal((90, 4)).astype(np.float32), y)}
+    """)
+    stream = build_stream(_python(spec, classes_per_task=4), seed=0)
+    assert len(stream) == 2 and stream.meta["unused_classes"] == ["8"]
+
+
+def test_resume_refuses_a_factory_that_now_makes_other_data(factory_dir):
+    from grownfx.recipe.schema import Recipe
+    from grownfx.run.folder import RunError
+    from grownfx.run.runner import run
+
+    body = """
+        def make():
+            rng = np.random.default_rng(0)
+            y = np.repeat([0, 1], 20)
+            return [{"train": ((rng.standard_normal((40, 3)) + y[:, None]).astype(np.float32) * SCALE, y)}]
+    """
+    write_factory(factory_dir, "drifting", "SCALE = 1.0\n" + textwrap.dedent(body))
+    recipe = Recipe.model_validate({
+        "name": "drift", "device": "cpu", "model": {"builder": "tabular:mlp", "kwargs": {"features": 3}},
+        "code_dir": str(EXAMPLES), "data": {"name": "python", "factory": "drifting:make", "val_fraction": 0.25},
+        "method": {"name": "scratch"}, "training": {"epochs": 1, "num_threads": 1},
+        "output": {"tensorboard": False, "export_format": "none"}})
+    run(recipe, out_dir=factory_dir / "run", echo=lambda msg: None)
+    run(recipe, out_dir=factory_dir / "run", resume=True, echo=lambda msg: None)  # the same data: fine
+    write_factory(factory_dir, "drifting", "SCALE = 2.0\n" + textwrap.dedent(body))
+    import sys
+
+    sys.modules.pop("drifting", None)  # a new process would import the edited file
+    with pytest.raises(RunError, match="task 1's data differs"):
+        run(recipe, out_dir=factory_dir / "run", resume=True, echo=lambda msg: None)
