@@ -36,7 +36,7 @@ def recipe_dict(method: str, quick: bool) -> dict:
         "output": {"tensorboard": False, "export_format": "none"},
     }
     if quick:
-        d["data"].update(num_tasks=2, limit_per_task=24)
+        d["data"].update(num_tasks=2, limit_per_task=24, limit_test=True)  # quick: the test split capped too
         d["training"].update(epochs=1, stage2_epochs=1)
         d["target"]["scratch_epochs"] = 1
         d["growth"]["max_rounds"] = 1

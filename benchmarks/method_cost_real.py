@@ -33,8 +33,8 @@ TARGETED = ("grown", "cpg")
 
 
 def quick_overrides() -> list[str]:
-    return ["data.num_tasks=2", "data.train_per_class=12", "data.limit_per_task=40", "training.epochs=1",
-            "training.stage2_epochs=1", "growth.max_rounds=1"]
+    return ["data.num_tasks=2", "data.train_per_class=12", "data.limit_per_task=40", "data.limit_test=true",
+            "training.epochs=1", "training.stage2_epochs=1", "growth.max_rounds=1"]
 
 
 def _epoch_events(run_dir: Path) -> list[dict]:

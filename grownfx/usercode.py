@@ -36,21 +36,22 @@ def search_dirs(code_dir: Optional[os.PathLike | str] = None) -> list[Path]:
     return dirs + ([cwd] if cwd not in dirs else [])
 
 
-def import_callable(spec: str, code_dir: Optional[os.PathLike | str] = None, what: str = "callable") -> Callable:
-    """The callable `package.module:attr.path` names, its module looked up in `search_dirs(code_dir)` first."""
+def import_callable(spec: str, code_dir: Optional[os.PathLike | str] = None, what: Optional[str] = None) -> Callable:
+    """The callable `package.module:attr.path` names, its module looked up in `search_dirs(code_dir)` first.
+    `what` ("data.factory") starts the messages of errors not already located by the caller."""
+    prefix = f"{what} {spec!r}: " if what else ""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise UserCodeError(f"{what} {spec!r}: expected 'module:callable', e.g. 'my_data:make_tasks'")
-    dirs = search_dirs(code_dir)
-    module = _import(module_name, dirs, spec, what)
+        raise UserCodeError(f"{prefix}expected 'module:callable', e.g. 'my_data:make_tasks'")
+    module = _import(module_name, search_dirs(code_dir), prefix)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             where = getattr(module, "__file__", None) or module_name
-            raise UserCodeError(f"{what} {spec!r}: module {module_name!r} ({where}) has no attribute {attr!r}")
+            raise UserCodeError(f"{prefix}module {module_name!r} has no attribute {attr!r} ({where})")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise UserCodeError(f"{what} {spec!r} is a {type(obj).__name__}, not a callable")
+        raise UserCodeError(f"{what + ' ' if what else ''}{spec!r} is a {type(obj).__name__}, not a callable")
     return obj
 
 
@@ -63,7 +64,7 @@ def _file_in(top: str, dirs: Sequence[Path]) -> Optional[Path]:
     return None
 
 
-def _import(module_name: str, dirs: Sequence[Path], spec: str, what: str):
+def _import(module_name: str, dirs: Sequence[Path], prefix: str):
     top = module_name.split(".")[0]
     loaded = sys.modules.get(module_name)
     if loaded is not None:
@@ -81,18 +82,18 @@ def _import(module_name: str, dirs: Sequence[Path], spec: str, what: str):
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and not module_name.startswith(exc.name) and exc.name != top:
-            raise UserCodeError(f"{what} {spec!r}: module {module_name!r} imports {exc.name!r}, which is not "
+            raise UserCodeError(f"{prefix}cannot import module {module_name!r}: it imports {exc.name!r}, which is not "
                                 f"installed ({exc})") from None
         looked = ", ".join(str(d) for d in dirs)
         raise UserCodeError(
-            f"{what} {spec!r}: no module {module_name!r}: looked for {top}.py (or a {top}/ package) in {looked} "
-            f"and on sys.path (PYTHONPATH). Put it beside the recipe, set the recipe's code_dir to its folder, "
-            f"or pip-install it") from None
+            f"{prefix}cannot import module {module_name!r}: no {top}.py (or {top}/ package) in {looked}, nor on "
+            f"sys.path (PYTHONPATH). Put it beside the recipe, set the recipe's code_dir to its folder, or "
+            f"pip-install it") from None
     except Exception as exc:  # noqa: BLE001 - an error inside the user's module: name it, with the module's file
         where = importlib.util.find_spec(top)
         origin = f" ({where.origin})" if where is not None and where.origin else ""
-        raise UserCodeError(f"{what} {spec!r}: importing module {module_name!r}{origin} failed: "
-                            f"{type(exc).__name__}: {exc}") from None
+        raise UserCodeError(f"{prefix}cannot import module {module_name!r}{origin}: {type(exc).__name__}: "
+                            f"{exc}") from None
     finally:
         for d in added:
             if d in sys.path:

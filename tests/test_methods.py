@@ -68,7 +68,7 @@ def test_scratch_stores_exactly_one_model_per_task(tmp_path):
 
 
 def test_finetune_forgets_on_an_interfering_stream(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "build_stream", lambda cfg, seed: xor_stream(seed))
+    monkeypatch.setattr(runner, "stream_for", lambda recipe: xor_stream(recipe.seed))
     s = runner.run(recipe(tmp_path, {"name": "finetune", "keep_copies": False}, epochs=6), echo=quiet).summary
     assert s["method"] == "finetune[forgetting]" and s["bwt"] < 0, s["bwt"]
     assert s["tasks"][0]["acc_when_learned"] > 90  # it had learned task 1, then lost it

@@ -90,7 +90,7 @@ def test_limit_and_per_class_subsets_touch_the_train_split_only_and_follow_the_s
 
 
 def test_torch_datasets_tensors_and_string_labels(factory_dir):
-    spec = write_factory(factory_dir, "datasets", """
+    spec = write_factory(factory_dir, "tensor_datasets", """
         import torch
         from torch.utils.data import TensorDataset
 

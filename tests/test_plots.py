@@ -63,7 +63,7 @@ def test_compare_plots_are_written(tmp_path):
 def test_run_accuracy_plots_fit_the_data_with_one_decimal(tmp_path):
     from tests.test_report import make_run
 
-    run = rr.load_run(make_run(Path(tmp_path) / "run"))
+    run = rr.read_run(make_run(Path(tmp_path) / "run"))
     fig = Figure()
     rr._plot_final(fig, run)
     ax = fig.axes[0]
@@ -73,13 +73,14 @@ def test_run_accuracy_plots_fit_the_data_with_one_decimal(tmp_path):
     fig = Figure()
     rr._plot_matrix(fig, run)
     assert "59.5" in {t.get_text() for t in fig.axes[0].texts}
-    assert fig.axes[0].images[0].get_clim() == (51.5, 64.2)
+    # the matrix's colours: one fixed 0-100 scale (issue 26), the values printed in the cells for the details
+    assert fig.axes[0].images[0].get_clim() == (0.0, 100.0)
 
 
 def test_run_model_size_plot_fits_small_sizes(tmp_path):
     from tests.test_report import make_run
 
-    run = rr.load_run(make_run(Path(tmp_path) / "run"))
+    run = rr.read_run(make_run(Path(tmp_path) / "run"))
     sizes = [t["model_size"] for t in run["summary"]["tasks"]]
     fig = Figure()
     rr._plot_size(fig, run)

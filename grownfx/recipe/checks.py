@@ -218,7 +218,7 @@ def data_errors(raw: dict) -> list[tuple[str, str]]:
         return out
     if data.get("name") == "python" and is_user_code(data.get("factory")):
         try:  # imports the module (the user's recipe names it); the factory itself runs with the stream
-            import_callable(data["factory"], _code_dir(raw), what="data.factory")
+            import_callable(data["factory"], _code_dir(raw))
         except ValueError as exc:
             out.append(("data.factory", str(exc)))
     if isinstance(data.get("root"), (str, Path)):
@@ -319,7 +319,7 @@ def resolve_builder(name: str, code_dir: str | None = None) -> Callable:
     """The callable a `model.builder` names: grownfx's, torchvision's, or the user's `module:callable` (its module
     looked for in `code_dir`, the working folder, then sys.path)."""
     if is_user_code(name):
-        return import_callable(name, code_dir, what="model.builder")
+        return import_callable(name, code_dir)
     ours = _grownfx_builders()
     if name in ours:
         if ours[name] is None:
