@@ -89,9 +89,20 @@ def all_blocks() -> list[Block]:
     return [b for f in doc_files() for b in blocks(f)]
 
 
+def _scripts_of_torch() -> list[str]:
+    """The bin/ folder holding torch's console scripts (torchrun), when it is not this interpreter's (torch shared
+    from another environment)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    origin = Path(spec.origin) if spec is not None and spec.origin else None
+    found = [p / "bin" for p in (origin.parents if origin else []) if (p / "bin" / "torchrun").is_file()]
+    return [str(found[0])] if found else []
+
+
 def _environment() -> dict[str, str]:
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *_scripts_of_torch(), env.get("PATH", "")])
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"  # `python -m benchmarks.x`, tests.*
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
