@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
-import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -15,47 +14,76 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
+
+
+from grownfx.errors import EXIT_BUG, Interrupted, UserError, exit_code, message_lines
+
+
+class _Command(TyperCommand):
+    """Help in click's plain style, through the command class typer lets an app choose (`cls=`): the usage line
+    reads `RECIPE [OVERRIDES]...`, a value option shows TEXT, N, X or PATH, and a flag shows no type (typer's
+    own help writes `{recipe}` and a `<bool>` beside every flag)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = (param.metavar or param.name or "").upper()
+            pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def get_params(self, ctx) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if param.metavar is None:
+                param.metavar = _placeholder(param)
+        return params
+
+
+def _placeholder(param) -> str:
+    """click's name for what a parameter takes: its NAME for an argument, nothing for a flag, else its type."""
+    if param.param_type_name == "argument":
+        return (param.name or "").upper()
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return ""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return {int: "N", float: "X", Path: "PATH"}.get(annotation, "TEXT")
+
+
+class _Group(TyperGroup):
+    """The app's group, through the class typer lets an app choose (`cls=`): a mistake on the command line that the
+    parser catches (a missing argument, an unknown option, a value of the wrong type) is printed in grownfx's one
+    error style, `error: ...` and exit 2, like every other (grownfx.errors), instead of a usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            _err().print("[yellow]aborted[/]")
+            sys.exit(EXIT_BUG)
+        except Exception as exc:  # noqa: BLE001 - the parser's own errors (click's UsageError and kin)
+            if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `grownfx` alone: the parser printed the help
+                sys.exit(exc.exit_code)
+            _err().print(f"[red bold]error:[/] [red]{escape(exc.format_message())}[/]")
+            if getattr(exc, "ctx", None) is not None:
+                _err().print(f"[dim]see {escape(exc.ctx.command_path)} --help[/]")
+            sys.exit(exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
-    name="grownfx", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=_Group, name="grownfx", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="GROWN (grow only when necessary) continual learning for any torchvision backbone.\n\n"
          "Start with:  grownfx run digits_quickstart",
 )
+command = functools.partial(app.command, cls=_Command)
 _state = {"debug": False}
-
-
-def _click_style_help() -> None:
-    """Help in click's own style: `RECIPE [OVERRIDES]...`, `--out PATH`, flags without a type.  Recent typer
-    versions print `{recipe}` for required arguments and a `<bool>` / `<path>` type beside every option."""
-    from typer import core
-
-    arg, opt = getattr(core, "TyperArgument", None), getattr(core, "TyperOption", None)
-    if arg is not None and hasattr(arg, "_usage_display_name") and hasattr(arg, "display_type_rich"):
-        def usage(self) -> str:
-            name = (self.metavar or self.name or "").upper()
-            name = name if self.required else f"[{name}]"
-            return name + ("..." if self.nargs != 1 else "")
-
-        arg._usage_display_name = usage
-        arg.display_type_rich = lambda self, ctx: None
-    if opt is not None and hasattr(opt, "display_type_rich"):
-        typed = opt.display_type_rich
-
-        def option_type(self, ctx) -> Optional[str]:
-            if getattr(self, "is_flag", False) or getattr(self, "count", False):
-                return None
-            text = typed(self, ctx)
-            if self.metavar is not None or not text:
-                return text
-            word = (text.strip("<>").split() or [""])[0].split("[")[0]
-            return {"str": "TEXT", "int": "N", "float": "X"}.get(word, word.upper())
-
-        opt.display_type_rich = option_type
-
-
-_click_style_help()
-_PASS_THROUGH = (typer.Exit, typer.Abort, typer.BadParameter.__bases__[0])  # the framework's own (UsageError)
-_EXIT_USER, _EXIT_BUG, _EXIT_INTERRUPT = 2, 1, 130
 
 
 def _out() -> Console:
@@ -71,8 +99,13 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show full traceba
     _state["debug"] = debug
 
 
+def _terminated(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main() -> None:
     """Console-script entry point (`grownfx`)."""
+    signal.signal(signal.SIGTERM, _terminated)  # SIGTERM: like Ctrl-C, one line and exit 143, not a silent death
     try:
         app()
     except SystemExit as exc:
@@ -87,56 +120,30 @@ def main() -> None:
 # --- error handling ---------------------------------------------------------------------------------------
 
 
-class UserError(Exception):
-    """A mistake in what the user typed (a name, a number out of range): one line, exit code 2."""
-
-
-def _user_errors() -> tuple[type, ...]:
-    """Errors that are the user's input, reported as one paragraph with exit code 2."""
-    kinds: list[type] = [UserError]
-    for module, name in (("grownfx.data", "DatasetError"), ("grownfx", "TraceError"), ("grownfx", "SurgeryError"),
-                         ("grownfx.run.runner", "RunError"), ("grownfx.run.export", "ExportError"),
-                         ("grownfx.files", "CorruptFileError"), ("grownfx.files", "LockedError"),
-                         ("grownfx.files", "DiskFullError"), ("grownfx.models", "BuilderError"),
-                         ("grownfx.learn.guards", "NonFiniteError")):
-        try:
-            kinds.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(kinds)
-
-
 def guarded(fn: Callable) -> Callable:
-    """Map exceptions to exit codes: RecipeError/DatasetError/TraceError/SurgeryError 2, Ctrl-C 130, else 1."""
+    """Run a command under grownfx's one error style (grownfx.errors): a UserError is `error: ...` and exit 2,
+    SIGINT/SIGTERM one line and exit 130/143, anything else `error: Type: ...` and exit 1 (the traceback with
+    --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from grownfx.recipe.loading import RecipeError
-
         try:
             return fn(*args, **kwargs)
-        except _PASS_THROUGH:
+        except (typer.Exit, typer.Abort, typer.BadParameter.__mro__[1]):  # typer's own (Exit, Abort, UsageError)
             raise
-        except RecipeError as exc:
-            con = _err()
-            con.print(f"[red bold]recipe error{'s' if len(exc.errors) > 1 else ''}:[/]")
-            for line in exc.errors:
-                con.print(f"[red]  {escape(line)}[/]")
-            raise typer.Exit(_EXIT_USER)
-        except KeyboardInterrupt:
-            _err().print("[yellow]interrupted[/]")
-            raise typer.Exit(_EXIT_INTERRUPT)
+        except KeyboardInterrupt as exc:
+            for line in message_lines(exc):
+                _err().print(f"[yellow]{escape(line)}[/]")
+            raise typer.Exit(exit_code(exc))
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-            if isinstance(exc, UserError) or isinstance(exc, _user_errors()):  # UserError: no torch import
-                kind = "error" if isinstance(exc, UserError) else type(exc).__name__
-                _err().print(f"[red bold]{kind}:[/] [red]{escape(str(exc))}[/]")
-                raise typer.Exit(_EXIT_USER)
-            if _state["debug"]:
+            if _state["debug"] and not isinstance(exc, UserError):
                 _err().print(escape(traceback.format_exc()))
-            else:
-                _err().print(f"[red bold]error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}\n"
-                             "[dim]rerun with --debug (grownfx --debug ...) for the traceback[/]")
-            raise typer.Exit(_EXIT_BUG)
+                raise typer.Exit(EXIT_BUG)
+            for line in message_lines(exc):
+                _err().print(f"[red bold]error:[/] [red]{escape(line.removeprefix('error: '))}[/]")
+            if not isinstance(exc, UserError):
+                _err().print("[dim]rerun with --debug (grownfx --debug ...) for the traceback[/]")
+            raise typer.Exit(exit_code(exc))
 
     return wrapper
 
@@ -157,14 +164,21 @@ def _lazy(module: str, attr: str) -> Callable:
 _RECIPE_ARG = typer.Argument(..., help="A recipe file, or the name of a built-in recipe (see `grownfx ls`).")
 _OVERRIDES_ARG = typer.Argument(None, help="Overrides: key.sub=value, +key.sub=value (add), ~key.sub (delete).",
                                 show_default=False)
+_TRUST = typer.Option(False, "--trust", help="Run code that a run folder's files name (a model builder "
+                      "`module:callable`, a torch.hub reference). Only for folders from someone you trust; "
+                      "GROWNFX_TRUST=1 does the same for scripts. (docs/outputs.md#trust)")
+_NO_VERIFY = typer.Option(False, "--no-verify", help="Load a checkpoint whose checksum file (.sha256) is missing "
+                          "or unreadable, unchecked (a checksum that does not match is refused either way).")
 
 
 # --- commands ---------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: grownfx run digits_quickstart training.epochs=3 --out runs/quick\n\n"
-                    "Several processes (data-parallel, one per GPU): grownfx run RECIPE --nproc-per-node 4, or "
-                    "torchrun --nproc-per-node 4 -m grownfx run RECIPE (docs/distributed.md)")
+@command(epilog="Example: grownfx run digits_quickstart training.epochs=3 --out runs/quick\n\n"
+                "Several processes (data-parallel, one per GPU): grownfx run RECIPE --nproc-per-node 4, or "
+                "torchrun --nproc-per-node 4 -m grownfx run RECIPE (docs/distributed.md)\n\n"
+                "Ctrl-C or SIGTERM: the current epoch ends, a checkpoint is written, exit 130 (SIGINT) or 143 "
+                "(SIGTERM); --resume continues.")
 @guarded
 def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the recipe's output.dir, or "
@@ -176,41 +190,46 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
         nproc_per_node: Optional[int] = typer.Option(
             None, "--nproc-per-node", min=1,
             help="Train data-parallel in N processes on this machine (one per GPU), launched through "
-                 "torch.distributed.run; the recipe's batch size is global. For several machines use torchrun.")):
+                 "torch.distributed.run; the recipe's batch size is global. For several machines use torchrun."),
+        trust: bool = _TRUST, no_verify: bool = _NO_VERIFY):
     """Run a recipe: learn its tasks one after the other, writing checkpoints, metrics and exports."""
     from grownfx.recipe.loading import load_recipe
 
     _warn_shadowed(recipe)
     # recipe errors (a missing dataset folder among them) are reported here, once, before any launch and before
     # torch is imported (seconds on a laptop)
-    rec = load_recipe(recipe, overrides or [])
+    rec = load_recipe(recipe, overrides or [], trust=trust or None)
     from grownfx.learn import distributed
     from grownfx.report.progress import progress
 
     if nproc_per_node is not None and nproc_per_node > 1:
         if distributed.launched():
-            raise typer.BadParameter("this process was already launched by torchrun; drop --nproc-per-node",
-                                     param_hint="--nproc-per-node")
+            raise UserError("--nproc-per-node: this process was already launched by torchrun; drop the option")
         _lazy("grownfx.run.runner", "check_distributed")(rec, nproc_per_node)  # one clear error, before launching
         argv = (["--debug"] if _state["debug"] else []) + ["run", recipe, *(overrides or [])]
         argv += (["--out", str(out)] if out is not None else []) + (["--resume"] if resume else [])
-        argv += ["--verbose"] if verbose else []
+        argv += (["--verbose"] if verbose else []) + (["--trust"] if trust else [])
+        argv += ["--no-verify"] if no_verify else []
         raise typer.Exit(distributed.launch(argv, nproc_per_node))
+    if no_verify and resume:
+        _err().print("[yellow]warning:[/] --no-verify: a checkpoint without its checksum file is loaded unchecked")
     main_rank = distributed.env_rank() == 0  # under torchrun only rank 0 prints and shows progress
     run_fn = _lazy("grownfx.run.runner", "run")
     with progress(0, enabled=main_rank, verbose=verbose) as bars:
         try:
-            result = run_fn(rec, out_dir=out, resume=resume, progress=bars, echo=bars.log)
+            result = run_fn(rec, out_dir=out, resume=resume, progress=bars, echo=bars.log, verify=not no_verify)
         except KeyboardInterrupt as exc:
             folder = getattr(exc, "out_dir", None)
             if folder is None or not main_rank:
                 raise
             bars.__exit__(None, None, None)
-            _interrupted(folder, _command_line("run", recipe, overrides, "--out", str(folder), "--resume"))
-        except Exception as exc:
+            again = ["--resume"] if getattr(exc, "checkpointed", True) or getattr(exc, "started", True) else []
+            flags = (["--trust"] if trust else []) + (["--no-verify"] if no_verify else [])
+            _interrupted(exc, _command_line("run", recipe, overrides, "--out", str(folder), *again, *flags))
+        except UserError as exc:
             if resume and str(exc).startswith("nothing to resume"):  # the runner's RunError: say what to do
-                again = " ".join(["grownfx run", recipe, *(overrides or [])] + (["--out", str(out)] if out else []))
-                raise UserError(f"{exc}. Nothing was learned yet: start it with `{again}` (without --resume)") \
+                start = _command_line("run", recipe, overrides, *(["--out", str(out)] if out else []))
+                raise UserError(f"{exc}. Nothing was learned yet: start it with `{start}` (without --resume)") \
                     from None
             raise
     if not main_rank:
@@ -225,16 +244,17 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
     _out().print(f"report: grownfx report {escape(str(out_dir))}", soft_wrap=True)
 
 
-@app.command(epilog="Example: grownfx validate my_recipe.yaml training.epochs=3 --no-data-check")
+@command(epilog="Example: grownfx validate my_recipe.yaml training.epochs=3 --no-data-check")
 @guarded
 def validate(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
              no_data_check: bool = typer.Option(False, "--no-data-check",
-                                                help="Do not check that dataset folders exist.")):
+                                                help="Do not check that dataset folders exist."),
+             trust: bool = _TRUST):
     """Check a recipe (and overrides) without running it: print a summary, or every error with its line."""
     from grownfx.recipe.loading import load_recipe
 
     _warn_shadowed(recipe)
-    rec = load_recipe(recipe, overrides or [], check_data=not no_data_check)
+    rec = load_recipe(recipe, overrides or [], check_data=not no_data_check, trust=trust or None)
     con = _out()
     con.print("[green bold]ok[/]")
     con.print(_summary_table(rec))
@@ -279,11 +299,17 @@ def _command_line(*args: Any) -> str:
     return shlex.join(["grownfx", *flat])
 
 
-def _interrupted(folder: Path, command: str) -> None:
-    """Ctrl-C (or SIGTERM) stopped a run: where its checkpoint is and the exact command that continues it."""
-    _err().print(f"[yellow]interrupted[/]: the last checkpoint is in {escape(str(folder))}; continue with:")
+def _interrupted(exc: BaseException, command: str) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM stopped a run or a comparison (a RunInterrupted naming its folder): what was kept
+    and the exact command that continues it, then exit 130 (SIGINT) or 143 (SIGTERM)."""
+    name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+    if getattr(exc, "checkpointed", True):
+        head = f"interrupted ({name}): the last checkpoint is in {exc.out_dir}; continue with:"
+    else:
+        head = f"interrupted ({name}) before the first checkpoint (nothing learned yet); start it again with:"
+    _err().print(f"[yellow]{escape(head)}[/]")
     _err().print(f"  {escape(command)}", soft_wrap=True)
-    raise typer.Exit(_EXIT_INTERRUPT)
+    raise typer.Exit(exit_code(exc))
 
 
 def _results_table(summary: dict) -> Table:
@@ -333,7 +359,7 @@ def _summary_table(rec) -> Table:
     return table
 
 
-@app.command("ls", epilog="Example: grownfx ls")
+@command("ls", epilog="Example: grownfx ls")
 @guarded
 def ls_():
     """List the built-in recipes with their descriptions."""
@@ -347,7 +373,7 @@ def ls_():
     _out().print(table)
 
 
-@app.command("cp", epilog="Examples: grownfx cp digits_quickstart   (writes ./digits_quickstart.yaml)\n\n"
+@command("cp", epilog="Examples: grownfx cp digits_quickstart   (writes ./digits_quickstart.yaml)\n\n"
                           "grownfx cp digits_quickstart my_recipe.yaml")
 @guarded
 def cp_(name: str = typer.Argument(..., help="A built-in recipe name (see `grownfx ls`)."),
@@ -369,38 +395,40 @@ def cp_(name: str = typer.Argument(..., help="A built-in recipe name (see `grown
         if target.is_file() and target.read_bytes() == src.read_bytes():
             _out().print(f"{escape(str(target))} is already a copy of {src.stem}")
             return
-        _err().print(f"[red]{escape(str(target))} exists and differs from {src.stem} (your edits?); "
-                     "pass --force to overwrite it[/]")
-        raise typer.Exit(_EXIT_USER)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, target)
+        raise UserError(f"{target} exists and differs from {src.stem} (your edits?); pass --force to overwrite it")
+    from grownfx.files import atomic_write_bytes
+
+    atomic_write_bytes(src.read_bytes(), target)
     _out().print(f"copied {src.stem} to {escape(str(target))}")
 
 
-@app.command(epilog="Examples: grownfx inspect resnet18 --seed-width 0.5\n\n"
+@command(epilog="Examples: grownfx inspect resnet18 --seed-width 0.5\n\n"
                     "grownfx inspect vgg16bn_cifar100_superclass20 --json groups.json")
 @guarded
-def inspect(target: str = typer.Argument(..., help="A recipe (file or built-in name) or a model builder name "
-                                         "(torchvision like resnet18, grownfx like lenet5, or module:callable)."),
+def inspect(target: str = typer.Argument(..., help="A recipe (file or built-in name), a run folder, or a model "
+                                         "builder name (torchvision like resnet18, grownfx like lenet5, or "
+                                         "module:callable)."),
             seed_width: Optional[float] = typer.Option(None, "--seed-width", help="Seed width (default: the "
                                                        "recipe's, or 0.5)."),
             input_shape: Optional[str] = typer.Option(None, "--input-shape", help="One input's shape, any rank: "
                                                       "C,H,W (images), C,L (sequences), F (tabular), C,T,H,W "
                                                       "(clips). Default: from the recipe's data, or the grownfx "
                                                       "builder's own (small_cnn 1,8,8); else 3,224,224."),
-            json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the data as JSON here.")):
+            json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the data as JSON here."),
+            trust: bool = _TRUST):
     """Show how grownfx sees a backbone: coupling groups (what grows together), growth sites, parameters."""
     from grownfx.cli.inspect_model import inspect_data, render
 
     shape = _parse_shape(input_shape) if input_shape else None
-    data = inspect_data(target, seed_width=seed_width, input_shape=shape)
+    data = inspect_data(target, seed_width=seed_width, input_shape=shape, trust=trust or None)
     tree, footer = render(data)
     _out().print(tree)
     for line in footer:
         _out().print(line, soft_wrap=True)
     if json_file is not None:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(json.dumps(data, indent=1))
+        from grownfx.files import atomic_write_json
+
+        atomic_write_json(data, json_file)
         _out().print(f"wrote {escape(str(json_file))}")
 
 
@@ -422,7 +450,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-@app.command(epilog="Example: grownfx export runs/digits_quickstart --task 1 --format onnx --verify\n\n"
+@command(epilog="Example: grownfx export runs/digits_quickstart --task 1 --format onnx --verify\n\n"
                     "Tasks count from 1, as in the console, the report and exports/task_1/.\n\n"
                     "grownfx export runs/digits_quickstart --all-tasks: every task in one file "
                     "(exports/all_tasks/), served with torch alone.")
@@ -439,7 +467,8 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
            bake_preprocessing: bool = typer.Option(
                False, "--bake-preprocessing",
                help="Put the input scaling and normalisation into the graph: the file then takes raw inputs "
-                    "(meta.json says which a file expects).")):
+                    "(meta.json says which a file expects)."),
+           trust: bool = _TRUST, no_verify: bool = _NO_VERIFY):
     """Export the subnetwork of one task as a standalone model (torch.export, ONNX or TorchScript), or every task
     in one multi-task file (--all-tasks)."""
     if all_tasks:
@@ -449,8 +478,10 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
             raise UserError(f"--all-tasks writes its own format (torch.export programs sharing one weight bank); "
                             f"--format {fmt} is for one task (--task)")
         _check_run_dir(run_dir)
-        path, meta = _lazy("grownfx.run.export", "export_all_tasks")(run_dir, verify,
-                                                                     bake_preprocessing=bake_preprocessing)
+        if no_verify:
+            _err().print("[yellow]warning:[/] --no-verify: a checkpoint without its checksum file is loaded unchecked")
+        path, meta = _lazy("grownfx.run.export", "export_all_tasks")(
+            run_dir, verify, bake_preprocessing=bake_preprocessing, trust=trust or None, check_sha256=not no_verify)
         _out().print(f"exported {len(meta['tasks'])} task(s) in one file: {escape(str(path))} "
                      f"({meta['bytes'] / 1e6:.2f} MB, {meta['size_ratio']:.3f}x bank + per-task state + masks); "
                      f"load it with {escape(str(path.parent / meta['loader']))}", soft_wrap=True)
@@ -467,8 +498,11 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
     _check_run_dir(run_dir)
     if task < 1:
         raise UserError(f"--task counts from 1 (the first task is --task 1, exports/task_1/); got {task}")
+    if no_verify:
+        _err().print("[yellow]warning:[/] --no-verify: a checkpoint without its checksum file is loaded unchecked")
     result = _lazy("grownfx.run.export", "export_run")(run_dir, task - 1, fmt, verify,
-                                                       bake_preprocessing=bake_preprocessing)
+                                                       bake_preprocessing=bake_preprocessing, trust=trust or None,
+                                                       check_sha256=not no_verify)
     path, entry = result if isinstance(result, tuple) else (result, {})
     inputs = "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing in meta.json)"
     _out().print(f"exported task {task} as {fmt}: {escape(str(path))} (takes {inputs})", soft_wrap=True)
@@ -477,7 +511,7 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
                      "task-aware model (limit 1e-4)", soft_wrap=True)
 
 
-@app.command(epilog="Example: grownfx report runs/digits_quickstart")
+@command(epilog="Example: grownfx report runs/digits_quickstart")
 @guarded
 def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder written by `grownfx compare`.")):
     """Write tables (markdown, CSV) and plots for a run, in the seed paper's formats, to RUN_DIR/report."""
@@ -485,9 +519,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder w
         raise UserError(f"{run_dir} does not exist (`grownfx run` and `grownfx compare` print the folder they "
                         "write)")
     if not (run_dir / "summary.json").is_file() and not (run_dir / "compare.json").is_file():
-        _err().print(f"[red]{escape(str(run_dir))} is not a run folder (no summary.json) nor a comparison folder "
-                     "(no compare.json)[/]")
-        raise typer.Exit(_EXIT_USER)
+        raise UserError(f"{run_dir} is not a run folder (no summary.json) nor a comparison folder (no compare.json)")
     if (run_dir / "compare.json").is_file():
         where = _lazy("grownfx.report.compare_report", "write_compare_report")(run_dir)
     else:
@@ -501,7 +533,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder w
         _out().print(f"  {escape(f.name)}")
 
 
-@app.command(epilog="Example: grownfx compare digits_quickstart --methods grown,scratch,packnet --seeds 0,1,2")
+@command(epilog="Example: grownfx compare digits_quickstart --methods grown,scratch,packnet --seeds 0,1,2")
 @guarded
 def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
             methods: str = typer.Option(..., "--methods", help="Comma-separated method names."),
@@ -509,7 +541,8 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
             out: Optional[Path] = typer.Option(None, "--out", help="Comparison folder."),
             equal_budget: Optional[int] = typer.Option(None, "--equal-budget", min=1, help="Every method trains "
                                                        "exactly N epochs per task, all its phases together "
-                                                       "(sets training.epoch_budget).")):
+                                                       "(sets training.epoch_budget)."),
+            trust: bool = _TRUST):
     """Run one recipe with several methods and seeds, then compare them (grownfx report DIR makes the tables).
 
     Methods: scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown, and the GROWN ablation rows
@@ -518,7 +551,7 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
     from grownfx.recipe.loading import load_recipe
 
     _warn_shadowed(recipe)
-    rec = load_recipe(recipe, overrides or [])
+    rec = load_recipe(recipe, overrides or [], trust=trust or None)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -546,8 +579,8 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
         if folder is None:
             raise
         budget = ["--equal-budget", str(equal_budget)] if equal_budget is not None else []
-        _interrupted(folder, _command_line("compare", recipe, overrides, "--methods", methods, "--seeds", seeds,
-                                           *budget, "--out", str(folder)))
+        _interrupted(exc, _command_line("compare", recipe, overrides, "--methods", methods, "--seeds", seeds,
+                                        *budget, "--out", str(folder), *(["--trust"] if trust else [])))
     table = _compare_table(Path(result))
     if table is not None:
         _out().print(table)
@@ -562,15 +595,18 @@ def _compare_table(folder: Path) -> Optional[Table]:
 
     from rich import box
 
+    from grownfx.files import CorruptFileError
+    from grownfx.report.formats import CompareIndex, Summary, read_model
+
     try:
-        index = json.loads((folder / "compare.json").read_text())
-    except (OSError, ValueError):
+        index = read_model(folder / "compare.json", CompareIndex)
+        rows: dict[str, list[dict]] = {}
+        for entry in index["runs"]:
+            path = folder / entry["dir"] / "summary.json"
+            if entry.get("status") == "ok" and path.is_file():
+                rows.setdefault(entry["method"], []).append(read_model(path, Summary))
+    except CorruptFileError:
         return None
-    rows: dict[str, list[dict]] = {}
-    for entry in index.get("runs", []):
-        path = folder / entry["dir"] / "summary.json"
-        if entry.get("status") == "ok" and path.is_file():
-            rows.setdefault(entry["method"], []).append(json.loads(path.read_text()))
     if not rows:
         return None
 

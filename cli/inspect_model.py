@@ -9,6 +9,8 @@ from rich.markup import escape
 from rich.text import Text
 from rich.tree import Tree
 
+from grownfx.errors import UserError
+
 _DEFAULT_SHAPE = (3, 224, 224)
 
 
@@ -18,23 +20,60 @@ def is_recipe(target: str) -> bool:
     return Path(target).is_file() or target.endswith((".yaml", ".yml")) or target in list_builtin_recipes()
 
 
+def run_folder_recipe(folder: Path, trust: Optional[bool] = None):
+    """(recipe, input shape or None) of the run in `folder`: the recipe its checkpoint holds (verified), else its
+    config.resolved.yaml; a builder naming code is refused unless `trust` (grownfx.recipe.trust)."""
+    from pydantic import ValidationError
+
+    from grownfx import files
+    from grownfx.recipe.loading import load_recipe
+    from grownfx.recipe.schema import Recipe
+    from grownfx.recipe.trust import require_trust
+
+    last = folder / "checkpoints" / "last.pt"
+    if last.is_file():
+        raw = files.load(last).get("recipe")
+        require_trust(raw if isinstance(raw, dict) else {}, f"{last} (its recipe)", trust)
+        try:
+            recipe = Recipe.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            raise files.CorruptFileError(f"{last} holds a recipe grownfx cannot read "
+                                         f"({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+    elif (folder / "config.resolved.yaml").is_file():
+        recipe = load_recipe(folder / "config.resolved.yaml", check_data=False, trust=trust)
+    else:
+        raise UserError(f"{folder} is a folder but not a run folder (no checkpoints/last.pt, no config.resolved.yaml)")
+    shape = None
+    if (folder / "stream.json").is_file():
+        from grownfx.report.formats import StreamMeta, read_model
+
+        shape = tuple(read_model(folder / "stream.json", StreamMeta)["input_shape"])
+    return recipe, shape
+
+
 def inspect_data(target: str, seed_width: Optional[float] = None,
-                 input_shape: Optional[tuple[int, ...]] = None) -> dict[str, Any]:
-    """Everything `inspect` shows, as plain data (also what --json writes)."""
+                 input_shape: Optional[tuple[int, ...]] = None, trust: Optional[bool] = None) -> dict[str, Any]:
+    """Everything `inspect` shows, as plain data (also what --json writes).  `target`: a recipe (file or built-in
+    name), a run folder, or a builder name; `trust`: see grownfx.recipe.trust (a run folder's recipe, or a recipe
+    file lying in one, runs a `module:callable` builder only when trusted)."""
     import torch
 
     import grownfx
     from grownfx.recipe.schema import GrowthConfig, ModelConfig
 
     notes = []
-    if is_recipe(target):
-        from grownfx.recipe.loading import load_recipe
+    if Path(target).is_dir() or is_recipe(target):
+        if Path(target).is_dir():
+            recipe, shape = run_folder_recipe(Path(target), trust)
+        else:
+            from grownfx.recipe.loading import load_recipe
 
-        recipe = load_recipe(target, check_data=False)
+            recipe, shape = load_recipe(target, check_data=False, trust=trust), None
         model_cfg, sites, data = recipe.model, recipe.growth.sites, recipe.data
-        shape, classes = input_shape or data_shape(data), data_classes(data)
+        shape, classes = input_shape or shape or data_shape(data), data_classes(data)
         code_dir = recipe.code_dir
-        if shape is None and data.name == "python":  # the factory says: it is the user's own recipe, run it
+        if shape is None and data.name == "python":  # the factory says (a recipe from a run folder: trusted above)
             from grownfx.data import stream_for
 
             stream = stream_for(recipe)
@@ -49,8 +88,6 @@ def inspect_data(target: str, seed_width: Optional[float] = None,
         try:  # a typo gets its "did you mean" here, not a traceback from the model zoo
             resolve_builder(target)
         except ValueError as exc:
-            from grownfx.cli.app import UserError
-
             raise UserError(f"{exc}; or a recipe (grownfx ls lists the built-in ones)") from None
         model_cfg, sites, classes = ModelConfig(builder=target), GrowthConfig().sites, 10
         shape = input_shape or builder_input_shape(target)

@@ -18,7 +18,7 @@ _LAZY = {
     "register_module": "grownfx.engine.registry", "register_function": "grownfx.engine.registry",
     "register_resize": "grownfx.engine.registry", "unregister": "grownfx.engine.registry",
     "remap": "grownfx.engine.surgery",
-    "load_run": "grownfx.run.results",
+    "load_run": "grownfx.run.results", "load_export": "grownfx.run.opening",
 }
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from grownfx.engine.registry import register_function, register_module, register_resize, unregister
     from grownfx.engine.surgery import remap
     from grownfx.run.results import load_run
+    from grownfx.run.opening import load_export
 
 
 def __getattr__(name: str):
@@ -43,5 +44,5 @@ def __getattr__(name: str):
 __all__ = [
     "CouplingGroup", "GrowableNet", "MaskPolicy", "SurgeryError", "TraceError", "analyze", "count_parameters",
     "load_run", "prepare", "trace", "__version__", "register_function", "register_module", "register_resize", "remap",
-    "unregister",
+    "unregister", "load_export",
 ]

@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from grownfx.errors import UserError
+
 __all__ = ["UserCodeError", "import_callable", "is_user_code", "search_dirs"]
 
 
-class UserCodeError(ValueError):
+class UserCodeError(UserError, ValueError):
     """A `module:callable` that does not import or is not callable; the message says where it was looked for."""
 
 

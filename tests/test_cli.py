@@ -113,8 +113,8 @@ def test_inspect_bad_input_shape():
 def test_run_calls_the_runner(monkeypatch, tmp_path):
     calls = {}
 
-    def run(recipe, out_dir=None, resume=False, progress=None, echo=None):
-        calls.update(recipe=recipe, out_dir=out_dir, resume=resume)
+    def run(recipe, out_dir=None, resume=False, progress=None, echo=None, verify=True):
+        calls.update(recipe=recipe, out_dir=out_dir, resume=resume, verify=verify)
         progress.start_task(0, 1, "t0")
         echo("task 1: done")
         return types.SimpleNamespace(out_dir=out_dir, summary={"avg_acc": 97.5})
@@ -123,13 +123,15 @@ def test_run_calls_the_runner(monkeypatch, tmp_path):
     result = invoke("run", "digits_quickstart", "training.epochs=2", "--out", str(tmp_path / "r"), "--resume")
     assert result.exit_code == 0, result.output
     assert calls["recipe"].training.epochs == 2 and calls["out_dir"] == tmp_path / "r" and calls["resume"]
-    assert "task 1: done" in result.output and "97.50" in result.output
+    assert "task 1: done" in result.output and "97.50" in result.output and calls["verify"]
+    result = invoke("run", "digits_quickstart", "--out", str(tmp_path / "r"), "--resume", "--no-verify")
+    assert result.exit_code == 0 and calls["verify"] is False and "warning: --no-verify" in result.output
 
 
 def test_export_report_compare_call_through(monkeypatch, tmp_path):
     seen = {}
-    def export_run(run_dir, task, fmt, verify, bake_preprocessing=False):
-        seen.update(export=(run_dir, task, fmt, verify, bake_preprocessing))
+    def export_run(run_dir, task, fmt, verify, bake_preprocessing=False, trust=None, check_sha256=True):
+        seen.update(export=(run_dir, task, fmt, verify, bake_preprocessing), trust=trust, check=check_sha256)
         return tmp_path / "model.onnx", {"verified_max_rel_error": 2e-7}
 
     fake_module(monkeypatch, "grownfx.run.export", export_run=export_run)
@@ -139,6 +141,9 @@ def test_export_report_compare_call_through(monkeypatch, tmp_path):
     assert "exported task 2 as onnx" in result.output and "max relative error 2.0e-07" in result.output
     result = invoke("export", str(tmp_path), "--task", "1", "--bake-preprocessing")
     assert seen["export"] == (tmp_path, 0, "pt2", False, True) and "takes raw inputs" in result.output
+    assert seen["trust"] is None and seen["check"]  # untrusted unless GROWNFX_TRUST=1; checksums checked
+    invoke("export", str(tmp_path), "--task", "1", "--trust", "--no-verify")
+    assert seen["trust"] is True and seen["check"] is False
     assert invoke("export", str(tmp_path), "--task", "1", "--format", "tflite").exit_code == 2
     result = invoke("export", str(tmp_path), "--task", "0")
     assert result.exit_code == 2 and "--task counts from 1" in result.output and "Traceback" not in result.output
@@ -203,8 +208,8 @@ def test_user_errors_exit_2_and_debug_shows_tracebacks(monkeypatch, tmp_path):
     for exc in (DatasetError("no files here"), TraceError("cannot trace"), SurgeryError("cannot cut")):
         monkeypatch.setattr("grownfx.report.run_report.write_report", _raising(exc))
         result = invoke("report", run)
-        assert result.exit_code == 2 and f"{type(exc).__name__}: {exc}" in result.output
-        assert "Traceback" not in result.output
+        # one style for every user error (grownfx.errors): `error: <message>`, exit 2
+        assert result.exit_code == 2 and result.output.strip() == f"error: {exc}", result.output
     monkeypatch.setattr("grownfx.report.run_report.write_report", _raising(RuntimeError("boom")))
     result = invoke("--debug", "report", run)
     assert result.exit_code == 1 and "Traceback" in result.output and "RuntimeError: boom" in result.output
@@ -307,3 +312,33 @@ def test_progress_disabled_and_rich():
         p.log("task 1: done")
         p.end_task(0)
     assert "task 1: done" in console.file.getvalue()
+
+
+# --- issue 21: the command line through typer's public API, one error style ---------------------------------
+
+
+def test_parser_mistakes_print_the_one_error_style():
+    for args, text in ((["run"], "error: Missing argument 'RECIPE'."), (["nope"], "error: No such command 'nope'."),
+                       (["export", "x", "--task", "abc"], "error: Invalid value for '--task'")):
+        result = invoke(*args)
+        assert result.exit_code == 2 and result.output.startswith(text), result.output
+        assert "Usage:" not in result.output and "╭" not in result.output
+
+
+def test_the_cli_leaves_typer_alone_and_errors_live_in_grownfx_errors():
+    # importing the app changes no class of typer's (help comes from TyperCommand/TyperGroup subclasses)
+    code = ("import typer.core as c\n"
+            "names = [n for n in dir(c) if isinstance(getattr(c, n), type)]\n"
+            "before = {n: dict(vars(getattr(c, n))) for n in names}\n"
+            "import grownfx.cli.app\n"
+            "changed = [n for n in names if dict(vars(getattr(c, n))) != before[n]]\n"
+            "assert not changed, changed\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # no module of the command line imports back from the app (inspect_model took UserError from it)
+    import ast
+
+    for path in (Path(__file__).resolve().parents[1] / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "grownfx.cli.app", f"{path.name} imports from grownfx.cli.app"

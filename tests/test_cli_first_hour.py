@@ -150,7 +150,7 @@ def test_results_table_keeps_task_names_whole(monkeypatch, tmp_path):
               "acc_final": 71.0, "growth": {"1": 8}, "model_size": 0.5, "time_s": 12.0} for k in range(1, 11)]
     summary = {"name": "r", "method": "grown", "avg_acc": 71.0, "bwt": 0.0, "tasks": tasks}
 
-    def run(recipe, out_dir=None, resume=False, progress=None, echo=None):
+    def run(recipe, out_dir=None, resume=False, progress=None, echo=None, verify=True):
         return types.SimpleNamespace(out_dir=out_dir, summary=summary)
 
     fake_module(monkeypatch, "grownfx.run.runner", run=run)
@@ -312,11 +312,16 @@ def test_compare_method_typo_suggests():
     assert result.exit_code == 2 and "did you mean 'grown[+lsg]'?" in result.output
 
 
-def test_ctrl_c_while_the_command_line_starts_is_one_line_and_exit_130():
-    # a KeyboardInterrupt before any command's handler runs (e.g. while importing): no traceback through importlib
-    code = "import sys; sys.argv[0] = 'grownfx'; import grownfx.cli; raise KeyboardInterrupt"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 130 and proc.stderr.strip() == "interrupted" and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("stop, code, line", [
+    ("raise KeyboardInterrupt", 130, "interrupted (SIGINT)"),
+    ("import os, signal, time; os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)", 143, "interrupted (SIGTERM)"),
+])
+def test_ctrl_c_or_sigterm_while_the_command_line_starts_is_one_line(stop, code, line):
+    # a signal before any command's handler runs (e.g. while importing torch): no traceback through importlib, and
+    # SIGTERM is not a silent death with exit 143 (issue 24, cause 14)
+    script = f"import sys; sys.argv[0] = 'grownfx'; import grownfx.cli; {stop}"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code and proc.stderr.strip() == line and "Traceback" not in proc.stderr
 
 
 def test_cli_same_run_twice_gets_a_numbered_folder_and_resume_takes_the_latest(tmp_path):

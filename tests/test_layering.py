@@ -1,6 +1,7 @@
 """The layering contract: data flows one way through the pipeline, and the import graph shows it.
 
-    data, models            import no other part of grownfx
+    errors                  the error classes and exit codes; imports nothing, every layer may import it
+    data, models            import no other part of grownfx (but errors)
     engine                  tracing -> coupling -> surgery -> rewrite -> net; imports only itself (and files)
     recipe                  the schema; imports data and models
     learn                   stage loop, learner, methods; imports engine, data, models, recipe
@@ -24,18 +25,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 # layer -> the layers it may import (itself always allowed)
 ALLOWED = {
-    "files": set(),
+    "errors": set(),  # the error classes and exit codes (standard library only): every layer may raise them
+    "files": {"errors"},
     "version": set(),
-    "usercode": set(),  # importing the user's `module:callable` code (model.builder, data.factory)
-    "data": {"files", "usercode"},
-    "models": {"usercode"},
-    "engine": {"files"},
-    "recipe": {"data", "models", "files", "usercode"},
-    "learn": {"engine", "data", "models", "recipe", "files"},
-    "report": {"data", "recipe", "files"},
-    "run": {"engine", "data", "models", "recipe", "learn", "report", "files", "version", "usercode"},
-    "cli": {"engine", "data", "models", "recipe", "learn", "report", "run", "files", "top", "version", "usercode"},
-    # grownfx/__init__.py re-exports the engine's public API and `load_run` (grownfx.run.results)
+    "usercode": {"errors"},  # importing the user's `module:callable` code (model.builder, data.factory)
+    "data": {"files", "usercode", "errors"},
+    "models": {"usercode", "errors"},
+    "engine": {"files", "errors"},
+    "recipe": {"data", "models", "files", "usercode", "errors"},
+    "learn": {"engine", "data", "models", "recipe", "files", "errors"},
+    "report": {"data", "recipe", "files", "errors"},
+    "run": {"engine", "data", "models", "recipe", "learn", "report", "files", "version", "usercode", "errors"},
+    "cli": {"engine", "data", "models", "recipe", "learn", "report", "run", "files", "top", "version", "usercode",
+            "errors"},
+    # grownfx/__init__.py re-exports the engine's public API, `load_run` (grownfx.run.results) and `load_export`
+    # (grownfx.run.opening)
     "top": {"engine", "version", "run"},
     "main": {"cli"},
     "builtin_recipes": set(),

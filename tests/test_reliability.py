@@ -407,7 +407,7 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path, monkeypatch, crash_at
 
 
 def test_a_corrupt_export_is_detected_on_load(tmp_path):
-    from grownfx.run.export import load_exported
+    from grownfx.run.opening import load_export as load_exported
 
     out = tmp_path / "run"
     run(tiny(out), echo=quiet)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Callable, Iterator, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from grownfx import files
 
 __all__ = [
     "Augment",
@@ -282,4 +283,4 @@ class TaskStream:
         return TaskStream(self.name, tasks, self.input_shape, self.mean, self.std, self.meta)
 
     def save_meta(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.meta, indent=1))
+        files.atomic_write_json(self.meta, path)

@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from grownfx.errors import UserError
+
 __all__ = ["DatasetError", "abspath", "describe_dir", "missing_files_error"]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset is missing, incomplete, malformed or unsafe to read. Nothing is ever downloaded."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,18 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(
 def read_idx(path: Path) -> np.ndarray:
     """One IDX file (LeCun's format: 0, 0, dtype code, ndim, big-endian uint32 dims, data), gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as exc:  # a truncated or damaged .gz (gzip.BadGzipFile is an OSError)
+        what = "truncated" if isinstance(exc, EOFError) else f"unreadable ({type(exc).__name__}: {exc})"
+        raise DatasetError(f"cannot decode {path}: the file is {what}; replace it with the original. {HOWTO}") \
+            from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
         raise DatasetError(f"{path} is not an IDX file (bad magic {raw[:4].hex()})")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DatasetError(f"{path}: the IDX header is cut short ({len(raw)} bytes); replace the file. {HOWTO}")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     dtype = np.dtype(_DTYPES[raw[2]])
     count = int(np.prod(dims)) if dims else 0

@@ -42,7 +42,7 @@ def _construct(cfg: TorchvisionConfig, train: bool) -> Any | None:
     root = abspath(cfg.root)
     try:
         return cls(str(root), **kwargs)
-    except (RuntimeError, FileNotFoundError, OSError, ValueError) as e:
+    except (RuntimeError, FileNotFoundError, OSError, ValueError, EOFError, KeyError, IndexError) as e:
         which = "train" if train else "test"
         call_args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise DatasetError(
@@ -83,10 +83,19 @@ def dataset_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
     return _to_nchw(np.stack(xs)), np.asarray(ys, dtype=np.int64)
 
 
+def _arrays(ds: Any, cfg: TorchvisionConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return dataset_arrays(ds)
+    except (OSError, EOFError, ValueError, RuntimeError, KeyError, IndexError) as e:  # a sample that does not decode
+        raise DatasetError(f"torchvision.datasets.{cfg.dataset} under {abspath(cfg.root)}: a {split} sample does not "
+                           f"decode ({type(e).__name__}: {e}); replace the damaged files. Nothing is downloaded.") \
+            from None
+
+
 def build_torchvision(cfg: TorchvisionConfig, seed: int) -> TaskStream:
     train_ds = _construct(cfg, train=True)
     test_ds = _construct(cfg, train=False)
-    x, y = dataset_arrays(train_ds)
+    x, y = _arrays(train_ds, cfg, "train")
     if x.dtype not in (np.uint8, np.float32):
         x = x.astype(np.float32)
     num_classes = int(y.max()) + 1
@@ -96,7 +105,7 @@ def build_torchvision(cfg: TorchvisionConfig, seed: int) -> TaskStream:
     train = Pool(x, y, np.arange(len(y)))
     test = None
     if test_ds is not None:
-        x_te, y_te = dataset_arrays(test_ds)
+        x_te, y_te = _arrays(test_ds, cfg, "test")
         test = Pool(x_te.astype(x.dtype, copy=False), y_te, len(y) + np.arange(len(y_te)))
 
     order_seed = seed if cfg.class_order_seed is None else cfg.class_order_seed

@@ -26,6 +26,7 @@ import lzma
 import torch
 from torch import nn
 
+from grownfx import files
 from grownfx.engine import multitask_runtime as R
 
 
@@ -223,9 +224,10 @@ def build(net, example: torch.Tensor, preprocess: tuple[torch.Tensor, torch.Tens
 
 
 def save(net, example: torch.Tensor, path, **kw) -> dict:
-    """Write `build(net, example, **kw)` to `path` (torch.save; `multitask_runtime.load` reads it)."""
+    """Write `build(net, example, **kw)` to `path` (torch.save, atomically, with its checksum file
+    `<path>.sha256`; `multitask_runtime.load` reads and checks them)."""
     blob = build(net, example, **kw)
-    torch.save(blob, str(path))
+    files.atomic_save(blob, path)
     return blob
 
 

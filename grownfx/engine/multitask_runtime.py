@@ -5,10 +5,17 @@ artifact (exports/all_tasks/multitask.py), so that a serving environment without
 
     import sys; sys.path.insert(0, "runs/NAME/exports/all_tasks")
     from multitask import load
-    model = load("runs/NAME/exports/all_tasks/model.mt")
+    model = load("runs/NAME/exports/all_tasks/model.pt")
     logits = model(x, task=0)        # task: the 0-based index (exports/task_1 is task=0), any batch size
 
-The file (`torch.save`, read with `weights_only=True`: no pickled code runs) holds
+`load` first checks the file's SHA-256 against the `sha256` of the meta.json beside it (a damaged or altered file
+is refused: `IntegrityError`), then reads it with `torch.load(weights_only=True)`, so no pickled code runs; each
+graph is a `torch.export` archive, checked by `check_archive` before `torch.export.load` reads it (torch.export.load
+unpickles parts of an archive without weights_only and loads AOTInductor libraries: an archive holding anything
+grownfx never writes is refused).  The checksum says the file is the one the export wrote, not who wrote it:
+load files from people you trust.
+
+The file holds
 
   * each masked layer's frozen weight bank once,
   * per task and masked layer: the channels that task sees (index lists) and its bit-packed mask, one bit per
@@ -26,10 +33,14 @@ weights.  A call for a cached task runs its program directly: a task switch cost
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import lzma
+import warnings
+import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -160,11 +171,132 @@ def load_program(archive: bytes, mode: str):
     """A stored program (a torch.export archive) as a callable (x, *tensors) -> (logits,).  A dynamic-batch program
     ("batch") runs its graph directly, as a plain GraphModule runs (no per-call input checks: the exporter checked
     it computes its tasks bit for bit at batch sizes 1 to 3); a "static" one keeps its checks."""
+    check_archive(archive, "a program of the file")
     ep = torch.export.load(io.BytesIO(archive))
     return ep.graph_module if mode != "static" else _Checked(ep.module())
 
 
-def load(path, cache_tasks: int | None = None, map_location="cpu") -> MultiTaskModel:
-    """Read a file written by `grownfx export RUN --all-tasks`; `cache_tasks` bounds the tasks kept built."""
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+class IntegrityError(ValueError):
+    """A file that is not what its meta.json says (damaged or altered), or holds what no grownfx export holds."""
+
+
+# What a torch.export archive written by grownfx holds, below its root folder: graphs (JSON), raw tensor payloads
+# with their JSON configs, the example inputs (a torch.save file) and torch's bookkeeping.  Anything else
+# (data/aotinductor/: a compiled library torch would load; custom or opaque objects: pickles with code) is refused.
+_ARCHIVE_PARTS = ("archive_format", "archive_version", "byteorder", ".data/", "models/", "data/weights/",
+                  "data/constants/", "data/sample_inputs/", "extra/")
+
+
+def check_archive(archive: bytes, name: str = "archive") -> None:
+    """IntegrityError unless the torch.export archive `archive` holds only what grownfx's exports hold, and each
+    part torch.export.load would unpickle loads with `torch.load(weights_only=True)` (torch's loader falls back to
+    weights_only=False: a pickle that needs it could run any code)."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(archive))
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise IntegrityError(f"{name} is not a torch.export archive ({exc})") from None
+    with zf:
+        members = [m for m in zf.namelist() if not m.endswith("/")]
+        roots = {m.split("/", 1)[0] for m in members}
+        if len(roots) != 1 or any("/" not in m for m in members):
+            raise IntegrityError(f"{name} is not a torch.export archive grownfx writes (parts {sorted(members)[:4]})")
+        root = roots.pop() + "/"
+        raw, pickled = set(), set()
+        for m in members:
+            part = m[len(root):]
+            if not part.startswith(_ARCHIVE_PARTS):
+                raise IntegrityError(f"{name} holds {part}, which no grownfx export holds (torch.export.load would "
+                                     "load it as code): refused")
+            if part.startswith(("data/weights/", "data/constants/")) and part.endswith("_config.json"):
+                folder = root + part.rsplit("/", 1)[0] + "/"
+                try:
+                    config = json.loads(zf.read(m)).get("config", {})
+                    entries = list(config.values())
+                except (ValueError, AttributeError):
+                    raise IntegrityError(f"{name}: {part} is not a valid payload config") from None
+                for entry in entries:
+                    path = str(entry.get("path_name", "")) if isinstance(entry, dict) else ""
+                    if path.startswith(("custom_obj_", "opaque_obj_")):
+                        raise IntegrityError(f"{name} holds a pickled object ({path}), which no grownfx export "
+                                             "holds (unpickling it could run any code): refused")
+                    (pickled if entry.get("use_pickle") else raw).add(folder + path)
+        for m in members:
+            part = m[len(root):]
+            if not (m in pickled or part.startswith("data/sample_inputs/")
+                    or (part.startswith(("data/weights/", "data/constants/")) and part.endswith(".pt"))):
+                continue
+            if m in raw:
+                continue
+            data = zf.read(m)
+            if not data:
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except Exception:
+                raise IntegrityError(f"{name} holds {part}, a pickle that only loads by running code it names "
+                                     "(no grownfx export holds one): refused") from None
+
+
+def file_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_sha256(data: bytes, path, meta_name: str = "meta.json") -> None:
+    """IntegrityError unless `data` (the bytes of `path`) has the SHA-256 recorded for it: by the meta.json beside
+    `path` (`sha256` with `file` its name, or `formats.<fmt>.sha256` of the entry whose `file` is its name), else by
+    its checksum file `<path>.sha256` (`{"sha256": ..., "previous": [...]}`, as grownfx writes for checkpoints)."""
+    path = Path(path)
+    meta_path, sidecar = path.parent / meta_name, path.with_name(path.name + ".sha256")
+    recorded: list = []
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"{path} cannot be checked: {meta_path} is unreadable ({exc})") from None
+    if isinstance(meta, dict):
+        if meta.get("file") == path.name:
+            recorded = [meta.get("sha256")]
+        formats = meta.get("formats") if isinstance(meta.get("formats"), dict) else {}
+        for entry in formats.values():
+            if isinstance(entry, dict) and entry.get("file") == path.name:
+                recorded = [entry.get("sha256")]
+    if not recorded and sidecar.exists():
+        try:
+            d = json.loads(sidecar.read_text())
+            recorded = [d["sha256"], *d.get("previous", [])]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise IntegrityError(f"{path} cannot be checked: its checksum file {sidecar.name} is unreadable") from None
+    recorded = [r for r in recorded if isinstance(r, str)]
+    if not recorded:
+        raise IntegrityError(f"{path} cannot be checked: no {meta_name} beside it records its SHA-256 (nor a "
+                             f"{sidecar.name}), so a damaged or altered file would load silently; restore it, or "
+                             "load with verify=False if you know the file is intact")
+    if file_sha256(data) not in recorded:
+        where = meta_name if meta_path.exists() and recorded and isinstance(meta, dict) else sidecar.name
+        raise IntegrityError(f"{path} is corrupt: its SHA-256 does not match the one in {where} (damaged, altered, "
+                             "or replaced without its record); re-create it with grownfx export")
+
+
+def load(path, cache_tasks: int | None = None, map_location="cpu", verify: bool = True) -> MultiTaskModel:
+    """Read a file written by `grownfx export RUN --all-tasks`; `cache_tasks` bounds the tasks kept built.
+    `verify` (default) checks the file's SHA-256 against its meta.json first (IntegrityError when they differ or
+    meta.json is missing); verify=False skips that check, never the archive checks."""
+    path = Path(path)
+    data = path.read_bytes()
+    if verify:
+        check_sha256(data, path)
+    if data[:4] != b"PK\x03\x04":
+        raise IntegrityError(f"{path} is not a file `grownfx export --all-tasks` writes (not a torch zip archive)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blob = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = ("it holds objects other than tensors and plain containers (refused: loading them would run code)"
+               if "weights_only" in str(exc) or "Weights only" in str(exc) else f"truncated or corrupt: {first[:120]}")
+        raise IntegrityError(f"{path} is not a readable multi-task file ({why})") from None
+    if not isinstance(blob, dict):
+        raise IntegrityError(f"{path} is not a file `grownfx export --all-tasks` writes")
     return MultiTaskModel(blob, cache_tasks=cache_tasks)

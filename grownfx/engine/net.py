@@ -29,9 +29,10 @@ from grownfx.engine.rewrite import export_graph, make_layer_norms_task_aware, ma
 from grownfx.engine.splits import install_task_splits
 from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
 from grownfx.engine.tracing import trace
+from grownfx.errors import UserError
 
 
-class SurgeryError(ValueError):
+class SurgeryError(UserError, ValueError):
     """A model or request the surgery engine cannot handle, with the reason."""
 
 

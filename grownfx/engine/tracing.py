@@ -19,9 +19,10 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from grownfx.engine import registry
+from grownfx.errors import UserError
 
 
-class TraceError(RuntimeError):
+class TraceError(UserError, RuntimeError):
     """A model that torch.fx cannot trace (or run on the example input), with the module/node named."""
 
 

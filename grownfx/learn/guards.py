@@ -12,8 +12,10 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from grownfx.errors import UserError
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(UserError, RuntimeError):
     """Training diverged: a loss or a weight became NaN or infinite."""
 
 

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from grownfx.errors import UserError
 from grownfx.usercode import import_callable, is_user_code
 
 from grownfx.models.lenet import LeNet5, lenet5
@@ -19,7 +20,7 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {"lenet5": lenet5, "small_cnn": 
 _NO_AUX = {"googlenet", "inception_v3"}
 
 
-class BuilderError(TypeError):
+class BuilderError(UserError, TypeError):
     """A model builder that does not return an nn.Module (a user's `package.module:callable`)."""
 
 

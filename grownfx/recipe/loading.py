@@ -13,13 +13,15 @@ import importlib.resources
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence, get_origin
+from typing import Any, Mapping, Optional, Sequence, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from grownfx.errors import UserError
 from grownfx.recipe.schema import Recipe
 from grownfx.recipe.checks import resolve_builder
+from grownfx.recipe.trust import names_user_code, require_trust, run_folder_of
 from grownfx.recipe.checks import child_type, is_union, pick_member, schema_errors, semantic_errors, unwrap
 
 __all__ = ["RecipeError", "builtin_recipes_dir", "dump_resolved", "list_builtin_recipes", "load_recipe",
@@ -27,13 +29,16 @@ __all__ = ["RecipeError", "builtin_recipes_dir", "dump_resolved", "list_builtin_
            "validate_recipe"]
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that does not load; `errors` holds one located message per problem."""
 
     def __init__(self, errors: Sequence[str], source: str = ""):
         self.errors = list(errors)
         self.source = source
         super().__init__("\n".join(self.errors))
+
+    def lines(self) -> list[str]:
+        return list(self.errors)
 
 
 # --- finding recipes --------------------------------------------------------------------------------------
@@ -91,17 +96,24 @@ def resolve_recipe_path(path_or_name: str | os.PathLike) -> Path:
 
 
 def load_recipe(path_or_name: str | os.PathLike, overrides: Sequence[str] = (), *,
-                check_data: bool = True) -> Recipe:
-    """Load, override and validate a recipe; raise `RecipeError` with every problem located."""
+                check_data: bool = True, trust: Optional[bool] = None) -> Recipe:
+    """Load, override and validate a recipe; raise `RecipeError` with every problem located.
+
+    A recipe file lying in a run folder (its config.resolved.yaml) is that folder's, not the user's: when its
+    builder names code (`module:callable`), nothing is imported unless `trust` (or GROWNFX_TRUST=1) says so
+    (grownfx.recipe.trust); UntrustedCodeError otherwise."""
     path = resolve_recipe_path(path_or_name)
     source = _display(path)
-    data = path.read_bytes()
+    data = _read_capped(path, source)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError([f"{source}: not a YAML text file (byte {data[exc.start]:#04x} at offset {exc.start} "
                            "is not UTF-8)"], source) from None
     raw, lines = parse_yaml(text, source)
+    folder = run_folder_of(path)
+    if folder is not None and isinstance(raw, dict):
+        require_trust(raw, f"{source} (a file of the run folder {folder})", trust)
     return validate_recipe(raw, overrides, source=source, lines=lines, check_data=check_data,
                            recipe_dir=path.resolve().parent)
 
@@ -131,21 +143,6 @@ def validate_recipe(raw: Any, overrides: Sequence[str] = (), *, source: str = "<
     return recipe
 
 
-def names_user_code(raw: Any) -> list[str]:
-    """The `module:callable` values a recipe (a dict or a Recipe) would import: its model builder, its data factory."""
-    if isinstance(raw, BaseModel):
-        raw = raw.model_dump(mode="json")
-    if not isinstance(raw, dict):
-        return []
-    model, data = raw.get("model"), raw.get("data")
-    found = []
-    if isinstance(model, dict) and isinstance(model.get("builder"), str) and ":" in model["builder"]:
-        found.append(f"model.builder {model['builder']!r}")
-    if isinstance(data, dict) and data.get("name") == "python" and isinstance(data.get("factory"), str):
-        found.append(f"data.factory {data['factory']!r}")
-    return found
-
-
 def _fill_code_dir(raw: dict, recipe_dir: str | os.PathLike | None) -> None:
     """An absolute `code_dir`: a relative one starts at the recipe's folder; a recipe naming its own code without
     one gets the recipe's folder, so that config.resolved.yaml records where that code came from."""
@@ -168,10 +165,60 @@ def shadowed_recipe_warning(path_or_name: str | os.PathLike) -> str | None:
         return None
     return (f"{text!r} is the built-in recipe {text} ({builtin_recipes_dir() / (text + '.yaml')}); your "
             f"./{local} is not used. To run your copy, pass the file: ./{local}")
+# A recipe is a few kilobytes and a few hundred values; these caps refuse, at once, a file that is something else
+# (a 50 MB file, a "billion laughs" of nested aliases) instead of working on it for minutes.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000
+
+
+def _read_capped(path: Path, source: str) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError([f"{source}: {size / 1e6:.1f} MB is not a recipe (a recipe is a small YAML file; "
+                               f"grownfx reads at most {MAX_RECIPE_BYTES >> 20} MB): is this the right file?"], source)
+        with open(path, "rb") as f:
+            return f.read(MAX_RECIPE_BYTES + 1)[: MAX_RECIPE_BYTES + 1]
+    except OSError as exc:
+        raise RecipeError([f"{source}: cannot read it ({exc.strerror or exc})"], source) from None
+
+
+def _expanded_values(root: yaml.Node, source: str) -> int:
+    """How many values `root` holds once every alias is expanded (counted on the node graph, each node once):
+    RecipeError past MAX_RECIPE_VALUES, or for an alias that contains itself."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > MAX_RECIPE_VALUES:
+                raise RecipeError([f"{source}:{node.start_mark.line + 1}: the YAML expands to more than "
+                                   f"{MAX_RECIPE_VALUES:,} values through its aliases (*name of an &name): refusing "
+                                   "it (a recipe holds a few hundred)"], source)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise RecipeError([f"{source}:{node.start_mark.line + 1}: an alias that contains itself (a recursive "
+                               "&anchor): a recipe cannot hold one"], source)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
 
 
 def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
-    """`yaml.safe_load(text)` plus a map dotted path -> 1-based line; errors become `RecipeError`."""
+    """`yaml.safe_load(text)` plus a map dotted path -> 1-based line; errors become `RecipeError`.  Text over
+    MAX_RECIPE_BYTES and aliases expanding past MAX_RECIPE_VALUES values are refused before anything is built."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError([f"{source}: {len(text) / 1e6:.1f} MB of YAML is not a recipe (at most "
+                           f"{MAX_RECIPE_BYTES >> 20} MB)"], source)
     try:
         loader = yaml.SafeLoader(text)
     except yaml.reader.ReaderError as exc:  # control characters: not a text recipe
@@ -180,7 +227,11 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
                            f"{exc.position} cannot appear in YAML)"], source) from None
     try:
         node = loader.get_single_node()
+        if node is not None:
+            _expanded_values(node, source)
         raw = loader.construct_document(node) if node is not None else None
+    except RecursionError:
+        raise RecipeError([f"{source}: the YAML is nested too deeply to be a recipe"], source) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
@@ -295,9 +346,10 @@ def _apply_one(raw: dict, text: str) -> str:
         del parent[int(last) if isinstance(parent, list) else last]
         return key
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"value {value!r} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        parsed = parse_yaml(value, "value")[0] if value.strip() else None
+    except RecipeError as exc:  # "value:1: YAML syntax error: ..." -> "YAML syntax error: ..."
+        why = exc.errors[0].removeprefix("value").lstrip(":0123456789 ")
+        raise ValueError(f"value {value!r} is not valid YAML: {why}") from None
     if op == "+" and exists:
         raise ValueError(f"{key} is already set; drop the '+' to change it")
     if op == "" and not exists and _is_free_mapping(raw, parts[:-1]):

@@ -326,6 +326,20 @@ class OutputConfig(_Strict):
     tensorboard: bool = Field(True, description="Write TensorBoard event files to <run folder>/tb.")
     export_format: Literal["pt2", "onnx", "torchscript", "none"] = Field("pt2", description="Per-task export format.")
 
+    @field_validator("dir")
+    @classmethod
+    def _check_dir(cls, v: str) -> str:
+        try:
+            v.format(name="x")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"{v!r}: the only placeholder a folder takes is {{name}} (write {{{{ and }}}} for "
+                             "literal braces)") from None
+        return v
+
+
+# A name becomes a folder (output.dir `runs/{name}`): one plain path component, so that it cannot lead outside.
+NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}"
+
 
 class Recipe(_Strict):
     name: str = Field(description="Run name.")
@@ -347,6 +361,15 @@ class Recipe(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Epochs, batches, optimisers "
                                      "and schedules of every method.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="The run folder and what goes in it.")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, v):
+            raise ValueError(f"{v!r} is not a plain name: a run's name becomes a folder (output.dir runs/{{name}}), "
+                             "so it takes letters, digits and _ . + - only (no / or \\, not starting with a dot, "
+                             "at most 128 characters)")
+        return v
 
     @field_validator("device")
     @classmethod

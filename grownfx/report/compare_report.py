@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from grownfx import files
 from grownfx.report.paper import ABLATION_ROWS, PAPER, benchmark_of
-from grownfx.report.run_report import md_table, read_run, write_report_folder
+from grownfx.report.formats import CompareIndex, read_model
+from grownfx.report.run_report import md_table, read_run, save_figure, write_report_folder
 
 __all__ = ["PAPER", "compare_tables", "load_compare", "write_compare_report"]
 
@@ -30,7 +31,7 @@ Table = tuple[list[str], list[list[Any]]]
 def load_compare(compare_dir: str | Path) -> dict:
     """compare.json and, per method (in its order), the finished or partial runs of every seed."""
     compare_dir = Path(compare_dir)
-    index = files.read_json(compare_dir / "compare.json")
+    index = read_model(compare_dir / "compare.json", CompareIndex)
     by_method: dict[str, list[dict]] = {m: [] for m in index["methods"]}
     for entry in index["runs"]:
         path = compare_dir / entry["dir"]
@@ -57,7 +58,8 @@ def _per_task(runs: list[dict], key: str, n: int) -> list[list[Optional[float]]]
     return out
 
 
-def _stat(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+def _stat(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+    values = [v for v in values if v is not None]
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
@@ -213,7 +215,7 @@ def _plots(data: dict, out: Path) -> list[str]:
             bottom.get_legend().remove()
         else:
             draw(fig.add_subplot(), data)
-        fig.savefig(out / name, dpi=150, bbox_inches="tight")
+        save_figure(fig, out / name, dpi=150)
         made.append(name)
     return made
 

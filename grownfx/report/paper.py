@@ -88,7 +88,9 @@ RUN_REPORT_ROWS = {"acc": ("Scratch", "CPG", "GROWN"), "size": ("GROWN",)}
 
 def benchmark_of(recipe: Optional[dict]) -> Optional[str]:
     """The seed paper's benchmark a recipe runs, if any (a key of PAPER)."""
-    data = (recipe or {}).get("data") or {}
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    if not isinstance(data, dict):  # no recipe, or a config.resolved.yaml of another shape: no benchmark
+        return None
     if data.get("name") == "cifar100_split" and data.get("num_tasks", 10) == 10:
         return _S10
     if data.get("name") == "cifar100_superclass" and data.get("num_tasks", 20) == 20:

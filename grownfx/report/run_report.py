@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from grownfx import files
+from grownfx.recipe.loading import RecipeError, parse_yaml
+from grownfx.report.formats import AccMatrix, Summary, read_model
 from grownfx.report.metrics import stream_metrics
 from grownfx.report.paper import PAPER, RUN_REPORT_ROWS, benchmark_of, published
 
@@ -33,19 +33,19 @@ def read_run(run_dir: str | Path) -> dict:
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path.absolute()} not found: {run_dir} is not a finished (or started) "
                                 "run folder; `grownfx run` writes summary.json after each task")
-    summary = files.read_json(summary_path)
+    summary = read_model(summary_path, Summary)
     matrix_path = run_dir / "acc_matrix.json"
-    acc = files.read_json(matrix_path) if matrix_path.is_file() else {"tasks": [], "matrix": []}
+    acc = read_model(matrix_path, AccMatrix) if matrix_path.is_file() else {"tasks": [], "matrix": []}
     if acc.get("matrix"):  # one definition of the stream metrics for the runner and both reports
         summary.update(stream_metrics(acc["matrix"]))
     tasks = summary.get("tasks", [])
     names = acc.get("tasks") or [t.get("name", str(t.get("index", i))) for i, t in enumerate(tasks)]
     recipe = None
     resolved = run_dir / "config.resolved.yaml"
-    if resolved.is_file():
+    if resolved.is_file():  # only for the benchmark's published numbers: a file that does not parse gives none
         try:
-            recipe = yaml.safe_load(resolved.read_text())
-        except yaml.YAMLError:
+            recipe, _ = parse_yaml(files.read_bytes(resolved).decode("utf-8", errors="replace"), str(resolved))
+        except RecipeError:
             recipe = None
     return {"dir": run_dir, "summary": summary, "matrix": acc.get("matrix", []), "names": names, "recipe": recipe}
 
@@ -133,8 +133,7 @@ def write_report_folder(folder: str | Path, md_name: str, data, tables_of, plots
                         extra=None) -> Path:
     """Write `folder/report/`: one CSV per table of `tables_of(data)`, then `extra(data, out)` when given, the PNG
     plots of `plots_of(data, out)` and `md_name` from `markdown_of(data, tables, plots)`; returns that folder."""
-    out = Path(folder) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = files.ensure_dir(Path(folder) / "report")
     tables = tables_of(data)
     write_csv_tables(tables, out)
     if extra is not None:
@@ -205,9 +204,18 @@ def _plots(run: dict, out: Path) -> list[str]:
                        ("final_accuracy.png", _plot_final)):
         fig = _figure()
         draw(fig, run)
-        fig.savefig(out / name, dpi=120, bbox_inches="tight")
+        save_figure(fig, out / name, dpi=120)
         made.append(name)
     return made
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """A PNG written atomically (rendered in memory, then temp file and rename), like every file grownfx writes."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    files.atomic_write_bytes(buf.getvalue(), path)
 
 
 def _figure():

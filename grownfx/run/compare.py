@@ -18,7 +18,7 @@ targets of the other runs (as a per-task list), else they are computed once per 
 from __future__ import annotations
 
 import json
-import sys
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -33,6 +33,7 @@ from grownfx.learn.training import resolve_device
 from grownfx.recipe.loading import load_recipe, validate_recipe
 from grownfx import files
 from grownfx.learn.guards import NonFiniteError
+from grownfx.report.formats import CompareIndex, Summary, read_model
 from grownfx.run.export import export_complete, task_folder
 from grownfx.run.folder import RunError, _lock, holds_run
 from grownfx.run.runner import RunInterrupted, run
@@ -109,8 +110,8 @@ def _finished(run_dir: Path, export_format: str = "none") -> bool:
     if not summary.is_file():
         return False
     try:
-        s = files.read_json(summary)
-    except files.CorruptFileError:  # torn by an older grownfx's in-place write: resume the run, which rewrites it
+        s = read_model(summary, Summary)
+    except files.CorruptFileError:  # torn (an older grownfx wrote in place) or edited: resume, which rewrites it
         return False
     done = len(s.get("tasks", [])) == s.get("num_tasks", -1)
     if done and export_format != "none":
@@ -147,10 +148,10 @@ def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], over
     out, lock = _claim(recipe, out_dir, echo)
     try:
         return _compare(recipe, specs, seeds, out, progress, echo)
-    except KeyboardInterrupt:
-        if isinstance(sys.exc_info()[1], RunInterrupted) and sys.exc_info()[1].out_dir == out:
+    except KeyboardInterrupt as exc:  # the comparison folder is what continues (its runs resume themselves)
+        if isinstance(exc, RunInterrupted) and exc.out_dir == out:
             raise
-        raise RunInterrupted(out) from None
+        raise RunInterrupted(out, getattr(exc, "signum", signal.SIGINT), checkpointed=True) from None
     finally:
         lock.release()
 
@@ -184,8 +185,8 @@ def _other_recipe(out: Path, recipe: Recipe) -> bool:
     if not path.is_file():
         return False
     try:
-        old = json.loads(path.read_text())
-    except ValueError:
+        old = read_model(path, CompareIndex)
+    except files.CorruptFileError:
         return False  # a torn compare.json (an older grownfx wrote it in place) is rewritten
     return _what_is_learned(old.get("recipe_config", {})) != _what_is_learned(recipe.model_dump(mode="json"))
 
@@ -262,7 +263,7 @@ def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = (), pr
     the task (the same with and without keep_copies), read from a fine-tune run of this comparison or trained."""
     run_dir = out / slug("scratch") / f"seed{seed}"
     if _scratch_epochs_match(recipe) and _finished(run_dir):
-        tasks = json.loads((run_dir / "summary.json").read_text())["tasks"]
+        tasks = read_model(run_dir / "summary.json", Summary)["tasks"]
         values, source = [float(t["val_acc"]) for t in tasks], "scratch run"
     else:
         values, source = scratch_targets(recipe, seed, progress), "scratch trained once for this comparison"
@@ -271,7 +272,7 @@ def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = (), pr
     ft = [out / slug(s) / f"seed{seed}" for s in specs if parse_method_spec(s)[0] == "finetune"]
     ft = [d for d in ft if _finished(d)]
     if ft:
-        tasks = json.loads((ft[0] / "summary.json").read_text())["tasks"]
+        tasks = read_model(ft[0] / "summary.json", Summary)["tasks"]
         fine, where = [float(t["val_acc"]) for t in tasks], "fine-tune run"
     else:
         fine = finetune_references(recipe.model_copy(update={"seed": seed}),
@@ -288,8 +289,8 @@ def _index(out: Path, recipe: Recipe, specs: list[str], seeds: Sequence[int]) ->
     old = None
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
-        except ValueError:  # torn by an older grownfx's in-place write: the run folders are the record
+            old = read_model(path, CompareIndex)
+        except files.CorruptFileError:  # torn or edited: the run folders are the record
             old = None
     if old is not None:
         if _what_is_learned(old.get("recipe_config", {})) != _what_is_learned(index["recipe_config"]):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import hashlib
+import io
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -14,8 +17,9 @@ from grownfx import files
 from grownfx.engine import multitask
 from grownfx.engine.banks import MaskedLayer
 from grownfx.engine.layers import PerTask, TaskParameter
-from grownfx.learn.methods import make_method
-from grownfx.recipe.schema import Recipe
+from grownfx.report.formats import ExportMeta, read_model
+from grownfx.run.folder import ExportError
+from grownfx.run.opening import load_export, read_stream, restore_method
 from grownfx.version import __version__
 
 FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscript": "model.ts"}
@@ -31,11 +35,9 @@ def count_macs(module: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops() // 2)
 
 
-def save_module(module: nn.Module, example: torch.Tensor, fmt: str, folder: str | Path) -> Path:
-    """Write `module` in `fmt` under `folder`; returns the file."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / FILES[fmt]
+def serialize_module(module: nn.Module, example: torch.Tensor, fmt: str) -> bytes:
+    """`module` in `fmt` (pt2, onnx, torchscript), as the bytes of its file."""
+    buf = io.BytesIO()
     module = module.eval()
     with torch.no_grad():
         if fmt == "pt2":
@@ -43,52 +45,35 @@ def save_module(module: nn.Module, example: torch.Tensor, fmt: str, folder: str 
                 program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
             except Exception:
                 program = torch.export.export(module, (example,))
-            torch.export.save(program, str(path))
+            torch.export.save(program, buf)
         elif fmt == "onnx":
             if _TORCH_EXPORT_ONNX:  # the current exporter (torch.export-based); the TorchScript one is deprecated
-                torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
+                torch.onnx.export(module, (example,), buf, input_names=["input"], output_names=["logits"],
                                   dynamic_shapes=({0: torch.export.Dim.AUTO},), dynamo=True, verbose=False)
             else:
-                torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
+                torch.onnx.export(module, (example,), buf, input_names=["input"], output_names=["logits"],
                                   dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         elif fmt == "torchscript":
-            torch.jit.trace(module, example).save(str(path))
+            torch.jit.save(torch.jit.trace(module, example), buf)
         else:
             raise ValueError(f"unknown export format {fmt!r}; choose pt2, onnx or torchscript")
+    return buf.getvalue()
+
+
+def save_module(module: nn.Module, example: torch.Tensor, fmt: str, folder: str | Path) -> Path:
+    """Write `module` in `fmt` under `folder` (temp file, fsync, rename: the file is whole, old or new, at any
+    kill); returns the file.  Its meta.json is the caller's to write, after it."""
+    if fmt not in FILES:
+        raise ValueError(f"unknown export format {fmt!r}; choose pt2, onnx or torchscript")
+    path = Path(folder) / FILES[fmt]
+    files.atomic_write_bytes(serialize_module(module, example, fmt), path)
     return path
-
-
-def load_exported(path: str | Path, check_sha256: bool = True):
-    """A callable `x -> logits` for a file written by `save_module`; its SHA-256 is checked against the meta.json
-    beside it when that records one (CorruptFileError naming the file otherwise)."""
-    path = Path(path)
-    if check_sha256:
-        verify_export_file(path)
-    if path.suffix == ".pt2":
-        return torch.export.load(str(path)).module()
-    if path.suffix == ".ts":
-        return torch.jit.load(str(path))
-    if path.suffix == ".onnx":
-        import onnx  # noqa: F401  (checked so the error names the missing package)
-        import onnxruntime as ort  # type: ignore
-
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy()})[0])
-
-        return run
-    raise ValueError(f"not an exported model: {path}")
 
 
 def write_meta(folder: str | Path, meta: dict) -> Path:
     path = Path(folder) / "meta.json"
     files.atomic_write_text(json.dumps(meta, indent=2), path)
     return path
-
-
-class ExportError(ValueError):
-    """A user's mistake in an export request (a task the run did not learn); the CLI exits 2 with it."""
 
 
 def task_folder(run_dir: str | Path, index: int) -> Path:
@@ -130,6 +115,8 @@ def record_export(folder: str | Path, base: dict, fmt: str, entry: dict) -> dict
         meta = files.read_json(path) if path.exists() else {}
     except files.CorruptFileError:  # torn (written in place by an older grownfx): this export rewrites it
         meta = {}
+    if not isinstance(meta, dict) or not isinstance(meta.get("formats", {}), dict):
+        meta = {}  # not a meta.json grownfx wrote: this export rewrites it
     formats = meta.get("formats", {})
     for stale in ("format", "file", "verified_max_rel_error", "error"):  # single-format meta of older versions
         meta.pop(stale, None)
@@ -154,105 +141,85 @@ def task_meta(stream, stream_meta: dict, t: int, sub: nn.Module, checkpoint: str
             "torch": torch.__version__}
 
 
-def verify_export_file(path: str | Path) -> None:
-    """CorruptFileError when `path` is empty or differs from the SHA-256 its folder's meta.json records."""
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise files.CorruptFileError(f"{path} is empty (0 bytes): the export is corrupt; re-create it with "
-                                     "grownfx export")
-    try:
-        formats = json.loads((path.parent / "meta.json").read_text()).get("formats", {})
-    except (OSError, ValueError, AttributeError):
-        return
-    recorded = [e.get("sha256") for e in formats.values() if isinstance(e, dict) and e.get("file") == path.name]
-    if recorded and recorded[0] and files.file_sha256(path) != recorded[0]:
-        raise files.CorruptFileError(f"{path} is corrupt: its SHA-256 does not match the one in meta.json "
-                                     "(truncated or altered); re-create it with grownfx export")
-
-
 def export_complete(folder: str | Path, fmt: str) -> bool:
     """Whether `folder` holds a finished export in `fmt`: a readable meta.json whose entry for `fmt` names a file
-    that exists with the recorded SHA-256 (or records why exporting failed)."""
+    that exists with the SHA-256 it records (or records why exporting failed)."""
     try:
-        meta = json.loads((Path(folder) / "meta.json").read_text())
-    except (OSError, ValueError):
+        meta = read_model(Path(folder) / "meta.json", ExportMeta)
+    except files.CorruptFileError:
         return False
-    entry = meta.get("formats", {}).get(fmt)
+    entry = meta["formats"].get(fmt)
     if not isinstance(entry, dict) or "preprocessing" not in meta:
         return False
-    if "error" in entry:
+    if entry.get("error"):
         return True
-    path = Path(folder) / str(entry.get("file", ""))
-    return path.is_file() and entry.get("sha256") in (None, files.file_sha256(path))
-
-
-class _StreamInfo:
-    """What building a method needs from a stream, read back from a run's stream.json (no dataset needed)."""
-
-    def __init__(self, meta: dict):
-        from types import SimpleNamespace
-
-        self.input_shape = tuple(meta["input_shape"])
-        self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
-        self.tasks = [SimpleNamespace(index=t["index"], name=t["name"], classes=t["classes"],
-                                      num_classes=len(t["classes"])) for t in meta["tasks"]]
-
-
-def restore_method(run_dir: str | Path, code_dir: str | None = None):
-    """The method of a finished (or interrupted) run, rebuilt from its recipe and last checkpoint, on the CPU.
-    A user's `module:callable` builder is imported (from `code_dir` when given, else the recipe's)."""
-    run_dir = Path(run_dir)
-    last = run_dir / "checkpoints" / "last.pt"
-    if not last.exists():
-        raise ExportError(f"{run_dir} holds no checkpoint (expected {last}); is it a run folder? "
-                          "(`grownfx run` prints the folder it writes)")
-    state = files.load(last)
-    recipe = Recipe.model_validate(state["recipe"])
-    if code_dir is not None:
-        recipe = recipe.model_copy(update={"code_dir": code_dir})
-    stream = _StreamInfo(files.read_json(run_dir / "stream.json"))
-    method = make_method(recipe, stream, torch.device("cpu"))
-    method.load_state(state["method"])
-    return method, recipe, stream, state
+    path = Path(folder) / str(entry.get("file") or "")
+    return path.is_file() and entry.get("sha256") is not None and entry["sha256"] == files.file_sha256(path)
 
 
 def export_run(run_dir: str | Path, task: int, fmt: str = "pt2", verify: bool = False,
-               bake_preprocessing: bool = False) -> tuple[Path, dict]:
+               bake_preprocessing: bool = False, trust: Optional[bool] = None,
+               check_sha256: bool = True) -> tuple[Path, dict]:
     """Export the task with 0-based index `task` (the CLI's --task is 1-based) of a run to `fmt` under
     exports/task_<task + 1>/; returns (file, that format's meta entry).  `bake_preprocessing` puts
     `(raw * pixel_scale - mean) / std` into the graph, so the file takes raw inputs.  `verify` re-loads the file
-    and compares it with the task-aware model on random inputs (relative error <= 1e-4, ONNX runs in float32)."""
+    and compares it with the task-aware model on random inputs (relative error <= 1e-4, ONNX runs in float32).
+
+    The run folder is locked while exporting (a run writing it is waited for by no one: refused); the model file
+    is written atomically and meta.json after it.  `trust` and `check_sha256` (False: a checkpoint without its
+    checksum file loads unchecked): grownfx.run.opening.restore_method."""
     run_dir = Path(run_dir)
-    method, recipe, stream, state = restore_method(run_dir)
-    if not 0 <= task < state["completed"]:
-        raise ExportError(f"no task {task + 1} in {run_dir}: it finished {state['completed']} task(s); "
-                          f"--task takes 1..{state['completed']}")
-    meta_stream = files.read_json(run_dir / "stream.json")
-    prep = preprocessing(meta_stream)
-    sub = method.export(task).cpu().eval()
-    if bake_preprocessing:
-        sub = Preprocessed(sub, prep).eval()
-    example = torch.randn(2, *stream.input_shape)
-    folder = task_folder(run_dir, task)
-    path = save_module(sub, example, fmt, folder)
-    entry: dict = {"file": path.name, "parameters": sum(p.numel() for p in sub.parameters()),
-                   "preprocessing_baked": bake_preprocessing,
-                   "expects": "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing)"}
-    if verify:
-        x = torch.randn(8, *stream.input_shape, generator=torch.Generator().manual_seed(task))
-        with torch.no_grad():
-            ref = method.predict(x, task) if hasattr(method, "predict") else method.export(task).eval()(x)
-            raw = (x + sub.shift) / sub.scale if bake_preprocessing else x  # the raw input behind x
-            got = load_exported(path, check_sha256=False)(raw)  # just written; meta.json still has the old file's
-        err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-        entry["verified_max_rel_error"] = err
-        if err > 1e-4:
-            raise RuntimeError(f"exported task {task + 1} differs from the task-aware model: relative error {err:.2e}")
-    entry["sha256"] = files.file_sha256(path)
-    # the same task meta the run writes (mean, std, classes, input shape, ...), from the plain subnetwork
-    base = task_meta(stream, meta_stream, task, method.export(task).cpu().eval(), run_dir / "checkpoints" / "last.pt")
-    record_export(folder, base, fmt, entry)
+    with _locked(run_dir):
+        method, recipe, stream, state = restore_method(run_dir, trust=trust, verify=check_sha256)
+        if not 0 <= task < state["completed"]:
+            raise ExportError(f"no task {task + 1} in {run_dir}: it finished {state['completed']} task(s); "
+                              f"--task takes 1..{state['completed']}")
+        _, meta_stream = read_stream(run_dir)
+        prep = preprocessing(meta_stream)
+        sub = method.export(task).cpu().eval()
+        if bake_preprocessing:
+            sub = Preprocessed(sub, prep).eval()
+        example = torch.randn(2, *stream.input_shape)
+        folder = task_folder(run_dir, task)
+        path = save_module(sub, example, fmt, folder)
+        entry: dict = {"file": path.name, "parameters": sum(p.numel() for p in sub.parameters()),
+                       "preprocessing_baked": bake_preprocessing,
+                       "expects": "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing)"}
+        if verify:
+            x = torch.randn(8, *stream.input_shape, generator=torch.Generator().manual_seed(task))
+            with torch.no_grad():
+                ref = method.predict(x, task) if hasattr(method, "predict") else method.export(task).eval()(x)
+                raw = (x + sub.shift) / sub.scale if bake_preprocessing else x  # the raw input behind x
+                # just written by this process (meta.json still has the old file's digest): no checks to make
+                got = load_export(path, verify=False, trust=True)(raw)
+            err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+            entry["verified_max_rel_error"] = err
+            if err > 1e-4:
+                raise RuntimeError(f"exported task {task + 1} differs from the task-aware model: relative error "
+                                   f"{err:.2e}")
+        entry["sha256"] = files.file_sha256(path)
+        # the same task meta the run writes (mean, std, classes, input shape, ...), from the plain subnetwork
+        base = task_meta(stream, meta_stream, task, method.export(task).cpu().eval(),
+                         run_dir / "checkpoints" / "last.pt")
+        record_export(folder, base, fmt, entry)  # meta.json last
     return path, entry
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path):
+    """The run folder's lock (one writer at a time): LockedError while a run writes it, NotWritableError when it
+    is read-only; temp files a killed export left are removed."""
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir} is not a run folder")
+    try:
+        lock = files.FolderLock(run_dir).acquire()
+    except files.LockedError as exc:
+        raise ExportError(f"cannot export now: {exc}") from None
+    try:
+        files.clean_stale_temps(run_dir / "exports")
+        yield
+    finally:
+        lock.release()
 
 
 # --- every task in one artifact (`grownfx export RUN --all-tasks`) ----------------------------------------------
@@ -279,70 +246,70 @@ def multitask_reference_bytes(net, num_tasks: int) -> dict:
     return {"bank": bank, "per_task": per_task, "masks": masks, "total": bank + per_task + masks}
 
 
-def export_all_tasks(run_dir: str | Path, verify: bool = False, bake_preprocessing: bool = False) -> tuple[Path, dict]:
+def export_all_tasks(run_dir: str | Path, verify: bool = False, bake_preprocessing: bool = False,
+                     trust: Optional[bool] = None, check_sha256: bool = True) -> tuple[Path, dict]:
     """Every finished task of a run in one file, exports/all_tasks/model.pt, with its torch-only loader
     (multitask.py, `load(path)(x, task=t)`, t 0-based) and meta.json; returns (file, meta).  The frozen banks are
     stored once, each task as its channel indices, 1 bit per kernel and its own norms/heads (grownfx.engine.
-    multitask).  `verify` loads the file with the copied loader and compares every task with the task-aware model
-    (bit for bit is expected; relative error <= 1e-5 accepted)."""
+    multitask).  `verify` loads the file as the copied loader does and compares every task with the task-aware
+    model (bit for bit is expected; relative error <= 1e-5 accepted).  Every file is written atomically, meta.json
+    last; `trust`, `check_sha256`: as in `export_run`."""
     run_dir = Path(run_dir)
-    method, recipe, stream, state = restore_method(run_dir)
-    net = getattr(method, "net", None)
-    if net is None or not hasattr(net, "masked_layers"):
-        raise ExportError(f"--all-tasks needs a method whose tasks share one task-aware net (GROWN, PackNet, "
-                          f"Piggyback, ...); {recipe.method.name} keeps a model per task: export each with --task")
-    done = int(state["completed"])
-    if done < 1:
-        raise ExportError(f"{run_dir} has no finished task to export")
-    meta_stream = files.read_json(run_dir / "stream.json")
-    prep = preprocessing(meta_stream)
-    pre = None
-    if bake_preprocessing:
-        p = Preprocessed(nn.Identity(), prep)
-        pre = (p.scale, p.shift)
-    net = net.cpu().eval()
-    example = torch.randn(2, *stream.input_shape)
-    names = [stream.tasks[t].name for t in range(done)]
-    blob = multitask.build(net, example, preprocess=pre, names=names, num_tasks=done)
-    folder = Path(run_dir) / "exports" / ALL_TASKS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ALL_TASKS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, str(tmp))
-    tmp.replace(path)
-    files.atomic_write_text(multitask.runtime_source(), folder / ALL_TASKS_LOADER)
-    ref = multitask_reference_bytes(net, done)
-    size = path.stat().st_size
-    meta = {"format": blob["format"], "format_version": blob["version"], "file": path.name,
-            "loader": ALL_TASKS_LOADER, "sha256": files.file_sha256(path), "bytes": size,
-            "usage": (f"import sys; sys.path.insert(0, '<this folder>'); from multitask import load; "
-                      f"model = load('<this folder>/{path.name}'); logits = model(x, task=t)  # t: 0..{done - 1}"),
-            "tasks": [{"task": t + 1, "task_index": t, "name": stream.tasks[t].name,
-                       "classes": list(stream.tasks[t].classes), "num_classes": stream.tasks[t].num_classes}
-                      for t in range(done)],
-            "input_shape": list(stream.input_shape), "mean": list(stream.mean), "std": list(stream.std),
-            "preprocessing": prep, "preprocessing_baked": bake_preprocessing,
-            "expects": "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing)",
-            "reference_bytes": ref, "size_ratio": size / max(ref["total"], 1),
-            "masked_weights_stored_whole": blob["stats"]["dense_masked"], "programs": blob["stats"]["programs"],
-            "source_checkpoint_sha256": files.file_sha256(run_dir / "checkpoints" / "last.pt"),
-            "grownfx": __version__, "torch": torch.__version__}
-    if verify:
-        spec = importlib.util.spec_from_file_location("_grownfx_multitask_loader", folder / ALL_TASKS_LOADER)
-        loader = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loader)
-        model = loader.load(path)
-        worst = 0.0
-        for t in range(done):
-            x = torch.randn(8, *stream.input_shape, generator=torch.Generator().manual_seed(t))
-            with torch.no_grad():
-                want = net(x, task=t)
-                got = model((x + pre[1]) / pre[0] if pre else x, task=t)
-            err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
-            worst = max(worst, err)
-            if err > 1e-5:
-                raise RuntimeError(f"the all-tasks export differs from the task-aware model on task {t + 1}: "
-                                   f"relative error {err:.2e}")
-        meta["verified_max_rel_error"] = worst
-    write_meta(folder, meta)
+    with _locked(run_dir):
+        method, recipe, stream, state = restore_method(run_dir, trust=trust, verify=check_sha256)
+        net = getattr(method, "net", None)
+        if net is None or not hasattr(net, "masked_layers"):
+            raise ExportError(f"--all-tasks needs a method whose tasks share one task-aware net (GROWN, PackNet, "
+                              f"Piggyback, ...); {recipe.method.name} keeps a model per task: export each with --task")
+        done = int(state["completed"])
+        if done < 1:
+            raise ExportError(f"{run_dir} has no finished task to export")
+        _, meta_stream = read_stream(run_dir)
+        prep = preprocessing(meta_stream)
+        pre = None
+        if bake_preprocessing:
+            p = Preprocessed(nn.Identity(), prep)
+            pre = (p.scale, p.shift)
+        net = net.cpu().eval()
+        example = torch.randn(2, *stream.input_shape)
+        names = [stream.tasks[t].name for t in range(done)]
+        blob = multitask.build(net, example, preprocess=pre, names=names, num_tasks=done)
+        folder = Path(run_dir) / "exports" / ALL_TASKS_DIR
+        path = folder / ALL_TASKS_FILE
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        data = buf.getvalue()
+        files.atomic_write_bytes(data, path)
+        files.atomic_write_text(multitask.runtime_source(), folder / ALL_TASKS_LOADER)
+        ref = multitask_reference_bytes(net, done)
+        size = len(data)
+        meta = {"format": blob["format"], "format_version": blob["version"], "file": path.name,
+                "loader": ALL_TASKS_LOADER, "sha256": hashlib.sha256(data).hexdigest(), "bytes": size,
+                "usage": (f"import sys; sys.path.insert(0, '<this folder>'); from multitask import load; "
+                          f"model = load('<this folder>/{path.name}'); logits = model(x, task=t)  # t: 0..{done - 1}"),
+                "tasks": [{"task": t + 1, "task_index": t, "name": stream.tasks[t].name,
+                           "classes": list(stream.tasks[t].classes), "num_classes": stream.tasks[t].num_classes}
+                          for t in range(done)],
+                "input_shape": list(stream.input_shape), "mean": list(stream.mean), "std": list(stream.std),
+                "preprocessing": prep, "preprocessing_baked": bake_preprocessing,
+                "expects": "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing)",
+                "reference_bytes": ref, "size_ratio": size / max(ref["total"], 1),
+                "masked_weights_stored_whole": blob["stats"]["dense_masked"], "programs": blob["stats"]["programs"],
+                "source_checkpoint_sha256": files.file_sha256(run_dir / "checkpoints" / "last.pt"),
+                "grownfx": __version__, "torch": torch.__version__}
+        if verify:  # the copied loader is this module's source, byte for byte (runtime_source): load as it loads
+            model = multitask.R.load(path, verify=False)  # just written; its meta.json comes next
+            worst = 0.0
+            for t in range(done):
+                x = torch.randn(8, *stream.input_shape, generator=torch.Generator().manual_seed(t))
+                with torch.no_grad():
+                    want = net(x, task=t)
+                    got = model((x + pre[1]) / pre[0] if pre else x, task=t)
+                err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+                worst = max(worst, err)
+                if err > 1e-5:
+                    raise RuntimeError(f"the all-tasks export differs from the task-aware model on task {t + 1}: "
+                                       f"relative error {err:.2e}")
+            meta["verified_max_rel_error"] = worst
+        write_meta(folder, meta)  # last: a kill before it leaves the previous meta.json, which no longer matches
     return path, meta

@@ -13,29 +13,26 @@ method or the data runs code the run names when it names the user's own (`model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-import yaml
+from pydantic import ValidationError
 
 from grownfx import files
 from grownfx.data import TaskStream, stream_for
-from grownfx.recipe.loading import names_user_code
+from grownfx.recipe.trust import UntrustedCodeError, names_user_code, trusted
+from grownfx.recipe.loading import parse_yaml
 from grownfx.recipe.schema import Recipe
+from grownfx.report.formats import ExportMeta, StreamMeta, read_model
 from grownfx.report.run_report import read_run
 from grownfx.run.export import ExportError, restore_method
 from grownfx.run.folder import RunError
 from grownfx.run.runner import check_same_data
 
 __all__ = ["LoadedRun", "Predictions", "UntrustedCodeError", "load_run"]
-
-
-class UntrustedCodeError(PermissionError):
-    """Rebuilding a run would import code its recipe names; the user has not said they trust it."""
 
 
 @dataclass
@@ -73,7 +70,7 @@ class LoadedRun:
     task_names: list[str]
     stream_info: dict
     exports: dict[int, dict] = field(default_factory=dict)
-    trusted: bool = False
+    trusted: Optional[bool] = None  # the user's word: True/False, None = GROWNFX_TRUST decides
     _method: Any = field(default=None, repr=False)
     _stream: Optional[TaskStream] = field(default=None, repr=False)
 
@@ -83,7 +80,8 @@ class LoadedRun:
         return names_user_code(self.recipe)
 
     def _need_trust(self, doing: str, code: list[str]) -> None:
-        if code and not self.trusted:
+        """The trust rule (grownfx.recipe.trust) with load_run's own wording: `trust=True`, or GROWNFX_TRUST=1."""
+        if code and not trusted(self.trusted):
             factory = self.stream_info.get("factory", {})
             origin = f" (file {factory['file']}, sha256 {factory.get('sha256', '?')[:12]}...)" if "file" in factory \
                 else ""
@@ -115,7 +113,7 @@ class LoadedRun:
         GROWN `method.net`, the task-aware network."""
         if self._method is None:
             self._need_trust("rebuilding the model of", [c for c in self.user_code if c.startswith("model.")])
-            self._method = restore_method(self.path, code_dir=self._code_dir())[0]
+            self._method = restore_method(self.path, trust=True, code_dir=self._code_dir())[0]  # checked above
         return self._method
 
     @torch.no_grad()
@@ -135,10 +133,12 @@ class LoadedRun:
                            data.y.numpy().copy(), out.argmax(1).numpy(), out.numpy())
 
 
-def load_run(path: str | Path, trust: bool = False) -> LoadedRun:
+def load_run(path: str | Path, trust: Optional[bool] = None) -> LoadedRun:
     """Open a run folder (`grownfx run` or one run of `grownfx compare`): its recipe, results, stream.json and
     exports' meta.json, read from files.  `trust=True` allows `stream()`, `method()` and `predictions()` to
-    import the `module:callable` code its recipe names (your own model builder or data factory)."""
+    import the `module:callable` code its recipe names (your own model builder or data factory); None (default)
+    trusts it only when the environment says GROWNFX_TRUST=1 (grownfx.recipe.trust).  Every JSON file is read
+    through its pydantic model (grownfx.report.formats): a wrong shape is one CorruptFileError naming the field."""
     path = Path(path)
     if not path.exists():
         raise RunError(f"{path} does not exist")
@@ -148,12 +148,18 @@ def load_run(path: str | Path, trust: bool = False) -> LoadedRun:
     resolved = path / "config.resolved.yaml"
     if not resolved.is_file():
         raise RunError(f"{resolved} does not exist: the run folder is incomplete")
-    recipe = Recipe.model_validate(yaml.safe_load(resolved.read_text()))  # validation imports no user code
-    stream_info = files.read_json(path / "stream.json") if (path / "stream.json").is_file() else {}
+    raw, _ = parse_yaml(files.read_bytes(resolved).decode("utf-8", errors="replace"), str(resolved))
+    try:
+        recipe = Recipe.model_validate(raw)  # validation imports no user code
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise files.CorruptFileError(f"{resolved} is not a recipe grownfx can read "
+                                     f"({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+    stream_info = read_model(path / "stream.json", StreamMeta) if (path / "stream.json").is_file() else {}
     exports = {}
     for meta_path in sorted((path / "exports").glob("task_*/meta.json")):
         number = meta_path.parent.name.removeprefix("task_")
         if number.isdigit():
-            exports[int(number)] = {**json.loads(meta_path.read_text()), "folder": str(meta_path.parent)}
+            exports[int(number)] = {**read_model(meta_path, ExportMeta), "folder": str(meta_path.parent)}
     return LoadedRun(path, recipe, results["summary"], results["matrix"], list(results["names"]), stream_info,
                      exports, trust)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from grownfx.engine import state as net_state
 from grownfx import files
+from grownfx.errors import Interrupted
 from grownfx.learn import distributed
 from grownfx.recipe.loading import load_recipe
 from grownfx.recipe.schema import Recipe, parse_target, target_sources
@@ -44,16 +44,6 @@ from grownfx.learn.methods.finetune import finetune_references
 from grownfx.learn.methods.scratch import fresh_backbone, train_plain
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) stopped a run after it chose its folder: `out_dir` holds the last checkpoint, and
-    `run(recipe, out_dir=out_dir, resume=True)` continues it (the CLI prints the command line that does)."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = Path(out_dir)
-        super().__init__(f"interrupted: the run's last checkpoint is in {self.out_dir / 'checkpoints'}; continue "
-                         f"it with out_dir={str(self.out_dir)!r} and resume=True")
-
-
 @dataclass
 class RunResult:
     out_dir: Path
@@ -62,11 +52,29 @@ class RunResult:
     summary: dict = field(default_factory=dict)
 
 
+class RunInterrupted(Interrupted):
+    """SIGINT (Ctrl-C) or SIGTERM stopped a run (or a comparison) after it chose its folder `out_dir`: exit code
+    130 or 143.  `checkpointed`: the folder holds a checkpoint, and `run(recipe, out_dir=out_dir, resume=True)`
+    continues it; `started`: it holds a run, which `resume=True` starts again (the CLI prints the command line)."""
+
+    def __init__(self, out_dir: Path, signum: int = signal.SIGINT, checkpointed: Optional[bool] = None):
+        self.out_dir = Path(out_dir)
+        self.checkpointed = (self.out_dir / "checkpoints" / "last.pt").exists() if checkpointed is None \
+            else checkpointed
+        self.started = files.holds_run(self.out_dir)
+        where = (f"the last checkpoint is in {self.out_dir / 'checkpoints'}; continue it with out_dir="
+                 f"{str(self.out_dir)!r} and resume=True" if self.checkpointed
+                 else f"stopped before the first checkpoint of {self.out_dir} (nothing learned yet)")
+        super().__init__(signum, where)
+
+
 class StopFlag:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop; a second signal stops at once."""
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop (after the current epoch); a second signal stops at
+    once.  `signum` is the first signal received."""
 
     def __init__(self):
         self.requested = False
+        self.signum: Optional[int] = None
         self._old = {}
 
     def __enter__(self):
@@ -79,8 +87,8 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Interrupted(signum)
+        self.requested, self.signum = True, signum
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -89,19 +97,22 @@ class StopFlag:
 
 def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = False, overrides=(),
         progress=None, echo: Callable[[str], None] | None = None,
-        dist: Optional[distributed.Dist] = None) -> RunResult:
+        dist: Optional[distributed.Dist] = None, verify: bool = True, trust: Optional[bool] = None) -> RunResult:
     """Run a recipe end to end (or continue it with `resume`); returns the results also written to disk.
 
     `dist`: this process's place in a data-parallel run; None reads torchrun's environment (one process when
-    it is not set) and joins the process group, closing it at the end.
+    it is not set) and joins the process group, closing it at the end.  `verify=False` resumes from a checkpoint
+    whose checksum file is missing; `trust`: see grownfx.recipe.trust (a recipe given by name or path is loaded
+    with it).  SIGINT/SIGTERM end the current epoch, checkpoint and raise RunInterrupted.
     """
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, list(overrides))
+        recipe = load_recipe(recipe, list(overrides), trust=trust)
     started = time.perf_counter()
     echo = echo or (lambda msg: print(msg, flush=True))
     own = dist is None
     dist = distributed.setup(recipe.device) if dist is None else dist
     lock: Optional[files.FolderLock] = None
+    out: Optional[Path] = None
     try:
         check_distributed(recipe, dist.world_size)
         claimed = dist.main_first(lambda: claim_out(recipe, out_dir, resume))  # rank 0 picks and locks the folder
@@ -109,7 +120,8 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
             out, lock = claimed
         out = Path(dist.broadcast_object(str(out) if dist.is_main else None))
         last = out / "checkpoints" / "last.pt"
-        state = dist.main_first(lambda: _prepare_out(out, recipe, resume, last, explicit=out_dir is not None))
+        state = dist.main_first(lambda: _prepare_out(out, recipe, resume, last, explicit=out_dir is not None,
+                                                     verify=verify))
         if dist.is_main:  # only once the folder is accepted: a refused folder was never written
             echo(f"{'resuming' if state is not None else 'writing'} run folder {out}")
         resumed = dist.broadcast_object(state is not None) if dist.enabled else state is not None
@@ -117,7 +129,7 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
             if not last.exists():
                 raise RunError(f"rank {dist.rank} cannot read {last}: resuming a run on several machines needs "
                                "its folder on a filesystem every machine sees")
-            state = _load_checkpoint(last)
+            state = _load_checkpoint(last, verify)
         if recipe.training.num_threads:
             torch.set_num_threads(recipe.training.num_threads)
         device = dist.device
@@ -137,10 +149,10 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
             return _Run(recipe, stream, out, device, state, stop, progress, echo, dist, started).loop()
     except NonFiniteError as exc:  # a user's hyperparameters, not a bug: one clear line (exit 2 in the CLI)
         raise RunError(str(exc)) from exc
-    except KeyboardInterrupt:
-        if lock is None or isinstance(sys.exc_info()[1], RunInterrupted):
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM before or after the loop's own handling
+        if out is None or isinstance(exc, RunInterrupted):
             raise
-        raise RunInterrupted(out) from None
+        raise RunInterrupted(out, getattr(exc, "signum", signal.SIGINT)) from None
     finally:
         if lock is not None:
             lock.release()
@@ -242,6 +254,7 @@ class _Run:
         if not self.dist.is_main:
             return
         self.log({"event": "epoch", **info})
+        files.kill_point("epoch")
         if self.writer is not None:
             step = info["epoch"]
             # task1/stage_1/loss, task2/growth_round_1/loss: tasks count from 1, as everywhere a person reads them
@@ -272,10 +285,12 @@ class _Run:
                 if self.writer is not None:
                     self.writer.add_scalar("stream/avg_acc", sum(row) / len(row), t + 1)  # step = task number
                     self.writer.add_scalar("stream/params_stored", record.params_stored, t + 1)
-                if self.dist.is_main:  # a task is done when its results, checkpoint and export are on disk
-                    self.write_results()
+                if self.dist.is_main:  # a task is done when its checkpoint, results and export are on disk
+                    # the checkpoint first: results on disk then always have one (a folder holding results
+                    # but no checkpoint was tampered with, and is refused rather than overwritten)
                     self.save_checkpoint(None, None)
                     files.kill_point("after_checkpoint")
+                    self.write_results()
                     self.export(t)
                 self.dist.barrier()  # the task's files exist before any rank goes on (or exits)
                 self.echo(_task_line(record, row, self.full_params,
@@ -284,6 +299,9 @@ class _Run:
                     self.progress.end_task(t, record, row)
             if self.dist.is_main and self.records:  # the wall time up to the end, the last export included
                 files.atomic_write_text(json.dumps(self.summary(), indent=1), self.out / "summary.json")
+        except KeyboardInterrupt as exc:
+            raise RunInterrupted(self.out, getattr(exc, "signum", None) or self.stop.signum or signal.SIGINT) \
+                from None
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -356,15 +374,18 @@ class _Run:
         files.atomic_write_text(json.dumps(self.summary(), indent=1), self.out / "summary.json")
 
     def finish_undone(self) -> None:
-        """After a crash: rewrite the results of the finished tasks from the checkpoint, and export the last
-        finished task when a kill came between its checkpoint and its export."""
+        """On resume: rewrite the results of the finished tasks from the checkpoint, and re-export every finished
+        task whose export is missing, incomplete or does not match the SHA-256 its meta.json records (a kill
+        between a checkpoint and its export, or a damaged file)."""
         self.write_results()
-        t = len(self.records) - 1
         fmt = self.recipe.output.export_format
-        if fmt != "none" and not export_complete(task_folder(self.out, t), fmt):
-            self.echo(f"task {t + 1}'s export is missing or incomplete (the run stopped before writing it); "
-                      "exporting it now")
-            self.export(t)
+        if fmt == "none":
+            return
+        for t in range(len(self.records)):
+            if not export_complete(task_folder(self.out, t), fmt):
+                self.echo(f"task {t + 1}'s export is missing, incomplete or does not match its meta.json; "
+                          "exporting it again")
+                self.export(t)
 
     def export(self, t: int) -> None:
         """exports/task_<t+1>/: the task's subnetwork in the recipe's format and meta.json (the same meta
@@ -384,6 +405,8 @@ class _Run:
         try:
             path = save_module(sub, example, fmt, folder)
             entry.update(file=path.name, sha256=files.file_sha256(path))
+        except (files.DiskFullError, files.NotWritableError):
+            raise  # the machine's problem, not the export's: stop (the checkpoint is on disk; --resume exports)
         except Exception as exc:  # keep the run going; the weights are in the checkpoint
             entry["error"] = f"{type(exc).__name__}: {exc}"
             self.echo(f"warning: exporting task {t + 1} as {fmt} failed ({entry['error']}); see {folder}/meta.json")
