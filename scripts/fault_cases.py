@@ -280,7 +280,7 @@ import sys
 try:
     from grownfx import load_export
 except ImportError:
-    from grownfx.run.export import load_exported as load_export
+    from grownfx.run.export import load_exported as load_export  # an older checkout
 try:
     load_export(sys.argv[1])
     print("LOADED")
@@ -851,16 +851,17 @@ def _signal_case(ws, signame: str, where: str) -> Outcome:
         res = cli("run", recipe, "--out", fresh, env={"GROWNFX_TEST_KILL_AT": f"{where}:{signame}"})
         if res.rc == 0:
             return Outcome(None, "n/a: this checkout cannot signal itself at a point", res)
-    lines = res.error_lines()
-    hint = [ln for ln in lines if "grownfx run" in ln and "`" in ln]
+    lines = [ln.strip() for ln in res.err.strip().splitlines() if ln.strip()]
+    hint = [ln for ln in lines if ln.startswith("grownfx run ")]  # the command, on a line of its own
     bad = []
     if res.rc != code:
         bad.append(f"exit {res.rc} (want {code})")
-    if len(lines) != 1 or not hint:
+    if not lines or not lines[0].startswith("interrupted") or not hint or len(lines) > 2:
         bad.append(f"{len(lines)} lines, {'a' if hint else 'no'} command to continue")
     if hint:
-        again = hint[0].split("`")[1].split()[1:]  # "grownfx run ..." -> python -m grownfx run ...
-        resumed = cli(*again)
+        import shlex
+
+        resumed = cli(*shlex.split(hint[0])[1:])  # "grownfx run ..." -> python -m grownfx run ...
         if resumed.rc != 0:
             bad.append(f"the printed command exits {resumed.rc}")
     return Outcome(not bad, "; ".join(bad) or lines[0][:110], res)

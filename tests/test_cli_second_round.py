@@ -115,7 +115,8 @@ def _grownfx_deprecations(caught) -> list[str]:
 
 def test_no_deprecation_warnings_from_the_onnx_export(tmp_path):
     pytest.importorskip("onnxscript")
-    from grownfx.run.export import load_exported, save_module
+    from grownfx.run.export import save_module
+    from grownfx.run.opening import load_export
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 6 * 6, 3)).eval()
@@ -124,7 +125,7 @@ def test_no_deprecation_warnings_from_the_onnx_export(tmp_path):
         path = save_module(model, torch.randn(2, 1, 8, 8), "onnx", tmp_path)
     assert not _grownfx_deprecations(caught), _grownfx_deprecations(caught)
     x = torch.randn(5, 1, 8, 8)  # another batch size: the batch dimension stays dynamic
-    assert torch.allclose(load_exported(path, check_sha256=False)(x), model(x), atol=1e-5)
+    assert torch.allclose(load_export(path, verify=False)(x), model(x), atol=1e-5)
 
 
 def test_no_deprecation_warnings_from_the_cpu_global_batchnorm(tmp_path):

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -614,9 +615,9 @@ def test_14_sigterm_at_any_moment_exits_143_with_the_resume_hint(tmp_path):
             break
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGTERM)") and "grownfx run " in lines[0], err
-    again = lines[0].split("`")[1].split()  # the command it prints continues the run (or starts it again)
+    lines = [ln.strip() for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 2 and lines[0].startswith("interrupted (SIGTERM)"), err
+    again = shlex.split(lines[1])  # the command it prints continues the run (or starts it again)
     assert again[:2] == ["grownfx", "run"] and ("--resume" in again or "nothing learned yet" in lines[0])
     resumed = _cli(*again[1:])
     out, err = resumed.communicate(timeout=300)
@@ -628,7 +629,9 @@ def test_14_sigterm_during_training_checkpoints_first(tmp_path):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     proc = _cli("run", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "r"), kill_at="epoch:TERM")
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143 and "the last checkpoint is in" in err and "--resume`" in err, err
+    lines = [ln.strip() for ln in err.strip().splitlines() if ln.strip()]
+    assert proc.returncode == 143 and "interrupted (SIGTERM): the last checkpoint is in" in lines[0], err
+    assert shlex.split(lines[1])[-1] == "--resume" and len(lines) == 2, err
     state = files.load(tmp_path / "r/checkpoints/last.pt")
     assert state["position"] is not None and state["completed"] == 0  # mid-task, after the signalled epoch
 

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import json
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -46,13 +47,17 @@ def serialize_module(module: nn.Module, example: torch.Tensor, fmt: str) -> byte
             except Exception:
                 program = torch.export.export(module, (example,))
             torch.export.save(program, buf)
-        elif fmt == "onnx":
-            if _TORCH_EXPORT_ONNX:  # the current exporter (torch.export-based); the TorchScript one is deprecated
-                torch.onnx.export(module, (example,), buf, input_names=["input"], output_names=["logits"],
-                                  dynamic_shapes=({0: torch.export.Dim.AUTO},), dynamo=True, verbose=False)
-            else:
-                torch.onnx.export(module, (example,), buf, input_names=["input"], output_names=["logits"],
-                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        elif fmt == "onnx":  # to a scratch file (the exporter deprecates file objects), read back
+            with tempfile.TemporaryDirectory(prefix="grownfx_onnx_") as scratch:
+                target = str(Path(scratch) / FILES[fmt])
+                if _TORCH_EXPORT_ONNX:  # the current exporter (torch.export-based); the TorchScript one is deprecated
+                    torch.onnx.export(module, (example,), target, input_names=["input"], output_names=["logits"],
+                                      dynamic_shapes=({0: torch.export.Dim.AUTO},), dynamo=True, verbose=False,
+                                      external_data=False)
+                else:
+                    torch.onnx.export(module, (example,), target, input_names=["input"], output_names=["logits"],
+                                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                buf.write(Path(target).read_bytes())
         elif fmt == "torchscript":
             torch.jit.save(torch.jit.trace(module, example), buf)
         else:
