@@ -327,3 +327,12 @@ def test_head_tail_computes_what_the_whole_network_computes_after_its_head():
         whole = m.model(x)
         torch.testing.assert_close(head_tail(m.model, m.head_target)(m.heads.features), whole)
     m.heads.keep_features, m.heads.features = False, None
+
+
+def test_a_penalty_too_strong_for_the_optimiser_is_named_when_training_diverges():
+    from grownfx.learn.guards import NonFiniteError
+
+    m, stream = method_and_stream({"name": "ewc", "lam": 1e12, "fisher_samples": 8}, epochs=2)
+    m.learn(stream.tasks[0], None)
+    with pytest.raises(NonFiniteError, match=r"lower method\.lam \(1e\+12\)"):
+        m.learn(stream.tasks[1], None)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grownfx.data import Task
+from grownfx.learn.guards import NonFiniteError
 from grownfx.learn.methods.base import StepTerms
 from grownfx.learn.methods.finetune import FinetuneContinual
 from grownfx.learn.training import derive_seed
@@ -84,6 +85,13 @@ class _Regularised(FinetuneContinual):
     def __init__(self, recipe, stream, device, **hooks):
         super().__init__(recipe, stream, device, **hooks)
         self.penalty = QuadraticPenalty()
+
+    def learn(self, task: Task, target, resume=None):
+        try:
+            return super().learn(task, target, resume)
+        except NonFiniteError as exc:  # the loop's advice names the learning rate; the penalty's strength matters too
+            raise NonFiniteError(f"{exc}; or lower method.lam ({self.recipe.method.lam:g}): a quadratic penalty "
+                                 "diverges under SGD once lr x lam x importance passes 2") from exc
 
     def step_terms(self, task: Task, t: int) -> Optional[StepTerms]:
         if not self.penalty.omega:
