@@ -11,7 +11,8 @@ recipe sets none); `data_seeds` varies the data instead (or as well: every pair 
 differs from its training seed lives in `<method>/seed<k>-data<d>/`; `seed<k>` is training and data seed k, which
 is also what a comparison made before data seeds existed holds.
 
-Methods: scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown, and GROWN's ablation rows
+Methods: every name of grownfx.recipe.schema.METHODS (scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown,
+ewc, si, mas, lwf, er), and GROWN's ablation rows
 grown[grow_only], grown[+selective_mask], grown[+lsg], grown[+retrain_released] (the paper's Table 5).
 A method the recipe itself names keeps the recipe's settings for it; the others take their defaults.
 
