@@ -537,7 +537,11 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder w
 @guarded
 def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
             methods: str = typer.Option(..., "--methods", help="Comma-separated method names."),
-            seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
+            seeds: str = typer.Option("0", "--seeds", help="Comma-separated training seeds (initialisation, "
+                                      "batches, masks); the data stays at the recipe's data seed."),
+            data_seeds: Optional[str] = typer.Option(None, "--data-seeds", help="Comma-separated data seeds (class "
+                                                     "order, hold-outs, low-data subsets); default: the recipe's "
+                                                     "data.seed, else its seed. With --seeds, every pair runs."),
             out: Optional[Path] = typer.Option(None, "--out", help="Comparison folder."),
             equal_budget: Optional[int] = typer.Option(None, "--equal-budget", min=1, help="Every method trains "
                                                        "exactly N epochs per task, all its phases together "
@@ -545,9 +549,10 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
             trust: bool = _TRUST):
     """Run one recipe with several methods and seeds, then compare them (grownfx report DIR makes the tables).
 
-    Methods: scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown, and the GROWN ablation rows
-    grown\\[grow_only], grown\\[+selective_mask], grown\\[+lsg], grown\\[+retrain_released]; every variant is
-    validated before any training starts."""
+    Methods: scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown, ewc, si, mas, lwf, er, and the GROWN
+    ablation rows grown\\[grow_only], grown\\[+selective_mask], grown\\[+lsg], grown\\[+retrain_released]; every
+    variant is validated before any training starts.  --seeds varies the training seed with the data fixed,
+    --data-seeds the data."""
     from grownfx.recipe.loading import load_recipe
 
     _warn_shadowed(recipe)
@@ -557,6 +562,12 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--seeds: comma-separated integers like 0,1,2, got {seeds!r}") from None
+    try:
+        data_list = [int(s) for s in data_seeds.split(",") if s.strip()] if data_seeds is not None else None
+    except ValueError:
+        raise UserError(f"--data-seeds: comma-separated integers like 0,1,2, got {data_seeds!r}") from None
+    if any(v < 0 for v in seed_list + (data_list or [])):
+        raise UserError("--seeds/--data-seeds: seeds are integers >= 0")
     from grownfx.recipe.schema import ABLATIONS, METHODS, parse_method_spec
 
     valid = [*METHODS, "finetune[forgetting]", *(f"grown[{a}]" for a in ABLATIONS)]
@@ -573,12 +584,14 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
         with progress(0) as bars:
             result = _lazy("grownfx.run.compare", "run_compare")(rec, methods=method_list, seeds=seed_list,
                                                                       out_dir=out, equal_budget=equal_budget,
-                                                                      progress=bars, echo=bars.log)
+                                                                      progress=bars, echo=bars.log,
+                                                                      data_seeds=data_list)
     except KeyboardInterrupt as exc:
         folder = getattr(exc, "out_dir", None)
         if folder is None:
             raise
         budget = ["--equal-budget", str(equal_budget)] if equal_budget is not None else []
+        budget += ["--data-seeds", data_seeds] if data_seeds is not None else []
         _interrupted(exc, _command_line("compare", recipe, overrides, "--methods", methods, "--seeds", seeds,
                                         *budget, "--out", str(folder), *(["--trust"] if trust else [])))
     table = _compare_table(Path(result))
@@ -617,18 +630,23 @@ def _compare_table(folder: Path) -> Optional[Table]:
         mean = format(statistics.fmean(values), fmt) + unit
         return mean + (f" ± {format(statistics.stdev(values), fmt)}{unit}" if len(values) > 1 else "")
 
-    table = Table(title=f"{escape(index.get('recipe', folder.name))}: {len(index.get('seeds', []))} seed(s)",
-                  box=box.SIMPLE_HEAD, pad_edge=False, caption="mean ± std over seeds; accuracy: test, after the "
-                  "last task; size: of the full backbone")
-    for col in ("method", "average %", "BWT", "size", "wall time"):
+    from grownfx.report.compare_report import seeds_line
+
+    table = Table(title=f"{escape(index.get('recipe', folder.name))}: {escape(seeds_line(index))}",
+                  box=box.SIMPLE_HEAD, pad_edge=False, caption="mean ± std over runs; accuracy: test, after the "
+                  "last task; size: of the full backbone (memory: with the values kept between tasks); CPU: "
+                  "process seconds per epoch")
+    for col in ("method", "average %", "BWT", "size", "memory", "CPU/epoch", "wall time"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for method in index.get("methods", rows):
         runs = rows.get(method)
         if not runs:
             continue
         sizes = [(r.get("tasks") or [{}])[-1].get("model_size") for r in runs]
+        memory = [(r.get("tasks") or [{}])[-1].get("memory_size") for r in runs]
         table.add_row(escape(method), stat([r.get("avg_acc") for r in runs], ".2f"),
-                      stat([r.get("bwt") for r in runs], "+.2f"), stat(sizes, ".2f", "x"),
+                      stat([r.get("bwt") for r in runs], "+.2f"), stat(sizes, ".2f", "x"), stat(memory, ".2f", "x"),
+                      stat([r.get("cpu_s_per_epoch") for r in runs], ".2f", "s"),
                       stat([r.get("wall_time_s") for r in runs], ".1f", "s"))
     return table
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from grownfx.run.compare import method_config, run_compare, slug
+from grownfx.run.compare import method_config, run_compare, run_folder, slug
 from grownfx.report.compare_report import compare_tables, load_compare, write_compare_report
 from grownfx.report.paper import PAPER
 from grownfx.recipe.schema import Recipe
@@ -44,24 +44,31 @@ def test_one_run_folder_per_method_and_seed(compared):
     index = json.loads((out / "compare.json").read_text())
     assert index["methods"][0] == "scratch"  # scratch first: its accuracies are the targets
     assert len(index["runs"]) == 8 and all(r["status"] == "ok" for r in index["runs"])
+    # --seeds varies the training seed only: every run has the recipe's data seed (its seed, 0)
+    assert index["seeds"] == [0, 1] and index["data_seeds"] == [0] and {r["data_seed"] for r in index["runs"]} == {0}
     for r in index["runs"]:
         summary = json.loads((out / r["dir"] / "summary.json").read_text())
-        assert len(summary["tasks"]) == 3 and r["dir"] == f"{slug(r['method'])}/seed{r['seed']}"
-    resolved = yaml.safe_load((out / "grown-plus_selective_mask/seed1/config.resolved.yaml").read_text())
+        assert len(summary["tasks"]) == 3 and r["dir"] == f"{slug(r['method'])}/{run_folder(r['seed'], 0)}"
+        assert (summary["seed"], summary["data_seed"], summary["complete"]) == (r["seed"], 0, True)
+    resolved = yaml.safe_load((out / "grown-plus_selective_mask/seed1-data0/config.resolved.yaml").read_text())
     assert resolved["seed"] == 1 and resolved["method"]["ablation"] == "+selective_mask"
-    assert resolved["training"]["epochs"] == 2 and resolved["data"] == index["recipe_config"]["data"]
+    assert resolved["training"]["epochs"] == 2 and resolved["data"] == {**index["recipe_config"]["data"], "seed": 0}
+    # the same data for both training seeds: the streams' sample ids agree
+    streams = [json.loads((out / "scratch" / run_folder(s, 0) / "stream.json").read_text()) for s in (0, 1)]
+    assert streams[0]["tasks"] == streams[1]["tasks"]
 
 
 def test_scratch_accuracies_are_the_targets_of_grown(compared):
     out, _ = compared
     index = json.loads((out / "compare.json").read_text())
-    for seed in (0, 1):
-        scratch = json.loads((out / f"scratch/seed{seed}/summary.json").read_text())
+    for seed, key in ((0, "0"), (1, "1-data0")):
+        folder = run_folder(seed, 0)
+        scratch = json.loads((out / f"scratch/{folder}/summary.json").read_text())
         expected = [t["val_acc"] - 1.0 for t in scratch["tasks"]]
-        assert index["targets"][str(seed)] == {"values": expected, "source": "scratch run"}
-        grown = json.loads((out / f"grown-grow_only/seed{seed}/summary.json").read_text())
+        assert index["targets"][key] == {"values": expected, "source": "scratch run", "seed": seed, "data_seed": 0}
+        grown = json.loads((out / f"grown-grow_only/{folder}/summary.json").read_text())
         assert [t["target"] for t in grown["tasks"]] == expected
-        metrics = (out / f"grown-grow_only/seed{seed}/metrics.jsonl").read_text()
+        metrics = (out / f"grown-grow_only/{folder}/metrics.jsonl").read_text()
         assert "scratch_reference" not in metrics  # not trained a second time
 
 
@@ -70,7 +77,8 @@ def test_report_tables_match_the_runs(compared):
     for name in ("compare.md", "accuracy.csv", "model_size.csv", "summary.csv", "ablation.csv", "runs.csv",
                  "accuracy_per_task.png", "model_size.png", "accuracy_vs_size.png"):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
-    runs = {m: [json.loads((out / slug(m) / f"seed{k}/summary.json").read_text()) for k in (0, 1)] for m in METHODS}
+    runs = {m: [json.loads((out / slug(m) / run_folder(k, 0) / "summary.json").read_text()) for k in (0, 1)]
+            for m in METHODS}
     acc = {r[0]: r for r in rows(report / "accuracy.csv")}
     assert acc["Method"] == ["Method", "1", "2", "3", "Avg", "Model size", "Epochs/task"]
     for m in METHODS:

@@ -155,8 +155,8 @@ FILE_CASES = {
         data: {name: synthetic}
         method:
           name: packnett   #!
-        """, "method.name: unknown method 'packnett'; did you mean 'packnet'? (valid names: grown, grow, scratch, "
-             "finetune, pnn, packnet, piggyback, cpg)"),
+        """, "method.name: unknown method 'packnett'; did you mean 'packnet'? (valid names: scratch, finetune, "
+             "pnn, grow, packnet, piggyback, cpg, grown, ewc, si, mas, lwf, er)"),
     "bad ablation": ("""\
         name: t
         model: {builder: small_cnn}

@@ -119,8 +119,10 @@ def build_stream(cfg: DataConfig | dict[str, Any], seed: int, *, code_dir: str |
 
 def data_seed(recipe: Any) -> int:
     """The seed of a recipe's data: class order, hold-outs, subsets and a python factory's `seed`.  Every stream a
-    run, a comparison, a reference or `load_run` builds takes it from here (today the recipe's seed)."""
-    return int(recipe.seed)
+    run, a comparison, a reference or `load_run` builds takes it from here: `data.seed`, or the recipe's `seed`
+    when the recipe does not set one (what every recipe meant before `data.seed` existed)."""
+    own = getattr(recipe.data, "seed", None)
+    return int(recipe.seed if own is None else own)
 
 
 def stream_for(recipe: Any) -> TaskStream:

@@ -56,6 +56,13 @@ class _Base(BaseModel):
     download: Literal[False] = Field(
         False, description="Always false: grownfx only reads files already on disk and never downloads anything."
     )
+    seed: Optional[NonNegativeInt] = Field(
+        None,
+        description="Seed of the data alone: class order, validation and test hold-outs, train_per_class and "
+        "limit_per_task subsets, a python factory's `seed`. Fixed while the recipe's `seed` (initialisation and "
+        "training) varies, so `grownfx compare --seeds` varies one thing at a time; `--data-seeds` varies this. "
+        "None: the recipe's `seed`, as before this field existed (a run's data follows its seed).",
+    )
     limit_per_task: Optional[PositiveInt] = Field(
         None,
         description="Cap on a task's train split and on its validation split (each at most this many samples, "
@@ -108,7 +115,7 @@ class _Ordered(BaseModel):
     class_order: Literal["fixed", "shuffled"] = Field(
         "fixed", description="'fixed' = class ids ascending; 'shuffled' = a permutation drawn from class_order_seed."
     )
-    class_order_seed: Optional[int] = Field(None, description="Seed of the shuffled class order; None = the run seed.")
+    class_order_seed: Optional[int] = Field(None, description="Seed of the shuffled class order; None = the data seed.")
 
 
 class Cifar100SplitConfig(_Ordered, _Normalised):
@@ -140,7 +147,7 @@ class Cifar100SuperclassConfig(_Normalised):
     num_tasks: Annotated[int, Field(ge=1, le=20)] = Field(20, description="Keep the first N superclass tasks.")
     task_order: Literal["alphabetical", "coarse_id", "shuffled"] = Field(
         "alphabetical",
-        description="Task order: by superclass name (CPG), by coarse label id, or shuffled with the run seed.",
+        description="Task order: by superclass name (CPG), by coarse label id, or shuffled with the data seed.",
     )
     val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
 
@@ -160,7 +167,7 @@ class MiniImageNetConfig(_Ordered, _Normalised):
         description="'shuffled' = permutation of the sorted class ids drawn from class_order_seed; 'fixed' = sorted.",
     )
     class_order_seed: Optional[int] = Field(
-        0, description="Seed of the class permutation, fixed by default so all runs share tasks; None = the run seed."
+        0, description="Seed of the class permutation, fixed by default so all runs share tasks; None = the data seed."
     )
     train_per_class: PositiveInt = Field(500, description="Images per class used for training (+validation).")
     test_per_class: PositiveInt = Field(
@@ -298,7 +305,7 @@ class PythonConfig(_Ordered, _Normalised):
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for the factory. A factory taking `seed` also gets "
-        "the run's data seed (unless kwargs sets it)."
+        "the data seed (unless kwargs sets it)."
     )
     classes_per_task: Optional[PositiveInt] = Field(
         None, description="When the factory returns one dataset: classes per task. Leave out for a list of tasks."
@@ -371,7 +378,7 @@ class SyntheticConfig(_Base):
         description="Every task reuses task 0's inputs with its labels permuted (each class's label changes from "
         "one task to the next), so fine-tuning forgets.",
     )
-    data_seed: Optional[int] = Field(None, description="Seed of the generated data; None = the run seed.")
+    data_seed: Optional[int] = Field(None, description="Seed of the generated data; None = the data seed.")
 
 
 DataConfig = Annotated[

@@ -32,6 +32,15 @@ class TaskRecord:
     released: int = 0
     retrained: int = 0
     extra: dict = field(default_factory=dict)  # method-specific facts (e.g. CPG's chosen sparsity)
+    # what a method keeps between tasks besides the network's parameters, counted in values (one value = one
+    # parameter-equivalent): replay's stored samples (their input values and labels), the quadratic penalties'
+    # importance and anchor (EWC, SI, MAS); `stored_samples`: the samples among them
+    stored_samples: int = 0
+    stored_values: int = 0
+    # this process's CPU seconds while learning the task (all threads; the runner measures it around `learn`,
+    # resumed parts included) and per epoch of the task: comparable where wall time (time_s) swings with load
+    cpu_s: float = 0.0
+    cpu_s_per_epoch: Optional[float] = None
     # where time_s went: training seconds per stage (the epoch events' `seconds`, summed by their `stage`) and
     # "other" = time_s minus those (validation, pruning, snapshots, growth set-up, freezing); empty for methods
     # that do not record it (one-stage baselines: their time_s is their one stage)

@@ -143,8 +143,11 @@ def run_epoch(
     penalty: Callable[[], torch.Tensor] | None = None,
     channels_last: bool = False,
     scaler=None,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[float, float, float, int]:
-    """One pass: cross-entropy (+ penalty) per batch.  Returns (mean loss, mean penalty, accuracy %, images).
+    """One pass: `criterion(logits, y)` (default cross-entropy) + `penalty()` per batch, then the optimiser step
+    and `after_step()`.  Returns (mean loss, mean penalty, accuracy %, images).
 
     A stop request is honoured between epochs, never inside one, so a checkpoint always holds whole epochs.
     """
@@ -157,7 +160,7 @@ def run_epoch(
         optim.zero_grad()
         with autocast(device, precision):
             out = model(x)
-            loss = F.cross_entropy(out, y)
+            loss = criterion(out, y) if criterion is not None else F.cross_entropy(out, y)
         pen = penalty() if penalty is not None else None
         full = loss + pen if pen is not None else loss
         if scaler is not None:
@@ -167,6 +170,8 @@ def run_epoch(
         else:
             full.backward()
             optim.step()
+        if after_step is not None:
+            after_step()
         batches += 1
         loss_sum += float(loss.detach())
         pen_sum += float(pen.detach()) if pen is not None else 0.0
@@ -191,12 +196,20 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, de
 
 
 class Timer:
+    """Wall seconds and this process's CPU seconds (all its threads) since it was made.  CPU time is what a
+    reader compares across runs on a shared machine, where wall time swings with the other jobs."""
+
     def __init__(self):
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
 
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+    @property
+    def cpu_seconds(self) -> float:
+        return time.process_time() - self.cpu_start
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -213,6 +226,8 @@ def train_stage(net: nn.Module, forward: Callable[[nn.Module, torch.Tensor], tor
                 start_epoch: int = 0, trainable: dict | None = None, event: dict | None = None,
                 before_epoch: Callable[[int, int], None] | None = None,
                 penalty: Callable[[], torch.Tensor] | None = None,
+                criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                after_step: Callable[[], None] | None = None,
                 epoch_done: Callable[[int], dict | None] | None = None,
                 on_epoch: Callable[[dict], None] | None = None,
                 should_stop: Callable[[], bool] = lambda: False,
@@ -224,7 +239,8 @@ def train_stage(net: nn.Module, forward: Callable[[nn.Module, torch.Tensor], tor
       shards the batches and reduces the epoch's numbers; the single-process `Dist` does nothing;
     * epoch e re-seeds torch and the loader from `derive_seed(*seed, e)`; `before_epoch(e, epochs)` then sets
       whatever else the epoch needs (GROWN's temperatures and gates);
-    * `optim.scaler` (fp16) scales the loss; `penalty()` joins the loss of every step;
+    * `optim.scaler` (fp16) scales the loss; `criterion(logits, y)` is a step's task loss (default cross-entropy),
+      `penalty()` joins it; `after_step()` runs after every optimiser step (a method's running statistics);
     * after each epoch: `epoch_done(e + 1)` (its dict joins the event), `on_epoch(event)`; a stop request
       (`should_stop()`, read between epochs only) calls `checkpoint(optim, True)` when the stage is unfinished
       and raises KeyboardInterrupt; `training.checkpoint_every` calls `checkpoint(optim, False)` mid-stage.
@@ -244,10 +260,12 @@ def train_stage(net: nn.Module, forward: Callable[[nn.Module, torch.Tensor], tor
         timer = Timer()
         step = dist.step_forward(lambda x: forward(model, x), loader)
         loss, pen, acc, n = run_epoch(step, loader, optim, device, precision=training.precision, penalty=penalty,
-                                      channels_last=training.channels_last, scaler=optim.scaler)
+                                      channels_last=training.channels_last, scaler=optim.scaler,
+                                      criterion=criterion, after_step=after_step)
         loss, pen, acc, n = dist.reduce_epoch(loss, pen, acc, n)
         info = {**(event or {}), "epoch": epoch + 1, "epochs": epochs, "loss": loss, "penalty": pen,
-                "train_acc": acc, "seconds": timer.seconds, "images_per_s": n / max(timer.seconds, 1e-9)}
+                "train_acc": acc, "seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds,
+                "images_per_s": n / max(timer.seconds, 1e-9)}
         if training.precise_bn and epoch + 1 == epochs:
             # before `epoch_done`, whose callers evaluate the stage's network.  Several processes: each passes
             # over its share of every batch while the stage's BatchNorm is still synchronised, so the statistics

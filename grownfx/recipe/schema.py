@@ -9,7 +9,7 @@ turns those paths into file:line messages.  Defaults follow the seed paper and t
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
@@ -138,7 +138,6 @@ class GrownMethod(_Strict):
         return pick(self.selective_mask, sel), pick(self.lsg, lsg), pick(self.retrain_released, ret)
 
 
-METHODS = ("scratch", "finetune", "pnn", "grow", "packnet", "piggyback", "cpg", "grown")
 ABLATIONS = ("grow_only", "+selective_mask", "+lsg", "+retrain_released")
 
 
@@ -222,11 +221,74 @@ class CPGMethod(_Strict):
     mask_lr: float = Field(5e-4, gt=0, description="Adam learning rate of the piggyback mask (CPG: 5e-4).")
 
 
+class EWCMethod(_Strict):
+    """Elastic weight consolidation (Kirkpatrick et al., PNAS 2017): one shared backbone, a head per task, and a
+    quadratic penalty (lam / 2) * sum_k F_k (theta - theta*_k)^2 over earlier tasks k."""
+
+    name: Literal["ewc"] = "ewc"
+    lam: float = Field(1e5, ge=0, description="Penalty strength lambda, the loss being CE + lam/2 * sum F (theta - "
+                       "anchor)^2 (GMvandeVen/continual-learning, Task-IL split MNIST, with this Fisher estimate: "
+                       "1e5).")
+    fisher_samples: Optional[PositiveInt] = Field(None, description="Training samples of a task its Fisher diagonal "
+                                                  "is estimated on, one at a time (the first N of a seeded order); "
+                                                  "null: all of them (van de Ven: a full pass).")
+
+
+class SIMethod(_Strict):
+    """Synaptic intelligence (Zenke, Poole & Ganguli, ICML 2017): the path integral of each parameter's share in
+    the loss's decrease, normalised by its squared displacement, weights a quadratic penalty."""
+
+    name: Literal["si"] = "si"
+    lam: float = Field(1.0, ge=0, description="Penalty strength c: loss = CE + c * sum Omega (theta - anchor)^2 "
+                       "(ganguli-lab/pathint, split MNIST: c = 1).")
+    xi: float = Field(1e-3, gt=0, description="Damping xi of Omega = omega / (Delta^2 + xi) (pathint, split MNIST "
+                      "and split CIFAR: 1e-3).")
+
+
+class MASMethod(_Strict):
+    """Memory aware synapses (Aljundi et al., ECCV 2018): importance = mean absolute gradient of the squared L2 norm
+    of the task's output, weighting a quadratic penalty."""
+
+    name: Literal["mas"] = "mas"
+    lam: float = Field(1.0, ge=0, description="Penalty strength lambda: loss = CE + lam * sum Omega (theta - "
+                       "anchor)^2 (MAS: 1 in the object recognition experiments; Avalanche's baseline: 1).")
+    importance_samples: Optional[PositiveInt] = Field(None, description="Training samples of a task its importance "
+                                                      "is computed on, one at a time; null: all of them (MAS: the "
+                                                      "task's training set).")
+
+
+class LwFMethod(_Strict):
+    """Learning without forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2017): the previous model's outputs of every
+    earlier head on the new task's data are distillation targets."""
+
+    name: Literal["lwf"] = "lwf"
+    lam: float = Field(1.0, ge=0, description="Weight lambda_o of the distillation loss (Li & Hoiem: 1; "
+                       "Avalanche LwF alpha: 1).")
+    temperature: float = Field(2.0, gt=0, description="Distillation temperature T (Li & Hoiem: 2; Avalanche: 2).")
+
+
+class ERMethod(_Strict):
+    """Experience replay (Chaudhry et al., 2019, ER-ring): a memory of `per_class` training samples of every class
+    of every earlier task, a batch of it replayed beside each new batch, each sample through its own task's head."""
+
+    name: Literal["er"] = "er"
+    per_class: PositiveInt = Field(20, description="Samples kept per class (a per-class ring buffer: exactly this "
+                                   "many, or all of a class that has fewer). 20: Avalanche's default memory of 200 "
+                                   "samples over a 10-class stream (SplitMNIST), facebookresearch/agem's 20 per class "
+                                   "(AWA).")
+    replay_batch: Optional[PositiveInt] = Field(None, description="Memory samples replayed per step, drawn without "
+                                                "replacement from the whole memory; null: training.batch_size (ER: "
+                                                "as many as the new batch).")
+
+
+# Every method a recipe can name.  A new method adds its config class here and registers its implementation in
+# grownfx.learn.methods._REGISTRY; METHODS and `grownfx compare` follow.
 MethodConfig = Annotated[
-    Union[GrownMethod, GrowMethod, ScratchMethod, FinetuneMethod, PNNMethod, PackNetMethod, PiggybackMethod,
-          CPGMethod],
+    Union[ScratchMethod, FinetuneMethod, PNNMethod, GrowMethod, PackNetMethod, PiggybackMethod, CPGMethod,
+          GrownMethod, EWCMethod, SIMethod, MASMethod, LwFMethod, ERMethod],
     Field(discriminator="name"),
 ]
+METHODS = tuple(get_args(cls.model_fields["name"].annotation)[0] for cls in get_args(get_args(MethodConfig)[0]))
 
 
 class TargetConfig(_Strict):

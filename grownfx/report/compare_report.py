@@ -37,7 +37,8 @@ def load_compare(compare_dir: str | Path) -> dict:
         path = compare_dir / entry["dir"]
         if entry.get("status") == "ok" and (path / "summary.json").is_file():
             run = read_run(path)
-            run.update(seed=entry["seed"], wall_s=entry.get("wall_s"))
+            # an entry from before data seeds were separate ran on the data of its own seed
+            run.update(seed=entry["seed"], data_seed=entry.get("data_seed", entry["seed"]), wall_s=entry.get("wall_s"))
             by_method.setdefault(entry["method"], []).append(run)
     runs = [r for rs in by_method.values() for r in rs]
     num_tasks = max([r["summary"].get("num_tasks") or len(r["summary"]["tasks"]) for r in runs], default=0)
@@ -80,31 +81,66 @@ def _cell(values: list[float], digits: int = 1, suffix: str = "", signed: bool =
 def compare_tables(data: dict) -> dict[str, Table]:
     n, methods, bench = data["num_tasks"], data["methods"], PAPER.get(data["benchmark"] or "", {})
     cols = [str(i + 1) for i in range(n)]
-    acc, size, summary = [], [], []
+    acc, size, summary = {}, {}, []
     for m, runs in methods.items():
         s = [r["summary"] for r in runs]
         final = [x["tasks"][-1]["model_size"] for x in s if x["tasks"] and x["tasks"][-1].get("model_size")]
+        memory = [_last(x, "memory_size", "model_size") for x in s if x["tasks"]]
+        stored = [x["tasks"][-1].get("stored_samples") or 0 for x in s if x["tasks"]]
         epochs = [sum(t.get("epochs") or 0 for t in x["tasks"]) / len(x["tasks"]) for x in s if x["tasks"]]
-        acc.append([m, *[_cell(v) for v in _per_task(runs, "acc_final", n)],
-                    _cell([x["avg_acc"] for x in s], 2), _cell(final, 2, "x"), _cell(epochs, 1)])
-        size.append([m, *[_cell(v, 2, "x") for v in _per_task(runs, "model_size", n)]])
+        acc[m] = [m, *[_cell(v) for v in _per_task(runs, "acc_final", n)],
+                  _cell([x["avg_acc"] for x in s], 2), _cell(final, 2, "x"), _cell(epochs, 1)]
+        size[m] = [m, *[_cell(v, 2, "x") for v in _per_task(runs, "model_size", n)]]
         summary.append([m, len(runs), _cell([x["avg_acc"] for x in s], 2), _cell([x["bwt"] for x in s], 2),
-                        _cell([x["forgetting"] for x in s], 2), _cell(final, 2, "x"),
-                        _cell([x["total_time_s"] for x in s], 1), _cell([r["wall_s"] for r in runs if r["wall_s"]], 1)])
-    for name, (row, avg, final) in bench.get("acc", {}).items():
-        acc.append([f"{name} (published)", *row[:n], f"{avg:.2f}", f"{final:.1f}x", ""])
-    for name, row in bench.get("size", {}).items():
-        size.append([f"{name} (published)", *[f"{v:.2f}x" for v in row[:n]]])
+                        _cell([x["forgetting"] for x in s], 2), _cell(final, 2, "x"), _cell(memory, 2, "x"),
+                        _cell(stored, 0), _cell([x["total_time_s"] for x in s], 1),
+                        _cell([x["total_cpu_s"] for x in s if x.get("total_cpu_s") is not None], 1),
+                        _cell([x["cpu_s_per_epoch"] for x in s if x.get("cpu_s_per_epoch") is not None], 2),
+                        _cell([r["wall_s"] for r in runs if r["wall_s"]], 1)])
+    published_acc = {f"{name} (published)": [f"{name} (published)", *row[:n], f"{avg:.2f}", f"{final:.1f}x", ""]
+                     for name, (row, avg, final) in bench.get("acc", {}).items()}
+    published_size = {f"{name} (published)": [f"{name} (published)", *[f"{v:.2f}x" for v in row[:n]]]
+                      for name, row in bench.get("size", {}).items()}
     tables = {
-        "accuracy": (["Method", *cols, "Avg", "Model size", "Epochs/task"], acc),
-        "model_size": (["Method", *cols], size),
-        "summary": (["Method", "Seeds", "Avg acc (%)", "BWT", "Forgetting", "Final size", "Train time (s)",
-                     "Wall time (s)"], summary),
+        "accuracy": (["Method", *cols, "Avg", "Model size", "Epochs/task"], beside_published(acc, published_acc)),
+        "model_size": (["Method", *cols], beside_published(size, published_size)),
+        "summary": (["Method", "Runs", "Avg acc (%)", "BWT", "Forgetting", "Final size", "Memory", "Stored samples",
+                     "Train time (s)", "CPU time (s)", "CPU s/epoch", "Wall time (s)"], summary),
     }
     ablation = _ablation(methods, n, bench)
     if ablation:
         tables["ablation"] = (["Method", *cols, "Avg"], ablation)
     return tables
+
+
+def _last(summary: dict, key: str, fallback: str) -> Optional[float]:
+    last = summary["tasks"][-1]
+    return last.get(key) if last.get(key) is not None else last.get(fallback)
+
+
+def _row_key(name: str) -> str:
+    """A method's name as the paper's rows spell it, reduced: 'Fine-tune' and 'finetune' -> 'finetune'."""
+    return "".join(c for c in name.split("[", 1)[0].split(" (", 1)[0].lower() if c.isalnum())
+
+
+def beside_published(own: dict[str, list], published: dict[str, list]) -> list[list]:
+    """Our rows in their order, each method's published row (same name: 'den' and 'DEN (published)',
+    'finetune' and 'Fine-tune (published)') right after its last own row; published rows of methods we did not
+    run at the end.  By name only, so a method added later needs nothing here."""
+    keys = {label: _row_key(label) for label in published}
+    last = {}
+    for m in own:
+        last[_row_key(m)] = m
+    rows, placed = [], set()
+    for m, row in own.items():
+        rows.append(row)
+        key = _row_key(m)
+        if last[key] == m:
+            for label, k in keys.items():
+                if k == key and label not in placed:
+                    rows.append(published[label])
+                    placed.add(label)
+    return rows + [row for label, row in published.items() if label not in placed]
 
 
 def _ablation(methods: dict, n: int, bench: dict) -> list[list]:
@@ -142,8 +178,8 @@ def _fmt(v: Optional[float], digits: int = 1, signed: bool = False) -> str:
 
 
 _TITLES = {
-    "summary": "Per method: average accuracy after the last task, backward transfer, forgetting, final model size "
-               "and time",
+    "summary": "Per method: average accuracy after the last task, backward transfer, forgetting, final model size, "
+               "memory kept between tasks and time",
     "accuracy": "Accuracy per task after the whole stream (%), average and final model size (paper Tables 1 and 3)",
     "model_size": "Model size after each task, relative to the full backbone (paper Tables 2 and 4)",
     "ablation": "Ablation: the first row's accuracy, then per-task changes from the row above (paper Table 5)",
@@ -157,31 +193,41 @@ def write_compare_report(compare_dir: str | Path) -> Path:
 
 
 def _write_runs_csv(data: dict, path: Path) -> None:
-    header = ["method", "seed", "task", "acc_final", "acc_when_learned", "val_acc", "target", "model_size",
-              "params_stored", "params_task", "time_s", "epochs"]
+    header = ["method", "seed", "data_seed", "task", "acc_final", "acc_when_learned", "val_acc", "target",
+              "model_size", "memory_size", "params_stored", "params_task", "stored_samples", "stored_values", "time_s",
+              "cpu_s", "cpu_s_per_epoch", "epochs"]
     rows = []
     for m, runs in data["methods"].items():
         for r in runs:
             for t in r["summary"]["tasks"]:
-                rows.append([m, r["seed"], t["index"] + 1, *[t.get(k) for k in header[3:]]])
+                rows.append([m, r["seed"], r.get("data_seed"), t["index"] + 1, *[t.get(k) for k in header[4:]]])
     files.atomic_write_csv([header, *rows], path)
 
 
 def _markdown(data: dict, tables: dict[str, Table], plots: list[str]) -> str:
     index = data["index"]
     lines = [f"# Comparison: {index['recipe']}", "",
-             f"- methods: {', '.join(index['methods'])}; seeds: {', '.join(map(str, index['seeds']))} "
-             "(cells are mean ± std over seeds when there are several)",
+             f"- methods: {', '.join(index['methods'])}; {seeds_line(index)} "
+             "(cells are mean ± std over the runs when there are several)",
              f"- {data['num_tasks']} tasks; every method ran the same stream, schedule and validation split",
              f"- target rule: {index.get('target_rule')}"]
     budget = (index.get("recipe_config") or {}).get("training", {}).get("epoch_budget")
     if budget:
         lines.append(f"- equal budget: every method trained {budget} epochs per task, all its phases together")
-    for seed, t in index.get("targets", {}).items():
-        lines.append(f"- targets for seed {seed} ({t['source']}): " + ", ".join(f"{v:.1f}" for v in t["values"]))
+    for key, t in index.get("targets", {}).items():
+        which = f"seed {key}" if "data_seed" not in t or t["seed"] == t["data_seed"] else \
+            f"seed {t['seed']}, data seed {t['data_seed']}"
+        lines.append(f"- targets for {which} ({t['source']}): " + ", ".join(f"{v:.1f}" for v in t["values"]))
     failed = [f"{r['method']} seed {r['seed']}" for r in index["runs"] if r.get("status") != "ok"]
     if failed:
         lines.append(f"- failed or missing runs (left out): {', '.join(failed)}")
+    if any(r["summary"].get("complete") is False for runs in data["methods"].values() for r in runs):
+        lines.append("- some runs are not complete (summary.json `complete: false`): their rows read the tasks "
+                     "learned so far")
+    lines.append("- Final size: parameters of the networks kept, relative to the full backbone; Memory: that plus "
+                 "the values a method keeps between tasks (replay's stored samples, one value per input value and "
+                 "label; EWC/SI/MAS's importance and anchor); CPU time: process CPU seconds (all threads) while "
+                 "learning, comparable across runs where wall time swings with the machine's load")
     if data["benchmark"]:
         lines.append(f"- rows marked (published) are the seed paper's own numbers ({PAPER[data['benchmark']]['source']}"
                      "), not runs of ours")
@@ -196,6 +242,20 @@ def _markdown(data: dict, tables: dict[str, Table], plots: list[str]) -> str:
 
 
 # --- plots ------------------------------------------------------------------------------------------------
+
+
+def seeds_line(index: dict) -> str:
+    """Which seeds a comparison varied: training seeds (initialisation, batches, masks), data seeds (class
+    order, hold-outs, subsets), or both."""
+    seeds = [str(s) for s in index.get("seeds", [])]
+    data = [str(d) for d in index.get("data_seeds", index.get("seeds", []))]
+    if "data_seeds" not in index:  # written before data seeds were separate: each seed chose its data too
+        return f"seeds: {', '.join(seeds)} (each seed also chose the data: training and data varied together)"
+    varied = []
+    varied.append(f"training seeds {', '.join(seeds)}" if len(seeds) > 1 else f"training seed {seeds[0]} (fixed)")
+    varied.append(f"data seeds {', '.join(data)}" if len(data) > 1 else f"data seed {data[0]} (fixed)")
+    what = [w for w, v in (("training", len(seeds) > 1), ("data", len(data) > 1)) if v]
+    return f"{'; '.join(varied)}: varied {' and '.join(what) if what else 'nothing'}"
 
 
 def _plots(data: dict, out: Path) -> list[str]:
@@ -226,7 +286,7 @@ def _series(runs: list[dict], key: str, n: int):
     return xs, [m for m, _ in stats if m is not None], [s or 0.0 for m, s in stats if m is not None]
 
 
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p", "d", "H", "8", "1", "2", "3", "4", "+")
 _LINES = ("-", "--", "-.", ":")
 
 
@@ -251,6 +311,8 @@ def method_styles(methods) -> dict[str, dict]:
     families = [f for f in dict.fromkeys(_family(m) for m in ordered) if f != "grown"]
     tab10 = colormaps["tab10"].colors
     palette = [c for i, c in enumerate(tab10) if i != 7]  # no grey: GROWN's own rows are black and greys
+    if len(families) > len(palette):  # more families than tab10 tells apart: tab20 (its greys left out too)
+        palette = [c for i, c in enumerate(colormaps["tab20"].colors) if i not in (14, 15)]
     base = {f: palette[i % len(palette)] for i, f in enumerate(families)}
     base["grown"] = (0.0, 0.0, 0.0)
     styles, rank = {}, {}
@@ -339,7 +401,8 @@ def _plot_tradeoff(ax, data: dict) -> None:
     for m in methods:
         runs = data["methods"][m]
         acc = _stat([r["summary"]["avg_acc"] for r in runs])
-        size = _stat([r["summary"]["tasks"][-1]["model_size"] for r in runs if r["summary"]["tasks"]])
+        # what a method keeps: the networks, and replay's samples or a penalty's importance beside them
+        size = _stat([_last(r["summary"], "memory_size", "model_size") for r in runs if r["summary"]["tasks"]])
         if acc[0] is None or size[0] is None:
             continue
         st = {k: v for k, v in styles[m].items() if k != "linestyle"}
@@ -360,5 +423,5 @@ def _plot_tradeoff(ax, data: dict) -> None:
         ax.scatter(final, avg, marker="s", facecolors="none", edgecolors="gray")
         ax.annotate(f"{name} (published)", (final, avg), textcoords="offset points", xytext=(4, -8), fontsize=6,
                     color="gray")
-    ax.set(xlabel="final model size (x full backbone)", ylabel="average accuracy (%)",
+    ax.set(xlabel="final size: parameters + values kept between tasks (x full backbone)", ylabel="average accuracy (%)",
            title="Accuracy vs model size")

@@ -84,7 +84,8 @@ def report_tables(run: dict) -> dict[str, Table]:
 
 _TASK_HEADER = ["Task", "Name", "Classes", "Target", "Val acc", "Acc when learned", "Acc final", "Grew",
                 "Growth rounds", "Channels added", "Params stored", "Params used", "Model size", "Mask bytes",
-                "Epochs", "Time (s)", "Selective zero frac", "Released", "Retrained"]
+                "Epochs", "Time (s)", "Selective zero frac", "Released", "Retrained", "CPU (s)", "CPU s/epoch",
+                "Stored samples", "Stored values", "Memory size"]
 
 
 def _task_row(t: dict) -> list:
@@ -94,7 +95,8 @@ def _task_row(t: dict) -> list:
             "yes" if t.get("grew") else "no", t.get("growth_rounds", 0), sum(growth.values()),
             t.get("params_stored", ""), t.get("params_task", ""), _size(t.get("model_size")), t.get("mask_bytes", ""),
             t.get("epochs", ""), _num(t.get("time_s")), _num(t.get("selective_zero_frac"), 3),
-            t.get("released", ""), t.get("retrained", "")]
+            t.get("released", ""), t.get("retrained", ""), _num(t.get("cpu_s")), _num(t.get("cpu_s_per_epoch"), 2),
+            t.get("stored_samples", ""), t.get("stored_values", ""), _size(t.get("memory_size"))]
 
 
 def _growth_table(tasks: list[dict]) -> Table:
@@ -154,14 +156,24 @@ def _markdown(run: dict, tables: dict[str, Table], plots: list[str]) -> str:
     full = s.get("full_params")
     bench = benchmark_of(run.get("recipe"))
     of = f" of {s['num_tasks']}" if s.get("num_tasks") not in (None, len(tasks)) else ""
-    lines = [f"# {s.get('name', 'run')}: {s.get('method', '?')}", "", f"- tasks: {len(tasks)}{of}",
+    complete = s.get("complete", len(tasks) == s.get("num_tasks", len(tasks)))
+    status = "" if complete else " (**not complete**: a partial run, the numbers below read the tasks learned so far)"
+    lines = [f"# {s.get('name', 'run')}: {s.get('method', '?')}", "", f"- tasks: {len(tasks)}{of}{status}",
              f"- average accuracy (after the last task): {_fmt(s.get('avg_acc'), 2)} %",
              f"- backward transfer (BWT): {_fmt(s.get('bwt'), 2)}; forgetting: {_fmt(s.get('forgetting'), 2)}",
              f"- full backbone: {full:,} parameters" if isinstance(full, int) else "- full backbone: unknown",
              f"- final model size: {_size(tasks[-1].get('model_size')) if tasks else '-'} of the full backbone",
-             f"- training time: {_fmt(s.get('total_time_s'), 1)} s (the tasks' own time)",
+             f"- training time: {_fmt(s.get('total_time_s'), 1)} s (the tasks' own time); CPU time "
+             f"{_fmt(s.get('total_cpu_s'), 1)} s, {_fmt(s.get('cpu_s_per_epoch'), 2)} s per epoch (this process, all "
+             "its threads: comparable across runs on a loaded machine)",
              f"- wall time: {_fmt(s.get('wall_time_s'), 1)} s (start to end: data, tracing, targets' reference "
              "runs, training, evaluation, checkpoints and exports; a resumed run counts its earlier parts)"]
+    if s.get("seed") is not None:
+        lines.append(f"- seeds: training {s['seed']}, data {s.get('data_seed', s['seed'])}")
+    if tasks and tasks[-1].get("stored_values"):
+        last = tasks[-1]
+        lines.append(f"- kept between tasks besides the parameters: {last.get('stored_samples', 0):,} samples, "
+                     f"{last['stored_values']:,} values in all (memory size {_size(last.get('memory_size'))})")
     if bench:
         lines.append(f"- published numbers: {PAPER[bench]['source']} (same benchmark, their own runs)")
     sections = [

@@ -5,7 +5,14 @@
 writes one run folder per method and seed (`<out>/<method>/seed<k>/`, each a normal `grownfx run` folder) and
 `<out>/compare.json` listing them; `grownfx report <out>` turns that into the paper's tables.
 
-Methods: scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown, and GROWN's ablation rows
+Seeds vary one thing at a time: `seeds` are training seeds (initialisation, batches, masks, growth) and the data
+(class order, hold-outs, low-data subsets) stays at the recipe's data seed (`data.seed`, or its `seed` when the
+recipe sets none); `data_seeds` varies the data instead (or as well: every pair is run).  A run whose data seed
+differs from its training seed lives in `<method>/seed<k>-data<d>/`; `seed<k>` is training and data seed k, which
+is also what a comparison made before data seeds existed holds.
+
+Methods: every name of grownfx.recipe.schema.METHODS (scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown,
+ewc, si, mas, lwf, er), and GROWN's ablation rows
 grown[grow_only], grown[+selective_mask], grown[+lsg], grown[+retrain_released] (the paper's Table 5).
 A method the recipe itself names keeps the recipe's settings for it; the others take their defaults.
 
@@ -25,7 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from grownfx.data import stream_for
+from grownfx.data import data_seed, stream_for
 from grownfx.files import atomic_write_text
 from grownfx.learn.methods.finetune import finetune_references
 from grownfx.learn.methods.scratch import fresh_backbone, train_plain
@@ -39,7 +46,7 @@ from grownfx.run.folder import RunError, _lock, holds_run
 from grownfx.run.runner import RunInterrupted, run
 from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, parse_target, target_sources
 
-__all__ = ["ABLATIONS", "METHODS", "method_config", "run_compare", "slug"]
+__all__ = ["ABLATIONS", "METHODS", "method_config", "run_compare", "run_folder", "seeded", "slug"]
 
 TARGETED = ("grown", "cpg")  # methods the runner gives a target (grownfx.run.runner._Run.target)
 
@@ -69,9 +76,26 @@ def _load(recipe_or_path, overrides: Sequence[str]) -> Recipe:
     return load_recipe(recipe_or_path, list(overrides))
 
 
-def _variant(recipe: Recipe, spec: str, seed: int, run_dir: Path, targets: Optional[list[float]]) -> Recipe:
+def run_folder(seed: int, data: int) -> str:
+    """A run's folder under its method: `seed<k>` when training and data seed are both k (what every comparison
+    held before data seeds were separate), else `seed<k>-data<d>`."""
+    return f"seed{seed}" if seed == data else f"seed{seed}-data{data}"
+
+
+def seeded(recipe: Recipe, seed: int, data: Optional[int] = None) -> Recipe:
+    """`recipe` with training seed `seed` and, when given, data seed `data` (else its own data seed rule)."""
     d = recipe.model_dump(mode="json")
-    d.update(name=f"{recipe.name}-{slug(spec)}-s{seed}", seed=seed, method=method_config(recipe, spec))
+    d["seed"] = seed
+    if data is not None:
+        d["data"]["seed"] = data
+    return Recipe.model_validate(d)
+
+
+def _variant(recipe: Recipe, spec: str, seed: int, run_dir: Path, targets: Optional[list[float]],
+             data: Optional[int] = None) -> Recipe:
+    d = seeded(recipe, seed, data).model_dump(mode="json")
+    name = f"{recipe.name}-{slug(spec)}-s{seed}" + ("" if data in (None, seed) else f"-d{data}")
+    d.update(name=name, method=method_config(recipe, spec))
     d["output"]["dir"] = str(run_dir)
     if targets is not None and d["method"]["name"] in TARGETED:
         d["target"]["rule"] = targets
@@ -121,8 +145,11 @@ def _finished(run_dir: Path, export_format: str = "none") -> bool:
 
 def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], overrides=(),  # noqa: B006
                 out_dir=None, equal_budget: Optional[int] = None, progress=None,
-                echo: Optional[Callable[[str], None]] = None) -> Path:
+                echo: Optional[Callable[[str], None]] = None, data_seeds: Optional[list[int]] = None) -> Path:
     """Run every method on every seed (same stream, schedule, validation split); returns the comparison folder.
+
+    `seeds`: training seeds; `data_seeds`: data seeds (default: the recipe's own, `data.seed` or else its `seed`,
+    fixed across `seeds`).  Every (training seed, data seed) pair runs.
 
     `equal_budget` N sets `training.epoch_budget`: every method then trains exactly N epochs per task.
 
@@ -139,15 +166,17 @@ def run_compare(recipe_or_path, methods: list[str], seeds: list[int] = [0], over
         d["training"]["epoch_budget"] = equal_budget
         recipe = Recipe.model_validate(d)
     specs = list(dict.fromkeys(methods))
+    data_seeds = list(dict.fromkeys(data_seeds if data_seeds else [data_seed(recipe)]))
     if not specs or not seeds:
         raise ValueError("give at least one method and one seed")
     for spec in specs:  # every variant must validate before hours of training start
-        _variant(recipe, spec, seeds[0], Path("."), None)
+        _variant(recipe, spec, seeds[0], Path("."), None, data_seeds[0])
     # scratch (and fine-tune) first: their validation accuracies are the targets
     specs.sort(key=lambda s: (s != "scratch", parse_method_spec(s)[0] != "finetune"))
     out, lock = _claim(recipe, out_dir, echo)
     try:
-        return _compare(recipe, specs, seeds, out, progress, echo)
+        return _compare(recipe, specs, [(s, d) for d in data_seeds for s in dict.fromkeys(seeds)], out, progress,
+                        echo)
     except KeyboardInterrupt as exc:  # the comparison folder is what continues (its runs resume themselves)
         if isinstance(exc, RunInterrupted) and exc.out_dir == out:
             raise
@@ -191,49 +220,66 @@ def _other_recipe(out: Path, recipe: Recipe) -> bool:
     return _what_is_learned(old.get("recipe_config", {})) != _what_is_learned(recipe.model_dump(mode="json"))
 
 
-def _compare(recipe: Recipe, specs: list[str], seeds: Sequence[int], out: Path, progress=None,
+def _compare(recipe: Recipe, specs: list[str], pairs: Sequence[tuple[int, int]], out: Path, progress=None,
              echo: Callable[[str], None] = print) -> Path:
+    """Every method on every (training seed, data seed) pair."""
     out.mkdir(parents=True, exist_ok=True)
     rule = recipe.target.rule
     margin = parse_target(rule) if isinstance(rule, str) else None
-    index = _index(out, recipe, specs, seeds)
+    index = _index(out, recipe, specs, pairs)
     wants = margin is not None and any(parse_method_spec(s)[0] in TARGETED for s in specs)
     failures = []
-    for seed in seeds:
+    for seed, data in pairs:
+        label = _label(seed, data)
         targets: Optional[list[float]] = None
         for spec in specs:
             name, _ = parse_method_spec(spec)
             if wants and targets is None and name in TARGETED:
                 try:
-                    targets, source = _targets(recipe, seed, out, specs, progress)
+                    targets, source = _targets(recipe, seed, out, specs, progress, data)
                 except NonFiniteError as exc:  # no target: never let a diverged reference set one
-                    entry = _record_failure(out, index, spec, seed, f"no target: the reference diverged ({exc})")
-                    failures.append(f"{spec} seed {seed}: {entry['error']}")
+                    entry = _record_failure(out, index, spec, seed, data,
+                                            f"no target: the reference diverged ({exc})")
+                    failures.append(f"{spec} {label}: {entry['error']}")
                     continue
                 targets = [v - margin for v in targets]
-                index["targets"][str(seed)] = {"values": targets, "source": source}
-            entry = _run_one(recipe, spec, seed, out, targets, index, progress, echo)
+                index["targets"][_target_key(seed, data)] = {"values": targets, "source": source, "seed": seed,
+                                                             "data_seed": data}
+            entry = _run_one(recipe, spec, seed, data, out, targets, index, progress, echo)
             if entry["status"] != "ok":
-                failures.append(f"{spec} seed {seed}: {entry['error']}")
+                failures.append(f"{spec} {label}: {entry['error']}")
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed (see {out / 'compare.json'}):\n" + "\n".join(failures))
     return out
 
 
-def _record_failure(out: Path, index: dict, spec: str, seed: int, error: str) -> dict:
-    entry = {"method": spec, "seed": seed, "dir": str(Path(slug(spec)) / f"seed{seed}"), "status": "failed",
-             "error": error}
-    index["runs"] = [r for r in index["runs"] if (r["method"], r["seed"]) != (spec, seed)] + [entry]
+def _label(seed: int, data: int) -> str:
+    return f"seed {seed}" if seed == data else f"seed {seed}, data seed {data}"
+
+
+def _target_key(seed: int, data: int) -> str:
+    return str(seed) if seed == data else f"{seed}-data{data}"
+
+
+def _same_run(entry: dict, spec: str, seed: int, data: int) -> bool:
+    # an entry written before data seeds were separate ran with its data seed equal to its seed
+    return (entry["method"], entry["seed"], entry.get("data_seed", entry["seed"])) == (spec, seed, data)
+
+
+def _record_failure(out: Path, index: dict, spec: str, seed: int, data: int, error: str) -> dict:
+    entry = {"method": spec, "seed": seed, "data_seed": data, "dir": str(Path(slug(spec)) / run_folder(seed, data)),
+             "status": "failed", "error": error}
+    index["runs"] = [r for r in index["runs"] if not _same_run(r, spec, seed, data)] + [entry]
     _write(out, index)
     return entry
 
 
-def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: dict, progress=None,
+def _run_one(recipe: Recipe, spec: str, seed: int, data: int, out: Path, targets, index: dict, progress=None,
              echo: Callable[[str], None] = print) -> dict:
-    """Run (or reuse, or resume) one method and seed; record it in compare.json."""
-    run_dir = out / slug(spec) / f"seed{seed}"
-    before = next((r for r in index["runs"] if (r["method"], r["seed"]) == (spec, seed)), {})
-    entry = {"method": spec, "seed": seed, "dir": str(run_dir.relative_to(out)), "status": "ok"}
+    """Run (or reuse, or resume) one method on one (training seed, data seed); record it in compare.json."""
+    run_dir = out / slug(spec) / run_folder(seed, data)
+    before = next((r for r in index["runs"] if _same_run(r, spec, seed, data)), {})
+    entry = {"method": spec, "seed": seed, "data_seed": data, "dir": str(run_dir.relative_to(out)), "status": "ok"}
     start = time.perf_counter()
     try:
         if _finished(run_dir, recipe.output.export_format):
@@ -241,8 +287,8 @@ def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: di
         else:
             # an explicit folder (never renumbered); resumed when it holds a run, even one killed before its
             # first checkpoint (the runner starts that one again)
-            run(_variant(recipe, spec, seed, run_dir, targets), out_dir=run_dir, resume=holds_run(run_dir),
-                progress=progress, echo=lambda msg: echo(f"[{spec} seed {seed}] {msg}"))
+            run(_variant(recipe, spec, seed, run_dir, targets, data), out_dir=run_dir, resume=holds_run(run_dir),
+                progress=progress, echo=lambda msg: echo(f"[{spec} {_label(seed, data)}] {msg}"))
     except KeyboardInterrupt:
         _write(out, index)
         raise
@@ -255,36 +301,40 @@ def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: di
     return entry
 
 
-def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = (), progress=None
-             ) -> tuple[list[float], str]:
+def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = (), progress=None,
+             data: Optional[int] = None) -> tuple[list[float], str]:
     """Scratch validation accuracies per task: from this comparison's scratch run when it is the same
-    computation (same seed and epochs), else trained here once for every targeted method of this seed.
+    computation (same seeds and epochs), else trained here once for every targeted method of this seed pair.
     With `best(scratch, finetune)` the per-task maximum with fine-tune's validation accuracy when it learned
-    the task (the same with and without keep_copies), read from a fine-tune run of this comparison or trained."""
-    run_dir = out / slug("scratch") / f"seed{seed}"
+    the task (the same with and without keep_copies), read from a fine-tune run of this comparison or trained.
+    `data`: the data seed (None: the recipe's rule with training seed `seed`)."""
+    pinned = seeded(recipe, seed, data)
+    folder = run_folder(seed, data_seed(pinned))
+    run_dir = out / slug("scratch") / folder
     if _scratch_epochs_match(recipe) and _finished(run_dir):
         tasks = read_model(run_dir / "summary.json", Summary)["tasks"]
         values, source = [float(t["val_acc"]) for t in tasks], "scratch run"
     else:
-        values, source = scratch_targets(recipe, seed, progress), "scratch trained once for this comparison"
+        values, source = scratch_targets(pinned, seed, progress), "scratch trained once for this comparison"
     if "finetune" not in target_sources(recipe.target.rule):
         return values, source
-    ft = [out / slug(s) / f"seed{seed}" for s in specs if parse_method_spec(s)[0] == "finetune"]
+    ft = [out / slug(s) / folder for s in specs if parse_method_spec(s)[0] == "finetune"]
     ft = [d for d in ft if _finished(d)]
     if ft:
         tasks = read_model(ft[0] / "summary.json", Summary)["tasks"]
         fine, where = [float(t["val_acc"]) for t in tasks], "fine-tune run"
     else:
-        fine = finetune_references(recipe.model_copy(update={"seed": seed}),
-                                   progress.epoch if progress is not None else None)
+        fine = finetune_references(pinned, progress.epoch if progress is not None else None)
         where = "fine-tune trained once"
     return [max(a, b) for a, b in zip(values, fine)], f"best of {source} and {where}"
 
 
-def _index(out: Path, recipe: Recipe, specs: list[str], seeds: Sequence[int]) -> dict:
-    """compare.json's content: a new one, or the folder's own extended (a comparison can grow over calls)."""
-    index = {"recipe": recipe.name, "methods": [], "seeds": [], "target_rule": recipe.target.rule, "runs": [],
-             "targets": {}, "recipe_config": recipe.model_dump(mode="json")}
+def _index(out: Path, recipe: Recipe, specs: list[str], pairs: Sequence[tuple[int, int]]) -> dict:
+    """compare.json's content: a new one, or the folder's own extended (a comparison can grow over calls).
+    `seeds` and `data_seeds` list the training and data seeds run so far (an index written before data seeds
+    were separate ran each seed on its own data seed)."""
+    index = {"recipe": recipe.name, "methods": [], "seeds": [], "data_seeds": [], "target_rule": recipe.target.rule,
+             "runs": [], "targets": {}, "recipe_config": recipe.model_dump(mode="json")}
     path = out / "compare.json"
     old = None
     if path.is_file():
@@ -295,9 +345,11 @@ def _index(out: Path, recipe: Recipe, specs: list[str], seeds: Sequence[int]) ->
     if old is not None:
         if _what_is_learned(old.get("recipe_config", {})) != _what_is_learned(index["recipe_config"]):
             raise RunError(f"{out} holds a comparison of another recipe; choose another out_dir")
-        index.update(methods=old["methods"], seeds=old["seeds"], runs=old["runs"], targets=old.get("targets", {}))
+        index.update(methods=old["methods"], seeds=old["seeds"], runs=old["runs"], targets=old.get("targets", {}),
+                     data_seeds=old.get("data_seeds", list(old["seeds"])))
     index["methods"] = sorted(dict.fromkeys(index["methods"] + specs), key=lambda s: s != "scratch")
-    index["seeds"] = list(dict.fromkeys(index["seeds"] + list(seeds)))
+    index["seeds"] = list(dict.fromkeys(index["seeds"] + [s for s, _ in pairs]))
+    index["data_seeds"] = list(dict.fromkeys(index["data_seeds"] + [d for _, d in pairs]))
     return index
 
 

@@ -30,7 +30,7 @@ from grownfx.errors import Interrupted
 from grownfx.learn import distributed
 from grownfx.recipe.loading import load_recipe
 from grownfx.recipe.schema import Recipe, parse_target, target_sources
-from grownfx.data import TaskStream, stream_for
+from grownfx.data import TaskStream, data_seed, stream_for
 from grownfx.run.console import _task_line, _tensorboard
 from grownfx.run.folder import RunError, _load_checkpoint, _prepare_out, claim_out
 from grownfx.run.export import export_complete, record_export, save_module, task_folder, task_meta
@@ -226,6 +226,8 @@ class _Run:
         self.targets: dict[int, dict] = {}
         self.metrics_lines = 0
         self.metrics: list[str] = []  # every event line so far (rank 0): checkpointed, metrics.jsonl rebuilt from it
+        self.task_cpu = (time.process_time(), 0.0)  # (process time when learn() began, CPU s of it before a resume)
+        self.task_cpu_before = 0.0  # a resumed task's CPU seconds before its mid-task checkpoint
         self.writer = _tensorboard(out) if recipe.output.tensorboard and main else None
         extra = {"dist": self.dist}  # every method trains through the one stage loop, data-parallel with `dist`
         # a stop request counts when any rank has one, so all ranks stop after the same epoch
@@ -277,7 +279,10 @@ class _Run:
                     self.progress.start_task(t, len(tasks), task.name)
                 target = self.target(t)
                 resume, self.resume_position = self.resume_position, None
+                self.task_cpu = (time.process_time(), self.task_cpu_before if resume is not None else 0.0)
                 record = self.method.learn(task, target, resume)
+                record.cpu_s = self.learning_cpu_s()
+                record.cpu_s_per_epoch = record.cpu_s / record.epochs if record.epochs else None
                 row = [self.method.evaluate(j, tasks[j].test) for j in range(t + 1)]
                 self.matrix.append(row)
                 self.records.append(record)
@@ -352,13 +357,22 @@ class _Run:
         for r in self.records:
             d = r.to_dict()
             d.update(acc_when_learned=R[r.index][r.index], acc_final=final[r.index],
-                     model_size=r.params_stored / full if full else None)
+                     model_size=r.params_stored / full if full else None,
+                     memory_size=(r.params_stored + r.stored_values) / full if full else None)
             tasks.append(d)
+        cpu, epochs = sum(r.cpu_s for r in self.records), sum(r.epochs for r in self.records)
+        done, total = len(self.records), len(self.stream.tasks)
         return {"name": self.recipe.name, "method": self.method.name, "full_params": full,
+                "complete": done == total, "tasks_done": done, "num_tasks": total,
+                "seed": self.recipe.seed, "data_seed": data_seed(self.recipe),
                 "avg_acc": metrics["avg_acc"], "bwt": metrics["bwt"], "forgetting": metrics["forgetting"],
                 "total_time_s": sum(r.time_s for r in self.records), "wall_time_s": self.wall_time(),
-                "num_tasks": len(self.stream.tasks),
+                "total_cpu_s": cpu, "cpu_s_per_epoch": cpu / epochs if epochs else None,
                 "tasks": tasks}
+
+    def learning_cpu_s(self) -> float:
+        """CPU seconds of the task being learned, its part before a mid-task resume included."""
+        return self.task_cpu[1] + time.process_time() - self.task_cpu[0]
 
     def wall_time(self) -> float:
         """Seconds from the start of `run` (of each process, for a resumed run) to now."""
@@ -422,6 +436,7 @@ class _Run:
             "matrix": self.matrix, "targets": {str(k): v for k, v in self.targets.items()},
             "metrics_lines": self.metrics_lines, "metrics": list(self.metrics), "method": self.method.state(),
             "wall_s": self.wall_time(),
+            "task_cpu_s": self.learning_cpu_s() if position is not None else 0.0,
             "position": asdict(position) if position is not None else None,
             "optim": optim.state_dict() if optim is not None else None,
         }
@@ -440,6 +455,7 @@ class _Run:
         self.matrix = [list(r) for r in state["matrix"]]
         self.targets = {int(k): v for k, v in state["targets"].items()}
         self.wall_before = float(state.get("wall_s", 0.0))
+        self.task_cpu_before = float(state.get("task_cpu_s") or 0.0)
         self.method.load_state(state["method"])
         if self.dist.is_main:  # metrics.jsonl as of the checkpoint, rebuilt from it (the file may be gone)
             if "metrics" in state:

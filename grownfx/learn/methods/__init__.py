@@ -10,6 +10,9 @@ from grownfx.learn.methods.base import ContinualMethod
 from grownfx.learn.methods.cpg import CPGContinual
 from grownfx.learn.methods.finetune import FinetuneContinual
 from grownfx.learn.methods.grown import GrownContinual, build_net
+from grownfx.learn.methods.lwf import LwFContinual
+from grownfx.learn.methods.regularisation import EWCContinual, MASContinual, SIContinual
+from grownfx.learn.methods.replay import ERContinual
 from grownfx.learn.methods.packnet import PackNetContinual
 from grownfx.learn.methods.piggyback import PiggybackContinual
 from grownfx.learn.methods.pnn import PNNContinual
@@ -24,6 +27,11 @@ _REGISTRY = {
     "packnet": PackNetContinual,
     "piggyback": PiggybackContinual,
     "cpg": CPGContinual,
+    "ewc": EWCContinual,
+    "si": SIContinual,
+    "mas": MASContinual,
+    "lwf": LwFContinual,
+    "er": ERContinual,
 }
 
 
@@ -34,5 +42,6 @@ def make_method(recipe: Recipe, stream: TaskStream, device: torch.device, **hook
     return _REGISTRY[name](recipe, stream, device, **hooks)
 
 
-__all__ = ["CPGContinual", "ContinualMethod", "FinetuneContinual", "GrownContinual", "PNNContinual",
-           "PackNetContinual", "PiggybackContinual", "ScratchContinual", "build_net", "make_method", "train_plain"]
+__all__ = ["CPGContinual", "ContinualMethod", "ERContinual", "EWCContinual", "FinetuneContinual", "GrownContinual",
+           "LwFContinual", "MASContinual", "PNNContinual", "PackNetContinual", "PiggybackContinual", "SIContinual",
+           "ScratchContinual", "build_net", "make_method", "train_plain"]

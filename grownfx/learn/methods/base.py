@@ -60,7 +60,8 @@ def train_stage(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
                 on_epoch: Callable[[dict], None] | None = None,
                 should_stop: Callable[[], bool] = lambda: False,
                 after: Callable[[], dict] | None = None, dist: Optional[Dist] = None,
-                resume: Optional[tuple] = None, checkpoint: Callable | None = None, epochs_before: int = 0) -> int:
+                resume: Optional[tuple] = None, checkpoint: Callable | None = None, epochs_before: int = 0,
+                terms: Optional[StepTerms] = None) -> int:
     """A baseline's stage through the one loop (grownfx.learn.training.train_stage): `epochs` passes over the
     task's train split, one optimiser per (parameters, config) group, fp16 with a GradScaler.
 
@@ -72,8 +73,10 @@ def train_stage(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
     (and what DDP wraps with several processes, `dist`).  `resume` = (LearnerPosition, optimiser state) of a
     mid-task checkpoint of this (stage, round): training continues from its epoch.  `checkpoint(None, position,
     optim)` (the runner's mid-task checkpoint) is called on a stop request and every `checkpoint_every` epochs.
+    `terms`: what the method adds to every step (a penalty, its own task loss, a hook after the optimiser step).
     Returns the stage's epochs (those before a resume included).
     """
+    terms = terms if terms is not None else StepTerms()
     dist = dist if dist is not None else Dist(device)
     opts = [make_optimizer(list(params), cfg) for params, cfg in groups]
     optim = StageOptim([o for o in opts if o is not None], training.scheduler, tuple(training.milestones),
@@ -101,8 +104,20 @@ def train_stage(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor
     ran = run_stage(_Forward(model, forward), lambda m, x: m(x), optim, task.train, training, device, dist=dist,
                     seed=(*seed, stage, round), epochs=epochs, start_epoch=start, trainable=trainable,
                     event={"task": task.index, "stage": stage, "round": round}, epoch_done=epoch_done,
-                    on_epoch=on_epoch, should_stop=should_stop, checkpoint=save if checkpoint is not None else None)
+                    on_epoch=on_epoch, should_stop=should_stop, checkpoint=save if checkpoint is not None else None,
+                    penalty=terms.penalty, criterion=terms.criterion, after_step=terms.after_step)
     return start + ran  # the stage's epochs, those before a resume included
+
+
+@dataclasses.dataclass
+class StepTerms:
+    """What a method adds to each training step of the one loop (each optional): `penalty()` joins the loss,
+    `criterion(logits, y)` replaces cross-entropy as the batch's task loss, `after_step()` runs after the
+    optimiser step."""
+
+    penalty: Optional[Callable[[], torch.Tensor]] = None
+    criterion: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    after_step: Optional[Callable[[], None]] = None
 
 
 class _Forward(nn.Module):

@@ -3,6 +3,10 @@
 The backbone and its norms are shared, so learning a task moves the features the earlier heads read: this is
 the forgetting baseline.  With `keep_copies` (the seed paper's Fine-tune row, model size T x) a copy of the
 whole network is stored after each task and evaluates that task, so nothing is forgotten.
+
+`FinetuneContinual` is also the plumbing of the methods that add something to this shared network (EWC, SI, MAS,
+LwF, experience replay): they override the hooks `begin_task`, `step_terms`, `training_forward`, `end_task`,
+`stored` and extend `state` / `load_state`; `trains_old_heads` says whether earlier heads keep learning.
 """
 
 from __future__ import annotations
@@ -22,30 +26,22 @@ from grownfx.engine.net import count_parameters, slim
 from grownfx.engine.rewrite import set_submodule
 from grownfx.learn.training import Timer, derive_seed, resolve_device
 from grownfx.recipe.schema import FinetuneMethod
-from grownfx.learn.methods.base import evaluate_with, example_input, train_stage
-
-
-class MultiHead(nn.Module):
-    """Stands in for the classifier layer: one head per task, `task` picks the one that computes."""
-
-    def __init__(self):
-        super().__init__()
-        self.heads = nn.ModuleList()
-        self.task = 0
-
-    def forward(self, x):
-        return self.heads[self.task](x)
+from grownfx.learn.methods.base import StepTerms, evaluate_with, example_input, train_stage
+from grownfx.learn.methods.multihead import MultiHead
 
 
 class FinetuneContinual:
     name = "finetune"
+    trains_old_heads = False  # LwF and replay: an earlier head keeps learning from the loss that reaches it
 
     def __init__(self, recipe, stream, device: torch.device, *, on_epoch=None, should_stop=lambda: False,
                  checkpoint=None, dist=None, **_):
         self.recipe, self.stream, self.device = recipe, stream, torch.device(device)
         self.checkpoint, self.dist = checkpoint, dist  # mid-task checkpoints; data-parallel training
         # the paper's row (a copy per task) is "finetune"; the shared network that forgets is labelled apart
-        self.name = "finetune" if recipe.method.keep_copies else "finetune[forgetting]"
+        self.keep_copies = recipe.method.name == "finetune" and recipe.method.keep_copies
+        if recipe.method.name == "finetune":
+            self.name = "finetune" if self.keep_copies else "finetune[forgetting]"
         self.on_epoch, self.should_stop = on_epoch, should_stop
         torch.manual_seed(recipe.seed)
         model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs, recipe.code_dir)
@@ -67,7 +63,7 @@ class FinetuneContinual:
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
         timer, training = Timer(), self.recipe.training
         for old in self.heads.heads:
-            old.requires_grad_(False)
+            old.requires_grad_(self.trains_old_heads)
         if resume is None:
             t = len(self.heads.heads)
             self.heads.heads.append(self._new_head(task.num_classes, t))
@@ -75,18 +71,50 @@ class FinetuneContinual:
             t = len(self.heads.heads) - 1
             self.heads.heads[t].requires_grad_(True)
         self.heads.task = t
+        self.begin_task(task, t, resumed=resume is not None)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        epochs = train_stage(self.model, self._forward(t), [(params, training.optimizer)], task, training,
+        epochs = train_stage(self.model, self.training_forward(t), [(params, training.optimizer)], task, training,
                              self.device, seed=(self.recipe.seed, self.name, t), epochs=task_epochs(training),
                              stage="train", on_epoch=self.on_epoch, should_stop=self.should_stop,
-                             dist=self.dist, resume=resume, checkpoint=self.checkpoint)
-        if self.recipe.method.keep_copies:
+                             dist=self.dist, resume=resume, checkpoint=self.checkpoint, terms=self.step_terms(task, t))
+        self.end_task(task, t)
+        if self.keep_copies:
             self.copies.append(copy.deepcopy(self.model).requires_grad_(False))
         val = self.evaluate(t, task.val)
+        samples, values = self.stored()
         return TaskRecord(index=t, name=task.name, num_classes=task.num_classes, target=target, val_acc=val,
                           val_history=[val], params_stored=self.num_parameters(),
                           params_task=count_parameters(self.export(t)),
-                          time_s=timer.seconds + (resume[0].elapsed if resume else 0.0), epochs=epochs)
+                          time_s=timer.seconds + (resume[0].elapsed if resume else 0.0), epochs=epochs,
+                          stored_samples=samples, stored_values=values, extra=self.record_extra(t))
+
+    # -- what a method on this shared network adds (fine-tune: nothing) --------------------------------------
+    def begin_task(self, task: Task, t: int, resumed: bool) -> None:
+        """Before task `t` trains (`resumed`: its mid-task checkpoint's state is already loaded)."""
+
+    def step_terms(self, task: Task, t: int) -> Optional[StepTerms]:
+        """What every training step of task `t` adds to cross-entropy (grownfx.learn.methods.base.StepTerms)."""
+        return None
+
+    def training_forward(self, t: int):
+        """The forward the loop trains task `t` with (evaluation always uses `_forward`)."""
+        return self._forward(t)
+
+    def end_task(self, task: Task, t: int) -> None:
+        """After task `t` trained, before it is evaluated and recorded."""
+
+    def stored(self) -> tuple[int, int]:
+        """(samples, values) kept between tasks besides the parameters (TaskRecord.stored_samples/_values)."""
+        return 0, 0
+
+    def record_extra(self, t: int) -> dict:
+        """Method-specific facts of task `t` for its TaskRecord."""
+        return {}
+
+    def shared_parameters(self) -> dict[str, nn.Parameter]:
+        """The backbone's parameters by name: everything but the per-task heads."""
+        heads = f"{self.head_target}."
+        return {n: p for n, p in self.model.named_parameters() if not n.startswith(heads)}
 
     def _model_for(self, t: int) -> nn.Module:
         return self.copies[t] if t < len(self.copies) else self.model
