@@ -28,11 +28,11 @@ from grownfx.engine.mask_storage import join_task_masks, split_task_masks
 from grownfx.engine.rewrite import export_graph, make_layer_norms_task_aware, make_literals_task_aware, make_task_aware
 from grownfx.engine.splits import install_task_splits
 from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
+from grownfx.engine.errors import ModelCheckError, SurgeryError
+from grownfx.engine.selfcheck import check_graph
 from grownfx.engine.tracing import trace
 
-
-class SurgeryError(ValueError):
-    """A model or request the surgery engine cannot handle, with the reason."""
+__all__ = ["GrowableNet", "ModelCheckError", "SurgeryError", "count_parameters", "prepare", "slim"]
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -48,18 +48,31 @@ def prepare(
     granularity: str = "kernel",
     seed: int = 0,
     auto_leaves: bool = False,
+    output: int | str | None = None,
+    head: str | Sequence[str] | None = None,
+    check: bool = True,
 ) -> "GrowableNet":
     """Trace `model`, find its coupling groups, slim every growable group to `seed_width`, make it task-aware.
 
     `auto_leaves`: a submodule torch.fx cannot trace is kept opaque (a leaf) instead of raising TraceError;
-    `net.graph_module.auto_leaves` names them."""
+    `net.graph_module.auto_leaves` names them.
+    `output`: which of the values a model returns are the logits (an index, a dict key or a namedtuple field), for
+    a model that returns several; a dict key or field `logits` is taken without it.
+    `head`: the classifier when the analysis cannot find it -- a module, or a parameter used by a functional
+    head (`F.linear(f, self.W)`: `head="W"`); every task gets its own copy with its own number of classes.
+    `check`: compare the traced graph with `model` on `example_input` before anything is changed
+    (`engine/selfcheck.py`: outputs in eval and train mode, input and parameter gradients; `ModelCheckError` on a
+    difference).  Always on for users; internal callers that already checked the same model may pass False.
+    `net.check_report` says what was compared."""
     if not isinstance(seed_width, (int, float)) or not 0 < seed_width <= 1:
         raise SurgeryError(f"seed_width must be in (0, 1], got {seed_width!r}")
     if granularity not in ("kernel", "element", "channel"):
         raise SurgeryError(f"granularity must be 'kernel', 'element' or 'channel', got {granularity!r}")
     gm, coupling, widths, full_params = slim(model, example_input, seed_width, leaf_modules=leaf_modules, seed=seed,
                                              auto_leaves=auto_leaves,
-                                             linear_block=LINEAR_BLOCK if granularity == "channel" else 1)
+                                             linear_block=LINEAR_BLOCK if granularity == "channel" else 1,
+                                             output=output, check=check)
+    report = gm.check_report
     heads = coupling.head_targets()
     ctx = TaskContext()
     ctx.widths = widths
@@ -91,6 +104,7 @@ def prepare(
     net = GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, head=heads[0],
                       input_shape=tuple(example_input.shape[1:]))
     net.head_targets = list(heads)  # every layer producing the logits (a distillation head too); one copy per task
+    net.check_report = report
     return net
 
 
@@ -117,18 +131,23 @@ def _linear_unit_columns(gm: fx.GraphModule, coupling: CouplingResult, heads: li
 
 
 def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
-         leaf_modules: Iterable[str | type] = (), seed: int = 0, auto_leaves: bool = False, linear_block: int = 1):
+         leaf_modules: Iterable[str | type] = (), seed: int = 0, auto_leaves: bool = False, linear_block: int = 1,
+         output: int | str | None = None, check: bool = False):
     """Trace and analyse `model`, and slice every growable group to `width` of its channels (a plain graph).
 
     `linear_block` > 1: groups read by a masked Linear without a flatten factor change width by whole blocks of
     that many channels (granularity 'channel': the Linear's mask units are such blocks).
+    `check`: compare the traced, analysed graph at full width with the model first (`selfcheck.check_graph`);
+    the graph module's `check_report` says what was compared (None when not checked).
 
     Returns (graph module, coupling result, {group: width}, parameters of the full-width model).
     The caller's model is left untouched (the graph module works on a copy).
     """
-    gm = trace(copy.deepcopy(model), example_input, leaf_modules, auto_leaves=auto_leaves)
+    eager = copy.deepcopy(model)
+    gm = trace(eager, example_input, leaf_modules, auto_leaves=auto_leaves, output=output)
     coupling = analyze(gm)
-    _fix_reused_modules(coupling)
+    gm.check_report = check_graph(eager, gm, example_input, output) if check else None
+    del eager
     heads = coupling.head_targets()
     _check_heads(coupling, heads)
     if linear_block > 1:
@@ -160,22 +179,6 @@ def _check_heads(coupling: CouplingResult, heads: list[str]) -> None:
 
 def seed_channels(width: int, fraction: float, granularity: int) -> int:
     return max(granularity, int(round(width * fraction / granularity)) * granularity)
-
-
-def _fix_reused_modules(coupling: CouplingResult) -> None:
-    """A module called at two places with different channel layouts cannot be resized consistently."""
-    seen: dict[tuple, tuple] = {}
-    for b in coupling.bindings:
-        if b.role not in ("in", "out", "grouped", "feat"):
-            continue
-        lay = binding_layout(coupling, b)
-        key = (b.target, b.role)
-        if key in seen and seen[key] != lay:
-            for gid, _, _ in lay + seen[key]:
-                g = coupling.groups[gid]
-                g.reasons.append(f"module '{b.target}' is called with different channel layouts")
-                g.growable = False
-        seen[key] = lay
 
 
 class GrowableNet(nn.Module):

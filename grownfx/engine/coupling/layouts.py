@@ -182,13 +182,20 @@ class LayoutOps:
         axes: list = [None] * nd
         origin: list = [None] * nd
         for k in range(nd):
-            entries = []
+            entries, ones = [], []
             for pos, t in enumerate(operands):
                 if not isinstance(t, TVal):
                     continue
                 j = k - (nd - len(t.shape))
                 if j >= 0 and t.shape[j] > 1:
                     entries.append((t.axes[j], t.origin[j], pos))
+                elif j >= 0 and t.axes[j]:
+                    ones.append(t.axes[j])  # channels of width 1 (a conv to one channel)
+            if ones:
+                self.one_channel_axes(node, ones, out_shape[k])
+                if out_shape[k] == 1:
+                    axes[k] = ones[0]
+                    continue
             lays = [lay for lay, _, _ in entries if lay is not None]
             if lays:
                 for lay in lays[1:]:
@@ -208,6 +215,17 @@ class LayoutOps:
             elif len(entries) == 1 or (entries and all(o == entries[0][1] for _, o, _ in entries)):
                 origin[k] = entries[0][1] if entries else None
         return TVal(tuple(axes), out_shape, tuple(origin))
+
+    def one_channel_axes(self, node: fx.Node, lays: list, size: int) -> None:
+        """Operands whose axis holds one channel of a group.  Broadcast against `size` > 1 entries (CBAM's spatial
+        attention `x * sigmoid(conv_to_1(x))`), the channel is repeated: grown to two it would no longer broadcast,
+        so it is fixed.  Met by other one-channel axes only, they are the same channel: tied."""
+        if size > 1:
+            for lay in lays:
+                self.fix(lay, f"one channel is broadcast over {size} at '{node.name}'")
+        else:
+            for lay in lays[1:]:
+                self.tie(lays[0], lay, node.name)
 
     def cat(self, node: fx.Node, stack: bool) -> Any:
         items = self.val(node.args[0])
@@ -231,7 +249,7 @@ class LayoutOps:
                 if any(t.axes[j] for t in ts):
                     axes[k] = tuple(s for t in ts for s in self.ensure(t, j, node))
                 continue
-            lays = [t.axes[j] for t in ts if t.axes[j] is not None and t.shape[j] > 1]
+            lays = [t.axes[j] for t in ts if t.axes[j] is not None]  # one-channel axes too: the same channel
             if lays:
                 for lay in lays[1:]:
                     self.tie(lays[0], lay, node.name)
@@ -281,6 +299,16 @@ class LayoutOps:
                 continue
             lay, org, n = src.axes[j], src.origin[j], src.shape[j]
             j += 1
+            if isinstance(i, slice) and any(isinstance(b, fx.Node) for b in (i.start, i.stop, i.step)):
+                # bounds computed in the graph (`x[:, : x.shape[1] // 2]`): which channels they keep at another
+                # width is not known here, so the channels are fixed and the slice is new, fixed channels
+                if lay:
+                    self.fix(lay, f"channels sliced at '{node.name}' by bounds computed in the graph")
+                    size = out_shape[len(axes)]
+                    lay = self.fresh_layout(size, node.name, f"sliced at '{node.name}' by computed bounds")
+                axes.append(lay)
+                origin.append(None)
+                continue
             if isinstance(i, int):
                 if lay:
                     self.fix(lay, f"a single channel is picked at '{node.name}'")
@@ -407,6 +435,26 @@ class LayoutOps:
                 axes[k], origin[k] = x.axes[j], x.origin[j]
             elif x.axes[j]:
                 self.fix(x.axes[j], f"channels repeated at '{node.name}'")
+        return TVal(tuple(axes), out_shape, tuple(origin))
+
+    def axis_op(self, node: fx.Node, x: Any, name: str, dims: list | None) -> Any:
+        """Ops that move or pad entries along some axes and leave the others alone (`flip`, `roll`, `rot90`, `pad`):
+        channels on an untouched axis pass unchanged; channels on a touched axis are fixed (reversed, rolled or
+        padded channels would not stay where growth appends).  `dims` None: every axis is touched."""
+        out_shape = tensor_shape(node)
+        if not isinstance(x, TVal) or out_shape is None or len(out_shape) != len(x.shape):
+            raise Opaque(f"'{name}' at '{node.name}'")
+        nd = len(x.shape)
+        touched = set(range(nd)) if dims is None else {norm_dim(int(d), nd) for d in dims}
+        axes, origin = [], []
+        for k in range(nd):
+            lay = x.axes[k]
+            if k in touched and lay:
+                self.fix(lay, f"'{name}' moves channels at '{node.name}'")
+                lay = self.fresh_layout(out_shape[k], node.name, f"'{name}' at '{node.name}'") \
+                    if out_shape[k] != x.shape[k] else lay
+            axes.append(lay)
+            origin.append(x.origin[k] if k not in touched else None)
         return TVal(tuple(axes), out_shape, tuple(origin))
 
     def pool(self, node: fx.Node, x: Any, k: int) -> Any:

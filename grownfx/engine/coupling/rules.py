@@ -34,6 +34,10 @@ _POOL_FN = {"adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_po
             "avg_pool2d": 2, "avg_pool3d": 3, "max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3,
             "adaptive_max_pool2d": 2, "interpolate": 2, "upsample": 2,
             "pool_to_min_size": 2}  # tracing.pool_to_min_size: adaptive_avg_pool2d where the input is small
+_AXIS_OPS = {"flip", "fliplr", "flipud", "roll", "rot90", "pad", "constant_pad_nd", "reflection_pad1d",
+             "reflection_pad2d", "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d"}
+_PAD_MODULES = (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+                nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd)
 _IGNORE = {"size", "dim", "getattr", "numel", "_assert", "eq", "ne", "lt", "gt", "le", "ge", "len", "item",
            "is_floating_point", "_set_grad_enabled"}
 
@@ -51,6 +55,31 @@ _POOL_MODULES = {
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _arg(node: fx.Node, i: int, key: str, default=None):
+    return node.kwargs.get(key, node.args[i] if len(node.args) > i else default)
+
+
+def _touched_dims(node: fx.Node, name: str, nd: int) -> list | None:
+    """The axes an axis op moves or pads (None: all of them, e.g. `roll` without dims flattens)."""
+    if name in ("flip",):
+        d = _arg(node, 1, "dims")
+        return [d] if isinstance(d, int) else list(d) if d is not None else None
+    if name == "fliplr":
+        return [1]
+    if name == "flipud":
+        return [0]
+    if name == "roll":
+        d = _arg(node, 2, "dims")
+        return None if d is None else [d] if isinstance(d, int) else list(d)
+    if name == "rot90":
+        d = _arg(node, 2, "dims", (0, 1))
+        return list(d)
+    pad = _arg(node, 1, "pad")
+    if not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
+        return None
+    return list(range(nd - len(pad) // 2, nd))  # (left, right) pairs from the last axis backwards
 
 
 def is_stochastic_depth(m: nn.Module) -> bool:
@@ -152,27 +181,26 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
         return OTHER
 
     def opaque(self, node: fx.Node, reason: str) -> Any:
+        """An op the analysis cannot see through: every channel it reads is fixed, and every axis of its output
+        (but the batch) is new, fixed channels.  Nothing is tied: fixed channels never change, so ties would only
+        merge unrelated groups (and spatial axes with channels) under one reason."""
         ins = self.tensors_in(self.val(list(node.args) + list(node.kwargs.values())))
         vars_ = [s.var for t in ins for lay in t.axes if lay for s in lay]
         # a channel count read from a shape and given to an op we cannot follow (a reshape that splits heads with
         # `C` of another tensor): the channels it counts are fixed with the op's
         vars_ += [s.var for w in self.widths_in(list(node.args) + list(node.kwargs.values()))
                   for lay in w.layouts for s in self.expand_layout(lay)]
-        for u, w in zip(vars_, vars_[1:]):
-            self.ties.add_edge(u, w, via=node.name)
         self.fix(vars_, reason)
-        anchor = vars_[0] if vars_ else None
+        tracked = bool(vars_)
 
         def mk(shape, batch):
             batch = (0,) if batch is None else batch  # axes that follow the batch size (tracing's batch_axes)
             axes = []
             for i, n in enumerate(shape):
-                if anchor is None or i in batch or n <= 1:
+                if not tracked or i in batch or n <= 1:
                     axes.append(None)
                 else:
-                    v = self.new_var(n, f"{node.name}.{i}", fixed=reason)
-                    self.ties.add_edge(anchor, v, via=node.name)
-                    axes.append((Seg(v, n),))
+                    axes.append((Seg(self.new_var(n, f"{node.name}.{i}", fixed=reason), n),))
             return TVal(tuple(axes), shape)
 
         meta, batch = node.meta.get("tensor_meta"), node.meta.get("batch_axes")
@@ -225,6 +253,9 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return self.pool(node, x, _POOL_MODULES[type(m)] if type(m) in _POOL_MODULES else 2)
         if isinstance(m, nn.Flatten):
             return self.reshape(node, x)
+        if isinstance(m, _PAD_MODULES) and isinstance(x, TVal):
+            return self.axis_op(node, x, type(m).__name__, list(range(len(x.shape) - len(m.padding) // 2,
+                                                                      len(x.shape))))
         if not isinstance(x, TVal):
             raise Opaque(f"module '{node.target}' ({type(m).__name__}) takes no single tensor")
         heads = head_attention_kind(m)
@@ -382,6 +413,8 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return self.reduce_like(node, x, [dim], keep=True, what=f"'{name}' along a channel axis")
         if name in _POOL_FN and isinstance(x, TVal):
             return self.pool(node, x, _POOL_FN[name])
+        if name in _AXIS_OPS and isinstance(x, TVal):
+            return self.axis_op(node, x, name, _touched_dims(node, name, len(x.shape)))
         if name == "_patch_merging_pad" and isinstance(x, TVal) and len(x.shape) >= 3:
             # torchvision Swin's PatchMerging: pad H, W to even, then cat the four 2x2 neighbours on channels
             lay = self.ensure(x, len(x.shape) - 1, node)
@@ -414,7 +447,22 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
         raise Opaque(f"'{name}' at node '{node.name}' is not in the coupling registry")
 
     # -- result -------------------------------------------------------------------------------------------
+    def tie_reused(self) -> None:
+        """A module (or parameter) used at several places has one tensor: the channels it meets at each place are
+        the same channels (a conv applied twice reads its own output), so they are tied; calls with layouts of
+        different structure are tied and fixed by `tie`."""
+        first: dict[tuple, Binding] = {}
+        for b in self.bindings:
+            if b.role not in ("in", "out", "grouped", "feat", "param"):
+                continue
+            key = (b.target, b.role, b.axis)
+            if key not in first:
+                first[key] = b
+            elif self.expand_layout(b.layout) != self.expand_layout(first[key].layout):
+                self.tie(first[key].layout, b.layout, f"{b.node} (a second use of '{b.target}')")
+
     def finish(self) -> "CouplingResult":
+        self.tie_reused()
         self.finish_refinement()
         groups: list[CouplingGroup] = []
         var_group: dict[int, int] = {}
