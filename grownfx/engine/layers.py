@@ -158,15 +158,28 @@ class TaskParameter(_TaskModule):
     def __init__(self, value: torch.Tensor, ctx: "TaskContext", target: str, trainable: bool = True):
         super().__init__()
         self._attach(ctx, target)
-        self.trainable = trainable  # False: a float buffer of the backbone, copied per task but never trained
+        self.trainable = trainable  # False: a buffer of the backbone, copied per task but never trained
         self.pending = nn.Parameter(value.detach().clone(), requires_grad=False)
         self.copies = nn.ParameterList()
+        # one entry per class along `class_axis` (a functional classifier's weight, a per-class logit bias): each
+        # task's copy has its own number of classes, filled with `class_init` (the op's identity, or
+        # ("uniform", fan_in): nn.Linear's initialisation)
+        self.class_axis: int | None = None
+        self.class_init: float | tuple = 0.0
 
     def forward(self):
         return self.copies[self.ctx.require_task()]
 
-    def add_task(self, **_) -> None:
-        self.copies.append(nn.Parameter(self.pending.detach().clone(), requires_grad=self.trainable))
+    def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None, **_) -> None:
+        value = self.pending.detach().clone()
+        if self.class_axis is not None and num_classes is not None:
+            shape = list(value.shape)
+            shape[self.class_axis] = num_classes
+            if isinstance(self.class_init, tuple):
+                value = random_fill(tuple(shape), self.class_init[1], generator, value)
+            else:
+                value = torch.full(shape, self.class_init, dtype=value.dtype, device=value.device)
+        self.copies.append(nn.Parameter(value, requires_grad=self.trainable and value.is_floating_point()))
 
     def freeze(self, task: int) -> None:
         self.copies[task].requires_grad_(False)

@@ -23,7 +23,8 @@ import operator
 import warnings
 from typing import Any
 
-from torch import fx
+import torch
+from torch import fx, nn
 
 from grownfx.engine.errors import ModelCheckError
 from grownfx.engine.faithful import is_inplace_op
@@ -221,3 +222,44 @@ def root_difference(train: fx.GraphModule, eval_: fx.GraphModule) -> str:
         if a[i] != b[i]:
             return f"'{names_a[i]}' in train mode where eval mode has '{names_b[i]}'"
     return "the same ops in another order"
+
+
+# --- modules made leaves because of the mode: do their channels pass unchanged? ----------------------------------
+
+def passes_channels(m: nn.Module, shape: tuple, axes: list[int], dtype: torch.dtype, device) -> bool:
+    """A module without parameters or buffers that computes each channel of each axis in `axes` from the same
+    channel alone, in eval and in train mode (a hand-written drop path: one random factor per sample): the output
+    has the input's shape, appending channels leaves the others' outputs unchanged, and permuting the channels
+    permutes the outputs -- bit for bit, with the same random numbers (probed on random inputs)."""
+    if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+        return False
+    was = m.training
+    g = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            for axis in axes:
+                x = torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+                more = list(shape)
+                more[axis] = 3
+                extra = torch.randn(more, generator=g).to(dtype=dtype, device=device)
+                perm = torch.randperm(shape[axis], generator=g).to(device)
+                for training in (False, True):
+                    m.train(training)
+                    y = _seeded(m, x)
+                    wide = _seeded(m, torch.cat([x, extra], axis))
+                    permuted = _seeded(m, x.index_select(axis, perm))
+                    if not (isinstance(y, torch.Tensor) and y.shape == x.shape and wide.shape[axis] == shape[axis] + 3
+                            and torch.equal(wide.narrow(axis, 0, shape[axis]), y)
+                            and torch.equal(permuted, y.index_select(axis, perm))):
+                        return False
+    except Exception:  # noqa: BLE001 - a module that fails on other widths does not pass channels
+        return False
+    finally:
+        m.train(was)
+    return True
+
+
+def _seeded(m: nn.Module, x: torch.Tensor):
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return m(x)

@@ -29,6 +29,7 @@ from grownfx.engine.rewrite import export_graph, make_layer_norms_task_aware, ma
 from grownfx.engine.splits import install_task_splits
 from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
 from grownfx.engine.errors import ModelCheckError, SurgeryError
+from grownfx.engine.heads import check_class_count, find_heads
 from grownfx.engine.selfcheck import check_graph
 from grownfx.engine.tracing import trace
 
@@ -71,9 +72,9 @@ def prepare(
     gm, coupling, widths, full_params = slim(model, example_input, seed_width, leaf_modules=leaf_modules, seed=seed,
                                              auto_leaves=auto_leaves,
                                              linear_block=LINEAR_BLOCK if granularity == "channel" else 1,
-                                             output=output, check=check)
-    report = gm.check_report
-    heads = coupling.head_targets()
+                                             output=output, check=check, head=head)
+    report, spec = gm.check_report, gm.heads
+    heads = spec.modules
     ctx = TaskContext()
     ctx.widths = widths
     ctx.births = {gid: torch.full((w,), -1, dtype=torch.long) for gid, w in widths.items()}
@@ -86,7 +87,15 @@ def prepare(
             ctx.layouts.update(attention_layouts(b.target, binding_layout(coupling, b)))
     if granularity == "channel":
         ctx.unit_cols = _linear_unit_columns(gm, coupling, heads)
-    gm, holders = make_task_aware(gm, heads, ctx, granularity)
+    growable_params = {b.target for b in coupling.bindings
+                       if b.role == "param" and all(coupling.groups[g].growable for g, _, _ in binding_layout(coupling, b))}
+    gm, holders = make_task_aware(gm, heads, ctx, granularity, per_task=growable_params | set(spec.params))
+    for target, (axis, init) in spec.params.items():  # per-class tensors: each task's copy has its own classes
+        holder = gm.get_submodule(holders[target]) if target in holders else None
+        if not isinstance(holder, TaskParameter):
+            raise SurgeryError(f"the classifier parameter '{target}' is also a layer's own weight; make the "
+                               "classifier one module or one parameter")
+        holder.class_axis, holder.class_init = axis, init
     for b in coupling.bindings:
         if b.role == "feat" and b.axis < 0:  # a layer norm over one channel axis (coupling rules)
             norm = gm.get_submodule(b.target)
@@ -101,9 +110,11 @@ def prepare(
     for b in coupling.bindings:
         if b.role == "param" and b.target in holders:
             b.target = holders[b.target]
-    net = GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, head=heads[0],
+    net = GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, head=spec.first,
                       input_shape=tuple(example_input.shape[1:]))
     net.head_targets = list(heads)  # every layer producing the logits (a distillation head too); one copy per task
+    net.head_params = dict(spec.params)  # per-class parameters (a functional classifier's weight, a logit bias)
+    net.class_axis, net.input_dtype = spec.class_axis, example_input.dtype
     net.check_report = report
     return net
 
@@ -132,13 +143,14 @@ def _linear_unit_columns(gm: fx.GraphModule, coupling: CouplingResult, heads: li
 
 def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
          leaf_modules: Iterable[str | type] = (), seed: int = 0, auto_leaves: bool = False, linear_block: int = 1,
-         output: int | str | None = None, check: bool = False):
+         output: int | str | None = None, check: bool = False, head: str | Sequence[str] | None = None):
     """Trace and analyse `model`, and slice every growable group to `width` of its channels (a plain graph).
 
     `linear_block` > 1: groups read by a masked Linear without a flatten factor change width by whole blocks of
     that many channels (granularity 'channel': the Linear's mask units are such blocks).
     `check`: compare the traced, analysed graph at full width with the model first (`selfcheck.check_graph`);
-    the graph module's `check_report` says what was compared (None when not checked).
+    the graph module's `check_report` says what was compared (None when not checked).  `head`: the declared
+    classifier (`heads.find_heads`); the graph module's `heads` says what the heads are.
 
     Returns (graph module, coupling result, {group: width}, parameters of the full-width model).
     The caller's model is left untouched (the graph module works on a copy).
@@ -148,8 +160,9 @@ def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
     coupling = analyze(gm)
     gm.check_report = check_graph(eager, gm, example_input, output) if check else None
     del eager
-    heads = coupling.head_targets()
-    _check_heads(coupling, heads)
+    gm.heads = find_heads(gm, coupling, head)
+    check_class_count(gm, gm.heads, example_input)
+    heads = gm.heads.modules
     if linear_block > 1:
         for b in _linear_inputs(gm, coupling, heads):
             for g, factor, _ in binding_layout(coupling, b):
@@ -162,19 +175,6 @@ def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
                    for gid, w in widths.items()}
         apply_changes(gm, coupling, widths, changes, torch.Generator().manual_seed(seed))
     return gm, coupling, widths, full_params
-
-
-def _check_heads(coupling: CouplingResult, heads: list[str]) -> None:
-    """One or several layers produce the logits (a distillation head next to the classifier: every task gets a
-    copy of each); all must have the logits' width, or one is a hidden layer seen through an opaque op."""
-    if not heads:
-        raise SurgeryError("no layer produces the logits; the model must end in a classifier layer (Linear or conv)")
-    widths = {b.target: sum(s.width for s in b.layout) for b in coupling.bindings
-              if b.role == "out" and b.target in heads}
-    if len(set(widths.values())) > 1:
-        raise SurgeryError(f"the layers producing the logits have different widths {widths}: the logits are "
-                           "computed through an op the analysis cannot follow; keep the classifier a plain "
-                           "nn.Linear or declare the op's module in `leaf_modules`")
 
 
 def seed_channels(width: int, fraction: float, granularity: int) -> int:
@@ -276,11 +276,30 @@ class GrowableNet(nn.Module):
                 m.add_task(num_classes=num_classes, generator=self.generator)
                 m.copies[-1].to(device)
             elif isinstance(m, TaskParameter):
-                m.add_task()
+                m.add_task(num_classes=num_classes, generator=self.generator)
         self.ctx.task = t
         self.ctx.bump()
         self.configure()
+        self._check_logits(t, num_classes)
         return t
+
+    def _check_logits(self, t: int, num_classes: int) -> None:
+        """Task t's logits have its number of classes (prepare's `check_class_count` proved the logits follow the
+        classifier; this confirms it on the task-aware net with one example of zeros)."""
+        x = torch.zeros((1,) + tuple(self.input_shape), dtype=getattr(self, "input_dtype", torch.float32),
+                        device=self._device())
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                out = self.graph_module(x)
+        finally:
+            self.train(was)
+            self.ctx.task = t
+        axis = getattr(self, "class_axis", 1)
+        if out.dim() <= axis or out.shape[axis] != num_classes:
+            raise SurgeryError(f"task {t} has {num_classes} classes but the net gives logits of shape "
+                               f"{tuple(out.shape)}")
 
     def set_policy(self, policy: MaskPolicy) -> None:
         self.ctx.policy = policy
@@ -497,4 +516,6 @@ class GrowableNet(nn.Module):
 
 
 def _numel(x) -> int:
-    return x.numel() if isinstance(x, torch.Tensor) else count_parameters(x)
+    if isinstance(x, torch.Tensor):  # a bool or integer mask copied per task is no parameter
+        return x.numel() if x.is_floating_point() else 0
+    return count_parameters(x)

@@ -55,9 +55,13 @@ def _param_holder_name(target: str) -> str:
 
 
 def make_task_aware(
-    gm: fx.GraphModule, heads: list[str], ctx: TaskContext, granularity: str = "kernel"
+    gm: fx.GraphModule, heads: list[str], ctx: TaskContext, granularity: str = "kernel", per_task: set = frozenset()
 ) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Replace modules and parameters in place; returns the graph module and a map param path -> holder path."""
+    """Replace modules and parameters in place; returns the graph module and a map param path -> holder path.
+
+    Parameters and float buffers get one copy per task; a buffer of another dtype (an index table) stays shared
+    and immutable unless it is in `per_task` (a bool or int per-channel mask of a growable group, a per-class
+    tensor): resized for one task, it must not change for the others."""
     replaced: dict[str, nn.Module] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target in replaced:
@@ -76,7 +80,7 @@ def make_task_aware(
         try:
             value = gm.get_parameter(node.target)
         except AttributeError:
-            value = _float_buffer(gm, node.target)
+            value = _float_buffer(gm, node.target, node.target in per_task)
             if value is None:
                 continue  # an integer buffer (an index table) or a constant: shared and immutable
             # a float buffer (a per-channel scale): per-task copies, so growth never resizes one all tasks share
@@ -133,12 +137,17 @@ def make_literals_task_aware(gm: fx.GraphModule, literals: list[tuple[str, int, 
         gm.recompile()
 
 
-def _float_buffer(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
+def _float_buffer(gm: fx.GraphModule, target: str, any_dtype: bool = False) -> torch.Tensor | None:
     try:
         value = gm.get_buffer(target)
     except AttributeError:
-        return None
-    return value if value.is_floating_point() else None
+        try:  # a tensor attribute that is neither (fx's `_tensor_constant0`)
+            value = getattr(*_owner(gm, target))
+        except AttributeError:
+            return None
+        if not isinstance(value, torch.Tensor) or not any_dtype:
+            return None
+    return value if value.is_floating_point() or any_dtype else None
 
 
 def _task_module(m: nn.Module, target: str, heads: list[str], ctx: TaskContext, granularity: str):
@@ -199,7 +208,10 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
                 graph.erase_node(node)
             elif isinstance(m, TaskParameter):
                 value = m.copy_for(task).detach().clone()
-                _set_param(root, node.target, nn.Parameter(value))
+                if value.is_floating_point():
+                    _set_param(root, node.target, nn.Parameter(value))
+                else:  # a bool or integer per-channel mask: a buffer again
+                    _set_param(root, node.target, value, buffer=True)
                 node.op = "get_attr"
             elif isinstance(m, WeightOf):
                 layer = m.__dict__["layer"]

@@ -75,6 +75,7 @@ _DIVIDE = {"truediv", "div", "true_divide", "itruediv", "div_", "floordiv", "mod
 # ops that only move a parameter's entries (a parameter reaching an op through them is used "directly")
 _MOVE_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "expand_as", "broadcast_to",
               "permute", "transpose", "contiguous", "to", "type_as", "float", "half", "double", "bfloat16", "view_as",
+              "bool", "long", "int", "short", "byte",  # conversions keep the fills 0 and 1
               "reshape_as", "clone", "detach", "getitem"}
 
 

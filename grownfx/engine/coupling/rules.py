@@ -15,6 +15,8 @@ from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal,
 from grownfx.engine.coupling.reshapes import ReshapeOps
 from grownfx.engine.coupling.refine import Refinement
 from grownfx.engine.coupling.types import Binding, CouplingGroup, CouplingResult, Layout, Seg
+from grownfx.engine.faithful import autograd_function_of
+from grownfx.engine.modes import passes_channels
 
 _UNARY = {
     "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu",
@@ -34,6 +36,7 @@ _POOL_FN = {"adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_po
             "avg_pool2d": 2, "avg_pool3d": 3, "max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3,
             "adaptive_max_pool2d": 2, "interpolate": 2, "upsample": 2,
             "pool_to_min_size": 2}  # tracing.pool_to_min_size: adaptive_avg_pool2d where the input is small
+_LIKE = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like"}
 _AXIS_OPS = {"flip", "fliplr", "flipud", "roll", "rot90", "pad", "constant_pad_nd", "reflection_pad1d",
              "reflection_pad2d", "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d"}
 _PAD_MODULES = (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
@@ -82,6 +85,21 @@ def _touched_dims(node: fx.Node, name: str, nd: int) -> list | None:
     return list(range(nd - len(pad) // 2, nd))  # (left, right) pairs from the last axis backwards
 
 
+def param_source(arg: Any) -> str | None:
+    """The parameter (get_attr target) a value is computed from through ops of one tensor input each
+    (`normalize(self.W)`, `self.W.t()`), or None."""
+    while isinstance(arg, fx.Node):
+        if arg.op == "get_attr":
+            return arg.target
+        if arg.op not in ("call_function", "call_method"):
+            return None
+        inputs = list(nodes_in(list(arg.args) + list(arg.kwargs.values())))
+        if len(inputs) != 1:
+            return None
+        arg = inputs[0]
+    return None
+
+
 def is_stochastic_depth(m: nn.Module) -> bool:
     return type(m).__name__ == "StochasticDepth"
 
@@ -99,6 +117,8 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
         self.output_vars: set[int] = set()
         self.input_vars: set[int] = set()
         self.head_nodes: list[str] = []
+        self.output_axes: tuple = ()  # the logits' layout per axis
+        self.mode_leaves = set(getattr(gm, "mode_leaves", ()))  # leaves because their forward depends on the mode
         self._n = 0
 
     # -- tie graph ----------------------------------------------------------------------------------------
@@ -223,10 +243,12 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return self.from_meta(node, lambda shape: TVal((None,) * len(shape), shape,
                                                            tuple((node.target, i) for i in range(len(shape)))))
         if node.op == "output":
-            for t in self.tensors_in(self.val(node.args[0])):
+            outs = self.tensors_in(self.val(node.args[0]))
+            for t in outs:
                 for lay in t.axes:
                     for s in lay or ():
                         self.output_vars.add(s.var)
+            self.output_axes = outs[0].axes if len(outs) == 1 else ()
             return OTHER
         name = op_name(node.target)
         self.check_width_uses(node, "getitem" if node.target is operator.getitem else name)
@@ -249,6 +271,8 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
         x = self.val(node.args[0]) if node.args else OTHER
         if isinstance(m, _PASS_MODULES) or is_stochastic_depth(m):
             return x
+        if node.target in self.mode_leaves and isinstance(x, TVal) and len(node.args) == 1 and not node.kwargs:
+            return self.mode_leaf(node, m, x)
         if isinstance(m, tuple(_POOL_MODULES)):
             return self.pool(node, x, _POOL_MODULES[type(m)] if type(m) in _POOL_MODULES else 2)
         if isinstance(m, nn.Flatten):
@@ -330,6 +354,17 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return Seq([out, OTHER])
         raise Opaque(f"module '{node.target}' ({type(m).__name__}) is not in the coupling registry")
 
+    def mode_leaf(self, node: fx.Node, m: nn.Module, x: TVal) -> TVal:
+        """A module kept whole because its forward depends on `self.training` (`engine/modes.py`): its channels
+        pass when it computes each channel from the same channel alone (a drop path), else it is opaque."""
+        meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+        axes = [i for i, lay in enumerate(x.axes) if lay and x.shape[i] > 1]
+        if meta is not None and hasattr(meta, "dtype") and tensor_shape(node) == x.shape and \
+                passes_channels(m, x.shape, axes, meta.dtype, "cpu"):
+            return x
+        raise Opaque(f"module '{node.target}' ({type(m).__name__}) computes differently in train and eval mode and "
+                     "mixes channels (kept whole; grownfx.register_module(type, 'pass') if its channels pass)")
+
     def head_attention(self, node: fx.Node, m: nn.Module, x: TVal, kind: str) -> TVal:
         """An attention module kept a leaf (tracing.head_attention_kind): its q/k/v channels are `num_heads`
         heads of `head_dim`; growth adds whole heads at the end of q, k and v (granularity head_dim), so head_dim
@@ -395,6 +430,8 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return self.cat(node, name == "stack")
         if name in _RESHAPE:
             return self.reshape(node, x)
+        if name in _LIKE and isinstance(x, TVal):  # a new tensor laid out like x: the same channel positions
+            return TVal(x.axes, tensor_shape(node) or x.shape)
         if name in ("expand", "expand_as", "broadcast_to", "repeat"):
             return self.expand(node, x, name)
         if name in _PERMUTE:
@@ -413,6 +450,8 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return self.reduce_like(node, x, [dim], keep=True, what=f"'{name}' along a channel axis")
         if name in _POOL_FN and isinstance(x, TVal):
             return self.pool(node, x, _POOL_FN[name])
+        if name == "linear" and isinstance(x, TVal) and len(x.shape) >= 1:
+            return self.functional_linear(node, x, _arg(node, 1, "weight"), _arg(node, 2, "bias"))
         if name in _AXIS_OPS and isinstance(x, TVal):
             return self.axis_op(node, x, name, _touched_dims(node, name, len(x.shape)))
         if name == "_patch_merging_pad" and isinstance(x, TVal) and len(x.shape) >= 3:
@@ -444,7 +483,36 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
                 if x.axes[ax]:
                     self.fix(x.axes[ax], f"layer_norm at '{node.name}' normalises across channels")
             return TVal(x.axes, tensor_shape(node) or x.shape)
+        cls = autograd_function_of(node.target)
+        if cls is not None:
+            raise Opaque(f"custom autograd Function '{cls.__name__}' at '{node.name}' (kept whole; "
+                         f"grownfx.register_function({cls.__name__}, 'pass') if its channels pass unchanged)")
         raise Opaque(f"'{name}' at node '{node.name}' is not in the coupling registry")
+
+    def functional_linear(self, node: fx.Node, x: TVal, weight: Any, bias: Any) -> TVal:
+        """`F.linear(x, W, b)`: W's columns consume x's last axis (a parameter binding: new columns 0 keep the
+        function, when W is used as it is); its rows are new channels, bound as a *functional producer* ('fnout')
+        so that a functional classifier (a cosine classifier's `F.linear(normalize(f), normalize(W))`) is found as
+        the head.  A weight computed from activations fixes the input channels."""
+        out_shape = tensor_shape(node)
+        if out_shape is None:
+            raise Opaque(f"linear at '{node.name}'")
+        lay_in = self.ensure(x, len(x.shape) - 1, node)
+        k = out_shape[-1]
+        out = (Seg(self.new_var(k, f"{node.name}.out"), k),)
+        src = param_source(weight)
+        if src is None:
+            self.fix(lay_in, f"the weight of the linear at '{node.name}' is not a parameter")
+        else:
+            if direct_param(weight):
+                self.bindings.append(Binding(src, "param", lay_in, 1, node.name, 0.0))
+            else:  # normalize(W), W * s: new columns 0 may not keep the function: the input channels stay
+                self.fix(lay_in, f"the weight of the linear at '{node.name}' is computed from parameter '{src}'")
+            self.bindings.append(Binding(src, "fnout", out, 0, node.name))
+        bsrc = param_source(bias) if isinstance(bias, fx.Node) else None
+        if bsrc is not None:
+            self.bindings.append(Binding(bsrc, "fnout", out, 0, node.name))
+        return TVal(x.axes[:-1] + (out,), out_shape)
 
     # -- result -------------------------------------------------------------------------------------------
     def tie_reused(self) -> None:
@@ -488,7 +556,11 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             for g in gids:
                 groups[g].members.append(b)
         for g in groups:
+            fn = [b.target for b in g.members if b.role == "fnout"]
+            if fn:  # rows of a parameter used as a functional linear's weight: not resized by growth
+                g.reasons.append(f"produced by a functional linear of parameter '{fn[0]}'")
             if not g.producers and not g.reasons:
                 g.reasons.append("no layer produces these channels")
             g.growable = not g.reasons and g.width % g.granularity == 0
-        return CouplingResult(self.gm, groups, var_group, self.ties, self.bindings, self.output_vars)
+        return CouplingResult(self.gm, groups, var_group, self.ties, self.bindings, self.output_vars,
+                              tuple(self.expand_layout(lay) for lay in self.output_axes))
