@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from grownfx.engine.errors import ModelCheckError
-from grownfx.engine.faithful import autograd_function_of, is_inplace_op
+from grownfx.engine.faithful import autograd_function_of, has_hooks, is_inplace_op
 from grownfx.engine.modes import node_scope, pick_output
 
 _SEED = 20220222  # any fixed value: both sides draw the same random numbers
@@ -342,7 +342,10 @@ def _explain(model, gm, x, mode, bad, diffs, worst_param, output, tol) -> str:
     inplace = [n for n in suspects if is_inplace_op(by_name[n], modules)]
     functions = sorted({autograd_function_of(n.target).__name__ for n in gm.graph.nodes
                         if n.op == "call_function" and autograd_function_of(n.target) is not None})
-    if "output" not in bad:
+    if has_hooks(model):
+        cause = (f"a forward hook on {name} itself: fx traces its forward, not the call that runs the hook; do in "
+                 "the forward what the hook does")
+    elif "output" not in bad:
         cause = ("the gradients differ where the outputs agree: a backward the graph does not keep (a "
                  "torch.autograd.Function fx traced through, a tensor hook, `.data` or `torch.no_grad` in the "
                  "forward)" + (f"; parameter '{worst_param}' differs most" if worst_param else ""))
