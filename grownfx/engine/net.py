@@ -73,7 +73,7 @@ def prepare(
                                              auto_leaves=auto_leaves,
                                              linear_block=LINEAR_BLOCK if granularity == "channel" else 1,
                                              output=output, check=check, head=head)
-    report, spec = gm.check_report, gm.heads
+    report, spec = gm.check_report, gm.head_spec
     heads = spec.modules
     ctx = TaskContext()
     ctx.widths = widths
@@ -160,9 +160,9 @@ def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
     coupling = analyze(gm)
     gm.check_report = check_graph(eager, gm, example_input, output) if check else None
     del eager
-    gm.heads = find_heads(gm, coupling, head)
-    check_class_count(gm, gm.heads, example_input)
-    heads = gm.heads.modules
+    gm.head_spec = find_heads(gm, coupling, head)
+    check_class_count(gm, gm.head_spec, example_input)
+    heads = gm.head_spec.modules
     if linear_block > 1:
         for b in _linear_inputs(gm, coupling, heads):
             for g, factor, _ in binding_layout(coupling, b):
