@@ -427,6 +427,20 @@ class Transposed(Block):
         return self.pool(self.up(x))
 
 
+class FunctionalNorm(Block):
+    """A hand-written batch norm: `F.batch_norm(..., training=self.training)` with its own running statistics."""
+
+    def __init__(self, d, c, rng):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer("mean", torch.zeros(c))
+        self.register_buffer("var", torch.ones(c))
+        self.out = c
+
+    def forward(self, x):
+        return F.batch_norm(x, self.mean, self.var, self.w, self.b, self.training, 0.1, 1e-5)
+
+
 def _conv(d, c, rng):
     return ConvAct(d, c, rng, out=rng.choice((c, 4, 8, 12)))
 
@@ -521,6 +535,7 @@ KINDS = {
     "interpolate": UpDown, "channels_last_mlp": ChannelsLastMLP, "channel_shuffle": ChannelShuffle,
     "channel_softmax": ChannelSoftmax, "channel_mean": ChannelMean, "einsum": Einsum, "constant": Constant,
     "transposed_conv": Transposed, "downsample": Downsample, "wide_grouped_conv": WideGrouped, "sdpa": SDPA,
+    "functional_norm": FunctionalNorm,
 }
 
 

@@ -141,6 +141,31 @@ def test_train_only_behaviour_is_kept():
     lifecycle(TrainOnly(), X)
 
 
+class FunctionalBatchNorm(Frame):
+    """A hand-written batch norm whose flag is the mode: `F.batch_norm(..., self.training, ...)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
+        self.register_buffer("mean", torch.zeros(8))
+        self.register_buffer("var", torch.ones(8))
+
+    def mid(self, x):
+        return F.batch_norm(x, self.mean, self.var, self.w, self.b, self.training, 0.1, 1e-5)
+
+
+def test_mode_flag_is_the_learning_tasks_mode():
+    # the flag follows net.train() for the task being learned, and is off for a finished task: a train-mode
+    # forward of task 0 updates no statistics (the fuzzer found the finished task's copy updated)
+    net = lifecycle(FunctionalBatchNorm(), X)
+    stats = net.graph_module.get_submodule("task_params.mean")
+    before = stats.copies[1].detach().clone()
+    net.train()
+    with torch.no_grad():
+        net(X, task=1)
+    assert not torch.equal(stats.copies[1], before), "the learning task's statistics update in train mode"
+
+
 def test_custom_autograd_function_keeps_its_backward():
     # before: fx inlined STClamp's forward; the clamp's gradient replaced the straight-through one (0.85 off)
     torch.manual_seed(0)

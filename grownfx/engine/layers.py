@@ -201,6 +201,20 @@ class TaskParameter(_TaskModule):
 # --- masked weight banks ---------------------------------------------------------------------------------
 
 
+class TaskMode(_TaskModule):
+    """The model's `self.training`, read by a node of the graph (`F.dropout(x, p, training=self.training)`,
+    engine/modes.py): true only while the net is in train mode *and* computes the task being learned -- a finished
+    task computes as in eval mode (no dropout, no statistics updated), like its norm copies."""
+
+    def __init__(self, ctx: "TaskContext", target: str):
+        super().__init__()
+        self._attach(ctx, target)
+
+    def forward(self) -> bool:
+        ctx = self.ctx
+        return self.training and ctx.is_learning(ctx.require_task())
+
+
 class TaskLiteral(_TaskModule):
     """A channel count written into the graph (`x.view(b, 64, -1)`): the width the computing task sees.
 

@@ -22,7 +22,8 @@ from torch import fx, nn
 from grownfx.engine.attention import HeadAttention, HeadGrowingAttention
 from grownfx.engine.banks import MaskedConv, MaskedLinear
 from grownfx.engine.context import TaskContext
-from grownfx.engine.layers import PerTask, TaskLayerNorm, TaskLiteral, TaskParameter, WeightOf, _TaskModule
+from grownfx.engine.layers import (PerTask, TaskLayerNorm, TaskLiteral, TaskMode, TaskParameter, WeightOf,
+                                   _TaskModule)
 from grownfx.engine.splits import TaskSizes
 from grownfx.engine.tracing import head_attention_kind, layer_kind
 
@@ -73,6 +74,12 @@ def make_task_aware(
             replaced[node.target] = new
     holders: dict[str, str] = {}
     for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and node.target == "training":  # the mode, read by the graph (engine/modes.py)
+            set_submodule(gm, "task_mode", TaskMode(ctx, "task_mode"))
+            with gm.graph.inserting_before(node):
+                node.replace_all_uses_with(gm.graph.call_module("task_mode"))
+            gm.graph.erase_node(node)
+            continue
         if node.op != "get_attr":
             continue
         owner_path, _, attr = node.target.rpartition(".")
@@ -206,6 +213,8 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
                 for user in list(node.users):
                     user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
                 graph.erase_node(node)
+            elif isinstance(m, TaskMode):  # a plain module's own mode again
+                node.op, node.target = "get_attr", "training"
             elif isinstance(m, TaskParameter):
                 value = m.copy_for(task).detach().clone()
                 if value.is_floating_point():
