@@ -13,8 +13,9 @@ import torch
 
 import model_fuzzer
 
-# seeds covering the grammar: all 38 block kinds, every head kind, 1-, 2- and 3-d convs, every outcome
-FAST_SEEDS = [1, 2, 5, 9, 11, 12, 17, 30, 35, 38, 69, 77, 98, 148, 203, 235, 244, 249]
+# seeds covering the grammar (a greedy cover of seeds 0-299): every block kind, head kind, top-level pattern, 1-, 2-
+# and 3-d convs, and every outcome
+FAST_SEEDS = [2, 5, 6, 9, 11, 17, 63, 69, 77, 84, 98, 103, 196]
 
 
 @pytest.fixture
@@ -39,14 +40,15 @@ def _check(seeds) -> collections.Counter:
 
 def test_the_grammar_has_at_least_30_op_kinds():
     assert len(model_fuzzer.KINDS) >= 30 and len(model_fuzzer.GRAMMAR) >= 50
-    drawn = {k for s in FAST_SEEDS for k in model_fuzzer.build(s)[2].kinds}
-    heads = {model_fuzzer.build(s)[2].head for s in FAST_SEEDS}
-    assert drawn == set(model_fuzzer.KINDS) and heads == set(model_fuzzer.HEADS)
+    specs = [model_fuzzer.build(s)[2] for s in FAST_SEEDS]
+    assert {k for sp in specs for k in sp.kinds} == set(model_fuzzer.KINDS)
+    assert {sp.head for sp in specs} == set(model_fuzzer.HEADS) and {sp.dims for sp in specs} == {1, 2, 3}
+    assert {sp.root for sp in specs} == set(model_fuzzer.ROOT)
 
 
 def test_fuzzed_models_fast_subset(one_thread):
     outcomes = _check(FAST_SEEDS)
-    assert outcomes["growable"] >= 8 and outcomes["fixed"] >= 1 and outcomes["refused"] >= 4, outcomes
+    assert outcomes["growable"] >= 5 and outcomes["fixed"] >= 1 and outcomes["refused"] >= 4, outcomes
 
 
 def test_refusals_are_the_expected_ones(one_thread):
@@ -72,7 +74,7 @@ def test_the_fuzzer_finds_wrong_numbers(one_thread, monkeypatch):
                 self.weight.index_fill_(1, new.to(self.weight.device), 0.5)
 
     monkeypatch.setattr(banks.MaskedLayer, "resize_axis", noisy)
-    wrong = [model_fuzzer.run_seed(s) for s in (11, 17, 35)]
+    wrong = [model_fuzzer.run_seed(s) for s in (5, 6, 196)]
     assert any(r.outcome == "WRONG" and "growth changed" in r.detail for r in wrong), [r.detail for r in wrong]
 
 
