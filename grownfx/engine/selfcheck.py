@@ -5,7 +5,7 @@ sizes) and before any slimming, on the example input:
 
 * outputs in eval mode and in train mode (the same random numbers: the RNG is forked and seeded before each run);
 * the gradient of a fixed random projection of the logits with respect to the input (in both modes) and to every
-  parameter (in eval mode: the train graph has the same ops -- `engine/modes.py` -- so a backward the graph does not
+  parameter (a fixed sample of 65,536 entries of a larger one; in eval mode: the train graph has the same ops -- `engine/modes.py` -- so a backward the graph does not
   keep shows in either mode, and the parameter gradients of the largest layers are the dearest part of the check).
 
 Both sides run the same torch ops in the same order on the same tensors (the graph module shares the model's
@@ -119,7 +119,19 @@ def _run(module: nn.Module, x: torch.Tensor, training: bool, selector, what: str
             except RuntimeError as exc:
                 raise _BackwardFailure(str(exc).splitlines()[0][:200]) from exc
     gx = grads[0] if xin.requires_grad else None
-    return out.detach(), gx, grads[1 if xin.requires_grad else 0:]
+    return out.detach(), gx, [_sample(g) for g in grads[1 if xin.requires_grad else 0:]]
+
+
+SAMPLE = 1 << 16  # entries of each parameter's gradient kept for the comparison
+
+
+def _sample(g: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter's gradient, or a fixed sample of SAMPLE of its entries when it is larger: a backward the graph
+    does not keep changes gradients everywhere, and the largest layers' gradients (ViT-H's) need not be held twice."""
+    if g is None or g.numel() <= SAMPLE:
+        return g
+    idx = torch.randint(g.numel(), (SAMPLE,), generator=torch.Generator().manual_seed(g.numel()))
+    return g.reshape(-1)[idx.to(g.device)].clone()
 
 
 def check_graph(model: nn.Module, gm: fx.GraphModule, example_input: torch.Tensor,
