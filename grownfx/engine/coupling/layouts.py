@@ -438,26 +438,6 @@ class LayoutOps:
                 self.fix(x.axes[j], f"channels repeated at '{node.name}'")
         return TVal(tuple(axes), out_shape, tuple(origin))
 
-    def axis_op(self, node: fx.Node, x: Any, name: str, dims: list | None) -> Any:
-        """Ops that move or pad entries along some axes and leave the others alone (`flip`, `roll`, `rot90`, `pad`):
-        channels on an untouched axis pass unchanged; channels on a touched axis are fixed (reversed, rolled or
-        padded channels would not stay where growth appends).  `dims` None: every axis is touched."""
-        out_shape = tensor_shape(node)
-        if not isinstance(x, TVal) or out_shape is None or len(out_shape) != len(x.shape):
-            raise Opaque(f"'{name}' at '{node.name}'")
-        nd = len(x.shape)
-        touched = set(range(nd)) if dims is None else {norm_dim(int(d), nd) for d in dims}
-        axes, origin = [], []
-        for k in range(nd):
-            lay = x.axes[k]
-            if k in touched and lay:
-                self.fix(lay, f"'{name}' moves channels at '{node.name}'")
-                lay = self.fresh_layout(out_shape[k], node.name, f"'{name}' at '{node.name}'") \
-                    if out_shape[k] != x.shape[k] else lay
-            axes.append(lay)
-            origin.append(x.origin[k] if k not in touched else None)
-        return TVal(tuple(axes), out_shape, tuple(origin))
-
     def pool(self, node: fx.Node, x: Any, k: int) -> Any:
         if not isinstance(x, TVal):
             raise Opaque(f"pooling at '{node.name}'")

@@ -11,12 +11,12 @@ from torch import fx, nn
 
 from grownfx.engine.tracing import head_attention_kind, layer_kind, layer_norm_axis, tensor_shape
 from grownfx.engine.coupling.custom import RegisteredOps
+from grownfx.engine.coupling.functional import AXIS_OPS, LIKE, PAD_MODULES, FunctionalOps, node_arg, touched_dims
 from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal, Width, direct_param, nodes_in, op_name
 from grownfx.engine.coupling.reshapes import ReshapeOps
 from grownfx.engine.coupling.refine import Refinement
 from grownfx.engine.coupling.types import Binding, CouplingGroup, CouplingResult, Layout, Seg
 from grownfx.engine.faithful import autograd_function_of
-from grownfx.engine.modes import passes_channels
 
 _UNARY = {
     "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu",
@@ -36,11 +36,6 @@ _POOL_FN = {"adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_po
             "avg_pool2d": 2, "avg_pool3d": 3, "max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3,
             "adaptive_max_pool2d": 2, "interpolate": 2, "upsample": 2,
             "pool_to_min_size": 2}  # tracing.pool_to_min_size: adaptive_avg_pool2d where the input is small
-_LIKE = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like"}
-_AXIS_OPS = {"flip", "fliplr", "flipud", "roll", "rot90", "pad", "constant_pad_nd", "reflection_pad1d",
-             "reflection_pad2d", "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d"}
-_PAD_MODULES = (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
-                nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd)
 _IGNORE = {"size", "dim", "getattr", "numel", "_assert", "eq", "ne", "lt", "gt", "le", "ge", "len", "item",
            "is_floating_point", "_set_grad_enabled"}
 
@@ -60,51 +55,11 @@ _IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _arg(node: fx.Node, i: int, key: str, default=None):
-    return node.kwargs.get(key, node.args[i] if len(node.args) > i else default)
-
-
-def _touched_dims(node: fx.Node, name: str, nd: int) -> list | None:
-    """The axes an axis op moves or pads (None: all of them, e.g. `roll` without dims flattens)."""
-    if name in ("flip",):
-        d = _arg(node, 1, "dims")
-        return [d] if isinstance(d, int) else list(d) if d is not None else None
-    if name == "fliplr":
-        return [1]
-    if name == "flipud":
-        return [0]
-    if name == "roll":
-        d = _arg(node, 2, "dims")
-        return None if d is None else [d] if isinstance(d, int) else list(d)
-    if name == "rot90":
-        d = _arg(node, 2, "dims", (0, 1))
-        return list(d)
-    pad = _arg(node, 1, "pad")
-    if not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
-        return None
-    return list(range(nd - len(pad) // 2, nd))  # (left, right) pairs from the last axis backwards
-
-
-def param_source(arg: Any) -> str | None:
-    """The parameter (get_attr target) a value is computed from through ops of one tensor input each
-    (`normalize(self.W)`, `self.W.t()`), or None."""
-    while isinstance(arg, fx.Node):
-        if arg.op == "get_attr":
-            return arg.target
-        if arg.op not in ("call_function", "call_method"):
-            return None
-        inputs = list(nodes_in(list(arg.args) + list(arg.kwargs.values())))
-        if len(inputs) != 1:
-            return None
-        arg = inputs[0]
-    return None
-
-
 def is_stochastic_depth(m: nn.Module) -> bool:
     return type(m).__name__ == "StochasticDepth"
 
 
-class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
+class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, FunctionalOps, Refinement):
     """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
     """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
 
@@ -277,7 +232,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return self.pool(node, x, _POOL_MODULES[type(m)] if type(m) in _POOL_MODULES else 2)
         if isinstance(m, nn.Flatten):
             return self.reshape(node, x)
-        if isinstance(m, _PAD_MODULES) and isinstance(x, TVal):
+        if isinstance(m, PAD_MODULES) and isinstance(x, TVal):
             return self.axis_op(node, x, type(m).__name__, list(range(len(x.shape) - len(m.padding) // 2,
                                                                       len(x.shape))))
         if not isinstance(x, TVal):
@@ -354,17 +309,6 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return Seq([out, OTHER])
         raise Opaque(f"module '{node.target}' ({type(m).__name__}) is not in the coupling registry")
 
-    def mode_leaf(self, node: fx.Node, m: nn.Module, x: TVal) -> TVal:
-        """A module kept whole because its forward depends on `self.training` (`engine/modes.py`): its channels
-        pass when it computes each channel from the same channel alone (a drop path), else it is opaque."""
-        meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-        axes = [i for i, lay in enumerate(x.axes) if lay and x.shape[i] > 1]
-        if meta is not None and hasattr(meta, "dtype") and tensor_shape(node) == x.shape and \
-                passes_channels(m, x.shape, axes, meta.dtype, "cpu"):
-            return x
-        raise Opaque(f"module '{node.target}' ({type(m).__name__}) computes differently in train and eval mode and "
-                     "mixes channels (kept whole; grownfx.register_module(type, 'pass') if its channels pass)")
-
     def head_attention(self, node: fx.Node, m: nn.Module, x: TVal, kind: str) -> TVal:
         """An attention module kept a leaf (tracing.head_attention_kind): its q/k/v channels are `num_heads`
         heads of `head_dim`; growth adds whole heads at the end of q, k and v (granularity head_dim), so head_dim
@@ -430,7 +374,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return self.cat(node, name == "stack")
         if name in _RESHAPE:
             return self.reshape(node, x)
-        if name in _LIKE and isinstance(x, TVal):  # a new tensor laid out like x: the same channel positions
+        if name in LIKE and isinstance(x, TVal):  # a new tensor laid out like x: the same channel positions
             return TVal(x.axes, tensor_shape(node) or x.shape)
         if name in ("expand", "expand_as", "broadcast_to", "repeat"):
             return self.expand(node, x, name)
@@ -451,9 +395,9 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
         if name in _POOL_FN and isinstance(x, TVal):
             return self.pool(node, x, _POOL_FN[name])
         if name == "linear" and isinstance(x, TVal) and len(x.shape) >= 1:
-            return self.functional_linear(node, x, _arg(node, 1, "weight"), _arg(node, 2, "bias"))
-        if name in _AXIS_OPS and isinstance(x, TVal):
-            return self.axis_op(node, x, name, _touched_dims(node, name, len(x.shape)))
+            return self.functional_linear(node, x, node_arg(node, 1, "weight"), node_arg(node, 2, "bias"))
+        if name in AXIS_OPS and isinstance(x, TVal):
+            return self.axis_op(node, x, name, touched_dims(node, name, len(x.shape)))
         if name == "_patch_merging_pad" and isinstance(x, TVal) and len(x.shape) >= 3:
             # torchvision Swin's PatchMerging: pad H, W to even, then cat the four 2x2 neighbours on channels
             lay = self.ensure(x, len(x.shape) - 1, node)
@@ -488,31 +432,6 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             raise Opaque(f"custom autograd Function '{cls.__name__}' at '{node.name}' (kept whole; "
                          f"grownfx.register_function({cls.__name__}, 'pass') if its channels pass unchanged)")
         raise Opaque(f"'{name}' at node '{node.name}' is not in the coupling registry")
-
-    def functional_linear(self, node: fx.Node, x: TVal, weight: Any, bias: Any) -> TVal:
-        """`F.linear(x, W, b)`: W's columns consume x's last axis (a parameter binding: new columns 0 keep the
-        function, when W is used as it is); its rows are new channels, bound as a *functional producer* ('fnout')
-        so that a functional classifier (a cosine classifier's `F.linear(normalize(f), normalize(W))`) is found as
-        the head.  A weight computed from activations fixes the input channels."""
-        out_shape = tensor_shape(node)
-        if out_shape is None:
-            raise Opaque(f"linear at '{node.name}'")
-        lay_in = self.ensure(x, len(x.shape) - 1, node)
-        k = out_shape[-1]
-        out = (Seg(self.new_var(k, f"{node.name}.out"), k),)
-        src = param_source(weight)
-        if src is None:
-            self.fix(lay_in, f"the weight of the linear at '{node.name}' is not a parameter")
-        else:
-            if direct_param(weight):
-                self.bindings.append(Binding(src, "param", lay_in, 1, node.name, 0.0))
-            else:  # normalize(W), W * s: new columns 0 may not keep the function: the input channels stay
-                self.fix(lay_in, f"the weight of the linear at '{node.name}' is computed from parameter '{src}'")
-            self.bindings.append(Binding(src, "fnout", out, 0, node.name))
-        bsrc = param_source(bias) if isinstance(bias, fx.Node) else None
-        if bsrc is not None:
-            self.bindings.append(Binding(bsrc, "fnout", out, 0, node.name))
-        return TVal(x.axes[:-1] + (out,), out_shape)
 
     # -- result -------------------------------------------------------------------------------------------
     def tie_reused(self) -> None:
