@@ -172,7 +172,7 @@ def run_seed(seed: int) -> Outcome:
         net = grownfx.prepare(model, x, seed_width=spec.seed_width, **kw)
     except known as exc:
         msg = str(exc)
-        res.outcome, res.detail = ("refused" if msg and "\n" not in msg.strip() else "CRASH"), msg[:300]
+        res.outcome, res.detail = ("refused" if msg and "\n" not in msg.strip() else "CRASH"), msg[:1000]
         return res
     except Exception as exc:  # noqa: BLE001
         res.outcome, res.detail = "CRASH", _where(exc)

@@ -439,10 +439,10 @@ def test_cosine_classifier_is_found_as_the_head():
 class Prototypes(Frame):
     """Logits against class prototypes through einsum, which the analysis cannot follow: declared with head=."""
 
-    def __init__(self):
+    def __init__(self, classes=10):
         super().__init__()
         self.head = None
-        self.protos = nn.Parameter(torch.randn(8, 10))
+        self.protos = nn.Parameter(torch.randn(8, classes))
 
     def forward(self, x):
         f = self.conv(torch.relu(self.stem(x))).mean((2, 3))
@@ -453,6 +453,9 @@ def test_declared_head_parameter():
     with pytest.raises(grownfx.SurgeryError, match="no layer produces the logits.*head="):
         grownfx.prepare(Prototypes(), X)
     net = lifecycle_with(Prototypes(), head="protos")
+    assert net.head_params == {"protos": (1, ("uniform", 8))}
+    # 8 features, 8 classes: both axes have the classes' size; the one that makes the logits follow is taken
+    net = lifecycle_with(Prototypes(classes=8), head="protos")
     assert net.head_params == {"protos": (1, ("uniform", 8))}
 
 

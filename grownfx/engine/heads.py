@@ -37,6 +37,7 @@ class Heads:
     params: dict[str, tuple] = field(default_factory=dict)  # parameter -> (class axis, fill or ("uniform", fan_in))
     class_axis: int = 1  # the logits' axis of classes
     traced_classes: int = 0  # the number of logits of the traced model
+    other_axes: dict[str, list] = field(default_factory=dict)  # a declared parameter's other candidate class axes
 
     @property
     def first(self) -> str:
@@ -110,12 +111,17 @@ def _declared(gm: fx.GraphModule, coupling: CouplingResult, names: list[str], he
             if not axes:
                 raise SurgeryError(f"head='{name}': no axis of its shape {tuple(p.shape)} has the logits' "
                                    f"{heads.traced_classes} classes")
-            axis = axes[0]
-            fan_in = math.prod(n for i, n in enumerate(p.shape) if i != axis) if p.dim() >= 2 else 1
-            heads.params[name] = (axis, ("uniform", fan_in))
+            heads.params[name] = _class_axis(p, axes[0])
+            if len(axes) > 1:  # a square weight: check_class_count tries each
+                heads.other_axes[name] = [_class_axis(p, a) for a in axes[1:]]
         else:
             raise SurgeryError(f"head='{name}' names no module or parameter of the model (give the qualified name "
                                "of the classifier layer, or of the weight of a functional classifier)")
+
+
+def _class_axis(p, axis: int) -> tuple:
+    fan_in = math.prod(n for i, n in enumerate(p.shape) if i != axis) if p.dim() >= 2 else 1
+    return axis, ("uniform", fan_in)
 
 
 def _check_one_classifier(coupling: CouplingResult, layout, heads: Heads) -> None:
@@ -171,43 +177,58 @@ def _check_widths(coupling: CouplingResult, heads: Heads) -> None:
 def check_class_count(gm: fx.GraphModule, heads: Heads, example_input: torch.Tensor) -> None:
     """The logits must follow the classifier's number of classes: with one class more in every head (modules and
     per-class parameters), the graph must return one logit more.  Catches what the analysis cannot see (a view
-    with the count written in, logits repeated by an op it does not know) before any task exists."""
-    k = heads.traced_classes + 1
-    saved = []
-    try:
-        for path in heads.modules:
-            m = gm.get_submodule(path)
-            wider = copy.deepcopy(m)
-            _reset_head(wider, k, None)
-            _swap(gm, path, wider, saved)
-        for target, (axis, _) in heads.params.items():
-            t = _param(gm, target)
-            shape = list(t.shape)
-            shape[axis] = k
-            _swap(gm, target, nn.Parameter(torch.zeros(shape, dtype=t.dtype, device=t.device),
-                                           requires_grad=False) if t.is_floating_point() else
-                  torch.zeros(shape, dtype=t.dtype, device=t.device), saved)
-        was = gm.training
-        gm.eval()
-        try:
-            with torch.no_grad():
-                out = gm(example_input)
-            got = tuple(out.shape)
-        except Exception as exc:  # noqa: BLE001 - the model cannot take another number of classes
-            got = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-        finally:
-            gm.train(was)
-    finally:
-        for path, old in reversed(saved):
-            owner, _, name = path.rpartition(".")
-            setattr(gm.get_submodule(owner) if owner else gm, name, old)
-    if isinstance(got, str) or heads.class_axis >= len(got) or got[heads.class_axis] != k:
+    with the count written in, logits repeated by an op it does not know) before any task exists.  A declared
+    parameter with several axes of the classes' size gets the first axis that works."""
+    got = _logits_with_one_class_more(gm, heads, example_input)
+    for name, choices in heads.other_axes.items():
+        for choice in choices:
+            if _follows(got, heads):
+                break
+            heads.params[name] = choice
+            got = _logits_with_one_class_more(gm, heads, example_input)
+    if not _follows(got, heads):
+        k = heads.traced_classes + 1
         what = got if isinstance(got, str) else f"logits of shape {got}"
         parts = heads.modules + list(heads.params)
         raise SurgeryError(
             f"the logits do not follow the number of classes of the classifier ({', '.join(parts)}): with {k} "
             f"classes instead of {k - 1} the model gives {what}. Every task has its own number of classes: read "
             "it from the logits' shape where it is written as a number, or declare the classifier with `head=`")
+
+
+def _follows(got, heads: Heads) -> bool:
+    return not isinstance(got, str) and heads.class_axis < len(got) and got[heads.class_axis] == \
+        heads.traced_classes + 1
+
+
+def _logits_with_one_class_more(gm: fx.GraphModule, heads: Heads, example_input: torch.Tensor):
+    """The logits' shape with every head one class wider, or the error the graph raises."""
+    k = heads.traced_classes + 1
+    saved = []
+    try:
+        for path in heads.modules:
+            wider = copy.deepcopy(gm.get_submodule(path))
+            _reset_head(wider, k, None)
+            _swap(gm, path, wider, saved)
+        for target, (axis, _) in heads.params.items():
+            t = _param(gm, target)
+            shape = list(t.shape)
+            shape[axis] = k
+            zeros = torch.zeros(shape, dtype=t.dtype, device=t.device)
+            _swap(gm, target, nn.Parameter(zeros, requires_grad=False) if t.is_floating_point() else zeros, saved)
+        was = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                return tuple(gm(example_input).shape)
+        except Exception as exc:  # noqa: BLE001 - the model cannot take another number of classes
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        finally:
+            gm.train(was)
+    finally:
+        for path, old in reversed(saved):
+            owner, _, name = path.rpartition(".")
+            setattr(gm.get_submodule(owner) if owner else gm, name, old)
 
 
 def _swap(gm: fx.GraphModule, path: str, new, saved: list) -> None:
