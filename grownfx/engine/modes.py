@@ -20,6 +20,7 @@ auxiliary heads) is dropped, as it was before in eval-mode tracing.
 from __future__ import annotations
 
 import operator
+import re
 import warnings
 from typing import Any
 
@@ -115,9 +116,15 @@ def _norm(a: Any, bools: bool) -> Any:
     return repr(a)
 
 
+_CONSTANT = re.compile(r"_tensor_constant\d+")
+
+
 def signature(node: fx.Node, bools: bool = True) -> tuple:
-    """A node's op, target and constant arguments (its inputs as placeholders '%'), bools as 'B' when `bools`."""
+    """A node's op, target and constant arguments (its inputs as placeholders '%'), bools as 'B' when `bools`.
+    Tensor constants fx creates while tracing are numbered per trace: their number is not part of it."""
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", repr(node.target))
+    if node.op == "get_attr":
+        target = _CONSTANT.sub("_tensor_constant", target)
     return (node.op, target, _norm(node.args, bools), _norm(node.kwargs, bools))
 
 

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import fnmatch
 import functools
+import inspect
 import io
 from typing import Callable, Iterable, Sequence
 
@@ -378,6 +379,18 @@ def trace(
     return gm
 
 
+def _optional_arguments(model: nn.Module) -> dict:
+    """The forward's optional arguments after the input (`forward(x, mask=None)`), at their defaults: prepare calls
+    the model with the input alone, and traced as inputs they would take branches (`if mask is not None`) that
+    the call never takes."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
 class _ModeTraceFailure(Exception):
     def __init__(self, where: str):
         super().__init__(where)
@@ -389,11 +402,12 @@ def _trace_in_mode(model: nn.Module, leaves: tuple, auto: list[str], auto_leaves
     """One trace of `model` in train or eval mode, its output reduced to the logits.  `auto` collects the modules
     made leaves by `auto_leaves`; a failure in train mode only, inside a submodule, is `_ModeTraceFailure`."""
     model.train(training)
+    concrete = _optional_arguments(model)
     try:
         while True:
             tracer = GrownTracer(leaves + tuple(auto))
             try:
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=concrete or None)
                 break
             except Exception as exc:
                 where = _innermost_module(exc, model)
