@@ -605,3 +605,29 @@ def test_opaque_op_does_not_tie_spatial_axes_into_its_group():
     assert not stem.growable and stem.reasons[0].startswith("'fft_rfft2' at node")
     assert "different widths" not in reasons(net)
     assert all(g.growable for g in groups_of(net, "conv")), reasons(net)
+
+
+class OneGroupNorm(Frame):
+    """GroupNorm with one group (PoolFormer's GroupNorm1): a layer norm over the channels and positions."""
+
+    def __init__(self, norm=None):
+        super().__init__()
+        self.norm = norm or nn.GroupNorm(1, 8)
+
+    def mid(self, x):
+        return x + self.norm(x)
+
+
+class GroupNormAct(nn.GroupNorm):
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+def test_one_group_norm_slims_and_grows_like_a_layer_norm():
+    # before: its granularity was all its channels, so the seed kept them all (poolformerv2's seed ratio 0.59)
+    net = lifecycle(OneGroupNorm(), X, seed_width=0.5)
+    stem = groups_of(net, "stem")[0]
+    assert stem.growable and stem.granularity == 1 and net.ctx.widths[stem.id] > 4  # 8 -> seed 4 -> grown
+    # a subclass that computes more than the norm keeps the old rule: whole groups
+    net = grownfx.prepare(OneGroupNorm(GroupNormAct(1, 8)), X, seed_width=0.5)
+    assert groups_of(net, "stem")[0].granularity == 8

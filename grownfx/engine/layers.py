@@ -62,7 +62,7 @@ class PerTask(_TaskModule):
             index = ctx.norm_stats(self.target, t)
             if index is not None:  # statistics over the channels born before task t only
                 return stats_layer_norm(args[0], index.to(args[0].device), copy_t.weight, copy_t.bias, copy_t.eps,
-                                        self.norm_axis)
+                                        self.norm_axis, isinstance(copy_t, nn.GroupNorm))
         scale = ctx.input_scale(self.target, self.training) if ctx.is_learning(t) else None
         if scale is None:
             return copy_t(*args, **kwargs)
@@ -118,11 +118,13 @@ class PerTask(_TaskModule):
 
 
 def stats_layer_norm(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                     eps: float, axis: int) -> torch.Tensor:
+                     eps: float, axis: int, joint: bool = False) -> torch.Tensor:
     """Layer norm over `axis` (negative) whose mean and variance are taken over the channels `index` only, then applied to
-    every channel: `(x - mean_S) / sqrt(var_S + eps) * weight + bias`.  Export writes the same torch ops into
-    the exported graph (`rewrite.export_graph`), so the two compute bit for bit alike."""
-    var, mean = torch.var_mean(torch.index_select(x, axis, index), dim=axis, correction=0, keepdim=True)
+    every channel: `(x - mean_S) / sqrt(var_S + eps) * weight + bias`.  `joint`: the statistics are taken over the
+    channels and every axis after them together (a GroupNorm with one group).  Export writes the same torch ops
+    into the exported graph (`rewrite.export_graph`), so the two compute bit for bit alike."""
+    dims = tuple(range(axis, 0)) if joint else axis
+    var, mean = torch.var_mean(torch.index_select(x, axis, index), dim=dims, correction=0, keepdim=True)
     y = torch.mul(torch.sub(x, mean), torch.rsqrt(torch.add(var, eps)))
     shape = (-1,) + (1,) * (-axis - 1)  # `axis` counts from the end: the affine broadcasts from the right
     if weight is not None:

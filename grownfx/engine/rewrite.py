@@ -258,15 +258,16 @@ def _stats_layer_norm_nodes(root: fx.GraphModule, graph: fx.Graph, node: fx.Node
         weight, bias = (graph.get_attr(f"{node.target}.{n}") if getattr(holder, n) is not None else None
                         for n in ("weight", "bias"))
     _emit_stats_layer_norm(graph, node, node.args[0], weight, bias, node.target + ".stat_index", norm.eps,
-                           m.norm_axis)
+                           m.norm_axis, isinstance(norm, nn.GroupNorm))
 
 
 def _emit_stats_layer_norm(graph: fx.Graph, node: fx.Node, x, weight, bias, index_path: str, eps: float,
-                           axis: int) -> None:
+                           axis: int, joint: bool = False) -> None:
     """`layers.stats_layer_norm` written into `graph` in place of `node` (the same ops, in the same order)."""
+    dims = tuple(range(axis, 0)) if joint else axis
     with graph.inserting_before(node):
         sel = graph.call_function(torch.index_select, (x, axis, graph.get_attr(index_path)))
-        var_mean = graph.call_function(torch.var_mean, (sel,), {"dim": axis, "correction": 0, "keepdim": True})
+        var_mean = graph.call_function(torch.var_mean, (sel,), {"dim": dims, "correction": 0, "keepdim": True})
         var = graph.call_function(operator.getitem, (var_mean, 0))
         mean = graph.call_function(operator.getitem, (var_mean, 1))
         y = graph.call_function(torch.mul, (graph.call_function(torch.sub, (x, mean)), graph.call_function(

@@ -198,6 +198,8 @@ def _update_attrs(module: nn.Module, role: str, n: int) -> None:
         set_conv_width(module, role, n)
     elif isinstance(module, nn.Linear):
         set_linear_width(module, role, n)
+    elif isinstance(module, nn.GroupNorm) and module.num_groups == 1:  # one group at any width (a layer norm)
+        module.num_channels = n
     elif isinstance(module, nn.GroupNorm):
         per_group = module.num_channels // module.num_groups
         module.num_channels, module.num_groups = n, n // per_group

@@ -223,6 +223,32 @@ def _probe_ln_axis(m: nn.LayerNorm, shape: tuple, c: int) -> int | None:
     return None
 
 
+_GN_CACHE: dict[tuple, bool] = {}
+
+
+def is_plain_group_norm(m: nn.Module, shape: tuple) -> bool:
+    """A GroupNorm that computes `F.group_norm` with its own weight, bias and eps and nothing else (a subclass with
+    an activation after the norm does not): probed once per (type, shape) on a random input."""
+    if type(m) is nn.GroupNorm:
+        return True
+    key = (type(m), tuple(shape[1:]), m.num_groups)
+    if key not in _GN_CACHE:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((1,) + tuple(shape[1:]), generator=g, dtype=torch.float64)
+        probe = copy.deepcopy(m).double().eval()
+        try:
+            with torch.no_grad():
+                if probe.weight is not None:
+                    probe.weight.copy_(torch.rand(probe.weight.shape, generator=g, dtype=torch.float64) + 0.5)
+                if probe.bias is not None:
+                    probe.bias.copy_(torch.randn(probe.bias.shape, generator=g, dtype=torch.float64))
+                ref = F.group_norm(x, m.num_groups, probe.weight, probe.bias, probe.eps)
+                _GN_CACHE[key] = bool(torch.allclose(probe(x), ref, atol=1e-9))
+        except Exception:  # noqa: BLE001 - a subclass that cannot run alone is not a plain group norm
+            _GN_CACHE[key] = False
+    return _GN_CACHE[key]
+
+
 def layer_kind(m: nn.Module) -> str | None:
     """How a conv or linear layer computes from its weight (None for other modules):
 

@@ -9,7 +9,8 @@ from typing import Any, Iterable
 import networkx as nx
 from torch import fx, nn
 
-from grownfx.engine.tracing import head_attention_kind, layer_kind, layer_norm_axis, tensor_shape
+from grownfx.engine.tracing import (head_attention_kind, is_plain_group_norm, layer_kind, layer_norm_axis,
+                                    tensor_shape)
 from grownfx.engine.coupling.custom import RegisteredOps
 from grownfx.engine.coupling.functional import AXIS_OPS, LIKE, PAD_MODULES, FunctionalOps, node_arg, touched_dims
 from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal, Width, direct_param, nodes_in, op_name
@@ -260,6 +261,12 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, FunctionalOps, Refi
         if isinstance(m, _BN + _IN):
             lay = self.ensure(x, 1, node)
             self.bind(node.target, "feat", lay, node)
+            return TVal(x.axes[:1] + (lay,) + x.axes[2:], x.shape, x.origin)
+        if isinstance(m, nn.GroupNorm) and m.num_groups == 1 and len(x.shape) >= 3 and is_plain_group_norm(m, x.shape):
+            # one group: a layer norm over the channels and the positions together; growable like one (§5): a
+            # task's statistics are taken over the channels born before it (a negative binding axis says so)
+            lay = self.ensure(x, 1, node)
+            self.bind(node.target, "feat", lay, node, axis=1 - len(x.shape))
             return TVal(x.axes[:1] + (lay,) + x.axes[2:], x.shape, x.origin)
         if isinstance(m, nn.GroupNorm):
             lay = self.ensure(x, 1, node)
