@@ -631,3 +631,41 @@ def test_one_group_norm_slims_and_grows_like_a_layer_norm():
     # a subclass that computes more than the norm keeps the old rule: whole groups
     net = grownfx.prepare(OneGroupNorm(GroupNormAct(1, 8)), X, seed_width=0.5)
     assert groups_of(net, "stem")[0].granularity == 8
+
+
+# --- found by the timm sweep ---------------------------------------------------------------------------------
+
+
+class TokenHeads(nn.Module):
+    """VOLO's heads: a class-token head plus an auxiliary head over the other tokens, reduced by `max`."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.head, self.aux_head = nn.Linear(8, 5), nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = torch.relu(self.embed(x))
+        return self.head(t[:, 0]) + 0.5 * self.aux_head(t[:, 1:]).max(1)[0]
+
+
+def test_heads_reduced_over_tokens_are_heads():
+    # before (with opaque ops no longer tying their outputs): `max` was opaque, the auxiliary head was not found
+    net = lifecycle(TokenHeads(), torch.randn(4, 5, 6))
+    assert sorted(net.head_targets) == ["aux_head", "head"]
+    assert all(g.growable for g in groups_of(net, "embed")), reasons(net)
+
+
+class LayerNormAct2d(nn.LayerNorm):
+    """timm's LayerNormAct2d: permute, layer norm over the channels, activation."""
+
+    def forward(self, x):
+        return F.relu(F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                   self.eps).permute(0, 3, 1, 2))
+
+
+def test_layer_norm_subclass_that_is_no_plain_layer_norm_fixes_its_channels():
+    # before: bound to the last (spatial) axis, its channels were slimmed under it: vitamin_small_224 crashed
+    net = lifecycle(OneGroupNorm(LayerNormAct2d(8)), X, seed_width=0.5)
+    stem = groups_of(net, "stem")[0]
+    assert not stem.growable and "LayerNormAct2d" in stem.reasons[0]

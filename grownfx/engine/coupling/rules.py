@@ -285,6 +285,10 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, FunctionalOps, Refi
             if axis is not None:  # the binding's axis, counted from the end, tells the rewrite it is a layer norm
                 self.bind(node.target, "feat", self.ensure(x, axis, node), node, axis=axis - len(x.shape))
                 return x
+            if type(m) is not nn.LayerNorm:  # a subclass that is no plain layer norm over one axis (LayerNormAct2d:
+                # permute, norm, activation): which axes it normalises is not known, so all its channels are fixed
+                raise Opaque(f"LayerNorm subclass '{node.target}' ({type(m).__name__}) computes more than a layer "
+                             "norm over one axis")
             k = len(m.normalized_shape)
             for ax in range(len(x.shape) - k, len(x.shape)):
                 if x.axes[ax]:
@@ -396,6 +400,21 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, FunctionalOps, Refi
                 dims = list(range(len(x.shape)))
             dims = [dims] if isinstance(dims, int) else list(dims)
             return self.reduce_like(node, x, dims, keep=keep, what=f"'{name}' over a channel axis")
+        if name in ("max", "min", "median", "nanmedian", "mode") and isinstance(x, TVal):
+            other = node.kwargs.get("other", args[1] if len(args) > 1 else None)
+            if isinstance(self.val(other), TVal):  # torch.max(a, b): elementwise
+                return self.elementwise(node)
+            dim = node.kwargs.get("dim", other)
+            if not isinstance(dim, int):  # over every axis: one value
+                return self.reduce_like(node, x, list(range(len(x.shape))), keep=False,
+                                        what=f"'{name}' over a channel axis")
+            keep = bool(node.kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+            self.reduce_like(node, x, [dim], keep=True, what=f"'{name}' over a channel axis")  # fixes channels
+            d = dim % len(x.shape)
+            axes = tuple(None if i == d else a for i, a in enumerate(x.axes) if keep or i != d)
+            shape = tuple(1 if i == d else n for i, n in enumerate(x.shape) if keep or i != d)
+            values = TVal(axes, shape)
+            return Seq([values, values])  # (values, indices), laid out alike
         if name in ("softmax", "log_softmax", "softmin", "cumsum", "cumprod", "argsort", "sort"):
             dim = node.kwargs.get("dim", args[1] if len(args) > 1 else -1)
             return self.reduce_like(node, x, [dim], keep=True, what=f"'{name}' along a channel axis")
