@@ -23,6 +23,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -129,12 +130,23 @@ def select(module: str) -> dict:
                         continue
                 except Exception:  # noqa: BLE001 - not this size
                     continue
-                attn = any("attention" in type(x).__name__.lower() or isinstance(x, torch.nn.MultiheadAttention)
-                           for x in m.modules())
-                return {**row, "model": name, "size": size, "kw": kw, "params": params,
-                        "kind": "transformer" if attn else "cnn"}
+                return {**row, "model": name, "size": size, "kw": kw, "params": params, "kind": kind_of(m)}
     return {**row, "model": sorted(counts)[0][1], "ok": False, "stage": "select",
             "error": f"no input size in {SIZES} gives (2, 10) logits"}
+
+
+# module class names of token mixers that are not convolutions: attention (Attn, MHSA, LiteMLA, SHSA), state space
+# models (SSM, Mamba, EfficientViM's HSMSSD), recurrent ones (Sequencer's LSTM)
+_TOKEN_MIXERS = re.compile(r"attn|attention|mhsa|mha\b|mla$|shsa|ssd$|ssm|mamba|lstm|gru|rnn|transformer", re.I)
+
+
+def kind_of(model) -> str:
+    """'cnn' for a pure convolutional network, else 'transformer' (attention or another token mixer)."""
+    import torch
+
+    other = any(_TOKEN_MIXERS.search(type(x).__name__) or isinstance(x, (torch.nn.MultiheadAttention, torch.nn.RNNBase))
+                for x in model.modules())
+    return "transformer" if other else "cnn"
 
 
 def plan(names_only: list[str] | None = None, timeout: int = 900) -> list[tuple]:

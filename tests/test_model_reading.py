@@ -669,3 +669,29 @@ def test_layer_norm_subclass_that_is_no_plain_layer_norm_fixes_its_channels():
     net = lifecycle(OneGroupNorm(LayerNormAct2d(8)), X, seed_width=0.5)
     stem = groups_of(net, "stem")[0]
     assert not stem.growable and "LayerNormAct2d" in stem.reasons[0]
+
+
+class DepthwiseKinds(nn.Module):
+    """A depthwise conv with a channel multiplier (FastViT's, MobileOne's) and one over a concatenation (RDNet's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mult = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(16)
+        self.side = nn.Conv2d(16, 4, 1)
+        self.dw = nn.Conv2d(20, 20, 3, padding=1, groups=20)
+        self.head = nn.Linear(20, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.mult(torch.relu(self.stem(x)))))
+        x = torch.cat([x, self.side(x)], 1)
+        return self.head(self.dw(x).mean((2, 3)))
+
+
+def test_depthwise_multiplier_and_concatenated_depthwise_grow():
+    # before: both fixed everything they touched (fastvit_t8's seed ratio 0.56, rdnet_tiny's 0.53)
+    net = lifecycle(DepthwiseKinds(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "stem") + groups_of(net, "side")), reasons(net)
+    mult = net.export(1).get_submodule("mult")
+    assert mult.out_channels == 2 * mult.in_channels == 2 * mult.groups

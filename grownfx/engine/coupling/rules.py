@@ -361,11 +361,22 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, FunctionalOps, Refi
             self.bind(node.target, "out", out, node)
             return TVal((None, out) + spatial_none, out_shape)
         per_group = m.in_channels // m.groups
-        if m.in_channels == m.out_channels and len(lay_in) == 1 and lay_in[0].factor == 1:
-            v = lay_in[0].var
-            self.ties.nodes[v]["gran"] = math.lcm(self.ties.nodes[v]["gran"], per_group)
+        # segments of whole conv groups (a depthwise conv, one channel per group, takes any layout)
+        whole = per_group == 1 or all(s.factor == 1 and s.width % per_group == 0 for s in lay_in)
+        if m.in_channels == m.out_channels and whole:
+            # in and out are the same channels (each segment grows by whole conv groups; DenseNet-style inputs of
+            # several segments too)
+            for s in lay_in if per_group > 1 else ():
+                self.ties.nodes[s.var]["gran"] = math.lcm(self.ties.nodes[s.var]["gran"], per_group)
             self.bind(node.target, "grouped", lay_in, node)
             return TVal((None, lay_in) + spatial_none, out_shape)
+        if per_group == 1 and m.out_channels % m.in_channels == 0 and whole:
+            # a depthwise conv with a channel multiplier: input channel c gives outputs c*k .. c*k + k-1, the
+            # layout of a flatten factor (MobileOne's and FastViT's convs, MobileNet's multiplier)
+            k = m.out_channels // m.in_channels
+            out = tuple(Seg(s.var, s.width, s.factor * k) for s in lay_in)
+            self.bind(node.target, "grouped", out, node)
+            return TVal((None, out) + spatial_none, out_shape)
         self.fix(lay_in, f"grouped conv '{node.target}' with {m.in_channels}->{m.out_channels} channels")
         out = (Seg(self.new_var(m.out_channels, f"{node.target}.out", fixed=f"grouped conv '{node.target}'"),
                    m.out_channels),)
