@@ -7,8 +7,9 @@
 
 Every model runs in its own subprocess (`--worker`) with one thread and a per-model timeout, so a crash, a hang
 or a memory blow-up costs one row, not the sweep.  The per-model checks are `check_backbone` of
-`tests/engine_checks.py` (the torchvision zoo's property sweep): seed slimming to the stated widths, function-preserving growth, old
-tasks bit-exact after growth and after training a new task, exports equal to the task-aware net; `prepare` runs
+`tests/engine_checks.py` (the torchvision zoo's property sweep): seed slimming to the stated widths,
+function-preserving growth, old tasks bit-exact after growth and after training a new task, exports equal to the
+task-aware net; `prepare` runs
 its differential check against the eager model.  Each row ends `pass`, `refused` (prepare refused the model with
 one line: a SurgeryError, ModelCheckError or TraceError naming why) or `CRASH` (anything else: a defect).
 
