@@ -12,7 +12,8 @@ from grownfx.version import __version__
 # pay for torch.  `from grownfx import prepare` works as before.
 _LAZY = {
     "MaskPolicy": "grownfx.engine.context", "CouplingGroup": "grownfx.engine.coupling",
-    "analyze": "grownfx.engine.coupling", "GrowableNet": "grownfx.engine.net", "SurgeryError": "grownfx.engine.net",
+    "analyze": "grownfx.engine.coupling", "GrowableNet": "grownfx.engine.net", "SurgeryError": "grownfx.engine.errors",
+    "ModelCheckError": "grownfx.engine.errors",
     "count_parameters": "grownfx.engine.net", "prepare": "grownfx.engine.net", "TraceError": "grownfx.engine.tracing",
     "trace": "grownfx.engine.tracing",
     "register_module": "grownfx.engine.registry", "register_function": "grownfx.engine.registry",
@@ -24,7 +25,8 @@ _LAZY = {
 if TYPE_CHECKING:
     from grownfx.engine.context import MaskPolicy
     from grownfx.engine.coupling import CouplingGroup, analyze
-    from grownfx.engine.net import GrowableNet, SurgeryError, count_parameters, prepare
+    from grownfx.engine.errors import ModelCheckError, SurgeryError
+    from grownfx.engine.net import GrowableNet, count_parameters, prepare
     from grownfx.engine.tracing import TraceError, trace
     from grownfx.engine.registry import register_function, register_module, register_resize, unregister
     from grownfx.engine.surgery import remap
@@ -42,7 +44,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'grownfx' has no attribute {name!r}")
 
 __all__ = [
-    "CouplingGroup", "GrowableNet", "MaskPolicy", "SurgeryError", "TraceError", "analyze", "count_parameters",
-    "load_run", "prepare", "trace", "__version__", "register_function", "register_module", "register_resize", "remap",
+    "CouplingGroup", "GrowableNet", "MaskPolicy", "ModelCheckError", "SurgeryError", "TraceError", "analyze",
+    "count_parameters", "load_run", "prepare", "trace", "__version__", "register_function", "register_module",
+    "register_resize", "remap",
     "unregister", "load_export",
 ]

@@ -79,13 +79,66 @@ def _freeze_wrong_mask():
     MaskedLayer.freeze = wrong
 
 
+def _differential_check_off():
+    """prepare no longer compares the traced graph with the eager model."""
+    import grownfx.engine.net as net
+    from grownfx.engine.selfcheck import CheckReport
+
+    net.check_graph = lambda *args, **kwargs: CheckReport()
+
+
+def _train_graph_ignored():
+    """The model is traced in eval mode only (train-only behaviour frozen out of the graph)."""
+    from grownfx.engine.tracing import GrownTracer
+
+    GrownTracer.both_modes = False
+
+
+def _functions_inlined():
+    """fx records a custom autograd Function's forward ops (its backward is lost)."""
+    from grownfx.engine.tracing import GrownTracer
+
+    GrownTracer.keep_functions = False
+
+
+def _inplace_out_of_place():
+    """`z += y` is recorded as `z = z + y`, whatever still refers to z."""
+    from grownfx.engine.tracing import GrownTracer
+
+    GrownTracer.record_inplace = False
+
+
+def _broadcast_channel_growable():
+    """A one-channel tensor broadcast over others is not fixed (CBAM's spatial attention grows)."""
+    from grownfx.engine.coupling.layouts import LayoutOps
+
+    LayoutOps.one_channel_axes = lambda self, node, lays, size: None
+
+
+def _heads_concatenated():
+    """Logits concatenated from several classifiers are accepted."""
+    import grownfx.engine.heads as heads
+
+    heads._check_one_classifier = lambda coupling, layout, spec: None
+
+
 FAULTS = {
     "mask_not_applied": _mask_not_applied,
     "frozen_copy_shared": _frozen_copy_shared,
     "gate_not_folded": _gate_not_folded,
     "cache_not_cleared": _cache_not_cleared,
     "freeze_wrong_mask": _freeze_wrong_mask,
+    "differential_check_off": _differential_check_off,
+    "train_graph_ignored": _train_graph_ignored,
+    "functions_inlined": _functions_inlined,
+    "inplace_out_of_place": _inplace_out_of_place,
+    "broadcast_channel_growable": _broadcast_channel_growable,
+    "heads_concatenated": _heads_concatenated,
 }
+# the tests each fault is run against (default: TESTS); the clean run covers all of them
+READING = ["tests/test_model_reading.py", "tests/test_fuzz.py"]
+FAULT_TESTS = {name: READING for name in ("differential_check_off", "train_graph_ignored", "functions_inlined",
+                                          "inplace_out_of_place", "broadcast_channel_growable", "heads_concatenated")}
 
 
 # -- pytest plugin --------------------------------------------------------------------------------------------
@@ -105,7 +158,9 @@ def pytest_configure(config):
 
 
 def run(fault: str | None) -> tuple[int, list[str]]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.fault_injection", *TESTS]
+    tests = FAULT_TESTS.get(fault, TESTS) if fault else sorted(set(TESTS).union(*FAULT_TESTS.values()))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.fault_injection", *tests,
+           "-m", "not slow"]
     if fault:
         cmd += ["--fault", fault]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

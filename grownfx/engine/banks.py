@@ -362,8 +362,8 @@ class MaskedConv(MaskedLayer):
         for name in out_channel_params(src) if self._fn is None else ():
             self.out_params[name] = TaskParameter(getattr(src, name).detach(), ctx, f"{target}.{name}")
             self.__dict__["_bare"]._parameters.pop(name)
-        if src.padding_mode != "zeros" and self._fn is not None:
-            raise NotImplementedError(f"padding_mode={src.padding_mode!r} is not supported in '{target}'")
+        # padding_mode 'reflect'/'replicate'/'circular': the input is padded first, as torch's own conv does
+        self._pad = src._reversed_padding_repeated_twice if src.padding_mode != "zeros" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.effective_weight()
@@ -374,6 +374,9 @@ class MaskedConv(MaskedLayer):
             task = self.ctx.require_task()
             extra = {n: p.copies[task] for n, p in self.out_params.items()}
             return call_with_weight(self.__dict__["_bare"], x, w, self.effective_bias(), groups, extra)
+        if self._pad is not None:
+            return self._fn(F.pad(x, self._pad, mode=self.padding_mode), w, self.effective_bias(), self.stride, 0,
+                            self.dilation, groups)
         return self._fn(x, w, self.effective_bias(), self.stride, self.padding, self.dilation, groups)
 
     def _update_shape_attrs(self, role: str, n: int) -> None:
@@ -393,7 +396,7 @@ class MaskedConv(MaskedLayer):
                                    {n: p.copies[task] for n, p in self.out_params.items()},
                                    in_channels=w.shape[1] * groups, out_channels=w.shape[0], groups=groups)
         m = self.conv_type(w.shape[1] * groups, w.shape[0], self.kernel_size, self.stride, self.padding,
-                           self.dilation, groups, bias=self.bias_bank is not None)
+                           self.dilation, groups, bias=self.bias_bank is not None, padding_mode=self.padding_mode)
         return _load_plain(m, w, self.bias_bank, task)
 
     def extra_repr(self) -> str:

@@ -62,7 +62,7 @@ class PerTask(_TaskModule):
             index = ctx.norm_stats(self.target, t)
             if index is not None:  # statistics over the channels born before task t only
                 return stats_layer_norm(args[0], index.to(args[0].device), copy_t.weight, copy_t.bias, copy_t.eps,
-                                        self.norm_axis)
+                                        self.norm_axis, isinstance(copy_t, nn.GroupNorm))
         scale = ctx.input_scale(self.target, self.training) if ctx.is_learning(t) else None
         if scale is None:
             return copy_t(*args, **kwargs)
@@ -118,11 +118,13 @@ class PerTask(_TaskModule):
 
 
 def stats_layer_norm(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                     eps: float, axis: int) -> torch.Tensor:
+                     eps: float, axis: int, joint: bool = False) -> torch.Tensor:
     """Layer norm over `axis` (negative) whose mean and variance are taken over the channels `index` only, then applied to
-    every channel: `(x - mean_S) / sqrt(var_S + eps) * weight + bias`.  Export writes the same torch ops into
-    the exported graph (`rewrite.export_graph`), so the two compute bit for bit alike."""
-    var, mean = torch.var_mean(torch.index_select(x, axis, index), dim=axis, correction=0, keepdim=True)
+    every channel: `(x - mean_S) / sqrt(var_S + eps) * weight + bias`.  `joint`: the statistics are taken over the
+    channels and every axis after them together (a GroupNorm with one group).  Export writes the same torch ops
+    into the exported graph (`rewrite.export_graph`), so the two compute bit for bit alike."""
+    dims = tuple(range(axis, 0)) if joint else axis
+    var, mean = torch.var_mean(torch.index_select(x, axis, index), dim=dims, correction=0, keepdim=True)
     y = torch.mul(torch.sub(x, mean), torch.rsqrt(torch.add(var, eps)))
     shape = (-1,) + (1,) * (-axis - 1)  # `axis` counts from the end: the affine broadcasts from the right
     if weight is not None:
@@ -158,15 +160,28 @@ class TaskParameter(_TaskModule):
     def __init__(self, value: torch.Tensor, ctx: "TaskContext", target: str, trainable: bool = True):
         super().__init__()
         self._attach(ctx, target)
-        self.trainable = trainable  # False: a float buffer of the backbone, copied per task but never trained
+        self.trainable = trainable  # False: a buffer of the backbone, copied per task but never trained
         self.pending = nn.Parameter(value.detach().clone(), requires_grad=False)
         self.copies = nn.ParameterList()
+        # one entry per class along `class_axis` (a functional classifier's weight, a per-class logit bias): each
+        # task's copy has its own number of classes, filled with `class_init` (the op's identity, or
+        # ("uniform", fan_in): nn.Linear's initialisation)
+        self.class_axis: int | None = None
+        self.class_init: float | tuple = 0.0
 
     def forward(self):
         return self.copies[self.ctx.require_task()]
 
-    def add_task(self, **_) -> None:
-        self.copies.append(nn.Parameter(self.pending.detach().clone(), requires_grad=self.trainable))
+    def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None, **_) -> None:
+        value = self.pending.detach().clone()
+        if self.class_axis is not None and num_classes is not None:
+            shape = list(value.shape)
+            shape[self.class_axis] = num_classes
+            if isinstance(self.class_init, tuple):
+                value = random_fill(tuple(shape), self.class_init[1], generator, value)
+            else:
+                value = torch.full(shape, self.class_init, dtype=value.dtype, device=value.device)
+        self.copies.append(nn.Parameter(value, requires_grad=self.trainable and value.is_floating_point()))
 
     def freeze(self, task: int) -> None:
         self.copies[task].requires_grad_(False)
@@ -186,6 +201,20 @@ class TaskParameter(_TaskModule):
 
 
 # --- masked weight banks ---------------------------------------------------------------------------------
+
+
+class TaskMode(_TaskModule):
+    """The model's `self.training`, read by a node of the graph (`F.dropout(x, p, training=self.training)`,
+    engine/modes.py): true only while the net is in train mode *and* computes the task being learned -- a finished
+    task computes as in eval mode (no dropout, no statistics updated), like its norm copies."""
+
+    def __init__(self, ctx: "TaskContext", target: str):
+        super().__init__()
+        self._attach(ctx, target)
+
+    def forward(self) -> bool:
+        ctx = self.ctx
+        return self.training and ctx.is_learning(ctx.require_task())
 
 
 class TaskLiteral(_TaskModule):

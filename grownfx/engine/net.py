@@ -28,12 +28,12 @@ from grownfx.engine.mask_storage import join_task_masks, split_task_masks
 from grownfx.engine.rewrite import export_graph, make_layer_norms_task_aware, make_literals_task_aware, make_task_aware
 from grownfx.engine.splits import install_task_splits
 from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
+from grownfx.engine.errors import ModelCheckError, SurgeryError
+from grownfx.engine.heads import check_class_count, find_heads
+from grownfx.engine.selfcheck import check_graph
 from grownfx.engine.tracing import trace
-from grownfx.errors import UserError
 
-
-class SurgeryError(UserError, ValueError):
-    """A model or request the surgery engine cannot handle, with the reason."""
+__all__ = ["GrowableNet", "ModelCheckError", "SurgeryError", "count_parameters", "prepare", "slim"]
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -49,19 +49,32 @@ def prepare(
     granularity: str = "kernel",
     seed: int = 0,
     auto_leaves: bool = False,
+    output: int | str | None = None,
+    head: str | Sequence[str] | None = None,
+    check: bool = True,
 ) -> "GrowableNet":
     """Trace `model`, find its coupling groups, slim every growable group to `seed_width`, make it task-aware.
 
     `auto_leaves`: a submodule torch.fx cannot trace is kept opaque (a leaf) instead of raising TraceError;
-    `net.graph_module.auto_leaves` names them."""
+    `net.graph_module.auto_leaves` names them.
+    `output`: which of the values a model returns are the logits (an index, a dict key or a namedtuple field), for
+    a model that returns several; a dict key or field `logits` is taken without it.
+    `head`: the classifier when the analysis cannot find it -- a module, or a parameter used by a functional
+    head (`F.linear(f, self.W)`: `head="W"`); every task gets its own copy with its own number of classes.
+    `check`: compare the traced graph with `model` on `example_input` before anything is changed
+    (`engine/selfcheck.py`: outputs in eval and train mode, input and parameter gradients; `ModelCheckError` on a
+    difference).  Always on for users; internal callers that already checked the same model may pass False.
+    `net.check_report` says what was compared."""
     if not isinstance(seed_width, (int, float)) or not 0 < seed_width <= 1:
         raise SurgeryError(f"seed_width must be in (0, 1], got {seed_width!r}")
     if granularity not in ("kernel", "element", "channel"):
         raise SurgeryError(f"granularity must be 'kernel', 'element' or 'channel', got {granularity!r}")
     gm, coupling, widths, full_params = slim(model, example_input, seed_width, leaf_modules=leaf_modules, seed=seed,
                                              auto_leaves=auto_leaves,
-                                             linear_block=LINEAR_BLOCK if granularity == "channel" else 1)
-    heads = coupling.head_targets()
+                                             linear_block=LINEAR_BLOCK if granularity == "channel" else 1,
+                                             output=output, check=check, head=head)
+    report, spec = gm.check_report, gm.head_spec
+    heads = spec.modules
     ctx = TaskContext()
     ctx.widths = widths
     ctx.births = {gid: torch.full((w,), -1, dtype=torch.long) for gid, w in widths.items()}
@@ -74,7 +87,15 @@ def prepare(
             ctx.layouts.update(attention_layouts(b.target, binding_layout(coupling, b)))
     if granularity == "channel":
         ctx.unit_cols = _linear_unit_columns(gm, coupling, heads)
-    gm, holders = make_task_aware(gm, heads, ctx, granularity)
+    growable_params = {b.target for b in coupling.bindings
+                       if b.role == "param" and all(coupling.groups[g].growable for g, _, _ in binding_layout(coupling, b))}
+    gm, holders = make_task_aware(gm, heads, ctx, granularity, per_task=growable_params | set(spec.params))
+    for target, (axis, init) in spec.params.items():  # per-class tensors: each task's copy has its own classes
+        holder = gm.get_submodule(holders[target]) if target in holders else None
+        if not isinstance(holder, TaskParameter):
+            raise SurgeryError(f"the classifier parameter '{target}' is also a layer's own weight; make the "
+                               "classifier one module or one parameter")
+        holder.class_axis, holder.class_init = axis, init
     for b in coupling.bindings:
         if b.role == "feat" and b.axis < 0:  # a layer norm over one channel axis (coupling rules)
             norm = gm.get_submodule(b.target)
@@ -89,9 +110,12 @@ def prepare(
     for b in coupling.bindings:
         if b.role == "param" and b.target in holders:
             b.target = holders[b.target]
-    net = GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, head=heads[0],
+    net = GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, head=spec.first,
                       input_shape=tuple(example_input.shape[1:]))
     net.head_targets = list(heads)  # every layer producing the logits (a distillation head too); one copy per task
+    net.head_params = dict(spec.params)  # per-class parameters (a functional classifier's weight, a logit bias)
+    net.class_axis, net.input_dtype = spec.class_axis, example_input.dtype
+    net.check_report = report
     return net
 
 
@@ -118,20 +142,27 @@ def _linear_unit_columns(gm: fx.GraphModule, coupling: CouplingResult, heads: li
 
 
 def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
-         leaf_modules: Iterable[str | type] = (), seed: int = 0, auto_leaves: bool = False, linear_block: int = 1):
+         leaf_modules: Iterable[str | type] = (), seed: int = 0, auto_leaves: bool = False, linear_block: int = 1,
+         output: int | str | None = None, check: bool = False, head: str | Sequence[str] | None = None):
     """Trace and analyse `model`, and slice every growable group to `width` of its channels (a plain graph).
 
     `linear_block` > 1: groups read by a masked Linear without a flatten factor change width by whole blocks of
     that many channels (granularity 'channel': the Linear's mask units are such blocks).
+    `check`: compare the traced, analysed graph at full width with the model first (`selfcheck.check_graph`);
+    the graph module's `check_report` says what was compared (None when not checked).  `head`: the declared
+    classifier (`heads.find_heads`); the graph module's `heads` says what the heads are.
 
     Returns (graph module, coupling result, {group: width}, parameters of the full-width model).
     The caller's model is left untouched (the graph module works on a copy).
     """
-    gm = trace(copy.deepcopy(model), example_input, leaf_modules, auto_leaves=auto_leaves)
+    eager = copy.deepcopy(model)
+    gm = trace(eager, example_input, leaf_modules, auto_leaves=auto_leaves, output=output)
     coupling = analyze(gm)
-    _fix_reused_modules(coupling)
-    heads = coupling.head_targets()
-    _check_heads(coupling, heads)
+    gm.check_report = check_graph(eager, gm, example_input, output) if check else None
+    del eager
+    gm.head_spec = find_heads(gm, coupling, head)
+    check_class_count(gm, gm.head_spec, example_input)
+    heads = gm.head_spec.modules
     if linear_block > 1:
         for b in _linear_inputs(gm, coupling, heads):
             for g, factor, _ in binding_layout(coupling, b):
@@ -146,37 +177,8 @@ def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
     return gm, coupling, widths, full_params
 
 
-def _check_heads(coupling: CouplingResult, heads: list[str]) -> None:
-    """One or several layers produce the logits (a distillation head next to the classifier: every task gets a
-    copy of each); all must have the logits' width, or one is a hidden layer seen through an opaque op."""
-    if not heads:
-        raise SurgeryError("no layer produces the logits; the model must end in a classifier layer (Linear or conv)")
-    widths = {b.target: sum(s.width for s in b.layout) for b in coupling.bindings
-              if b.role == "out" and b.target in heads}
-    if len(set(widths.values())) > 1:
-        raise SurgeryError(f"the layers producing the logits have different widths {widths}: the logits are "
-                           "computed through an op the analysis cannot follow; keep the classifier a plain "
-                           "nn.Linear or declare the op's module in `leaf_modules`")
-
-
 def seed_channels(width: int, fraction: float, granularity: int) -> int:
     return max(granularity, int(round(width * fraction / granularity)) * granularity)
-
-
-def _fix_reused_modules(coupling: CouplingResult) -> None:
-    """A module called at two places with different channel layouts cannot be resized consistently."""
-    seen: dict[tuple, tuple] = {}
-    for b in coupling.bindings:
-        if b.role not in ("in", "out", "grouped", "feat"):
-            continue
-        lay = binding_layout(coupling, b)
-        key = (b.target, b.role)
-        if key in seen and seen[key] != lay:
-            for gid, _, _ in lay + seen[key]:
-                g = coupling.groups[gid]
-                g.reasons.append(f"module '{b.target}' is called with different channel layouts")
-                g.growable = False
-        seen[key] = lay
 
 
 class GrowableNet(nn.Module):
@@ -274,11 +276,30 @@ class GrowableNet(nn.Module):
                 m.add_task(num_classes=num_classes, generator=self.generator)
                 m.copies[-1].to(device)
             elif isinstance(m, TaskParameter):
-                m.add_task()
+                m.add_task(num_classes=num_classes, generator=self.generator)
         self.ctx.task = t
         self.ctx.bump()
         self.configure()
+        self._check_logits(t, num_classes)
         return t
+
+    def _check_logits(self, t: int, num_classes: int) -> None:
+        """Task t's logits have its number of classes (prepare's `check_class_count` proved the logits follow the
+        classifier; this confirms it on the task-aware net with one example of zeros)."""
+        x = torch.zeros((1,) + tuple(self.input_shape), dtype=getattr(self, "input_dtype", torch.float32),
+                        device=self._device())
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                out = self.graph_module(x)
+        finally:
+            self.train(was)
+            self.ctx.task = t
+        axis = getattr(self, "class_axis", 1)
+        if out.dim() <= axis or out.shape[axis] != num_classes:
+            raise SurgeryError(f"task {t} has {num_classes} classes but the net gives logits of shape "
+                               f"{tuple(out.shape)}")
 
     def set_policy(self, policy: MaskPolicy) -> None:
         self.ctx.policy = policy
@@ -495,4 +516,6 @@ class GrowableNet(nn.Module):
 
 
 def _numel(x) -> int:
-    return x.numel() if isinstance(x, torch.Tensor) else count_parameters(x)
+    if isinstance(x, torch.Tensor):  # a bool or integer mask copied per task is no parameter
+        return x.numel() if x.is_floating_point() else 0
+    return count_parameters(x)

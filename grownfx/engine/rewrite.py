@@ -22,7 +22,8 @@ from torch import fx, nn
 from grownfx.engine.attention import HeadAttention, HeadGrowingAttention
 from grownfx.engine.banks import MaskedConv, MaskedLinear
 from grownfx.engine.context import TaskContext
-from grownfx.engine.layers import PerTask, TaskLayerNorm, TaskLiteral, TaskParameter, WeightOf, _TaskModule
+from grownfx.engine.layers import (PerTask, TaskLayerNorm, TaskLiteral, TaskMode, TaskParameter, WeightOf,
+                                   _TaskModule)
 from grownfx.engine.splits import TaskSizes
 from grownfx.engine.tracing import head_attention_kind, layer_kind
 
@@ -55,9 +56,13 @@ def _param_holder_name(target: str) -> str:
 
 
 def make_task_aware(
-    gm: fx.GraphModule, heads: list[str], ctx: TaskContext, granularity: str = "kernel"
+    gm: fx.GraphModule, heads: list[str], ctx: TaskContext, granularity: str = "kernel", per_task: set = frozenset()
 ) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Replace modules and parameters in place; returns the graph module and a map param path -> holder path."""
+    """Replace modules and parameters in place; returns the graph module and a map param path -> holder path.
+
+    Parameters and float buffers get one copy per task; a buffer of another dtype (an index table) stays shared
+    and immutable unless it is in `per_task` (a bool or int per-channel mask of a growable group, a per-class
+    tensor): resized for one task, it must not change for the others."""
     replaced: dict[str, nn.Module] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target in replaced:
@@ -69,6 +74,12 @@ def make_task_aware(
             replaced[node.target] = new
     holders: dict[str, str] = {}
     for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and node.target == "training":  # the mode, read by the graph (engine/modes.py)
+            set_submodule(gm, "task_mode", TaskMode(ctx, "task_mode"))
+            with gm.graph.inserting_before(node):
+                node.replace_all_uses_with(gm.graph.call_module("task_mode"))
+            gm.graph.erase_node(node)
+            continue
         if node.op != "get_attr":
             continue
         owner_path, _, attr = node.target.rpartition(".")
@@ -76,7 +87,7 @@ def make_task_aware(
         try:
             value = gm.get_parameter(node.target)
         except AttributeError:
-            value = _float_buffer(gm, node.target)
+            value = _float_buffer(gm, node.target, node.target in per_task)
             if value is None:
                 continue  # an integer buffer (an index table) or a constant: shared and immutable
             # a float buffer (a per-channel scale): per-task copies, so growth never resizes one all tasks share
@@ -133,12 +144,17 @@ def make_literals_task_aware(gm: fx.GraphModule, literals: list[tuple[str, int, 
         gm.recompile()
 
 
-def _float_buffer(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
+def _float_buffer(gm: fx.GraphModule, target: str, any_dtype: bool = False) -> torch.Tensor | None:
     try:
         value = gm.get_buffer(target)
     except AttributeError:
-        return None
-    return value if value.is_floating_point() else None
+        try:  # a tensor attribute that is neither (fx's `_tensor_constant0`)
+            value = getattr(*_owner(gm, target))
+        except AttributeError:
+            return None
+        if not isinstance(value, torch.Tensor) or not any_dtype:
+            return None
+    return value if value.is_floating_point() or any_dtype else None
 
 
 def _task_module(m: nn.Module, target: str, heads: list[str], ctx: TaskContext, granularity: str):
@@ -197,9 +213,14 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
                 for user in list(node.users):
                     user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
                 graph.erase_node(node)
+            elif isinstance(m, TaskMode):  # a plain module's own mode again
+                node.op, node.target = "get_attr", "training"
             elif isinstance(m, TaskParameter):
                 value = m.copy_for(task).detach().clone()
-                _set_param(root, node.target, nn.Parameter(value))
+                if value.is_floating_point():
+                    _set_param(root, node.target, nn.Parameter(value))
+                else:  # a bool or integer per-channel mask: a buffer again
+                    _set_param(root, node.target, value, buffer=True)
                 node.op = "get_attr"
             elif isinstance(m, WeightOf):
                 layer = m.__dict__["layer"]
@@ -237,15 +258,16 @@ def _stats_layer_norm_nodes(root: fx.GraphModule, graph: fx.Graph, node: fx.Node
         weight, bias = (graph.get_attr(f"{node.target}.{n}") if getattr(holder, n) is not None else None
                         for n in ("weight", "bias"))
     _emit_stats_layer_norm(graph, node, node.args[0], weight, bias, node.target + ".stat_index", norm.eps,
-                           m.norm_axis)
+                           m.norm_axis, isinstance(norm, nn.GroupNorm))
 
 
 def _emit_stats_layer_norm(graph: fx.Graph, node: fx.Node, x, weight, bias, index_path: str, eps: float,
-                           axis: int) -> None:
+                           axis: int, joint: bool = False) -> None:
     """`layers.stats_layer_norm` written into `graph` in place of `node` (the same ops, in the same order)."""
+    dims = tuple(range(axis, 0)) if joint else axis
     with graph.inserting_before(node):
         sel = graph.call_function(torch.index_select, (x, axis, graph.get_attr(index_path)))
-        var_mean = graph.call_function(torch.var_mean, (sel,), {"dim": axis, "correction": 0, "keepdim": True})
+        var_mean = graph.call_function(torch.var_mean, (sel,), {"dim": dims, "correction": 0, "keepdim": True})
         var = graph.call_function(operator.getitem, (var_mean, 0))
         mean = graph.call_function(operator.getitem, (var_mean, 1))
         y = graph.call_function(torch.mul, (graph.call_function(torch.sub, (x, mean)), graph.call_function(

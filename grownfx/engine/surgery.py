@@ -180,10 +180,10 @@ def set_conv_width(conv, role: str, n: int) -> None:
         conv.in_channels = n
     elif role == "out":
         conv.out_channels = n
-    else:
-        per_group = conv.in_channels // conv.groups
-        conv.in_channels = conv.out_channels = n
-        conv.groups = n // per_group
+    else:  # `n` output channels of a grouped conv: whole groups of the same in and out channels per group
+        in_per_group, out_per_group = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+        conv.groups = n // out_per_group
+        conv.out_channels, conv.in_channels = n, conv.groups * in_per_group
 
 
 def set_linear_width(linear, role: str, n: int) -> None:
@@ -198,6 +198,8 @@ def _update_attrs(module: nn.Module, role: str, n: int) -> None:
         set_conv_width(module, role, n)
     elif isinstance(module, nn.Linear):
         set_linear_width(module, role, n)
+    elif isinstance(module, nn.GroupNorm) and module.num_groups == 1:  # one group at any width (a layer norm)
+        module.num_channels = n
     elif isinstance(module, nn.GroupNorm):
         per_group = module.num_channels // module.num_groups
         module.num_channels, module.num_groups = n, n // per_group

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import fnmatch
 import functools
+import inspect
 import io
 from typing import Callable, Iterable, Sequence
 
@@ -19,6 +20,9 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from grownfx.engine import registry
+from grownfx.engine.errors import ModelCheckError
+from grownfx.engine.faithful import FaithfulProxy, functionalize_augmented, functions_kept_whole, has_hooks
+from grownfx.engine.modes import differing_scopes, flag_positions, install_flags, root_difference, select_output
 from grownfx.errors import UserError
 
 
@@ -40,7 +44,13 @@ def _default_leaf_types() -> tuple[type, ...]:
 
 
 class GrownTracer(fx.Tracer):
-    """`fx.Tracer` with extra leaf modules: by type, or by qualified-name glob (`layer4.*.attn`)."""
+    """`fx.Tracer` with extra leaf modules (by type, or by qualified-name glob `layer4.*.attn`) that records what
+    eager PyTorch runs (`engine/faithful.py`): augmented assignments in place, custom autograd Functions whole,
+    modules with forward hooks as leaves."""
+
+    record_inplace = True  # class switches, so that tests can show what the differential check catches without
+    keep_functions = True  # them
+    both_modes = True
 
     def __init__(self, leaf_modules: Sequence[str | type] = ()):
         super().__init__(autowrap_functions=registry.wrapped_functions())  # registered functions stay one node
@@ -53,7 +63,11 @@ class GrownTracer(fx.Tracer):
             for m in root.modules():  # probe layer subclasses now: a probe run while fx traces would be recorded
                 layer_kind(m)
                 traced_forward(m)
-        return super().trace(root, concrete_args)
+        with functions_kept_whole(self, self.keep_functions):
+            return super().trace(root, concrete_args)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return FaithfulProxy(node, self) if self.record_inplace else super().proxy(node)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         fn = traced_forward(m)
@@ -62,7 +76,7 @@ class GrownTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self.leaf_types):
+        if isinstance(m, self.leaf_types) or has_hooks(m):
             return True
         if any(fnmatch.fnmatchcase(qualname, g) for g in self.leaf_globs):
             return True
@@ -210,6 +224,32 @@ def _probe_ln_axis(m: nn.LayerNorm, shape: tuple, c: int) -> int | None:
     return None
 
 
+_GN_CACHE: dict[tuple, bool] = {}
+
+
+def is_plain_group_norm(m: nn.Module, shape: tuple) -> bool:
+    """A GroupNorm that computes `F.group_norm` with its own weight, bias and eps and nothing else (a subclass with
+    an activation after the norm does not): probed once per (type, shape) on a random input."""
+    if type(m) is nn.GroupNorm:
+        return True
+    key = (type(m), tuple(shape[1:]), m.num_groups)
+    if key not in _GN_CACHE:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((1,) + tuple(shape[1:]), generator=g, dtype=torch.float64)
+        probe = copy.deepcopy(m).double().eval()
+        try:
+            with torch.no_grad():
+                if probe.weight is not None:
+                    probe.weight.copy_(torch.rand(probe.weight.shape, generator=g, dtype=torch.float64) + 0.5)
+                if probe.bias is not None:
+                    probe.bias.copy_(torch.randn(probe.bias.shape, generator=g, dtype=torch.float64))
+                ref = F.group_norm(x, m.num_groups, probe.weight, probe.bias, probe.eps)
+                _GN_CACHE[key] = bool(torch.allclose(probe(x), ref, atol=1e-9))
+        except Exception:  # noqa: BLE001 - a subclass that cannot run alone is not a plain group norm
+            _GN_CACHE[key] = False
+    return _GN_CACHE[key]
+
+
 def layer_kind(m: nn.Module) -> str | None:
     """How a conv or linear layer computes from its weight (None for other modules):
 
@@ -312,44 +352,110 @@ def trace(
     example_input: torch.Tensor,
     leaf_modules: Iterable[str | type] = (),
     auto_leaves: bool = False,
+    output: int | str | None = None,
 ) -> fx.GraphModule:
-    """Trace `model` (in eval mode, so train-only branches like auxiliary heads are left out) and propagate shapes.
+    """Trace `model` in train and in eval mode into one graph that behaves like the model in both
+    (`engine/modes.py`), reduce its output to the logits (`output` selects them from a tuple or dict), and
+    propagate shapes.
 
     Raises `TraceError` naming the module or node when fx cannot trace the model or the traced graph
     cannot run on `example_input`; declare such modules as `leaf_modules` to keep them opaque.  With
     `auto_leaves`, a submodule fx cannot trace (control flow on a shape) is made a leaf
     and tracing is retried; the graph module's `auto_leaves` lists them (opaque: their channels stay fixed).
+    Submodules whose forward differs between train and eval mode are made leaves (`mode_leaves`); a model whose
+    own forward does is refused (`ModelCheckError`).
     """
     if not isinstance(example_input, torch.Tensor):
         raise TraceError(f"example_input must be a tensor, got {type(example_input).__name__}")
     was_training = model.training
-    model.eval()
+    leaves = tuple(leaf_modules)
     auto: list[str] = []
+    mode_leaves: list[str] = []
+    try:
+        for _ in range(64):
+            gm = _trace_in_mode(model, leaves + tuple(mode_leaves), auto, auto_leaves, False, output)
+            if not GrownTracer.both_modes:
+                break
+            try:
+                train_gm = _trace_in_mode(model, leaves + tuple(mode_leaves), auto, auto_leaves, True, output)
+            except _ModeTraceFailure as failure:  # fx traces this module in eval mode only
+                mode_leaves.append(failure.where)
+                continue
+            flags = flag_positions(train_gm, gm)
+            if flags is not None:
+                gm.mode_flags = install_flags(gm, flags)
+                break
+            scopes = [s for s in differing_scopes(train_gm, gm) if s]
+            if not scopes:
+                raise ModelCheckError(
+                    f"the forward of {type(model).__name__} itself computes differently in train and eval mode "
+                    f"({root_difference(train_gm, gm)}): the graph could keep only one of them. Move the code that "
+                    "depends on `self.training` into a submodule (grownfx keeps such a submodule whole), or make it "
+                    "the same in both modes")
+            mode_leaves.extend(s for s in scopes if s not in mode_leaves)
+        else:  # pragma: no cover - every round makes at least one more module a leaf
+            raise ModelCheckError(f"{type(model).__name__}: train and eval graphs still differ after 64 rounds")
+    finally:
+        model.train(was_training)
+    gm.auto_leaves = auto
+    gm.mode_leaves = mode_leaves
+    gm.mode_flags = getattr(gm, "mode_flags", [])
+    gm.eval()
+    propagate_shapes(gm, example_input)
+    gm.inplace_kept = functionalize_augmented(gm) if GrownTracer.record_inplace else []
+    return gm
+
+
+def _optional_arguments(model: nn.Module) -> dict:
+    """The forward's optional arguments after the input (`forward(x, mask=None)`), at their defaults: prepare calls
+    the model with the input alone, and traced as inputs they would take branches (`if mask is not None`) that
+    the call never takes."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
+class _ModeTraceFailure(Exception):
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
+def _trace_in_mode(model: nn.Module, leaves: tuple, auto: list[str], auto_leaves: bool, training: bool,
+                   output) -> fx.GraphModule:
+    """One trace of `model` in train or eval mode, its output reduced to the logits.  `auto` collects the modules
+    made leaves by `auto_leaves`; a failure in train mode only, inside a submodule, is `_ModeTraceFailure`."""
+    model.train(training)
+    concrete = _optional_arguments(model)
     try:
         while True:
-            tracer = GrownTracer(tuple(leaf_modules) + tuple(auto))
+            tracer = GrownTracer(leaves + tuple(auto))
             try:
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=concrete or None)
                 break
             except Exception as exc:
                 where = _innermost_module(exc, model)
+                if training and where not in (None, "<root>"):
+                    raise _ModeTraceFailure(where) from exc
                 if not auto_leaves or where in (None, "<root>") or where in auto or len(auto) >= 64:
                     raise
                 auto.append(where)
+    except _ModeTraceFailure:
+        raise
     except Exception as exc:  # fx raises many types (TraceError, TypeError from Proxy iteration, ...)
         where = _innermost_module(exc, model)
         hint = f" in module '{where}'" if where else ""
+        mode = " in train mode" if training else ""
         raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}{hint}: {exc}. "
+            f"torch.fx cannot trace {type(model).__name__}{hint}{mode}: {exc}. "
             f"Declare the offending module a leaf to keep it opaque: `leaf_modules=[...]` (module types or "
             f"qualified-name globs) of `grownfx.prepare`/`trace`, or the recipe field `model.leaf_modules`."
         ) from exc
-    finally:
-        model.train(was_training)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    gm.auto_leaves = auto
-    gm.eval()
-    propagate_shapes(gm, example_input)
+    select_output(gm, output)
     return gm
 
 

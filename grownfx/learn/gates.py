@@ -97,11 +97,11 @@ class CandidateGates(nn.ParameterDict, ChannelScale):
                     continue
                 m = net.graph_module.get_submodule(b.target)
                 w = m.copies[-1].weight if isinstance(m, PerTask) else m.weight
+                reps = sum(f for g2, f, _ in binding_layout(net.coupling, b) if g2 == gid)
                 if b.role == "in":
-                    reps = sum(f for g2, f, _ in binding_layout(net.coupling, b) if g2 == gid)
                     total += w.shape[0] * math.prod(w.shape[2:]) * reps
-                else:
-                    total += math.prod(w.shape[1:])
+                else:  # rows per channel: a depthwise conv with a multiplier has several
+                    total += math.prod(w.shape[1:]) * reps
             costs[gid] = total
         return costs
 

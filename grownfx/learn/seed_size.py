@@ -18,14 +18,15 @@ __all__ = ["size_at_width", "width_for_size"]
 
 
 def size_at_width(model: nn.Module, example_input: torch.Tensor, width: float, *,
-                  leaf_modules: Iterable[str | type] = ()) -> float:
-    """Parameters of `model` slimmed to `width` (channel fraction) / parameters of `model`."""
-    gm, _, _, full = slim(model, example_input, width, leaf_modules=leaf_modules)
+                  leaf_modules: Iterable[str | type] = (), **model_kw) -> float:
+    """Parameters of `model` slimmed to `width` (channel fraction) / parameters of `model`.  `model_kw`: the
+    recipe's `output` and `head` (engine.net.slim)."""
+    gm, _, _, full = slim(model, example_input, width, leaf_modules=leaf_modules, **model_kw)
     return count_parameters(gm) / full
 
 
 def width_for_size(model: nn.Module, example_input: torch.Tensor, size: float, *,
-                   leaf_modules: Iterable[str | type] = (), tol: float = 2e-3, steps: int = 14) -> float:
+                   leaf_modules: Iterable[str | type] = (), tol: float = 2e-3, steps: int = 14, **model_kw) -> float:
     """The channel fraction in (0, 1] whose slimmed model has `size` x the parameters (bisection; sizes are
     monotone in the width up to channel rounding).  Returns the width of the closest size found."""
     if not 0 < size <= 1:
@@ -36,7 +37,7 @@ def width_for_size(model: nn.Module, example_input: torch.Tensor, size: float, *
     best, best_err = 1.0, 1.0 - size
     for _ in range(steps):
         mid = (lo + hi) / 2
-        got = size_at_width(model, example_input, mid, leaf_modules=leaf_modules)
+        got = size_at_width(model, example_input, mid, leaf_modules=leaf_modules, **model_kw)
         if abs(got - size) < best_err:
             best, best_err = mid, abs(got - size)
         if best_err <= tol:

@@ -39,6 +39,12 @@ class ModelConfig(_Strict):
         return v
     leaf_modules: list[str] = Field(default_factory=list, description="Module-name globs torch.fx should not "
                                     "trace into; they are kept opaque (their channels are never resized).")
+    output: Optional[Union[int, str]] = Field(None, description="Which of the values the model returns are the "
+                                              "logits, for a model returning a tuple (an index) or a dict (a key); "
+                                              "a dict key or namedtuple field `logits` is taken without it.")
+    head: Optional[str] = Field(None, description="The classifier, when grownfx cannot find it: a module, or the "
+                                "parameter of a functional classifier (`F.linear(f, self.W)`: `W`); every task gets "
+                                "its own copy with its own number of classes.")
     seed_width: float = Field(0.5, gt=0.0, le=1.0, description="Width of the seed network as a fraction of "
                               "the backbone's channels, for every growable coupling group (GROWN starts small). "
                               "Parameters scale about as its square; ignored when `seed_size` is set.")

@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from grownfx.engine import registry
 from grownfx.engine.coupling.layouts import OTHER, Opaque, TVal
+from grownfx.engine.faithful import autograd_function_of
 
 
 class RegisteredOps:
@@ -23,6 +24,9 @@ class RegisteredOps:
             return (rule, m) if rule is not None and rule.kind is not None else None
         if node.op == "call_function":
             rule = registry.function_rule(node.target)
+            cls = autograd_function_of(node.target)
+            if rule is None and cls is not None:  # a custom autograd Function kept whole: registered as the class
+                rule = registry.function_rule(cls) or registry.function_rule(cls.apply)
             return (rule, None) if rule is not None else None
         return None
 

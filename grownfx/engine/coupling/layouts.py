@@ -75,6 +75,7 @@ _DIVIDE = {"truediv", "div", "true_divide", "itruediv", "div_", "floordiv", "mod
 # ops that only move a parameter's entries (a parameter reaching an op through them is used "directly")
 _MOVE_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "expand_as", "broadcast_to",
               "permute", "transpose", "contiguous", "to", "type_as", "float", "half", "double", "bfloat16", "view_as",
+              "bool", "long", "int", "short", "byte",  # conversions keep the fills 0 and 1
               "reshape_as", "clone", "detach", "getitem"}
 
 
@@ -182,13 +183,20 @@ class LayoutOps:
         axes: list = [None] * nd
         origin: list = [None] * nd
         for k in range(nd):
-            entries = []
+            entries, ones = [], []
             for pos, t in enumerate(operands):
                 if not isinstance(t, TVal):
                     continue
                 j = k - (nd - len(t.shape))
                 if j >= 0 and t.shape[j] > 1:
                     entries.append((t.axes[j], t.origin[j], pos))
+                elif j >= 0 and t.axes[j]:
+                    ones.append(t.axes[j])  # channels of width 1 (a conv to one channel)
+            if ones:
+                self.one_channel_axes(node, ones, out_shape[k])
+                if out_shape[k] == 1:
+                    axes[k] = ones[0]
+                    continue
             lays = [lay for lay, _, _ in entries if lay is not None]
             if lays:
                 for lay in lays[1:]:
@@ -208,6 +216,17 @@ class LayoutOps:
             elif len(entries) == 1 or (entries and all(o == entries[0][1] for _, o, _ in entries)):
                 origin[k] = entries[0][1] if entries else None
         return TVal(tuple(axes), out_shape, tuple(origin))
+
+    def one_channel_axes(self, node: fx.Node, lays: list, size: int) -> None:
+        """Operands whose axis holds one channel of a group.  Broadcast against `size` > 1 entries (CBAM's spatial
+        attention `x * sigmoid(conv_to_1(x))`), the channel is repeated: grown to two it would no longer broadcast,
+        so it is fixed.  Met by other one-channel axes only, they are the same channel: tied."""
+        if size > 1:
+            for lay in lays:
+                self.fix(lay, f"one channel is broadcast over {size} at '{node.name}'")
+        else:
+            for lay in lays[1:]:
+                self.tie(lays[0], lay, node.name)
 
     def cat(self, node: fx.Node, stack: bool) -> Any:
         items = self.val(node.args[0])
@@ -231,7 +250,7 @@ class LayoutOps:
                 if any(t.axes[j] for t in ts):
                     axes[k] = tuple(s for t in ts for s in self.ensure(t, j, node))
                 continue
-            lays = [t.axes[j] for t in ts if t.axes[j] is not None and t.shape[j] > 1]
+            lays = [t.axes[j] for t in ts if t.axes[j] is not None]  # one-channel axes too: the same channel
             if lays:
                 for lay in lays[1:]:
                     self.tie(lays[0], lay, node.name)
@@ -281,6 +300,16 @@ class LayoutOps:
                 continue
             lay, org, n = src.axes[j], src.origin[j], src.shape[j]
             j += 1
+            if isinstance(i, slice) and any(isinstance(b, fx.Node) for b in (i.start, i.stop, i.step)):
+                # bounds computed in the graph (`x[:, : x.shape[1] // 2]`): which channels they keep at another
+                # width is not known here, so the channels are fixed and the slice is new, fixed channels
+                if lay:
+                    self.fix(lay, f"channels sliced at '{node.name}' by bounds computed in the graph")
+                    size = out_shape[len(axes)]
+                    lay = self.fresh_layout(size, node.name, f"sliced at '{node.name}' by computed bounds")
+                axes.append(lay)
+                origin.append(None)
+                continue
             if isinstance(i, int):
                 if lay:
                     self.fix(lay, f"a single channel is picked at '{node.name}'")

@@ -9,12 +9,15 @@ from typing import Any, Iterable
 import networkx as nx
 from torch import fx, nn
 
-from grownfx.engine.tracing import head_attention_kind, layer_kind, layer_norm_axis, tensor_shape
+from grownfx.engine.tracing import (head_attention_kind, is_plain_group_norm, layer_kind, layer_norm_axis,
+                                    tensor_shape)
 from grownfx.engine.coupling.custom import RegisteredOps
+from grownfx.engine.coupling.functional import AXIS_OPS, LIKE, PAD_MODULES, FunctionalOps, node_arg, touched_dims
 from grownfx.engine.coupling.layouts import OTHER, LayoutOps, Opaque, Seq, TVal, Width, direct_param, nodes_in, op_name
 from grownfx.engine.coupling.reshapes import ReshapeOps
 from grownfx.engine.coupling.refine import Refinement
 from grownfx.engine.coupling.types import Binding, CouplingGroup, CouplingResult, Layout, Seg
+from grownfx.engine.faithful import autograd_function_of
 
 _UNARY = {
     "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu",
@@ -57,7 +60,7 @@ def is_stochastic_depth(m: nn.Module) -> bool:
     return type(m).__name__ == "StochasticDepth"
 
 
-class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
+class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, FunctionalOps, Refinement):
     """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
     """Abstract interpretation of the graph that records dimension variables, ties and bindings."""
 
@@ -70,6 +73,8 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
         self.output_vars: set[int] = set()
         self.input_vars: set[int] = set()
         self.head_nodes: list[str] = []
+        self.output_axes: tuple = ()  # the logits' layout per axis
+        self.mode_leaves = set(getattr(gm, "mode_leaves", ()))  # leaves because their forward depends on the mode
         self._n = 0
 
     # -- tie graph ----------------------------------------------------------------------------------------
@@ -152,27 +157,26 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
         return OTHER
 
     def opaque(self, node: fx.Node, reason: str) -> Any:
+        """An op the analysis cannot see through: every channel it reads is fixed, and every axis of its output
+        (but the batch) is new, fixed channels.  Nothing is tied: fixed channels never change, so ties would only
+        merge unrelated groups (and spatial axes with channels) under one reason."""
         ins = self.tensors_in(self.val(list(node.args) + list(node.kwargs.values())))
         vars_ = [s.var for t in ins for lay in t.axes if lay for s in lay]
         # a channel count read from a shape and given to an op we cannot follow (a reshape that splits heads with
         # `C` of another tensor): the channels it counts are fixed with the op's
         vars_ += [s.var for w in self.widths_in(list(node.args) + list(node.kwargs.values()))
                   for lay in w.layouts for s in self.expand_layout(lay)]
-        for u, w in zip(vars_, vars_[1:]):
-            self.ties.add_edge(u, w, via=node.name)
         self.fix(vars_, reason)
-        anchor = vars_[0] if vars_ else None
+        tracked = bool(vars_)
 
         def mk(shape, batch):
             batch = (0,) if batch is None else batch  # axes that follow the batch size (tracing's batch_axes)
             axes = []
             for i, n in enumerate(shape):
-                if anchor is None or i in batch or n <= 1:
+                if not tracked or i in batch or n <= 1:
                     axes.append(None)
                 else:
-                    v = self.new_var(n, f"{node.name}.{i}", fixed=reason)
-                    self.ties.add_edge(anchor, v, via=node.name)
-                    axes.append((Seg(v, n),))
+                    axes.append((Seg(self.new_var(n, f"{node.name}.{i}", fixed=reason), n),))
             return TVal(tuple(axes), shape)
 
         meta, batch = node.meta.get("tensor_meta"), node.meta.get("batch_axes")
@@ -195,10 +199,12 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return self.from_meta(node, lambda shape: TVal((None,) * len(shape), shape,
                                                            tuple((node.target, i) for i in range(len(shape)))))
         if node.op == "output":
-            for t in self.tensors_in(self.val(node.args[0])):
+            outs = self.tensors_in(self.val(node.args[0]))
+            for t in outs:
                 for lay in t.axes:
                     for s in lay or ():
                         self.output_vars.add(s.var)
+            self.output_axes = outs[0].axes if len(outs) == 1 else ()
             return OTHER
         name = op_name(node.target)
         self.check_width_uses(node, "getitem" if node.target is operator.getitem else name)
@@ -221,10 +227,15 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
         x = self.val(node.args[0]) if node.args else OTHER
         if isinstance(m, _PASS_MODULES) or is_stochastic_depth(m):
             return x
+        if node.target in self.mode_leaves and isinstance(x, TVal) and len(node.args) == 1 and not node.kwargs:
+            return self.mode_leaf(node, m, x)
         if isinstance(m, tuple(_POOL_MODULES)):
             return self.pool(node, x, _POOL_MODULES[type(m)] if type(m) in _POOL_MODULES else 2)
         if isinstance(m, nn.Flatten):
             return self.reshape(node, x)
+        if isinstance(m, PAD_MODULES) and isinstance(x, TVal):
+            return self.axis_op(node, x, type(m).__name__, list(range(len(x.shape) - len(m.padding) // 2,
+                                                                      len(x.shape))))
         if not isinstance(x, TVal):
             raise Opaque(f"module '{node.target}' ({type(m).__name__}) takes no single tensor")
         heads = head_attention_kind(m)
@@ -251,6 +262,12 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             lay = self.ensure(x, 1, node)
             self.bind(node.target, "feat", lay, node)
             return TVal(x.axes[:1] + (lay,) + x.axes[2:], x.shape, x.origin)
+        if isinstance(m, nn.GroupNorm) and m.num_groups == 1 and len(x.shape) >= 3 and is_plain_group_norm(m, x.shape):
+            # one group: a layer norm over the channels and the positions together; growable like one (§5): a
+            # task's statistics are taken over the channels born before it (a negative binding axis says so)
+            lay = self.ensure(x, 1, node)
+            self.bind(node.target, "feat", lay, node, axis=1 - len(x.shape))
+            return TVal(x.axes[:1] + (lay,) + x.axes[2:], x.shape, x.origin)
         if isinstance(m, nn.GroupNorm):
             lay = self.ensure(x, 1, node)
             self.bind(node.target, "feat", lay, node)
@@ -268,6 +285,10 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             if axis is not None:  # the binding's axis, counted from the end, tells the rewrite it is a layer norm
                 self.bind(node.target, "feat", self.ensure(x, axis, node), node, axis=axis - len(x.shape))
                 return x
+            if type(m) is not nn.LayerNorm:  # a subclass that is no plain layer norm over one axis (LayerNormAct2d:
+                # permute, norm, activation): which axes it normalises is not known, so all its channels are fixed
+                raise Opaque(f"LayerNorm subclass '{node.target}' ({type(m).__name__}) computes more than a layer "
+                             "norm over one axis")
             k = len(m.normalized_shape)
             for ax in range(len(x.shape) - k, len(x.shape)):
                 if x.axes[ax]:
@@ -340,11 +361,22 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             self.bind(node.target, "out", out, node)
             return TVal((None, out) + spatial_none, out_shape)
         per_group = m.in_channels // m.groups
-        if m.in_channels == m.out_channels and len(lay_in) == 1 and lay_in[0].factor == 1:
-            v = lay_in[0].var
-            self.ties.nodes[v]["gran"] = math.lcm(self.ties.nodes[v]["gran"], per_group)
+        # segments of whole conv groups (a depthwise conv, one channel per group, takes any layout)
+        whole = per_group == 1 or all(s.factor == 1 and s.width % per_group == 0 for s in lay_in)
+        if m.in_channels == m.out_channels and whole:
+            # in and out are the same channels (each segment grows by whole conv groups; DenseNet-style inputs of
+            # several segments too)
+            for s in lay_in if per_group > 1 else ():
+                self.ties.nodes[s.var]["gran"] = math.lcm(self.ties.nodes[s.var]["gran"], per_group)
             self.bind(node.target, "grouped", lay_in, node)
             return TVal((None, lay_in) + spatial_none, out_shape)
+        if per_group == 1 and m.out_channels % m.in_channels == 0 and whole:
+            # a depthwise conv with a channel multiplier: input channel c gives outputs c*k .. c*k + k-1, the
+            # layout of a flatten factor (MobileOne's and FastViT's convs, MobileNet's multiplier)
+            k = m.out_channels // m.in_channels
+            out = tuple(Seg(s.var, s.width, s.factor * k) for s in lay_in)
+            self.bind(node.target, "grouped", out, node)
+            return TVal((None, out) + spatial_none, out_shape)
         self.fix(lay_in, f"grouped conv '{node.target}' with {m.in_channels}->{m.out_channels} channels")
         out = (Seg(self.new_var(m.out_channels, f"{node.target}.out", fixed=f"grouped conv '{node.target}'"),
                    m.out_channels),)
@@ -364,6 +396,8 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             return self.cat(node, name == "stack")
         if name in _RESHAPE:
             return self.reshape(node, x)
+        if name in LIKE and isinstance(x, TVal):  # a new tensor laid out like x: the same channel positions
+            return TVal(x.axes, tensor_shape(node) or x.shape)
         if name in ("expand", "expand_as", "broadcast_to", "repeat"):
             return self.expand(node, x, name)
         if name in _PERMUTE:
@@ -377,11 +411,30 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
                 dims = list(range(len(x.shape)))
             dims = [dims] if isinstance(dims, int) else list(dims)
             return self.reduce_like(node, x, dims, keep=keep, what=f"'{name}' over a channel axis")
+        if name in ("max", "min", "median", "nanmedian", "mode") and isinstance(x, TVal):
+            other = node.kwargs.get("other", args[1] if len(args) > 1 else None)
+            if isinstance(self.val(other), TVal):  # torch.max(a, b): elementwise
+                return self.elementwise(node)
+            dim = node.kwargs.get("dim", other)
+            if not isinstance(dim, int):  # over every axis: one value
+                return self.reduce_like(node, x, list(range(len(x.shape))), keep=False,
+                                        what=f"'{name}' over a channel axis")
+            keep = bool(node.kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+            self.reduce_like(node, x, [dim], keep=True, what=f"'{name}' over a channel axis")  # fixes channels
+            d = dim % len(x.shape)
+            axes = tuple(None if i == d else a for i, a in enumerate(x.axes) if keep or i != d)
+            shape = tuple(1 if i == d else n for i, n in enumerate(x.shape) if keep or i != d)
+            values = TVal(axes, shape)
+            return Seq([values, values])  # (values, indices), laid out alike
         if name in ("softmax", "log_softmax", "softmin", "cumsum", "cumprod", "argsort", "sort"):
             dim = node.kwargs.get("dim", args[1] if len(args) > 1 else -1)
             return self.reduce_like(node, x, [dim], keep=True, what=f"'{name}' along a channel axis")
         if name in _POOL_FN and isinstance(x, TVal):
             return self.pool(node, x, _POOL_FN[name])
+        if name == "linear" and isinstance(x, TVal) and len(x.shape) >= 1:
+            return self.functional_linear(node, x, node_arg(node, 1, "weight"), node_arg(node, 2, "bias"))
+        if name in AXIS_OPS and isinstance(x, TVal):
+            return self.axis_op(node, x, name, touched_dims(node, name, len(x.shape)))
         if name == "_patch_merging_pad" and isinstance(x, TVal) and len(x.shape) >= 3:
             # torchvision Swin's PatchMerging: pad H, W to even, then cat the four 2x2 neighbours on channels
             lay = self.ensure(x, len(x.shape) - 1, node)
@@ -411,10 +464,29 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
                 if x.axes[ax]:
                     self.fix(x.axes[ax], f"layer_norm at '{node.name}' normalises across channels")
             return TVal(x.axes, tensor_shape(node) or x.shape)
+        cls = autograd_function_of(node.target)
+        if cls is not None:
+            raise Opaque(f"custom autograd Function '{cls.__name__}' at '{node.name}' (kept whole; "
+                         f"grownfx.register_function({cls.__name__}, 'pass') if its channels pass unchanged)")
         raise Opaque(f"'{name}' at node '{node.name}' is not in the coupling registry")
 
     # -- result -------------------------------------------------------------------------------------------
+    def tie_reused(self) -> None:
+        """A module (or parameter) used at several places has one tensor: the channels it meets at each place are
+        the same channels (a conv applied twice reads its own output), so they are tied; calls with layouts of
+        different structure are tied and fixed by `tie`."""
+        first: dict[tuple, Binding] = {}
+        for b in self.bindings:
+            if b.role not in ("in", "out", "grouped", "feat", "param"):
+                continue
+            key = (b.target, b.role, b.axis)
+            if key not in first:
+                first[key] = b
+            elif self.expand_layout(b.layout) != self.expand_layout(first[key].layout):
+                self.tie(first[key].layout, b.layout, f"{b.node} (a second use of '{b.target}')")
+
     def finish(self) -> "CouplingResult":
+        self.tie_reused()
         self.finish_refinement()
         groups: list[CouplingGroup] = []
         var_group: dict[int, int] = {}
@@ -440,7 +512,11 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, Refinement):
             for g in gids:
                 groups[g].members.append(b)
         for g in groups:
+            fn = [b.target for b in g.members if b.role == "fnout"]
+            if fn:  # rows of a parameter used as a functional linear's weight: not resized by growth
+                g.reasons.append(f"produced by a functional linear of parameter '{fn[0]}'")
             if not g.producers and not g.reasons:
                 g.reasons.append("no layer produces these channels")
             g.growable = not g.reasons and g.width % g.granularity == 0
-        return CouplingResult(self.gm, groups, var_group, self.ties, self.bindings, self.output_vars)
+        return CouplingResult(self.gm, groups, var_group, self.ties, self.bindings, self.output_vars,
+                              tuple(self.expand_layout(lay) for lay in self.output_axes))

@@ -26,7 +26,7 @@ class Binding:
     """One place where channels meet a resizable thing: a layer axis, a parameter axis or a graph literal."""
 
     target: str  # module path, parameter path (role 'param') or node name (role 'literal')
-    role: str  # 'in' | 'out' | 'grouped' | 'feat' | 'param' | 'literal' | 'attn' | 'heads'
+    role: str  # 'in' | 'out' | 'grouped' | 'feat' | 'param' | 'literal' | 'attn' | 'heads' | 'fnout'
     layout: Layout
     axis: int = 0  # parameter axis for role 'param'; arg position for role 'literal'
     node: str = ""  # the graph node that created the binding
@@ -67,6 +67,7 @@ class CouplingResult:
     ties: nx.Graph
     bindings: list[Binding]
     output_vars: set
+    output_axes: tuple = ()  # the logits' layout per axis (None: no channels)
 
     def group_of(self, seg: Seg) -> CouplingGroup:
         return self.groups[self.var_group[seg.var]]
@@ -84,6 +85,12 @@ class CouplingResult:
                 if b.target not in out:
                     out.append(b.target)
         return out
+
+    def head_params(self) -> list[Binding]:
+        """Parameters whose rows are the logits (`F.linear(f, self.W, self.b)`: a functional classifier)."""
+        logits = self._logit_groups()
+        return [b for b in self.bindings if b.role == "fnout" and any(self.var_group[s.var] in logits
+                                                                      for s in b.layout)]
 
     def _logit_groups(self) -> set:
         return {self.var_group[v] for v in self.output_vars}

@@ -149,7 +149,8 @@ def build_masked_net(recipe: Recipe, stream: TaskStream, width: float = 1.0, gra
     torch.manual_seed(recipe.seed)
     model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs, recipe.code_dir)
     return prepare(model, example_input(stream.input_shape), width, leaf_modules=recipe.model.leaf_modules,
-                   granularity=granularity or recipe.model.granularity, seed=recipe.seed)
+                   granularity=granularity or recipe.model.granularity, seed=recipe.seed,
+                   output=recipe.model.output, head=recipe.model.head)
 
 
 class NetMethod:

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from grownfx.data import Task, TaskData, stream_for
+from grownfx.engine.errors import SurgeryError
 from grownfx.engine.layers import _reset_head
 from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
@@ -47,8 +48,12 @@ class FinetuneContinual:
         model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs, recipe.code_dir)
         self.full_params = count_parameters(model)
         gm, coupling, _, _ = slim(model, example_input(stream.input_shape), 1.0,
-                                  leaf_modules=recipe.model.leaf_modules, seed=recipe.seed)
-        self.head_target = coupling.head_targets()[0]
+                                  leaf_modules=recipe.model.leaf_modules, seed=recipe.seed,
+                                  output=recipe.model.output, head=recipe.model.head)
+        if not gm.head_spec.modules:
+            raise SurgeryError("the fine-tune baseline gives each task a copy of the classifier module; this "
+                               f"model's classifier is the parameter '{gm.head_spec.first}'")
+        self.head_target = gm.head_spec.modules[0]
         self.template = copy.deepcopy(gm.get_submodule(self.head_target))
         self.heads = MultiHead()
         set_submodule(gm, self.head_target, self.heads)

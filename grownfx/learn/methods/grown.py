@@ -25,9 +25,11 @@ def build_net(recipe: Recipe, stream: TaskStream, seed_width: Optional[float] = 
     width = recipe.model.seed_width if seed_width is None else seed_width
     if seed_width is None and recipe.model.seed_size is not None:  # a parameter fraction: the paper's unit
         width = width_for_size(model, example_input(stream.input_shape), recipe.model.seed_size,
-                               leaf_modules=recipe.model.leaf_modules)
+                               leaf_modules=recipe.model.leaf_modules, output=recipe.model.output,
+                               head=recipe.model.head)
     return prepare(model, example_input(stream.input_shape), width, leaf_modules=recipe.model.leaf_modules,
-                   granularity=recipe.model.granularity, seed=recipe.seed)
+                   granularity=recipe.model.granularity, seed=recipe.seed, output=recipe.model.output,
+                   head=recipe.model.head)
 
 
 class GrownContinual:

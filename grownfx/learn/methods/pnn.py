@@ -183,7 +183,8 @@ class PNNContinual:
         torch.manual_seed(derive_seed(self.recipe.seed, "pnn", k))
         model = build_backbone(self.recipe.model.builder, num_classes, self.recipe.model.kwargs, self.recipe.code_dir)
         gm, *_ = slim(model, example_input(self.stream.input_shape), cfg.first_column_width if k == 0 else
-                      cfg.column_width, leaf_modules=self.recipe.model.leaf_modules, seed=self.recipe.seed)
+                      cfg.column_width, leaf_modules=self.recipe.model.leaf_modules, seed=self.recipe.seed,
+                      output=self.recipe.model.output, head=self.recipe.model.head)
         return gm
 
     def _add(self, num_classes: int) -> int:
