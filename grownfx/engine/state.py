@@ -15,7 +15,7 @@ from torch import nn
 
 from grownfx.engine import masks as M
 from grownfx.engine.context import MaskPolicy
-from grownfx.engine.layers import PerTask, TaskParameter
+from grownfx.engine.layers import FREE, PerTask, TaskParameter
 from grownfx.engine.net import GrowableNet
 from grownfx.engine.surgery import apply_changes, grow_change
 
@@ -92,7 +92,7 @@ def restore_net(net: GrowableNet, structure: dict, state: dict) -> GrowableNet:
     net.to(device)
     net.load_state_dict(state, strict=True)
     for m in net.masked_layers():
-        m.weight.requires_grad_(bool((m.owner == -1).any()))
+        m.weight.requires_grad_(bool((m.owner == FREE).any()))
     net.generator.set_state(structure["generator"])
     ctx.task = ctx.num_tasks - 1 if ctx.num_tasks else None
     ctx.bump()
