@@ -272,8 +272,11 @@ def test_cached_outputs_always_equal_a_fresh_computation():
         layer.weight.add_(free.to(layer.weight.dtype))  # the learning task's state changes in place (its own units)
     same_as_fresh("an in-place weight change")
     # torch's fused optimisers (make_optimizer's) update in place without bumping `_version`: weights, mask
-    # scores and gate scores all move here, and the next evaluation must see it
-    outputs(net, x)
+    # scores and gate scores all move here, and the next evaluation must see it.  Evaluations inside
+    # net.inference() share the learning task's weights; the scope ends before the step
+    with net.inference():
+        warm = outputs(net, x)
+        assert all(torch.equal(warm[t], again) for t, again in outputs(net, x).items())
     p = net.trainable_parameters()
     net.train()
     F.cross_entropy(net(x, task=1), data()[1]).backward()
@@ -282,6 +285,9 @@ def test_cached_outputs_always_equal_a_fresh_computation():
         assert opt.defaults.get("fused") and all(q.grad is not None for q in p[group])
         opt.step()
     same_as_fresh("a fused optimiser step")
+    with net.inference():
+        assert not torch.equal(outputs(net, x)[1], warm[1]), "the step moved nothing the learning task computes"
+        same_as_fresh("a fused optimiser step, inside a new inference scope")
     snapshot = {k: v.clone() for k, v in net.state_dict().items()}
     layer.set_kind(torch.rand(layer.kind.shape, generator=torch.Generator().manual_seed(4)) < 0.5, OFF)
     same_as_fresh("changing unit kinds")

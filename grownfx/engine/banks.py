@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grownfx.engine import masks as M
-from grownfx.engine.context import ATT, OFF, SEL, optimizer_steps
+from grownfx.engine.context import ATT, OFF, SEL
 from grownfx.engine.layers import FREE, TaskParameter, _TaskModule
 from grownfx.engine.surgery import random_fill, remap, set_conv_width, set_linear_width
 from grownfx.engine.tracing import bare_layer, call_with_weight, out_channel_params
@@ -102,16 +102,17 @@ class MaskedLayer(_TaskModule):
 
     def _learning_weight(self, training: bool) -> torch.Tensor:
         if not training and not torch.is_grad_enabled():
-            # detached like a finished task's weight: some kernels (attention) pick their path by requires_grad
-            return self.ctx.cached(self.target, "learning", self._version_key(),
-                                   lambda: self._compute_learning_weight(False).detach())
+            # detached like a finished task's weight: some kernels (attention) pick their path by requires_grad;
+            # reused only inside net.inference(), where parameters do not change (TaskContext.inference)
+            return self.ctx.cached_in_inference(self.target, "learning", self._version_key(),
+                                                lambda: self._compute_learning_weight(False).detach())
         return self._compute_learning_weight(training)
 
     def _compute_learning_weight(self, training: bool) -> torch.Tensor:
         w = self.weight
         plan = self._mask_plan()
         if self.ctx.fuse_masks and training and plan.masked and self.score is not None and self.unit_cols == 1:
-            w = fused_masked_weight()(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
+            w = fused_masked_weight(self.ctx)(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
                                       plan.active, plan.scale, plan.threshold, plan.noise, w.dim() - self.score.dim())
         else:
             mult = self._unit_multiplier(plan, training)
@@ -127,7 +128,7 @@ class MaskedLayer(_TaskModule):
         return w
 
     def _version_key(self) -> tuple:
-        parts = [self.weight._version, optimizer_steps(), id(self.weight), self.weight.device, self.ctx.temperature]
+        parts = [self.weight._version, id(self.weight), self.weight.device, self.ctx.temperature]
         if self.score is not None:
             parts += [self.score._version, id(self.score)]
         return tuple(parts) + self.ctx.scale_version()

@@ -8,30 +8,15 @@ signatures exactly as torchvision wrote them.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from grownfx.engine import masks as M
 
 SEL, DENSE, ATT, OFF = 0, 1, 2, 3
 FINISHED_CACHE_SIZE = 4  # default of TaskContext.finished_cache_size (docs/performance.md §2)
-_OPTIMIZER_STEPS = [0]
-
-
-def _count_step(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_step)
-
-
-def optimizer_steps() -> int:
-    """Optimiser steps taken in this process, any optimiser.  Part of every cache key built on a trainable
-    tensor's `_version`: torch's fused optimisers (which grownfx uses) update parameters in place without
-    bumping `_version`, so the version alone would let an evaluation reuse a weight from before the step."""
-    return _OPTIMIZER_STEPS[0]
 
 
 @dataclass
@@ -78,6 +63,8 @@ class TaskContext:
         self.unit_cols: dict[str, int] = {}  # granularity 'channel': a Linear's input columns per mask unit
         self.version = 0  # bumped on every structural change
         self._cache: dict = {}  # (owner, name) -> (key, derived tensor); see cached() and cached_lru()
+        self._inference: dict | None = None  # the learning task's derived tensors, inside an inference() scope
+        self._compiled: dict = {}  # function -> its torch.compile'd form (fuse_masks), compiled on first use
         # finished tasks whose effective weights each masked layer keeps (least recently used evicted): memory
         # up to this many weight-sized tensors per layer; serving that many tasks in turn rebuilds nothing
         self.finished_cache_size = FINISHED_CACHE_SIZE
@@ -106,6 +93,8 @@ class TaskContext:
         """The one invalidation path: a structural change happened, every derived tensor is stale."""
         self.version += 1
         self._cache.clear()
+        if self._inference is not None:
+            self._inference.clear()
 
     # -- channels -------------------------------------------------------------------------------------------
     def _channel_select(self, target: str, role: str, task: int, pick) -> torch.Tensor | None:
@@ -185,6 +174,44 @@ class TaskContext:
         return self.channel_scale.version_key(self) if self.channel_scale is not None else ()
 
     # -- derived tensors: one cache, invalidated by bump() ---------------------------------------------------
+    @contextmanager
+    def inference(self):
+        """A scope in which the parameters do not change: the learning task's derived tensors (its masked weights,
+        a function of trainable parameters) are computed once and reused until the scope ends, then dropped.
+
+        Outside such a scope they are recomputed at every forward, whatever optimiser stepped in between: torch's
+        fused optimisers update parameters in place without bumping `_version`, so no key a parameter carries
+        can tell that it moved.  Finished tasks' tensors derive from buffers no optimiser holds and are cached
+        always.  Re-entrant: the outermost scope drops the tensors."""
+        outer = self._inference is None
+        if outer:
+            self._inference = {}
+        try:
+            yield
+        finally:
+            if outer:
+                self._inference = None
+
+    def cached_in_inference(self, owner: str, name: str, key: tuple, build):
+        """`build()`, memoised per (owner, name) while `key` holds inside an `inference()` scope; outside one,
+        built at every call."""
+        store = self._inference
+        if store is None:
+            return build()
+        hit = store.get((owner, name))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        store[(owner, name)] = (key, value)
+        return value
+
+    def compiled(self, fn):
+        """`torch.compile(fn)`, made once for this net (torch keeps the compiled code per function)."""
+        out = self._compiled.get(fn)
+        if out is None:
+            out = self._compiled[fn] = torch.compile(fn, dynamic=True)
+        return out
+
     def cached(self, owner: str, name: str, key: tuple, build):
         """`build()` memoised per (owner, name) while `key` holds; every entry dies at the next `bump()`.
 

@@ -257,6 +257,18 @@ class GrowableNet(nn.Module):
         self.ctx.task = t
         return self.graph_module(x)
 
+    def inference(self):
+        """A scope in which the parameters do not change (evaluation, PreciseBN's pass, serving): the learning
+        task's masked weights are computed once and reused by every forward in evaluation mode without grad, and
+        dropped when the scope ends.  Outside one they are recomputed at every forward, so any optimiser (torch's
+        fused ones do not bump a tensor's version) and any user loop is seen at once.  Finished tasks' weights
+        are cached always: they derive from buffers no optimiser holds.
+
+            with net.inference(), torch.no_grad():
+                acc = accuracy(lambda x: net.eval()(x, task=t), loader)
+        """
+        return self.ctx.inference()
+
     # -- task lifecycle -------------------------------------------------------------------------------------
     def add_task(self, num_classes: int) -> int:
         """Add a task with its own head and norm state; the previous task is frozen first."""

@@ -81,15 +81,9 @@ def _masked_weight(weight, frozen, score, trainable, none_trainable: bool, const
     return w * m.view(m.shape + (1,) * extra_dims)
 
 
-_FUSED = None
-
-
-def fused_masked_weight():
-    """The compiled `_masked_weight` (compiled once per process, on first use)."""
-    global _FUSED
-    if _FUSED is None:
-        _FUSED = torch.compile(_masked_weight, dynamic=True)
-    return _FUSED
+def fused_masked_weight(ctx):
+    """The compiled `_masked_weight` (compiled once per net, on first use)."""
+    return ctx.compiled(_masked_weight)
 
 
 class MaskPlan:

@@ -24,7 +24,7 @@ from torch import nn
 
 from grownfx.engine import masks as M
 from grownfx.engine.banks import MaskedLayer
-from grownfx.engine.context import ChannelScale, TaskContext, optimizer_steps
+from grownfx.engine.context import ChannelScale, TaskContext
 from grownfx.engine.layers import PerTask, scaled_columns
 from grownfx.engine.net import GrowableNet, SurgeryError
 from grownfx.engine.surgery import binding_layout
@@ -57,8 +57,7 @@ class CandidateGates(nn.ParameterDict, ChannelScale):
         return torch.cat([torch.ones(width - s.numel(), device=s.device, dtype=g.dtype), g])
 
     def version_key(self, ctx: TaskContext) -> tuple:
-        return tuple((k, id(s), s._version) for k, s in self.items()) + (optimizer_steps(), ctx.beta, ctx.hard_gates,
-                                                                         ctx.policy.gates)
+        return tuple((k, id(s), s._version) for k, s in self.items()) + (ctx.beta, ctx.hard_gates, ctx.policy.gates)
 
     def on_freeze(self, net: GrowableNet) -> None:
         self.settle(net)

@@ -203,8 +203,9 @@ class GrownLearner:
     def evaluate(self, task_index: int, data) -> float:
         self.net.eval()
         # one process: the whole split; several: a shard each, correct and total counts all-reduced
-        return self.dist.evaluate(lambda x: self.net(x, task=task_index), data, self.training.eval_batch_size,
-                                  self.device, self.training.precision, self.training.channels_last)
+        with self.net.inference():
+            return self.dist.evaluate(lambda x: self.net(x, task=task_index), data, self.training.eval_batch_size,
+                                      self.device, self.training.precision, self.training.channels_last)
 
     def _finish(self, task: Task, t: int, target, pos: LearnerPosition, timer: Timer) -> TaskRecord:
         net = self.net

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from grownfx.engine.net import GrowableNet
 from grownfx.learn.guards import check_epoch
 from grownfx.recipe.schema import OptimConfig, TrainingConfig
 
@@ -273,6 +274,13 @@ def train_stage(net: nn.Module, forward: Callable[[nn.Module, torch.Tensor], tor
     return epochs - start_epoch
 
 
+def inference_scope(module: nn.Module):
+    """The `inference()` scope of the GrowableNet that `module` is or holds (its masked weights are computed once
+    while parameters do not change, then dropped); nothing to enter for a plain model."""
+    net = next((m for m in module.modules() if isinstance(m, GrowableNet)), None)
+    return net.inference() if net is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def recompute_norm_stats(forward: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, loader: Iterable,
                          device: torch.device, precision: str = "fp32", channels_last: bool = False) -> int:
@@ -297,10 +305,11 @@ def recompute_norm_stats(forward: Callable[[torch.Tensor], torch.Tensor], net: n
 
     handles = [m.register_forward_pre_hook(first_call) for m in norms]
     try:
-        for x, _ in loader:
-            x = in_layout(x, channels_last)
-            with autocast(device, precision):
-                forward(x)
+        with inference_scope(net):
+            for x, _ in loader:
+                x = in_layout(x, channels_last)
+                with autocast(device, precision):
+                    forward(x)
     finally:
         for h in handles:
             h.remove()

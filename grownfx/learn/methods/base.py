@@ -21,7 +21,7 @@ from grownfx.models import build_backbone
 from grownfx.recipe.schema import OptimConfig, Recipe, TrainingConfig
 from grownfx.learn.distributed import Dist
 from grownfx.learn.records import LearnerPosition, TaskRecord, add_epoch_time, stage_breakdown
-from grownfx.learn.training import StageOptim, Timer, accuracy, make_optimizer, make_scaler
+from grownfx.learn.training import StageOptim, Timer, accuracy, inference_scope, make_optimizer, make_scaler
 from grownfx.learn.training import train_stage as run_stage
 
 
@@ -123,7 +123,8 @@ def evaluate_with(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tens
     """Accuracy (%) of `forward` on `data` with `model` in evaluation mode (no augmentation)."""
     model.eval()
     loader = data.loader(training.eval_batch_size, shuffle=False, device=device, augment=None)
-    return accuracy(forward, loader, device, training.precision, training.channels_last)
+    with inference_scope(model):
+        return accuracy(forward, loader, device, training.precision, training.channels_last)
 
 
 # --- methods over one GrowableNet ------------------------------------------------------------------------
