@@ -30,31 +30,31 @@ class MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, frozen, rows, mult):
-        ctx.save_for_backward(weight, frozen, rows, mult)
         if rows is None:
+            ctx.save_for_backward(weight, None, None, mult, None)
             return weight.view_as(weight) if mult is None else weight * mult[:, None]
+        picked = weight.index_select(0, rows)  # the only entries of `weight` read
+        mult_rows = None if mult is None else mult.index_select(0, rows)
+        ctx.save_for_backward(picked if ctx.needs_input_grad[3] else None, frozen, rows, mult, mult_rows)
         out = frozen.clone() if mult is None else frozen * mult[:, None]
-        picked = weight.index_select(0, rows)
-        return out.index_copy_(0, rows, picked if mult is None else picked * mult.index_select(0, rows)[:, None])
+        return out.index_copy_(0, rows, picked if mult is None else picked * mult_rows[:, None])
 
     @staticmethod
     def backward(ctx, grad):
-        weight, frozen, rows, mult = ctx.saved_tensors
+        weight, frozen, rows, mult, mult_rows = ctx.saved_tensors  # weight: the picked rows when `rows` is given
         grad_weight = grad_mult = None
-        if ctx.needs_input_grad[0]:
-            if rows is None:
+        if rows is None:
+            if ctx.needs_input_grad[0]:
                 grad_weight = grad if mult is None else grad * mult[:, None]
-            else:
-                picked = grad.index_select(0, rows)
-                if mult is not None:
-                    picked = picked * mult.index_select(0, rows)[:, None]
-                grad_weight = torch.zeros_like(grad).index_copy_(0, rows, picked)
-        if ctx.needs_input_grad[3]:
-            if rows is None:
+            if ctx.needs_input_grad[3]:
                 grad_mult = _row_dot(grad, weight)
-            else:
-                grad_mult = _row_dot(grad, frozen).index_copy_(
-                    0, rows, _row_dot(grad.index_select(0, rows), weight.index_select(0, rows)))
+            return grad_weight, None, None, grad_mult
+        picked = grad.index_select(0, rows)
+        if ctx.needs_input_grad[0]:
+            grad_weight = torch.zeros_like(grad).index_copy_(
+                0, rows, picked if mult_rows is None else picked * mult_rows[:, None])
+        if ctx.needs_input_grad[3]:
+            grad_mult = _row_dot(grad, frozen).index_copy_(0, rows, _row_dot(picked, weight))
         return grad_weight, None, None, grad_mult
 
 
