@@ -53,7 +53,7 @@ def test_growth_ends_within_the_width_budget():
     first = learner.learn(STREAM.tasks[0], target=101.0)
     second = learner.learn(STREAM.tasks[1], target=101.0)
     full = {g.id: g.width for g in learner.net.coupling.groups}
-    assert all(w == int(0.75 * full[gid]) for gid, w in learner.net.ctx.widths.items())
+    assert all(w == int(0.75 * full[gid]) for gid, w in learner.net.structure.widths.items())
     assert first.growth_rounds == 1 and second.growth_rounds == 0 and len(second.val_history) == 1
 
 

@@ -44,12 +44,13 @@ def test_bit_packing_round_trips_at_one_bit_per_unit(shape):
 
 
 @pytest.mark.parametrize("shape", [(6, 5, 3, 3), (7, 9)])
-@pytest.mark.parametrize("case", ["mixed", "all_trainable", "no_mult"])
+@pytest.mark.parametrize("case", ["mixed", "all_trainable", "no_mult", "plain_rows"])
 def test_masked_weight_backward_equals_autograd_of_where_then_mul(shape, case):
     """The learning task's effective weight (one row per unit, a hand-written backward) equals autograd's
     `where(trainable, weight, frozen) * mult` and its gradients, whatever `weight` holds on units the task may not
     train (NaN here: never read): the weight's gradient is exactly 0 there, and the unit multiplier's is the sum
-    over the unit."""
+    over the unit.  `plain_rows`: the trainable units' multiplier is a constant 1 (dense units, as GROWN's released
+    ones), which the shortcut relies on."""
     from grownfx.engine.unit_weight import MaskedWeight as _MaskedWeight
 
     g = torch.Generator().manual_seed(0)
@@ -65,6 +66,8 @@ def test_masked_weight_backward_equals_autograd_of_where_then_mul(shape, case):
     upstream = torch.randn(shape, generator=g)
 
     def mult_of():
+        if case == "plain_rows":  # as MaskedLayer's const + active * mask with active 0 on the trainable units
+            return torch.addcmul(trainable_u.float(), torch.sigmoid(score) * 2, (~trainable_u).float())
         return None if case == "no_mult" else torch.sigmoid(score) * 2
 
     expand = (1,) * extra
@@ -72,7 +75,7 @@ def test_masked_weight_backward_equals_autograd_of_where_then_mul(shape, case):
     m = mult_of()
     units = trainable_u.numel()
     out = _MaskedWeight.apply(weight.reshape(units, -1), frozen.reshape(units, -1), rows,
-                              None if m is None else m.reshape(units)).view(shape)
+                              None if m is None else m.reshape(units), case == "plain_rows").view(shape)
     (out * upstream).sum().backward()
     got = (out.detach(), weight.grad.clone(), None if m is None else score.grad.clone())
     weight.grad, score.grad = None, None

@@ -52,11 +52,18 @@ def make_net(dtype=torch.float32):
 
 
 def fresh_net(net):
-    """A new net restored from `net`'s state: computes everything from scratch (no cache ever warmed)."""
+    """A new net restored from `net`'s state: computes everything from scratch (no cache ever warmed).  The gates'
+    schedule is the method's, not the net's: the method (here, this helper) sets it on the restored gates."""
     other = make_net(next(net.parameters()).dtype)
-    if net.gates is not None:
-        CandidateGates.of(other)
+    if net.channel_scale is not None:
+        CandidateGates.of(other).beta = net.channel_scale.beta
     return net_state.restore_net(other, net_state.net_structure(net), net.state_dict())
+
+
+def trainable(net) -> dict:
+    """The learning task's parameters by optimiser, as the learner collects them (gates: the method's)."""
+    gates = list(net.channel_scale.parameters()) if net.channel_scale is not None else []
+    return {**net.trainable_parameters(), "gates": gates}
 
 
 def data(dtype=torch.float32, n=32):
@@ -66,7 +73,7 @@ def data(dtype=torch.float32, n=32):
 
 def train(net, t, steps=3):
     x, y = data(next(net.parameters()).dtype)
-    p = net.trainable_parameters()
+    p = trainable(net)
     opt = torch.optim.SGD(p["weights"] + p["masks"] + p["gates"], lr=0.05)
     net.train()
     for _ in range(steps):
@@ -89,9 +96,9 @@ def open_gates(net, beta=5.0):
     """Gate scores of both signs at a beta where kept gates are not 1: settling drops some, rescales others."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for s in net.gates.values():
+        for s in net.channel_scale.values():
             s.copy_(torch.randn(s.shape, generator=g))
-    net.ctx.beta = beta
+    net.channel_scale.beta = beta
 
 
 def gated_growth(net, per_site=4):
@@ -176,20 +183,20 @@ def test_settled_network_is_the_last_epochs_binarised_network(dtype):
     x, _ = data(dtype)
     hard = {k: s.detach().clone() for k, s in gates.items()}
     assert any((s <= 0).any() for s in hard.values()) and any((s > 0).any() for s in hard.values())
-    widths = dict(net.ctx.widths)
+    widths = dict(net.structure.widths)
     twin = copy.deepcopy(net)  # train-mode forwards update norm statistics: the twin takes those
     with torch.no_grad():
         net.eval()
         before = net(x, task=t0)  # evaluation = binarised gates, as the last epoch of a round trains them
         twin.train()
-        twin.ctx.hard_gates = True  # the last epoch's forward (batch statistics, binarised gates)
+        twin.channel_scale.hard = True  # the last epoch's forward (batch statistics, binarised gates)
         last_epoch = twin(x, task=t0)
     dropped = gates.settle(net)
-    twin.gates.settle(twin)
+    twin.channel_scale.settle(twin)
     with torch.no_grad():
         after = net(x, task=t0)
         after_train = twin(x, task=t0)
-    assert sum(dropped.values()) > 0 and any(net.ctx.widths[g] > widths[g] - hard[str(g)].numel() for g in widths)
+    assert sum(dropped.values()) > 0 and any(net.structure.widths[g] > widths[g] - hard[str(g)].numel() for g in widths)
     assert rel_err(after, before) <= GROWTH_TOL[dtype]
     assert rel_err(after_train, last_epoch) <= GROWTH_TOL[dtype]
 
@@ -277,7 +284,7 @@ def test_cached_outputs_always_equal_a_fresh_computation():
     with net.inference():
         warm = outputs(net, x)
         assert all(torch.equal(warm[t], again) for t, again in outputs(net, x).items())
-    p = net.trainable_parameters()
+    p = trainable(net)
     net.train()
     F.cross_entropy(net(x, task=1), data()[1]).backward()
     for group, lr in (("weights", 0.5), ("masks", 0.05), ("gates", 5.0)):
@@ -291,10 +298,10 @@ def test_cached_outputs_always_equal_a_fresh_computation():
     snapshot = {k: v.clone() for k, v in net.state_dict().items()}
     layer.set_kind(torch.rand(layer.kind.shape, generator=torch.Generator().manual_seed(4)) < 0.5, OFF)
     same_as_fresh("changing unit kinds")
-    net.ctx.beta = 50.0
+    net.channel_scale.beta = 50.0
     same_as_fresh("changing the gate temperature")
     net_state.reload_state(net, snapshot)  # restore a snapshot in place (kinds and weights copied back)
-    net.ctx.beta = 5.0
+    net.channel_scale.beta = 5.0
     same_as_fresh("restoring a snapshot")
     restored = fresh_net(net)
     outputs(restored, x)  # warm the restored net's caches, then change it

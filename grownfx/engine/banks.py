@@ -47,7 +47,7 @@ class MaskedLayer(_TaskModule):
         self.score: nn.Parameter | None = None
         self.register_buffer("kind", None)
         # derived tensors (the learning task's weight, a finished task's weight, the mask plan) live in the
-        # context's one cache (ctx.cached), which every structural change clears with ctx.bump()
+        # context's one cache (ctx.cache), which every structural change clears with ctx.bump()
 
     # -- shapes ---------------------------------------------------------------------------------------------
     def _unit_shape(self, wshape) -> tuple:
@@ -89,7 +89,7 @@ class MaskedLayer(_TaskModule):
     def effective_weight(self, training: bool | None = None) -> torch.Tensor:
         """The weight the computing task computes with (`training`: with the masks' training-time noise;
         default: this module's mode)."""
-        task = self.ctx.require_task()
+        task = self.ctx.task
         if self.ctx.is_learning(task):
             return self._learning_weight(self.training if training is None else training)
         return self._finished_weight(task)
@@ -98,20 +98,20 @@ class MaskedLayer(_TaskModule):
         bank = self._modules.get("bias_bank")  # direct lookups: this runs per layer per forward (batch-1 serving)
         if bank is None:
             return None
-        return bank.copy_for(self.ctx.require_task())
+        return bank.copy_for(self.ctx.task)
 
     def _learning_weight(self, training: bool) -> torch.Tensor:
         if not training and not torch.is_grad_enabled():
             # detached like a finished task's weight: some kernels (attention) pick their path by requires_grad;
             # reused only inside net.inference(), where parameters do not change (TaskContext.inference)
-            return self.ctx.cached_in_inference(self.target, "learning", self._version_key(),
-                                                lambda: self._compute_learning_weight(False).detach())
+            return self.ctx.cache.get_in_inference(self.target, "learning", self._version_key(),
+                                                   lambda: self._compute_learning_weight(False).detach())
         return self._compute_learning_weight(training)
 
     def _compute_learning_weight(self, training: bool) -> torch.Tensor:
         w = self.weight
         plan = self._mask_plan()
-        if self.ctx.fuse_masks and training and plan.masked and self.score is not None and self.unit_cols == 1:
+        if self.ctx.masks.fuse_masks and training and plan.masked and self.score is not None and self.unit_cols == 1:
             w = fused_masked_weight(self.ctx)(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
                                       plan.active, plan.scale, plan.threshold, plan.noise, w.dim() - self.score.dim())
         else:
@@ -121,22 +121,22 @@ class MaskedLayer(_TaskModule):
             elif plan.rows is not None or mult is not None:
                 rows = self.owner.numel()
                 w = MaskedWeight.apply(w.reshape(rows, -1), self.frozen.reshape(rows, -1), plan.rows,
-                                       None if mult is None else mult.reshape(rows)).view(w.shape)
+                                       None if mult is None else mult.reshape(rows), plan.plain_rows).view(w.shape)
         gate = self.ctx.input_scale(self.target, training) if self.in_role() == "in" else None
         if gate is not None:
             w = w * gate.view((1, -1) + (1,) * (w.dim() - 2))
         return w
 
     def _version_key(self) -> tuple:
-        parts = [self.weight._version, id(self.weight), self.weight.device, self.ctx.temperature]
+        parts = [self.weight._version, id(self.weight), self.weight.device, self.ctx.masks.temperature]
         if self.score is not None:
             parts += [self.score._version, id(self.score)]
         return tuple(parts) + self.ctx.scale_version()
 
     def _mask_plan(self) -> "MaskPlan":
         """Per-unit constants of the learning task's masks, rebuilt only when kinds or the temperature change."""
-        key = (self.weight.device, self.ctx.temperature, id(self.ctx.policy))
-        return self.ctx.cached(self.target, "plan", key, lambda: MaskPlan.build(self, key))
+        key = (self.weight.device, self.ctx.masks.temperature, id(self.ctx.masks.policy))
+        return self.ctx.cache.get(self.target, "plan", key, lambda: MaskPlan.build(self, key))
 
     def _unit_multiplier(self, plan: "MaskPlan", training: bool) -> torch.Tensor | None:
         """const (1 for dense units) + a straight-through binary mask on units with a learned mask; selective
@@ -152,10 +152,11 @@ class MaskedLayer(_TaskModule):
     def _finished_weight(self, task: int) -> torch.Tensor:
         frozen = self._buffers["frozen"]  # one lookup (nn.Module.__getattr__ is slow at batch 1)
         key = (frozen.device, frozen.dtype, frozen._version, id(frozen))
-        # up to ctx.finished_cache_size finished tasks per layer (LRU; memory: that many of a bank's size), so
+        # up to cache.finished_cache_size finished tasks per layer (LRU; memory: that many of a bank's size), so
         # serving tasks in turn does not rebuild the weights at every switch
-        return self.ctx.cached_lru(self.target, "finished", task, key, lambda: self._compute_finished_weight(task),
-                                   self.ctx.finished_cache_size)
+        cache = self.ctx.cache
+        return cache.get_lru(self.target, "finished", task, key, lambda: self._compute_finished_weight(task),
+                             cache.finished_cache_size)
 
     def _compute_finished_weight(self, task: int) -> torch.Tensor:
         w = self._visible_bank(task)
@@ -177,7 +178,7 @@ class MaskedLayer(_TaskModule):
     # -- task lifecycle -------------------------------------------------------------------------------------
     def configure(self, task: int) -> None:
         """Assign unit kinds for the task being learned from ownership, channel births and the policy."""
-        pol = self.ctx.policy
+        pol = self.ctx.masks.policy
         owned = self.owner != FREE
         kind = torch.where(owned, torch.tensor(pol.frozen_kind), torch.where(
             self.grown_units(task), torch.tensor(pol.grown_kind), torch.tensor(pol.released_kind)))
@@ -196,8 +197,8 @@ class MaskedLayer(_TaskModule):
         """Bool, broadcastable to the weight: the units finished tasks own (kept while `owner` is unchanged; a
         channel unit's is weight-sized)."""
         owner = self._buffers["owner"]
-        return self.ctx.cached(self.target, "owned", (id(owner), owner._version, owner.device),
-                               lambda: self._expand(owner != FREE))
+        return self.ctx.cache.get(self.target, "owned", (id(owner), owner._version, owner.device),
+                                  lambda: self._expand(owner != FREE))
 
     def grown_units(self, task: int) -> torch.Tensor:
         """Bool per unit: its output or input channel was born for `task` (a grown unit, not an old one)."""
@@ -323,7 +324,7 @@ class MaskedLayer(_TaskModule):
         if self.kind is not None:
             self.kind = remap(self.kind, unit_axis, src, ATT)
         if self.score is not None:
-            self.score = nn.Parameter(remap(self.score.data, unit_axis, src, self.ctx.policy.attentive_init))
+            self.score = nn.Parameter(remap(self.score.data, unit_axis, src, self.ctx.masks.policy.attentive_init))
         if self.bias_bank is not None and role in ("out", "grouped"):
             self.bias_bank.resize_axis(role, src, birth=birth)
         self._update_shape_attrs(role, n)
@@ -356,7 +357,7 @@ class MaskedConv(MaskedLayer):
         if self.groups > 1:
             groups = w.shape[0] // (self.out_channels // self.groups)
         if self._fn is None:
-            task = self.ctx.require_task()
+            task = self.ctx.task
             extra = {n: p.copies[task] for n, p in self.out_params.items()}
             return call_with_weight(self.__dict__["_bare"], x, w, self.effective_bias(), groups, extra)
         return self._fn(x, w, self.effective_bias(), self.stride, self.padding, self.dilation, groups)
@@ -414,7 +415,7 @@ class MaskedLinear(MaskedLayer):
 def _channel_columns(ctx: "TaskContext", target: str, src: nn.Linear, granularity: str) -> int:
     """granularity 'channel': a Linear's unit is (output, block of input columns), the block prepare chose
     (engine.net._linear_unit_columns: a flattened channel, or LINEAR_BLOCK neurons); 1 elsewhere (per weight)."""
-    c = ctx.unit_cols.get(target, 1) if granularity == "channel" else 1
+    c = ctx.structure.unit_cols.get(target, 1) if granularity == "channel" else 1
     return c if c > 1 and src.in_features % c == 0 else 1
 
 
@@ -432,7 +433,7 @@ def _plain_subclass(bare: nn.Module, w: torch.Tensor, bias_bank, task: int, para
 
 def export_weight(layer: MaskedLayer, task: int) -> torch.Tensor:
     """The weight `task` computes with, in evaluation mode (no Gumbel noise, hard gates)."""
-    with torch.no_grad(), _TaskScope(layer.ctx, task):
+    with torch.no_grad(), layer.ctx.computing(task):
         return layer.effective_weight(training=False).detach().clone()
 
 
@@ -443,17 +444,3 @@ def _load_plain(m: nn.Module, w: torch.Tensor, bias_bank, task: int) -> nn.Modul
         if bias_bank is not None:
             m.bias.copy_(bias_bank.copies[task].detach())
     return m
-
-
-class _TaskScope:
-    """Temporarily compute for another task (export, evaluation of old tasks)."""
-
-    def __init__(self, ctx: "TaskContext", task: int):
-        self.ctx, self.task = ctx, task
-
-    def __enter__(self):
-        self.prev = self.ctx.task
-        self.ctx.task = self.task
-
-    def __exit__(self, *exc):
-        self.ctx.task = self.prev

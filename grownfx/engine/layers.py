@@ -56,7 +56,7 @@ class PerTask(_TaskModule):
 
     def forward(self, *args, **kwargs):
         ctx = self.__dict__["_ctx"]  # direct lookups: this runs per norm per forward (batch-1 serving)
-        t = ctx.require_task()
+        t = ctx.task
         copy_t = self._modules["copies"]._modules[str(t)]  # ModuleList keeps copy t under the name str(t)
         if self.norm_axis is not None:
             index = ctx.norm_stats(self.target, t)
@@ -79,9 +79,8 @@ class PerTask(_TaskModule):
     def train(self, mode: bool = True) -> "PerTask":
         """A finished task's copy stays in eval mode whatever the net's mode: its norm statistics never update."""
         super().train(mode)
-        for t in self.ctx.frozen:
-            if t < len(self.copies):
-                self.copies[t].train(False)
+        for t in self.ctx.structure.frozen:
+            self.copies[t].train(False)
         return self
 
     def freeze(self, task: int) -> None:
@@ -163,7 +162,7 @@ class TaskParameter(_TaskModule):
         self.copies = nn.ParameterList()
 
     def forward(self):
-        return self.copies[self.ctx.require_task()]
+        return self.copies[self.ctx.task]
 
     def add_task(self, **_) -> None:
         self.copies.append(nn.Parameter(self.pending.detach().clone(), requires_grad=self.trainable))
@@ -185,7 +184,7 @@ class TaskParameter(_TaskModule):
         return self.copies._parameters[str(task)] if task >= 0 else self.copies[task]
 
 
-# --- masked weight banks ---------------------------------------------------------------------------------
+# --- numbers and norms that depend on the computing task's channels ----------------------------------------
 
 
 class TaskLiteral(_TaskModule):
@@ -200,14 +199,10 @@ class TaskLiteral(_TaskModule):
         self.layout = layout  # ((group, factor, fixed_width), ...)
 
     def forward(self) -> int:
-        return self.value_for(self.ctx.require_task())
+        return self.value_for(self.ctx.task)
 
     def value_for(self, task: int) -> int:
-        n = 0
-        for gid, factor, fixed in self.layout:
-            births = self.ctx.births.get(gid)
-            n += (fixed if births is None else int((births <= task).sum())) * factor
-        return n
+        return self.ctx.structure.width(self.layout, task)
 
 
 class TaskLayerNorm(_TaskModule):
@@ -218,20 +213,17 @@ class TaskLayerNorm(_TaskModule):
     def __init__(self, ctx: "TaskContext", target: str, key: str, eps: float):
         super().__init__()
         self._attach(ctx, target)
-        self.key, self.eps = key, eps  # key: this norm's layout in ctx.layouts, as (key, 'feat')
+        self.key, self.eps = key, eps  # key: this norm's layout in the structure's layouts, as (key, 'feat')
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
-        index = self.ctx.norm_stats(self.key, self.ctx.require_task())
+        index = self.ctx.norm_stats(self.key, self.ctx.task)
         if index is None:
             return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
         return stats_layer_norm(x, index.to(x.device), weight, bias, self.eps, -1)
 
     def width_for(self, task: int) -> int:
-        n = 0
-        for gid, factor, fixed in self.ctx.layouts[(self.key, "feat")]:
-            births = self.ctx.births.get(gid)
-            n += (fixed if births is None else int((births <= task).sum())) * factor
-        return n
+        structure = self.ctx.structure
+        return structure.width(structure.layouts[(self.key, "feat")], task)
 
 
 class WeightOf(_TaskModule):
@@ -246,5 +238,5 @@ class WeightOf(_TaskModule):
     def forward(self):
         layer = self.__dict__["layer"]
         if isinstance(layer, PerTask):
-            return getattr(layer.copies[self.ctx.require_task()], self.which)
+            return getattr(layer.copies[self.ctx.task], self.which)
         return layer.effective_weight() if self.which == "weight" else layer.effective_bias()

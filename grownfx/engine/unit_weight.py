@@ -20,24 +20,28 @@ class MaskedWeight(torch.autograd.Function):
     """The learning task's weight, one row per mask unit: `where(trainable, weight, frozen) * mult`.
 
     weight, frozen: (units, unit size), the Parameter and the frozen bank; rows: the indices of the units the task
-    trains (None: every unit); mult: the unit multiplier, (units,) (None: 1).
+    trains (None: every unit); mult: the unit multiplier, (units,) (None: 1); plain_rows: every trainable unit is
+    dense, its multiplier a constant 1 (GROWN's released units; a task with no grown units).
 
     Computed as `frozen * mult` with the trainable rows replaced by `weight[rows] * mult[rows]`: only the rows a
     task trains are read from `weight`.  At a later task most units are owned (about 92 % of ResNet-18's bank at
-    task 10), so this costs about one weight-sized pass forward, as the product alone did, plus gathers of the
-    trainable rows (benchmarks/train_step).  Backward: d weight = G * mult on the trainable rows and exactly 0
-    elsewhere; d mult = sum over a unit's weights of G * (the weight the unit computed with)."""
+    task 10), so this costs one weight-sized pass forward, as the product `weight * mult` alone did, plus a
+    gather and a scatter of the trainable rows (benchmarks/train_step).  Backward: d weight = G * mult on the
+    trainable rows and exactly 0 elsewhere; d mult = sum over a unit's weights of G * (the weight the unit
+    computed with), left 0 on plain rows (their multiplier is a constant: nothing upstream reads it)."""
 
     @staticmethod
-    def forward(ctx, weight, frozen, rows, mult):
+    def forward(ctx, weight, frozen, rows, mult, plain_rows: bool):
+        ctx.plain_rows = plain_rows
         if rows is None:
             ctx.save_for_backward(weight, None, None, mult, None)
             return weight.view_as(weight) if mult is None else weight * mult[:, None]
         picked = weight.index_select(0, rows)  # the only entries of `weight` read
-        mult_rows = None if mult is None else mult.index_select(0, rows)
-        ctx.save_for_backward(picked if ctx.needs_input_grad[3] else None, frozen, rows, mult, mult_rows)
+        mult_rows = None if mult is None or plain_rows else mult.index_select(0, rows)
+        keep = ctx.needs_input_grad[3] and not plain_rows
+        ctx.save_for_backward(picked if keep else None, frozen, rows, mult, mult_rows)
         out = frozen.clone() if mult is None else frozen * mult[:, None]
-        return out.index_copy_(0, rows, picked if mult is None else picked * mult_rows[:, None])
+        return out.index_copy_(0, rows, picked if mult_rows is None else picked * mult_rows[:, None])
 
     @staticmethod
     def backward(ctx, grad):
@@ -48,14 +52,16 @@ class MaskedWeight(torch.autograd.Function):
                 grad_weight = grad if mult is None else grad * mult[:, None]
             if ctx.needs_input_grad[3]:
                 grad_mult = _row_dot(grad, weight)
-            return grad_weight, None, None, grad_mult
+            return grad_weight, None, None, grad_mult, None
         picked = grad.index_select(0, rows)
         if ctx.needs_input_grad[0]:
             grad_weight = torch.zeros_like(grad).index_copy_(
                 0, rows, picked if mult_rows is None else picked * mult_rows[:, None])
         if ctx.needs_input_grad[3]:
-            grad_mult = _row_dot(grad, frozen).index_copy_(0, rows, _row_dot(picked, weight))
-        return grad_weight, None, None, grad_mult
+            grad_mult = _row_dot(grad, frozen)  # 0 on the trainable rows (frozen is 0 on free units)
+            if not ctx.plain_rows:
+                grad_mult.index_copy_(0, rows, _row_dot(picked, weight))
+        return grad_weight, None, None, grad_mult, None
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -83,33 +89,36 @@ def _masked_weight(weight, frozen, score, trainable, none_trainable: bool, const
 
 def fused_masked_weight(ctx):
     """The compiled `_masked_weight` (compiled once per net, on first use)."""
-    return ctx.compiled(_masked_weight)
+    return ctx.cache.compiled(_masked_weight)
 
 
 class MaskPlan:
     """What the learning task does with each unit, as tensors ready for the forward pass."""
 
-    def __init__(self, key, trainable, const, active, scale, threshold, noise, none_trainable=False, rows=None):
+    def __init__(self, key, trainable, const, active, scale, threshold, noise, none_trainable=False, rows=None,
+                 plain_rows=False):
         self.key, self.trainable, self.const, self.active = key, trainable, const, active
         self.rows = rows  # indices of the trainable units, flattened (None: every unit is trainable)
+        self.plain_rows = plain_rows  # every trainable unit is dense: its multiplier is a constant 1
         self.scale, self.threshold, self.noise = scale, threshold, noise
         self.none_trainable = none_trainable
         self.masked = scale is not None  # some unit carries a learned (selective or attentive) mask
 
     @classmethod
     def build(cls, layer, key) -> "MaskPlan":
-        pol, dtype = layer.ctx.policy, layer.weight.dtype
+        pol, dtype = layer.ctx.masks.policy, layer.weight.dtype
         kind = layer.kind if layer.kind is not None else torch.full_like(layer.owner, DENSE, dtype=torch.int8)
-        trainable = (layer.owner == FREE) & (kind != OFF)
-        none_trainable = not bool(trainable.any())
-        rows = None if bool(trainable.all()) else trainable.reshape(-1).nonzero().squeeze(1)
-        trainable = None if rows is None else layer._expand(trainable)
+        trainable_units = (layer.owner == FREE) & (kind != OFF)
+        none_trainable = not bool(trainable_units.any())
+        rows = None if bool(trainable_units.all()) else trainable_units.reshape(-1).nonzero().squeeze(1)
+        trainable = None if rows is None else layer._expand(trainable_units)
         dense = kind == DENSE
+        plain_rows = bool(dense[trainable_units].all())
         const = None if bool(dense.all()) else dense.to(dtype)
         sel, att = kind == SEL, kind == ATT
         if not bool((sel | att).any()):
-            return cls(key, trainable, const, None, None, None, None, none_trainable, rows)
-        t_sel = layer.ctx.temperature or pol.selective.temperature
+            return cls(key, trainable, const, None, None, None, None, none_trainable, rows, plain_rows)
+        t_sel = layer.ctx.masks.temperature or pol.selective.temperature
         if pol.selective_kind == "ste":
             sel_p = (pol.selective_ste.scale, pol.selective_ste.threshold, 0.0)
         else:
@@ -117,7 +126,7 @@ class MaskPlan:
         if pol.attentive_kind == "ste":
             att_p = (pol.attentive.scale, pol.attentive.threshold, 0.0)
         else:
-            t_att = layer.ctx.temperature or pol.attentive_gumbel.temperature
+            t_att = layer.ctx.masks.temperature or pol.attentive_gumbel.temperature
             att_p = (pol.attentive_gumbel.beta / t_att, pol.attentive_gumbel.threshold, 1.0 / t_att)
 
         has_sel, has_att = bool(sel.any()), bool(att.any())
@@ -130,4 +139,4 @@ class MaskPlan:
         noise = per_unit(2)
         active = sel | att
         return cls(key, trainable, const, None if bool(active.all()) else active.to(dtype), per_unit(0), per_unit(1),
-                   None if isinstance(noise, float) and noise == 0.0 else noise, none_trainable, rows)
+                   None if isinstance(noise, float) and noise == 0.0 else noise, none_trainable, rows, plain_rows)

@@ -36,17 +36,23 @@ def build_policy(task: int, switches: tuple[bool, bool, bool], masks: MasksConfi
         # on task 1 the free units are the seed network itself: always trained
         released_kind=DENSE if (retrain or task == 0) else OFF,
         grown_kind=ATT if lsg else DENSE,
-        gates=True,
         selective=M.GumbelConfig(sel.init, sel.threshold, sel.beta, sel.temperature, sel.final_temperature),
         attentive_kind=att.kind,
         attentive=M.STEConfig(att.init, att.threshold, att.scale),
         attentive_gumbel=M.GumbelConfig(att.init, att.threshold, sel.beta, sel.temperature, sel.final_temperature),
-        cs=M.CSConfig(masks.grown.init, masks.grown.final_beta),
     )
 
 
 class GrownLearner:
-    """Learns a stream of tasks into one GrowableNet with GROWN (or one of its ablations)."""
+    """Learns a stream of tasks into one GrowableNet with GROWN (or one of its ablations).
+
+    Constructing a learner leaves the net as it is.  `install()` (which `learn` calls the first time, if you have
+    not) moves the net to the learner's device and installs GROWN's candidate gates as its channel scale
+    (`net.set_channel_scale`); after that the learner changes the net only through the engine's public methods
+    (add_task, set_policy, set_mask_temperature, grow, keep_channels, freeze_task) and the optimisers' steps.
+    The schedule (gate beta, binarised last epoch, Gumbel temperature) is the learner's: set before every epoch
+    from where the task's training stands, so a resumed task gets it back from its position.
+    """
 
     def __init__(self, net: GrowableNet, *, training: TrainingConfig, growth: GrowthConfig, masks: MasksConfig,
                  switches: tuple[bool, bool, bool] = (True, True, True), sites: Optional[list[int]] = None,
@@ -54,8 +60,8 @@ class GrownLearner:
                  on_epoch: Callable[[dict], None] | None = None,
                  checkpoint: Callable[["GrownLearner", LearnerPosition, StageOptim], None] | None = None,
                  should_stop: Callable[[], bool] = lambda: False, dist: Optional[Dist] = None):
-        self.net = net.to(device)
-        self.gates = CandidateGates.of(net)  # GROWN's grown-mask on candidate channels (learn/gates.py)
+        self.net = net
+        self.gates: CandidateGates | None = None  # GROWN's grown-mask on candidate channels, once installed
         self.dist = dist if dist is not None else Dist(device)  # one process: every collective is a no-op
         self.training, self.growth, self.masks = training, growth, masks
         self.switches = switches
@@ -69,16 +75,25 @@ class GrownLearner:
         self.checkpoint = checkpoint
         self.should_stop = should_stop
 
+    def install(self) -> CandidateGates:
+        """Make the net ready for this learner: on its device, with GROWN's candidate gates installed (before a
+        checkpoint holding gates is restored into it).  Returns the gates; calling it again changes nothing."""
+        if self.gates is None:
+            self.net.to(self.device)
+            self.gates = CandidateGates.of(self.net, M.CSConfig(self.masks.grown.init, self.masks.grown.final_beta))
+        return self.gates
+
     # -- one task -------------------------------------------------------------------------------------------
     def learn(self, task: Task, target: Optional[float] = None, resume: Optional[tuple] = None) -> TaskRecord:
         """Learn `task`; `resume` = (position, optimizer state) from a mid-task checkpoint."""
+        self.install()
         net, cfg = self.net, self.training
         timer = Timer()
         pos, optim_state = resume if resume is not None else (LearnerPosition(), None)
         if pos.stage == "start":
             t = net.add_task(task.num_classes)
             net.set_policy(build_policy(t, self.switches, self.masks))
-            pos.widths_at_start = {str(g): w for g, w in net.ctx.widths.items()}
+            pos.widths_at_start = {str(g): w for g, w in net.structure.widths.items()}
             if t == 0:  # learnable sparse growth from the seed network
                 pos.stage = "grow" if self._grow_round(pos) else "stage1"
             else:
@@ -130,7 +145,7 @@ class GrownLearner:
             gran = net.coupling.groups[gid].granularity
             n = math.ceil(self.growth.pool * full / gran) * gran
             cap = int(self.growth.max_width * full)
-            n = min(n, (cap - net.ctx.widths[gid]) // gran * gran)
+            n = min(n, (cap - net.structure.widths[gid]) // gran * gran)
             if n > 0:
                 plan[gid] = n
         if not plan:
@@ -150,16 +165,18 @@ class GrownLearner:
         lam = self.masks.grown.lam
         sel_t0, sel_t1 = self.masks.selective.temperature, self.masks.selective.final_temperature
 
+        gates = self.gates
+
         def before_epoch(epoch: int, epochs: int) -> None:
             # CS: beta is multiplied by final_beta^(1/(epochs-1)) each epoch, reaching final_beta at the last
-            net.ctx.beta = M.anneal(1.0, self.masks.grown.final_beta, epoch / max(epochs - 1, 1)) if lsg else 1.0
+            gates.beta = M.anneal(1.0, self.masks.grown.final_beta, epoch / max(epochs - 1, 1)) if lsg else 1.0
             # the last epoch of a growth round trains the network that will be kept: binarised gates
-            net.ctx.hard_gates = lsg and epoch == epochs - 1
-            net.ctx.temperature = M.anneal(sel_t0, sel_t1, epoch / max(epochs, 1)) if sel_t1 else None
+            gates.hard = lsg and epoch == epochs - 1
+            net.set_mask_temperature(M.anneal(sel_t0, sel_t1, epoch / max(epochs, 1)) if sel_t1 else None)
 
         def epoch_done(done: int) -> dict:
             pos.epoch, pos.epochs_done = done, pos.epochs_done + 1
-            return {"beta": net.ctx.beta}
+            return {"beta": gates.beta}
 
         def on_epoch(info: dict) -> None:
             add_epoch_time(pos.extra.setdefault("stage_s", {}), info)  # in the position: survives a resume
@@ -175,16 +192,20 @@ class GrownLearner:
         # the stage's DDP wrapper covers this stage's parameter set (growth and freezing change it between stages)
         train_stage(net, lambda m, x: m(x, task=t), optim, task.train, cfg, self.device, dist=self.dist,
                     seed=(self.seed, t, pos.stage, pos.round), epochs=epochs, start_epoch=pos.epoch,
-                    trainable=net.trainable_parameters(),
+                    trainable=self._trainable(),
                     event={"task": t, "stage": pos.stage, "round": pos.round}, before_epoch=before_epoch,
                     penalty=(lambda: self._penalty(costs, lam)) if costs and lam > 0 else None,
                     epoch_done=epoch_done, on_epoch=on_epoch, should_stop=self.should_stop,
                     checkpoint=checkpoint)
-        net.ctx.hard_gates = False
+        gates.hard = False
         pos.epoch = 0
 
+    def _trainable(self) -> dict[str, list]:
+        """What this task trains, by optimiser: the engine's weights and mask scores, and GROWN's gates."""
+        return {**self.net.trainable_parameters(), "gates": list(self.gates.parameters())}
+
     def _optimizers(self) -> StageOptim:
-        groups = self.net.trainable_parameters()
+        groups = self._trainable()
         cfg = self.training
         opts = [make_optimizer(groups["weights"], cfg.optimizer), make_optimizer(groups["masks"], cfg.mask_optimizer),
                 make_optimizer(groups["gates"], cfg.gate_optimizer)]
@@ -196,7 +217,7 @@ class GrownLearner:
 
     def _penalty(self, costs: dict[int, float], lam: float) -> torch.Tensor:
         """lambda * sum over candidate channels of gate * weights it brings (the L0 relaxation of Eq. 3)."""
-        total = self.gates.penalty(self.net.ctx, costs)
+        total = self.gates.penalty(costs)
         return lam * total if total is not None else torch.zeros((), device=self.device)
 
     @torch.no_grad()
@@ -211,9 +232,9 @@ class GrownLearner:
         net = self.net
         stats = net.unit_stats()
         net.freeze_task(t)
-        self.dist.check_in_sync(net, f"after task {t}", extra={"ctx.widths": dict(net.ctx.widths), **{
-            f"ctx.births[{g}]": b for g, b in net.ctx.births.items()}})
-        growth = {str(g): w - pos.widths_at_start.get(str(g), w) for g, w in net.ctx.widths.items()}
+        self.dist.check_in_sync(net, f"after task {t}", extra={"widths": dict(net.structure.widths), **{
+            f"births[{g}]": b for g, b in net.structure.births.items()}})
+        growth = {str(g): w - pos.widths_at_start.get(str(g), w) for g, w in net.structure.widths.items()}
         growth = {g: n for g, n in growth.items() if n}
         seconds = pos.elapsed + timer.seconds
         return TaskRecord(

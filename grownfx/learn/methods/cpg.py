@@ -40,7 +40,7 @@ def step_levels(step: float, end: float) -> list[float]:
 
 
 def cpg_policy() -> MaskPolicy:
-    return MaskPolicy(frozen_kind=SEL, released_kind=DENSE, grown_kind=DENSE, gates=False, selective_kind="ste",
+    return MaskPolicy(frozen_kind=SEL, released_kind=DENSE, grown_kind=DENSE, selective_kind="ste",
                       selective_ste=PIGGYBACK_STE)
 
 
@@ -67,7 +67,7 @@ class CPGContinual(NetMethod):
         masks = self.mask_optimizer(cfg.mask_lr)
         phase, history = self.phase, self.history
         if at == "pick":
-            phase.update(widths={str(g): w for g, w in net.ctx.widths.items()}, rounds=0)
+            phase.update(widths={str(g): w for g, w in net.structure.widths.items()}, rounds=0)
         widths = {int(g): w for g, w in phase["widths"].items()}
         rounds = phase["rounds"]
         grow_epochs = training.stage2_epochs or training.epochs
@@ -92,7 +92,7 @@ class CPGContinual(NetMethod):
         phase["epochs"] = epochs
         sparsity, spent = self._compact(task, t, target, history, epochs, position if at == "compact" else None)
         self.sparsity.append(sparsity)
-        growth = {str(g): w - widths.get(g, w) for g, w in net.ctx.widths.items() if w != widths.get(g, w)}
+        growth = {str(g): w - widths.get(g, w) for g, w in net.structure.widths.items() if w != widths.get(g, w)}
         return self.record(task, t, target, history, timer, epochs + spent, grew=bool(growth), growth=growth,
                            growth_rounds=rounds, selective_zero_frac=net.unit_stats()["selective_zero_frac"],
                            extra={"sparsity": sparsity, "compaction": self.compaction[-1]})
@@ -104,7 +104,7 @@ class CPGContinual(NetMethod):
         added = False
         for gid, full in self.full_widths.items():
             gran = net.coupling.groups[gid].granularity
-            room = int(cfg.max_width * full) - net.ctx.widths[gid]
+            room = int(cfg.max_width * full) - net.structure.widths[gid]
             n = min(math.ceil(cfg.grow_ratio * full / gran) * gran, room // gran * gran)
             if n > 0:
                 net.grow(channels=n, groups=[gid])
