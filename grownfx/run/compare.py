@@ -27,8 +27,6 @@ import torch
 
 from grownfx.data import stream_for
 from grownfx.files import atomic_write_text
-from grownfx.learn.methods.finetune import finetune_references
-from grownfx.learn.methods.scratch import fresh_backbone, train_plain
 from grownfx.learn.training import resolve_device
 from grownfx.recipe.loading import load_recipe, validate_recipe
 from grownfx import files
@@ -36,11 +34,10 @@ from grownfx.learn.guards import NonFiniteError
 from grownfx.run.export import export_complete, task_folder
 from grownfx.run.folder import RunError, _lock, holds_run
 from grownfx.run.runner import RunInterrupted, run
-from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, parse_target, target_sources
+from grownfx.run import targets as T
+from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, target_sources
 
 __all__ = ["ABLATIONS", "METHODS", "method_config", "run_compare", "slug"]
-
-TARGETED = ("grown", "cpg")  # methods the runner gives a target (grownfx.run.runner._Run.target)
 
 
 def method_config(recipe: Recipe, spec: str) -> dict:
@@ -72,7 +69,7 @@ def _variant(recipe: Recipe, spec: str, seed: int, run_dir: Path, targets: Optio
     d = recipe.model_dump(mode="json")
     d.update(name=f"{recipe.name}-{slug(spec)}-s{seed}", seed=seed, method=method_config(recipe, spec))
     d["output"]["dir"] = str(run_dir)
-    if targets is not None and d["method"]["name"] in TARGETED:
+    if targets is not None and d["method"]["name"] in T.TARGETED:
         d["target"]["rule"] = targets
     return Recipe.model_validate(d)
 
@@ -80,11 +77,11 @@ def _variant(recipe: Recipe, spec: str, seed: int, run_dir: Path, targets: Optio
 def _scratch_epochs_match(recipe: Recipe) -> bool:
     """Whether the `scratch` run trains the epochs of the scratch targets (an epoch budget changes its own)."""
     own = recipe.training.epoch_budget or recipe.training.epochs
-    return (recipe.target.scratch_epochs or recipe.training.epochs) == own
+    return T.scratch_epochs(recipe) == own
 
 
 def scratch_targets(recipe: Recipe, seed: int, progress=None) -> list[float]:
-    """Validation accuracy of a full backbone trained from scratch on each task: runner._Run.scratch_reference.
+    """Scratch's reference accuracy on each task (grownfx.run.targets.scratch_accuracy, as a run trains it).
     `progress`: a display its tasks and epochs show on ("scratch reference")."""
     recipe = recipe.model_copy(update={"seed": seed})
     if recipe.training.num_threads:
@@ -92,14 +89,11 @@ def scratch_targets(recipe: Recipe, seed: int, progress=None) -> list[float]:
     device = resolve_device(recipe.device)
     torch.manual_seed(seed)
     stream = stream_for(recipe)
-    epochs = recipe.target.scratch_epochs or recipe.training.epochs
     out = []
     for t, task in enumerate(stream.tasks):
-        parts = (seed, "scratch", t)
         if progress is not None:
             progress.start_task(t, len(stream.tasks), f"{task.name} (scratch target, seed {seed})")
-        out.append(train_plain(fresh_backbone(recipe, task, parts), task, recipe.training, device, parts, epochs,
-                               progress.epoch if progress is not None else None))
+        out.append(T.scratch_accuracy(recipe, task, device, on_epoch=progress.epoch if progress is not None else None))
     return out
 
 
@@ -194,22 +188,21 @@ def _compare(recipe: Recipe, specs: list[str], seeds: Sequence[int], out: Path, 
              echo: Callable[[str], None] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rule = recipe.target.rule
-    margin = parse_target(rule) if isinstance(rule, str) else None
     index = _index(out, recipe, specs, seeds)
-    wants = margin is not None and any(parse_method_spec(s)[0] in TARGETED for s in specs)
+    wants = isinstance(rule, str) and any(parse_method_spec(s)[0] in T.TARGETED for s in specs)
     failures = []
     for seed in seeds:
         targets: Optional[list[float]] = None
         for spec in specs:
             name, _ = parse_method_spec(spec)
-            if wants and targets is None and name in TARGETED:
+            if wants and targets is None and name in T.TARGETED:
                 try:
-                    targets, source = _targets(recipe, seed, out, specs, progress)
+                    references, source = _references(recipe, seed, out, specs, progress)
                 except NonFiniteError as exc:  # no target: never let a diverged reference set one
                     entry = _record_failure(out, index, spec, seed, f"no target: the reference diverged ({exc})")
                     failures.append(f"{spec} seed {seed}: {entry['error']}")
                     continue
-                targets = [v - margin for v in targets]
+                targets = [T.task_target(rule, t, ref) for t, ref in enumerate(references)]
                 index["targets"][str(seed)] = {"values": targets, "source": source}
             entry = _run_one(recipe, spec, seed, out, targets, index, progress, echo)
             if entry["status"] != "ok":
@@ -254,30 +247,31 @@ def _run_one(recipe: Recipe, spec: str, seed: int, out: Path, targets, index: di
     return entry
 
 
-def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = (), progress=None
-             ) -> tuple[list[float], str]:
-    """Scratch validation accuracies per task: from this comparison's scratch run when it is the same
-    computation (same seed and epochs), else trained here once for every targeted method of this seed.
-    With `best(scratch, finetune)` the per-task maximum with fine-tune's validation accuracy when it learned
-    the task (the same with and without keep_copies), read from a fine-tune run of this comparison or trained."""
+def _references(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = (), progress=None
+                ) -> tuple[list[float], str]:
+    """Each task's reference accuracy (grownfx.run.targets.reference_accuracy): scratch's validation accuracy,
+    from this comparison's scratch run when it is the same computation (same seed and epochs), else trained here
+    once for every targeted method of this seed; with `best(scratch, finetune)`, fine-tune's when it learned the
+    task (the same with and without keep_copies), read from a fine-tune run of this comparison or trained."""
     run_dir = out / slug("scratch") / f"seed{seed}"
     if _scratch_epochs_match(recipe) and _finished(run_dir):
         tasks = json.loads((run_dir / "summary.json").read_text())["tasks"]
         values, source = [float(t["val_acc"]) for t in tasks], "scratch run"
     else:
         values, source = scratch_targets(recipe, seed, progress), "scratch trained once for this comparison"
-    if "finetune" not in target_sources(recipe.target.rule):
-        return values, source
+    rule = recipe.target.rule
+    if "finetune" not in target_sources(rule):
+        return [T.reference_accuracy(rule, v, None) for v in values], source
     ft = [out / slug(s) / f"seed{seed}" for s in specs if parse_method_spec(s)[0] == "finetune"]
     ft = [d for d in ft if _finished(d)]
     if ft:
         tasks = json.loads((ft[0] / "summary.json").read_text())["tasks"]
         fine, where = [float(t["val_acc"]) for t in tasks], "fine-tune run"
     else:
-        fine = finetune_references(recipe.model_copy(update={"seed": seed}),
-                                   progress.epoch if progress is not None else None)
+        fine = T.finetune_references(recipe.model_copy(update={"seed": seed}),
+                                     progress.epoch if progress is not None else None)
         where = "fine-tune trained once"
-    return [max(a, b) for a, b in zip(values, fine)], f"best of {source} and {where}"
+    return [T.reference_accuracy(rule, a, b) for a, b in zip(values, fine)], f"best of {source} and {where}"
 
 
 def _index(out: Path, recipe: Recipe, specs: list[str], seeds: Sequence[int]) -> dict:
