@@ -10,7 +10,6 @@ The ablation switches (selective mask, LSG's attentive mask, re-training) only c
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -22,6 +21,7 @@ from grownfx.data import Task
 from grownfx.learn.distributed import Dist
 from grownfx.learn import budget
 from grownfx.learn.gates import CandidateGates
+from grownfx.learn.growth import round_sizes
 from grownfx.engine.net import GrowableNet
 from grownfx.learn.records import LearnerPosition, TaskRecord, add_epoch_time, stage_breakdown
 from grownfx.learn.training import StageOptim, Timer, make_optimizer, make_scaler, train_stage
@@ -139,15 +139,7 @@ class GrownLearner:
     def _grow_round(self, pos: LearnerPosition) -> bool:
         """Add a gated candidate pool at every site below its width cap; False when none can grow."""
         net = self.net
-        plan = {}
-        for gid in self.sites:
-            full = self.full_widths[gid]
-            gran = net.coupling.groups[gid].granularity
-            n = math.ceil(self.growth.pool * full / gran) * gran
-            cap = int(self.growth.max_width * full)
-            n = min(n, (cap - net.structure.widths[gid]) // gran * gran)
-            if n > 0:
-                plan[gid] = n
+        plan = round_sizes(net, self.full_widths, self.growth.pool, self.growth.max_width)
         if not plan:
             return False
         for gid, n in plan.items():

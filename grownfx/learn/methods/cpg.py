@@ -19,6 +19,7 @@ from grownfx.engine import state as net_state
 from grownfx.engine.context import DENSE, SEL, MaskPolicy
 from grownfx.data import Task
 from grownfx.learn import budget
+from grownfx.learn.growth import round_sizes
 from grownfx.learn.records import TaskRecord
 from grownfx.learn.training import Timer
 from grownfx.learn.methods.base import NetMethod
@@ -101,15 +102,10 @@ class CPGContinual(NetMethod):
     def _grow(self) -> bool:
         """Add grow_ratio x the backbone width to every growable group below max_width; False if none can."""
         cfg, net = self.recipe.method, self.net
-        added = False
-        for gid, full in self.full_widths.items():
-            gran = net.coupling.groups[gid].granularity
-            room = int(cfg.max_width * full) - net.structure.widths[gid]
-            n = min(math.ceil(cfg.grow_ratio * full / gran) * gran, room // gran * gran)
-            if n > 0:
-                net.grow(channels=n, groups=[gid])
-                added = True
-        return added
+        plan = round_sizes(net, self.full_widths, cfg.grow_ratio, cfg.max_width)
+        for gid, n in plan.items():
+            net.grow(channels=n, groups=[gid])
+        return bool(plan)
 
     # -- compact --------------------------------------------------------------------------------------------
     def _compact(self, task: Task, t: int, target: Optional[float], history: list[float],
