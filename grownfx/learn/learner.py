@@ -6,10 +6,15 @@ For each task t:
              stage 2 "expand only if needed": while val accuracy < target and budget left: an LSG round
     then   : binarise, drop pruned candidates, freeze what the task owns
 The ablation switches (selective mask, LSG's attentive mask, re-training) only change the mask policy.
+
+The phases of a task (`Phase`, `TRANSITIONS`): start -> grow (task 1) or stage1 -> grow ... -> [tune] -> done;
+`GrownLearner._next_phase` decides after each trained and evaluated stage, `_enter` makes the move (a growth
+round's candidates are added there, nowhere else).
 """
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Callable, Optional
 
 import torch
@@ -24,7 +29,27 @@ from grownfx.learn.gates import CandidateGates
 from grownfx.learn.growth import round_sizes
 from grownfx.engine.net import GrowableNet
 from grownfx.learn.records import LearnerPosition, TaskRecord, add_epoch_time, stage_breakdown
-from grownfx.learn.training import StageOptim, Timer, make_optimizer, make_scaler, train_stage
+from grownfx.learn.training import Stage, StageHooks, StageOptim, Timer, make_optimizer, make_scaler, train_stage
+
+
+class Phase(str, Enum):
+    """Where a task's training stands; `LearnerPosition.stage` holds its value (mid-task checkpoints too)."""
+
+    START = "start"  # the task not added yet
+    STAGE1 = "stage1"  # pick and reuse: selective masks on old weights, released weights re-trained
+    GROW = "grow"  # a learnable sparse growth round (task 1's first one is its training from the seed)
+    TUNE = "tune"  # an epoch budget's unspent epochs: the task's network trained as it is
+    DONE = "done"  # nothing left to train: the task is frozen next
+
+
+# the phases each phase may be followed by (GrownLearner._enter refuses any other move)
+TRANSITIONS = {
+    Phase.START: (Phase.GROW, Phase.STAGE1),
+    Phase.STAGE1: (Phase.GROW, Phase.TUNE, Phase.DONE),
+    Phase.GROW: (Phase.GROW, Phase.TUNE, Phase.DONE),
+    Phase.TUNE: (Phase.DONE,),
+    Phase.DONE: (),
+}
 
 
 def build_policy(task: int, switches: tuple[bool, bool, bool], masks: MasksConfig) -> MaskPolicy:
@@ -87,48 +112,62 @@ class GrownLearner:
     def learn(self, task: Task, target: Optional[float] = None, resume: Optional[tuple] = None) -> TaskRecord:
         """Learn `task`; `resume` = (position, optimizer state) from a mid-task checkpoint."""
         self.install()
-        net, cfg = self.net, self.training
-        timer = Timer()
+        net, timer = self.net, Timer()
         pos, optim_state = resume if resume is not None else (LearnerPosition(), None)
-        if pos.stage == "start":
+        phase = Phase(pos.stage)  # a checkpoint's position names its phase by value
+        if phase is Phase.START:
             t = net.add_task(task.num_classes)
             net.set_policy(build_policy(t, self.switches, self.masks))
             pos.widths_at_start = {str(g): w for g, w in net.structure.widths.items()}
-            if t == 0:  # learnable sparse growth from the seed network
-                pos.stage = "grow" if self._grow_round(pos) else "stage1"
-            else:
-                pos.stage = "stage1"
+            # task 1 learns by learnable sparse growth from the seed network (when any site can grow)
+            phase = self._enter(pos, Phase.GROW if t == 0 and self._growth_plan() else Phase.STAGE1)
         t = net.num_tasks - 1
-        while True:
-            # task 1's first LSG round is the task's training from the seed: `epochs`, like every method's task;
-            # later growth rounds (stage 2, task 1's extra rounds) train `stage2_epochs`.  With an epoch budget
-            # (learn/budget.py) stage 1 takes half of it, rounds what is left, and a `tune` stage the rest.
-            first = pos.stage == "stage1" or (t == 0 and pos.round == 1)
-            before = pos.epochs_done - pos.epoch  # the task's epochs before this stage (a resume included)
-            if pos.stage == "tune":
-                epochs = budget.left(cfg, before)
-            elif first:
-                epochs = budget.first_phase(cfg, self.growth.max_rounds > 0)
-            else:
-                epochs = budget.capped(cfg, cfg.stage2_epochs or cfg.epochs, before)
-            self._train_stage(task, t, pos, epochs, optim_state, timer)
+        while phase is not Phase.DONE:
+            self._train_stage(task, t, pos, self._stage_epochs(pos, phase, t), optim_state, timer)
             optim_state = None
-            if pos.stage == "grow":
+            if phase is Phase.GROW:
                 pos.pruned += sum(self.gates.settle(net).values())
             val = self.evaluate(t, task.val)
             pos.val_history.append(val)
             if self.should_stop():
                 raise KeyboardInterrupt
-            if not self._wants_growth(pos, val, target) or not self._grow_round(pos):
-                if budget.left(cfg, pos.epochs_done) == 0:
-                    break
-                pos.stage, pos.epoch = "tune", 0  # the budget's unspent epochs: train the task's network as is
-                continue
-            pos.stage, pos.epoch = "grow", 0
+            phase = self._enter(pos, self._next_phase(pos, phase, val, target))
         return self._finish(task, t, target, pos, timer)
 
-    def _wants_growth(self, pos: LearnerPosition, val: float, target: Optional[float]) -> bool:
-        if pos.round >= self.growth.max_rounds or pos.stage == "tune":
+    def _stage_epochs(self, pos: LearnerPosition, phase: "Phase", t: int) -> int:
+        """Task 1's first LSG round is the task's training from the seed: `epochs`, like every method's task;
+        later growth rounds (stage 2, task 1's extra rounds) train `stage2_epochs`.  With an epoch budget
+        (learn/budget.py) stage 1 takes half of it, rounds what is left, and a `tune` stage the rest."""
+        cfg = self.training
+        before = pos.epochs_done - pos.epoch  # the task's epochs before this stage (a resume included)
+        if phase is Phase.TUNE:
+            return budget.left(cfg, before)
+        if phase is Phase.STAGE1 or (t == 0 and pos.round == 1):
+            return budget.first_phase(cfg, self.growth.max_rounds > 0)
+        return budget.capped(cfg, cfg.stage2_epochs or cfg.epochs, before)
+
+    def _next_phase(self, pos: LearnerPosition, phase: "Phase", val: float, target: Optional[float]) -> "Phase":
+        """After a trained and evaluated stage: another growth round while the task wants one and a site can grow;
+        else the budget's unspent epochs (`tune`), else done."""
+        if self._wants_growth(pos, phase, val, target) and self._growth_plan():
+            return Phase.GROW
+        return Phase.TUNE if budget.left(self.training, pos.epochs_done) > 0 else Phase.DONE
+
+    def _enter(self, pos: LearnerPosition, phase: "Phase") -> "Phase":
+        """Move the task to `phase` (one of TRANSITIONS' for the phase it is in); a growth round adds its
+        candidate pools."""
+        current = Phase(pos.stage)
+        if phase not in TRANSITIONS[current]:
+            raise RuntimeError(f"the learner cannot go from phase {current.value!r} to {phase.value!r}")
+        if phase is Phase.GROW:
+            for gid, n in self._growth_plan().items():
+                self.gates.grow(self.net, channels=n, groups=[gid])
+            pos.round += 1
+        pos.stage, pos.epoch = phase.value, 0
+        return phase
+
+    def _wants_growth(self, pos: LearnerPosition, phase: "Phase", val: float, target: Optional[float]) -> bool:
+        if pos.round >= self.growth.max_rounds or phase is Phase.TUNE:
             return False
         if not budget.has_left(self.training, pos.epochs_done):
             return False
@@ -136,37 +175,28 @@ class GrownLearner:
             return pos.round == 0
         return target is not None and val < target
 
-    def _grow_round(self, pos: LearnerPosition) -> bool:
-        """Add a gated candidate pool at every site below its width cap; False when none can grow."""
-        net = self.net
-        plan = round_sizes(net, self.full_widths, self.growth.pool, self.growth.max_width)
-        if not plan:
-            return False
-        for gid, n in plan.items():
-            self.gates.grow(net, channels=n, groups=[gid])
-        pos.round += 1
-        return True
+    def _growth_plan(self) -> dict[int, int]:
+        """Channels a growth round would add at each site below its width cap (empty: none can grow)."""
+        return round_sizes(self.net, self.full_widths, self.growth.pool, self.growth.max_width)
 
     def _train_stage(self, task: Task, t: int, pos: LearnerPosition, epochs: int, optim_state, timer: Timer):
-        net, cfg = self.net, self.training
+        net, gates = self.net, self.gates
         optim = self._optimizers()
         if optim_state is not None:
             optim.load_state_dict(optim_state)
-        lsg = pos.stage == "grow"
-        costs = self._gate_costs() if lsg else {}
+        lsg = pos.stage == Phase.GROW.value
+        costs = self.gates.costs(net) if lsg else {}
         lam = self.masks.grown.lam
         sel_t0, sel_t1 = self.masks.selective.temperature, self.masks.selective.final_temperature
 
-        gates = self.gates
-
-        def before_epoch(epoch: int, epochs: int) -> None:
+        def before_epoch(epoch: int, epochs: int) -> None:  # the schedule, from where the stage stands
             # CS: beta is multiplied by final_beta^(1/(epochs-1)) each epoch, reaching final_beta at the last
             gates.beta = M.anneal(1.0, self.masks.grown.final_beta, epoch / max(epochs - 1, 1)) if lsg else 1.0
             # the last epoch of a growth round trains the network that will be kept: binarised gates
             gates.hard = lsg and epoch == epochs - 1
             net.set_mask_temperature(M.anneal(sel_t0, sel_t1, epoch / max(epochs, 1)) if sel_t1 else None)
 
-        def epoch_done(done: int) -> dict:
+        def after_epoch(done: int) -> dict:
             pos.epoch, pos.epochs_done = done, pos.epochs_done + 1
             return {"beta": gates.beta}
 
@@ -175,20 +205,18 @@ class GrownLearner:
             self.on_epoch(info)
 
         def checkpoint(optim: StageOptim, stopping: bool) -> None:
-            if self.checkpoint is None:
-                return
             if stopping:
                 pos.elapsed += timer.seconds
             self.checkpoint(self, pos, optim)
 
         # the stage's DDP wrapper covers this stage's parameter set (growth and freezing change it between stages)
-        train_stage(net, lambda m, x: m(x, task=t), optim, task.train, cfg, self.device, dist=self.dist,
-                    seed=(self.seed, t, pos.stage, pos.round), epochs=epochs, start_epoch=pos.epoch,
-                    trainable=self._trainable(),
-                    event={"task": t, "stage": pos.stage, "round": pos.round}, before_epoch=before_epoch,
-                    penalty=(lambda: self._penalty(costs, lam)) if costs and lam > 0 else None,
-                    epoch_done=epoch_done, on_epoch=on_epoch, should_stop=self.should_stop,
-                    checkpoint=checkpoint)
+        stage = Stage(net, lambda m, x: m(x, task=t), optim, task.train, epochs, (self.seed, t, pos.stage, pos.round),
+                      event={"task": t, "stage": pos.stage, "round": pos.round}, start_epoch=pos.epoch,
+                      trainable=self._trainable(),
+                      penalty=(lambda: self._penalty(costs, lam)) if costs and lam > 0 else None,
+                      hooks=StageHooks(before_epoch, after_epoch, on_epoch, self.should_stop,
+                                       checkpoint if self.checkpoint is not None else None))
+        train_stage(stage, self.training, self.device, self.dist)
         gates.hard = False
         pos.epoch = 0
 
@@ -203,9 +231,6 @@ class GrownLearner:
                 make_optimizer(groups["gates"], cfg.gate_optimizer)]
         return StageOptim([o for o in opts if o is not None], cfg.scheduler, tuple(cfg.milestones),
                           scaler=make_scaler(cfg.precision, self.device))
-
-    def _gate_costs(self) -> dict[int, float]:
-        return self.gates.costs(self.net)
 
     def _penalty(self, costs: dict[int, float], lam: float) -> torch.Tensor:
         """lambda * sum over candidate channels of gate * weights it brings (the L0 relaxation of Eq. 3)."""
@@ -240,4 +265,4 @@ class GrownLearner:
             stage_s=stage_breakdown(pos.extra.get("stage_s"), seconds))
 
 
-__all__ = ["GrownLearner", "LearnerPosition", "TaskRecord", "build_policy"]
+__all__ = ["TRANSITIONS", "GrownLearner", "LearnerPosition", "Phase", "TaskRecord", "build_policy"]
