@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_steps.py"]  # the fast step-by-step checks
+TESTS = ["tests/test_steps.py", "tests/test_frozen_units.py"]  # the fast step-by-step checks
 
 
 # -- the faults -----------------------------------------------------------------------------------------------
@@ -57,9 +57,22 @@ def _cache_not_cleared():
     from grownfx.engine.context import TaskContext
 
     def bump(self):
-        self.version += 1
+        self.structure.version += 1
 
     TaskContext.bump = bump
+
+
+def _owned_units_read_from_weight():
+    """The learning task reads the units earlier tasks own from the bank's Parameter, which optimisers update,
+    instead of from `frozen` (the design before issue 21, here without the step hook that repaired it)."""
+    from grownfx.engine import unit_weight
+
+    apply = unit_weight.MaskedWeight.apply
+
+    def from_weight(weight, frozen, rows, mult, plain_rows):
+        return apply(weight, weight.detach(), rows, mult, plain_rows)
+
+    unit_weight.MaskedWeight.apply = from_weight
 
 
 def _freeze_wrong_mask():
@@ -85,6 +98,7 @@ FAULTS = {
     "gate_not_folded": _gate_not_folded,
     "cache_not_cleared": _cache_not_cleared,
     "freeze_wrong_mask": _freeze_wrong_mask,
+    "owned_units_read_from_weight": _owned_units_read_from_weight,
 }
 
 

@@ -4,7 +4,7 @@
   element of a linear) has an owner: the task that trained it, or FREE.  A finished task keeps a bit-packed
   mask over the units it could see; it computes with `where(mask, frozen, 0)` restricted to the channels that
   existed for it, so its computation never changes.  The task being learned computes with
-  `where(trainable, weight, frozen) * unit_mask * channel_gate` (unit_weight.MaskedWeight): units it may not
+  `where(trainable, weight, frozen) * unit_mask * channel_scale` (unit_weight.MaskedWeight): units it may not
   train are read from `frozen`, a buffer no optimiser holds.
 `HeadGrowingAttention` (nn.MultiheadAttention over masked projection banks) is in attention.py.
 """
@@ -122,9 +122,9 @@ class MaskedLayer(_TaskModule):
                 rows = self.owner.numel()
                 w = MaskedWeight.apply(w.reshape(rows, -1), self.frozen.reshape(rows, -1), plan.rows,
                                        None if mult is None else mult.reshape(rows), plan.plain_rows).view(w.shape)
-        gate = self.ctx.input_scale(self.target, training) if self.in_role() == "in" else None
-        if gate is not None:
-            w = w * gate.view((1, -1) + (1,) * (w.dim() - 2))
+        scale = self.ctx.input_scale(self.target, training) if self.in_role() == "in" else None
+        if scale is not None:
+            w = w * scale.view((1, -1) + (1,) * (w.dim() - 2))
         return w
 
     def _version_key(self) -> tuple:
@@ -432,7 +432,8 @@ def _plain_subclass(bare: nn.Module, w: torch.Tensor, bias_bank, task: int, para
 
 
 def export_weight(layer: MaskedLayer, task: int) -> torch.Tensor:
-    """The weight `task` computes with, in evaluation mode (no Gumbel noise, hard gates)."""
+    """The weight `task` computes with, in evaluation mode (no Gumbel noise, the channel scale's evaluation
+    values)."""
     with torch.no_grad(), layer.ctx.computing(task):
         return layer.effective_weight(training=False).detach().clone()
 

@@ -66,7 +66,7 @@ class PerTask(_TaskModule):
         scale = ctx.input_scale(self.target, self.training) if ctx.is_learning(t) else None
         if scale is None:
             return copy_t(*args, **kwargs)
-        # a consumer of gated channels (the task's head): the gate multiplies its input columns, as in a bank
+        # a consumer of scaled channels (the task's head): the scale multiplies its input columns, as in a bank
         return torch.func.functional_call(copy_t, {"weight": scaled_columns(copy_t.weight, scale)}, args, kwargs)
 
     def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None) -> None:

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from grownfx.data import Task
+from grownfx.learn.methods.base import Trainer
 from grownfx.learn.methods.finetune import finetune_references
 from grownfx.learn.methods.scratch import fresh_backbone, train_plain
 from grownfx.recipe.schema import Recipe, parse_target, target_sources
@@ -42,8 +43,8 @@ def scratch_accuracy(recipe: Recipe, task: Task, device: torch.device, dist=None
     the same way, so a comparison reads its run instead when the epochs match.  `on_epoch`: each epoch's event
     (progress displays)."""
     seed = (recipe.seed, "scratch", task.index)
-    return train_plain(fresh_backbone(recipe, task, seed), task, recipe.training, device, seed, scratch_epochs(recipe),
-                       dist=dist, on_epoch=on_epoch)
+    return train_plain(fresh_backbone(recipe, task, seed), task, Trainer(recipe.training, device, dist, on_epoch=on_epoch),
+                       seed, scratch_epochs(recipe))
 
 
 def reference_accuracy(rule, scratch: float, finetune: Optional[float]) -> float:
