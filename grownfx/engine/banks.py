@@ -112,8 +112,9 @@ class MaskedLayer(_TaskModule):
         w = self.weight
         plan = self._mask_plan()
         if self.ctx.masks.fuse_masks and training and plan.masked and self.score is not None and self.unit_cols == 1:
-            w = fused_masked_weight(self.ctx)(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
-                                      plan.active, plan.scale, plan.threshold, plan.noise, w.dim() - self.score.dim())
+            w = fused_masked_weight(self.ctx)(w, self.frozen, self.score, plan.trainable, plan.none_trainable,
+                                              plan.const, plan.active, plan.scale, plan.threshold, plan.noise,
+                                              w.dim() - self.score.dim())
         else:
             mult = self._unit_multiplier(plan, training)
             if plan.none_trainable:

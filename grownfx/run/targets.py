@@ -43,8 +43,8 @@ def scratch_accuracy(recipe: Recipe, task: Task, device: torch.device, dist=None
     the same way, so a comparison reads its run instead when the epochs match.  `on_epoch`: each epoch's event
     (progress displays)."""
     seed = (recipe.seed, "scratch", task.index)
-    return train_plain(fresh_backbone(recipe, task, seed), task, Trainer(recipe.training, device, dist, on_epoch=on_epoch),
-                       seed, scratch_epochs(recipe))
+    trainer = Trainer(recipe.training, device, dist, on_epoch=on_epoch)
+    return train_plain(fresh_backbone(recipe, task, seed), task, trainer, seed, scratch_epochs(recipe))
 
 
 def reference_accuracy(rule, scratch: float, finetune: Optional[float]) -> float:
