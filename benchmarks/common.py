@@ -296,6 +296,20 @@ def full_widths(net) -> dict[int, int]:
     return {g.id: g.width for g in net.coupling.groups if g.growable}
 
 
+def gate_config():
+    """GROWN's candidate gates' default configuration (continuous sparsification)."""
+    from grownfx.engine import masks as M
+
+    return M.CSConfig()
+
+
+def trainable(net) -> dict[str, list]:
+    """The learning task's parameters by optimiser, as the learner collects them: the engine's weights and mask
+    scores, and the candidate gates (GROWN's channel scale) when installed."""
+    p = net.trainable_parameters()
+    return {**p, "gates": list(net.channel_scale.parameters()) if net.channel_scale is not None else []}
+
+
 def lsg_grow(net, pool: float = 0.25) -> dict[int, int]:
     """GROWN's learnable sparse growth: a gated candidate pool of `pool` x the full width at every site."""
     from grownfx.learn.gates import CandidateGates  # torch-heavy: imported where used, like the other helpers
@@ -323,7 +337,8 @@ def learn_task(net, num_classes: int, steps: int, batch: int, input_shape: tuple
 
     t = net.add_task(num_classes)
     grew = lsg_grow(net) if grow else {}
-    params = net.trainable_parameters()
+    params = trainable(net)
+    gates = net.channel_scale
     opts = [torch.optim.SGD(params["weights"], lr=WEIGHT_LR, momentum=0.9, nesterov=True)] if params["weights"] else []
     if params["masks"]:
         opts.append(torch.optim.Adam(params["masks"], lr=mask_lr))
@@ -331,19 +346,21 @@ def learn_task(net, num_classes: int, steps: int, batch: int, input_shape: tuple
         opts.append(torch.optim.SGD(params["gates"], lr=GATE_LR, momentum=0.9, nesterov=True))
     net.train()
     for s in range(steps):
-        if params["gates"]:
-            net.ctx.beta = M.anneal(1.0, net.ctx.policy.cs.final_beta, s / max(steps - 1, 1))
-            net.ctx.hard_gates = s == steps - 1
+        if params["gates"]:  # the learner's schedule: beta 1 -> final, binarised on the last step
+            gates.beta = M.anneal(1.0, gates.cs.final_beta, s / max(steps - 1, 1))
+            gates.hard = s == steps - 1
         x, y = random_batch(batch, input_shape, num_classes, gen, device)
         for o in opts:
             o.zero_grad(set_to_none=True)
         F.cross_entropy(net(x, task=t), y).backward()
         for o in opts:
             o.step()
-    net.ctx.hard_gates = False
+    if gates is not None:
+        gates.hard = False
     sel_zero = net.unit_stats()["selective_zero_frac"]
     net.freeze_task(t)  # settles the gates at the last beta, as the learner does
-    net.ctx.beta = 1.0
+    if gates is not None:
+        gates.beta = 1.0
     from grownfx.engine.masks import unpack_bits
 
     dropped = total = 0
@@ -428,7 +445,7 @@ def make_step(forward: Callable[[torch.Tensor], torch.Tensor], weights: list, ma
 def aware_step(net, task: int | None = None, forward=None, ranges: bool = False):
     """The training step of the task-aware model for its learning task (SGD weights, Adam masks, SGD gates)."""
     t = net.learning_task if task is None else task
-    p = net.trainable_parameters()
+    p = trainable(net)
     net.train()
     fwd = forward if forward is not None else (lambda x: net(x, task=t))
     return make_step(fwd, p["weights"], p["masks"], p["gates"], ranges=ranges)

@@ -10,7 +10,7 @@ the seed-width network), task 2 (a frozen task with selective masks) is computed
 at batch 1 and batch 64.  Goals: export <= 1.02x dense, task-aware eval <= 1.15x dense.
 Informational rows: the export with unused channels pruned (the default `export(t)`), and the task-aware
 model when consecutive batches alternate between two tasks (each layer keeps up to
-`ctx.finished_cache_size` finished tasks' weights, LRU, so a switch between two tasks rebuilds nothing).
+`ctx.cache.finished_cache_size` finished tasks' weights, LRU, so a switch between two tasks rebuilds nothing).
 
 The all-tasks artifact (`grownfx export RUN --all-tasks`: grownfx.engine.multitask, served by the torch-only
 multitask_runtime) alternating between tasks 2 and 3, per batch vs the dense model: goals <= 1.30x at batch 1 and
@@ -106,7 +106,7 @@ def run(args) -> C.Report:
     rep.note("ratio = median forward time (no_grad, eval mode; the thread's CPU time) of the variant / median of "
              "the dense model, interleaved; each sample averages `inner` calls; wall_ratio: the same from wall-clock "
              "time.  max_abs_diff: task-aware vs export logits.")
-    rep.note("alternating: consecutive batches for tasks 2 and 3 (each layer caches up to ctx.finished_cache_size "
+    rep.note("alternating: consecutive batches for tasks 2 and 3 (each layer caches up to ctx.cache.finished_cache_size "
              "finished tasks' weights, LRU: a switch between two tasks rebuilds nothing); per-batch time; timed in "
              "its own interleaved group with the dense model.")
     rep.note("all-tasks artifact: grownfx.engine.multitask.save then multitask_runtime.load (torch only), the same "

@@ -110,7 +110,7 @@ def memory_stream(shape, width, checkpoints, steps):
     for k in range(1, max(checkpoints) + 1):
         if k in checkpoints:
             live[k], rss[k] = live_tensor_bytes(), rss_bytes()
-            stored[k] = sum(per_task_bytes(net, t)["total"] for t in sorted(net.ctx.frozen))
+            stored[k] = sum(per_task_bytes(net, t)["total"] for t in sorted(net.structure.frozen))
             stale[k] = stale_grad_bytes(net)
             objects[k] = len(gc.get_objects())
         C.learn_task(net, 10, steps, 32, shape, gen=gen)
@@ -215,7 +215,7 @@ RESNET18_PLOT = Path(__file__).resolve().parent.parent / "docs" / "performance" 
 
 
 def _sum_widths(net) -> int:
-    return int(sum(net.ctx.widths.values()))
+    return int(sum(net.structure.widths.values()))
 
 
 def resnet18_stream(rep: C.Report, args) -> None:
@@ -242,7 +242,7 @@ def resnet18_stream(rep: C.Report, args) -> None:
     s_ref = C.aware_step(ref)
     net, backbone = prepared()
     x, y = C.random_batch(batch, shape, 10, torch.Generator().manual_seed(1))
-    final_beta = net.ctx.policy.cs.final_beta
+    final_beta = C.gate_config().final_beta
     per_task = []
     for k in range(1, n + 1):
         t = net.add_task(10)
@@ -254,12 +254,14 @@ def resnet18_stream(rep: C.Report, args) -> None:
                               wall=wall)
         peak = step_peak_bytes(sk, x, y)
         if grew:  # the last step with hard gates at the final temperature, as learn_task anneals them
-            net.ctx.beta, net.ctx.hard_gates = final_beta, True
+            gates = net.channel_scale
+            gates.beta, gates.hard = final_beta, True
             sk(x, y)
-            net.ctx.hard_gates = False
+            gates.hard = False
         del sk
         net.freeze_task(t)  # the timed steps were its training; settles a growth round's gates
-        net.ctx.beta = 1.0
+        if net.channel_scale is not None:
+            net.channel_scale.beta = 1.0
         st = C.ratio_stats(times["k"], times["ref"], wall["k"], wall["ref"])
         per_task.append({
             "task": k, "grew": bool(grew), "candidates_added": int(sum(grew.values())),
@@ -267,7 +269,7 @@ def resnet18_stream(rep: C.Report, args) -> None:
             "wall_over_ref": st.get("wall_ratio"), "step_cpu_s_median": C.median(times["k"]),
             "peak_step_bytes": peak, "checkpoint_bytes": state_dict_bytes(net), "serving_bytes": serving_bytes(net),
             "task_bytes": per_task_bytes(net, t)["total"], "widths_learning": learning_widths,
-            "widths_after": _sum_widths(net), "widths": {int(g): int(w) for g, w in net.ctx.widths.items()}})
+            "widths_after": _sum_widths(net), "widths": {int(g): int(w) for g, w in net.structure.widths.items()}})
         print(f"resnet18 task {k}/{n}{' (grew)' if grew else ''}: step / ref {st['ratio']:.3f}, peak step "
               f"{(peak or 0) / 2**20:.1f} MiB, checkpoint {per_task[-1]['checkpoint_bytes'] / 2**20:.1f} MiB, "
               f"widths {per_task[-1]['widths_after']}", flush=True)

@@ -67,7 +67,7 @@ def state_dict_bytes(net) -> int:
 def serving_bytes(net) -> int:
     """The shared frozen bank every finished task reads, plus every finished task's own state."""
     bank = sum(m.frozen.numel() * m.frozen.element_size() for m in net.masked_layers())
-    return bank + sum(per_task_bytes(net, t)["total"] for t in sorted(net.ctx.frozen))
+    return bank + sum(per_task_bytes(net, t)["total"] for t in sorted(net.structure.frozen))
 
 
 def stream(rep: C.Report, name: str, shape: tuple, checkpoints: tuple[int, ...], steps: int, batch: int,
@@ -101,7 +101,7 @@ def stream(rep: C.Report, name: str, shape: tuple, checkpoints: tuple[int, ...],
                     per_task_mean=sum(r["total"] for r in rows[:n]) / n)
             rep.add(f"{name}: checkpoint after {n} tasks / backbone", "info", ckpt / backbone, None, "x",
                     bytes=ckpt, backbone_bytes=backbone,
-                    widths=sum(net.ctx.widths.values()))
+                    widths=sum(net.structure.widths.values()))
             rep.add(f"{name}: checkpoint / serving after {n} tasks", f"≤ {GOAL_CHECKPOINT:.2f}×", ckpt / serve,
                     ckpt / serve <= GOAL_CHECKPOINT, "x", bytes=ckpt, serving_bytes=serve)
     rep.extra.setdefault("per_task", {})[name] = [{"task": i + 1, "bits_per_kernel": bits[i], **r}

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_steps.py"]  # the fast step-by-step checks
+TESTS = ["tests/test_steps.py", "tests/test_frozen_units.py"]  # the fast step-by-step checks
 
 
 # -- the faults -----------------------------------------------------------------------------------------------
@@ -57,9 +57,22 @@ def _cache_not_cleared():
     from grownfx.engine.context import TaskContext
 
     def bump(self):
-        self.version += 1
+        self.structure.version += 1
 
     TaskContext.bump = bump
+
+
+def _owned_units_read_from_weight():
+    """The learning task reads the units earlier tasks own from the bank's Parameter, which optimisers update,
+    instead of from `frozen` (the design before issue 21, here without the step hook that repaired it)."""
+    from grownfx.engine import unit_weight
+
+    apply = unit_weight.MaskedWeight.apply
+
+    def from_weight(weight, frozen, rows, mult, plain_rows):
+        return apply(weight, weight.detach(), rows, mult, plain_rows)
+
+    unit_weight.MaskedWeight.apply = from_weight
 
 
 def _freeze_wrong_mask():
@@ -134,6 +147,7 @@ FAULTS = {
     "inplace_out_of_place": _inplace_out_of_place,
     "broadcast_channel_growable": _broadcast_channel_growable,
     "heads_concatenated": _heads_concatenated,
+    "owned_units_read_from_weight": _owned_units_read_from_weight,
 }
 # the tests each fault is run against (default: TESTS); the clean run covers all of them
 READING = ["tests/test_model_reading.py", "tests/test_fuzz.py"]

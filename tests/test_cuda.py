@@ -89,10 +89,10 @@ def test_fused_mask_compile_matches_eager_on_cuda():
     eager.sum().backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     net.zero_grad()
-    net.ctx.fuse_masks = True
+    net.ctx.masks.fuse_masks = True
     fused = net(x, task=1)
     fused.sum().backward()
-    net.ctx.fuse_masks = False
+    net.ctx.masks.fuse_masks = False
     assert torch.allclose(eager, fused, rtol=1e-5, atol=1e-6)
     for n, p in net.named_parameters():
         if n in grads:

@@ -279,7 +279,7 @@ import sys
 import torch
 from grownfx.data.core import TaskData
 from grownfx.learn.distributed import Dist, exit_worker, launched, setup
-from grownfx.learn.training import StageOptim, make_optimizer, train_stage
+from grownfx.learn.training import Stage, StageOptim, make_optimizer, train_stage
 from grownfx.recipe.schema import TrainingConfig
 
 torch.manual_seed(0)
@@ -293,8 +293,8 @@ data = TaskData(torch.randint(0, 256, (219, 1, 8, 8), generator=g, dtype=torch.u
 training = TrainingConfig(epochs=2, batch_size=32, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9})
 dist = setup("cpu") if launched() else Dist("cpu")
 optim = StageOptim([make_optimizer(list(net.parameters()), training.optimizer)], "cosine")
-train_stage(net, lambda m, x: m(x.double()), optim, data, training, torch.device("cpu"), dist=dist, seed=(0,),
-            epochs=2)
+train_stage(Stage(net, lambda m, x: m(x.double()), optim, data, epochs=2, seed=(0,)), training, torch.device("cpu"),
+            dist)
 if dist.rank == 0:
     torch.save(net.state_dict(), sys.argv[1])
 dist.close()

@@ -55,8 +55,7 @@ def test_a_channel_unit_is_kept_or_dropped_whole():
     for m in fc:
         used = M.unpack_bits(getattr(m, "mask_1"), m.mask_shapes[1])
         assert 0 < float(used.float().mean()) < 1
-        with torch.no_grad():
-            net.ctx.task = 1
+        with torch.no_grad(), net.computing(1):
             w = m.effective_weight()
         blocks = (w != 0).view(w.shape[0], -1, m.unit_cols)
         assert torch.equal(blocks.any(-1), used) and torch.equal(blocks.all(-1), used)  # whole blocks

@@ -103,7 +103,7 @@ def test_best_of_scratch_and_finetune_target_rule(tmp_path):
         d = tmp_path / name / "seed0"
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"num_tasks": 2, "tasks": [{"val_acc": v} for v in vals]}))
-    values, source = compare._targets(r, 0, tmp_path, ["scratch", "finetune", "grown"])
+    values, source = compare._references(r, 0, tmp_path, ["scratch", "finetune", "grown"])
     assert values == [90.0, 88.0] and "fine-tune run" in source
 
 

@@ -64,13 +64,13 @@ def test_site_feeding_the_head_grows_when_growth_is_free():
     stream = build_stream({"name": "digits"}, seed=0)
     net = grownfx.prepare(build_backbone("small_cnn", 2), torch.randn(2, *stream.input_shape), seed_width=0.5)
     (head_site,) = _head_site(net)
-    seed = net.ctx.widths[head_site]
+    seed = net.structure.widths[head_site]
     training = TrainingConfig(epochs=3, optimizer=OptimConfig(name="adam", lr=1e-3))
     learner = GrownLearner(net, training=training, growth=GrowthConfig(max_rounds=1),
                            masks=MasksConfig(grown={"lam": 0.0}))
     rec = learner.learn(stream.tasks[0], target=101.0)  # unreachable target, growth unpenalised
     assert rec.growth_rounds == 1
-    assert net.ctx.widths[head_site] > seed, "no candidate of the site feeding the head was kept"
+    assert net.structure.widths[head_site] > seed, "no candidate of the site feeding the head was kept"
 
 
 def test_export_of_a_learning_task_folds_the_gate_on_the_head():
@@ -84,7 +84,7 @@ def test_export_of_a_learning_task_folds_the_gate_on_the_head():
         for p in net.trainable_parameters()["weights"]:
             p.add_(torch.randn_like(p) * 0.05)
         gates[str(site)].copy_(torch.linspace(-1, 1, 8))  # some gates off, the others kept below 1 at beta 2
-    net.ctx.beta = 2.0
+    gates.beta = 2.0
     x = torch.randn(8, 1, 8, 8)
     net.eval()
     with torch.no_grad():

@@ -53,7 +53,7 @@ def test_growth_ends_within_the_width_budget():
     first = learner.learn(STREAM.tasks[0], target=101.0)
     second = learner.learn(STREAM.tasks[1], target=101.0)
     full = {g.id: g.width for g in learner.net.coupling.groups}
-    assert all(w == int(0.75 * full[gid]) for gid, w in learner.net.ctx.widths.items())
+    assert all(w == int(0.75 * full[gid]) for gid, w in learner.net.structure.widths.items())
     assert first.growth_rounds == 1 and second.growth_rounds == 0 and len(second.val_history) == 1
 
 
@@ -122,3 +122,20 @@ def test_masks_and_growth_are_deterministic_under_a_fixed_seed():
         runs.append(learner.net.state_dict())
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_the_learner_moves_only_along_its_transition_table():
+    """A phase is entered only from one the table allows (a growth round after an epoch budget's last `tune`
+    stage would train epochs the budget does not have); a mid-task checkpoint's string stage is its phase."""
+    from grownfx.learn.learner import TRANSITIONS, Phase
+    from grownfx.learn.records import LearnerPosition
+
+    learner = make_learner(epochs=1)
+    learner.learn(STREAM.tasks[0], target=0.0)
+    learner.net.add_task(2)
+    pos = LearnerPosition(stage="tune")
+    with pytest.raises(RuntimeError, match="from phase 'tune' to 'grow'"):
+        learner._enter(pos, Phase.GROW)
+    assert pos.stage == "tune" and pos.round == 0
+    assert learner._enter(pos, Phase.DONE) is Phase.DONE and pos.stage == "done"
+    assert all(Phase(p.value) is p for p in TRANSITIONS)

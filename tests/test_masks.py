@@ -44,11 +44,13 @@ def test_bit_packing_round_trips_at_one_bit_per_unit(shape):
 
 
 @pytest.mark.parametrize("shape", [(6, 5, 3, 3), (7, 9)])
-@pytest.mark.parametrize("case", ["mixed", "all_trainable", "no_mult"])
+@pytest.mark.parametrize("case", ["mixed", "all_trainable", "no_mult", "plain_rows"])
 def test_masked_weight_backward_equals_autograd_of_where_then_mul(shape, case):
-    """The learning task's effective weight (`weight * mult` with a hand-written backward) equals autograd's
-    `where(trainable, weight, frozen) * mult` and its gradients, given the bank's invariant: the weight's
-    gradient is exactly 0 on units it may not train, and the unit multiplier's is the sum over the unit."""
+    """The learning task's effective weight (one row per unit, a hand-written backward) equals autograd's
+    `where(trainable, weight, frozen) * mult` and its gradients, whatever `weight` holds on units the task may not
+    train (NaN here: never read): the weight's gradient is exactly 0 there, and the unit multiplier's is the sum
+    over the unit.  `plain_rows`: the trainable units' multiplier is a constant 1 (dense units, as GROWN's released
+    ones), which the shortcut relies on."""
     from grownfx.engine.unit_weight import MaskedWeight as _MaskedWeight
 
     g = torch.Generator().manual_seed(0)
@@ -58,19 +60,22 @@ def test_masked_weight_backward_equals_autograd_of_where_then_mul(shape, case):
     trainable_u = torch.rand(unit_shape, generator=g) < 0.3
     if case == "all_trainable":
         trainable_u[:] = True
-    # the bank's invariant: `weight` holds the frozen values on units the task may not train
-    weight = torch.where(trainable_u.view(unit_shape + (1,) * extra), torch.randn(shape, generator=g), frozen)
+    weight = torch.where(trainable_u.view(unit_shape + (1,) * extra), torch.randn(shape, generator=g), float("nan"))
     weight.requires_grad_(True)
     score = torch.randn(unit_shape, generator=g, requires_grad=True)
     upstream = torch.randn(shape, generator=g)
 
     def mult_of():
+        if case == "plain_rows":  # as MaskedLayer's const + active * mask with active 0 on the trainable units
+            return torch.addcmul(trainable_u.float(), torch.sigmoid(score) * 2, (~trainable_u).float())
         return None if case == "no_mult" else torch.sigmoid(score) * 2
 
     expand = (1,) * extra
-    tu = None if case == "all_trainable" else trainable_u.float()
+    rows = None if case == "all_trainable" else trainable_u.reshape(-1).nonzero().squeeze(1)
     m = mult_of()
-    out = _MaskedWeight.apply(weight, tu, m, extra)
+    units = trainable_u.numel()
+    out = _MaskedWeight.apply(weight.reshape(units, -1), frozen.reshape(units, -1), rows,
+                              None if m is None else m.reshape(units), case == "plain_rows").view(shape)
     (out * upstream).sum().backward()
     got = (out.detach(), weight.grad.clone(), None if m is None else score.grad.clone())
     weight.grad, score.grad = None, None

@@ -214,7 +214,7 @@ def test_cpg_grows_when_the_target_is_missed_up_to_max_width(tmp_path):
     full = dict(m.full_widths)
     record = m.learn(stream.tasks[0], 101.0)  # unreachable: grow until the cap
     assert record.grew and record.growth_rounds == 1
-    assert all(m.net.ctx.widths[g] == int(1.5 * w) for g, w in full.items())
+    assert all(m.net.structure.widths[g] == int(1.5 * w) for g, w in full.items())
     assert record.params_stored > m.net.full_params
 
 

@@ -6,7 +6,7 @@
   standard library
 * its size is <= 1.10x the frozen banks + every per-task copy + 1 bit per unit per task, counted from the net here
 * `grownfx export RUN --all-tasks` writes it, its loader and meta.json for a real (tiny) run
-* the task-aware model keeps up to `ctx.finished_cache_size` finished tasks' weights per layer (LRU): alternating
+* the task-aware model keeps up to `ctx.cache.finished_cache_size` finished tasks' weights per layer (LRU): alternating
   tasks rebuilds nothing, outputs stay identical, and no layer keeps more than the bound
 """
 
@@ -39,7 +39,8 @@ def _train(net, t, steps=3):
     g = torch.Generator().manual_seed(10 + t)
     x, y = torch.randn(32, *SHAPE, generator=g), torch.randint(0, CLASSES, (32,), generator=g)
     p = net.trainable_parameters()
-    opt = torch.optim.SGD(p["weights"] + p["masks"] + p["gates"], lr=0.05)
+    gates = list(net.channel_scale.parameters()) if net.channel_scale is not None else []
+    opt = torch.optim.SGD(p["weights"] + p["masks"] + gates, lr=0.05)
     net.train()
     for _ in range(steps):
         opt.zero_grad()
@@ -211,7 +212,7 @@ def _count_builds(monkeypatch) -> list:
 
 
 def _lru_sizes(net) -> list[int]:
-    return [len(v) for k, v in net.ctx._cache.items() if len(k) == 3 and k[1] == "finished"]
+    return [len(v) for k, v in net.ctx.cache._entries.items() if len(k) == 3 and k[1] == "finished"]
 
 
 def test_task_aware_model_alternates_tasks_without_rebuilding(monkeypatch):
@@ -222,7 +223,7 @@ def test_task_aware_model_alternates_tasks_without_rebuilding(monkeypatch):
         want = {t: fresh(x, task=t) for t in range(3)}
     calls = _count_builds(monkeypatch)
     layers = len(net.masked_layers())
-    assert net.ctx.finished_cache_size >= 2
+    assert net.ctx.cache.finished_cache_size >= 2
     with torch.no_grad():
         for _ in range(5):
             for t in (0, 1):
@@ -233,7 +234,7 @@ def test_task_aware_model_alternates_tasks_without_rebuilding(monkeypatch):
 def test_task_aware_cache_stays_bounded(monkeypatch):
     net = make_net()
     x = torch.randn(1, *SHAPE)
-    net.ctx.finished_cache_size = 2
+    net.ctx.cache.finished_cache_size = 2
     with torch.no_grad():
         want = {t: net(x, task=t) for t in range(3)}  # leaves tasks 1 and 2 cached
     calls = _count_builds(monkeypatch)
@@ -244,7 +245,7 @@ def test_task_aware_cache_stays_bounded(monkeypatch):
                 assert max(_lru_sizes(net)) <= 2
     layers = len(net.masked_layers())
     assert len(calls) == 9 * layers  # three tasks through two slots in turn: every call rebuilds (LRU)
-    net.ctx.finished_cache_size = 1  # lowered: the next call, a hit, drops the other task
+    net.ctx.cache.finished_cache_size = 1  # lowered: the next call, a hit, drops the other task
     with torch.no_grad():
         assert torch.equal(net(x, task=2), want[2])
     assert max(_lru_sizes(net)) == 1 and len(calls) == 9 * layers

@@ -16,7 +16,7 @@ from grownfx.data import build_stream
 from grownfx.engine.layers import PerTask
 from grownfx.learn.distributed import Dist
 from grownfx.learn.learner import GrownLearner
-from grownfx.learn.training import StageOptim, make_optimizer, train_stage
+from grownfx.learn.training import Stage, StageOptim, make_optimizer, train_stage
 from grownfx.models import build_backbone
 from grownfx.recipe.schema import GrowthConfig, MasksConfig, OptimConfig, TrainingConfig
 
@@ -68,8 +68,8 @@ def trained_cnn(precise_bn: bool):
     training = TrainingConfig(epochs=2, batch_size=32, precise_bn=precise_bn,
                               optimizer=OptimConfig(name="sgd", lr=0.2, momentum=0.9))
     optim = StageOptim([make_optimizer(list(net.parameters()), training.optimizer)], "none")
-    train_stage(net, lambda m, x: m(x), optim, STREAM.tasks[0].train, training, torch.device("cpu"),
-                dist=Dist("cpu"), seed=(0,), epochs=2)
+    train_stage(Stage(net, lambda m, x: m(x), optim, STREAM.tasks[0].train, epochs=2, seed=(0,)), training,
+                torch.device("cpu"), Dist("cpu"))
     net.eval()
     norms = [m for m in net.modules() if isinstance(m, _BatchNorm)]
     return measured_stats(net, norms, STREAM.tasks[0].train, training.batch_size)

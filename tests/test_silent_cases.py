@@ -292,8 +292,8 @@ def test_shared_conv_and_bn_grow_prune_and_export():
     stem = stem_group(net)
     assert stem.growable
     # pruning non-trailing channels of a group whose conv and BN are called twice (export drops unused ones)
-    t = net.ctx.learning_task
-    born = (net.ctx.births[stem.id] == t).nonzero().squeeze(1)
+    t = net.learning_task
+    born = (net.structure.births[stem.id] == t).nonzero().squeeze(1)
     drop = born[[0, 2]]  # two of the channels task 1 grew, not the last ones
     with torch.no_grad():
         net.graph_module.get_submodule("head").copies[t].weight[:, drop] = 0
@@ -303,7 +303,7 @@ def test_shared_conv_and_bn_grow_prune_and_export():
     sub = net.export(t)
     with torch.no_grad():
         assert _rel(sub(X), ref) <= 1e-5
-    assert sub.get_submodule("conv").weight.shape[0] < net.ctx.widths[stem.id]
+    assert sub.get_submodule("conv").weight.shape[0] < net.structure.widths[stem.id]
 
 
 def test_shared_module_pruning_is_applied_once():

@@ -119,7 +119,7 @@ def test_growth_keeps_the_learning_task_outputs(dtype, tol):
         after = net(x, task=t)
     assert rel(after, before) <= tol
     # the statement of docs/architecture.md: task t's norms take their statistics over the channels born before t
-    births = net.ctx.births[_stream(net).id]
+    births = net.structure.births[_stream(net).id]
     assert torch.equal(net.ctx.norm_stats("blocks.0.ln1", t), (births < t).nonzero().squeeze(1))
 
 
@@ -131,9 +131,9 @@ def test_a_layer_norm_over_all_channels_would_change_the_learning_task():
     with torch.no_grad():
         before = net(x, task=t)
         net.grow(ratio=1.0)
-        layouts = {k: v for k, v in net.ctx.layouts.items() if k[1] == "feat"}
+        layouts = {k: v for k, v in net.structure.layouts.items() if k[1] == "feat"}
         for k in layouts:
-            del net.ctx.layouts[k]
+            del net.structure.layouts[k]
         net.ctx.bump()
         changed = rel(net(x, task=t), before)
     assert changed > 1e-2
@@ -165,7 +165,7 @@ def test_old_tasks_exact_and_exports_equal_after_growth_and_training():
         assert torch.equal(out, ref) if t == t0 else rel(out, ref) <= 1e-6
     heads0 = net.export(t0).get_submodule("blocks.0.attn").num_heads
     heads1 = net.export(t1).get_submodule("blocks.0.attn").num_heads
-    assert heads0 < heads1 == net.ctx.widths[_stream(net).id] // (D // HEADS)
+    assert heads0 < heads1 == net.structure.widths[_stream(net).id] // (D // HEADS)
 
 
 def test_stats_layer_norm_is_layer_norm_over_its_channels():

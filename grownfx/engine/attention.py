@@ -152,7 +152,7 @@ class HeadAttention(_TaskModule):
         return rows // (3 * self.head_dim)
 
     def forward(self, x, *args, **kwargs):
-        t = self.ctx.require_task()
+        t = self.ctx.task
         inner = self.inner
         inner.num_heads = self.heads_for(t)
         if hasattr(inner, "attn_dim"):

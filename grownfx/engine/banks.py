@@ -2,9 +2,10 @@
 
 * `MaskedConv` / `MaskedLinear`: one weight bank shared by all tasks.  Each mask unit (a kernel of a conv, an
   element of a linear) has an owner: the task that trained it, or FREE.  A finished task keeps a bit-packed
-  mask over the units it could see; it computes with `where(mask, frozen_values, 0)` restricted to the
-  channels that existed for it, so its computation never changes.  The task being learned computes with
-  `weight * unit_mask * channel_gate`, `weight` holding the frozen values on owned units (unit_weight.py).
+  mask over the units it could see; it computes with `where(mask, frozen, 0)` restricted to the channels that
+  existed for it, so its computation never changes.  The task being learned computes with
+  `where(trainable, weight, frozen) * unit_mask * channel_scale` (unit_weight.MaskedWeight): units it may not
+  train are read from `frozen`, a buffer no optimiser holds.
 `HeadGrowingAttention` (nn.MultiheadAttention over masked projection banks) is in attention.py.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from grownfx.engine import masks as M
-from grownfx.engine.context import ATT, OFF, SEL, optimizer_steps
+from grownfx.engine.context import ATT, OFF, SEL
 from grownfx.engine.layers import FREE, TaskParameter, _TaskModule
 from grownfx.engine.surgery import random_fill, remap, set_conv_width, set_linear_width
 from grownfx.engine.tracing import bare_layer, call_with_weight, out_channel_params
-from grownfx.engine.unit_weight import BANK_OF, MaskedWeight, MaskPlan, fused_masked_weight
+from grownfx.engine.unit_weight import MaskedWeight, MaskPlan, fused_masked_weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from grownfx.engine.context import TaskContext
@@ -47,7 +47,7 @@ class MaskedLayer(_TaskModule):
         self.score: nn.Parameter | None = None
         self.register_buffer("kind", None)
         # derived tensors (the learning task's weight, a finished task's weight, the mask plan) live in the
-        # context's one cache (ctx.cached), which every structural change clears with ctx.bump()
+        # context's one cache (ctx.cache), which every structural change clears with ctx.bump()
 
     # -- shapes ---------------------------------------------------------------------------------------------
     def _unit_shape(self, wshape) -> tuple:
@@ -86,65 +86,66 @@ class MaskedLayer(_TaskModule):
         return "grouped" if getattr(self, "groups", 1) > 1 else "in"
 
     # -- the weight a task computes with --------------------------------------------------------------------
-    def effective_weight(self) -> torch.Tensor:
-        task = self.ctx.require_task()
+    def effective_weight(self, training: bool | None = None) -> torch.Tensor:
+        """The weight the computing task computes with (`training`: with the masks' training-time noise;
+        default: this module's mode)."""
+        task = self.ctx.task
         if self.ctx.is_learning(task):
-            return self._learning_weight()
+            return self._learning_weight(self.training if training is None else training)
         return self._finished_weight(task)
 
     def effective_bias(self) -> torch.Tensor | None:
         bank = self._modules.get("bias_bank")  # direct lookups: this runs per layer per forward (batch-1 serving)
         if bank is None:
             return None
-        return bank.copy_for(self.ctx.require_task())
+        return bank.copy_for(self.ctx.task)
 
-    def _learning_weight(self) -> torch.Tensor:
-        if not self.training and not torch.is_grad_enabled():
-            # detached like a finished task's weight: some kernels (attention) pick their path by requires_grad
-            return self.ctx.cached(self.target, "learning", self._version_key(),
-                                   lambda: self._compute_learning_weight().detach())
-        return self._compute_learning_weight()
+    def _learning_weight(self, training: bool) -> torch.Tensor:
+        if not training and not torch.is_grad_enabled():
+            # detached like a finished task's weight: some kernels (attention) pick their path by requires_grad;
+            # reused only inside net.inference(), where parameters do not change (TaskContext.inference)
+            return self.ctx.cache.get_in_inference(self.target, "learning", self._version_key(),
+                                                   lambda: self._compute_learning_weight(False).detach())
+        return self._compute_learning_weight(training)
 
-    def _compute_learning_weight(self) -> torch.Tensor:
+    def _compute_learning_weight(self, training: bool) -> torch.Tensor:
         w = self.weight
-        BANK_OF[w] = weakref.ref(self)  # (re)registered here: covers copies, loads and growth's new Parameter
-        if self.kind is not None:
-            plan = self._mask_plan()
-            if self.ctx.fuse_masks and self.training and plan.masked and self.score is not None \
-                    and self.unit_cols == 1:
-                w = fused_masked_weight()(w, self.frozen, self.score, plan.trainable, plan.none_trainable, plan.const,
-                                    plan.active, plan.scale, plan.threshold, plan.noise, w.dim() - self.score.dim())
-            else:
-                mult = self._unit_multiplier(plan)
-                if plan.none_trainable:
-                    w = self.frozen if mult is None else self.frozen * self._expand(mult)
-                elif plan.trainable is not None or mult is not None:
-                    # the bank's weight equals `frozen` on every owned unit (restore_owned), so the learning
-                    # task's where(trainable, weight, frozen) is `weight` itself: no weight-sized select
-                    v = self._unit_view(w)
-                    w = MaskedWeight.apply(v, plan.trainable_units, mult, v.dim() - self.owner.dim()).view(w.shape)
-        gate = self.ctx.input_scale(self.target, self.training) if self.in_role() == "in" else None
-        if gate is not None:
-            w = w * gate.view((1, -1) + (1,) * (w.dim() - 2))
+        plan = self._mask_plan()
+        if self.ctx.masks.fuse_masks and training and plan.masked and self.score is not None and self.unit_cols == 1:
+            w = fused_masked_weight(self.ctx)(w, self.frozen, self.score, plan.trainable, plan.none_trainable,
+                                              plan.const, plan.active, plan.scale, plan.threshold, plan.noise,
+                                              w.dim() - self.score.dim())
+        else:
+            mult = self._unit_multiplier(plan, training)
+            if plan.none_trainable:
+                w = self.frozen if mult is None else self.frozen * self._expand(mult)
+            elif plan.rows is not None or mult is not None:
+                rows = self.owner.numel()
+                w = MaskedWeight.apply(w.reshape(rows, -1), self.frozen.reshape(rows, -1), plan.rows,
+                                       None if mult is None else mult.reshape(rows), plan.plain_rows).view(w.shape)
+        scale = self.ctx.input_scale(self.target, training) if self.in_role() == "in" else None
+        if scale is not None:
+            w = w * scale.view((1, -1) + (1,) * (w.dim() - 2))
         return w
 
     def _version_key(self) -> tuple:
-        parts = [self.weight._version, optimizer_steps(), id(self.weight), self.weight.device, self.ctx.temperature]
+        parts = [self.weight._version, id(self.weight), self.weight.device, self.ctx.masks.temperature]
         if self.score is not None:
             parts += [self.score._version, id(self.score)]
         return tuple(parts) + self.ctx.scale_version()
 
     def _mask_plan(self) -> "MaskPlan":
         """Per-unit constants of the learning task's masks, rebuilt only when kinds or the temperature change."""
-        key = (self.weight.device, self.ctx.temperature, id(self.ctx.policy))
-        return self.ctx.cached(self.target, "plan", key, lambda: MaskPlan.build(self, key))
+        key = (self.weight.device, self.ctx.masks.temperature, id(self.ctx.masks.policy))
+        return self.ctx.cache.get(self.target, "plan", key, lambda: MaskPlan.build(self, key))
 
-    def _unit_multiplier(self, plan: "MaskPlan") -> torch.Tensor | None:
+    def _unit_multiplier(self, plan: "MaskPlan", training: bool) -> torch.Tensor | None:
         """const (1 for dense units) + a straight-through binary mask on units with a learned mask; selective
-        (Gumbel-Sigmoid: scale beta/T, noise 1/T) and attentive (threshold: no noise) units in one call."""
+        (Gumbel-Sigmoid: scale beta/T, noise 1/T while training) and attentive (threshold: no noise) units in one
+        call."""
         if not plan.masked or self.score is None:
             return plan.const
-        st = M.binary_concrete(self.score, plan.scale, plan.threshold, plan.noise, self.training)
+        st = M.binary_concrete(self.score, plan.scale, plan.threshold, plan.noise, training)
         if plan.active is None:  # every unit carries a learned mask
             return st
         return st * plan.active if plan.const is None else torch.addcmul(plan.const, st, plan.active)
@@ -152,10 +153,11 @@ class MaskedLayer(_TaskModule):
     def _finished_weight(self, task: int) -> torch.Tensor:
         frozen = self._buffers["frozen"]  # one lookup (nn.Module.__getattr__ is slow at batch 1)
         key = (frozen.device, frozen.dtype, frozen._version, id(frozen))
-        # up to ctx.finished_cache_size finished tasks per layer (LRU; memory: that many of a bank's size), so
+        # up to cache.finished_cache_size finished tasks per layer (LRU; memory: that many of a bank's size), so
         # serving tasks in turn does not rebuild the weights at every switch
-        return self.ctx.cached_lru(self.target, "finished", task, key, lambda: self._compute_finished_weight(task),
-                                   self.ctx.finished_cache_size)
+        cache = self.ctx.cache
+        return cache.get_lru(self.target, "finished", task, key, lambda: self._compute_finished_weight(task),
+                             cache.finished_cache_size)
 
     def _compute_finished_weight(self, task: int) -> torch.Tensor:
         w = self._visible_bank(task)
@@ -177,7 +179,7 @@ class MaskedLayer(_TaskModule):
     # -- task lifecycle -------------------------------------------------------------------------------------
     def configure(self, task: int) -> None:
         """Assign unit kinds for the task being learned from ownership, channel births and the policy."""
-        pol = self.ctx.policy
+        pol = self.ctx.masks.policy
         owned = self.owner != FREE
         kind = torch.where(owned, torch.tensor(pol.frozen_kind), torch.where(
             self.grown_units(task), torch.tensor(pol.grown_kind), torch.tensor(pol.released_kind)))
@@ -189,34 +191,15 @@ class MaskedLayer(_TaskModule):
             fresh = old.detach()  # keep what stage 1 learned
         needs = bool(((kind == SEL) | (kind == ATT)).any())
         self.score = nn.Parameter(fresh.to(self.weight.device)) if needs else None
-        self.restore_owned()
         self.ctx.bump()
         self._mask_plan()  # built now, outside any compiled region
 
     def _owned(self) -> torch.Tensor:
-        """Bool, broadcastable to the weight: the units finished tasks own.  Kept while `owner` is unchanged
-        (restore_owned runs after every optimiser step with weight decay; a channel unit's mask is weight-sized)."""
+        """Bool, broadcastable to the weight: the units finished tasks own (kept while `owner` is unchanged; a
+        channel unit's is weight-sized)."""
         owner = self._buffers["owner"]
-        return self.ctx.cached(self.target, "owned", (id(owner), owner._version, owner.device),
-                               lambda: self._expand(owner != FREE))
-
-    def restore_owned(self) -> None:
-        """Put the frozen values back into the bank's weight on every owned unit.  The learning task computes
-        with `weight` directly (see MaskedWeight), which relies on this; gradients there are exactly 0, so only
-        an optimiser that decays every entry (weight decay, AdamW) moves them, and any optimiser's step with
-        weight decay calls this afterwards (`_restore_after_decay`, a global optimizer step hook)."""
-        owned = self._owned()
-        with torch.no_grad():
-            torch.where(owned, self.frozen, self.weight.detach(), out=self.weight.data)
-
-    def check_owned(self) -> None:
-        """Raise if the bank's weight differs from the frozen values on an owned unit (the invariant above)."""
-        owned = self._owned().expand_as(self.weight)
-        w = self.weight.detach()
-        if not torch.equal(torch.where(owned, w, 0), torch.where(owned, self.frozen, 0)):
-            raise RuntimeError(f"'{self.target}': the weight bank changed on units earlier tasks own (an optimiser "
-                               "step or an edit moved frozen weights without restore_owned()); the learning task "
-                               "computed with weights that are not the frozen ones")
+        return self.ctx.cache.get(self.target, "owned", (id(owner), owner._version, owner.device),
+                                  lambda: self._expand(owner != FREE))
 
     def grown_units(self, task: int) -> torch.Tensor:
         """Bool per unit: its output or input channel was born for `task` (a grown unit, not an old one)."""
@@ -243,17 +226,15 @@ class MaskedLayer(_TaskModule):
 
     def used_units(self) -> torch.Tensor:
         """Units the task being learned uses, as its final hard mask (no noise)."""
-        was = self.training
-        self.training = False
         with torch.no_grad():
-            mult = self._unit_multiplier(self._mask_plan()) if self.kind is not None else None
-        self.training = was
+            mult = self._unit_multiplier(self._mask_plan(), training=False) if self.kind is not None else None
         if mult is None:
             return torch.ones(self.owner.shape, dtype=torch.bool, device=self.owner.device)
         return mult > 0
 
     def freeze(self, task: int) -> None:
-        self.check_owned()
+        """The units the task trained and uses become its own: their values move into `frozen` (what every later
+        task reads them from), whatever an optimiser does to the Parameter's entries afterwards."""
         used = self.used_units()
         trainable = (self.owner == FREE) & (self.kind != OFF if self.kind is not None else True)
         with torch.no_grad():
@@ -287,13 +268,22 @@ class MaskedLayer(_TaskModule):
             owner[placed & (owner == FREE)] = t
         return owner
 
+    def bank(self) -> torch.Tensor:
+        """The bank as one tensor: the frozen values on owned units, the Parameter's elsewhere (what the learning
+        task reads; an optimiser may have moved the Parameter's entries on owned units, which nothing reads)."""
+        owned = self._owned()
+        w = self.weight.detach()
+        return torch.where(owned, self.frozen, w) if bool(owned.any()) else w
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        # `owner` follows from the masks and `frozen` from `weight` (the bank's invariant, restore_owned):
-        # dropped when they do, so a checkpoint holds the bank once; kept whenever they do not (never lossy)
+        if not keep_vars:
+            destination[prefix + "weight"] = self.bank()
+        # `owner` follows from the masks and `frozen` from the bank (frozen on owned units, 0 elsewhere): dropped
+        # when they do, so a checkpoint holds the bank once; kept whenever they do not (never lossy)
         if torch.equal(self.owner, self.owner_from_masks()):
             del destination[prefix + "owner"]
-            if torch.equal(self.frozen, torch.where(self._owned(), self.weight.detach(), 0)):
+            if torch.equal(self.frozen, torch.where(self._owned(), destination[prefix + "weight"].detach(), 0)):
                 del destination[prefix + "frozen"]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -306,11 +296,8 @@ class MaskedLayer(_TaskModule):
             owned = self._expand(state_dict[prefix + "owner"] != FREE).to(weight.device)
             state_dict[prefix + "frozen"] = torch.where(owned, weight, torch.zeros((), dtype=weight.dtype,
                                                                                    device=weight.device))
-        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if len(error_msgs) == errors and prefix + "weight" in state_dict:
-            self.restore_owned()  # a checkpoint written before the invariant held (older grownfx): now it does
 
     def used_count(self, task: int) -> int:
         """Weights task `task` computes with (units selected by its mask times the unit size)."""
@@ -338,7 +325,7 @@ class MaskedLayer(_TaskModule):
         if self.kind is not None:
             self.kind = remap(self.kind, unit_axis, src, ATT)
         if self.score is not None:
-            self.score = nn.Parameter(remap(self.score.data, unit_axis, src, self.ctx.policy.attentive_init))
+            self.score = nn.Parameter(remap(self.score.data, unit_axis, src, self.ctx.masks.policy.attentive_init))
         if self.bias_bank is not None and role in ("out", "grouped"):
             self.bias_bank.resize_axis(role, src, birth=birth)
         self._update_shape_attrs(role, n)
@@ -371,7 +358,7 @@ class MaskedConv(MaskedLayer):
         if self.groups > 1:
             groups = w.shape[0] // (self.out_channels // self.groups)
         if self._fn is None:
-            task = self.ctx.require_task()
+            task = self.ctx.task
             extra = {n: p.copies[task] for n, p in self.out_params.items()}
             return call_with_weight(self.__dict__["_bare"], x, w, self.effective_bias(), groups, extra)
         if self._pad is not None:
@@ -432,7 +419,7 @@ class MaskedLinear(MaskedLayer):
 def _channel_columns(ctx: "TaskContext", target: str, src: nn.Linear, granularity: str) -> int:
     """granularity 'channel': a Linear's unit is (output, block of input columns), the block prepare chose
     (engine.net._linear_unit_columns: a flattened channel, or LINEAR_BLOCK neurons); 1 elsewhere (per weight)."""
-    c = ctx.unit_cols.get(target, 1) if granularity == "channel" else 1
+    c = ctx.structure.unit_cols.get(target, 1) if granularity == "channel" else 1
     return c if c > 1 and src.in_features % c == 0 else 1
 
 
@@ -449,14 +436,10 @@ def _plain_subclass(bare: nn.Module, w: torch.Tensor, bias_bank, task: int, para
 
 
 def export_weight(layer: MaskedLayer, task: int) -> torch.Tensor:
-    """The weight `task` computes with, in evaluation mode (no Gumbel noise, hard gates)."""
-    was = layer.training
-    layer.training = False
-    try:
-        with torch.no_grad(), _TaskScope(layer.ctx, task):
-            return layer.effective_weight().detach().clone()
-    finally:
-        layer.training = was
+    """The weight `task` computes with, in evaluation mode (no Gumbel noise, the channel scale's evaluation
+    values)."""
+    with torch.no_grad(), layer.ctx.computing(task):
+        return layer.effective_weight(training=False).detach().clone()
 
 
 def _load_plain(m: nn.Module, w: torch.Tensor, bias_bank, task: int) -> nn.Module:
@@ -466,17 +449,3 @@ def _load_plain(m: nn.Module, w: torch.Tensor, bias_bank, task: int) -> nn.Modul
         if bias_bank is not None:
             m.bias.copy_(bias_bank.copies[task].detach())
     return m
-
-
-class _TaskScope:
-    """Temporarily compute for another task (export, evaluation of old tasks)."""
-
-    def __init__(self, ctx: "TaskContext", task: int):
-        self.ctx, self.task = ctx, task
-
-    def __enter__(self):
-        self.prev = self.ctx.task
-        self.ctx.task = self.task
-
-    def __exit__(self, *exc):
-        self.ctx.task = self.prev

@@ -56,7 +56,7 @@ class PerTask(_TaskModule):
 
     def forward(self, *args, **kwargs):
         ctx = self.__dict__["_ctx"]  # direct lookups: this runs per norm per forward (batch-1 serving)
-        t = ctx.require_task()
+        t = ctx.task
         copy_t = self._modules["copies"]._modules[str(t)]  # ModuleList keeps copy t under the name str(t)
         if self.norm_axis is not None:
             index = ctx.norm_stats(self.target, t)
@@ -66,7 +66,7 @@ class PerTask(_TaskModule):
         scale = ctx.input_scale(self.target, self.training) if ctx.is_learning(t) else None
         if scale is None:
             return copy_t(*args, **kwargs)
-        # a consumer of gated channels (the task's head): the gate multiplies its input columns, as in a bank
+        # a consumer of scaled channels (the task's head): the scale multiplies its input columns, as in a bank
         return torch.func.functional_call(copy_t, {"weight": scaled_columns(copy_t.weight, scale)}, args, kwargs)
 
     def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None) -> None:
@@ -79,9 +79,8 @@ class PerTask(_TaskModule):
     def train(self, mode: bool = True) -> "PerTask":
         """A finished task's copy stays in eval mode whatever the net's mode: its norm statistics never update."""
         super().train(mode)
-        for t in self.ctx.frozen:
-            if t < len(self.copies):
-                self.copies[t].train(False)
+        for t in self.ctx.structure.frozen:
+            self.copies[t].train(False)
         return self
 
     def freeze(self, task: int) -> None:
@@ -170,7 +169,7 @@ class TaskParameter(_TaskModule):
         self.class_init: float | tuple = 0.0
 
     def forward(self):
-        return self.copies[self.ctx.require_task()]
+        return self.copies[self.ctx.task]
 
     def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None, **_) -> None:
         value = self.pending.detach().clone()
@@ -200,7 +199,7 @@ class TaskParameter(_TaskModule):
         return self.copies._parameters[str(task)] if task >= 0 else self.copies[task]
 
 
-# --- masked weight banks ---------------------------------------------------------------------------------
+# --- numbers and norms that depend on the computing task's channels ----------------------------------------
 
 
 class TaskMode(_TaskModule):
@@ -229,14 +228,10 @@ class TaskLiteral(_TaskModule):
         self.layout = layout  # ((group, factor, fixed_width), ...)
 
     def forward(self) -> int:
-        return self.value_for(self.ctx.require_task())
+        return self.value_for(self.ctx.task)
 
     def value_for(self, task: int) -> int:
-        n = 0
-        for gid, factor, fixed in self.layout:
-            births = self.ctx.births.get(gid)
-            n += (fixed if births is None else int((births <= task).sum())) * factor
-        return n
+        return self.ctx.structure.width(self.layout, task)
 
 
 class TaskLayerNorm(_TaskModule):
@@ -247,20 +242,17 @@ class TaskLayerNorm(_TaskModule):
     def __init__(self, ctx: "TaskContext", target: str, key: str, eps: float):
         super().__init__()
         self._attach(ctx, target)
-        self.key, self.eps = key, eps  # key: this norm's layout in ctx.layouts, as (key, 'feat')
+        self.key, self.eps = key, eps  # key: this norm's layout in the structure's layouts, as (key, 'feat')
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
-        index = self.ctx.norm_stats(self.key, self.ctx.require_task())
+        index = self.ctx.norm_stats(self.key, self.ctx.task)
         if index is None:
             return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
         return stats_layer_norm(x, index.to(x.device), weight, bias, self.eps, -1)
 
     def width_for(self, task: int) -> int:
-        n = 0
-        for gid, factor, fixed in self.ctx.layouts[(self.key, "feat")]:
-            births = self.ctx.births.get(gid)
-            n += (fixed if births is None else int((births <= task).sum())) * factor
-        return n
+        structure = self.ctx.structure
+        return structure.width(structure.layouts[(self.key, "feat")], task)
 
 
 class WeightOf(_TaskModule):
@@ -275,5 +267,5 @@ class WeightOf(_TaskModule):
     def forward(self):
         layer = self.__dict__["layer"]
         if isinstance(layer, PerTask):
-            return getattr(layer.copies[self.ctx.require_task()], self.which)
+            return getattr(layer.copies[self.ctx.task], self.which)
         return layer.effective_weight() if self.which == "weight" else layer.effective_bias()

@@ -26,7 +26,9 @@ class STEConfig:
 
 @dataclass(frozen=True)
 class GumbelConfig:
-    """GROWN's selective mask: KSM's logit scaling plus Gumbel noise, temperature T, hard threshold 0.5."""
+    """GROWN's selective mask: KSM's logit scaling plus Gumbel noise, temperature T.  A unit is kept when its noisy
+    probability sigmoid(((score - threshold) * beta + noise) / T) reaches 0.5, i.e. (without noise) when its score
+    reaches `threshold` (5e-3)."""
 
     init: float = 1e-2
     threshold: float = 5e-3

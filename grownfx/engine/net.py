@@ -1,9 +1,9 @@
 """`prepare()` and `GrowableNet`: the public face of the surgery engine.
 
     net = grownfx.prepare(model, example_input, seed_width=0.5)   # trace -> couple -> slim -> rewrite
-    t = net.add_task(num_classes)                                  # new head, per-task norms; t is current
+    t = net.add_task(num_classes)                                  # new head, per-task norms; t is learned
     net.grow(ratio=0.25)                                           # every growth site gains channels
-    y = net(x, task=t)
+    y = net(x, task=t)                                             # the task is named (optional with one task)
     net.freeze_task(t)                                             # t's weights, masks, norms, head immutable
     sub = net.export(task=t)                                       # plain fx.GraphModule for task t
 """
@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from grownfx.engine.context import DENSE, SEL, ChannelScale, MaskPolicy, TaskContext
+from grownfx.engine.context import DENSE, SEED, SEL, ChannelScale, MaskPolicy, NetStructure, TaskContext
 from grownfx.engine.coupling import CouplingGroup, CouplingResult, analyze
 from grownfx.engine.attention import attention_layouts
 from grownfx.engine.banks import MaskedLayer
@@ -76,17 +76,18 @@ def prepare(
     report, spec = gm.check_report, gm.head_spec
     heads = spec.modules
     ctx = TaskContext()
-    ctx.widths = widths
-    ctx.births = {gid: torch.full((w,), -1, dtype=torch.long) for gid, w in widths.items()}
+    structure = ctx.structure
+    structure.widths = widths
+    structure.births = {gid: torch.full((w,), SEED, dtype=torch.long) for gid, w in widths.items()}
     for b in coupling.bindings:
         if b.role in ("in", "out", "grouped", "feat"):
-            ctx.layouts[(b.target, b.role)] = binding_layout(coupling, b)
+            structure.layouts[(b.target, b.role)] = binding_layout(coupling, b)
         elif b.role == "lnfn":  # a functional layer_norm: its statistics (context.norm_stats)
-            ctx.layouts[("fn:" + b.target, "feat")] = binding_layout(coupling, b)
+            structure.layouts[("fn:" + b.target, "feat")] = binding_layout(coupling, b)
         elif b.role == "attn":  # nn.MultiheadAttention: its projection banks (engine/attention.py)
-            ctx.layouts.update(attention_layouts(b.target, binding_layout(coupling, b)))
+            structure.layouts.update(attention_layouts(b.target, binding_layout(coupling, b)))
     if granularity == "channel":
-        ctx.unit_cols = _linear_unit_columns(gm, coupling, heads)
+        structure.unit_cols = _linear_unit_columns(gm, coupling, heads)
     growable_params = {b.target for b in coupling.bindings
                        if b.role == "param" and all(coupling.groups[g].growable for g, _, _ in binding_layout(coupling, b))}
     gm, holders = make_task_aware(gm, heads, ctx, granularity, per_task=growable_params | set(spec.params))
@@ -110,9 +111,8 @@ def prepare(
     for b in coupling.bindings:
         if b.role == "param" and b.target in holders:
             b.target = holders[b.target]
-    net = GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, head=spec.first,
+    net = GrowableNet(gm, coupling, ctx, full_params=full_params, seed=seed, heads=heads, head=spec.first,
                       input_shape=tuple(example_input.shape[1:]))
-    net.head_targets = list(heads)  # every layer producing the logits (a distillation head too); one copy per task
     net.head_params = dict(spec.params)  # per-class parameters (a functional classifier's weight, a logit bias)
     net.class_axis, net.input_dtype = spec.class_axis, example_input.dtype
     net.check_report = report
@@ -185,14 +185,16 @@ class GrowableNet(nn.Module):
     """A traced backbone whose conv/linear weights are shared across tasks under per-task masks."""
 
     def __init__(self, gm: fx.GraphModule, coupling: CouplingResult, ctx: TaskContext, *, full_params: int,
-                 seed: int, head: str, input_shape: tuple):
+                 seed: int, heads: Sequence[str], input_shape: tuple, head: str | None = None):
         super().__init__()
         self.graph_module = gm
-        self.gates: ChannelScale | None = None  # a method's channel scale (set_channel_scale); name kept for state
+        self.channel_scale: ChannelScale | None = None  # a method's channel scale (set_channel_scale), saved with us
         self.ctx = ctx
         self.coupling = coupling
         self.full_params = full_params
-        self.head_target = head
+        self.head_targets = list(heads)  # every layer producing the logits (a distillation head too): one per task
+        # the classifier: its first module, or the parameter of a functional classifier (`F.linear(f, self.W)`)
+        self.head_target = head if head is not None else self.head_targets[0]
         self.input_shape = input_shape
         self.num_classes: list[int] = []
         self.generator = torch.Generator().manual_seed(seed)
@@ -202,9 +204,19 @@ class GrowableNet(nn.Module):
 
     # -- structure ------------------------------------------------------------------------------------------
     @property
+    def structure(self) -> NetStructure:
+        """Tasks, finished tasks, channel widths and births, layouts (read it; the net's methods change it)."""
+        return self.ctx.structure
+
+    @property
+    def policy(self) -> MaskPolicy:
+        """The mask policy of the task being learned (`set_policy` changes it)."""
+        return self.ctx.masks.policy
+
+    @property
     def coupling_groups(self) -> list[CouplingGroup]:
         """Coupling groups with their current widths."""
-        return [dataclasses.replace(g, width=self.ctx.widths.get(g.id, g.width)) for g in self.coupling.groups
+        return [dataclasses.replace(g, width=self.structure.widths.get(g.id, g.width)) for g in self.coupling.groups
                 if g.members]
 
     @property
@@ -246,29 +258,55 @@ class GrowableNet(nn.Module):
 
     @property
     def num_tasks(self) -> int:
-        return self.ctx.num_tasks
+        return self.structure.num_tasks
 
     @property
     def learning_task(self) -> int | None:
-        return self.ctx.learning_task
+        return self.structure.learning_task
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
-        t = self.ctx.num_tasks - 1 if task is None else int(task)
-        if not 0 <= t < self.ctx.num_tasks:
-            raise IndexError(f"task {task} does not exist (the net has {self.ctx.num_tasks} tasks)")
-        self.ctx.task = t
-        return self.graph_module(x)
+        """Task `task`'s output (0-based); `task` may be left out only when the net has exactly one task."""
+        n = self.structure.num_tasks
+        if task is None:
+            if n != 1:
+                raise ValueError(f"name the task to compute: net(x, task=t) (the net has {n} tasks; only a net with "
+                                 "exactly one task computes it without being told)")
+            task = 0
+        t = int(task)
+        if not 0 <= t < n:
+            raise IndexError(f"task {task} does not exist (the net has {n} tasks)")
+        with self.ctx.computing(t):
+            return self.graph_module(x)
+
+    def computing(self, task: int):
+        """A scope in which task-aware layers called directly compute `task` (the previous task is back when it
+        ends); `net(x, task=t)` enters one itself."""
+        if not 0 <= int(task) < self.structure.num_tasks:
+            raise IndexError(f"task {task} does not exist (the net has {self.structure.num_tasks} tasks)")
+        return self.ctx.computing(task)
+
+    def inference(self):
+        """A scope in which the parameters do not change (evaluation, PreciseBN's pass, serving): the learning
+        task's masked weights are computed once and reused by every forward in evaluation mode without grad, and
+        dropped when the scope ends.  Outside one they are recomputed at every forward, so any optimiser (torch's
+        fused ones do not bump a tensor's version) and any user loop is seen at once.  Finished tasks' weights
+        are cached always: they derive from buffers no optimiser holds.
+
+            with net.inference(), torch.no_grad():
+                acc = accuracy(lambda x: net.eval()(x, task=t), loader)
+        """
+        return self.ctx.cache.inference()
 
     # -- task lifecycle -------------------------------------------------------------------------------------
     def add_task(self, num_classes: int) -> int:
         """Add a task with its own head and norm state; the previous task is frozen first."""
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if self.ctx.learning_task is not None:
-            self.freeze_task(self.ctx.learning_task)
-        t = self.ctx.num_tasks
-        self.ctx.num_tasks += 1
+        if self.structure.learning_task is not None:
+            self.freeze_task(self.structure.learning_task)
+        t = self.structure.num_tasks
+        self.structure.num_tasks += 1
         self.num_classes.append(num_classes)
         device = self._device()
         for m in list(self.task_modules()):
@@ -277,7 +315,6 @@ class GrowableNet(nn.Module):
                 m.copies[-1].to(device)
             elif isinstance(m, TaskParameter):
                 m.add_task(num_classes=num_classes, generator=self.generator)
-        self.ctx.task = t
         self.ctx.bump()
         self.configure()
         self._check_logits(t, num_classes)
@@ -291,23 +328,28 @@ class GrowableNet(nn.Module):
         was = self.training
         self.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.ctx.computing(t):
                 out = self.graph_module(x)
         finally:
             self.train(was)
-            self.ctx.task = t
         axis = getattr(self, "class_axis", 1)
         if out.dim() <= axis or out.shape[axis] != num_classes:
             raise SurgeryError(f"task {t} has {num_classes} classes but the net gives logits of shape "
                                f"{tuple(out.shape)}")
 
     def set_policy(self, policy: MaskPolicy) -> None:
-        self.ctx.policy = policy
+        """The masks the task being learned puts on which units (a method's choice; saved with the net)."""
+        self.ctx.masks.policy = policy
         self.configure()
+
+    def set_mask_temperature(self, temperature: float | None) -> None:
+        """The Gumbel temperature of the learning task's masks from now on (a method's schedule anneals it;
+        None: the policy's own).  Not saved: the method sets it again before each epoch."""
+        self.ctx.masks.temperature = temperature
 
     def configure(self) -> None:
         """Recompute which masks the learning task puts on which units (after a policy change or growth)."""
-        t = self.ctx.learning_task
+        t = self.structure.learning_task
         if t is None:
             return
         layers = self.masked_layers()
@@ -317,26 +359,23 @@ class GrowableNet(nn.Module):
             m._mask_plan()  # built now, outside any compiled region
 
     def set_channel_scale(self, scale: ChannelScale) -> None:
-        """Install a method's multipliers on consumer inputs (GROWN's candidate gates); it is saved with the net."""
+        """Install a method's multipliers on consumer inputs (GROWN's candidate gates); it is saved with the net
+        (`net.channel_scale`), and its parameters are the method's to train."""
         if not isinstance(scale, nn.Module) or not isinstance(scale, ChannelScale):
             raise TypeError("a channel scale is an nn.Module implementing engine.context.ChannelScale")
-        self.gates = scale.to(self._device())
-        self.ctx.channel_scale = scale
+        self.channel_scale = scale.to(self._device())
+        self.ctx.masks.channel_scale = scale
         self.ctx.bump()
-
-    @property
-    def channel_scale(self) -> ChannelScale | None:
-        return self.ctx.channel_scale
 
     def freeze_task(self, task: int) -> None:
         """Binarise the task's masks, drop its pruned candidate channels, and make everything it owns immutable."""
-        if task != self.ctx.learning_task:
-            raise ValueError(f"task {task} is not the task being learned ({self.ctx.learning_task})")
-        if self.ctx.channel_scale is not None:
-            self.ctx.channel_scale.on_freeze(self)  # e.g. GROWN settles its candidate gates
+        if task != self.structure.learning_task:
+            raise ValueError(f"task {task} is not the task being learned ({self.structure.learning_task})")
+        if self.channel_scale is not None:
+            self.channel_scale.on_freeze(self)  # e.g. GROWN settles its candidate gates
         for m in list(self.task_modules()):
             m.freeze(task)
-        self.ctx.frozen.add(task)
+        self.structure.frozen.add(task)
         self.ctx.bump()
 
     # -- growth ---------------------------------------------------------------------------------------------
@@ -353,21 +392,22 @@ class GrowableNet(nn.Module):
         if ratio is not None and ratio <= 0 or channels is not None and channels <= 0:
             raise ValueError("growth must add at least one channel")
         gids = list(groups) if groups is not None else [g.id for g in self.growable_groups]
-        birth = self.ctx.birth_task
+        structure = self.structure
+        birth = structure.birth_task
         changes: dict[int, GroupChange] = {}
         added: dict[int, int] = {}
         for gid in gids:
             g = self.coupling.groups[gid]
             if not g.growable:
                 raise SurgeryError(f"group {gid} is fixed: {'; '.join(g.reasons)}")
-            w = self.ctx.widths[gid]
+            w = structure.widths[gid]
             n = channels if channels is not None else math.ceil(ratio * w)
             n = math.ceil(n / g.granularity) * g.granularity
             changes[gid], added[gid] = grow_change(w, n), n
-        apply_changes(self.graph_module, self.coupling, self.ctx.widths, changes, self.generator, birth=birth)
+        apply_changes(self.graph_module, self.coupling, structure.widths, changes, self.generator, birth=birth)
         device = self._device()
         for gid, n in added.items():
-            self.ctx.births[gid] = torch.cat([self.ctx.births[gid], torch.full((n,), birth, dtype=torch.long)])
+            structure.births[gid] = torch.cat([structure.births[gid], torch.full((n,), birth, dtype=torch.long)])
         self.to(device)
         self.ctx.bump()
         self.configure()
@@ -375,13 +415,14 @@ class GrowableNet(nn.Module):
 
     def keep_channels(self, keep: dict[int, torch.Tensor]) -> dict[int, int]:
         """Prune: each group keeps the channels `keep[gid]` (old indices, in order); returns {group: removed}."""
-        changes = {gid: keep_change(k.cpu()) for gid, k in keep.items() if k.numel() < self.ctx.widths[gid]}
-        removed = {gid: self.ctx.widths[gid] - keep[gid].numel() for gid in changes}
+        structure = self.structure
+        changes = {gid: keep_change(k.cpu()) for gid, k in keep.items() if k.numel() < structure.widths[gid]}
+        removed = {gid: structure.widths[gid] - keep[gid].numel() for gid in changes}
         if changes:
-            apply_changes(self.graph_module, self.coupling, self.ctx.widths, changes, self.generator,
-                          birth=self.ctx.birth_task)
+            apply_changes(self.graph_module, self.coupling, structure.widths, changes, self.generator,
+                          birth=structure.birth_task)
             for gid, ch in changes.items():
-                self.ctx.births[gid] = self.ctx.births[gid][ch.src]
+                structure.births[gid] = structure.births[gid][ch.src]
         self.ctx.bump()
         self.configure()
         return removed
@@ -396,10 +437,10 @@ class GrowableNet(nn.Module):
 
     # -- what the learner trains ----------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """The learning task's parameters, split by optimiser: weights, masks (unit scores), gates."""
-        t = self.ctx.learning_task
-        gates = list(self.gates.parameters()) if self.gates is not None else []
-        out: dict[str, list[nn.Parameter]] = {"weights": [], "masks": [], "gates": gates}
+        """The learning task's parameters, split by optimiser: weights, masks (unit scores).  A channel scale's
+        parameters are its method's to collect and train."""
+        t = self.structure.learning_task
+        out: dict[str, list[nn.Parameter]] = {"weights": [], "masks": []}
         if t is None:
             return out
         for m in self.task_modules():
@@ -417,7 +458,7 @@ class GrowableNet(nn.Module):
     def unit_stats(self) -> dict:
         """For the learning task: fraction of old units its selective mask drops, re-trained released weights."""
         sel = sel_zero = retrained = 0
-        t = self.ctx.learning_task
+        t = self.structure.learning_task
         for m in self.masked_layers():
             if m.kind is None:
                 continue
@@ -436,15 +477,10 @@ class GrowableNet(nn.Module):
     # -- export and accounting ------------------------------------------------------------------------------
     def export(self, task: int, prune_unused: bool = True) -> fx.GraphModule:
         """A plain `fx.GraphModule` of standard layers computing task `task`, unused channels removed."""
-        if not 0 <= task < self.ctx.num_tasks:
+        if not 0 <= task < self.structure.num_tasks:
             raise IndexError(f"task {task} does not exist")
-        was = self.training
-        self.eval()
-        try:
-            sub = export_graph(self.graph_module, task)
-        finally:
-            self.train(was)
-        widths = {gid: int((b <= task).sum()) for gid, b in self.ctx.births.items()}
+        sub = export_graph(self.graph_module, task)  # every task-aware module gives its evaluation-mode plain form
+        widths = {gid: int((b <= task).sum()) for gid, b in self.structure.births.items()}
         if prune_unused:
             changes = self._unused_channel_changes(sub, widths)
             if changes:
@@ -502,7 +538,7 @@ class GrowableNet(nn.Module):
 
     def mask_bytes(self, task: int | None = None) -> int:
         """Bytes of bit-packed masks stored for one finished task, or for all (one bit string per task)."""
-        tasks = sorted(self.ctx.frozen) if task is None else [task]
+        tasks = sorted(self.structure.frozen) if task is None else [task]
         return sum((sum(math.prod(m.mask_shapes[t]) for m in self.masked_layers() if t in m.mask_shapes) + 7) // 8
                    for t in tasks)
 
@@ -511,7 +547,7 @@ class GrowableNet(nn.Module):
 
     def extra_repr(self) -> str:
         g = self.growable_groups
-        return (f"tasks={self.ctx.num_tasks}, coupling_groups={len(self.coupling_groups)}, growable={len(g)}, "
+        return (f"tasks={self.structure.num_tasks}, coupling_groups={len(self.coupling_groups)}, growable={len(g)}, "
                 f"parameters={self.num_parameters()}")
 
 

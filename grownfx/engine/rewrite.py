@@ -25,6 +25,7 @@ from grownfx.engine.context import TaskContext
 from grownfx.engine.layers import (PerTask, TaskLayerNorm, TaskLiteral, TaskMode, TaskParameter, WeightOf,
                                    _TaskModule)
 from grownfx.engine.splits import TaskSizes
+from grownfx.engine.surgery import attribute_holder
 from grownfx.engine.tracing import head_attention_kind, layer_kind
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -36,19 +37,6 @@ def set_submodule(root: fx.GraphModule, path: str, module: nn.Module) -> None:
     """Install `module` at `path`, creating empty parents (fx's `GraphModule.add_submodule`)."""
     if not root.add_submodule(path, module):
         raise AttributeError(f"cannot install a module at '{path}': a parent is not a module")
-
-
-def _owner(root: fx.GraphModule, path: str) -> tuple[nn.Module, str]:
-    """The module holding attribute `path` (created empty if missing) and the attribute's name."""
-    owner_path, _, name = path.rpartition(".")
-    if not owner_path:
-        return root, name
-    try:
-        return root.get_submodule(owner_path), name
-    except AttributeError:
-        owner = nn.Module()
-        set_submodule(root, owner_path, owner)
-        return owner, name
 
 
 def _param_holder_name(target: str) -> str:
@@ -236,7 +224,7 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
             else:
                 plain_of(node.target)
         elif node.op == "get_attr":
-            value = getattr(*_owner(gm, node.target))
+            value = getattr(*attribute_holder(gm, node.target))
             _set_param(root, node.target, value.detach().clone() if isinstance(value, torch.Tensor) else value,
                        buffer=True)
     out = fx.GraphModule(root, graph, gm.__class__.__name__ + f"_task{task}")
@@ -319,7 +307,7 @@ def make_layer_norms_task_aware(gm: fx.GraphModule, names: list[str], ctx: TaskC
 
 
 def _set_param(root: fx.GraphModule, path: str, value, buffer: bool = False) -> None:
-    obj, last = _owner(root, path)
+    obj, last = attribute_holder(root, path, create=True)
     if isinstance(value, nn.Parameter) or not buffer:
         obj.register_parameter(last, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
     elif isinstance(value, torch.Tensor):

@@ -72,11 +72,7 @@ class TaskSizes(nn.Module):
         self.target = target
 
     def sizes_for(self, task: int) -> list[int]:
-        ctx = self.__dict__["_ctx"]
-        widths = []
-        for gid, factor, fixed in self.layout:
-            births = ctx.births.get(gid)
-            widths.append((int((births <= task).sum()) if births is not None else fixed) * factor)
+        widths = self.__dict__["_ctx"].structure.segment_widths(self.layout, task)
         out, i = [], 0
         for c in self.counts:
             out.append(sum(widths[i:i + c]))
@@ -84,7 +80,7 @@ class TaskSizes(nn.Module):
         return out
 
     def forward(self):
-        return self.sizes_for(self.__dict__["_ctx"].require_task())
+        return self.sizes_for(self.__dict__["_ctx"].task)
 
 
 def install_task_splits(gm: fx.GraphModule, bindings: list, layout_of, ctx) -> None:
@@ -99,7 +95,7 @@ def install_task_splits(gm: fx.GraphModule, bindings: list, layout_of, ctx) -> N
         if not isinstance(sizes, (list, tuple)):
             continue
         layout = layout_of(b)
-        widths = [ctx.widths.get(gid, fixed) * factor for gid, factor, fixed in layout]
+        widths = [ctx.structure.widths.get(gid, fixed) * factor for gid, factor, fixed in layout]
         counts, i = [], 0
         for s in sizes:
             c, acc = 0, 0

@@ -209,10 +209,21 @@ def _update_attrs(module: nn.Module, role: str, n: int) -> None:
         module.num_features = n
 
 
-def _owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
-    """(module holding attribute `path`, attribute name), by `get_submodule`."""
-    owner_path, _, name = path.rpartition(".")
-    return root.get_submodule(owner_path), name
+def attribute_holder(root: nn.Module, path: str, create: bool = False) -> tuple[nn.Module, str]:
+    """(the module holding attribute `path` of `root`, the attribute's name).  `create`: a missing holder is
+    installed as an empty module (what a graph being built needs), else it is an error."""
+    holder_path, _, name = path.rpartition(".")
+    if not holder_path:
+        return root, name
+    try:
+        return root.get_submodule(holder_path), name
+    except AttributeError:
+        if not create:
+            raise
+    holder = nn.Module()
+    if not root.add_submodule(holder_path, holder):
+        raise AttributeError(f"cannot install a module at '{holder_path}': a parent is not a module")
+    return holder, name
 
 
 def apply_binding(gm: fx.GraphModule, b: Binding, src: torch.Tensor, generator=None, **kw) -> bool:
@@ -254,12 +265,12 @@ def apply_binding(gm: fx.GraphModule, b: Binding, src: torch.Tensor, generator=N
             resize_heads_plain(module, hsrc)
         return False
     if b.role == "param":
-        owner, name = _owner(gm, b.target)
-        t = getattr(owner, name)
+        holder, name = attribute_holder(gm, b.target)
+        t = getattr(holder, name)
         if hasattr(t, "resize_axis"):  # a task-aware parameter holder
             t.resize_axis(b.role, src, generator=generator, axis=b.axis, fill=b.fill, **kw)
         else:  # a plain parameter or buffer (seed slimming, export)
-            _set(owner, name, remap(t.data, b.axis, src, b.fill))
+            _set(holder, name, remap(t.data, b.axis, src, b.fill))
         return False
     module = gm.get_submodule(b.target)
     if hasattr(module, "resize_axis"):

@@ -108,7 +108,6 @@ def _timm_vgg_conv_mlp(m: nn.Module, x):
 
 
 _TRACED_FORWARDS: dict[tuple[str, str], Callable] = {("timm.models.vgg", "ConvMlp"): _timm_vgg_conv_mlp}
-_FORWARD_OK: dict[type, bool] = {}
 
 
 def traced_forward(m: nn.Module) -> Callable | None:
@@ -119,9 +118,7 @@ def traced_forward(m: nn.Module) -> Callable | None:
     fn = _TRACED_FORWARDS.get((type(m).__module__, type(m).__name__))
     if fn is None:
         return None
-    if type(m) not in _FORWARD_OK:
-        _FORWARD_OK[type(m)] = _probe_forward(m, fn)
-    return fn if _FORWARD_OK[type(m)] else None
+    return fn if registry.probed(("traced_forward", type(m)), lambda: _probe_forward(m, fn)) else None
 
 
 def _probe_forward(m: nn.Module, fn: Callable) -> bool:
@@ -148,7 +145,6 @@ def _probe_forward(m: nn.Module, fn: Callable) -> bool:
 
 _NORM_BASES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_KIND_CACHE: dict[type, str] = {}
 
 
 def is_norm_subclass(m: nn.Module) -> bool:
@@ -158,9 +154,6 @@ def is_norm_subclass(m: nn.Module) -> bool:
     A LayerNorm subclass (torchvision's and timm's LayerNorm2d, timm's LayerNorm) is kept a leaf too: the
     analysis finds the axis it normalises with `layer_norm_axis`."""
     return isinstance(m, _NORM_BASES + (nn.LayerNorm,)) and not type(m).__module__.startswith("torch.")
-
-
-_LN_AXIS_CACHE: dict[tuple, int | None] = {}
 
 
 def head_attention_kind(m: nn.Module) -> str | None:
@@ -196,10 +189,7 @@ def layer_norm_axis(m: nn.Module, shape: tuple) -> int | None:
     c = m.normalized_shape[0]
     if type(m) is nn.LayerNorm:
         return len(shape) - 1 if shape[-1] == c else None
-    key = (type(m), tuple(shape[1:]), c)
-    if key not in _LN_AXIS_CACHE:
-        _LN_AXIS_CACHE[key] = _probe_ln_axis(m, shape, c)
-    return _LN_AXIS_CACHE[key]
+    return registry.probed(("layer_norm_axis", type(m), tuple(shape[1:]), c), lambda: _probe_ln_axis(m, shape, c))
 
 
 def _probe_ln_axis(m: nn.LayerNorm, shape: tuple, c: int) -> int | None:
@@ -265,9 +255,7 @@ def layer_kind(m: nn.Module) -> str | None:
         return None
     if type(m) in _LAYER_TYPES:
         return "plain"
-    if type(m) not in _KIND_CACHE:
-        _KIND_CACHE[type(m)] = _probe_kind(m)
-    return _KIND_CACHE[type(m)]
+    return registry.probed(("layer_kind", type(m)), lambda: _probe_kind(m))
 
 
 def out_channel_params(m: nn.Module) -> list[str]:

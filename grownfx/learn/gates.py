@@ -3,16 +3,21 @@
 The engine grows, prunes and applies a method's channel scale at every consumer input; the gates themselves
 are GROWN's, and live here:
 
-    gates = CandidateGates.of(net)               # installed once per net (GrownLearner does it)
+    gates = CandidateGates.of(net)               # installed once per net (GrownLearner.install does it)
+    gates.beta, gates.hard = 20.0, False         # the schedule: the learner sets it before every epoch
     gates.grow(net, channels=n, groups=[gid])    # net.grow + one gate score per new channel
     costs = gates.costs(net)                     # weights each candidate channel brings (Eq. 3's penalty)
-    gates.penalty(net.ctx, costs)                # sum over candidates of gate * weights it brings
+    gates.penalty(costs)                         # sum over candidates of gate * weights it brings
     gates.settle(net)                            # drop candidates whose gate is off, fold the kept gates
 
 A gate multiplies its channel wherever the channel is consumed: the input columns of the next masked banks
 and of the task's head (engine: `TaskContext.input_scale`), so a candidate feeding the head is trained like
 any other.  `settle` folds the kept gates into those same columns, so the settled network computes what the
 last (binarised) epoch computed.
+
+The gates' schedule is GROWN's, so it lives here, not in the engine: `beta` (continuous sparsification's
+temperature, annealed over a round) and `hard` (the last epoch of a round trains the binarised gates).  They are
+not saved: the learner sets them before every epoch from where the task's training stands.
 """
 
 from __future__ import annotations
@@ -24,41 +29,53 @@ from torch import nn
 
 from grownfx.engine import masks as M
 from grownfx.engine.banks import MaskedLayer
-from grownfx.engine.context import ChannelScale, TaskContext, optimizer_steps
+from grownfx.engine.context import ChannelScale
 from grownfx.engine.layers import PerTask, scaled_columns
 from grownfx.engine.net import GrowableNet, SurgeryError
 from grownfx.engine.surgery import binding_layout
 
 
 class CandidateGates(nn.ParameterDict, ChannelScale):
-    """Per growth site (group id as a string), one score s per candidate: the group's newest channels."""
+    """Per growth site (group id as a string), one score s per candidate: the group's newest channels.
+
+    cs: continuous sparsification's configuration (s0, the final beta); beta, hard: the schedule (module
+    docstring)."""
+
+    def __init__(self, cs: M.CSConfig = M.CSConfig()):
+        super().__init__()
+        self.cs = cs
+        self.beta = 1.0
+        self.hard = False
 
     @classmethod
-    def of(cls, net: GrowableNet) -> "CandidateGates":
-        """The net's candidate gates, installed on first use."""
-        if net.gates is None:
+    def of(cls, net: GrowableNet, cs: M.CSConfig | None = None) -> "CandidateGates":
+        """The net's candidate gates, installed (`net.set_channel_scale`) on first use; `cs` sets their
+        configuration."""
+        if net.channel_scale is None:
             net.set_channel_scale(cls())
-        if not isinstance(net.gates, cls):
-            raise TypeError(f"the net carries another channel scale ({type(net.gates).__name__})")
-        return net.gates
+        gates = net.channel_scale
+        if not isinstance(gates, cls):
+            raise TypeError(f"the net carries another channel scale ({type(gates).__name__})")
+        if cs is not None:
+            gates.cs = cs
+        return gates
 
     # -- the engine's ChannelScale hook ---------------------------------------------------------------------
-    def vector(self, gid: int, width: int, ctx: TaskContext, training: bool) -> torch.Tensor | None:
+    def vector(self, gid: int, width: int, training: bool) -> torch.Tensor | None:
         s = self[str(gid)] if str(gid) in self else None
-        if s is None or not ctx.policy.gates:
+        if s is None:
             return None
         if not training:
-            g = M.cs_hard(s, ctx.beta, ctx.policy.cs)
-        elif ctx.hard_gates:  # the last epoch of a round: binarised forward, soft gradient (straight-through)
-            soft = M.cs_gate(s, ctx.beta, ctx.policy.cs)
-            g = M.cs_hard(s.detach(), ctx.beta, ctx.policy.cs) + (soft - soft.detach())
+            g = M.cs_hard(s, self.beta, self.cs)
+        elif self.hard:  # the last epoch of a round: binarised forward, soft gradient (straight-through)
+            soft = M.cs_gate(s, self.beta, self.cs)
+            g = M.cs_hard(s.detach(), self.beta, self.cs) + (soft - soft.detach())
         else:
-            g = M.cs_gate(s, ctx.beta, ctx.policy.cs)
+            g = M.cs_gate(s, self.beta, self.cs)
         return torch.cat([torch.ones(width - s.numel(), device=s.device, dtype=g.dtype), g])
 
-    def version_key(self, ctx: TaskContext) -> tuple:
-        return tuple((k, id(s), s._version) for k, s in self.items()) + (optimizer_steps(), ctx.beta, ctx.hard_gates,
-                                                                         ctx.policy.gates)
+    def version_key(self) -> tuple:
+        return tuple((k, id(s), s._version) for k, s in self.items()) + (self.beta, self.hard)
 
     def on_freeze(self, net: GrowableNet) -> None:
         self.settle(net)
@@ -74,7 +91,7 @@ class CandidateGates(nn.ParameterDict, ChannelScale):
     # -- GROWN's use of them --------------------------------------------------------------------------------
     def grow(self, net: GrowableNet, channels: int, groups: list[int]) -> dict[int, int]:
         """Add `channels` gated candidates to each group (for the task being learned)."""
-        if net.ctx.learning_task is None:
+        if net.learning_task is None:
             raise ValueError("gated growth needs a task being learned")
         for gid in groups:
             _check_consumers(net, gid)
@@ -83,8 +100,7 @@ class CandidateGates(nn.ParameterDict, ChannelScale):
         for gid, n in added.items():
             key = str(gid)
             old = self[key].data if key in self else torch.empty(0, device=device)
-            self[key] = nn.Parameter(torch.cat([old, torch.full((n,), net.ctx.policy.cs.init, device=device)]))
-        net.ctx.bump()
+            self[key] = nn.Parameter(torch.cat([old, torch.full((n,), self.cs.init, device=device)]))
         return added
 
     def costs(self, net: GrowableNet) -> dict[int, float]:
@@ -105,11 +121,11 @@ class CandidateGates(nn.ParameterDict, ChannelScale):
             costs[gid] = total
         return costs
 
-    def penalty(self, ctx: TaskContext, costs: dict[int, float]) -> torch.Tensor | None:
+    def penalty(self, costs: dict[int, float]) -> torch.Tensor | None:
         """Sum over candidate channels of gate * weights it brings (the L0 relaxation of Eq. 3), before lambda."""
         total = None
         for key, s in self.items():
-            g = M.cs_gate(s, ctx.beta, ctx.policy.cs).sum() * costs[int(key)]
+            g = M.cs_gate(s, self.beta, self.cs).sum() * costs[int(key)]
             total = g if total is None else total + g
         return total
 
@@ -121,9 +137,9 @@ class CandidateGates(nn.ParameterDict, ChannelScale):
         keep: dict[int, torch.Tensor] = {}
         for key, s in self.items():
             gid = int(key)
-            hard = M.cs_hard(s.detach(), net.ctx.beta, net.ctx.policy.cs)
+            hard = M.cs_hard(s.detach(), self.beta, self.cs)
             _scale_consumer_columns(net, gid, hard)
-            w, n = net.ctx.widths[gid], s.numel()
+            w, n = net.structure.widths[gid], s.numel()
             kept = net.round_to_granularity(gid, hard > 0)
             keep[gid] = torch.cat([torch.arange(w - n), (w - n) + kept.nonzero().squeeze(1).cpu()])
         self.clear()
@@ -132,7 +148,7 @@ class CandidateGates(nn.ParameterDict, ChannelScale):
 
 def settle_gates(net: GrowableNet) -> dict[int, int]:
     """Settle the net's candidate gates, if it has any (see CandidateGates.settle)."""
-    return net.gates.settle(net) if isinstance(net.gates, CandidateGates) else {}
+    return net.channel_scale.settle(net) if isinstance(net.channel_scale, CandidateGates) else {}
 
 
 def _check_consumers(net: GrowableNet, gid: int) -> None:
@@ -150,8 +166,8 @@ def _check_consumers(net: GrowableNet, gid: int) -> None:
 def _scale_consumer_columns(net: GrowableNet, gid: int, hard: torch.Tensor) -> None:
     """Multiply the input columns of the group's newest channels by their hard gate value (every consumer:
     masked banks and the learning task's copy of a per-task head)."""
-    ctx = net.ctx
-    w, n = ctx.widths[gid], hard.numel()
+    structure = net.structure
+    w, n = structure.widths[gid], hard.numel()
     consumers = []
     for b in net.coupling.groups[gid].members:
         if b.role == "in":
@@ -159,14 +175,13 @@ def _scale_consumer_columns(net: GrowableNet, gid: int, hard: torch.Tensor) -> N
         elif b.role == "attn":  # nn.MultiheadAttention: its projections consume the group (engine/attention.py)
             consumers += [(b.target + p, binding_layout(net.coupling, b)) for p in (".in_proj", ".out_proj")]
     for target, layout in consumers:
-        scale = torch.ones(sum(ctx.widths.get(g, fixed) * f for g, f, fixed in layout), device=hard.device)
+        scale = torch.ones(sum(structure.widths.get(g, fixed) * f for g, f, fixed in layout), device=hard.device)
         pos = 0
         for g2, factor, fixed in layout:
             if g2 == gid:
                 scale[pos + (w - n) * factor: pos + w * factor] = hard.repeat_interleave(factor)
-            pos += ctx.widths.get(g2, fixed) * factor
+            pos += structure.widths.get(g2, fixed) * factor
         module = net.graph_module.get_submodule(target)
-        weight = module.copies[ctx.learning_task].weight if isinstance(module, PerTask) else module.weight
+        weight = module.copies[structure.learning_task].weight if isinstance(module, PerTask) else module.weight
         with torch.no_grad():
             weight.copy_(scaled_columns(weight, scale.to(weight.device)))
-    ctx.bump()

@@ -58,7 +58,7 @@ class LearnerPosition:
     of the whole task so far; `elapsed`: training seconds before the interruption.
     """
 
-    stage: str = "start"  # GROWN: start | stage1 | grow | tune | done; a baseline: the name of its stage
+    stage: str = "start"  # GROWN: a learner.Phase value (start, stage1, grow, tune, done); a baseline: its stage
     round: int = 0
     epoch: int = 0
     val_history: list[float] = field(default_factory=list)

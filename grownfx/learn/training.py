@@ -1,9 +1,12 @@
 """The one training loop of grownfx, and its primitives: optimisers, one epoch, accuracy.
 
-`train_stage` serves the GROWN learner, every baseline and the scratch reference that sets GROWN's targets:
-`epochs` passes over one task's training split, each re-seeding torch and the loader from (seed..., epoch), so a
-run resumed at an epoch boundary (`start_epoch`, the optimisers' and the GradScaler's state) continues exactly as
-if never stopped; fp16 trains with a GradScaler; a `Dist` makes it data-parallel (grownfx.learn.distributed).
+`train_stage(stage, training, device, dist)` serves the GROWN learner, every baseline and the scratch reference
+that sets GROWN's targets.  A `Stage` says what one stage is: the module and its forward, the optimisers, the
+data, the epochs and the seed, a penalty, and `StageHooks` (what the method does around each epoch: its schedule,
+the epoch's facts, progress, a stop request, mid-stage checkpoints).  Each epoch re-seeds torch and the loader from
+(seed..., epoch), so a run resumed at an epoch boundary (`start_epoch`, the optimisers' and the GradScaler's state)
+continues exactly as if never stopped; fp16 trains with a GradScaler; a `Dist` makes it data-parallel
+(grownfx.learn.distributed).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from grownfx.data import TaskData
+from grownfx.engine.net import GrowableNet
 from grownfx.learn.guards import check_epoch
 from grownfx.recipe.schema import OptimConfig, TrainingConfig
 
@@ -221,74 +226,116 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def train_stage(net: nn.Module, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor], optim: StageOptim,
-                data, training: TrainingConfig, device: torch.device, *, dist, seed: tuple, epochs: int,
-                start_epoch: int = 0, trainable: dict | None = None, event: dict | None = None,
-                before_epoch: Callable[[int, int], None] | None = None,
-                penalty: Callable[[], torch.Tensor] | None = None,
-                criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                after_step: Callable[[], None] | None = None,
-                epoch_done: Callable[[int], dict | None] | None = None,
-                on_epoch: Callable[[dict], None] | None = None,
-                should_stop: Callable[[], bool] = lambda: False,
-                checkpoint: Callable[[StageOptim, bool], None] | None = None) -> int:
-    """Epochs `start_epoch`..`epochs`-1 of one stage over `data` (a TaskData); returns the epochs run.
+def _nothing(*_args) -> None:
+    return None
 
-    * `forward(module, x)`: logits of `module` (the net itself, or the stage's DDP wrapper around it);
-    * `dist` (grownfx.learn.distributed.Dist): wraps `net` for the stage over `trainable` ({group: params}),
-      shards the batches and reduces the epoch's numbers; the single-process `Dist` does nothing;
-    * epoch e re-seeds torch and the loader from `derive_seed(*seed, e)`; `before_epoch(e, epochs)` then sets
-      whatever else the epoch needs (GROWN's temperatures and gates);
-    * `optim.scaler` (fp16) scales the loss; `criterion(logits, y)` is a step's task loss (default cross-entropy),
-      `penalty()` joins it; `after_step()` runs after every optimiser step (a method's running statistics);
-    * after each epoch: `epoch_done(e + 1)` (its dict joins the event), `on_epoch(event)`; a stop request
-      (`should_stop()`, read between epochs only) calls `checkpoint(optim, True)` when the stage is unfinished
-      and raises KeyboardInterrupt; `training.checkpoint_every` calls `checkpoint(optim, False)` mid-stage.
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class StageHooks:
+    """What a method does around each epoch of a stage (each optional).
+
+    before_epoch(epoch, epochs): per-epoch settings, after the epoch's seeding (GROWN's schedule);
+    after_epoch(done): facts that join the event of the epoch just done (`done` epochs of the stage);
+    on_epoch(event): the epoch's event (progress display, metrics);
+    should_stop(): a stop request, read between epochs only;
+    checkpoint(optim, stopping): a mid-stage checkpoint, on a stop request and every `training.checkpoint_every`.
     """
-    if not optim.optimizers or epochs <= start_epoch:
+
+    before_epoch: Callable[[int, int], None] = _nothing
+    after_epoch: Callable[[int], dict | None] = _nothing
+    on_epoch: Callable[[dict], None] = _nothing
+    should_stop: Callable[[], bool] = _never
+    checkpoint: Callable[[StageOptim, bool], None] | None = None
+
+
+@dataclass
+class Stage:
+    """One training stage: epochs `start_epoch`..`epochs`-1 of `module` over `data`.
+
+    forward(module, x): the logits of `module` (or of the stage's data-parallel wrapper around it);
+    seed: epoch e re-seeds torch and the loader from derive_seed(*seed, e);
+    event: what every epoch event carries (task, stage, round);
+    trainable: {group: parameters} the optimisers hold (a data-parallel run checks that nothing else trains);
+    penalty(): joins the loss of every step; criterion(logits, y): a step's task loss (default cross-entropy);
+    after_step(): runs after every optimiser step (a method's running statistics)."""
+
+    module: nn.Module
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    optim: StageOptim
+    data: TaskData
+    epochs: int
+    seed: tuple
+    event: dict = field(default_factory=dict)
+    start_epoch: int = 0
+    trainable: dict | None = None
+    penalty: Callable[[], torch.Tensor] | None = None
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    after_step: Callable[[], None] | None = None
+    hooks: StageHooks = field(default_factory=StageHooks)
+
+
+def train_stage(stage: Stage, training: TrainingConfig, device: torch.device, dist) -> int:
+    """Train `stage` (`dist`: grownfx.learn.distributed.Dist, the single-process one or DDP); returns the epochs
+    run.  PreciseBN (`training.precise_bn`) recomputes the norms' statistics after the last epoch, before
+    `after_epoch` (whose callers evaluate the network); non-finite training stops with a NonFiniteError."""
+    if not stage.optim.optimizers or stage.epochs <= stage.start_epoch:
         return 0
-    model = dist.wrap(net, trainable=trainable)
-    for epoch in range(start_epoch, epochs):
-        s = derive_seed(*seed, epoch)
-        torch.manual_seed(s)
-        gen = torch.Generator().manual_seed(s)
-        if before_epoch is not None:
-            before_epoch(epoch, epochs)
-        optim.set_progress(epoch / max(epochs, 1))
-        net.train()
-        loader = dist.train_loader(data, training.batch_size, gen, device)  # this rank's shard of every batch
-        timer = Timer()
-        step = dist.step_forward(lambda x: forward(model, x), loader)
-        loss, pen, acc, n = run_epoch(step, loader, optim, device, precision=training.precision, penalty=penalty,
-                                      channels_last=training.channels_last, scaler=optim.scaler,
-                                      criterion=criterion, after_step=after_step)
-        loss, pen, acc, n = dist.reduce_epoch(loss, pen, acc, n)
-        info = {**(event or {}), "epoch": epoch + 1, "epochs": epochs, "loss": loss, "penalty": pen,
-                "train_acc": acc, "seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds,
-                "images_per_s": n / max(timer.seconds, 1e-9)}
-        if training.precise_bn and epoch + 1 == epochs:
-            # before `epoch_done`, whose callers evaluate the stage's network.  Several processes: each passes
-            # over its share of every batch while the stage's BatchNorm is still synchronised, so the statistics
-            # are the single-process batches'
-            recompute_norm_stats(lambda x: forward(net, x), net, dist.stats_loader(data, training.batch_size, device),
-                                 device, training.precision, training.channels_last)
-        if epoch_done is not None:
-            info.update(epoch_done(epoch + 1) or {})
-        if on_epoch is not None:
-            on_epoch(info)
-        ev = event or {}
-        check_epoch(loss, net.parameters(), task=ev.get("task"), stage=ev.get("stage", "train"),
-                    round=ev.get("round", 0), epoch=epoch + 1)
-        if should_stop():  # between epochs; `checkpoint` saves where the stage stands
-            if checkpoint is not None and epoch + 1 < epochs:
-                checkpoint(optim, True)
+    hooks, event = stage.hooks, stage.event
+    model = dist.wrap(stage.module, trainable=stage.trainable)
+    for epoch in range(stage.start_epoch, stage.epochs):
+        last = epoch + 1 == stage.epochs
+        info = {**event, "epoch": epoch + 1, "epochs": stage.epochs,
+                **_train_epoch(stage, model, epoch, training, device, dist)}
+        if training.precise_bn and last:
+            # several processes: each passes over its share of every batch while the stage's BatchNorm is still
+            # synchronised, so the statistics are the single-process batches'
+            recompute_norm_stats(lambda x: stage.forward(stage.module, x), stage.module,
+                                 dist.stats_loader(stage.data, training.batch_size, device), device,
+                                 training.precision, training.channels_last)
+        info.update(hooks.after_epoch(epoch + 1) or {})
+        hooks.on_epoch(info)
+        check_epoch(info["loss"], stage.module.parameters(), task=event.get("task"),
+                    stage=event.get("stage", "train"), round=event.get("round", 0), epoch=epoch + 1)
+        if hooks.should_stop():  # between epochs; the checkpoint saves where the stage stands
+            if hooks.checkpoint is not None and not last:
+                hooks.checkpoint(stage.optim, True)
             raise KeyboardInterrupt
         every = training.checkpoint_every
-        if checkpoint is not None and every and (epoch + 1) % every == 0 and epoch + 1 < epochs:
-            checkpoint(optim, False)
+        if hooks.checkpoint is not None and every and (epoch + 1) % every == 0 and not last:
+            hooks.checkpoint(stage.optim, False)
     model = None  # drop the stage's DDP wrapper (and its gradient hooks) before `end_stage` collects it
-    dist.end_stage(net)  # rank 0's buffers (BatchNorm statistics) on every rank
-    return epochs - start_epoch
+    dist.end_stage(stage.module)  # rank 0's buffers (BatchNorm statistics) on every rank
+    return stage.epochs - stage.start_epoch
+
+
+def _train_epoch(stage: Stage, model: nn.Module, epoch: int, training: TrainingConfig, device, dist) -> dict:
+    """One epoch of `stage`, seeded from (seed, epoch); its numbers, reduced over the processes."""
+    s = derive_seed(*stage.seed, epoch)
+    torch.manual_seed(s)
+    gen = torch.Generator().manual_seed(s)
+    stage.hooks.before_epoch(epoch, stage.epochs)
+    stage.optim.set_progress(epoch / max(stage.epochs, 1))
+    stage.module.train()
+    loader = dist.train_loader(stage.data, training.batch_size, gen, device)  # this rank's shard of every batch
+    timer = Timer()
+    step = dist.step_forward(lambda x: stage.forward(model, x), loader)
+    loss, pen, acc, n = run_epoch(step, loader, stage.optim, device, precision=training.precision,
+                                  penalty=stage.penalty, channels_last=training.channels_last,
+                                  scaler=stage.optim.scaler, criterion=stage.criterion, after_step=stage.after_step)
+    loss, pen, acc, n = dist.reduce_epoch(loss, pen, acc, n)
+    return {"loss": loss, "penalty": pen, "train_acc": acc, "seconds": timer.seconds,
+            "cpu_seconds": timer.cpu_seconds, "images_per_s": n / max(timer.seconds, 1e-9)}
+
+
+def inference_scope(module: nn.Module):
+    """The `inference()` scope of the GrowableNet that `module` is or holds (its masked weights are computed once
+    while parameters do not change, then dropped); nothing to enter for a plain model."""
+    net = next((m for m in module.modules() if isinstance(m, GrowableNet)), None)
+    return net.inference() if net is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -315,10 +362,11 @@ def recompute_norm_stats(forward: Callable[[torch.Tensor], torch.Tensor], net: n
 
     handles = [m.register_forward_pre_hook(first_call) for m in norms]
     try:
-        for x, _ in loader:
-            x = in_layout(x, channels_last)
-            with autocast(device, precision):
-                forward(x)
+        with inference_scope(net):
+            for x, _ in loader:
+                x = in_layout(x, channels_last)
+                with autocast(device, precision):
+                    forward(x)
     finally:
         for h in handles:
             h.remove()

@@ -34,8 +34,6 @@ import torch
 
 from grownfx.data import data_seed, stream_for
 from grownfx.files import atomic_write_text
-from grownfx.learn.methods.finetune import finetune_references
-from grownfx.learn.methods.scratch import fresh_backbone, train_plain
 from grownfx.learn.training import resolve_device
 from grownfx.recipe.loading import load_recipe, validate_recipe
 from grownfx import files
@@ -44,11 +42,10 @@ from grownfx.report.formats import CompareIndex, Summary, read_model
 from grownfx.run.export import export_complete, task_folder
 from grownfx.run.folder import RunError, _lock, holds_run
 from grownfx.run.runner import RunInterrupted, run
-from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, parse_target, target_sources
+from grownfx.run import targets as T
+from grownfx.recipe.schema import ABLATIONS, METHODS, Recipe, parse_method_spec, target_sources
 
 __all__ = ["ABLATIONS", "METHODS", "method_config", "run_compare", "run_folder", "seeded", "slug"]
-
-TARGETED = ("grown", "cpg")  # methods the runner gives a target (grownfx.run.runner._Run.target)
 
 
 def method_config(recipe: Recipe, spec: str) -> dict:
@@ -97,7 +94,7 @@ def _variant(recipe: Recipe, spec: str, seed: int, run_dir: Path, targets: Optio
     name = f"{recipe.name}-{slug(spec)}-s{seed}" + ("" if data in (None, seed) else f"-d{data}")
     d.update(name=name, method=method_config(recipe, spec))
     d["output"]["dir"] = str(run_dir)
-    if targets is not None and d["method"]["name"] in TARGETED:
+    if targets is not None and d["method"]["name"] in T.TARGETED:
         d["target"]["rule"] = targets
     return Recipe.model_validate(d)
 
@@ -105,11 +102,11 @@ def _variant(recipe: Recipe, spec: str, seed: int, run_dir: Path, targets: Optio
 def _scratch_epochs_match(recipe: Recipe) -> bool:
     """Whether the `scratch` run trains the epochs of the scratch targets (an epoch budget changes its own)."""
     own = recipe.training.epoch_budget or recipe.training.epochs
-    return (recipe.target.scratch_epochs or recipe.training.epochs) == own
+    return T.scratch_epochs(recipe) == own
 
 
 def scratch_targets(recipe: Recipe, seed: int, progress=None) -> list[float]:
-    """Validation accuracy of a full backbone trained from scratch on each task: runner._Run.scratch_reference.
+    """Scratch's reference accuracy on each task (grownfx.run.targets.scratch_accuracy, as a run trains it).
     `progress`: a display its tasks and epochs show on ("scratch reference")."""
     recipe = recipe.model_copy(update={"seed": seed})
     if recipe.training.num_threads:
@@ -117,14 +114,11 @@ def scratch_targets(recipe: Recipe, seed: int, progress=None) -> list[float]:
     device = resolve_device(recipe.device)
     torch.manual_seed(seed)
     stream = stream_for(recipe)
-    epochs = recipe.target.scratch_epochs or recipe.training.epochs
     out = []
     for t, task in enumerate(stream.tasks):
-        parts = (seed, "scratch", t)
         if progress is not None:
             progress.start_task(t, len(stream.tasks), f"{task.name} (scratch target, seed {seed})")
-        out.append(train_plain(fresh_backbone(recipe, task, parts), task, recipe.training, device, parts, epochs,
-                               progress.epoch if progress is not None else None))
+        out.append(T.scratch_accuracy(recipe, task, device, on_epoch=progress.epoch if progress is not None else None))
     return out
 
 
@@ -225,24 +219,23 @@ def _compare(recipe: Recipe, specs: list[str], pairs: Sequence[tuple[int, int]],
     """Every method on every (training seed, data seed) pair."""
     out.mkdir(parents=True, exist_ok=True)
     rule = recipe.target.rule
-    margin = parse_target(rule) if isinstance(rule, str) else None
     index = _index(out, recipe, specs, pairs)
-    wants = margin is not None and any(parse_method_spec(s)[0] in TARGETED for s in specs)
+    wants = isinstance(rule, str) and any(parse_method_spec(s)[0] in T.TARGETED for s in specs)
     failures = []
     for seed, data in pairs:
         label = _label(seed, data)
         targets: Optional[list[float]] = None
         for spec in specs:
             name, _ = parse_method_spec(spec)
-            if wants and targets is None and name in TARGETED:
+            if wants and targets is None and name in T.TARGETED:
                 try:
-                    targets, source = _targets(recipe, seed, out, specs, progress, data)
+                    references, source = _references(recipe, seed, out, specs, progress, data)
                 except NonFiniteError as exc:  # no target: never let a diverged reference set one
                     entry = _record_failure(out, index, spec, seed, data,
                                             f"no target: the reference diverged ({exc})")
                     failures.append(f"{spec} {label}: {entry['error']}")
                     continue
-                targets = [v - margin for v in targets]
+                targets = [T.task_target(rule, t, ref) for t, ref in enumerate(references)]
                 index["targets"][_target_key(seed, data)] = {"values": targets, "source": source, "seed": seed,
                                                              "data_seed": data}
             entry = _run_one(recipe, spec, seed, data, out, targets, index, progress, echo)
@@ -301,11 +294,11 @@ def _run_one(recipe: Recipe, spec: str, seed: int, data: int, out: Path, targets
     return entry
 
 
-def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = (), progress=None,
-             data: Optional[int] = None) -> tuple[list[float], str]:
-    """Scratch validation accuracies per task: from this comparison's scratch run when it is the same
-    computation (same seeds and epochs), else trained here once for every targeted method of this seed pair.
-    With `best(scratch, finetune)` the per-task maximum with fine-tune's validation accuracy when it learned
+def _references(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = (), progress=None,
+                data: Optional[int] = None) -> tuple[list[float], str]:
+    """Each task's reference accuracy (grownfx.run.targets.reference_accuracy): scratch's validation accuracy,
+    from this comparison's scratch run when it is the same computation (same seeds and epochs), else trained here
+    once for every targeted method of this seed pair; with `best(scratch, finetune)`, fine-tune's when it learned
     the task (the same with and without keep_copies), read from a fine-tune run of this comparison or trained.
     `data`: the data seed (None: the recipe's rule with training seed `seed`)."""
     pinned = seeded(recipe, seed, data)
@@ -316,17 +309,18 @@ def _targets(recipe: Recipe, seed: int, out: Path, specs: Sequence[str] = (), pr
         values, source = [float(t["val_acc"]) for t in tasks], "scratch run"
     else:
         values, source = scratch_targets(pinned, seed, progress), "scratch trained once for this comparison"
-    if "finetune" not in target_sources(recipe.target.rule):
-        return values, source
+    rule = recipe.target.rule
+    if "finetune" not in target_sources(rule):
+        return [T.reference_accuracy(rule, v, None) for v in values], source
     ft = [out / slug(s) / folder for s in specs if parse_method_spec(s)[0] == "finetune"]
     ft = [d for d in ft if _finished(d)]
     if ft:
         tasks = read_model(ft[0] / "summary.json", Summary)["tasks"]
         fine, where = [float(t["val_acc"]) for t in tasks], "fine-tune run"
     else:
-        fine = finetune_references(pinned, progress.epoch if progress is not None else None)
+        fine = T.finetune_references(pinned, progress.epoch if progress is not None else None)
         where = "fine-tune trained once"
-    return [max(a, b) for a, b in zip(values, fine)], f"best of {source} and {where}"
+    return [T.reference_accuracy(rule, a, b) for a, b in zip(values, fine)], f"best of {source} and {where}"
 
 
 def _index(out: Path, recipe: Recipe, specs: list[str], pairs: Sequence[tuple[int, int]]) -> dict:

@@ -29,7 +29,7 @@ from grownfx import files
 from grownfx.errors import Interrupted
 from grownfx.learn import distributed
 from grownfx.recipe.loading import load_recipe
-from grownfx.recipe.schema import Recipe, parse_target, target_sources
+from grownfx.recipe.schema import Recipe, target_sources
 from grownfx.data import TaskStream, data_seed, stream_for
 from grownfx.run.console import _task_line, _tensorboard
 from grownfx.run.folder import RunError, _load_checkpoint, _prepare_out, claim_out
@@ -40,8 +40,7 @@ from grownfx.report.metrics import stream_metrics
 from grownfx.report.progress import phase_label
 from grownfx.learn.methods import make_method
 from grownfx.learn.methods.base import example_input
-from grownfx.learn.methods.finetune import finetune_references
-from grownfx.learn.methods.scratch import fresh_backbone, train_plain
+from grownfx.run import targets
 
 
 @dataclass
@@ -223,7 +222,8 @@ class _Run:
         self.stop, self.progress, self.echo = stop, progress if main else None, echo if main else (lambda msg: None)
         self.records: list[TaskRecord] = []
         self.matrix: list[list[float]] = []
-        self.targets: dict[int, dict] = {}
+        self.targets: dict[int, dict] = {}  # task -> its reference accuracies (a string target rule's)
+        self.finetune_refs: Optional[list[float]] = None  # fine-tune's accuracies, trained once when a rule reads them
         self.metrics_lines = 0
         self.metrics: list[str] = []  # every event line so far (rank 0): checkpointed, metrics.jsonl rebuilt from it
         self.task_cpu = (time.process_time(), 0.0)  # (process time when learn() began, CPU s of it before a resume)
@@ -319,34 +319,32 @@ class _Run:
 
     # -- targets --------------------------------------------------------------------------------------------
     def target(self, t: int) -> Optional[float]:
-        if self.recipe.method.name not in ("grown", "cpg"):
+        """Task t's target (grownfx.run.targets); a string rule's reference is trained once and checkpointed."""
+        if not targets.wants_target(self.recipe):
             return None
         rule = self.recipe.target.rule
-        if isinstance(rule, (int, float)):
-            return float(rule)
-        if isinstance(rule, list):
-            return float(rule[t])
-        margin = parse_target(rule)
+        if not isinstance(rule, str):
+            return targets.task_target(rule, t)
         if t not in self.targets:
             # every rank trains the reference (same seed, same data); rank 0's value decides, so ranks agree
-            self.targets[t] = self.dist.broadcast_object(self.scratch_reference(t))
+            self.targets[t] = self.dist.broadcast_object(self.reference(t))
             self.log({"event": "scratch_reference", "task": t, **self.targets[t]})
-        return self.targets[t]["val_acc"] - margin
+        return targets.task_target(rule, t, self.targets[t]["val_acc"])
 
-    def scratch_reference(self, t: int) -> dict:
-        """Val accuracy of the full backbone trained from scratch on task t (the paper's target)."""
-        task = self.stream.tasks[t]
-        seed = (self.recipe.seed, "scratch", t)
-        model = fresh_backbone(self.recipe, task, seed)
-        epochs = self.recipe.target.scratch_epochs or self.recipe.training.epochs
-        val = train_plain(model, task, self.recipe.training, self.device, seed, epochs, self.show_epoch,
-                          dist=self.dist)
-        if "finetune" in target_sources(self.recipe.target.rule):  # best(scratch, finetune): the paper's target
-            if getattr(self, "_finetune_refs", None) is None:
-                self._finetune_refs = finetune_references(self.recipe, self.show_epoch)
-            return {"val_acc": max(val, self._finetune_refs[t]), "scratch_val_acc": val,
-                    "finetune_val_acc": self._finetune_refs[t], "epochs": epochs}
-        return {"val_acc": val, "epochs": epochs}
+    def reference(self, t: int) -> dict:
+        """Task t's reference accuracies: scratch's, fine-tune's when the rule reads it, and the one the rule
+        uses (`val_acc`)."""
+        rule = self.recipe.target.rule
+        scratch = targets.scratch_accuracy(self.recipe, self.stream.tasks[t], self.device, self.dist,
+                                           on_epoch=self.show_epoch)
+        out = {"epochs": targets.scratch_epochs(self.recipe)}
+        if "finetune" not in target_sources(rule):
+            return {"val_acc": scratch, **out}
+        if self.finetune_refs is None:
+            self.finetune_refs = targets.finetune_references(self.recipe, self.show_epoch)
+        finetune = self.finetune_refs[t]
+        return {"val_acc": targets.reference_accuracy(rule, scratch, finetune), "scratch_val_acc": scratch,
+                "finetune_val_acc": finetune, **out}
 
     # -- outputs --------------------------------------------------------------------------------------------
     def summary(self) -> dict:

@@ -1,8 +1,8 @@
 """What every continual-learning method offers the runner: learn a task, evaluate one, export one, save.
 
-Also the small pieces the baselines share: one training stage over a task (`train_stage`), evaluation of any
-forward function (`evaluate_with`), and `NetMethod`, the plumbing of methods that learn into one GrowableNet
-(PackNet, Piggyback, CPG).
+Also the small pieces the baselines share: `Trainer` (a stage over a task through the one loop,
+grownfx.learn.training.train_stage, with the runner's hooks and resume), evaluation of any forward function
+(`evaluate_with`), and `NetMethod`, the plumbing of methods that learn into one GrowableNet (PackNet, Piggyback, CPG).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from grownfx.models import build_backbone
 from grownfx.recipe.schema import OptimConfig, Recipe, TrainingConfig
 from grownfx.learn.distributed import Dist
 from grownfx.learn.records import LearnerPosition, TaskRecord, add_epoch_time, stage_breakdown
-from grownfx.learn.training import StageOptim, Timer, accuracy, make_optimizer, make_scaler
-from grownfx.learn.training import train_stage as run_stage
+from grownfx.learn.training import Stage, StageHooks, StageOptim, Timer, accuracy, inference_scope, make_optimizer, \
+    make_scaler, train_stage
 
 
 class ContinualMethod(Protocol):
@@ -54,59 +54,60 @@ def example_input(input_shape: tuple, device: torch.device | str = "cpu") -> tor
 # --- shared training pieces ------------------------------------------------------------------------------
 
 
-def train_stage(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
-                groups: Sequence[tuple[list, OptimConfig]], task: Task, training: TrainingConfig,
-                device: torch.device, *, seed: tuple, epochs: int, stage: str, round: int = 0,
-                on_epoch: Callable[[dict], None] | None = None,
-                should_stop: Callable[[], bool] = lambda: False,
-                after: Callable[[], dict] | None = None, dist: Optional[Dist] = None,
-                resume: Optional[tuple] = None, checkpoint: Callable | None = None, epochs_before: int = 0,
-                terms: Optional[StepTerms] = None) -> int:
-    """A baseline's stage through the one loop (grownfx.learn.training.train_stage): `epochs` passes over the
-    task's train split, one optimiser per (parameters, config) group, fp16 with a GradScaler.
+class Trainer:
+    """How a baseline trains a stage through the one loop (grownfx.learn.training.train_stage): the recipe's training
+    settings, the device and processes, and what the runner asked for: progress events (`on_epoch`), a stop request
+    (`should_stop`), mid-task checkpoints (`checkpoint(None, LearnerPosition, optim)`)."""
 
-    Every epoch re-seeds torch and the loader from (seed, stage, round, epoch), like GROWN's learner, so two
-    methods given the same seed see the same batches.  `after()` runs after the last epoch and its dict joins
-    that epoch's event (e.g. a validation accuracy and the decision taken on it).
+    def __init__(self, training: TrainingConfig, device: torch.device, dist: Optional[Dist] = None, *,
+                 on_epoch: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] = lambda: False,
+                 checkpoint: Callable | None = None):
+        self.training, self.device = training, torch.device(device)
+        self.dist = dist if dist is not None else Dist(self.device)
+        self.on_epoch = on_epoch or (lambda info: None)
+        self.should_stop, self.checkpoint = should_stop, checkpoint
 
-    `forward(x)` calls `model`; `_Forward` makes it a module that holds `model`, which is what the loop trains
-    (and what DDP wraps with several processes, `dist`).  `resume` = (LearnerPosition, optimiser state) of a
-    mid-task checkpoint of this (stage, round): training continues from its epoch.  `checkpoint(None, position,
-    optim)` (the runner's mid-task checkpoint) is called on a stop request and every `checkpoint_every` epochs.
-    `terms`: what the method adds to every step (a penalty, its own task loss, a hook after the optimiser step).
-    Returns the stage's epochs (those before a resume included).
-    """
-    terms = terms if terms is not None else StepTerms()
-    dist = dist if dist is not None else Dist(device)
-    opts = [make_optimizer(list(params), cfg) for params, cfg in groups]
-    optim = StageOptim([o for o in opts if o is not None], training.scheduler, tuple(training.milestones),
-                       scaler=make_scaler(training.precision, device))
-    start, elapsed = 0, 0.0
-    if resume is not None and resume[0].stage == stage and resume[0].round == round:
-        position, optim_state = resume
-        start, elapsed = position.epoch, position.elapsed
-        if optim_state is not None:
-            optim.load_state_dict(optim_state)
-    timer = Timer()
+    def train(self, module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+              groups: Sequence[tuple[list, OptimConfig]], task: Task, *, name: str, seed: tuple, epochs: int,
+              round: int = 0, resume: Optional[tuple] = None, after: Callable[[], dict] | None = None,
+              epochs_before: int = 0, terms: Optional["StepTerms"] = None) -> int:
+        """`epochs` passes of `forward` (which computes with `module`) over `task`'s training split, one optimiser
+        per (parameters, config) of `groups`, the recipe's schedule, fp16 with a GradScaler.  Epoch e is seeded
+        from (*seed, name, round, e), like GROWN's learner, so two methods given the same seed see the same batches.
 
-    done_epochs = [start]
+        resume: (LearnerPosition, optimiser state) of a mid-task checkpoint; taken up when it is this stage's
+        (`name`, `round`).  after(): runs after the last epoch; its dict joins that epoch's event (e.g. a
+        validation accuracy and the decision taken on it).  epochs_before: the task's epochs in earlier stages
+        (for the checkpoints' position).  terms: what the method adds to every step (a penalty, its own task loss,
+        a hook after the optimiser step).  Returns the stage's epochs, those before a resume included."""
+        terms = terms if terms is not None else StepTerms()
+        opts = [make_optimizer(list(params), cfg) for params, cfg in groups]
+        optim = StageOptim([o for o in opts if o is not None], self.training.scheduler, tuple(self.training.milestones),
+                           scaler=make_scaler(self.training.precision, self.device))
+        start, elapsed = 0, 0.0
+        if resume is not None and (resume[0].stage, resume[0].round) == (name, round):
+            position, optim_state = resume
+            start, elapsed = position.epoch, position.elapsed
+            if optim_state is not None:
+                optim.load_state_dict(optim_state)
+        timer, done = Timer(), [start]
 
-    def epoch_done(done: int) -> dict:
-        done_epochs[0] = done
-        return after() if after is not None and done == epochs else {}
+        def after_epoch(epochs_done: int) -> dict:
+            done[0] = epochs_done
+            return after() if after is not None and epochs_done == epochs else {}
 
-    def save(optim: StageOptim, stopping: bool) -> None:
-        done = done_epochs[0]
-        checkpoint(None, LearnerPosition(stage=stage, round=round, epoch=done, epochs_done=epochs_before + done,
-                                         elapsed=elapsed + timer.seconds), optim)
+        def save(optim: StageOptim, stopping: bool) -> None:
+            self.checkpoint(None, LearnerPosition(stage=name, round=round, epoch=done[0],
+                                                  epochs_done=epochs_before + done[0],
+                                                  elapsed=elapsed + timer.seconds), optim)
 
-    trainable = {"params": [p for params, _ in groups for p in params if p.requires_grad]}
-    ran = run_stage(_Forward(model, forward), lambda m, x: m(x), optim, task.train, training, device, dist=dist,
-                    seed=(*seed, stage, round), epochs=epochs, start_epoch=start, trainable=trainable,
-                    event={"task": task.index, "stage": stage, "round": round}, epoch_done=epoch_done,
-                    on_epoch=on_epoch, should_stop=should_stop, checkpoint=save if checkpoint is not None else None,
-                    penalty=terms.penalty, criterion=terms.criterion, after_step=terms.after_step)
-    return start + ran  # the stage's epochs, those before a resume included
+        stage = Stage(_Forward(module, forward), lambda m, x: m(x), optim, task.train, epochs, (*seed, name, round),
+                      event={"task": task.index, "stage": name, "round": round}, start_epoch=start,
+                      trainable={"params": [p for params, _ in groups for p in params if p.requires_grad]},
+                      penalty=terms.penalty, criterion=terms.criterion, after_step=terms.after_step,
+                      hooks=StageHooks(after_epoch=after_epoch, on_epoch=self.on_epoch, should_stop=self.should_stop,
+                                       checkpoint=save if self.checkpoint is not None else None))
+        return start + train_stage(stage, self.training, self.device, self.dist)
 
 
 @dataclasses.dataclass
@@ -121,7 +122,7 @@ class StepTerms:
 
 
 class _Forward(nn.Module):
-    """A baseline's `forward(x)` as a module holding the `model` it runs (what DDP wraps)."""
+    """A baseline's `forward(x)` as a module holding the `model` it runs (what a data-parallel stage wraps)."""
 
     def __init__(self, model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
@@ -138,7 +139,8 @@ def evaluate_with(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tens
     """Accuracy (%) of `forward` on `data` with `model` in evaluation mode (no augmentation)."""
     model.eval()
     loader = data.loader(training.eval_batch_size, shuffle=False, device=device, augment=None)
-    return accuracy(forward, loader, device, training.precision, training.channels_last)
+    with inference_scope(model):
+        return accuracy(forward, loader, device, training.precision, training.channels_last)
 
 
 # --- methods over one GrowableNet ------------------------------------------------------------------------
@@ -171,9 +173,10 @@ class NetMethod:
                  on_epoch: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] = lambda: False,
                  dist: Optional[Dist] = None, checkpoint: Callable | None = None, **_):
         self.recipe, self.stream, self.device = recipe, stream, torch.device(device)
-        self.on_epoch, self.should_stop = on_epoch, should_stop
+        self.on_epoch = on_epoch
         self.checkpoint = checkpoint  # the runner's mid-task checkpoint: checkpoint(None, position, optim)
-        self.dist = dist if dist is not None else Dist(self.device)
+        self.trainer = Trainer(recipe.training, self.device, dist, on_epoch=self._on_epoch, should_stop=should_stop,
+                               checkpoint=self._save if checkpoint is not None else None)
         self.net = build_masked_net(recipe, stream, 1.0, self.granularity).to(self.device)
         self._resume: Optional[tuple] = None  # (position, optimiser state) resumed, until its phase is reached
         self._before = 0.0  # training seconds of the learning task before a resume
@@ -221,17 +224,14 @@ class NetMethod:
         resume = self._resume
         if resume is not None and (resume[0].stage, resume[0].round) == (stage, round):
             self._resume = None  # this phase takes the checkpoint up; later ones start afresh
+        return self.trainer.train(self.net, lambda x: self.net(x, task=t), groups, task, name=stage,
+                                  seed=(self.recipe.seed, self.name, t), epochs=epochs, round=round, resume=resume,
+                                  after=after, epochs_before=before)
 
-        def on_epoch(info: dict) -> None:
-            add_epoch_time(self.phase.setdefault("stage_s", {}), info)  # in `phase`: survives a resume
-            if self.on_epoch is not None:
-                self.on_epoch(info)
-
-        return train_stage(self.net, lambda x: self.net(x, task=t), groups, task, self.recipe.training,
-                           self.device, seed=(self.recipe.seed, self.name, t), epochs=epochs, stage=stage,
-                           round=round, on_epoch=on_epoch, should_stop=self.should_stop, after=after,
-                           dist=self.dist, resume=resume, epochs_before=before,
-                           checkpoint=self._save if self.checkpoint is not None else None)
+    def _on_epoch(self, info: dict) -> None:
+        add_epoch_time(self.phase.setdefault("stage_s", {}), info)  # in `phase`: survives a resume
+        if self.on_epoch is not None:
+            self.on_epoch(info)
 
     def mask_optimizer(self, lr: float) -> OptimConfig:
         return OptimConfig(name="adam", lr=lr, momentum=0.0, nesterov=False, weight_decay=0.0)

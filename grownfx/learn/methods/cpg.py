@@ -19,6 +19,7 @@ from grownfx.engine import state as net_state
 from grownfx.engine.context import DENSE, SEL, MaskPolicy
 from grownfx.data import Task
 from grownfx.learn import budget
+from grownfx.learn.growth import round_sizes
 from grownfx.learn.records import TaskRecord
 from grownfx.learn.training import Timer
 from grownfx.learn.methods.base import NetMethod
@@ -40,7 +41,7 @@ def step_levels(step: float, end: float) -> list[float]:
 
 
 def cpg_policy() -> MaskPolicy:
-    return MaskPolicy(frozen_kind=SEL, released_kind=DENSE, grown_kind=DENSE, gates=False, selective_kind="ste",
+    return MaskPolicy(frozen_kind=SEL, released_kind=DENSE, grown_kind=DENSE, selective_kind="ste",
                       selective_ste=PIGGYBACK_STE)
 
 
@@ -67,7 +68,7 @@ class CPGContinual(NetMethod):
         masks = self.mask_optimizer(cfg.mask_lr)
         phase, history = self.phase, self.history
         if at == "pick":
-            phase.update(widths={str(g): w for g, w in net.ctx.widths.items()}, rounds=0)
+            phase.update(widths={str(g): w for g, w in net.structure.widths.items()}, rounds=0)
         widths = {int(g): w for g, w in phase["widths"].items()}
         rounds = phase["rounds"]
         grow_epochs = training.stage2_epochs or training.epochs
@@ -92,7 +93,7 @@ class CPGContinual(NetMethod):
         phase["epochs"] = epochs
         sparsity, spent = self._compact(task, t, target, history, epochs, position if at == "compact" else None)
         self.sparsity.append(sparsity)
-        growth = {str(g): w - widths.get(g, w) for g, w in net.ctx.widths.items() if w != widths.get(g, w)}
+        growth = {str(g): w - widths.get(g, w) for g, w in net.structure.widths.items() if w != widths.get(g, w)}
         return self.record(task, t, target, history, timer, epochs + spent, grew=bool(growth), growth=growth,
                            growth_rounds=rounds, selective_zero_frac=net.unit_stats()["selective_zero_frac"],
                            extra={"sparsity": sparsity, "compaction": self.compaction[-1]})
@@ -101,15 +102,10 @@ class CPGContinual(NetMethod):
     def _grow(self) -> bool:
         """Add grow_ratio x the backbone width to every growable group below max_width; False if none can."""
         cfg, net = self.recipe.method, self.net
-        added = False
-        for gid, full in self.full_widths.items():
-            gran = net.coupling.groups[gid].granularity
-            room = int(cfg.max_width * full) - net.ctx.widths[gid]
-            n = min(math.ceil(cfg.grow_ratio * full / gran) * gran, room // gran * gran)
-            if n > 0:
-                net.grow(channels=n, groups=[gid])
-                added = True
-        return added
+        plan = round_sizes(net, self.full_widths, cfg.grow_ratio, cfg.max_width)
+        for gid, n in plan.items():
+            net.grow(channels=n, groups=[gid])
+        return bool(plan)
 
     # -- compact --------------------------------------------------------------------------------------------
     def _compact(self, task: Task, t: int, target: Optional[float], history: list[float],

@@ -27,7 +27,7 @@ from grownfx.engine.net import count_parameters, slim
 from grownfx.engine.rewrite import set_submodule
 from grownfx.learn.training import Timer, derive_seed, resolve_device
 from grownfx.recipe.schema import FinetuneMethod
-from grownfx.learn.methods.base import StepTerms, evaluate_with, example_input, train_stage
+from grownfx.learn.methods.base import StepTerms, Trainer, evaluate_with, example_input
 from grownfx.learn.methods.multihead import MultiHead
 
 
@@ -38,12 +38,12 @@ class FinetuneContinual:
     def __init__(self, recipe, stream, device: torch.device, *, on_epoch=None, should_stop=lambda: False,
                  checkpoint=None, dist=None, **_):
         self.recipe, self.stream, self.device = recipe, stream, torch.device(device)
-        self.checkpoint, self.dist = checkpoint, dist  # mid-task checkpoints; data-parallel training
+        self.trainer = Trainer(recipe.training, self.device, dist, on_epoch=on_epoch, should_stop=should_stop,
+                               checkpoint=checkpoint)
         # the paper's row (a copy per task) is "finetune"; the shared network that forgets is labelled apart
         self.keep_copies = recipe.method.name == "finetune" and recipe.method.keep_copies
         if recipe.method.name == "finetune":
             self.name = "finetune" if self.keep_copies else "finetune[forgetting]"
-        self.on_epoch, self.should_stop = on_epoch, should_stop
         torch.manual_seed(recipe.seed)
         model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs, recipe.code_dir)
         self.full_params = count_parameters(model)
@@ -78,10 +78,9 @@ class FinetuneContinual:
         self.heads.task = t
         self.begin_task(task, t, resumed=resume is not None)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        epochs = train_stage(self.model, self.training_forward(t), [(params, training.optimizer)], task, training,
-                             self.device, seed=(self.recipe.seed, self.name, t), epochs=task_epochs(training),
-                             stage="train", on_epoch=self.on_epoch, should_stop=self.should_stop,
-                             dist=self.dist, resume=resume, checkpoint=self.checkpoint, terms=self.step_terms(task, t))
+        epochs = self.trainer.train(self.model, self.training_forward(t), [(params, training.optimizer)], task,
+                                    name="train", seed=(self.recipe.seed, self.name, t), epochs=task_epochs(training),
+                                    resume=resume, terms=self.step_terms(task, t))
         self.end_task(task, t)
         if self.keep_copies:
             self.copies.append(copy.deepcopy(self.model).requires_grad_(False))

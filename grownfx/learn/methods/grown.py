@@ -58,6 +58,7 @@ class GrownContinual:
         self.learner = GrownLearner(self.net, training=recipe.training, growth=growth, masks=recipe.masks,
                                     switches=switches, device=device, seed=recipe.seed, on_epoch=on_epoch,
                                     checkpoint=checkpoint, should_stop=should_stop, dist=dist)
+        self.learner.install()  # the net on the device with GROWN's gates: what a checkpoint restores into
 
     def learn(self, task: Task, target: Optional[float], resume: Optional[tuple] = None) -> TaskRecord:
         return self.learner.learn(task, target, resume)

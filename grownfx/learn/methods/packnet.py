@@ -47,8 +47,8 @@ def prune_to(layer: MaskedLayer, sparsity: float) -> int:
 
 
 def packnet_policy() -> MaskPolicy:
-    # earlier tasks' weights as they are, every free weight trained; no masks, no gates
-    return MaskPolicy(frozen_kind=DENSE, released_kind=DENSE, grown_kind=DENSE, gates=False)
+    # earlier tasks' weights as they are, every free weight trained; no masks (and no channel scale installed)
+    return MaskPolicy(frozen_kind=DENSE, released_kind=DENSE, grown_kind=DENSE)
 
 
 class PackNetContinual(NetMethod):

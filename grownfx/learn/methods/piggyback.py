@@ -24,7 +24,7 @@ PIGGYBACK_STE = M.STEConfig(init=1e-2, threshold=5e-3, scale=4.0)
 
 
 def piggyback_policy(ste: M.STEConfig = PIGGYBACK_STE) -> MaskPolicy:
-    return MaskPolicy(frozen_kind=SEL, released_kind=DENSE, grown_kind=DENSE, gates=False, selective_kind="ste",
+    return MaskPolicy(frozen_kind=SEL, released_kind=DENSE, grown_kind=DENSE, selective_kind="ste",
                       selective_ste=ste)
 
 

@@ -27,7 +27,7 @@ from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters, slim
 from grownfx.learn.training import Timer, derive_seed
-from grownfx.learn.methods.base import evaluate_with, example_input, train_stage
+from grownfx.learn.methods.base import Trainer, evaluate_with, example_input
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -171,8 +171,8 @@ class PNNContinual:
     def __init__(self, recipe, stream, device: torch.device, *, on_epoch=None,
                  should_stop=lambda: False, checkpoint=None, dist=None, **_):
         self.recipe, self.stream, self.device = recipe, stream, torch.device(device)
-        self.on_epoch, self.should_stop = on_epoch, should_stop
-        self.checkpoint, self.dist = checkpoint, dist  # mid-task checkpoints; data-parallel training
+        self.trainer = Trainer(recipe.training, self.device, dist, on_epoch=on_epoch, should_stop=should_stop,
+                               checkpoint=checkpoint)
         self.net = ProgressiveNet(recipe.method.laterals).to(self.device)
         self.full_params = count_parameters(build_backbone(recipe.model.builder, stream.tasks[0].num_classes,
                                                            recipe.model.kwargs, recipe.code_dir))
@@ -205,10 +205,9 @@ class PNNContinual:
                 p.requires_grad_(True)
             self.net.frozen = k
             self.net.train(self.net.training)
-        epochs = train_stage(self.net, lambda x: self.net(x, k), [(self.net.column_parameters(k), training.optimizer)],
-                             task, training, self.device, seed=(self.recipe.seed, self.name, k),
-                             epochs=task_epochs(training), stage="train", on_epoch=self.on_epoch,
-                             should_stop=self.should_stop, dist=self.dist, resume=resume, checkpoint=self.checkpoint)
+        epochs = self.trainer.train(self.net, lambda x: self.net(x, k), [(self.net.column_parameters(k),
+                                                                          training.optimizer)], task, name="train",
+                                    seed=(self.recipe.seed, self.name, k), epochs=task_epochs(training), resume=resume)
         self.net.freeze(k)
         val = self.evaluate(k, task.val)
         return TaskRecord(index=k, name=task.name, num_classes=task.num_classes, target=target, val_acc=val,

@@ -15,24 +15,20 @@ from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters
 from grownfx.learn.training import Timer, derive_seed
-from grownfx.learn.methods.base import evaluate_with, train_stage
+from grownfx.learn.methods.base import Trainer, evaluate_with
 
 
-def train_plain(model: nn.Module, task: Task, training: TrainingConfig, device: torch.device, seed,
-                epochs: Optional[int] = None, on_epoch: Callable[[dict], None] | None = None, *,
-                dist=None, resume: Optional[tuple] = None, checkpoint=None,
-                should_stop: Callable[[], bool] = lambda: False) -> float:
-    """Train a plain module on one task with the recipe's weight optimiser and schedule; returns val accuracy.
-
-    Through the one stage loop: fp16 with a GradScaler, data-parallel with `dist`, mid-task `checkpoint`s and
-    `resume` (see grownfx.learn.methods.base.train_stage).
-    """
+def train_plain(model: nn.Module, task: Task, trainer: Trainer, seed, epochs: Optional[int] = None,
+                resume: Optional[tuple] = None) -> float:
+    """Train a plain module on one task with the recipe's weight optimiser and schedule (`trainer`: the one stage
+    loop with the runner's hooks, data-parallel with its `dist`, mid-task checkpoints and `resume`); returns its
+    validation accuracy."""
+    training, device = trainer.training, trainer.device
     model.to(device)
     if training.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_stage(model, model, [(list(model.parameters()), training.optimizer)], task, training, device,
-                seed=tuple(seed), epochs=epochs or training.epochs, stage="scratch", on_epoch=on_epoch,
-                dist=dist, resume=resume, checkpoint=checkpoint, should_stop=should_stop)
+    trainer.train(model, model, [(list(model.parameters()), training.optimizer)], task, name="scratch",
+                  seed=tuple(seed), epochs=epochs or training.epochs, resume=resume)
     return evaluate_plain(model, task.val, training, device)
 
 
@@ -52,8 +48,9 @@ class ScratchContinual:
 
     def __init__(self, recipe: Recipe, stream: TaskStream, device: torch.device, *, on_epoch=None,
                  should_stop: Callable[[], bool] = lambda: False, checkpoint=None, dist=None, **_):
-        self.recipe, self.stream, self.device, self.on_epoch = recipe, stream, device, on_epoch
-        self.should_stop, self.checkpoint, self.dist = should_stop, checkpoint, dist
+        self.recipe, self.stream, self.device = recipe, stream, device
+        self.trainer = Trainer(recipe.training, device, dist, on_epoch=on_epoch, should_stop=should_stop,
+                               checkpoint=checkpoint)
         self.models: list[nn.Module] = []
         self.current: Optional[nn.Module] = None  # the task being learned (in mid-task checkpoints)
         self.full_params = count_parameters(build_backbone(recipe.model.builder, stream.tasks[0].num_classes,
@@ -65,9 +62,7 @@ class ScratchContinual:
             self.current = fresh_backbone(self.recipe, task, (self.recipe.seed, "scratch", task.index))
         model = self.current
         epochs = task_epochs(self.recipe.training)
-        val = train_plain(model, task, self.recipe.training, self.device, (self.recipe.seed, "scratch", task.index),
-                          epochs, on_epoch=self.on_epoch, dist=self.dist, resume=resume, checkpoint=self.checkpoint,
-                          should_stop=self.should_stop)
+        val = train_plain(model, task, self.trainer, (self.recipe.seed, "scratch", task.index), epochs, resume=resume)
         self.models.append(model)
         self.current = None
         n = count_parameters(model)
