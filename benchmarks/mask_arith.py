@@ -36,7 +36,7 @@ def run(args) -> C.Report:
         net.train()
 
         def effective(layers=layers):
-            return [m._learning_weight() for m in layers]
+            return [m._learning_weight(True) for m in layers]
 
         grads = [torch.randn_like(w) for w in effective()]
         ceff = torch.compile(effective, backend=backend)

@@ -153,7 +153,7 @@ def test_export_report_compare_call_through(monkeypatch, tmp_path):
                 write_compare_report=lambda d: seen.update(compare_report=d) or d / "report")
     assert invoke("report", str(tmp_path)).exit_code == 0 and seen["compare_report"] == tmp_path
 
-    def run_compare(recipe, methods, seeds, out_dir=None, equal_budget=None, progress=None, echo=None):
+    def run_compare(recipe, methods, seeds, out_dir=None, equal_budget=None, progress=None, echo=None, data_seeds=None):
         seen["compare"] = (recipe.training.epochs, methods, seeds)
         seen["equal_budget"] = equal_budget
         return tmp_path

@@ -67,6 +67,12 @@ PROCESS_STATE = {
         "prepared; it also memoises what probing a class found (a fact about the class's code), invalidated "
         "explicitly by every registration",
     ("grownfx/engine/coupling/layouts.py", "OTHER"): "a sentinel with no state (a layout the analysis cannot see)",
+    ("grownfx/engine/faithful.py", "_FUNCTION_CALLS"):
+        "a memo keyed by an autograd Function class: the one graph target that calls `cls.apply`, so two traces "
+        "of the same class give the same target (a fact about the class, never a net's state)",
+    ("grownfx/engine/tracing.py", "_GN_CACHE"):
+        "a memo of probing a GroupNorm subclass once per (class, shape, groups): whether it computes plain "
+        "F.group_norm (a fact about the class's code, never a net's state)",
 }
 
 
@@ -174,7 +180,8 @@ def process_state(source: str, path: str = "probe.py", grownfx_classes: set[str]
                 continue
             if isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)) or (
                     isinstance(value, ast.Call) and _name(value.func) in _CONTAINERS):
-                containers[target.id] = node.lineno
+                if (path, target.id) not in PROCESS_STATE:
+                    containers[target.id] = node.lineno
             elif isinstance(value, ast.Call) and _name(value.func) in local_classes \
                     and (path, target.id) not in PROCESS_STATE:
                 found.append(f"{path}:{node.lineno}: module-level instance '{target.id}' of "

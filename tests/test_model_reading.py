@@ -627,7 +627,7 @@ def test_one_group_norm_slims_and_grows_like_a_layer_norm():
     # before: its granularity was all its channels, so the seed kept them all (poolformerv2's seed ratio 0.59)
     net = lifecycle(OneGroupNorm(), X, seed_width=0.5)
     stem = groups_of(net, "stem")[0]
-    assert stem.growable and stem.granularity == 1 and net.ctx.widths[stem.id] > 4  # 8 -> seed 4 -> grown
+    assert stem.growable and stem.granularity == 1 and net.structure.widths[stem.id] > 4  # 8 -> seed 4 -> grown
     # a subclass that computes more than the norm keeps the old rule: whole groups
     net = grownfx.prepare(OneGroupNorm(GroupNormAct(1, 8)), X, seed_width=0.5)
     assert groups_of(net, "stem")[0].granularity == 8

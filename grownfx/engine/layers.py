@@ -213,7 +213,7 @@ class TaskMode(_TaskModule):
 
     def forward(self) -> bool:
         ctx = self.ctx
-        return self.training and ctx.is_learning(ctx.require_task())
+        return self.training and ctx.is_learning(ctx.task)
 
 
 class TaskLiteral(_TaskModule):
