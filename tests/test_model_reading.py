@@ -633,6 +633,29 @@ def test_one_group_norm_slims_and_grows_like_a_layer_norm():
     assert groups_of(net, "stem")[0].granularity == 8
 
 
+class TwoGroupNorm(Frame):
+    """GroupNorm(2, 6): slimmed to seed width 0.5 it is one group of 3 channels, yet not a layer norm."""
+
+    def __init__(self):
+        super().__init__(c=6)
+        self.norm = nn.GroupNorm(2, 6)
+
+    def mid(self, x):
+        return self.norm(x)
+
+
+def test_group_norm_slimmed_to_one_group_keeps_its_channels_per_group():
+    # found by the model fuzzer (seed 1587): GroupNorm(2, 6) slimmed to GroupNorm(1, 3) grew as a layer norm, to
+    # GroupNorm(1, 6), so its statistics took in the new channels and growth changed the task's outputs by 0.19
+    net = lifecycle(TwoGroupNorm(), X, seed_width=0.5)
+    stem = groups_of(net, "stem")[0]
+    assert stem.growable and stem.granularity == 3 and net.structure.widths[stem.id] > 3, reasons(net)
+    for t in range(net.structure.num_tasks):  # every copy and export keeps 3 channels per group
+        norms = [net.graph_module.norm.copy_for(t)] + [m for m in net.export(t).modules()
+                                                        if isinstance(m, nn.GroupNorm)]
+        assert all(m.num_channels == 3 * m.num_groups for m in norms), norms
+
+
 # --- found by the timm sweep ---------------------------------------------------------------------------------
 
 

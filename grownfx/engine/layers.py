@@ -97,8 +97,8 @@ class PerTask(_TaskModule):
         targets = [self.pending]
         if birth < len(self.copies):
             targets.append(self.copies[birth])
-        for m in targets:
-            resize_plain(m, role, src, generator)
+        for m in targets:  # a norm_axis: the coupling read a layer norm (a GroupNorm of one group at any width)
+            resize_plain(m, role, src, generator, joint_norm=self.norm_axis is not None)
 
     def copy_for(self, task: int) -> nn.Module:
         return self.copies[task]

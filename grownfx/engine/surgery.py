@@ -90,9 +90,12 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(module, name, value)
 
 
-def resize_plain(module: nn.Module, role: str, src: torch.Tensor, generator: torch.Generator | None = None) -> None:
+def resize_plain(module: nn.Module, role: str, src: torch.Tensor, generator: torch.Generator | None = None,
+                 joint_norm: bool = False) -> None:
     """Apply an axis map to a standard torch layer, keeping its attributes (in_channels, ...) in step; a module
-    type with a registered resize function (grownfx.register_module / register_resize) uses that instead."""
+    type with a registered resize function (grownfx.register_module / register_resize) uses that instead.
+    `joint_norm`: the coupling read this GroupNorm as one group over every channel (a layer norm, growable at
+    any width); any other GroupNorm keeps its channels per group, even when slimmed to a single group."""
     n = int(src.numel())
     rule = registry.module_rule(module)
     if rule is not None and rule.resize is not None:
@@ -119,7 +122,7 @@ def resize_plain(module: nn.Module, role: str, src: torch.Tensor, generator: tor
             t = getattr(module, name, None)
             if isinstance(t, torch.Tensor):
                 _set(module, name, remap(t.data, 0, src, fill))
-        _update_attrs(module, role, n)
+        _update_attrs(module, role, n, joint_norm)
     else:
         raise TypeError(f"cannot resize a {type(module).__name__} (grownfx.register_module(..., resize=fn))")
 
@@ -193,12 +196,12 @@ def set_linear_width(linear, role: str, n: int) -> None:
         linear.out_features = n
 
 
-def _update_attrs(module: nn.Module, role: str, n: int) -> None:
+def _update_attrs(module: nn.Module, role: str, n: int, joint_norm: bool = False) -> None:
     if isinstance(module, _CONV):
         set_conv_width(module, role, n)
     elif isinstance(module, nn.Linear):
         set_linear_width(module, role, n)
-    elif isinstance(module, nn.GroupNorm) and module.num_groups == 1:  # one group at any width (a layer norm)
+    elif isinstance(module, nn.GroupNorm) and joint_norm:  # one group at any width (a layer norm)
         module.num_channels = n
     elif isinstance(module, nn.GroupNorm):
         per_group = module.num_channels // module.num_groups
@@ -275,8 +278,8 @@ def apply_binding(gm: fx.GraphModule, b: Binding, src: torch.Tensor, generator=N
     module = gm.get_submodule(b.target)
     if hasattr(module, "resize_axis"):
         module.resize_axis(b.role, src, generator=generator, **kw)
-    else:
-        resize_plain(module, b.role, src, generator)
+    else:  # a feature binding on a negative axis: the coupling read a layer norm (one group over every channel)
+        resize_plain(module, b.role, src, generator, joint_norm=b.role == "feat" and b.axis < 0)
     return False
 
 
