@@ -654,6 +654,12 @@ def test_group_norm_slimmed_to_one_group_keeps_its_channels_per_group():
         norms = [net.graph_module.norm.copy_for(t)] + [m for m in net.export(t).modules()
                                                         if isinstance(m, nn.GroupNorm)]
         assert all(m.num_channels == 3 * m.num_groups for m in norms), norms
+    # and a one-group norm (a layer norm) stays one group when growth doubles it: 8 -> seed 4 -> 8
+    net = grownfx.prepare(OneGroupNorm(), X, seed_width=0.5)
+    net.add_task(5)
+    net.grow(ratio=1.0)
+    norm = net.graph_module.norm
+    assert norm.copy_for(0).num_channels == 8 and norm.copy_for(0).num_groups == norm.pending.num_groups == 1
 
 
 # --- found by the timm sweep ---------------------------------------------------------------------------------
