@@ -24,7 +24,7 @@ from grownfx.engine.context import ATT, OFF, SEL
 from grownfx.engine.layers import FREE, TaskParameter, _TaskModule
 from grownfx.engine.surgery import random_fill, remap, set_conv_width, set_linear_width
 from grownfx.engine.tracing import bare_layer, call_with_weight, out_channel_params
-from grownfx.engine.unit_weight import MaskedWeight, MaskPlan, fused_masked_weight
+from grownfx.engine.unit_weight import MaskedWeight, MaskPlan
 
 if TYPE_CHECKING:  # pragma: no cover
     from grownfx.engine.context import TaskContext
@@ -111,12 +111,12 @@ class MaskedLayer(_TaskModule):
     def _compute_learning_weight(self, training: bool) -> torch.Tensor:
         w = self.weight
         plan = self._mask_plan()
-        if self.ctx.masks.fuse_masks and training and plan.masked and self.score is not None and self.unit_cols == 1:
-            w = fused_masked_weight(self.ctx)(w, self.frozen, self.score, plan.trainable, plan.none_trainable,
-                                              plan.const, plan.active, plan.scale, plan.threshold, plan.noise,
-                                              w.dim() - self.score.dim())
+        step = self.ctx.cache.step if training else None  # the training forward's pass (engine/weight_pass.py)
+        got = step.get(self.target) if step is not None else None
+        if got is not None and got[0] == "weight":
+            w = got[1]
         else:
-            mult = self._unit_multiplier(plan, training)
+            mult = got[1] if got is not None else self._unit_multiplier(plan, training)
             if plan.none_trainable:
                 w = self.frozen if mult is None else self.frozen * self._expand(mult)
             elif plan.rows is not None or mult is not None:

@@ -143,7 +143,13 @@ class DerivedCache:
     def __init__(self):
         self._entries: dict = {}  # (owner, name) -> (key, value); (owner, name, "lru") -> OrderedDict
         self._inference: dict | None = None  # the learning task's derived tensors, inside an inference() scope
-        self._compiled: dict = {}  # function -> its torch.compile'd form (MaskSettings.fuse_masks)
+        # the learning task's multipliers or weights of the training forward being run (engine/weight_pass.py)
+        self.step: dict | None = None
+        # compiled passes (MaskSettings.fuse_masks), per layout of the masked weights: kept across clear() (a
+        # state reload does not change the layout), the last `compiled_keep` layouts
+        self.compiled_passes: dict = {}
+        self.compiled_keep = 2
+        self.compile_stats = {"compiles": 0, "compile_seconds": 0.0}
         # finished tasks whose effective weights each masked layer keeps (least recently used evicted): memory
         # up to this many weight-sized tensors per layer; serving that many tasks in turn rebuilds nothing
         self.finished_cache_size = FINISHED_CACHE_SIZE
@@ -212,13 +218,6 @@ class DerivedCache:
         store[(owner, name)] = (key, value)
         return value
 
-    def compiled(self, fn):
-        """`torch.compile(fn)`, made once for this net (torch keeps the compiled code per function)."""
-        out = self._compiled.get(fn)
-        if out is None:
-            out = self._compiled[fn] = torch.compile(fn, dynamic=True)
-        return out
-
 
 # -- mask settings --------------------------------------------------------------------------------------------
 
@@ -254,7 +253,7 @@ class MaskSettings:
     policy: MaskPolicy = field(default_factory=MaskPolicy)
     temperature: float | None = None  # the method's current Gumbel temperature (None: the policy's own)
     channel_scale: ChannelScale | None = None  # a method's multipliers on consumer inputs
-    fuse_masks: bool = False  # compute masked weights with one torch.compile'd expression
+    fuse_masks: bool = False  # compute the learning task's masked weights in one torch.compile'd graph
 
 
 # -- the context: the parts, and the queries that combine them ------------------------------------------------

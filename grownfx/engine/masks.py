@@ -63,15 +63,17 @@ class _StraightThroughStep(torch.autograd.Function):
 _ONE = torch.ones(())
 
 
-def binary_concrete(score: torch.Tensor, scale, threshold, noise_scale=None, training: bool = True) -> torch.Tensor:
+def binary_concrete(score: torch.Tensor, scale, threshold, noise_scale=None, training: bool = True,
+                    uniform: torch.Tensor | None = None) -> torch.Tensor:
     """The one expression behind every unit mask: z = scale * (score - threshold) + noise_scale * logistic noise;
     forward value 1[z >= 0], gradient of sigmoid(z) (straight-through).  `scale`, `threshold` and
-    `noise_scale` may be per-unit tensors, so one call serves selective and attentive units together."""
+    `noise_scale` may be per-unit tensors, so one call serves selective and attentive units together.
+    `uniform`: the noise's uniform samples, score-shaped, consumed (default: drawn here)."""
     z = (score - threshold) * scale
     if training and noise_scale is not None:
         # g0 - g1 of two Gumbel(0, 1) samples is Logistic(0, 1): logit of one uniform sample (in place: these
         # are as large as the weights of a linear layer)
-        noise = torch.rand_like(score).logit_(eps=1e-6)
+        noise = (torch.rand_like(score) if uniform is None else uniform).logit_(eps=1e-6)
         z = torch.addcmul(z, noise, noise_scale) if isinstance(noise_scale, torch.Tensor) else z.add_(noise, alpha=noise_scale)
     return _StraightThroughStep.apply(z)
 

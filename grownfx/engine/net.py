@@ -32,6 +32,7 @@ from grownfx.engine.errors import ModelCheckError, SurgeryError
 from grownfx.engine.heads import check_class_count, find_heads
 from grownfx.engine.selfcheck import check_graph
 from grownfx.engine.tracing import trace
+from grownfx.engine.weight_pass import learning_pass
 
 __all__ = ["GrowableNet", "ModelCheckError", "SurgeryError", "count_parameters", "prepare", "slim"]
 
@@ -276,7 +277,7 @@ class GrowableNet(nn.Module):
         t = int(task)
         if not 0 <= t < n:
             raise IndexError(f"task {task} does not exist (the net has {n} tasks)")
-        with self.ctx.computing(t):
+        with self.ctx.computing(t), learning_pass(self, t):
             return self.graph_module(x)
 
     def computing(self, task: int):

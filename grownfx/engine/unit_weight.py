@@ -5,7 +5,7 @@
   task may not train are read from the bank's `frozen` buffer, never from the Parameter an optimiser updates, so
   no optimiser (momentum, weight decay, state kept from an earlier task, a user's own update) can change what a
   finished task's units contribute: by construction, not by repair after the step.
-* `fused_masked_weight`: the same expression for torch.compile (`training.compile`).
+* the same for every layer at once, eager or compiled: engine/weight_pass.py.
 """
 
 from __future__ import annotations
@@ -68,28 +68,6 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum over each row of a * b (einsum: one batched product, about 25 % faster on CPU than the product then its
     sum, which writes a weight-sized tensor)."""
     return (a * b).view(-1) if a.shape[1] == 1 else torch.einsum("uk,uk->u", a, b)
-
-
-def _masked_weight(weight, frozen, score, trainable, none_trainable: bool, const, active, scale, threshold, noise,
-                   extra_dims: int):
-    """where(trainable, weight, frozen) * (const + active * binary_concrete(score)), written as one expression so
-    torch.compile can fuse it into a single pass over the weights (forward) and one or two (backward)."""
-    w = frozen if none_trainable else (weight if trainable is None else torch.where(trainable, weight, frozen))
-    z = (score - threshold) * scale
-    if noise is not None:
-        z = z + noise * torch.logit(torch.rand_like(score), eps=1e-6)
-    soft = torch.sigmoid(z)
-    m = (z >= 0).to(z.dtype) + (soft - soft.detach())
-    if active is not None:
-        m = m * active
-    if const is not None:
-        m = m + const
-    return w * m.view(m.shape + (1,) * extra_dims)
-
-
-def fused_masked_weight(ctx):
-    """The compiled `_masked_weight` (compiled once per net, on first use)."""
-    return ctx.cache.compiled(_masked_weight)
 
 
 class MaskPlan:

@@ -285,11 +285,19 @@ def train_stage(stage: Stage, training: TrainingConfig, device: torch.device, di
     if not stage.optim.optimizers or stage.epochs <= stage.start_epoch:
         return 0
     hooks, event = stage.hooks, stage.event
+    net = stage.module if isinstance(stage.module, GrowableNet) else None
+    if net is not None:  # `training.compile`: the learning task's masked weights in one compiled graph
+        net.ctx.masks.fuse_masks = training.compile
     model = dist.wrap(stage.module, trainable=stage.trainable)
     for epoch in range(stage.start_epoch, stage.epochs):
         last = epoch + 1 == stage.epochs
+        compiled = dict(net.ctx.cache.compile_stats) if net is not None and training.compile else None
         info = {**event, "epoch": epoch + 1, "epochs": stage.epochs,
                 **_train_epoch(stage, model, epoch, training, device, dist)}
+        if compiled is not None:  # graphs compiled in this epoch (a new layout: growth, a new task) and their time
+            now = net.ctx.cache.compile_stats
+            info.update(compiles=now["compiles"] - compiled["compiles"],
+                        compile_seconds=round(now["compile_seconds"] - compiled["compile_seconds"], 3))
         if training.precise_bn and last:
             # several processes: each passes over its share of every batch while the stage's BatchNorm is still
             # synchronised, so the statistics are the single-process batches'

@@ -32,7 +32,7 @@ READ_BY: dict[str, tuple[str, ...]] = {
     "training.stage2_epochs": (*_GROWN, "cpg"),
     "training.mask_optimizer": _GROWN,
     "training.gate_optimizer": _GROWN,
-    "training.compile": (),  # declared, but nothing sets the engine's fuse_masks from it yet
+    "training.compile": ("grown", "piggyback", "cpg"),  # the methods whose learning task has learned unit masks
 }
 
 _INTRO = """\

@@ -379,9 +379,12 @@ class TrainingConfig(_Strict):
                              "binarised gates), each batch weighted equally (detectron2's PreciseBN).  The "
                              "running averages of training trail a network whose masks, gates and weights move, "
                              "and a task keeps its statistics for ever.  false: keep the running averages.")
-    compile: bool = Field(False, description="Fuse each layer's mask arithmetic (where, unit masks, Gumbel noise) "
-                          "into one kernel with torch.compile: faster steps after a one-off compile per weight "
-                          "shape (seconds each); convolutions stay eager.")
+    compile: bool = Field(False, description="Compute the learning task's masked weights of all layers (unit "
+                          "masks, their Gumbel noise, the frozen/trainable select) as one torch.compile'd graph, "
+                          "forward and backward; convolutions stay eager.  Compiled once per layout of the masked "
+                          "weights (a new task, growth): tens of seconds on a CPU (a C++ compiler is needed), "
+                          "each epoch event reports `compiles` and `compile_seconds`.  The same noise as eager; "
+                          "results agree to float rounding.  docs/performance.md §1 says when it pays.")
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N epochs (0: after each task only).")
     num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's). It changes "
                                        "what is learned (CPU kernels sum in a thread-dependent order, so 1 and 2 "
