@@ -23,8 +23,8 @@ def _net(granularity="kernel"):
     net.freeze_task(0)
     net.add_task(2)
     net.grow(ratio=0.25)
-    for m in net.masked_layers():  # task 1's attentive masks drop every third grown unit: released to task 2
-        with torch.no_grad():
+    for m in net.masked_layers()[:2]:  # task 1's attentive masks drop every third grown unit of two layers:
+        with torch.no_grad():  # released to task 2 (dense); the other layers' units all carry a learned mask
             m.score.view(-1)[::3] = 0.0
     net.freeze_task(1)
     net.add_task(2)
@@ -104,6 +104,8 @@ def test_eager_pass_equals_the_plain_expression_forward_and_both_gradients(granu
     net = _net(granularity)
     kinds = torch.cat([m.kind.reshape(-1) for m in net.masked_layers()])
     assert set(kinds.tolist()) == {0, 1, 2}  # selective, dense and attentive units all present
+    plans = [m._mask_plan() for m in net.masked_layers()]
+    assert {p.active is None for p in plans} == {True, False}  # layers with and without dense units
     _check(net, tol=0)
 
 
