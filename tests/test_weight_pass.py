@@ -133,7 +133,7 @@ def test_one_noise_draw_per_forward_in_masked_layers_order():
     u = torch.rand(sum(m.owner.numel() for m in net.masked_layers()))
     ref = _reference(net, u)
     with net.computing(2):  # the same forward with the reference weights put in place of the pass's
-        net.ctx.cache.step = {k: ("weight", w) for k, w in ref.items()}
+        net.ctx.cache.step = dict(ref)
         try:
             again = net.graph_module(x)
         finally:

@@ -109,24 +109,26 @@ class MaskedLayer(_TaskModule):
         return self._compute_learning_weight(training)
 
     def _compute_learning_weight(self, training: bool) -> torch.Tensor:
-        w = self.weight
-        plan = self._mask_plan()
         step = self.ctx.cache.step if training else None  # the training forward's pass (engine/weight_pass.py)
-        got = step.get(self.target) if step is not None else None
-        if got is not None and got[0] == "weight":
-            w = got[1]
-        else:
-            mult = got[1] if got is not None else self._unit_multiplier(plan, training)
-            if plan.none_trainable:
-                w = self.frozen if mult is None else self.frozen * self._expand(mult)
-            elif plan.rows is not None or mult is not None:
-                rows = self.owner.numel()
-                w = MaskedWeight.apply(w.reshape(rows, -1), self.frozen.reshape(rows, -1), plan.rows,
-                                       None if mult is None else mult.reshape(rows), plan.plain_rows).view(w.shape)
+        w = step.get(self.target) if step is not None else None
+        if w is None:
+            plan = self._mask_plan()
+            w = self.masked_weight(plan, self._unit_multiplier(plan, training))
         scale = self.ctx.input_scale(self.target, training) if self.in_role() == "in" else None
         if scale is not None:
             w = w * scale.view((1, -1) + (1,) * (w.dim() - 2))
         return w
+
+    def masked_weight(self, plan: "MaskPlan", mult: torch.Tensor | None) -> torch.Tensor:
+        """`where(trainable, weight, frozen) * mult` (mult: unit-shaped, None: 1), before any channel scale."""
+        w = self.weight
+        if plan.none_trainable:
+            return self.frozen if mult is None else self.frozen * self._expand(mult)
+        if plan.rows is None and mult is None:
+            return w
+        rows = self.owner.numel()
+        return MaskedWeight.apply(w.reshape(rows, -1), self.frozen.reshape(rows, -1), plan.rows,
+                                  None if mult is None else mult.reshape(rows), plan.plain_rows).view(w.shape)
 
     def _version_key(self) -> tuple:
         parts = [self.weight._version, id(self.weight), self.weight.device, self.ctx.masks.temperature]

@@ -38,7 +38,7 @@ class PassPlan:
 
     def __init__(self, layers):
         self.layers = layers
-        plans = [m._mask_plan() for m in layers]
+        self.plans = plans = [m._mask_plan() for m in layers]
         self.targets = [m.target for m in layers]
         self.sizes = [m.owner.numel() for m in layers]
         self.unit_shapes = [tuple(m.owner.shape) for m in layers]
@@ -183,7 +183,8 @@ def _run(plan: PassPlan, ctx) -> dict:
     scores = [m.score for m in plan.layers]
     if not ctx.masks.fuse_masks:
         mults = plan.multiplier(scores, uniform).split(plan.sizes)
-        return {t: ("mult", v.view(s)) for t, v, s in zip(plan.targets, mults, plan.unit_shapes)}
+        return {m.target: m.masked_weight(p, v.view(s))
+                for m, p, v, s in zip(plan.layers, plan.plans, mults, plan.unit_shapes)}
     _, (fn,) = compiled_weights(ctx, plan)
     stats = ctx.cache.compile_stats
     graphs, t0 = _graph_count(), time.perf_counter()
@@ -194,4 +195,4 @@ def _run(plan: PassPlan, ctx) -> dict:
     if new:  # this call compiled (the first of a layout, or a recompile: a guard of the graph failed)
         stats["compiles"] += new
         stats["compile_seconds"] += time.perf_counter() - t0
-    return {t: ("weight", w) for t, w in zip(plan.targets, outs)}
+    return dict(zip(plan.targets, outs))
