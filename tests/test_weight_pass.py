@@ -156,3 +156,30 @@ def test_compiled_pass_equals_the_plain_expression_and_compiles_once_per_layout(
     net.grow(ratio=0.25)  # a new layout: one more
     net(torch.randn(4, 1, 8, 8), task=2).sum().backward()
     assert net.ctx.cache.compile_stats["compiles"] == 2
+
+
+@pytest.mark.slow  # a whole run of two tasks: ~50 s of CPU here
+def test_training_compile_is_read_by_the_stage_loop_and_each_epoch_reports_its_compiles(tmp_path, monkeypatch):
+    """`training.compile: true` reaches the engine through the one stage loop, and the epoch events say how many
+    graphs were compiled (dynamo with its eager backend here: the wiring and the count, not inductor's time)."""
+    import json
+
+    from grownfx.recipe.schema import Recipe
+    from grownfx.run.runner import run
+
+    monkeypatch.setattr(WP, "BACKEND", "eager")
+    seen = []
+    orig = WP._run
+    monkeypatch.setattr(WP, "_run", lambda plan, ctx: seen.append(ctx.masks.fuse_masks) or orig(plan, ctx))
+    r = Recipe.model_validate({
+        "name": "compiled", "model": {"builder": "small_cnn", "seed_width": 0.5},
+        "data": {"name": "digits", "classes_per_task": 5},
+        "training": {"epochs": 1, "compile": True, "precise_bn": False},
+        "target": {"rule": 90.0}, "output": {"dir": str(tmp_path / "{name}"), "tensorboard": False,
+                                             "export_format": "none"}})
+    run(r, echo=lambda m: None)
+    events = [json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in events if e.get("event") == "epoch"]
+    assert seen and all(seen)  # the pass ran, compiled
+    assert epochs and all("compiles" in e and "compile_seconds" in e for e in epochs)
+    assert sum(e["compiles"] for e in epochs) >= 1

@@ -115,11 +115,14 @@ def _all_weights(plan_sig, weights, frozens, scores, uniform, scale, threshold, 
     return outs
 
 
+BACKEND = "inductor"  # torch.compile's backend for the pass (tests use dynamo's "eager": the wiring, not codegen)
+
+
 def _fresh_compiled(fn):
     """torch.compile of a fresh copy of `fn`: dynamo keeps its compiled graphs (and its recompile limit) per code
     object, so each layout gets its own and never meets the limit, and its graphs go when it is dropped."""
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return torch.compile(copy, dynamic=False, fullgraph=True)
+    return torch.compile(copy, backend=BACKEND, dynamic=False, fullgraph=True)
 
 
 def compiled_weights(ctx, plan: PassPlan):
