@@ -143,7 +143,7 @@ class DerivedCache:
     def __init__(self):
         self._entries: dict = {}  # (owner, name) -> (key, value); (owner, name, "lru") -> OrderedDict
         self._inference: dict | None = None  # the learning task's derived tensors, inside an inference() scope
-        # the learning task's multipliers or weights of the training forward being run (engine/weight_pass.py)
+        # the learning task's masked weights of the training forward being run (engine/weight_pass.py)
         self.step: dict | None = None
         # compiled passes (MaskSettings.fuse_masks), per layout of the masked weights: kept across clear() (a
         # state reload does not change the layout), the last `compiled_keep` layouts

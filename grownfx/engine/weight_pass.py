@@ -7,8 +7,10 @@ backward), launched from Python once per layer.  `learning_pass` computes them f
 forward, before the graph runs:
 
 * eager (default): the scores of all layers concatenated, one Gumbel (logistic) noise draw for all of them, one
-  straight-through step, one multiplier; each layer then takes its slice (a view) into `MaskedWeight` (its
-  gather of the trainable rows stays per layer, it is where eager PyTorch is fastest);
+  straight-through step, one multiplier; then each layer's masked weight from its slice (`MaskedLayer.
+  masked_weight`: the gather of the trainable rows stays per layer, where eager PyTorch is fastest), all before
+  the graph runs, so the mask arithmetic does not interleave with the convolutions (their activations stay in
+  cache) and autograd runs the masks' backward after the convolutions';
 * compiled (`training.compile: true`, `MaskSettings.fuse_masks`): the whole computation, multipliers and the
   weights of every layer, is one `torch.compile`d graph (forward and backward), compiled once per layout of the
   masked weights (their shapes and which units are trainable, selective, attentive, dense: it changes when the
@@ -156,15 +158,16 @@ def learning_layers(net_layers, ctx, task: int) -> list:
 
 @contextmanager
 def learning_pass(net, task: int):
-    """A training forward of `task`: when it is the learning task, its masked layers' multipliers (eager) or
-    weights (compiled) are computed here, all together, and each layer takes its own inside the scope."""
+    """A training forward of `task`: when it is the learning task, its masked layers' weights are computed here,
+    all together before the graph runs, and each layer takes its own inside the scope."""
     ctx = net.ctx
     cache = ctx.cache
     if not net.training or cache.step is not None or not ctx.is_learning(task):
         yield
         return
-    probe = next(net.parameters())  # a move to another device or dtype rebuilds the plan's tensors
-    plan = cache.get("net", "pass_plan", (ctx.masks.temperature, id(ctx.masks.policy), probe.device, probe.dtype),
+    probe = next(net.parameters(), None)  # a move to another device or dtype rebuilds the plan's tensors
+    where = None if probe is None else (probe.device, probe.dtype)
+    plan = cache.get("net", "pass_plan", (ctx.masks.temperature, id(ctx.masks.policy), where),
                      lambda: _build_plan(net, ctx, task))
     if plan is None:
         yield
