@@ -320,7 +320,7 @@ class APDMethod(_Strict):
     lam1: float = Field(4e-4, ge=0, description="L1 weight on every task's tau and its hard threshold after each "
                         "task (APD: l1_hyp 4e-4).")
     lam2: float = Field(100.0, ge=0, description="Retroactive penalty lam2 * 1/2 |theta_j - theta_j^start|^2 over "
-                        "earlier tasks j (APD: approx_hyp 100).")
+                        "earlier tasks j (APD: approx_hyp 100, with Adam 1e-3; under SGD keep lr x lam2 below 2).")
     weight_decay: float = Field(1e-4, ge=0, description="L2 on the learning task's tau and mask, and on sigma "
                                 "during the first task (APD: wd_rate 1e-4).")
 

@@ -32,6 +32,7 @@ from torch import fx, nn
 from grownfx.data import Task
 from grownfx.engine.errors import SurgeryError
 from grownfx.engine.rewrite import set_submodule
+from grownfx.learn.guards import NonFiniteError
 from grownfx.learn.methods.base import StepTerms
 from grownfx.learn.methods.finetune import FinetuneContinual
 from grownfx.learn.training import derive_seed
@@ -154,6 +155,14 @@ class APDContinual(FinetuneContinual):
             set_submodule(self.model, name, layer)
         self.model.to(self.device)
         self.anchors: dict[tuple[str, int], torch.Tensor] = {}  # theta_j when the learning task began
+
+    def learn(self, task: Task, target, resume=None):
+        try:
+            return super().learn(task, target, resume)
+        except NonFiniteError as exc:  # the loop's advice names the learning rate; lam2 matters as much
+            raise NonFiniteError(f"{exc}; or lower method.lam2 ({self.recipe.method.lam2:g}): the retroactive "
+                                 "penalty diverges under SGD once lr x lam2 passes 2 (APD trains with Adam 1e-3)") \
+                from exc
 
     # -- the tasks' parameters -----------------------------------------------------------------------------
     def _add_task_parameters(self, t: int) -> None:
