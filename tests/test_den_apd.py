@@ -11,13 +11,14 @@ from torch.func import functional_call
 
 from grownfx.data import build_stream
 from grownfx.engine.errors import SurgeryError
+from grownfx.errors import UserError
 from grownfx.learn.methods import make_method
 from grownfx.models import build_backbone
 from grownfx.recipe.schema import Recipe
 
 
 def recipe(method: dict, *, model: dict | None = None, data: dict | None = None, epochs: int = 2,
-           **top) -> Recipe:
+           training_extra: dict | None = None, **top) -> Recipe:
     return Recipe.model_validate({
         "name": "den_apd", "seed": 0, "device": "cpu",
         "model": model or {"builder": "lenet5", "kwargs": {"in_channels": 1, "input_size": 16,
@@ -26,7 +27,8 @@ def recipe(method: dict, *, model: dict | None = None, data: dict | None = None,
                          "train_per_class": 16},
         "method": method,
         "training": {"epochs": epochs, "batch_size": 16, "num_threads": 1, "precise_bn": False,
-                     "optimizer": {"name": "adam", "lr": 0.01, "momentum": 0.0, "nesterov": False}},
+                     "optimizer": {"name": "adam", "lr": 0.01, "momentum": 0.0, "nesterov": False},
+                     **(training_extra or {})},
         "output": {"dir": "unused", "tensorboard": False, "export_format": "none"}, **top,
     })
 
@@ -233,3 +235,8 @@ def test_apd_refuses_a_layer_kind_it_cannot_decompose_by_name(tmp_path):
     with pytest.raises(SurgeryError, match="PReLU '1'"):
         method_and_stream({"name": "apd"}, model={"builder": "prelu_net:build"}, code_dir=str(tmp_path),
                           data={"name": "digits", "num_tasks": 2, "limit_per_task": 32})
+
+
+def test_den_refuses_an_epoch_budget_in_one_line():
+    with pytest.raises(UserError, match="^training.epoch_budget: DEN's stages"):
+        method_and_stream({"name": "den"}, training_extra={"epoch_budget": 4})

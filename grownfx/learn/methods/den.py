@@ -38,6 +38,7 @@ from grownfx.engine.errors import SurgeryError
 from grownfx.engine.net import count_parameters
 from grownfx.engine.rewrite import set_submodule
 from grownfx.engine.surgery import random_fill
+from grownfx.errors import UserError
 from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
 from grownfx.learn.methods.base import StepTerms
@@ -51,6 +52,10 @@ _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.T
 _PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, torch.tanh, torch.sigmoid,
                    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, torch.flatten}
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "flatten"}
+
+
+class DENSettingError(UserError, ValueError):
+    """A recipe setting DEN cannot honour."""
 
 
 class DENLayer(nn.Module):
@@ -198,6 +203,10 @@ class DENContinual(FinetuneContinual):
     name = "den"
 
     def __init__(self, recipe, stream, device, **hooks):
+        if recipe.training.epoch_budget is not None:
+            raise DENSettingError("training.epoch_budget: DEN's stages after selective retraining depend on what "
+                                  "it finds (expansion, splits), so no fixed budget splits them; leave den out of "
+                                  "--equal-budget comparisons")
         hooks["checkpoint"] = None  # shapes change within a task: checkpoints after tasks only
         super().__init__(recipe, stream, device, **hooks)
         chain = unit_chain(self.model, self.head_target, self.template)
@@ -273,6 +282,7 @@ class DENContinual(FinetuneContinual):
             if any(facts["split"]):
                 done += self._stage(task, t, "split", epochs, self._plan(t, rows=None, prev=prev, new_only=True),
                                     prev=prev)
+        before = self.stamps[-1] if self.stamps else self.widths()
         self.stamps.append(self.widths())
         self.heads.heads[t].requires_grad_(False)
         val = self.evaluate(t, task.val)
@@ -281,7 +291,8 @@ class DENContinual(FinetuneContinual):
                           val_history=[val], params_stored=self.num_parameters(),
                           params_task=count_parameters(self.export(t)), time_s=timer.seconds, epochs=done,
                           grew=bool(any(facts["expanded"]) or any(facts["split"])),
-                          growth={n: u for n, u in zip(self.names, self.widths())}, extra=facts)
+                          growth={n: a - b for n, a, b in zip(self.names, self.widths(), before) if a > b},
+                          extra=facts)
 
     def _plan(self, t: int, rows, prev=None, new_only: bool = False,
               groups: Optional[list[torch.Tensor]] = None) -> _StagePlan:
