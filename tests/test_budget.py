@@ -11,7 +11,7 @@ from grownfx.report.compare_report import write_compare_report
 from grownfx.run.compare import run_compare, slug
 
 ALL = ["scratch", "finetune", "finetune[forgetting]", "pnn", "grow", "packnet", "piggyback", "cpg", "grown",
-       "grown[+lsg]", "ewc", "si", "mas", "lwf", "er"]
+       "grown[+lsg]", "ewc", "si", "mas", "lwf", "er", "apd"]
 
 
 def recipe(tmp_path) -> Recipe:

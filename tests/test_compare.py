@@ -117,7 +117,7 @@ def test_method_names_and_the_recipes_own_settings(tmp_path):
     assert method_config(r, "packnet") == r.method.model_dump(mode="json")  # the recipe's prune_ratio kept
     assert method_config(r, "grown[+lsg]")["ablation"] == "+lsg"
     assert method_config(r, "cpg") == {"name": "cpg"}
-    for bad in ("den", "grown[everything]", "pnn[+lsg]"):
+    for bad in ("dna", "grown[everything]", "pnn[+lsg]"):
         with pytest.raises(ValueError):
             method_config(r, bad)
 

@@ -156,7 +156,7 @@ FILE_CASES = {
         method:
           name: packnett   #!
         """, "method.name: unknown method 'packnett'; did you mean 'packnet'? (valid names: scratch, finetune, "
-             "pnn, grow, packnet, piggyback, cpg, grown, ewc, si, mas, lwf, er)"),
+             "pnn, grow, packnet, piggyback, cpg, grown, ewc, si, mas, lwf, er, den, apd)"),
     "bad ablation": ("""\
         name: t
         model: {builder: small_cnn}

@@ -287,11 +287,49 @@ class ERMethod(_Strict):
                                                 "as many as the new batch).")
 
 
+class DENMethod(_Strict):
+    """Dynamically expandable networks (Yoon et al., ICLR 2018): selective retraining of the units a new task
+    reaches, expansion by group-sparse new units when the loss stays high, split/duplication of units that drifted,
+    timestamped units.  Defaults: jaehong31/DEN's DEN_run.py flags."""
+
+    name: Literal["den"] = "den"
+    l1_lambda: float = Field(1e-5, ge=0, description="L1 soft-threshold applied to the trained weights after "
+                             "every step (DEN: l1_lambda 1e-5).")
+    l2_lambda: float = Field(1e-4, ge=0, description="L2 penalty l2_lambda * 1/2 |W|^2 on the trained parameters "
+                             "(DEN: l2_lambda 1e-4).")
+    gl_lambda: float = Field(1e-3, ge=0, description="Group-lasso threshold on each new unit's incoming weights "
+                             "after every step of the expansion stage (DEN: gl_lambda 1e-3).")
+    regular_lambda: float = Field(0.5, ge=0, description="Penalty regular_lambda * 1/2 |W - W_prev|^2 holding the "
+                                  "earlier tasks' units near their values (DEN: regular_lambda 0.5).")
+    k_ex: PositiveInt = Field(10, description="Units added to every hidden layer by an expansion, and the most "
+                              "units split per layer (DEN: ex_k 10).")
+    loss_thr: float = Field(0.01, ge=0, description="Expand when the task's mean training loss after selective "
+                            "retraining is at least this (DEN: loss_thr 0.01).")
+    spl_thr: float = Field(0.05, ge=0, description="Split a unit whose incoming weights moved more than this (L2) "
+                           "during the task (DEN: spl_thr 0.05).")
+    select_epochs: Optional[PositiveInt] = Field(None, description="Epochs of the sparse head that selects the "
+                                                 "subnetwork (default: a tenth of training.epochs, at least 1; DEN: "
+                                                 "max_iter / 10).")
+
+
+class APDMethod(_Strict):
+    """Additive parameter decomposition (Yoon et al., ICLR 2020): theta_t = sigma * sigmoid(m_t) + tau_t per layer,
+    sparse tau_t, a retroactive penalty holding earlier tasks.  Defaults: jaehong31/APD's cifar100_apd_bash.py."""
+
+    name: Literal["apd"] = "apd"
+    lam1: float = Field(4e-4, ge=0, description="L1 weight on every task's tau and its hard threshold after each "
+                        "task (APD: l1_hyp 4e-4).")
+    lam2: float = Field(100.0, ge=0, description="Retroactive penalty lam2 * 1/2 |theta_j - theta_j^start|^2 over "
+                        "earlier tasks j (APD: approx_hyp 100, with Adam 1e-3; under SGD keep lr x lam2 below 2).")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 on the learning task's tau and mask, and on sigma "
+                                "during the first task (APD: wd_rate 1e-4).")
+
+
 # Every method a recipe can name.  A new method adds its config class here and registers its implementation in
 # grownfx.learn.methods._REGISTRY; METHODS and `grownfx compare` follow.
 MethodConfig = Annotated[
     Union[ScratchMethod, FinetuneMethod, PNNMethod, GrowMethod, PackNetMethod, PiggybackMethod, CPGMethod,
-          GrownMethod, EWCMethod, SIMethod, MASMethod, LwFMethod, ERMethod],
+          GrownMethod, EWCMethod, SIMethod, MASMethod, LwFMethod, ERMethod, DENMethod, APDMethod],
     Field(discriminator="name"),
 ]
 METHODS = tuple(get_args(cls.model_fields["name"].annotation)[0] for cls in get_args(get_args(MethodConfig)[0]))

@@ -12,7 +12,7 @@ differs from its training seed lives in `<method>/seed<k>-data<d>/`; `seed<k>` i
 is also what a comparison made before data seeds existed holds.
 
 Methods: every name of grownfx.recipe.schema.METHODS (scratch, finetune, pnn, grow, packnet, piggyback, cpg, grown,
-ewc, si, mas, lwf, er), and GROWN's ablation rows
+ewc, si, mas, lwf, er, den, apd), and GROWN's ablation rows
 grown[grow_only], grown[+selective_mask], grown[+lsg], grown[+retrain_released] (the paper's Table 5).
 A method the recipe itself names keeps the recipe's settings for it; the others take their defaults.
 

@@ -6,8 +6,10 @@ import torch
 
 from grownfx.recipe.schema import Recipe
 from grownfx.data import TaskStream
+from grownfx.learn.methods.apd import APDContinual
 from grownfx.learn.methods.base import ContinualMethod
 from grownfx.learn.methods.cpg import CPGContinual
+from grownfx.learn.methods.den import DENContinual
 from grownfx.learn.methods.finetune import FinetuneContinual
 from grownfx.learn.methods.grown import GrownContinual, build_net
 from grownfx.learn.methods.lwf import LwFContinual
@@ -32,6 +34,8 @@ _REGISTRY = {
     "mas": MASContinual,
     "lwf": LwFContinual,
     "er": ERContinual,
+    "den": DENContinual,
+    "apd": APDContinual,
 }
 
 
@@ -42,6 +46,6 @@ def make_method(recipe: Recipe, stream: TaskStream, device: torch.device, **hook
     return _REGISTRY[name](recipe, stream, device, **hooks)
 
 
-__all__ = ["CPGContinual", "ContinualMethod", "ERContinual", "EWCContinual", "FinetuneContinual", "GrownContinual",
+__all__ = ["APDContinual", "CPGContinual", "ContinualMethod", "DENContinual", "ERContinual", "EWCContinual", "FinetuneContinual", "GrownContinual",
            "LwFContinual", "MASContinual", "PNNContinual", "PackNetContinual", "PiggybackContinual", "SIContinual",
            "ScratchContinual", "build_net", "make_method", "train_plain"]

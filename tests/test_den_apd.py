@@ -1,0 +1,270 @@
+"""DEN and APD: each method's defining property, checked against a computation of its own (captured outputs,
+weights composed by hand and run through the original backbone), on tiny LeNets and CNNs."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from grownfx.data import build_stream
+from grownfx.engine.errors import SurgeryError
+from grownfx.errors import UserError
+from grownfx.learn.methods import make_method
+from grownfx.models import build_backbone
+from grownfx.recipe.schema import Recipe
+
+
+def recipe(method: dict, *, model: dict | None = None, data: dict | None = None, epochs: int = 2,
+           training_extra: dict | None = None, **top) -> Recipe:
+    return Recipe.model_validate({
+        "name": "den_apd", "seed": 0, "device": "cpu",
+        "model": model or {"builder": "lenet5", "kwargs": {"in_channels": 1, "input_size": 16,
+                                                          "widths": [4, 6, 12, 8]}},
+        "data": data or {"name": "synthetic", "num_tasks": 2, "classes_per_task": 2, "input_shape": [1, 16, 16],
+                         "train_per_class": 16},
+        "method": method,
+        "training": {"epochs": epochs, "batch_size": 16, "num_threads": 1, "precise_bn": False,
+                     "optimizer": {"name": "adam", "lr": 0.01, "momentum": 0.0, "nesterov": False},
+                     **(training_extra or {})},
+        "output": {"dir": "unused", "tensorboard": False, "export_format": "none"}, **top,
+    })
+
+
+def method_and_stream(method: dict, **kw):
+    r = recipe(method, **kw)
+    stream = build_stream(r.data, r.seed)
+    return make_method(r, stream, torch.device("cpu")), stream
+
+
+def inputs(task, n: int = 8) -> torch.Tensor:
+    return task.test.normalize(task.test.x[:n], augment=None)
+
+
+# --------------------------------------------------------------------------------------------------- DEN
+
+
+def snapshot(m):
+    return [(l.weight.detach().clone(), l.bias.detach().clone()) for l in m.layers]
+
+
+def test_den_splits_the_drifting_unit_and_the_old_task_keeps_its_value():
+    m, stream = method_and_stream({"name": "den", "spl_thr": 0.05, "k_ex": 10})
+    m.learn(stream.tasks[0], None)
+    x = inputs(stream.tasks[0])
+    before = m.logits(0, x).clone()
+    prev = snapshot(m)
+    m.heads.heads.append(m._den_head(2, 1))  # task 1 begins: its head reads every unit
+    layer = m.layers[1]
+    above = m.layers[2]  # a Linear reading layer 1's units one column each (16 x 16 inputs: 1 x 1 maps)
+    with torch.no_grad():  # unit 3 of layer 1 drifts by 0.5 (over spl_thr), unit 0 by 0.01 (under it), and
+        layer.weight[3] += 0.5 / layer.weight[3].numel() ** 0.5
+        layer.weight[0] += 0.01 / layer.weight[0].numel() ** 0.5
+        above.weight[:, 3] += 0.01  # unit 3's outgoing weights by 0.01 per unit above (under it)
+    drifted, outgoing = layer.weight[3].detach().clone(), above.weight[:, 3].detach().clone()
+    assert not torch.equal(m.logits(0, x), before)
+    counts = m.split(1, prev)
+    assert counts == [0, 1, 0, 0]
+    assert layer.units == prev[1][0].shape[0] + 1
+    assert torch.equal(layer.weight[-1, :prev[1][0].shape[1]], drifted)  # the copy holds the new value ...
+    assert torch.equal(layer.weight[3], prev[1][0][3])  # ... the unit its old one
+    assert torch.equal(above.weight[:, -1], outgoing) and torch.equal(above.weight[:, 3], prev[2][0][:, 3])
+    assert not torch.equal(layer.weight[0], prev[1][0][0])  # a small drift is no split
+    with torch.no_grad():
+        layer.weight[0] = prev[1][0][0]
+    assert torch.equal(m.logits(0, x), before)  # task 0 computes with the old value, bit for bit
+    assert m.widths(0) == [w.shape[0] for w, _ in prev]  # and with the units it was learned with
+
+
+def test_den_with_every_drift_split_forgets_nothing():
+    """spl_thr 0 and k_ex over every width: each earlier unit that moved is split, so task 0's outputs after
+    task 1 (selective retraining, expansion, split) equal those before it, though task 1 retrained the units."""
+    m, stream = method_and_stream({"name": "den", "spl_thr": 0.0, "k_ex": 64, "loss_thr": 0.0})
+    m.learn(stream.tasks[0], None)
+    x = inputs(stream.tasks[0])
+    before = m.logits(0, x).clone()
+    units = m.widths()
+    record = m.learn(stream.tasks[1], None)
+    assert sum(record.extra["split"]) > 0 and sum(record.extra["expanded"]) > 0
+    assert m.widths(0) == units and all(a > b for a, b in zip(m.widths(1), units))
+    assert torch.equal(m.logits(0, x), before)
+    for t in (0, 1):  # the export of a task computes as the method does
+        assert torch.equal(m.export(t)(x), m.logits(t, x))
+
+
+def test_den_expands_only_when_the_loss_is_above_the_threshold():
+    grown = {}
+    for thr in (0.0, 1e9):
+        m, stream = method_and_stream({"name": "den", "loss_thr": thr, "spl_thr": 1e9})
+        m.learn(stream.tasks[0], None)
+        units = m.widths()
+        record = m.learn(stream.tasks[1], None)
+        assert (record.extra["loss"] >= thr) == (thr == 0.0)
+        grown[thr] = [a - b for a, b in zip(m.widths(), units)]
+        assert grown[thr] == record.extra["expanded"]
+    assert grown[1e9] == [0, 0, 0, 0]
+    assert all(0 < g <= 10 for g in grown[0.0])
+
+
+def test_den_selects_the_units_the_new_head_reaches():
+    m, stream = method_and_stream({"name": "den"})
+    m.learn(stream.tasks[0], None)
+    m.heads.heads.append(m._den_head(2, 1))
+    with torch.no_grad():
+        head = m.heads.heads[1].weight
+        head.zero_()
+        head[1, 5] = head[0, 6] = 1.0  # the head reads units 5 and 6 of the last hidden layer (8 units)
+        m.layers[3].weight[5:7].zero_()
+        m.layers[3].weight[5, 7] = m.layers[3].weight[6, 9] = 1.0  # which read units 7 and 9 of the one below
+        m.layers[2].weight[7].zero_()
+        m.layers[2].weight[9].zero_()
+        m.layers[2].weight[7, 2] = 1.0  # which reads column 2 = unit 2 of the conv below (6 units, 1 x 1 maps)
+        m.layers[1].weight[2].zero_()
+        m.layers[1].weight[2, 3, 0, 4] = -1.0  # which reads channel 3 of the first conv through one tap
+    chosen = m.subnetwork(1)
+    assert chosen == [[3], [2], [7, 9], [5, 6]]
+
+
+def test_den_drops_new_units_whose_incoming_weights_vanished():
+    m, stream = method_and_stream({"name": "den", "k_ex": 3})
+    m.learn(stream.tasks[0], None)
+    m.heads.heads.append(m._den_head(2, 1))
+    units = m.widths()
+    added = m.expand(1)
+    with torch.no_grad():  # new unit 1 of layer 2 lost its incoming weights; new unit 2 outputs about 5
+        m.layers[2].weight[added[2][1]].zero_()
+        m.layers[2].bias[added[2][1]] = 0.0
+        m.layers[2].weight[added[2][2]] *= 1e-3
+        m.layers[2].bias[added[2][2]] = 5.0
+    x = inputs(stream.tasks[1])
+    out = m.logits(1, x).clone()
+    assert m.drop_dead_units(1, added) == [3, 3, 2, 3]
+    assert m.widths() == [u + k for u, k in zip(units, [3, 3, 2, 3])]
+    torch.testing.assert_close(m.logits(1, x), out)  # a unit that outputs 0 took nothing with it
+
+
+def test_den_refuses_what_it_cannot_grow_by_name():
+    with pytest.raises(SurgeryError, match="BatchNorm2d 'features.1'"):
+        method_and_stream({"name": "den"}, model={"builder": "small_cnn", "kwargs": {"width": 4, "hidden": 8}},
+                          data={"name": "digits", "num_tasks": 2, "limit_per_task": 32})
+
+
+# --------------------------------------------------------------------------------------------------- APD
+
+SMALL = {"builder": "small_cnn", "kwargs": {"in_channels": 1, "width": 4, "hidden": 8}}
+DIGITS = {"name": "digits", "num_tasks": 3, "limit_per_task": 48}
+
+
+def test_apd_task_output_is_shared_times_mask_plus_adaptive():
+    """Each task's output equals the original backbone run with sigma * sigmoid(m_t) + tau_t composed by hand,
+    the task's bias, its norms and its head."""
+    m, stream = method_and_stream({"name": "apd"}, model=SMALL, data=DIGITS, epochs=1)
+    for task in stream.tasks[:2]:
+        m.learn(task, None)
+    r = m.recipe
+    torch.manual_seed(0)
+    net = build_backbone(r.model.builder, 10, r.model.kwargs).eval()
+    x = inputs(stream.tasks[0])
+    for t in range(2):
+        values = {}
+        for name, layer in m.layers.items():
+            mask = torch.sigmoid(layer.masks[t].detach())
+            shape = (-1,) + (1,) * (layer.sigma.dim() - 1)
+            values[f"{name}.weight"] = layer.sigma.detach() * mask.reshape(shape) + layer.taus[t].detach()
+            if layer.has_bias:
+                values[f"{name}.bias"] = layer.biases[t].detach()
+        for name, norm in m.norms.items():
+            values.update({f"{name}.{k}": v for k, v in norm.copies[t].state_dict().items()})
+        values.update({f"{m.head_target}.{k}": v for k, v in m.heads.heads[t].state_dict().items()})
+        assert set(values) == set(net.state_dict())
+        torch.testing.assert_close(functional_call(net, values, (x,)), m.logits(t, x), rtol=1e-5, atol=1e-6)
+        assert torch.equal(m.export(t)(x), m.logits(t, x))
+
+
+def test_apd_retroactive_penalty_is_zero_unmoved_and_grows_with_drift():
+    m, stream = method_and_stream({"name": "apd", "lam2": 100.0}, model=SMALL, data=DIGITS, epochs=1)
+    for task in stream.tasks[:2]:
+        m.learn(task, None)
+    m.heads.heads.append(m._new_head(2, 2))
+    m.begin_task(stream.tasks[2], 2, resumed=False)
+    assert float(m.retroactive(2).detach()) == 0.0
+    name, layer = next(iter(m.layers.items()))
+    delta = torch.randn(layer.sigma.shape, generator=torch.Generator().manual_seed(1)) * 1e-2
+    shape = (-1,) + (1,) * (layer.sigma.dim() - 1)
+    expected = sum(100.0 * 0.5 * (delta * torch.sigmoid(layer.masks[j].detach()).reshape(shape)).pow(2).sum()
+                   for j in range(2))
+    with torch.no_grad():
+        layer.sigma += delta
+    torch.testing.assert_close(m.retroactive(2).detach(), expected)
+    with torch.no_grad():
+        layer.sigma += delta  # twice the drift: four times the penalty
+    torch.testing.assert_close(m.retroactive(2).detach(), 4 * expected)
+    with torch.no_grad():
+        layer.sigma -= 2 * delta
+        layer.taus[0] += delta  # task 0's adaptive part moved alone
+    torch.testing.assert_close(m.retroactive(2).detach(), 100.0 * 0.5 * delta.pow(2).sum())
+
+
+def test_apd_taus_are_sparse_and_counted_as_stored():
+    m, stream = method_and_stream({"name": "apd", "lam1": 1e-2}, model=SMALL, data=DIGITS)
+    x = inputs(stream.tasks[0])
+    record = m.learn(stream.tasks[0], None)
+    before = m.logits(0, x).clone()
+    m.learn(stream.tasks[1], None)
+    taus = [tau for layer in m.layers.values() for tau in layer.taus]
+    assert all(bool(((tau == 0) | (tau.abs() > 1e-2)).all()) for tau in taus)  # hard-thresholded at lam1
+    nonzero = sum(int((tau != 0).sum()) for tau in taus)
+    assert nonzero < sum(tau.numel() for tau in taus)
+    dense = sum(layer.sigma.numel() + sum(q.numel() for q in (*layer.masks, *layer.biases))
+                for layer in m.layers.values())
+    norms = sum(p.numel() for n in m.norms.values() for p in n.copies.parameters())
+    heads = sum(p.numel() for p in m.heads.parameters())
+    assert m.num_parameters() == dense + nonzero + norms + heads
+    assert record.params_stored < m.num_parameters()
+    assert not torch.equal(m.logits(0, x), before)  # task 0 moved with sigma: APD's BWT is measured, not 0
+
+
+def test_apd_refuses_a_layer_kind_it_cannot_decompose_by_name(tmp_path):
+    (tmp_path / "prelu_net.py").write_text(textwrap.dedent("""
+        from torch import nn
+        def build(num_classes=10):
+            return nn.Sequential(nn.Conv2d(1, 4, 3), nn.PReLU(), nn.Flatten(), nn.Linear(4 * 36, num_classes))
+    """))
+    with pytest.raises(SurgeryError, match="PReLU '1'"):
+        method_and_stream({"name": "apd"}, model={"builder": "prelu_net:build"}, code_dir=str(tmp_path),
+                          data={"name": "digits", "num_tasks": 2, "limit_per_task": 32})
+
+
+def test_den_refuses_an_epoch_budget_in_one_line():
+    with pytest.raises(UserError, match="^training.epoch_budget: DEN's stages"):
+        method_and_stream({"name": "den"}, training_extra={"epoch_budget": 4})
+
+
+# ------------------------------------------------------------------------------------------- both: resume
+
+@pytest.mark.parametrize("method,stage", [({"name": "den", "loss_thr": 0.0, "spl_thr": 0.0}, "expand"),
+                                          ({"name": "apd"}, "train")])
+def test_killed_mid_task_relearns_that_task_identically(tmp_path, method, stage):
+    """No mid-task checkpoints (shapes change within a task): a kill inside task 2 resumes from task 1's end and
+    relearns task 2 to the same weights and accuracies as the run that was never killed."""
+    from tests.test_training import _Kill, _tensors
+
+    def make(out):
+        return recipe(method, epochs=2, training_extra={"checkpoint_every": 1},
+                      output={"dir": str(tmp_path / out / "{name}"), "tensorboard": False, "export_format": "none"})
+
+    from grownfx import files
+    from grownfx.run.runner import run
+
+    whole = run(make("whole"), echo=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        run(make("killed"), echo=lambda m: None, progress=_Kill(task=1, epoch=2, stage=stage))
+    out = tmp_path / "killed" / "den_apd"
+    assert files.load(out / "checkpoints" / "last.pt")["completed"] == 1
+    resumed = run(make("killed"), resume=True, echo=lambda m: None)
+    assert resumed.acc_matrix == whole.acc_matrix
+    a = _tensors(files.load(whole.out_dir / "checkpoints" / "last.pt")["method"])
+    b = _tensors(files.load(out / "checkpoints" / "last.pt")["method"])
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
