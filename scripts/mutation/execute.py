@@ -1,0 +1,213 @@
+"""Running mutants: each worker owns a copy of the project, writes one mutant into it, runs the tests that reach
+the mutated line (fastest first, stopping at the first failure) and puts the original back."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from scripts.mutation.covmap import CoverageMap
+from scripts.mutation.mutants import Mutant
+from scripts.mutation.tree import PLUGIN_NAME, worker_env
+
+KILLED, TIMEOUT, SURVIVED, UNCOVERED, EQUIVALENT, ERROR = ("killed", "timeout", "survived", "no-tests",
+                                                           "equivalent", "error")
+
+
+@dataclass
+class Result:
+    mutant: Mutant
+    status: str
+    killer: Optional[str] = None       # the test that failed first (killed), or that was running (timeout)
+    tests: int = 0                     # how many tests reach the mutant
+    ran: int = 0                       # how many of them ran
+    seconds: float = 0.0
+    detail: str = ""
+    reason: str = ""                   # equivalents: why
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = self.mutant.to_dict()
+        d.update(status=self.status, killer=self.killer, tests=self.tests, ran=self.ran,
+                 seconds=round(self.seconds, 2), detail=self.detail)
+        if self.reason:
+            d["reason"] = self.reason
+        return d
+
+
+class Runner:
+    def __init__(self, copies: list[Path], cmap: CoverageMap, timeout_factor: float, timeout_base: float,
+                 log: Callable[[str], None]):
+        self.copies, self.cmap, self.factor, self.base, self.log = copies, cmap, timeout_factor, timeout_base, log
+        self.stop = threading.Event()
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+
+    def timeout_for(self, tests: list[str]) -> float:
+        return self.base + self.factor * self.cmap.duration(tests)
+
+    def run_all(self, mutants: list[Mutant], on_result: Callable[[Result], None]) -> None:
+        work: queue.Queue = queue.Queue()
+        for m in mutants:
+            work.put(m)
+        threads = [threading.Thread(target=self._worker, args=(i, copy, work, on_result), daemon=True)
+                   for i, copy in enumerate(self.copies)]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+        except KeyboardInterrupt:
+            self.stop.set()
+            self.kill_all()
+            for t in threads:
+                t.join(30)
+            raise
+
+    def kill_all(self) -> None:
+        with self.lock:
+            for proc in self.procs.values():
+                _kill(proc)
+
+    def _worker(self, index: int, copy: Path, work: queue.Queue, on_result) -> None:
+        while not self.stop.is_set():
+            try:
+                m = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = self.run_one(index, copy, m)
+            except Exception as exc:  # a tool failure on one mutant is reported, never silently dropped
+                result = Result(m, ERROR, detail=f"{type(exc).__name__}: {exc}")
+            if self.stop.is_set() and result.status == ERROR:
+                return
+            on_result(result)
+
+    def run_one(self, index: int, copy: Path, m: Mutant) -> Result:
+        tests = self.cmap.tests_for(m.file, *m.cover_lines)
+        if not tests:
+            return Result(m, UNCOVERED, detail="no test executes this line")
+        path = copy / m.file
+        original = path.read_text()
+        mutated = m.apply(original)
+        try:
+            compile(mutated, m.file, "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            return Result(m, ERROR, tests=len(tests), detail=f"the mutant does not compile (a bug of the tool): {exc}")
+        result_file = copy / ".mutation-result.json"
+        select_file = copy / ".mutation-select.json"
+        select_file.write_text(json.dumps(tests))
+        result_file.unlink(missing_ok=True)
+        files = list(dict.fromkeys(n.split("::")[0] for n in tests))
+        args = [sys.executable, "-m", "pytest", "-x", "-q", "--no-header", "-p", "no:cacheprovider",
+                "-p", PLUGIN_NAME, f"--mutation-select={select_file}", f"--mutation-result={result_file}", *files]
+        timeout = self.timeout_for(tests)
+        t0 = time.time()
+        _write(path, mutated)
+        log_file = copy / ".mutation-output.log"
+        try:
+            # output to a file, not a pipe: a grandchild that outlives a kill cannot hold the worker up
+            with open(log_file, "wb") as log:
+                proc = subprocess.Popen(args, cwd=copy, env=worker_env(copy), stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+                with self.lock:
+                    self.procs[index] = proc
+                try:
+                    proc.wait(timeout=timeout)
+                    timed_out = False
+                except subprocess.TimeoutExpired:
+                    _kill(proc)
+                    proc.wait()
+                    timed_out = True
+                finally:
+                    with self.lock:
+                        self.procs.pop(index, None)
+        finally:
+            _write(path, original)
+        seconds = time.time() - t0
+        info = _read_json(result_file)
+        tail = log_file.read_bytes()[-3000:].decode(errors="replace") if log_file.exists() else ""
+        return _judge(m, proc.returncode, timed_out, info, tests, seconds, timeout, self.cmap.duration(tests), tail)
+
+
+def _judge(m: Mutant, rc: int, timed_out: bool, info: dict, tests: list[str], seconds: float, timeout: float,
+           normal: float, tail: str) -> Result:
+    ran = int(info.get("ran", 0))
+    r = Result(m, ERROR, tests=len(tests), ran=ran, seconds=seconds)
+    if timed_out:
+        r.status, r.killer = TIMEOUT, info.get("current")
+        r.detail = f"still running after {timeout:.0f} s (these tests take {normal:.1f} s without the mutant)"
+        return r
+    if rc == 1 and info.get("first_failure"):
+        r.status, r.killer = KILLED, info["first_failure"]
+        return r
+    if info.get("collect_errors") and rc in (1, 2):
+        r.status, r.killer = KILLED, "collection error: " + ", ".join(info["collect_errors"])
+        return r
+    if rc == 0:
+        r.status = SURVIVED
+        if info.get("missing"):
+            r.detail = f"{len(info['missing'])} of the mapped tests no longer exist: {info['missing'][:3]}"
+        return r
+    if rc < 0:  # the test process died (a segfault, an abort): the mutant broke something the tests ran
+        r.status, r.killer = KILLED, f"crash (signal {-rc}) in {info.get('current') or 'start-up'}"
+        return r
+    r.detail = f"pytest exit code {rc}: {tail[-600:]}"
+    return r
+
+
+def verify_killers(copy: Path, results: list[Result], log: Callable[[str], None]) -> None:
+    """Run every test that killed a mutant once on the unmutated copy: a test that fails there too proves nothing,
+    so its mutants become errors.  Catches order-dependent and flaky tests."""
+    killers = sorted({r.killer for r in results if r.status == KILLED and r.killer and "::" in r.killer
+                      and not r.killer.startswith(("collection error", "crash"))})
+    if not killers:
+        return
+    select_file, result_file = copy / ".mutation-select.json", copy / ".mutation-result.json"
+    select_file.write_text(json.dumps(killers))
+    result_file.unlink(missing_ok=True)
+    files = list(dict.fromkeys(n.split("::")[0] for n in killers))
+    args = [sys.executable, "-m", "pytest", "-q", "--no-header", "-p", "no:cacheprovider", "-p", PLUGIN_NAME,
+            f"--mutation-select={select_file}", f"--mutation-result={result_file}", *files]
+    log(f"checking the {len(killers)} tests that killed mutants on the unmutated code")
+    subprocess.run(args, cwd=copy, env=worker_env(copy), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    info = _read_json(result_file)
+    bad = set(info.get("failures", [])) | set(info.get("missing", []))
+    if not info:
+        bad = set(killers)
+    for r in results:
+        if r.status == KILLED and r.killer in bad:
+            r.status = ERROR
+            r.detail = f"{r.killer} fails (or is missing) without the mutant too: the kill proves nothing"
+    if bad:
+        log(f"warning: {len(bad)} killing tests fail without any mutant: {sorted(bad)[:5]}")
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".mutation-tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,294 @@
+"""The mutation tool (python -m scripts.mutation) on a tiny synthetic project written in tmp_path: it finds the
+mutants it should (and none where it must not), a good test kills them, a weak test leaves a survivor, a test's
+subprocess sees the mutant, equivalents are listed and never run, --changed picks only touched lines, and the
+exit code goes red under --fail-under.  The developer's tree is never modified."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from scripts.mutation.mutants import find_mutants
+
+REPO = Path(__file__).resolve().parents[1]
+
+SOURCE = '''\
+"""Module docstring: 1 + 1 is never mutated."""
+import logging
+
+log = logging.getLogger(__name__)
+LIMIT: int = 3
+
+
+def f(x: int = 4, items=None, t=None) -> float:
+    """Docstring with 2 numbers."""
+    total = 0
+    total = x + 1
+    if x < LIMIT and x in items:
+        log.info("x is %d", x + 1)
+        return max(x, 2) * 2.0
+    for i in range(x):
+        if not i:
+            continue
+        break
+    y = t.sum(dim=1) + t.size(0)
+    z = any(items)
+    items.append(x)
+    total += x
+    ok = True
+    return divmod(x, 3)
+
+
+def g(x):
+    return x - 1  # pragma: no mutate
+
+
+class A:
+    def __repr__(self):
+        return "A(%d)" % (1 + 2)
+
+    def h(self):
+        raise ValueError(f"bad {1 + 1}")
+'''
+
+
+def _lines(source: str):
+    return {i + 1: line.strip() for i, line in enumerate(source.splitlines())}
+
+
+def test_finds_each_operator_and_skips_docstrings_messages_annotations_repr_and_pragmas():
+    mutants = find_mutants("pkg/mod.py", SOURCE)
+    got = {(m.operator, m.mutated.strip()) for m in mutants}
+    expected = {
+        ("comparison", "if x <= LIMIT and x in items:"), ("comparison", "if x < LIMIT and x not in items:"),
+        ("boolean", "if x < LIMIT or x in items:"), ("boolean", "if i:"), ("boolean", "ok = False"),
+        ("arithmetic", "total = x - 1"), ("arithmetic", "return max(x, 2) / 2.0"), ("arithmetic", "total -= x"),
+        ("constant", "def f(x: int = 5, items=None, t=None) -> float:"), ("constant", "return max(x, 2) * 4.0"),
+        ("constant", "return divmod(x, 4)"), ("constant", "LIMIT: int = 4"),
+        ("drop", "pass"), ("drop", "return None"), ("swap-args", "return divmod(3, x)"),
+        ("min-max", "return min(x, 2) * 2.0"), ("any-all", "z = all(items)"),
+        ("dim", "y = t.sum(dim=2) + t.size(0)"), ("dim", "y = t.sum(dim=0) + t.size(0)"),
+        ("dim", "y = t.sum(dim=1) + t.size(1)"), ("dim", "y = t.sum(dim=1) + t.size(-1)"),
+        ("break-continue", "break"), ("break-continue", "continue"),
+    }
+    assert expected <= got, expected - got
+    lines = _lines(SOURCE)
+    by_line = {}
+    for m in mutants:
+        by_line.setdefault(lines[m.line], set()).add((m.operator, m.mutated.strip()))
+    # dropped statements: a re-assignment, a call, an augmented assignment, an unread first binding -- but not
+    # the first value of a local read later (always an UnboundLocalError) nor a module constant
+    assert ("drop", "pass") in by_line["total = x + 1"] and ("drop", "pass") in by_line["items.append(x)"]
+    assert ("drop", "pass") in by_line["ok = True"] and ("drop", "pass") in by_line["total += x"]
+    assert ("drop", "pass") not in by_line.get("total = 0", set())
+    assert not any(op == "drop" for op, _ in by_line["LIMIT: int = 3"])
+    # never: docstrings, the log call, g (pragma), __repr__, the raise and its f-string, max's symmetric arguments,
+    # the dimension constants as plain constants
+    untouched = ['"""Module docstring: 1 + 1 is never mutated."""', '"""Docstring with 2 numbers."""',
+                 'log.info("x is %d", x + 1)', "return x - 1  # pragma: no mutate", 'return "A(%d)" % (1 + 2)',
+                 'raise ValueError(f"bad {1 + 1}")']
+    for line in untouched:
+        assert line not in by_line, (line, by_line.get(line))
+    assert ("swap-args", "return max(2, x) * 2.0") not in got
+    assert ("constant", "y = t.sum(dim=1) + t.size(1)") not in got
+    for m in mutants:  # every mutant is valid Python
+        compile(m.apply(SOURCE), "pkg/mod.py", "exec")
+
+
+def test_ids_are_stable_across_edits_elsewhere_and_change_with_the_line():
+    before = {m.id: m for m in find_mutants("pkg/mod.py", SOURCE)}
+    shifted = "def new():\n    return 7\n\n\n" + SOURCE
+    after = {m.id: m for m in find_mutants("pkg/mod.py", shifted)}
+    assert set(before) <= set(after)  # ids of the old mutants survive lines inserted above
+    assert all(after[i].line == before[i].line + 4 for i in before)
+    edited = SOURCE.replace("return divmod(x, 3)", "return divmod(x, 5)")
+    ids = {m.id for m in find_mutants("pkg/mod.py", edited)}
+    old = {i for i, m in before.items() if "divmod" in m.original}
+    assert old and not old & ids
+    assert len(before) == len(set(before))  # identical edits in one function get distinct ids
+
+
+# -- the tool end to end on a tiny project -------------------------------------------------------------------------
+
+CALC = '''\
+def is_adult(age):
+    return age >= 18
+
+
+def scale(values, factor):
+    return [v * factor for v in values]
+'''
+
+# tiny.cli lives in cli/ (a setuptools package-dir, as grownfx.cli does): only the copies' import hook finds it
+LOOP = '''\
+def count_up(n):
+    i = 0
+    while i < n:
+        i += 1
+    return i
+'''
+
+TESTS = '''\
+import subprocess
+import sys
+
+from tiny.calc import is_adult, scale
+
+
+def test_adult_boundary():  # a good test: the boundary on both sides
+    assert is_adult(18) and not is_adult(17)
+
+
+def test_scale_weak():  # a weak test: checks the length, not the values
+    assert len(scale([1, 2], 3)) == 2
+
+
+def test_count_in_a_subprocess():  # the mutant must reach a child process too
+    code = "from tiny.cli.loop import count_up; print(count_up(3))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "3"
+'''
+
+PYPROJECT = '''\
+[project]
+name = "tiny"
+
+[tool.setuptools]
+packages = ["tiny", "tiny.cli"]
+
+[tool.setuptools.package-dir]
+"tiny.cli" = "cli"
+
+[tool.grownfx.mutation]
+targets = ["tiny", "cli"]
+tests = ["tests"]
+pytest_args = []
+equivalents = "equivalents.yaml"
+jobs = 2
+'''
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def _project(tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    (root / "tiny").mkdir(parents=True)
+    (root / "tests").mkdir()
+    (root / "tiny" / "__init__.py").write_text("")
+    (root / "tiny" / "calc.py").write_text(CALC)
+    (root / "cli").mkdir()
+    (root / "cli" / "__init__.py").write_text("")
+    (root / "cli" / "loop.py").write_text(LOOP)
+    (root / "tests" / "test_calc.py").write_text(TESTS)
+    (root / "pyproject.toml").write_text(PYPROJECT)
+    _git(root, "init", "-q", "-b", "main")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "init")
+    return root
+
+
+def _tool(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROWNFX_MUTATION_")}
+    return subprocess.run([sys.executable, "-m", "scripts.mutation", "--root", str(root),
+                           "--cache-dir", str(root.parent / "cache"), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _ids(root: Path, *args: str) -> dict[tuple[str, int, str, str], str]:
+    """{(file, line, operator, mutated text): id} from --list."""
+    proc = _tool(root, "--list", *args)
+    assert proc.returncode == 0, proc.stderr
+    out = {}
+    for row in proc.stdout.splitlines():
+        if len(row) > 12 and row[10:12] == "  " and row[:10].isalnum():
+            mid, rest = row.split("  ", 1)
+            where, op_and = rest.split(" ", 1)
+            op, change = op_and.split(": ", 1)
+            path, line = where.rsplit(":", 1)
+            out[(path, int(line), op, change.split("  ->  ")[1].strip())] = mid
+    return out
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha1()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and ".mutation" not in p.parts and ".git" not in p.parts:
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_kills_with_good_tests_reports_survivors_honours_equivalents_and_fails_under(tmp_path):
+    pytest.importorskip("coverage")
+    root = _project(tmp_path)
+    ids = _ids(root)
+    equivalent = ids[("cli/loop.py", 2, "constant", "i = 1")]  # count_up starts at 1 instead of 0: same result for n >= 1
+    (root / "equivalents.yaml").write_text(
+        f"- id: {equivalent}\n  file: cli/loop.py\n  reason: count_up(n) is only called with n >= 1\n"
+        "- id: 0123456789\n  file: tiny/calc.py\n  reason: an entry whose mutant no longer exists\n")
+    before = _tree_digest(root)
+    proc = _tool(root, "--timeout-base", "4", "--timeout-factor", "1", "--fail-under", "100",
+                 "--report", str(tmp_path / "rep"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # red: the weak test leaves survivors
+    assert "under --fail-under 100" in proc.stdout
+    assert _tree_digest(root) == before  # the developer's tree is untouched
+    assert not list((root / ".mutation" / "work").glob("run-*"))  # the copies are gone
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    status = {(m["line"], m["operator"], m["mutated"].strip()): m for m in rep["mutants"]}
+    boundary = status[(2, "comparison", "return age > 18")]
+    assert boundary["status"] == "killed" and boundary["killer"] == "tests/test_calc.py::test_adult_boundary"
+    weak = status[(6, "arithmetic", "return [v / factor for v in values]")]
+    assert weak["status"] == "survived" and weak["ran"] == 1
+    # killed through the child process the test starts: the copy's import hook reaches it
+    loop = status[(3, "comparison", "while i <= n:")]
+    assert loop["file"] == "cli/loop.py" and loop["status"] == "killed"
+    assert loop["killer"] == "tests/test_calc.py::test_count_in_a_subprocess"
+    assert status[(4, "arithmetic", "i -= 1")]["status"] == "timeout"  # an endless loop
+    eq = status[(2, "constant", "i = 1")]
+    assert eq["status"] == "equivalent" and eq["reason"].startswith("count_up(n)") and eq["seconds"] == 0
+    assert [e["id"] for e in rep["stale_equivalents"]] == ["0123456789"]
+    c = rep["counts"]
+    assert rep["score"] == pytest.approx((c["killed"] + c["timeout"]) / (c["total"] - c["equivalent"]))
+    md = (tmp_path / "rep.md").read_text()
+    assert "## Survivors" in md and "return [v / factor for v in values]" in md and equivalent in md
+    # green when the bar is met; --id reruns one mutant (from the cached coverage map)
+    proc = _tool(root, "--id", boundary["id"], "--fail-under", "100", "--report", str(tmp_path / "one"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "coverage map: cached" in proc.stdout
+
+
+def test_changed_mutates_only_the_lines_a_change_touched(tmp_path):
+    root = _project(tmp_path)
+    _git(root, "checkout", "-q", "-b", "feature")
+    (root / "tiny" / "calc.py").write_text(CALC.replace("return age >= 18", "return age >= 21"))
+    _git(root, "commit", "-q", "-am", "raise the age")
+    (root / "cli" / "loop.py").write_text(LOOP.replace("    return i\n", "    return i + 0\n"))  # uncommitted
+    (root / "tiny" / "extra.py").write_text("def half(x):\n    return x / 2\n")  # untracked: wholly new
+    ids = _ids(root, "--changed")  # against main: the commit, the uncommitted edit and the new file
+    assert {(f, line) for f, line, _, _ in ids} == {("tiny/calc.py", 2), ("cli/loop.py", 5), ("tiny/extra.py", 2)}
+    assert {(f, op) for f, _, op, _ in ids} >= {("tiny/calc.py", "comparison"), ("cli/loop.py", "arithmetic"),
+                                                ("tiny/extra.py", "arithmetic")}
+    ids = _ids(root, "--changed", "feature")  # against the branch itself: only the uncommitted and new lines
+    assert {(f, line) for f, line, _, _ in ids} == {("cli/loop.py", 5), ("tiny/extra.py", 2)}
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    root = _project(tmp_path)
+    (root / "equivalents.yaml").write_text("- id: 0123456789\n  file: tiny/calc.py\n")
+    proc = _tool(root, "--list")
+    assert proc.returncode == 2 and "entry 1" in proc.stderr and "reason" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    (root / "equivalents.yaml").unlink()
+    proc = _tool(root, "--list", "--files", "tiny/nothing.py")
+    assert proc.returncode == 2 and "tiny/nothing.py" in proc.stderr
+    proc = _tool(root, "--list", "--changed", "no-such-branch")
+    assert proc.returncode == 2 and "no-such-branch" in proc.stderr
