@@ -10,6 +10,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-map", action="store_true", help="rebuild the coverage map from scratch")
     p.add_argument("--cache-dir", metavar="DIR", help="where coverage maps are kept (default ~/.cache/grownfx/mutation)")
     p.add_argument("--keep-workdirs", action="store_true", help="keep the project copies under .mutation/work")
+    p.add_argument("--resume", metavar="PARTIAL", help="reuse the verdicts in PARTIAL (the .partial.jsonl an "
+                   "interrupted run leaves next to its report) and run only the rest")
     p.add_argument("--root", metavar="DIR", help="the project (default: the git work tree around the current folder)")
     return p
 
@@ -63,6 +66,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ToolError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _log(msg: str) -> None:
@@ -207,7 +213,12 @@ def _list(chosen: list[Mutant], equivalents: dict, stale: list[dict], desc: str)
     return 0
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _main(args, argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _sigterm)  # kill PID stops like Ctrl-C: workers killed, report written
     cfg = _configure(args)
     equivalents = rpt.load_equivalents(cfg.root / cfg.equivalents)
     if args.list:
@@ -238,20 +249,32 @@ def _main(args, argv: list[str]) -> int:
         scanned = {m.file for m in everything}
         stale = _stale(equivalents, everything, scanned, cfg.root)
         _log(f"{desc}; {len(equivalents)} recorded equivalents")
+        tree.normalize_pyproject(copies[0], hashes)
         key, kept = tree.content_key(hashes, cfg.hash_exclude)
         results: list[ex.Result] = []
         todo = []
+        earlier = _load_partial(Path(args.resume)) if args.resume else {}
         for m in chosen:
             e = equivalents.get(m.id)
             if e is not None and not args.check_equivalents:
                 results.append(ex.Result(m, ex.EQUIVALENT, reason=e["reason"]))
+            elif m.id in earlier:
+                results.append(ex.Result.from_dict(m, earlier[m.id]))
             else:
                 todo.append(m)
+        if earlier:
+            _log(f"--resume: {len(chosen) - len(todo) - sum(r.status == ex.EQUIVALENT for r in results)} mutants "
+                 f"judged by the earlier run, {len(todo)} to go")
         cmap = None
         if todo:
             cmap = get_map(cfg, copies[0], key, kept, commit, cfg.jobs, args.rebuild_map, _log)
             for c in copies[1:]:
                 tree.clone_copy(copies[0], c)
+        base = Path(args.report) if args.report else cfg.work / "reports" / started.strftime("%Y%m%d-%H%M%S")
+        if base.suffix in (".md", ".json"):
+            base = base.with_suffix("")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        partial = base.with_name(base.name + ".partial.jsonl")  # one line per judged mutant: --resume reads it
         meta = {"tool": "python -m scripts.mutation", "command": "python -m scripts.mutation " + shlex.join(argv),
                 "root": str(cfg.root), "commit": commit, "dirty": dirty, "started": started.isoformat(),
                 "jobs": cfg.jobs, "selection": desc, "sampled": args.sample is not None and args.sample < generated,
@@ -273,6 +296,8 @@ def _main(args, argv: list[str]) -> int:
                     else:
                         r.status, r.reason = ex.EQUIVALENT, e["reason"]
                 results.append(r)
+                with open(partial, "a") as f:
+                    f.write(json.dumps(r.to_dict()) + "\n")
                 done[0] += 1
                 eta = (time.time() - t_run) / done[0] * (len(todo) - done[0])
                 by = f"  by {r.killer}" if r.killer else (f"  ({r.detail[:80]})" if r.status == ex.ERROR else "")
@@ -290,10 +315,9 @@ def _main(args, argv: list[str]) -> int:
         meta.update(finished=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                     seconds=time.time() - t_start, interrupted=interrupted)
         rep = rpt.build(results, meta, stale)
-        base = Path(args.report) if args.report else cfg.work / "reports" / started.strftime("%Y%m%d-%H%M%S")
-        if base.suffix in (".md", ".json"):
-            base = base.with_suffix("")
         md, js = rpt.write(rep, base)
+        if not interrupted:
+            partial.unlink(missing_ok=True)
         if not args.report:
             shutil.copyfile(md, cfg.work / "reports" / "latest.md")
             shutil.copyfile(js, cfg.work / "reports" / "latest.json")
@@ -305,6 +329,7 @@ def _main(args, argv: list[str]) -> int:
         for e in stale:
             _log(f"stale equivalent: {e['id']} ({e['file']}): matches no mutant any more")
         if interrupted:
+            _log(f"the mutants judged so far are in {partial}: continue with --resume {partial}")
             return EXIT_INTERRUPTED
         if args.fail_under is not None and rep["score"] is not None and 100 * rep["score"] < args.fail_under:
             _log(f"FAIL: score {100 * rep['score']:.1f} % is under --fail-under {args.fail_under:g} %")
@@ -313,6 +338,22 @@ def _main(args, argv: list[str]) -> int:
     finally:
         if not args.keep_workdirs:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _load_partial(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        raise ToolError(f"--resume {path}: no such file")
+    out = {}
+    for i, row in enumerate(path.read_text().splitlines(), 1):
+        try:
+            d = json.loads(row)
+        except ValueError:
+            if i == len(path.read_text().splitlines()):
+                break  # the last line of a run killed mid-write
+            raise ToolError(f"--resume {path}: line {i} is not JSON") from None
+        if d.get("status") not in ("equivalent", "error"):
+            out[d["id"]] = d
+    return out
 
 
 def _check_redirection(cfg: Config, copy: Path) -> None:

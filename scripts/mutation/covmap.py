@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -283,6 +284,7 @@ def run_instrumented(cfg: Config, copy: Path, modules: list[str], selection: Opt
     if errors:
         log(f"warning: collection errors without any mutant (these tests are missing from the map): {errors}")
     lines, imports = _read_coverage(copy, out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)  # the copies for the other workers are cloned from this one
     return tests, lines, imports, errors
 
 

@@ -35,6 +35,11 @@ class Result:
     reason: str = ""                   # equivalents: why
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, m: Mutant, d: dict) -> "Result":
+        return cls(m, d["status"], killer=d.get("killer"), tests=d.get("tests", 0), ran=d.get("ran", 0),
+                   seconds=d.get("seconds", 0.0), detail=d.get("detail", ""))
+
     def to_dict(self) -> dict:
         d = self.mutant.to_dict()
         d.update(status=self.status, killer=self.killer, tests=self.tests, ran=self.ran,

@@ -89,6 +89,23 @@ def worker_env(copy: Path) -> dict[str, str]:
     return env
 
 
+def normalize_pyproject(copy: Path, hashes: dict[str, str]) -> None:
+    """pyproject.toml's hash without [tool.grownfx.mutation]: editing the tool's own settings keeps the coverage
+    map (a changed pyproject.toml otherwise rebuilds it whole)."""
+    path = copy / "pyproject.toml"
+    if "pyproject.toml" not in hashes or not path.exists():
+        return
+    import json
+    import tomllib
+
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError:
+        return
+    doc.get("tool", {}).get("grownfx", {}).pop("mutation", None)
+    hashes["pyproject.toml"] = hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
 def content_key(hashes: dict[str, str], exclude: list[str]) -> tuple[str, dict[str, str]]:
     kept = {p: h for p, h in hashes.items() if not any(fnmatch.fnmatch(p, g) for g in exclude)}
     h = hashlib.sha1()
