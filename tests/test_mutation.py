@@ -292,3 +292,23 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert proc.returncode == 2 and "tiny/nothing.py" in proc.stderr
     proc = _tool(root, "--list", "--changed", "no-such-branch")
     assert proc.returncode == 2 and "no-such-branch" in proc.stderr
+
+
+def test_a_mutant_of_the_same_size_and_mtime_never_runs_stale_bytecode(tmp_path):
+    from scripts.mutation.tree import forget_bytecode, worker_env
+
+    copy = tmp_path / "w0"
+    copy.mkdir()
+    src = copy / "mod.py"
+
+    def run() -> str:
+        return subprocess.run([sys.executable, "-c", "import mod; print(mod.X)"], cwd=copy, env=worker_env(copy),
+                              capture_output=True, text=True).stdout.strip()
+
+    src.write_text("X = 1\n")
+    os.utime(src, (1e9, 1e9))
+    assert run() == "1"  # compiled and cached
+    src.write_text("X = 2\n")  # same size, same mtime: the cached bytecode looks valid to Python
+    os.utime(src, (1e9, 1e9))
+    forget_bytecode(copy, src)
+    assert run() == "2"

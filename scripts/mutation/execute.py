@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from scripts.mutation.covmap import CoverageMap
 from scripts.mutation.mutants import Mutant
-from scripts.mutation.tree import PLUGIN_NAME, worker_env
+from scripts.mutation.tree import PLUGIN_NAME, forget_bytecode, worker_env
 
 KILLED, TIMEOUT, SURVIVED, UNCOVERED, EQUIVALENT, ERROR = ("killed", "timeout", "survived", "no-tests",
                                                            "equivalent", "error")
@@ -119,6 +119,7 @@ class Runner:
         timeout = self.timeout_for(tests)
         t0 = time.time()
         _write(path, mutated)
+        forget_bytecode(copy, path)
         log_file = copy / ".mutation-output.log"
         try:
             # output to a file, not a pipe: a grandchild that outlives a kill cannot hold the worker up
@@ -139,6 +140,7 @@ class Runner:
                         self.procs.pop(index, None)
         finally:
             _write(path, original)
+            forget_bytecode(copy, path)
         seconds = time.time() - t0
         info = _read_json(result_file)
         tail = log_file.read_bytes()[-3000:].decode(errors="replace") if log_file.exists() else ""

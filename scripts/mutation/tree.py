@@ -80,10 +80,28 @@ def install_boot(copy: Path, packages: dict[str, str]) -> None:
     shutil.copyfile(HERE / "pytest_plugin.py", copy / f"{PLUGIN_NAME}.py")
 
 
+def pycache(copy: Path) -> Path:
+    """The worker's own bytecode cache (PYTHONPYCACHEPREFIX), outside the copy."""
+    return copy.parent / (copy.name + ".pycache")
+
+
+def forget_bytecode(copy: Path, source: Path) -> None:
+    """Delete the cached bytecode of `source`: a mutant and the original can have the same size and the same
+    mtime (to the second), and Python would then run the stale one."""
+    import sys
+
+    cached = pycache(copy) / str(source.resolve().parent).lstrip(os.sep) / (
+        f"{source.stem}.{sys.implementation.cache_tag}.pyc")
+    cached.unlink(missing_ok=True)
+    for opt in cached.parent.glob(f"{source.stem}.{sys.implementation.cache_tag}.opt-*.pyc"):
+        opt.unlink(missing_ok=True)
+
+
 def worker_env(copy: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GROWNFX_MUTATION_")}
     env["PYTHONPATH"] = str(copy) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # a mutant and the original can share size and mtime: never reuse a .pyc
+    env["PYTHONPYCACHEPREFIX"] = str(pycache(copy))  # per worker; the mutated file's entry is deleted each time
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.pop("PYTEST_ADDOPTS", None)
     env.pop("COVERAGE_PROCESS_START", None)
     return env
