@@ -46,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-factor", type=float, help="a mutant's tests may take this many times their "
                    "normal duration (default 3) ...")
     p.add_argument("--timeout-base", type=float, help="... plus this many seconds (default 30)")
+    p.add_argument("--test-budget", type=float, metavar="SECONDS",
+                   help="run only the fastest tests reaching a mutant, up to SECONDS of their normal duration "
+                        "(default: none; with --changed the config's changed_test_budget, 180); 0: no limit. "
+                        "A survivor that did not run every test says so")
     p.add_argument("--equivalents", metavar="FILE", help="the equivalents file (default from the config)")
     p.add_argument("--check-equivalents", action="store_true",
                    help="run the equivalent mutants too, and report any that a test kills")
@@ -280,10 +284,14 @@ def _main(args, argv: list[str]) -> int:
                 "jobs": cfg.jobs, "selection": desc, "sampled": args.sample is not None and args.sample < generated,
                 "generated": generated, "planned": len(chosen), "changed": changed_info,
                 "map": (f"{cmap.key} ({cmap.built.get('mode', '?')}, {len(cmap.tests)} tests)" if cmap else "not needed"),
-                "timeout": {"factor": cfg.timeout_factor, "base_s": cfg.timeout_base}}
+                "timeout": {"factor": cfg.timeout_factor, "base_s": cfg.timeout_base},
+                "test_budget_s": (args.test_budget if args.test_budget is not None else
+                                  cfg.changed_test_budget if args.changed and not args.id else None) or None}
         interrupted = False
         if todo:
-            runner = ex.Runner(copies, cmap, cfg.timeout_factor, cfg.timeout_base, _log)
+            budget = args.test_budget if args.test_budget is not None else (
+                cfg.changed_test_budget if args.changed and not args.id else None)
+            runner = ex.Runner(copies, cmap, cfg.timeout_factor, cfg.timeout_base, _log, budget or None)
             done = [0]
             t_run = time.time()
 

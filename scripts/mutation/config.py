@@ -28,6 +28,7 @@ class Config:
     jobs: int = 2
     timeout_factor: float = 3.0    # a mutant's tests may take this many times their normal duration ...
     timeout_base: float = 30.0     # ... plus this many seconds (start-up, collection, a loaded machine)
+    changed_test_budget: float = 180.0  # --changed: seconds of the fastest reaching tests per mutant (0: all)
     cache_dir: str = "~/.cache/grownfx/mutation"
     work_dir: str = ".mutation"
     operators: list[str] = field(default_factory=lambda: list(OPERATORS))
@@ -45,7 +46,8 @@ class Config:
 
 
 _KEYS = {"targets": list, "tests": list, "pytest_args": list, "changed_scope": list, "equivalents": str,
-         "jobs": int, "timeout_factor": (int, float), "timeout_base": (int, float), "cache_dir": str,
+         "jobs": int, "timeout_factor": (int, float), "timeout_base": (int, float),
+         "changed_test_budget": (int, float), "cache_dir": str,
          "work_dir": str, "operators": list, "hash_exclude": list, "packages": dict}
 
 

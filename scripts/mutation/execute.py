@@ -51,8 +51,9 @@ class Result:
 
 class Runner:
     def __init__(self, copies: list[Path], cmap: CoverageMap, timeout_factor: float, timeout_base: float,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], test_budget: Optional[float] = None):
         self.copies, self.cmap, self.factor, self.base, self.log = copies, cmap, timeout_factor, timeout_base, log
+        self.budget = test_budget  # seconds of (normal) test time per mutant; None: every test that reaches it
         self.stop = threading.Event()
         self.procs: dict[int, subprocess.Popen] = {}
         self.lock = threading.Lock()
@@ -102,6 +103,15 @@ class Runner:
         tests = self.cmap.tests_for(m.file, *m.cover_lines)
         if not tests:
             return Result(m, UNCOVERED, detail="no test executes this line")
+        reaching = len(tests)
+        if self.budget:
+            spent, keep = 0.0, []
+            for n in tests:  # fastest first: the longest prefix within the budget, at least one test
+                spent += self.cmap.tests[n]["duration"]
+                if keep and spent > self.budget:
+                    break
+                keep.append(n)
+            tests = keep
         path = copy / m.file
         original = path.read_text()
         mutated = m.apply(original)
@@ -144,7 +154,13 @@ class Runner:
         seconds = time.time() - t0
         info = _read_json(result_file)
         tail = log_file.read_bytes()[-3000:].decode(errors="replace") if log_file.exists() else ""
-        return _judge(m, proc.returncode, timed_out, info, tests, seconds, timeout, self.cmap.duration(tests), tail)
+        r = _judge(m, proc.returncode, timed_out, info, tests, seconds, timeout, self.cmap.duration(tests), tail)
+        if len(tests) < reaching:
+            r.tests = reaching
+            if r.status == SURVIVED:
+                r.detail = (f"only the {len(tests)} fastest of the {reaching} tests that reach it ran "
+                            f"(--test-budget {self.budget:g} s): rerun with --id {m.id} --test-budget 0")
+        return r
 
 
 def _judge(m: Mutant, rc: int, timed_out: bool, info: dict, tests: list[str], seconds: float, timeout: float,

@@ -111,6 +111,10 @@ def markdown(rep: dict) -> str:
               f"- finished: {rep['finished']} after {rep['seconds'] / 60:.1f} min with {rep['jobs']} worker(s)",
               f"- mutants: {rep['selection']}",
               f"- coverage map: {rep['map']}"]
+    if rep.get("test_budget_s"):
+        lines.append(f"- test budget: only the fastest tests reaching a mutant, up to {rep['test_budget_s']:g} s of "
+                     "their normal duration, ran; a survivor whose *tests run* is below the tests reaching it may "
+                     "be killed by a slower one (`--id ID --test-budget 0`)")
     if rep.get("interrupted"):
         lines.append(f"- **interrupted**: {c['total']} of {rep['planned']} mutants were run; the counts are theirs")
     judged = c["total"] - c[EQUIVALENT]
@@ -180,13 +184,13 @@ def _section(title: str, intro: str, muts: list[dict], show_tests=False, show_ki
     for f, ms in sorted(by_file.items()):
         out += [f"### {f} ({len(ms)})", ""]
         head = "| id | line | operator | function | original | mutated |"
-        extra = " tests run |" if show_tests else " test running |" if show_killer else " detail |" if show_detail else ""
+        extra = " tests run / reaching |" if show_tests else " test running |" if show_killer else " detail |" if show_detail else ""
         out += [head + extra, "| --- " * (6 + bool(extra)) + "|"]
         for m in ms:
             row = (f"| {m['id']} | {m['line']} | {m['operator']} | `{m['function']}` | {_code(m['original'])} | "
                    f"{_code(m['mutated'])} |")
             if show_tests:
-                row += f" {m['ran']} |"
+                row += f" {m['ran']} / {m['tests']} |"
             elif show_killer:
                 row += f" `{m['killer']}` |"
             elif show_detail:
