@@ -150,6 +150,16 @@ def test_scale_weak():  # a weak test: checks the length, not the values
     assert len(scale([1, 2], 3)) == 2
 
 
+def test_count_weakly():  # reaches count_up in this process but tells almost nothing
+    from tiny.cli.loop import count_up
+
+    assert isinstance(count_up(2), int)
+
+
+def test_unrelated():
+    assert sum([1, 2]) == 3
+
+
 def test_count_in_a_subprocess():  # the mutant must reach a child process too
     code = "from tiny.cli.loop import count_up; print(count_up(3))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -264,6 +274,14 @@ def test_kills_with_good_tests_reports_survivors_honours_equivalents_and_fails_u
     proc = _tool(root, "--id", boundary["id"], "--fail-under", "100", "--report", str(tmp_path / "one"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "coverage map: cached" in proc.stdout
+    # an edit that moves every line: the map is rebuilt for the tests that reached the file only, and the same
+    # mutant (same id, new line) is still found and killed by the same test
+    (root / "tiny" / "calc.py").write_text("def helper():\n    return 0\n\n\n" + CALC)
+    proc = _tool(root, "--id", boundary["id"], "--report", str(tmp_path / "moved"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "coverage map: stale; rebuilding for 2 tests and 0 changed test files" in proc.stdout
+    moved = json.loads((tmp_path / "moved.json").read_text())["mutants"]
+    assert [(m["line"], m["status"], m["killer"]) for m in moved] == [(6, "killed", boundary["killer"])]
 
 
 def test_changed_mutates_only_the_lines_a_change_touched(tmp_path):
