@@ -262,7 +262,8 @@ def test_kills_with_good_tests_reports_survivors_honours_equivalents_and_fails_u
     loop = status[(3, "comparison", "while i <= n:")]
     assert loop["file"] == "cli/loop.py" and loop["status"] == "killed"
     assert loop["killer"] == "tests/test_calc.py::test_count_in_a_subprocess"
-    assert status[(4, "arithmetic", "i -= 1")]["status"] == "timeout"  # an endless loop
+    endless = status[(4, "arithmetic", "i -= 1")]
+    assert endless["status"] == "timeout" and "CPU" in endless["detail"]  # an endless loop burns CPU
     eq = status[(2, "constant", "i = 1")]
     assert eq["status"] == "equivalent" and eq["reason"].startswith("count_up(n)") and eq["seconds"] == 0
     assert [e["id"] for e in rep["stale_equivalents"]] == ["0123456789"]

@@ -43,9 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=int, help="parallel workers (default: config, 2)")
     p.add_argument("--fail-under", type=float, metavar="PCT", help="exit 1 when the score is below PCT percent")
     p.add_argument("--report", metavar="PATH", help="write PATH.md and PATH.json (default .mutation/reports/...)")
-    p.add_argument("--timeout-factor", type=float, help="a mutant's tests may take this many times their "
-                   "normal duration (default 3) ...")
-    p.add_argument("--timeout-base", type=float, help="... plus this many seconds (default 30)")
+    p.add_argument("--timeout-factor", type=float, help="a mutant's tests may use this many times their "
+                   "normal CPU time (default 3) ...")
+    p.add_argument("--timeout-base", type=float, help="... plus this many CPU seconds (default 30)")
     p.add_argument("--test-budget", type=float, metavar="SECONDS",
                    help="run only the fastest tests reaching a mutant, up to SECONDS of their normal duration "
                         "(default: none; with --changed the config's changed_test_budget, 180); 0: no limit. "

@@ -26,8 +26,8 @@ class Config:
     changed_scope: list[str] = field(default_factory=list)  # folders --changed looks in (default: the packages)
     equivalents: str = "scripts/mutation_equivalents.yaml"
     jobs: int = 2
-    timeout_factor: float = 3.0    # a mutant's tests may take this many times their normal duration ...
-    timeout_base: float = 30.0     # ... plus this many seconds (start-up, collection, a loaded machine)
+    timeout_factor: float = 3.0    # a mutant's tests may use this many times their normal CPU time ...
+    timeout_base: float = 30.0     # ... plus this many seconds (start-up, collection)
     changed_test_budget: float = 180.0  # --changed: seconds of the fastest reaching tests per mutant (0: all)
     cache_dir: str = "~/.cache/grownfx/mutation"
     work_dir: str = ".mutation"

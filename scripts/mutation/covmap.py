@@ -23,7 +23,7 @@ from typing import Callable, Optional
 from scripts.mutation.config import Config, ToolError
 from scripts.mutation.tree import PLUGIN_NAME, worker_env
 
-MAP_VERSION = 1
+MAP_VERSION = 2  # 2: each test's CPU seconds
 GLOBAL_FILES = ("conftest.py", "pyproject.toml", "setup.py", "setup.cfg", "pytest.ini", "tox.ini")
 KEEP_MAPS = 30
 
@@ -33,7 +33,7 @@ class CoverageMap:
     key: str
     commit: str
     files: dict[str, str]                           # path -> content sha1 the map was built from
-    tests: dict[str, dict]                          # node id -> {"duration", "outcome"}
+    tests: dict[str, dict]                          # node id -> {"duration", "cpu", "outcome"}
     lines: dict[str, dict[int, list[str]]]          # path -> line -> node ids that executed it
     import_lines: dict[str, set[int]] = field(default_factory=dict)  # lines run outside any test (imports)
     built: dict = field(default_factory=dict)       # how it was built: full/incremental, tests run, seconds
@@ -59,12 +59,16 @@ class CoverageMap:
     def duration(self, nodeids: list[str]) -> float:
         return sum(self.tests[n]["duration"] for n in nodeids)
 
+    def cpu(self, nodeids: list[str]) -> float:
+        return sum(self.tests[n].get("cpu", self.tests[n]["duration"]) for n in nodeids)
+
     # -- storage -----------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
         names = sorted(self.tests)
         index = {n: i for i, n in enumerate(names)}
         return {"version": MAP_VERSION, "key": self.key, "commit": self.commit, "files": self.files,
-                "built": self.built, "tests": [[n, round(self.tests[n]["duration"], 4), self.tests[n]["outcome"]]
+                "built": self.built, "tests": [[n, round(self.tests[n]["duration"], 4), self.tests[n]["outcome"],
+                                                round(self.tests[n].get("cpu", self.tests[n]["duration"]), 3)]
                                                for n in names],
                 "lines": {p: {str(line): sorted(index[n] for n in ids if n in index) for line, ids in per.items()}
                           for p, per in self.lines.items()},
@@ -74,7 +78,7 @@ class CoverageMap:
     def from_json(cls, d: dict) -> "CoverageMap":
         names = [t[0] for t in d["tests"]]
         return cls(key=d["key"], commit=d["commit"], files=d["files"],
-                   tests={t[0]: {"duration": t[1], "outcome": t[2]} for t in d["tests"]},
+                   tests={t[0]: {"duration": t[1], "outcome": t[2], "cpu": t[3]} for t in d["tests"]},
                    lines={p: {int(line): [names[i] for i in ids] for line, ids in per.items()}
                           for p, per in d["lines"].items()},
                    import_lines={p: set(v) for p, v in d["import_lines"].items()}, built=d.get("built", {}))

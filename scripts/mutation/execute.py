@@ -58,8 +58,13 @@ class Runner:
         self.procs: dict[int, subprocess.Popen] = {}
         self.lock = threading.Lock()
 
-    def timeout_for(self, tests: list[str]) -> float:
-        return self.base + self.factor * self.cmap.duration(tests)
+    def limits(self, tests: list[str]) -> tuple[float, float]:
+        """(CPU seconds, wall seconds) a mutant's test run may take before it counts as timed out.  CPU time is
+        the measure: an endless loop burns it, a machine loaded by others does not (its wall time can triple).
+        The wall limit only catches a mutant that hangs without computing."""
+        cpu = self.base + self.factor * self.cmap.cpu(tests)
+        wall = max(4 * self.base, 10 * self.cmap.duration(tests) + 4 * self.base)
+        return cpu, wall
 
     def run_all(self, mutants: list[Mutant], on_result: Callable[[Result], None]) -> None:
         work: queue.Queue = queue.Queue()
@@ -126,7 +131,7 @@ class Runner:
         files = list(dict.fromkeys(n.split("::")[0] for n in tests))
         args = [sys.executable, "-m", "pytest", "-x", "-q", "--no-header", "-p", "no:cacheprovider",
                 "-p", PLUGIN_NAME, f"--mutation-select={select_file}", f"--mutation-result={result_file}", *files]
-        timeout = self.timeout_for(tests)
+        cpu_limit, wall_limit = self.limits(tests)
         t0 = time.time()
         _write(path, mutated)
         forget_bytecode(copy, path)
@@ -138,13 +143,21 @@ class Runner:
                                         start_new_session=True)
                 with self.lock:
                     self.procs[index] = proc
+                timed_out = ""
                 try:
-                    proc.wait(timeout=timeout)
-                    timed_out = False
-                except subprocess.TimeoutExpired:
-                    _kill(proc)
-                    proc.wait()
-                    timed_out = True
+                    while proc.poll() is None:
+                        time.sleep(0.5)
+                        used = session_cpu(proc.pid)
+                        if used is not None and used > cpu_limit:
+                            timed_out = (f"used {used:.0f} s of CPU, over its limit of {cpu_limit:.0f} s (these "
+                                         f"tests use {self.cmap.cpu(tests):.1f} s without the mutant)")
+                        elif time.time() - t0 > wall_limit:
+                            timed_out = (f"still running after {wall_limit:.0f} s (these tests take "
+                                         f"{self.cmap.duration(tests):.1f} s without the mutant)")
+                        if timed_out:
+                            _kill(proc)
+                            proc.wait()
+                            break
                 finally:
                     with self.lock:
                         self.procs.pop(index, None)
@@ -154,7 +167,7 @@ class Runner:
         seconds = time.time() - t0
         info = _read_json(result_file)
         tail = log_file.read_bytes()[-3000:].decode(errors="replace") if log_file.exists() else ""
-        r = _judge(m, proc.returncode, timed_out, info, tests, seconds, timeout, self.cmap.duration(tests), tail)
+        r = _judge(m, proc.returncode, timed_out, info, tests, seconds, tail)
         if len(tests) < reaching:
             r.tests = reaching
             if r.status == SURVIVED:
@@ -163,13 +176,11 @@ class Runner:
         return r
 
 
-def _judge(m: Mutant, rc: int, timed_out: bool, info: dict, tests: list[str], seconds: float, timeout: float,
-           normal: float, tail: str) -> Result:
+def _judge(m: Mutant, rc: int, timed_out: str, info: dict, tests: list[str], seconds: float, tail: str) -> Result:
     ran = int(info.get("ran", 0))
     r = Result(m, ERROR, tests=len(tests), ran=ran, seconds=seconds)
     if timed_out:
-        r.status, r.killer = TIMEOUT, info.get("current")
-        r.detail = f"still running after {timeout:.0f} s (these tests take {normal:.1f} s without the mutant)"
+        r.status, r.killer, r.detail = TIMEOUT, info.get("current"), timed_out
         return r
     if rc == 1 and info.get("first_failure"):
         r.status, r.killer = KILLED, info["first_failure"]
@@ -214,6 +225,29 @@ def verify_killers(copy: Path, results: list[Result], log: Callable[[str], None]
             r.detail = f"{r.killer} fails (or is missing) without the mutant too: the kill proves nothing"
     if bad:
         log(f"warning: {len(bad)} killing tests fail without any mutant: {sorted(bad)[:5]}")
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def session_cpu(sid: int) -> Optional[float]:
+    """CPU seconds of every process in session `sid` (the test run and whatever it started), counting the
+    children each has reaped; None where /proc is not available (then only the wall limit applies)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    total = 0
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 14 and int(fields[3]) == sid:
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / _TICK
 
 
 def _write(path: Path, text: str) -> None:

@@ -2,7 +2,8 @@
 (the tool writes this file there under that name; it imports nothing from the project).
 
 --mutation-map-out OUT     the coverage-map run: coverage.py with one context per test (its node id), started
-                           before any conftest imports the project; each test's duration and outcome to OUT (JSON),
+                           before any conftest imports the project; each test's duration, CPU time and outcome to
+                           OUT (JSON),
                            the coverage data to OUT.cov; subprocesses measure themselves (the copy's sitecustomize)
                            into OUT's folder under the test's context
 --mutation-select FILE     run only these node ids (a JSON list), in that order
@@ -79,13 +80,24 @@ def pytest_runtest_protocol(item, nextitem):
     if cov is not None:
         cov.switch_context(item.nodeid)
         os.environ["GROWNFX_MUTATION_CONTEXT"] = item.nodeid
+    cpu0 = _cpu()
     try:
         yield
     finally:
+        t = _state["tests"].setdefault(item.nodeid, {"duration": 0.0, "outcome": "passed"})
+        t["cpu"] = round(_cpu() - cpu0, 3)
         if cov is not None:
             cov.switch_context("")
             os.environ["GROWNFX_MUTATION_CONTEXT"] = ""
         _state["current"] = None
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and of the children it has waited for (a test's subprocesses)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def pytest_runtest_logreport(report):
