@@ -275,6 +275,12 @@ def test_kills_with_good_tests_reports_survivors_honours_equivalents_and_fails_u
     proc = _tool(root, "--id", boundary["id"], "--fail-under", "100", "--report", str(tmp_path / "one"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "coverage map: cached" in proc.stdout
+    # --resume takes the verdicts an interrupted run wrote, one JSON line per mutant, and runs only the rest
+    partial = tmp_path / "earlier.partial.jsonl"
+    partial.write_text(json.dumps(weak) + "\n")
+    proc = _tool(root, "--id", weak["id"], "--resume", str(partial), "--report", str(tmp_path / "resumed"))
+    assert "1 mutants judged by the earlier run, 0 to go" in proc.stdout, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "resumed.json").read_text())["counts"]["survived"] == 1
     # an edit that moves every line: the map is rebuilt for the tests that reached the file only, and the same
     # mutant (same id, new line) is still found and killed by the same test
     (root / "tiny" / "calc.py").write_text("def helper():\n    return 0\n\n\n" + CALC)

@@ -255,6 +255,11 @@ def _main(args, argv: list[str]) -> int:
         _log(f"{desc}; {len(equivalents)} recorded equivalents")
         tree.normalize_pyproject(copies[0], hashes)
         key, kept = tree.content_key(hashes, cfg.hash_exclude)
+        base = Path(args.report) if args.report else cfg.work / "reports" / started.strftime("%Y%m%d-%H%M%S")
+        if base.suffix in (".md", ".json"):
+            base = base.with_suffix("")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        partial = base.with_name(base.name + ".partial.jsonl")  # one line per judged mutant: --resume reads it
         results: list[ex.Result] = []
         todo = []
         earlier = _load_partial(Path(args.resume)) if args.resume else {}
@@ -266,6 +271,10 @@ def _main(args, argv: list[str]) -> int:
                 results.append(ex.Result.from_dict(m, earlier[m.id]))
             else:
                 todo.append(m)
+        with open(partial, "w") as f:  # a fresh partial file, holding the verdicts it resumes from first
+            for r in results:
+                if r.status != ex.EQUIVALENT:
+                    f.write(json.dumps(r.to_dict()) + "\n")
         if earlier:
             _log(f"--resume: {len(chosen) - len(todo) - sum(r.status == ex.EQUIVALENT for r in results)} mutants "
                  f"judged by the earlier run, {len(todo)} to go")
@@ -274,11 +283,6 @@ def _main(args, argv: list[str]) -> int:
             cmap = get_map(cfg, copies[0], key, kept, commit, cfg.jobs, args.rebuild_map, _log)
             for c in copies[1:]:
                 tree.clone_copy(copies[0], c)
-        base = Path(args.report) if args.report else cfg.work / "reports" / started.strftime("%Y%m%d-%H%M%S")
-        if base.suffix in (".md", ".json"):
-            base = base.with_suffix("")
-        base.parent.mkdir(parents=True, exist_ok=True)
-        partial = base.with_name(base.name + ".partial.jsonl")  # one line per judged mutant: --resume reads it
         meta = {"tool": "python -m scripts.mutation", "command": "python -m scripts.mutation " + shlex.join(argv),
                 "root": str(cfg.root), "commit": commit, "dirty": dirty, "started": started.isoformat(),
                 "jobs": cfg.jobs, "selection": desc, "sampled": args.sample is not None and args.sample < generated,
