@@ -337,3 +337,19 @@ def test_a_mutant_of_the_same_size_and_mtime_never_runs_stale_bytecode(tmp_path)
     os.utime(src, (1e9, 1e9))
     forget_bytecode(copy, src)
     assert run() == "2"
+
+
+def test_the_tests_run_for_a_mutant_are_those_reaching_its_statement_fastest_first_within_the_budget():
+    from scripts.mutation.covmap import CoverageMap
+    from scripts.mutation.execute import select_tests
+
+    (m,) = [m for m in find_mutants("pkg/mod.py", "def f(x):\n    y = x\n    return x + 1\n") if m.operator == "arithmetic"]
+    tests = {"t::slow": 50.0, "t::fast": 1.0, "t::mid": 10.0, "t::failing": 0.1, "t::other": 0.5}
+    cmap = CoverageMap("k", "c", {}, {n: {"duration": d, "cpu": d, "outcome": "passed"} for n, d in tests.items()},
+                       {"pkg/mod.py": {3: ["t::slow", "t::fast", "t::mid", "t::failing"], 2: ["t::other"]}})
+    cmap.tests["t::failing"]["outcome"] = "failed"  # fails without any mutant: never judges one
+    assert select_tests(cmap, m, None) == (["t::fast", "t::mid", "t::slow"], 3)
+    assert select_tests(cmap, m, 12) == (["t::fast", "t::mid"], 3)
+    assert select_tests(cmap, m, 0.5) == (["t::fast"], 3)  # at least one
+    cmap.import_lines = {"pkg/mod.py": {3}}  # a line run at import time: every test of the file reaches it
+    assert select_tests(cmap, m, None) == (["t::other", "t::fast", "t::mid", "t::slow"], 4)

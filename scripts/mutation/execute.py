@@ -105,18 +105,9 @@ class Runner:
             on_result(result)
 
     def run_one(self, index: int, copy: Path, m: Mutant) -> Result:
-        tests = self.cmap.tests_for(m.file, *m.cover_lines)
+        tests, reaching = select_tests(self.cmap, m, self.budget)
         if not tests:
             return Result(m, UNCOVERED, detail="no test executes this line")
-        reaching = len(tests)
-        if self.budget:
-            spent, keep = 0.0, []
-            for n in tests:  # fastest first: the longest prefix within the budget, at least one test
-                spent += self.cmap.tests[n]["duration"]
-                if keep and spent > self.budget:
-                    break
-                keep.append(n)
-            tests = keep
         path = copy / m.file
         original = path.read_text()
         mutated = m.apply(original)
@@ -174,6 +165,21 @@ class Runner:
                 r.detail = (f"only the {len(tests)} fastest of the {reaching} tests that reach it ran "
                             f"(--test-budget {self.budget:g} s): rerun with --id {m.id} --test-budget 0")
         return r
+
+
+def select_tests(cmap: CoverageMap, m: Mutant, budget: Optional[float]) -> tuple[list[str], int]:
+    """(the tests to run, fastest first; how many tests reach the mutant).  With a budget: the longest
+    fastest-first prefix whose normal durations fit in it, and at least one test."""
+    tests = cmap.tests_for(m.file, *m.cover_lines)
+    if not budget:
+        return tests, len(tests)
+    spent, keep = 0.0, []
+    for n in tests:
+        spent += cmap.tests[n]["duration"]
+        if keep and spent > budget:
+            break
+        keep.append(n)
+    return keep, len(tests)
 
 
 def _judge(m: Mutant, rc: int, timed_out: str, info: dict, tests: list[str], seconds: float, tail: str) -> Result:
