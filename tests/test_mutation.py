@@ -241,7 +241,7 @@ def test_kills_with_good_tests_reports_survivors_honours_equivalents_and_fails_u
     pytest.importorskip("coverage")
     root = _project(tmp_path)
     ids = _ids(root)
-    equivalent = ids[("cli/loop.py", 2, "constant", "i = 1")]  # count_up starts at 1 instead of 0: same result for n >= 1
+    equivalent = ids[("cli/loop.py", 2, "constant", "i = 1")]  # starting at 1: the same result for every n >= 1
     (root / "equivalents.yaml").write_text(
         f"- id: {equivalent}\n  file: cli/loop.py\n  reason: count_up(n) is only called with n >= 1\n"
         "- id: 0123456789\n  file: tiny/calc.py\n  reason: an entry whose mutant no longer exists\n")
@@ -343,7 +343,8 @@ def test_the_tests_run_for_a_mutant_are_those_reaching_its_statement_fastest_fir
     from scripts.mutation.covmap import CoverageMap
     from scripts.mutation.execute import select_tests
 
-    (m,) = [m for m in find_mutants("pkg/mod.py", "def f(x):\n    y = x\n    return x + 1\n") if m.operator == "arithmetic"]
+    source = "def f(x):\n    y = x\n    return x + 1\n"
+    (m,) = [m for m in find_mutants("pkg/mod.py", source) if m.operator == "arithmetic"]
     tests = {"t::slow": 50.0, "t::fast": 1.0, "t::mid": 10.0, "t::failing": 0.1, "t::other": 0.5}
     cmap = CoverageMap("k", "c", {}, {n: {"duration": d, "cpu": d, "outcome": "passed"} for n, d in tests.items()},
                        {"pkg/mod.py": {3: ["t::slow", "t::fast", "t::mid", "t::failing"], 2: ["t::other"]}})

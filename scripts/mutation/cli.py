@@ -54,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check-equivalents", action="store_true",
                    help="run the equivalent mutants too, and report any that a test kills")
     p.add_argument("--rebuild-map", action="store_true", help="rebuild the coverage map from scratch")
-    p.add_argument("--cache-dir", metavar="DIR", help="where coverage maps are kept (default ~/.cache/grownfx/mutation)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where coverage maps are kept (default ~/.cache/grownfx/mutation)")
     p.add_argument("--keep-workdirs", action="store_true", help="keep the project copies under .mutation/work")
     p.add_argument("--resume", metavar="PARTIAL", help="reuse the verdicts in PARTIAL (the .partial.jsonl an "
                    "interrupted run leaves next to its report) and run only the rest")
@@ -287,7 +288,8 @@ def _main(args, argv: list[str]) -> int:
                 "root": str(cfg.root), "commit": commit, "dirty": dirty, "started": started.isoformat(),
                 "jobs": cfg.jobs, "selection": desc, "sampled": args.sample is not None and args.sample < generated,
                 "generated": generated, "planned": len(chosen), "changed": changed_info,
-                "map": (f"{cmap.key} ({cmap.built.get('mode', '?')}, {len(cmap.tests)} tests)" if cmap else "not needed"),
+                "map": (f"{cmap.key} ({cmap.built.get('mode', '?')}, {len(cmap.tests)} tests)" if cmap
+                        else "not needed"),
                 "timeout": {"factor": cfg.timeout_factor, "base_s": cfg.timeout_base},
                 "test_budget_s": (args.test_budget if args.test_budget is not None else
                                   cfg.changed_test_budget if args.changed and not args.id else None) or None}

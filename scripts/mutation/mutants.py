@@ -15,7 +15,7 @@ import io
 import re
 import tokenize
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 OPERATORS = ("comparison", "arithmetic", "constant", "drop", "swap-args", "boolean", "any-all", "min-max", "dim",
              "break-continue")
@@ -523,17 +523,3 @@ def find_mutants(relpath: str, text: str, operators: Optional[set[str]] = None,
 
 def _norm(text: str) -> str:
     return "\n".join(line.strip() for line in text.strip().splitlines())
-
-
-def iter_functions(tree: ast.Module) -> Iterator[tuple[str, int, int]]:
-    """(qualified name, first line, last line) of every def and class, decorators included."""
-    def walk(nodes, prefix):
-        for n in nodes:
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                q = prefix + n.name
-                first = min([n.lineno, *(d.lineno for d in n.decorator_list)])
-                yield q, first, n.end_lineno
-                yield from walk(n.body, q + ".")
-            elif isinstance(n, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
-                yield from walk(getattr(n, "body", []) + getattr(n, "orelse", []), prefix)
-    yield from walk(tree.body, "")

@@ -119,8 +119,8 @@ def markdown(rep: dict) -> str:
         lines.append(f"- **interrupted**: {c['total']} of {rep['planned']} mutants were run; the counts are theirs")
     judged = c["total"] - c[EQUIVALENT]
     lines += ["", "## Summary", ""]
-    score_line = (f"**Score: {_pct(rep['score'])}** = killed {c[KILLED] + c[TIMEOUT]} "
-                  f"(of which {c[TIMEOUT]} timed out) / ({c['total']} mutants − {c[EQUIVALENT]} equivalent = {judged})")
+    score_line = (f"**Score: {_pct(rep['score'])}** = killed {c[KILLED] + c[TIMEOUT]} (of which {c[TIMEOUT]} "
+                  f"timed out) / ({c['total']} mutants − {c[EQUIVALENT]} equivalent = {judged})")
     if "score_ci95" in rep:
         lo, hi = rep["score_ci95"]
         score_line += f"; 95 % interval of the sampled estimate {100 * lo:.1f}–{100 * hi:.1f} %"
@@ -184,7 +184,8 @@ def _section(title: str, intro: str, muts: list[dict], show_tests=False, show_ki
     for f, ms in sorted(by_file.items()):
         out += [f"### {f} ({len(ms)})", ""]
         head = "| id | line | operator | function | original | mutated |"
-        extra = " tests run / reaching |" if show_tests else " test running |" if show_killer else " detail |" if show_detail else ""
+        extra = (" tests run / reaching |" if show_tests else " test running |" if show_killer
+                 else " detail |" if show_detail else "")
         out += [head + extra, "| --- " * (6 + bool(extra)) + "|"]
         for m in ms:
             row = (f"| {m['id']} | {m['line']} | {m['operator']} | `{m['function']}` | {_code(m['original'])} | "
