@@ -339,7 +339,7 @@ def test_a_mutant_of_the_same_size_and_mtime_never_runs_stale_bytecode(tmp_path)
     assert run() == "2"
 
 
-def test_the_tests_run_for_a_mutant_are_those_reaching_its_statement_fastest_first_within_the_budget():
+def test_the_tests_run_for_a_mutant_reach_its_statement_fastest_first_killers_first_within_the_budget():
     from scripts.mutation.covmap import CoverageMap
     from scripts.mutation.execute import select_tests
 
@@ -352,5 +352,9 @@ def test_the_tests_run_for_a_mutant_are_those_reaching_its_statement_fastest_fir
     assert select_tests(cmap, m, None) == (["t::fast", "t::mid", "t::slow"], 3)
     assert select_tests(cmap, m, 12) == (["t::fast", "t::mid"], 3)
     assert select_tests(cmap, m, 0.5) == (["t::fast"], 3)  # at least one
+    # a test that killed mutants of the same function goes first, then one that killed in the same file
+    kills = {"pkg/mod.py": {"t::mid": 2}, ("pkg/mod.py", "f"): {"t::slow": 1}}
+    assert select_tests(cmap, m, None, kills) == (["t::slow", "t::mid", "t::fast"], 3)
+    assert select_tests(cmap, m, 12, {"pkg/mod.py": {"t::mid": 1}}) == (["t::mid", "t::fast"], 3)
     cmap.import_lines = {"pkg/mod.py": {3}}  # a line run at import time: every test of the file reaches it
     assert select_tests(cmap, m, None) == (["t::other", "t::fast", "t::mid", "t::slow"], 4)

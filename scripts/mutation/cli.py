@@ -298,6 +298,10 @@ def _main(args, argv: list[str]) -> int:
             budget = args.test_budget if args.test_budget is not None else (
                 cfg.changed_test_budget if args.changed and not args.id else None)
             runner = ex.Runner(copies, cmap, cfg.timeout_factor, cfg.timeout_base, _log, budget or None)
+            for r in results:  # resumed kills order the tests of the mutants still to run
+                if r.status == ex.KILLED and r.killer and "::" in r.killer:
+                    for k in (r.mutant.file, (r.mutant.file, r.mutant.function)):
+                        runner.kills.setdefault(k, {})[r.killer] = runner.kills.get(k, {}).get(r.killer, 0) + 1
             done = [0]
             t_run = time.time()
 
