@@ -260,7 +260,7 @@ def test_kills_with_good_tests_reports_survivors_honours_equivalents_and_fails_u
     assert weak["status"] == "survived" and weak["ran"] == 1
     # killed through the child process the test starts: the copy's import hook reaches it
     loop = status[(3, "comparison", "while i <= n:")]
-    assert loop["file"] == "cli/loop.py" and loop["status"] == "killed"
+    assert loop["file"] == "cli/loop.py" and loop["status"] == "killed", loop
     assert loop["killer"] == "tests/test_calc.py::test_count_in_a_subprocess"
     endless = status[(4, "arithmetic", "i -= 1")]
     assert endless["status"] == "timeout" and "CPU" in endless["detail"]  # an endless loop burns CPU

@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-map", action="store_true", help="rebuild the coverage map from scratch")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where coverage maps are kept (default ~/.cache/grownfx/mutation)")
+    p.add_argument("--no-fork", action="store_true", help="start a fresh Python per mutant instead of forking "
+                   "it from a per-copy process that has imported torch and pytest once")
     p.add_argument("--keep-workdirs", action="store_true", help="keep the project copies under .mutation/work")
     p.add_argument("--resume", metavar="PARTIAL", help="reuse the verdicts in PARTIAL (the .partial.jsonl an "
                    "interrupted run leaves next to its report) and run only the rest")
@@ -297,7 +299,8 @@ def _main(args, argv: list[str]) -> int:
         if todo:
             budget = args.test_budget if args.test_budget is not None else (
                 cfg.changed_test_budget if args.changed and not args.id else None)
-            runner = ex.Runner(copies, cmap, cfg.timeout_factor, cfg.timeout_base, _log, budget or None)
+            runner = ex.Runner(copies, cmap, cfg.timeout_factor, cfg.timeout_base, _log, budget or None,
+                               fork=not args.no_fork)
             for r in results:  # resumed kills order the tests of the mutants still to run
                 if r.status == ex.KILLED and r.killer and "::" in r.killer:
                     for k in (r.mutant.file, (r.mutant.file, r.mutant.function)):
@@ -328,6 +331,8 @@ def _main(args, argv: list[str]) -> int:
             except KeyboardInterrupt:
                 interrupted = True
                 _log("interrupted: writing the report of the mutants run so far")
+            finally:
+                runner.close()
             if not interrupted:
                 ex.verify_killers(copies[0], results, _log)
         meta.update(finished=dt.datetime.now().astimezone().isoformat(timespec="seconds"),

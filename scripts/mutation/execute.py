@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from scripts.mutation.covmap import CoverageMap
 from scripts.mutation.mutants import Mutant
-from scripts.mutation.tree import PLUGIN_NAME, forget_bytecode, worker_env
+from scripts.mutation.tree import PLUGIN_NAME, SERVER_NAME, forget_bytecode, worker_env
 
 KILLED, TIMEOUT, SURVIVED, UNCOVERED, EQUIVALENT, ERROR = ("killed", "timeout", "survived", "no-tests",
                                                            "equivalent", "error")
@@ -51,8 +51,10 @@ class Result:
 
 class Runner:
     def __init__(self, copies: list[Path], cmap: CoverageMap, timeout_factor: float, timeout_base: float,
-                 log: Callable[[str], None], test_budget: Optional[float] = None):
+                 log: Callable[[str], None], test_budget: Optional[float] = None, fork: bool = True):
         self.copies, self.cmap, self.factor, self.base, self.log = copies, cmap, timeout_factor, timeout_base, log
+        self.fork = fork  # start each mutant's pytest from a per-copy server that has imported torch once
+        self.servers: dict[int, Optional[Server]] = {}
         self.budget = test_budget  # seconds of (normal) test time per mutant; None: every test that reaches it
         self.kills: dict = {}      # file, (file, function) -> {test: mutants it killed there}
         self.stop = threading.Event()
@@ -66,6 +68,13 @@ class Runner:
         cpu = self.base + self.factor * self.cmap.cpu(tests)
         wall = max(4 * self.base, 10 * self.cmap.duration(tests) + 4 * self.base)
         return cpu, wall
+
+    def test_limits(self, tests: list[str]) -> dict[str, float]:
+        """Each test's own CPU limit: the factor times its normal CPU time (measured under coverage, so already
+        generous) plus a third of the run's base, for the imports the first test of a file pays."""
+        per_test_base = self.base / 3
+        return {n: round(per_test_base + self.factor * float(self.cmap.tests[n].get("cpu") or
+                                                            self.cmap.tests[n]["duration"]), 2) for n in tests}
 
     def run_all(self, mutants: list[Mutant], on_result: Callable[[Result], None]) -> None:
         work: queue.Queue = queue.Queue()
@@ -90,6 +99,32 @@ class Runner:
         with self.lock:
             for proc in self.procs.values():
                 _kill(proc)
+
+    def close(self) -> None:
+        """Stop the copies' test servers."""
+        with self.lock:
+            for server in self.servers.values():
+                if server is not None:
+                    server.close()
+            self.servers.clear()
+
+    def _server(self, index: int, copy: Path) -> Optional["Server"]:
+        """The copy's test server, started on first use; None (plain subprocesses) where it cannot start."""
+        if not self.fork:
+            return None
+        server = self.servers.get(index)
+        if server is not None and not server.alive():
+            server.close()
+            del self.servers[index]
+        if index not in self.servers:  # a copy whose server could not start keeps None: plain subprocesses
+            try:
+                self.servers[index] = Server(copy)
+            except (OSError, RuntimeError) as exc:
+                self.log(f"warning: the test server of copy {index} did not start ({exc}); starting pytest per "
+                         "mutant instead")
+                self.servers[index] = None
+        return self.servers[index]
+        return server
 
     def _worker(self, index: int, copy: Path, work: queue.Queue, on_result) -> None:
         while not self.stop.is_set():
@@ -126,11 +161,15 @@ class Runner:
         result_file = copy / ".mutation-result.json"
         select_file = copy / ".mutation-select.json"
         select_file.write_text(json.dumps(tests))
+        limits_file = copy / ".mutation-limits.json"
+        limits_file.write_text(json.dumps(self.test_limits(tests)))
         result_file.unlink(missing_ok=True)
         files = list(dict.fromkeys(n.split("::")[0] for n in tests))
         args = [sys.executable, "-m", "pytest", "-x", "-q", "--no-header", "-p", "no:cacheprovider",
-                "-p", PLUGIN_NAME, f"--mutation-select={select_file}", f"--mutation-result={result_file}", *files]
+                "-p", PLUGIN_NAME, f"--mutation-select={select_file}", f"--mutation-result={result_file}",
+                f"--mutation-limits={limits_file}", *files]
         cpu_limit, wall_limit = self.limits(tests)
+        server = self._server(index, copy)  # started (imports done) before the mutant's clock starts
         t0 = time.time()
         _write(path, mutated)
         forget_bytecode(copy, path)
@@ -138,8 +177,16 @@ class Runner:
         try:
             # output to a file, not a pipe: a grandchild that outlives a kill cannot hold the worker up
             with open(log_file, "wb") as log:
-                proc = subprocess.Popen(args, cwd=copy, env=worker_env(copy), stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                proc = None
+                if server is not None:
+                    try:
+                        proc = server.start(args[3:], log_file)
+                    except (OSError, RuntimeError):
+                        server.close()  # a server that broke is restarted for the next mutant
+                        proc = None
+                if proc is None:
+                    proc = subprocess.Popen(args, cwd=copy, env=worker_env(copy), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
                 with self.lock:
                     self.procs[index] = proc
                 timed_out = ""
@@ -203,6 +250,10 @@ def _judge(m: Mutant, rc: int, timed_out: str, info: dict, tests: list[str], sec
     if timed_out:
         r.status, r.killer, r.detail = TIMEOUT, info.get("current"), timed_out
         return r
+    if rc == 124 and info.get("timed_out"):
+        r.status, r.killer = TIMEOUT, info["timed_out"]
+        r.detail = "the test used more than its own CPU limit (the factor times its normal CPU + base / 3)"
+        return r
     if rc == 1 and info.get("first_failure"):
         r.status, r.killer = KILLED, info["first_failure"]
         return r
@@ -246,6 +297,84 @@ def verify_killers(copy: Path, results: list[Result], log: Callable[[str], None]
             r.detail = f"{r.killer} fails (or is missing) without the mutant too: the kill proves nothing"
     if bad:
         log(f"warning: {len(bad)} killing tests fail without any mutant: {sorted(bad)[:5]}")
+
+
+class Server:
+    """The copy's test server (server.py): a Python process that has imported torch and pytest once and forks a
+    fresh pytest per mutant.  A child leads its own session, so CPU limits and kills work as for a subprocess."""
+
+    def __init__(self, copy: Path, start_timeout: float = 600.0):
+        self.proc = subprocess.Popen([sys.executable, "-m", SERVER_NAME], cwd=copy, env=worker_env(copy),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.buf = b""
+        line = self.readline(start_timeout)
+        if not line or not json.loads(line).get("ready"):
+            self.close()
+            raise RuntimeError("no ready line")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def readline(self, timeout: Optional[float]) -> Optional[str]:
+        """The next line from the server; None when none came within `timeout` seconds (None: wait).
+        RuntimeError when the server is gone."""
+        import select
+
+        deadline = None if timeout is None else time.time() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = None if deadline is None else max(0.0, deadline - time.time())
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError("the test server exited")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+    def start(self, args: list[str], log: Path) -> "ForkedRun":
+        self.proc.stdin.write((json.dumps({"args": args, "log": str(log)}) + "\n").encode())
+        self.proc.stdin.flush()
+        line = self.readline(120)
+        if line is None:
+            raise RuntimeError("the test server did not fork")
+        return ForkedRun(self, int(json.loads(line)["pid"]))
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+
+
+class ForkedRun:
+    """A pytest run forked by a Server, with the part of subprocess.Popen's interface run_one uses."""
+
+    def __init__(self, server: Server, pid: int):
+        self.server, self.pid, self.returncode = server, pid, None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            self._read(0)
+        return self.returncode
+
+    def wait(self) -> int:
+        while self.returncode is None:
+            self._read(None)
+        return self.returncode
+
+    def _read(self, timeout: Optional[float]) -> None:
+        try:
+            line = self.server.readline(timeout)
+        except RuntimeError:
+            self.returncode = -signal.SIGKILL  # the server died with the child
+            return
+        if line is not None:
+            self.returncode = int(json.loads(line)["rc"])
 
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

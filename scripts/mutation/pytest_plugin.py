@@ -8,6 +8,8 @@
                            into OUT's folder under the test's context
 --mutation-select FILE     run only these node ids (a JSON list), in that order
 --mutation-result FILE     what happened (JSON): the first failure, collection errors, the test running now
+--mutation-limits FILE     {node id: CPU seconds} (JSON): a test of this process that uses more ends the run at
+                           once (exit 124, "timed_out" in the result), long before the whole run's limit
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import time
 import pytest
 
 _state = {"cov": None, "tests": {}, "order": None, "missing": [], "first_failure": None, "failures": [],
-          "collect_errors": [], "current": None, "result": None, "map_out": None, "started": time.time()}
+          "collect_errors": [], "current": None, "result": None, "map_out": None, "started": time.time(),
+          "limits": None, "timed_out": None}
 
 
 def pytest_addoption(parser):
@@ -28,6 +31,7 @@ def pytest_addoption(parser):
     group.addoption("--mutation-cov-include", action="append", default=[])
     group.addoption("--mutation-select", default=None)
     group.addoption("--mutation-result", default=None)
+    group.addoption("--mutation-limits", default=None)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -45,6 +49,10 @@ def pytest_load_initial_conftests(early_config, parser, args):
         os.environ["GROWNFX_MUTATION_COV_INCLUDE"] = os.pathsep.join(ns.mutation_cov_include)
         os.environ["GROWNFX_MUTATION_CONTEXT"] = ""
     _state["result"] = getattr(ns, "mutation_result", None)
+    limits = getattr(ns, "mutation_limits", None)
+    if limits:
+        with open(limits) as f:
+            _state["limits"] = json.load(f)
     select = getattr(ns, "mutation_select", None)
     if select:
         with open(select) as f:
@@ -81,15 +89,32 @@ def pytest_runtest_protocol(item, nextitem):
         cov.switch_context(item.nodeid)
         os.environ["GROWNFX_MUTATION_CONTEXT"] = item.nodeid
     cpu0 = _cpu()
+    limit = (_state["limits"] or {}).get(item.nodeid)
+    if limit:
+        import signal
+
+        signal.signal(signal.SIGPROF, _over_limit)
+        signal.setitimer(signal.ITIMER_PROF, limit)  # this process's CPU time (user + system)
     try:
         yield
     finally:
+        if limit:
+            import signal
+
+            signal.setitimer(signal.ITIMER_PROF, 0)
         t = _state["tests"].setdefault(item.nodeid, {"duration": 0.0, "outcome": "passed"})
         t["cpu"] = round(_cpu() - cpu0, 3)
         if cov is not None:
             cov.switch_context("")
             os.environ["GROWNFX_MUTATION_CONTEXT"] = ""
         _state["current"] = None
+
+
+def _over_limit(signum, frame):
+    """A test ran past its CPU limit: a mutant that loops.  Stop now, not after the whole run's limit."""
+    _state["timed_out"] = _state["current"]
+    _write_result(final=True)
+    os._exit(124)
 
 
 def _cpu() -> float:
@@ -118,7 +143,7 @@ def _write_result(final: bool = False) -> None:
         return
     data = {"final": final, "current": _state["current"], "first_failure": _state["first_failure"],
             "failures": _state["failures"], "collect_errors": _state["collect_errors"],
-            "missing": _state["missing"], "ran": len(_state["tests"]),
+            "missing": _state["missing"], "ran": len(_state["tests"]), "timed_out": _state["timed_out"],
             "passed": sum(t["outcome"] == "passed" for t in _state["tests"].values())}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

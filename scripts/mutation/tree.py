@@ -15,6 +15,7 @@ from scripts.mutation.config import ToolError
 
 HERE = Path(__file__).resolve().parent
 PLUGIN_NAME = "_grownfx_mutation_plugin"
+SERVER_NAME = "_grownfx_mutation_server"
 ALWAYS_SKIPPED = (".mutation/", ".git/", ".venv/", "venv/")
 
 
@@ -78,6 +79,7 @@ def install_boot(copy: Path, packages: dict[str, str]) -> None:
     boot = re.sub(r"^_PACKAGES = \{\}.*$", lambda m: f"_PACKAGES = {packages!r}", boot, count=1, flags=re.M)
     (copy / "sitecustomize.py").write_text(boot)
     shutil.copyfile(HERE / "pytest_plugin.py", copy / f"{PLUGIN_NAME}.py")
+    shutil.copyfile(HERE / "server.py", copy / f"{SERVER_NAME}.py")
 
 
 def pycache(copy: Path) -> Path:
