@@ -174,3 +174,45 @@ def test_a_task_that_improves_after_it_was_learned_has_positive_bwt_and_no_forge
     assert bwt(R) == pytest.approx(((65 - 50) + (72 - 70)) / 2)
     assert forgetting(R) == pytest.approx(((60 - 65) + (70 - 72)) / 2)  # best earlier minus final: negative
     assert avg_acc([[None, 50.0]]) == 50.0 and avg_acc([]) == 0.0
+
+
+# -- masks: ties at the thresholds, the selective mask's noise and temperature ----------------------------------
+
+def test_a_score_exactly_at_the_mask_threshold_keeps_the_weight():
+    ste, gumbel = M.STEConfig(), M.GumbelConfig()
+    for cfg, mask in ((ste, lambda s: M.ste_mask(s, ste)),
+                      (gumbel, lambda s: M.gumbel_sigmoid_mask(s, gumbel, noise=False))):
+        thr = torch.tensor(cfg.threshold, dtype=torch.float64)
+        score = torch.stack([thr, thr - 1e-9, thr + 1e-9])
+        assert mask(score).tolist() == [1.0, 0.0, 1.0]
+    # a channel gate exactly at 0 is dropped when binarised; just above it is kept at its soft value
+    hard = M.cs_hard(torch.tensor([0.0, 1e-6, -1e-6]), 5.0)
+    assert hard[0] == 0 and hard[2] == 0 and hard[1] == M.cs_gate(torch.tensor(1e-6), 5.0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_the_selective_mask_s_training_noise_is_logistic_at_the_documented_temperature(temperature):
+    """p = sigmoid((logit + g0 - g1) / T): the mask is 1 with probability sigmoid(logit) whatever T (measured on
+    200k draws), and its straight-through gradient is sigmoid'(logit / T) * beta / T."""
+    cfg = M.GumbelConfig(temperature=temperature)
+    torch.manual_seed(0)
+    for logit in (-1.0, 0.5, 2.0):
+        score = torch.full((200_000,), cfg.threshold + logit / cfg.beta, dtype=torch.float64)
+        frac = M.gumbel_sigmoid_mask(score, cfg).mean().item()
+        assert frac == pytest.approx(torch.sigmoid(torch.tensor(logit)).item(), abs=0.006)
+    score = torch.tensor([cfg.threshold + 1.0 / cfg.beta], dtype=torch.float64, requires_grad=True)
+    M.gumbel_sigmoid_mask(score, cfg, noise=False).sum().backward()
+    z = torch.tensor(1.0 / temperature, dtype=torch.float64)
+    assert score.grad.item() == pytest.approx((torch.sigmoid(z) * (1 - torch.sigmoid(z))).item() * cfg.beta /
+                                              temperature, rel=1e-9)
+    # an explicit temperature (the learner's schedule) overrides the config's
+    score.grad = None
+    M.gumbel_sigmoid_mask(score, M.GumbelConfig(), temperature=temperature, noise=False).sum().backward()
+    assert score.grad.item() == pytest.approx((torch.sigmoid(z) * (1 - torch.sigmoid(z))).item() * cfg.beta /
+                                              temperature, rel=1e-9)
+
+
+def test_anneal_is_geometric_and_clamped():
+    assert M.anneal(1.0, 100.0, 0.0) == 1.0 and M.anneal(1.0, 100.0, 1.0) == pytest.approx(100.0)
+    assert M.anneal(1.0, 100.0, 0.5) == pytest.approx(10.0)
+    assert M.anneal(2.0, 0.5, -1.0) == 2.0 and M.anneal(2.0, 0.5, 3.0) == pytest.approx(0.5)
