@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-map", action="store_true", help="rebuild the coverage map from scratch")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where coverage maps are kept (default ~/.cache/grownfx/mutation)")
+    p.add_argument("--tests", nargs="+", metavar="PATH", help="a focused run: map and run only these test files or "
+                   "folders instead of the configured suite (its own cached map; the report says so)")
     p.add_argument("--no-fork", action="store_true", help="start a fresh Python per mutant instead of forking "
                    "it from a per-copy process that has imported torch and pytest once")
     p.add_argument("--keep-workdirs", action="store_true", help="keep the project copies under .mutation/work")
@@ -103,6 +105,12 @@ def _configure(args) -> Config:
     for name in ("timeout_factor", "timeout_base", "equivalents", "cache_dir"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    if args.tests:
+        root = _root(args)
+        missing = [t for t in args.tests if not (root / t).exists()]
+        if missing:
+            raise ToolError(f"--tests: no such file or folder: {', '.join(missing)}")
+        cfg.tests = sorted(args.tests)
     if args.operators:
         ops = [o.strip() for o in args.operators.split(",") if o.strip()]
         bad = [o for o in ops if o not in OPERATORS]
