@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -317,6 +318,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert proc.returncode == 2 and "tiny/nothing.py" in proc.stderr
     proc = _tool(root, "--list", "--changed", "no-such-branch")
     assert proc.returncode == 2 and "no-such-branch" in proc.stderr
+    proc = _tool(root, "--list", "--tests", "tests/test_nothing.py")
+    assert proc.returncode == 2 and "tests/test_nothing.py" in proc.stderr
 
 
 def test_a_mutant_of_the_same_size_and_mtime_never_runs_stale_bytecode(tmp_path):
@@ -358,3 +361,35 @@ def test_the_tests_run_for_a_mutant_reach_its_statement_fastest_first_killers_fi
     assert select_tests(cmap, m, 12, {"pkg/mod.py": {"t::mid": 1}}) == (["t::mid", "t::fast"], 3)
     cmap.import_lines = {"pkg/mod.py": {3}}  # a line run at import time: every test of the file reaches it
     assert select_tests(cmap, m, None) == (["t::other", "t::fast", "t::mid", "t::slow"], 4)
+
+
+def test_the_test_server_forks_each_pytest_with_the_files_as_they_are_then(tmp_path):
+    """The per-copy server imports torch and pytest once, never the project: each forked pytest imports the
+    mutated file as it is when the mutant's run starts, and a run killed by its session ends with the signal."""
+    import shutil
+    import signal
+
+    from scripts.mutation.execute import Server, session_cpu
+    from scripts.mutation.tree import SERVER_NAME, forget_bytecode
+
+    copy = tmp_path / "w0"
+    copy.mkdir()
+    shutil.copyfile(REPO / "scripts" / "mutation" / "server.py", copy / f"{SERVER_NAME}.py")
+    (copy / "mod.py").write_text("X = 1\n")
+    (copy / "test_m.py").write_text("import mod\n\n\ndef test_x():\n    assert mod.X == 1\n\n\n"
+                                    "def test_spin():\n    while mod.X:\n        pass\n")
+    args = ["-q", "-p", "no:cacheprovider", "test_m.py::test_x"]
+    server = Server(copy)
+    try:
+        assert server.start(args, copy / "log").wait() == 0
+        (copy / "mod.py").write_text("X = 2\n")
+        forget_bytecode(copy, copy / "mod.py")
+        assert server.start(args, copy / "log").wait() == 1  # the edit is seen: a mutant kills
+        run = server.start(["-q", "-p", "no:cacheprovider", "test_m.py::test_spin"], copy / "log")
+        while (session_cpu(run.pid) or 0) < 0.5 and run.poll() is None:
+            time.sleep(0.1)
+        os.killpg(run.pid, signal.SIGKILL)  # what a timeout does: the child leads its own session
+        assert run.wait() == -signal.SIGKILL
+        assert server.alive() and server.start(args, copy / "log").wait() == 1
+    finally:
+        server.close()
