@@ -216,3 +216,8 @@ def test_anneal_is_geometric_and_clamped():
     assert M.anneal(1.0, 100.0, 0.0) == 1.0 and M.anneal(1.0, 100.0, 1.0) == pytest.approx(100.0)
     assert M.anneal(1.0, 100.0, 0.5) == pytest.approx(10.0)
     assert M.anneal(2.0, 0.5, -1.0) == 2.0 and M.anneal(2.0, 0.5, 3.0) == pytest.approx(0.5)
+
+
+def test_two_tasks_already_have_backward_transfer_and_forgetting():
+    R = [[90.0], [80.0, 70.0]]  # the one old task dropped 10 points
+    assert bwt(R) == -10.0 and forgetting(R) == 10.0
