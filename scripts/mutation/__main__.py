@@ -1,0 +1,5 @@
+import sys
+
+from scripts.mutation.cli import main
+
+sys.exit(main())
