@@ -39,6 +39,7 @@ from grownfx.learn.records import LearnerPosition, TaskRecord
 from grownfx.report.metrics import stream_metrics
 from grownfx.report.progress import phase_label
 from grownfx.learn.methods import make_method
+from grownfx.models.pretrained import check_weights_file
 from grownfx.learn.methods.base import example_input
 from grownfx.run import targets
 
@@ -105,7 +106,12 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
     with it).  SIGINT/SIGTERM end the current epoch, checkpoint and raise RunInterrupted.
     """
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, list(overrides), trust=trust)
+        recipe = load_recipe(recipe, list(overrides), trust=trust, verify=verify)
+    elif not verify and recipe.model.weights and not recipe.model.weights_sha256:
+        pinned = check_weights_file(recipe.model.weights, None, verify=False)[1]
+        if pinned is not None:  # unchecked weights: the run records the hash of the file it used
+            recipe = recipe.model_copy(deep=True)
+            recipe.model.weights_sha256 = "sha256:" + pinned
     started = time.perf_counter()
     echo = echo or (lambda msg: print(msg, flush=True))
     own = dist is None
