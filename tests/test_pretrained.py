@@ -271,3 +271,26 @@ def test_lower_bound_grows_on_a_saturated_small_split_and_not_on_a_large_clear_o
     lower = [accuracy_lower_bound(100.0, n, 0.95) for n in (5, 20, 100, 1000)]
     assert lower == sorted(lower) and all(0 <= v <= 100 for v in lower)
     assert accuracy_lower_bound(0.0, 20, 0.95) == 0.0
+
+
+def test_run_end_to_end_exports_the_pretrained_task_and_records_it(tmp_path):
+    import json
+
+    from grownfx.run.runner import run
+
+    path, pre = write_weights(tmp_path)
+    raw = raw_recipe(str(path), seed_width=0.5)
+    raw["output"] = {"dir": str(tmp_path / "run"), "tensorboard": False, "export_format": "pt2"}
+    result = run(Recipe.model_validate(raw), echo=lambda m: None)
+    summary = result.summary
+    assert summary["complete"] and len(result.acc_matrix) == 2
+    assert summary["pretrained"]["evaluated"] is False and summary["pretrained"]["num_classes"] == 3
+    assert [t["index"] for t in summary["tasks"]] == [0, 1]
+    out = tmp_path / "run" / "exports"
+    meta = json.loads((out / "pretrained" / "meta.json").read_text())
+    assert meta["task"] == 0 and meta["weights"] == str(path)
+    program = torch.export.load(str(out / "pretrained" / "model.pt2")).module()
+    x = torch.randn(3, 1, 8, 8)
+    # the seed keeps half of each group's channels: task 0 is the slimmed loaded network, three classes
+    assert program(x).shape == (3, 3)
+    assert (out / "task_2" / "model.pt2").exists()

@@ -176,6 +176,15 @@ def add_pretrained_task(net, classes: Optional[int], first_classes: int, policy:
     net.freeze_task(0)
 
 
+def pretrained_summary(recipe: Recipe, net) -> dict:
+    """What summary.json and exports/pretrained/meta.json say of a pretrained task 0."""
+    return {"weights": recipe.model.weights, "weights_sha256": recipe.model.weights_sha256,
+            "num_classes": getattr(net, "pretrained_classes", None), "parameters_task": net.num_parameters(0),
+            "evaluated": False,
+            "note": "task 0 is the loaded network (its own classifier when the file has one), frozen before the "
+                    "first task; the recipe gives no data of its classes, so it is not evaluated"}
+
+
 def build_masked_net(recipe: Recipe, stream: TaskStream, width: float = 1.0, granularity: str | None = None,
                      task0: bool = False):
     """The recipe's backbone traced at `width` with masks of `granularity` (same seed: same net); `task0`: with
@@ -227,6 +236,9 @@ class NetMethod:
     def _fresh_net(self):
         return build_masked_net(self.recipe, self.stream, 1.0, self.granularity, task0=bool(self.offset)).to(
             self.device)
+
+    def pretrained_summary(self) -> dict:
+        return pretrained_summary(self.recipe, self.net)
 
     def task0_policy(self) -> MaskPolicy:
         raise NotImplementedError(f"{self.name} keeps no pretrained task")

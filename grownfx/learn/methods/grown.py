@@ -15,7 +15,8 @@ from grownfx.learn.learner import GrownLearner, build_policy
 from grownfx.learn.records import TaskRecord
 from grownfx.learn.seed_size import width_for_size
 from grownfx.engine.net import GrowableNet, prepare
-from grownfx.learn.methods.base import add_pretrained_task, backbone, example_input, keeps_pretrained_task, seed_channels
+from grownfx.learn.methods.base import (add_pretrained_task, backbone, example_input, keeps_pretrained_task,
+                                       pretrained_summary, seed_channels)
 
 
 def build_net(recipe: Recipe, stream: TaskStream, seed_width: Optional[float] = None) -> GrowableNet:
@@ -74,6 +75,9 @@ class GrownContinual:
         self.net = build_net(self.recipe, self.stream)
         self.learner = self._learner(self.net)
         self.learner.install()
+
+    def pretrained_summary(self) -> dict:
+        return pretrained_summary(self.recipe, self.net)
 
     def learn(self, task: Task, target: Optional[float], resume: Optional[tuple] = None) -> TaskRecord:
         record = self.learner.learn(task, target, resume)
