@@ -59,11 +59,16 @@ def rest_tasks(seed: int = 0, per_class: int = 200, val_per_class: int = 50) -> 
     return tasks
 
 
-def pretrain(out: Path, epochs: int, seed: int) -> tuple[Path, float]:
-    """LeNet-5 on classes 0-5 (all 36 000 training images), Adam 1e-3, batch 64; its state dict and .sha256."""
+def pretrain(out: Path, epochs: int, seed: int, per_class: int) -> tuple[Path, float]:
+    """LeNet-5 on classes 0-5 (`per_class` training images of each, at most 6000), Adam 1e-3, batch 64; its state
+    dict and .sha256 in `out`; returns (file, test accuracy on classes 0-5)."""
     torch.manual_seed(seed)
     (xtr, ytr), (xte, yte) = _split("train"), _split("test")
-    keep, keep_te = np.isin(ytr, PRETRAIN_CLASSES), np.isin(yte, PRETRAIN_CLASSES)
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(ytr), dtype=bool)
+    for c in PRETRAIN_CLASSES:
+        keep[rng.permutation(np.flatnonzero(ytr == c))[:per_class]] = True
+    keep_te = np.isin(yte, PRETRAIN_CLASSES)
     x, y = (torch.from_numpy(xtr[keep]) - MEAN) / STD, torch.from_numpy(ytr[keep])
     model = lenet5(num_classes=len(PRETRAIN_CLASSES), in_channels=1, input_size=28)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -105,11 +110,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/pretrained_standin"))
     ap.add_argument("--epochs", type=int, default=3, help="pretraining epochs")
+    ap.add_argument("--pretrain-per-class", type=int, default=6000, help="pretraining images per class (0-5)")
     ap.add_argument("--per-class", type=int, default=200, help="training images per class of the stream")
     ap.add_argument("--val-per-class", type=int, default=50)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    weights, acc = pretrain(args.out, args.epochs, seed=0)
+    weights, acc = pretrain(args.out, args.epochs, seed=0, per_class=args.pretrain_per_class)
     (args.out / "recipe.yaml").write_text(yaml.safe_dump(recipe(weights, args.per_class, args.val_per_class),
                                                           sort_keys=False))
     print(f"pretrained LeNet-5 on classes 0-5: test accuracy {acc:.2f} %; wrote {weights} and "

@@ -332,11 +332,12 @@ class GrowableNet(nn.Module):
         self.num_classes.append(num_classes)
         device = self._device()
         for m in list(self.task_modules()):
+            keep = {"keep_head": True} if keep_head else {}  # only when asked: add_task overrides need not know it
             if isinstance(m, PerTask):
-                m.add_task(num_classes=num_classes, generator=self.generator, keep_head=keep_head)
+                m.add_task(num_classes=num_classes, generator=self.generator, **keep)
                 m.copies[-1].to(device)
             elif isinstance(m, TaskParameter):
-                m.add_task(num_classes=num_classes, generator=self.generator, keep_head=keep_head)
+                m.add_task(num_classes=num_classes, generator=self.generator, **keep)
         self.ctx.bump()
         self.configure()
         self._check_logits(t, num_classes)

@@ -28,7 +28,7 @@ def accuracy_lower_bound(accuracy: float, n: int, confidence: float) -> float:
     p = min(max(accuracy / 100.0, 0.0), 1.0)
     centre = p + z * z / (2 * n)
     spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return 100.0 * (centre - spread) / (1 + z * z / n)
+    return min(max(100.0 * (centre - spread) / (1 + z * z / n), 0.0), 100.0)  # rounding can step outside
 
 
 def below_target(accuracy: float, n: int, target: Optional[float], decision: str = "accuracy",
