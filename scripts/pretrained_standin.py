@@ -88,6 +88,29 @@ def pretrain(out: Path, epochs: int, seed: int, per_class: int) -> tuple[Path, f
     return path, acc
 
 
+def seed_selection(weights: Path, widths=(0.75, 0.5, 0.3)) -> list[tuple[float, float, float]]:
+    """Test accuracy on classes 0-5 of the pretrained net slimmed to each width, no training after: (width,
+    first-k, magnitude) -- how much of the loaded function each seed rule keeps."""
+    from grownfx.engine.net import prepare
+
+    model = lenet5(num_classes=len(PRETRAIN_CLASSES), in_channels=1, input_size=28)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    xte, yte = _split("test")
+    keep = np.isin(yte, PRETRAIN_CLASSES)
+    x, y = (torch.from_numpy(xte[keep]) - MEAN) / STD, torch.from_numpy(yte[keep])
+    rows = []
+    for width in widths:
+        accs = []
+        for rule in ("first", "magnitude"):
+            net = prepare(model, x[:1], width, seed_channels=rule)
+            net.add_task(len(PRETRAIN_CLASSES), keep_head=True)
+            net.eval()
+            with torch.no_grad():
+                accs.append(float((net(x, task=0).argmax(1) == y).float().mean()) * 100)
+        rows.append((width, *accs))
+    return rows
+
+
 def recipe(weights: Path, per_class: int, val_per_class: int) -> dict:
     return {
         "name": "pretrained_standin",
@@ -120,6 +143,9 @@ def main() -> None:
                                                           sort_keys=False))
     print(f"pretrained LeNet-5 on classes 0-5: test accuracy {acc:.2f} %; wrote {weights} and "
           f"{args.out / 'recipe.yaml'}")
+    print("| seed width | first-k | magnitude |\n| --- | --- | --- |")
+    for width, first, magnitude in seed_selection(weights):
+        print(f"| {width:.2f} | {first:.2f} | {magnitude:.2f} |")
 
 
 if __name__ == "__main__":
