@@ -167,8 +167,8 @@ _OVERRIDES_ARG = typer.Argument(None, help="Overrides: key.sub=value, +key.sub=v
 _TRUST = typer.Option(False, "--trust", help="Run code that a run folder's files name (a model builder "
                       "`module:callable`, a torch.hub reference). Only for folders from someone you trust; "
                       "GROWNFX_TRUST=1 does the same for scripts. (docs/outputs.md#trust)")
-_NO_VERIFY = typer.Option(False, "--no-verify", help="Load a checkpoint whose checksum file (.sha256) is missing "
-                          "or unreadable, unchecked (a checksum that does not match is refused either way).")
+_NO_VERIFY = typer.Option(False, "--no-verify", help="Load a checkpoint (or a model.weights file) whose checksum "
+                          "file (.sha256) is missing or unreadable, unchecked (a checksum that does not match is refused either way).")
 
 
 # --- commands ---------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
     _warn_shadowed(recipe)
     # recipe errors (a missing dataset folder among them) are reported here, once, before any launch and before
     # torch is imported (seconds on a laptop)
-    rec = load_recipe(recipe, overrides or [], trust=trust or None)
+    rec = load_recipe(recipe, overrides or [], trust=trust or None, verify=not no_verify)
     from grownfx.learn import distributed
     from grownfx.report.progress import progress
 
@@ -249,12 +249,13 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
 def validate(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_ARG,
              no_data_check: bool = typer.Option(False, "--no-data-check",
                                                 help="Do not check that dataset folders exist."),
-             trust: bool = _TRUST):
+             trust: bool = _TRUST, no_verify: bool = _NO_VERIFY):
     """Check a recipe (and overrides) without running it: print a summary, or every error with its line."""
     from grownfx.recipe.loading import load_recipe
 
     _warn_shadowed(recipe)
-    rec = load_recipe(recipe, overrides or [], check_data=not no_data_check, trust=trust or None)
+    rec = load_recipe(recipe, overrides or [], check_data=not no_data_check, trust=trust or None,
+                      verify=not no_verify)
     con = _out()
     con.print("[green bold]ok[/]")
     con.print(_summary_table(rec))

@@ -69,9 +69,10 @@ class PerTask(_TaskModule):
         # a consumer of scaled channels (the task's head): the scale multiplies its input columns, as in a bank
         return torch.func.functional_call(copy_t, {"weight": scaled_columns(copy_t.weight, scale)}, args, kwargs)
 
-    def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None) -> None:
+    def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None,
+                 keep_head: bool = False) -> None:
         new = copy.deepcopy(self.pending)
-        if self.kind == "head":
+        if self.kind == "head" and not keep_head:
             _reset_head(new, num_classes, generator)
         new.requires_grad_(True)
         self.copies.append(new)
@@ -171,9 +172,10 @@ class TaskParameter(_TaskModule):
     def forward(self):
         return self.copies[self.ctx.task]
 
-    def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None, **_) -> None:
+    def add_task(self, num_classes: int | None = None, generator: torch.Generator | None = None,
+                 keep_head: bool = False, **_) -> None:
         value = self.pending.detach().clone()
-        if self.class_axis is not None and num_classes is not None:
+        if self.class_axis is not None and num_classes is not None and not keep_head:
             shape = list(value.shape)
             shape[self.class_axis] = num_classes
             if isinstance(self.class_init, tuple):

@@ -30,6 +30,7 @@ from grownfx.engine.splits import install_task_splits
 from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
 from grownfx.engine.errors import ModelCheckError, SurgeryError
 from grownfx.engine.heads import check_class_count, find_heads
+from grownfx.engine.seed_selection import SEED_CHANNELS, channel_scores, keep_indices
 from grownfx.engine.selfcheck import check_graph
 from grownfx.engine.tracing import trace
 from grownfx.engine.weight_pass import learning_pass
@@ -53,6 +54,7 @@ def prepare(
     output: int | str | None = None,
     head: str | Sequence[str] | None = None,
     check: bool = True,
+    seed_channels: str = "first",
 ) -> "GrowableNet":
     """Trace `model`, find its coupling groups, slim every growable group to `seed_width`, make it task-aware.
 
@@ -65,15 +67,19 @@ def prepare(
     `check`: compare the traced graph with `model` on `example_input` before anything is changed
     (`engine/selfcheck.py`: outputs in eval and train mode, input and parameter gradients; `ModelCheckError` on a
     difference).  Always on for users; internal callers that already checked the same model may pass False.
+    `seed_channels`: which channels a seed narrower than the backbone keeps: `first` or `magnitude`
+    (engine/seed_selection.py; for pretrained weights).
     `net.check_report` says what was compared."""
     if not isinstance(seed_width, (int, float)) or not 0 < seed_width <= 1:
         raise SurgeryError(f"seed_width must be in (0, 1], got {seed_width!r}")
+    if seed_channels not in SEED_CHANNELS:
+        raise SurgeryError(f"seed_channels must be one of {', '.join(SEED_CHANNELS)}, got {seed_channels!r}")
     if granularity not in ("kernel", "element", "channel"):
         raise SurgeryError(f"granularity must be 'kernel', 'element' or 'channel', got {granularity!r}")
     gm, coupling, widths, full_params = slim(model, example_input, seed_width, leaf_modules=leaf_modules, seed=seed,
                                              auto_leaves=auto_leaves,
                                              linear_block=LINEAR_BLOCK if granularity == "channel" else 1,
-                                             output=output, check=check, head=head)
+                                             output=output, check=check, head=head, select=seed_channels)
     report, spec = gm.check_report, gm.head_spec
     heads = spec.modules
     ctx = TaskContext()
@@ -117,6 +123,7 @@ def prepare(
     net.head_params = dict(spec.params)  # per-class parameters (a functional classifier's weight, a logit bias)
     net.class_axis, net.input_dtype = spec.class_axis, example_input.dtype
     net.check_report = report
+    net.seed_selection = dict(gm.seed_selection)  # {group: 'first' | 'magnitude'}, for a seed narrower than 1
     return net
 
 
@@ -144,8 +151,13 @@ def _linear_unit_columns(gm: fx.GraphModule, coupling: CouplingResult, heads: li
 
 def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
          leaf_modules: Iterable[str | type] = (), seed: int = 0, auto_leaves: bool = False, linear_block: int = 1,
-         output: int | str | None = None, check: bool = False, head: str | Sequence[str] | None = None):
+         output: int | str | None = None, check: bool = False, head: str | Sequence[str] | None = None,
+         select: str = "first"):
     """Trace and analyse `model`, and slice every growable group to `width` of its channels (a plain graph).
+
+    `select`: which channels stay (engine/seed_selection.py): the first ones, or by `magnitude` of their
+    producing weights (for pretrained weights); the graph module's `seed_selection` says, per group, which rule
+    picked them.
 
     `linear_block` > 1: groups read by a masked Linear without a flatten factor change width by whole blocks of
     that many channels (granularity 'channel': the Linear's mask units are such blocks).
@@ -171,9 +183,14 @@ def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
                     coupling.groups[g].granularity = math.lcm(coupling.groups[g].granularity, linear_block)
     full_params = count_parameters(gm)
     widths = {g.id: g.width for g in coupling.groups if g.growable}
+    gm.seed_selection = {}
     if width < 1:
-        changes = {gid: keep_change(torch.arange(seed_channels(w, width, coupling.groups[gid].granularity)))
-                   for gid, w in widths.items()}
+        changes = {}
+        for gid, w in widths.items():
+            gran = coupling.groups[gid].granularity
+            scores = channel_scores(gm, coupling, gid) if select == "magnitude" else None
+            gm.seed_selection[gid] = "magnitude" if scores is not None else "first"
+            changes[gid] = keep_change(keep_indices(scores, w, seed_channels(w, width, gran), gran))
         apply_changes(gm, coupling, widths, changes, torch.Generator().manual_seed(seed))
     return gm, coupling, widths, full_params
 
@@ -300,10 +317,14 @@ class GrowableNet(nn.Module):
         return self.ctx.cache.inference()
 
     # -- task lifecycle -------------------------------------------------------------------------------------
-    def add_task(self, num_classes: int) -> int:
-        """Add a task with its own head and norm state; the previous task is frozen first."""
+    def add_task(self, num_classes: int, keep_head: bool = False) -> int:
+        """Add a task with its own head and norm state; the previous task is frozen first.  `keep_head`: the
+        task's classifier is the backbone's own (pretrained) one, not a fresh one: only for the first task, and
+        only with the classifier's own number of classes."""
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if keep_head and self.structure.num_tasks:
+            raise ValueError("keep_head: only the first task has the backbone's own classifier")
         if self.structure.learning_task is not None:
             self.freeze_task(self.structure.learning_task)
         t = self.structure.num_tasks
@@ -311,11 +332,12 @@ class GrowableNet(nn.Module):
         self.num_classes.append(num_classes)
         device = self._device()
         for m in list(self.task_modules()):
+            keep = {"keep_head": True} if keep_head else {}  # only when asked: add_task overrides need not know it
             if isinstance(m, PerTask):
-                m.add_task(num_classes=num_classes, generator=self.generator)
+                m.add_task(num_classes=num_classes, generator=self.generator, **keep)
                 m.copies[-1].to(device)
             elif isinstance(m, TaskParameter):
-                m.add_task(num_classes=num_classes, generator=self.generator)
+                m.add_task(num_classes=num_classes, generator=self.generator, **keep)
         self.ctx.bump()
         self.configure()
         self._check_logits(t, num_classes)

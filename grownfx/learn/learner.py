@@ -25,6 +25,7 @@ from grownfx.engine.context import ATT, DENSE, OFF, SEL, MaskPolicy
 from grownfx.data import Task
 from grownfx.learn.distributed import Dist
 from grownfx.learn import budget
+from grownfx.learn.decision import below_target
 from grownfx.learn.gates import CandidateGates
 from grownfx.learn.growth import round_sizes
 from grownfx.engine.net import GrowableNet
@@ -99,6 +100,7 @@ class GrownLearner:
         self.on_epoch = on_epoch or (lambda info: None)
         self.checkpoint = checkpoint
         self.should_stop = should_stop
+        self._val_size = 0  # validation samples of the task being learned
 
     def install(self) -> CandidateGates:
         """Make the net ready for this learner: on its device, with GROWN's candidate gates installed (before a
@@ -122,6 +124,7 @@ class GrownLearner:
             # task 1 learns by learnable sparse growth from the seed network (when any site can grow)
             phase = self._enter(pos, Phase.GROW if t == 0 and self._growth_plan() else Phase.STAGE1)
         t = net.num_tasks - 1
+        self._val_size = len(task.val)  # what the growth decision's bound reads
         while phase is not Phase.DONE:
             self._train_stage(task, t, pos, self._stage_epochs(pos, phase, t), optim_state, timer)
             optim_state = None
@@ -173,7 +176,7 @@ class GrownLearner:
             return False
         if self.growth.when == "always":
             return pos.round == 0
-        return target is not None and val < target
+        return below_target(val, self._val_size, target, self.growth.decision, self.growth.confidence)
 
     def _growth_plan(self) -> dict[int, int]:
         """Channels a growth round would add at each site below its width cap (empty: none can grow)."""

@@ -9,6 +9,7 @@ from torch import nn
 from grownfx.errors import UserError
 from grownfx.usercode import import_callable, is_user_code
 
+from grownfx.models import pretrained as P
 from grownfx.models.lenet import LeNet5, lenet5
 from grownfx.models.small_cnn import SmallCNN, small_cnn
 from grownfx.models.vgg_cifar import VGGCifar, vgg16_bn_cifar
@@ -49,4 +50,25 @@ def build_backbone(builder: str, num_classes: int, kwargs: dict | None = None,
     return torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **kwargs)
 
 
-__all__ = ["BUILDERS", "BuilderError", "LeNet5", "SmallCNN", "VGGCifar", "build_backbone", "lenet5", "small_cnn", "vgg16_bn_cifar"]
+def build_pretrained(builder: str, num_classes: Optional[int], kwargs: dict | None, code_dir: Optional[str],
+                     weights: str, sha256: Optional[str] = None) -> tuple[nn.Module, Optional[int]]:
+    """The backbone with the weights `weights` names (grownfx.models.pretrained), checked against `sha256` or the
+    file's `.sha256` (always: a recipe loaded with --no-verify carries the hash it was loaded with).
+
+    `num_classes` None: the model is built with the file's own classifier (its classes returned), for a method
+    that keeps the pretrained network as a task; a number: the classifier is left fresh with that many classes
+    (returned as None).  A file without a classifier gives a model with `num_classes or 1` fresh classes."""
+    try:
+        path, _ = P.check_weights_file(weights, sha256, verify=True)
+        state = P.read_state_dict(path)
+        axes = P.class_axes(lambda k: build_backbone(builder, k, kwargs, code_dir))
+        classes = P.file_classes(state, axes, path)
+        keep = num_classes is None and classes is not None
+        model = build_backbone(builder, classes if keep else (num_classes or 1), kwargs, code_dir)
+        P.load_weights(model, state, axes, path, head=keep)
+    except P.WeightsError as exc:
+        raise P.WeightsError(f"model.weights: {exc}") from None
+    return model, classes if keep else None
+
+
+__all__ = ["BUILDERS", "BuilderError", "LeNet5", "SmallCNN", "VGGCifar", "build_backbone", "build_pretrained", "lenet5", "small_cnn", "vgg16_bn_cifar"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import re
 import types
 from pathlib import Path
@@ -203,6 +204,40 @@ def semantic_errors(raw: dict, check_data: bool) -> list[tuple[str, str]]:
         if problem:
             out.append(("model.builder", problem))
     return out
+
+
+def resolve_weights(raw: dict, recipe_dir: str | os.PathLike | None, verify: bool = True) -> list[tuple[str, str]]:
+    """`model.weights`: a relative file made absolute (it starts at the recipe's folder), the file checked against
+    its checksum (`verify=False`: a file without one is accepted and its hash recorded in `weights_sha256`), and,
+    when the builder resolves, loaded into the builder's model to see every key fit.  Imports torch (only for a
+    recipe with weights)."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("weights"), str) or not model["weights"].strip():
+        return []
+    from grownfx.models import build_pretrained  # deferred: torch
+    from grownfx.models.pretrained import WeightsError, check_weights_file, is_torchvision_name  # deferred: torch
+
+    spec = model["weights"].strip()
+    if not is_torchvision_name(spec):
+        spec = str((Path(recipe_dir) if recipe_dir is not None else Path.cwd()) / Path(spec).expanduser())
+        model["weights"] = spec = os.path.normpath(spec)
+    sha = model.get("weights_sha256") if isinstance(model.get("weights_sha256"), str) else None
+    try:
+        _, pinned = check_weights_file(spec, sha, verify)
+    except WeightsError as exc:
+        return [("model.weights", str(exc))]
+    if pinned is not None:
+        model["weights_sha256"] = sha = "sha256:" + pinned
+    builder, kwargs = model.get("builder"), model.get("kwargs", {})
+    if not isinstance(builder, str) or not isinstance(kwargs, dict) or _builder_problem(builder, _code_dir(raw)):
+        return []  # the builder's own error says what is wrong
+    try:
+        build_pretrained(builder, None, kwargs, _code_dir(raw), spec, sha)
+    except WeightsError as exc:
+        return [("model.weights", str(exc).removeprefix("model.weights: "))]
+    except Exception as exc:  # noqa: BLE001 - a builder failing on its kwargs: reported, never a traceback
+        return [("model.weights", f"building the model to load them failed: {type(exc).__name__}: {exc}")]
+    return []
 
 
 def _code_dir(raw: dict) -> str | None:

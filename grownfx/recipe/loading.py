@@ -22,7 +22,8 @@ from grownfx.errors import UserError
 from grownfx.recipe.schema import Recipe
 from grownfx.recipe.checks import resolve_builder
 from grownfx.recipe.trust import names_user_code, require_trust, run_folder_of
-from grownfx.recipe.checks import child_type, is_union, pick_member, schema_errors, semantic_errors, unwrap
+from grownfx.recipe.checks import (child_type, is_union, pick_member, resolve_weights, schema_errors, semantic_errors,
+                                   unwrap)
 
 __all__ = ["RecipeError", "builtin_recipes_dir", "dump_resolved", "list_builtin_recipes", "load_recipe",
            "names_user_code", "recipe_diff", "resolve_builder", "resolve_recipe_path", "shadowed_recipe_warning",
@@ -96,12 +97,13 @@ def resolve_recipe_path(path_or_name: str | os.PathLike) -> Path:
 
 
 def load_recipe(path_or_name: str | os.PathLike, overrides: Sequence[str] = (), *,
-                check_data: bool = True, trust: Optional[bool] = None) -> Recipe:
+                check_data: bool = True, trust: Optional[bool] = None, verify: bool = True) -> Recipe:
     """Load, override and validate a recipe; raise `RecipeError` with every problem located.
 
     A recipe file lying in a run folder (its config.resolved.yaml) is that folder's, not the user's: when its
     builder names code (`module:callable`), nothing is imported unless `trust` (or GROWNFX_TRUST=1) says so
-    (grownfx.recipe.trust); UntrustedCodeError otherwise."""
+    (grownfx.recipe.trust); UntrustedCodeError otherwise.  `verify=False` accepts a `model.weights` file without
+    a checksum (--no-verify) and records the hash of the file in `model.weights_sha256`."""
     path = resolve_recipe_path(path_or_name)
     source = _display(path)
     data = _read_capped(path, source)
@@ -115,12 +117,12 @@ def load_recipe(path_or_name: str | os.PathLike, overrides: Sequence[str] = (), 
     if folder is not None and isinstance(raw, dict):
         require_trust(raw, f"{source} (a file of the run folder {folder})", trust)
     return validate_recipe(raw, overrides, source=source, lines=lines, check_data=check_data,
-                           recipe_dir=path.resolve().parent)
+                           recipe_dir=path.resolve().parent, verify=verify)
 
 
 def validate_recipe(raw: Any, overrides: Sequence[str] = (), *, source: str = "<recipe>",
                     lines: Mapping[str, int] | None = None, check_data: bool = True,
-                    recipe_dir: str | os.PathLike | None = None) -> Recipe:
+                    recipe_dir: str | os.PathLike | None = None, verify: bool = True) -> Recipe:
     """Validate an already parsed recipe (a dict), after applying `overrides`.  `recipe_dir`: the recipe file's
     folder, where its own code (`module:callable`) is looked for and relative `code_dir` values start."""
     if raw is None:
@@ -132,6 +134,7 @@ def validate_recipe(raw: Any, overrides: Sequence[str] = (), *, source: str = "<
     where = _Where(source, dict(lines or {}), {}, {})
     problems = _apply_overrides(raw, list(overrides), where)
     _fill_code_dir(raw, recipe_dir)
+    problems += [(where(path), path, msg) for path, msg in resolve_weights(raw, recipe_dir, verify)]
     recipe = None
     try:
         recipe = Recipe.model_validate(raw)

@@ -45,6 +45,25 @@ class ModelConfig(_Strict):
     head: Optional[str] = Field(None, description="The classifier, when grownfx cannot find it: a module, or the "
                                 "parameter of a functional classifier (`F.linear(f, self.W)`: `W`); every task gets "
                                 "its own copy with its own number of classes.")
+    weights: Optional[str] = Field(None, description="Pretrained weights: a state-dict file (relative to the "
+                                   "recipe's folder; read with torch.load(weights_only=True) after its SHA-256 "
+                                   "matched `weights_sha256` or the `<file>.sha256` beside it), or a torchvision "
+                                   "weights name (`ResNet18_Weights.IMAGENET1K_V1`) taken only from the local torch "
+                                   "cache ($TORCH_HOME/hub/checkpoints; never downloaded). Every method starts from "
+                                   "them; see `weights_task`.")
+    weights_sha256: Optional[str] = Field(None, pattern=r"^(sha256:)?[0-9a-fA-F]{64}$", description="The SHA-256 "
+                                          "of the `weights` file (`sha256:<64 hex>`); without it a `<file>.sha256` "
+                                          "must lie beside the file, or the run needs --no-verify (the resolved "
+                                          "recipe then records the hash of the file that was used).")
+    weights_task: bool = Field(True, description="With `weights`, GROWN and Piggyback keep the loaded network as "
+                               "a frozen task 0 (its own classifier kept when the file has one) that every task "
+                               "selects from with its masks: the fine-grained benchmark's setting; the stream's "
+                               "tasks come after it. False: the weights are only where training starts.")
+    seed_channels: Literal["auto", "first", "magnitude"] = Field(
+        "auto", description="Which channels a seed narrower than the backbone keeps in each coupling group: "
+        "`first` (the first k: all alike at random initialisation), `magnitude` (the k whose producing weights "
+        "have the largest L1 norm, summed over the group's layers, each normalised by its mean), `auto`: "
+        "`magnitude` with `weights`, else `first`.")
     seed_width: float = Field(0.5, gt=0.0, le=1.0, description="Width of the seed network as a fraction of "
                               "the backbone's channels, for every growable coupling group (GROWN starts small). "
                               "Parameters scale about as its square; ignored when `seed_size` is set.")
@@ -79,6 +98,13 @@ class GrowthConfig(_Strict):
     when: Literal["necessary", "always"] = Field("necessary", description="`necessary`: grow only while "
                                                  "validation accuracy is below the target (GROWN); `always`: "
                                                  "one growth round every task (Grow).")
+    decision: Literal["accuracy", "lower_bound"] = Field(
+        "accuracy", description="How `necessary` reads the validation split. `accuracy` (the paper's rule): grow "
+        "while validation accuracy < target. `lower_bound`: grow while the Wilson lower confidence bound of the "
+        "validation accuracy (`confidence`, over the split's n samples) < target, i.e. until the split shows the "
+        "target is reached; a small split cannot show it by reading 100 % (docs/method.md).")
+    confidence: float = Field(0.95, ge=0.5, lt=1.0, description="One-sided confidence of `lower_bound` (0.5: the "
+                              "bound is the accuracy itself, the paper's rule).")
 
 
 class GumbelSpec(_Strict):

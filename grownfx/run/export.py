@@ -266,6 +266,9 @@ def export_all_tasks(run_dir: str | Path, verify: bool = False, bake_preprocessi
         if net is None or not hasattr(net, "masked_layers"):
             raise ExportError(f"--all-tasks needs a method whose tasks share one task-aware net (GROWN, PackNet, "
                               f"Piggyback, ...); {recipe.method.name} keeps a model per task: export each with --task")
+        if getattr(method, "offset", 0):  # the net's task 0 is the pretrained network: its indices are not the run's
+            raise ExportError(f"--all-tasks does not yet handle a run whose pretrained weights are its net's task 0 "
+                              f"(model.weights_task); export each task with --task")
         done = int(state["completed"])
         if done < 1:
             raise ExportError(f"{run_dir} has no finished task to export")

@@ -33,12 +33,13 @@ from grownfx.recipe.schema import Recipe, target_sources
 from grownfx.data import TaskStream, data_seed, stream_for
 from grownfx.run.console import _task_line, _tensorboard
 from grownfx.run.folder import RunError, _load_checkpoint, _prepare_out, claim_out
-from grownfx.run.export import export_complete, record_export, save_module, task_folder, task_meta
+from grownfx.run.export import export_complete, preprocessing, record_export, save_module, task_folder, task_meta
 from grownfx.learn.guards import NonFiniteError, check_tensors
 from grownfx.learn.records import LearnerPosition, TaskRecord
 from grownfx.report.metrics import stream_metrics
 from grownfx.report.progress import phase_label
 from grownfx.learn.methods import make_method
+from grownfx.models.pretrained import check_weights_file
 from grownfx.learn.methods.base import example_input
 from grownfx.run import targets
 
@@ -105,7 +106,12 @@ def run(recipe: Recipe | str, out_dir: str | Path | None = None, resume: bool = 
     with it).  SIGINT/SIGTERM end the current epoch, checkpoint and raise RunInterrupted.
     """
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, list(overrides), trust=trust)
+        recipe = load_recipe(recipe, list(overrides), trust=trust, verify=verify)
+    elif not verify and recipe.model.weights and not recipe.model.weights_sha256:
+        pinned = check_weights_file(recipe.model.weights, None, verify=False)[1]
+        if pinned is not None:  # unchecked weights: the run records the hash of the file it used
+            recipe = recipe.model_copy(deep=True)
+            recipe.model.weights_sha256 = "sha256:" + pinned
     started = time.perf_counter()
     echo = echo or (lambda msg: print(msg, flush=True))
     own = dist is None
@@ -366,6 +372,7 @@ class _Run:
                 "avg_acc": metrics["avg_acc"], "bwt": metrics["bwt"], "forgetting": metrics["forgetting"],
                 "total_time_s": sum(r.time_s for r in self.records), "wall_time_s": self.wall_time(),
                 "total_cpu_s": cpu, "cpu_s_per_epoch": cpu / epochs if epochs else None,
+                **({"pretrained": self.method.pretrained_summary()} if getattr(self.method, "offset", 0) else {}),
                 "tasks": tasks}
 
     def learning_cpu_s(self) -> float:
@@ -401,10 +408,13 @@ class _Run:
 
     def export(self, t: int) -> None:
         """exports/task_<t+1>/: the task's subnetwork in the recipe's format and meta.json (the same meta
-        `grownfx export` writes)."""
+        `grownfx export` writes); with the first task, exports/pretrained/ when the net's task 0 is the
+        pretrained network."""
         fmt = self.recipe.output.export_format
         if fmt == "none":
             return
+        if t == 0 and getattr(self.method, "offset", 0):
+            self.export_pretrained()
         folder = task_folder(self.out, t)
         if self.progress is not None:
             self.progress.phase(f"export ({fmt})")
@@ -422,6 +432,28 @@ class _Run:
         except Exception as exc:  # keep the run going; the weights are in the checkpoint
             entry["error"] = f"{type(exc).__name__}: {exc}"
             self.echo(f"warning: exporting task {t + 1} as {fmt} failed ({entry['error']}); see {folder}/meta.json")
+        record_export(folder, base, fmt, entry)
+
+    def export_pretrained(self) -> None:
+        """exports/pretrained/: the pretrained network as the net's frozen task 0 computes it (its own classifier
+        and classes), exported like a task; its meta.json names the weights it came from."""
+        fmt, folder = self.recipe.output.export_format, self.out / "exports" / "pretrained"
+        sub = self.method.net.export(0).cpu().eval()
+        example = example_input(self.stream.input_shape)
+        base = {"task": 0, "name": "pretrained", **self.method.pretrained_summary(),
+                "input_shape": list(self.stream.input_shape), "preprocessing": preprocessing(self.stream.meta),
+                "parameters": sum(p.numel() for p in sub.parameters()),
+                "source_checkpoint_sha256": files.file_sha256(self.out / "checkpoints" / "last.pt")}
+        entry: dict = {"parameters": base["parameters"], "preprocessing_baked": False,
+                       "expects": "preprocessed inputs (see preprocessing)"}
+        try:
+            path = save_module(sub, example, fmt, folder)
+            entry.update(file=path.name, sha256=files.file_sha256(path))
+        except (files.DiskFullError, files.NotWritableError):
+            raise
+        except Exception as exc:  # keep the run going; the weights are in the checkpoint
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            self.echo(f"warning: exporting the pretrained task 0 as {fmt} failed ({entry['error']})")
         record_export(folder, base, fmt, entry)
 
     # -- checkpoints ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from grownfx.data import Task, TaskData, TaskStream
 from grownfx.engine import state as net_state
 from grownfx.engine.context import MaskPolicy
 from grownfx.engine.net import prepare
-from grownfx.models import build_backbone
+from grownfx.models import build_backbone, build_pretrained
 from grownfx.recipe.schema import OptimConfig, Recipe, TrainingConfig
 from grownfx.learn.distributed import Dist
 from grownfx.learn.records import LearnerPosition, TaskRecord, add_epoch_time, stage_breakdown
@@ -146,13 +146,56 @@ def evaluate_with(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tens
 # --- methods over one GrowableNet ------------------------------------------------------------------------
 
 
-def build_masked_net(recipe: Recipe, stream: TaskStream, width: float = 1.0, granularity: str | None = None):
-    """The recipe's backbone traced at `width` with masks of `granularity` (same seed: same net)."""
+def backbone(recipe: Recipe, num_classes: Optional[int]) -> tuple[nn.Module, Optional[int]]:
+    """The recipe's backbone, from its pretrained weights when it names some (`model.weights`).  `num_classes`
+    None: with the weights' own classifier, whose classes are returned (None when the file has none); a number:
+    a fresh classifier of that many classes (returns (model, None))."""
+    m = recipe.model
+    if m.weights:
+        return build_pretrained(m.builder, num_classes, m.kwargs, recipe.code_dir, m.weights, m.weights_sha256)
+    return build_backbone(m.builder, num_classes or 1, m.kwargs, recipe.code_dir), None
+
+
+def keeps_pretrained_task(recipe: Recipe) -> bool:
+    """Whether a method that can (GROWN, Piggyback) keeps the loaded network as a frozen task 0."""
+    return bool(recipe.model.weights) and recipe.model.weights_task
+
+
+def seed_channels(recipe: Recipe) -> str:
+    """The seed's channel rule: the recipe's, `auto` being `magnitude` from pretrained weights, else `first`."""
+    rule = recipe.model.seed_channels
+    return ("magnitude" if recipe.model.weights else "first") if rule == "auto" else rule
+
+
+def add_pretrained_task(net, classes: Optional[int], first_classes: int, policy: MaskPolicy) -> None:
+    """The net's weights as they were loaded become task 0, frozen at once: its masks all-ones over every unit,
+    its norms the loaded ones, its classifier the file's own (a fresh one of `first_classes` classes when the
+    file has none: such a task 0 is never evaluated)."""
+    net.add_task(classes or first_classes, keep_head=classes is not None)
+    net.set_policy(policy)
+    net.freeze_task(0)
+
+
+def pretrained_summary(recipe: Recipe, net) -> dict:
+    """What summary.json and exports/pretrained/meta.json say of a pretrained task 0."""
+    return {"weights": recipe.model.weights, "weights_sha256": recipe.model.weights_sha256,
+            "num_classes": getattr(net, "pretrained_classes", None), "parameters_task": net.num_parameters(0),
+            "evaluated": False,
+            "note": "task 0 is the loaded network (its own classifier when the file has one), frozen before the "
+                    "first task; the recipe gives no data of its classes, so it is not evaluated"}
+
+
+def build_masked_net(recipe: Recipe, stream: TaskStream, width: float = 1.0, granularity: str | None = None,
+                     task0: bool = False):
+    """The recipe's backbone traced at `width` with masks of `granularity` (same seed: same net); `task0`: with
+    the pretrained weights' own classifier, for a method that keeps them as task 0 (`net.pretrained_classes`)."""
     torch.manual_seed(recipe.seed)
-    model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs, recipe.code_dir)
-    return prepare(model, example_input(stream.input_shape), width, leaf_modules=recipe.model.leaf_modules,
-                   granularity=granularity or recipe.model.granularity, seed=recipe.seed,
-                   output=recipe.model.output, head=recipe.model.head)
+    model, classes = backbone(recipe, None if task0 else stream.tasks[0].num_classes)
+    net = prepare(model, example_input(stream.input_shape), width, leaf_modules=recipe.model.leaf_modules,
+                  granularity=granularity or recipe.model.granularity, seed=recipe.seed,
+                  output=recipe.model.output, head=recipe.model.head, seed_channels=seed_channels(recipe))
+    net.pretrained_classes = classes
+    return net
 
 
 class NetMethod:
@@ -167,6 +210,7 @@ class NetMethod:
 
     name = "net"
     granularity: str | None = "element"  # PackNet, Piggyback and CPG own and mask single weights
+    pretrained_task = False  # keeps pretrained weights as a frozen task 0 (the method's `task0_policy`)
     phases: tuple[str, ...] = ("train",)  # a task's stages, in order
 
     def __init__(self, recipe: Recipe, stream: TaskStream, device: torch.device, *,
@@ -177,12 +221,27 @@ class NetMethod:
         self.checkpoint = checkpoint  # the runner's mid-task checkpoint: checkpoint(None, position, optim)
         self.trainer = Trainer(recipe.training, self.device, dist, on_epoch=self._on_epoch, should_stop=should_stop,
                                checkpoint=self._save if checkpoint is not None else None)
-        self.net = build_masked_net(recipe, stream, 1.0, self.granularity).to(self.device)
+        # with a pretrained task 0 the stream's task i is the net's task i + 1 (`offset`)
+        self.offset = 1 if self.pretrained_task and keeps_pretrained_task(recipe) else 0
+        self.net = self._fresh_net()
+        if self.offset:
+            add_pretrained_task(self.net, self.net.pretrained_classes, stream.tasks[0].num_classes,
+                                self.task0_policy())
         self._resume: Optional[tuple] = None  # (position, optimiser state) resumed, until its phase is reached
         self._before = 0.0  # training seconds of the learning task before a resume
         self._timer = Timer()
         self.history: list[float] = []  # the learning task's validation accuracies so far
         self.phase: dict = {}  # the learning task's method-specific facts (in mid-task checkpoints)
+
+    def _fresh_net(self):
+        return build_masked_net(self.recipe, self.stream, 1.0, self.granularity, task0=bool(self.offset)).to(
+            self.device)
+
+    def pretrained_summary(self) -> dict:
+        return pretrained_summary(self.recipe, self.net)
+
+    def task0_policy(self) -> MaskPolicy:
+        raise NotImplementedError(f"{self.name} keeps no pretrained task")
 
     # -- a task's phases, resumable -------------------------------------------------------------------------
     def begin(self, task: Task, policy: MaskPolicy, resume: Optional[tuple]) -> tuple[int, Optional[LearnerPosition]]:
@@ -244,7 +303,7 @@ class NetMethod:
             fields["extra"] = extra
         time_s = self._before + timer.seconds
         fields.setdefault("stage_s", stage_breakdown(self.phase.get("stage_s"), time_s))
-        return TaskRecord(index=t, name=task.name, num_classes=task.num_classes, target=target,
+        return TaskRecord(index=t - self.offset, name=task.name, num_classes=task.num_classes, target=target,
                           val_acc=val_history[-1], val_history=list(val_history),
                           params_stored=self.net.num_parameters(), params_task=self.net.num_parameters(t),
                           mask_bytes=self.net.mask_bytes(t), time_s=time_s, epochs=epochs,
@@ -254,14 +313,14 @@ class NetMethod:
     @torch.no_grad()
     def logits(self, task_index: int, x: torch.Tensor) -> torch.Tensor:
         self.net.eval()
-        return self.net(x.to(self.device), task=task_index)
+        return self.net(x.to(self.device), task=task_index + self.offset)
 
     def evaluate(self, task_index: int, data: TaskData) -> float:
-        return evaluate_with(self.net, lambda x: self.net(x, task=task_index), data, self.recipe.training,
-                             self.device)
+        t = task_index + self.offset
+        return evaluate_with(self.net, lambda x: self.net(x, task=t), data, self.recipe.training, self.device)
 
     def export(self, task_index: int) -> nn.Module:
-        return self.net.export(task_index)
+        return self.net.export(task_index + self.offset)
 
     def num_parameters(self) -> int:
         return self.net.num_parameters()
@@ -270,5 +329,7 @@ class NetMethod:
         return {"structure": net_state.net_structure(self.net), "weights": self.net.state_dict()}
 
     def load_state(self, state: dict) -> None:
+        if self.offset:  # the checkpoint holds task 0: restore onto a net without it
+            self.net = self._fresh_net()
         net_state.restore_net(self.net.cpu(), state["structure"], state["weights"])
         self.net.to(self.device)

@@ -22,12 +22,11 @@ from grownfx.engine.errors import SurgeryError
 from grownfx.engine.layers import _reset_head
 from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
-from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters, slim
 from grownfx.engine.rewrite import set_submodule
 from grownfx.learn.training import Timer, derive_seed, resolve_device
 from grownfx.recipe.schema import FinetuneMethod
-from grownfx.learn.methods.base import StepTerms, Trainer, evaluate_with, example_input
+from grownfx.learn.methods.base import StepTerms, Trainer, backbone, evaluate_with, example_input
 from grownfx.learn.methods.multihead import MultiHead
 
 
@@ -45,7 +44,7 @@ class FinetuneContinual:
         if recipe.method.name == "finetune":
             self.name = "finetune" if self.keep_copies else "finetune[forgetting]"
         torch.manual_seed(recipe.seed)
-        model = build_backbone(recipe.model.builder, stream.tasks[0].num_classes, recipe.model.kwargs, recipe.code_dir)
+        model, _ = backbone(recipe, stream.tasks[0].num_classes)  # from model.weights when given
         self.full_params = count_parameters(model)
         gm, coupling, _, _ = slim(model, example_input(stream.input_shape), 1.0,
                                   leaf_modules=recipe.model.leaf_modules, seed=recipe.seed,

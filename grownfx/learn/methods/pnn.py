@@ -27,7 +27,7 @@ from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters, slim
 from grownfx.learn.training import Timer, derive_seed
-from grownfx.learn.methods.base import Trainer, evaluate_with, example_input
+from grownfx.learn.methods.base import Trainer, backbone, evaluate_with, example_input
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -181,7 +181,9 @@ class PNNContinual:
     def _column(self, num_classes: int, k: int) -> fx.GraphModule:
         cfg = self.recipe.method
         torch.manual_seed(derive_seed(self.recipe.seed, "pnn", k))
-        model = build_backbone(self.recipe.model.builder, num_classes, self.recipe.model.kwargs, self.recipe.code_dir)
+        # the first column from model.weights when given (a fresh classifier); later columns fresh
+        model = backbone(self.recipe, num_classes)[0] if k == 0 else build_backbone(
+            self.recipe.model.builder, num_classes, self.recipe.model.kwargs, self.recipe.code_dir)
         gm, *_ = slim(model, example_input(self.stream.input_shape), cfg.first_column_width if k == 0 else
                       cfg.column_width, leaf_modules=self.recipe.model.leaf_modules, seed=self.recipe.seed,
                       output=self.recipe.model.output, head=self.recipe.model.head)

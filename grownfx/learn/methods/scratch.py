@@ -15,7 +15,7 @@ from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
 from grownfx.engine.net import count_parameters
 from grownfx.learn.training import Timer, derive_seed
-from grownfx.learn.methods.base import Trainer, evaluate_with
+from grownfx.learn.methods.base import Trainer, backbone, evaluate_with
 
 
 def train_plain(model: nn.Module, task: Task, trainer: Trainer, seed, epochs: Optional[int] = None,
@@ -38,7 +38,7 @@ def evaluate_plain(model: nn.Module, data: TaskData, training: TrainingConfig, d
 
 def fresh_backbone(recipe: Recipe, task: Task, seed_parts: tuple) -> nn.Module:
     torch.manual_seed(derive_seed(*seed_parts))
-    return build_backbone(recipe.model.builder, task.num_classes, recipe.model.kwargs, recipe.code_dir)
+    return backbone(recipe, task.num_classes)[0]  # from model.weights when given: scratch-from-pretrained
 
 
 class ScratchContinual:

@@ -1,0 +1,152 @@
+"""A stand-in for the fine-grained pretrained benchmark, on this machine: LeNet-5 pretrained on Fashion-MNIST
+classes 0-5, then a stream of the other four classes (two tasks of two) learned from it.
+
+    python scripts/pretrained_standin.py --out runs/pretrained_standin    # pretrain, write the recipe
+    grownfx compare runs/pretrained_standin/recipe.yaml --methods grown,piggyback,finetune,scratch,packnet \
+        --seeds 0,1,2 --out runs/pretrained_standin/cmp
+    (docs/results/pretrained.md lists every command that ran)
+
+The recipe's data is the `python` kind with `rest_tasks` below as its factory: classes 6/7 and 8/9 of the
+training file, `per_class` training and `val_per_class` validation images per class (seeded), every test image
+of the four classes.  Inputs are x/255 normalised with Fashion-MNIST's mean and std, in pretraining too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from grownfx.data.fashion_mnist import find_idx, read_idx
+from grownfx.models import lenet5
+
+ROOT = Path("/usr/share/datasets/fashion-mnist")
+MEAN, STD = 0.2860, 0.3530
+PRETRAIN_CLASSES = tuple(range(6))
+STREAM = ((6, 7), (8, 9))
+NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def _split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    files = find_idx(ROOT)
+    x = read_idx(files[f"{split}_x"]).astype(np.float32)[:, None] / 255.0
+    y = read_idx(files[f"{split}_y"]).astype(np.int64)
+    return x, y
+
+
+def rest_tasks(seed: int = 0, per_class: int = 200, val_per_class: int = 50) -> list[dict]:
+    """Two tasks, classes (6, 7) and (8, 9), labels 0/1 in each; seeded train and validation subsets."""
+    (xtr, ytr), (xte, yte) = _split("train"), _split("test")
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for classes in STREAM:
+        train, val = [], []
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(ytr == c))
+            val.append(idx[:val_per_class])
+            train.append(idx[val_per_class:val_per_class + per_class])
+        remap = {c: i for i, c in enumerate(classes)}
+        label = np.vectorize(remap.get)
+        tr, va = np.concatenate(train), np.concatenate(val)
+        te = np.flatnonzero(np.isin(yte, classes))
+        tasks.append({"name": "/".join(NAMES[c] for c in classes), "classes": [NAMES[c] for c in classes],
+                      "train": (xtr[tr], label(ytr[tr])), "val": (xtr[va], label(ytr[va])),
+                      "test": (xte[te], label(yte[te]))})
+    return tasks
+
+
+def pretrain(out: Path, epochs: int, seed: int, per_class: int) -> tuple[Path, float]:
+    """LeNet-5 on classes 0-5 (`per_class` training images of each, at most 6000), Adam 1e-3, batch 64; its state
+    dict and .sha256 in `out`; returns (file, test accuracy on classes 0-5)."""
+    torch.manual_seed(seed)
+    (xtr, ytr), (xte, yte) = _split("train"), _split("test")
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(ytr), dtype=bool)
+    for c in PRETRAIN_CLASSES:
+        keep[rng.permutation(np.flatnonzero(ytr == c))[:per_class]] = True
+    keep_te = np.isin(yte, PRETRAIN_CLASSES)
+    x, y = (torch.from_numpy(xtr[keep]) - MEAN) / STD, torch.from_numpy(ytr[keep])
+    model = lenet5(num_classes=len(PRETRAIN_CLASSES), in_channels=1, input_size=28)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        xt = (torch.from_numpy(xte[keep_te]) - MEAN) / STD
+        acc = float((model(xt).argmax(1) == torch.from_numpy(yte[keep_te])).float().mean()) * 100
+    path = out / "lenet5_fashion_0to5.pt"
+    torch.save(model.state_dict(), path)
+    (out / (path.name + ".sha256")).write_text(hashlib.sha256(path.read_bytes()).hexdigest() + f"  {path.name}\n")
+    return path, acc
+
+
+def seed_selection(weights: Path, widths=(0.75, 0.5, 0.3)) -> list[tuple[float, float, float]]:
+    """Test accuracy on classes 0-5 of the pretrained net slimmed to each width, no training after: (width,
+    first-k, magnitude) -- how much of the loaded function each seed rule keeps."""
+    from grownfx.engine.net import prepare
+
+    model = lenet5(num_classes=len(PRETRAIN_CLASSES), in_channels=1, input_size=28)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    xte, yte = _split("test")
+    keep = np.isin(yte, PRETRAIN_CLASSES)
+    x, y = (torch.from_numpy(xte[keep]) - MEAN) / STD, torch.from_numpy(yte[keep])
+    rows = []
+    for width in widths:
+        accs = []
+        for rule in ("first", "magnitude"):
+            net = prepare(model, x[:1], width, seed_channels=rule)
+            net.add_task(len(PRETRAIN_CLASSES), keep_head=True)
+            net.eval()
+            with torch.no_grad():
+                accs.append(float((net(x, task=0).argmax(1) == y).float().mean()) * 100)
+        rows.append((width, *accs))
+    return rows
+
+
+def recipe(weights: Path, per_class: int, val_per_class: int) -> dict:
+    return {
+        "name": "pretrained_standin",
+        "description": "LeNet-5 pretrained on Fashion-MNIST 0-5 (task 0), then 6/7 and 8/9 (scripts/pretrained_standin.py)",
+        "seed": 0, "code_dir": str(Path(__file__).resolve().parent),
+        "model": {"builder": "lenet5", "kwargs": {"in_channels": 1, "input_size": 28}, "weights": weights.name,
+                  "seed_size": 0.45},
+        "data": {"name": "python", "factory": "pretrained_standin:rest_tasks", "seed": 0,
+                 "kwargs": {"per_class": per_class, "val_per_class": val_per_class}, "mean": [MEAN], "std": [STD]},
+        "method": {"name": "grown"},
+        "masks": {"grown": {"lam": 1.0e-6}},  # as lenet_fashion_split5_lowdata
+        "target": {"rule": "best(scratch, finetune) - 0.5"},
+        "training": {"epochs": 20, "stage2_epochs": 5, "batch_size": 32, "scheduler": "none", "num_threads": 1,
+                     "optimizer": {"name": "adam", "lr": 1.0e-3, "momentum": 0.0, "nesterov": False}},
+        "output": {"dir": "runs/pretrained_standin", "tensorboard": False, "export_format": "none"},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/pretrained_standin"))
+    ap.add_argument("--epochs", type=int, default=3, help="pretraining epochs")
+    ap.add_argument("--pretrain-per-class", type=int, default=6000, help="pretraining images per class (0-5)")
+    ap.add_argument("--per-class", type=int, default=200, help="training images per class of the stream")
+    ap.add_argument("--val-per-class", type=int, default=50)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    weights, acc = pretrain(args.out, args.epochs, seed=0, per_class=args.pretrain_per_class)
+    (args.out / "recipe.yaml").write_text(yaml.safe_dump(recipe(weights, args.per_class, args.val_per_class),
+                                                          sort_keys=False))
+    print(f"pretrained LeNet-5 on classes 0-5: test accuracy {acc:.2f} %; wrote {weights} and "
+          f"{args.out / 'recipe.yaml'}")
+    print("| seed width | first-k | magnitude |\n| --- | --- | --- |")
+    for width, first, magnitude in seed_selection(weights):
+        print(f"| {width:.2f} | {first:.2f} | {magnitude:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
