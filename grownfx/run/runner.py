@@ -422,17 +422,7 @@ class _Run:
         check_tensors(sub.state_dict(), f"the export of task {t + 1}")  # never export a diverged network
         example = example_input(self.stream.input_shape)
         base = task_meta(self.stream, self.stream.meta, t, sub, self.out / "checkpoints" / "last.pt")
-        entry: dict = {"parameters": base["parameters"], "preprocessing_baked": False,
-                       "expects": "preprocessed inputs (see preprocessing)"}
-        try:
-            path = save_module(sub, example, fmt, folder)
-            entry.update(file=path.name, sha256=files.file_sha256(path))
-        except (files.DiskFullError, files.NotWritableError):
-            raise  # the machine's problem, not the export's: stop (the checkpoint is on disk; --resume exports)
-        except Exception as exc:  # keep the run going; the weights are in the checkpoint
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-            self.echo(f"warning: exporting task {t + 1} as {fmt} failed ({entry['error']}); see {folder}/meta.json")
-        record_export(folder, base, fmt, entry)
+        self._write_export(sub, example, fmt, folder, base, f"task {t + 1}")
 
     def export_pretrained(self) -> None:
         """exports/pretrained/: the pretrained network as the net's frozen task 0 computes it (its own classifier
@@ -444,16 +434,21 @@ class _Run:
                 "input_shape": list(self.stream.input_shape), "preprocessing": preprocessing(self.stream.meta),
                 "parameters": sum(p.numel() for p in sub.parameters()),
                 "source_checkpoint_sha256": files.file_sha256(self.out / "checkpoints" / "last.pt")}
+        self._write_export(sub, example, fmt, folder, base, "the pretrained task 0")
+
+    def _write_export(self, sub, example, fmt: str, folder, base: dict, what: str) -> None:
+        """`sub` saved in `fmt` into `folder` and its meta.json entry recorded; an export that fails is recorded with
+        its error and the run goes on (the weights are in the checkpoint), except for a full or read-only disk."""
         entry: dict = {"parameters": base["parameters"], "preprocessing_baked": False,
                        "expects": "preprocessed inputs (see preprocessing)"}
         try:
             path = save_module(sub, example, fmt, folder)
             entry.update(file=path.name, sha256=files.file_sha256(path))
         except (files.DiskFullError, files.NotWritableError):
-            raise
+            raise  # the machine's problem, not the export's: stop (the checkpoint is on disk; --resume exports)
         except Exception as exc:  # keep the run going; the weights are in the checkpoint
             entry["error"] = f"{type(exc).__name__}: {exc}"
-            self.echo(f"warning: exporting the pretrained task 0 as {fmt} failed ({entry['error']})")
+            self.echo(f"warning: exporting {what} as {fmt} failed ({entry['error']}); see {folder}/meta.json")
         record_export(folder, base, fmt, entry)
 
     # -- checkpoints ----------------------------------------------------------------------------------------

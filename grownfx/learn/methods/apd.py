@@ -228,14 +228,6 @@ class APDContinual(FinetuneContinual):
         return {"tau_nonzero": nonzero, "tau_density": nonzero / max(sum(tau.numel() for tau in taus), 1)}
 
     # -- evaluation, export, accounting ----------------------------------------------------------------------
-    def _forward(self, t: int):
-        def forward(x):
-            self._select(t)
-            self.heads.task = t
-            return self.model(x)
-
-        return forward
-
     def export(self, task_index: int) -> fx.GraphModule:
         gm = copy.deepcopy(self.model)
         for name, layer in self.layers.items():

@@ -230,14 +230,6 @@ class DENContinual(FinetuneContinual):
             layer.active = (units[l], columns)
             columns = units[l] * self.factors[l + 1]
 
-    def _forward(self, t: int):
-        def forward(x):
-            self._select(t)
-            self.heads.task = t
-            return self.model(x)
-
-        return forward
-
     def _head_columns(self, units: int) -> int:
         return units * self.factors[-1]
 

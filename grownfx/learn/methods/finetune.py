@@ -122,10 +122,15 @@ class FinetuneContinual:
     def _model_for(self, t: int) -> nn.Module:
         return self.copies[t] if t < len(self.copies) else self.model
 
+    def _select(self, t: int) -> None:
+        """Make the shared network compute task `t` before a forward (DEN's timestamped units, APD's per-task
+        weights); Fine-tune's network has nothing to select but the head."""
+
     def _forward(self, t: int):
         model = self._model_for(t)
 
         def forward(x):
+            self._select(t)
             model.get_submodule(self.head_target).task = t
             return model(x)
 
