@@ -35,7 +35,8 @@ DOC = ROOT / "docs" / "coverage.md"
 JSON = ROOT / "docs" / "coverage.json"
 SIZES = (32, 64, 96, 128, 160, 224)
 SEED_WIDTH = 0.5
-SEED_GOAL = 0.35  # seed parameters / full parameters at seed width 0.5, for CNN families
+SEED_GOAL = 0.35
+ROWS_LOG = os.environ.get("GROWNFX_TIMM_ROWS")  # optional JSON-lines file: each row appended when it is done  # seed parameters / full parameters at seed width 0.5, for CNN families
 
 # (family = timm module, model, input size, create_model kwargs, kind, user-supplied leaf modules)
 MODELS: list[tuple[str, str, int, dict, str, tuple]] = [
@@ -263,6 +264,9 @@ def run_sweep(entries: list[tuple], timeout: int, seed_width: float) -> list[dic
                        "error": f"over {timeout} s"}
         row.update(family=family, kind=kind, size=size, kw=kw)
         rows.append(row)
+        if ROWS_LOG:  # every finished row at once, so a sweep stopped midway keeps what it measured
+            with open(ROWS_LOG, "a") as f:
+                f.write(json.dumps(row) + "\n")
         print(f"{name:28s} {row.get('outcome', '?'):8s} growable={row.get('growable')}/{row.get('groups')} "
               f"seed={row.get('seed_ratio', float('nan')):.3f} {time.time() - t0:.0f}s "
               f"{row.get('error', '')[:160]}", flush=True)
