@@ -292,6 +292,9 @@ class LayoutOps:
             else:
                 expanded.append(i)
         expanded.extend([slice(None)] * (len(src.shape) - sum(1 for i in expanded if i is not None)))
+        as_split = self.slice_by_numbers(node, src, expanded)  # DPN's `x[:, :c]`: bounds that follow growth
+        if as_split is not None:
+            return as_split
         axes, origin, j = [], [], 0
         for i in expanded:
             if i is None:

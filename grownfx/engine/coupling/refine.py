@@ -14,7 +14,11 @@ or a flatten factor is not made: the layouts are then tied as before, and fixed.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
+
+import torch
+from torch import fx
 
 from grownfx.engine.coupling.layouts import Seq, TVal
 from grownfx.engine.coupling.types import Binding, Layout, Seg
@@ -193,3 +197,41 @@ class Refinement:
             shape = tuple(int(s) for s in m.shape)
             items.append(TVal(x.axes[:dim] + (piece,) + x.axes[dim + 1:], shape))
         return Seq(items)
+
+    def slice_by_numbers(self, node, x, index: list) -> Any:
+        """`x[:, a:b]` over channels with bounds written as numbers (DPN's residual and dense parts, ReXNet's
+        partial shortcut) is the middle piece of `split(x, [a, b - a, n - b], 1)`: the node is rewritten so, and
+        the split's sizes then follow growth like any numeric split.  None (the caller fixes the channels) when
+        another axis is indexed too, the tensor is a parameter, or the cut is not at whole segments."""
+        if len(index) != len(x.shape) or not all(isinstance(i, slice) for i in index) or any(x.origin):
+            return None
+        if any(isinstance(b, fx.Node) for i in index for b in (i.start, i.stop, i.step)):
+            return None
+        cut = [(d, i.indices(n)) for d, (i, n) in enumerate(zip(index, x.shape)) if i.indices(n) != (0, n, 1)]
+        if len(cut) != 1 or cut[0][1][2] != 1 or not x.axes[cut[0][0]]:
+            return None
+        dim, (start, stop, _) = cut[0]
+        if stop <= start:
+            return None
+        n = x.shape[dim]
+        sizes = [s for s in (start, stop - start, n - stop) if s > 0]
+        meta = node.args[0].meta.get("tensor_meta")
+        if not hasattr(meta, "shape"):
+            return None
+        metas = [meta._replace(shape=torch.Size([s if d == dim else w for d, w in enumerate(meta.shape)]))
+                 for s in sizes]
+        graph = self.gm.graph
+        with graph.inserting_before(node):
+            split = graph.call_function(torch.split, (node.args[0], sizes, dim))
+        split.meta["tensor_meta"] = metas
+        batch = node.args[0].meta.get("batch_axes")
+        if isinstance(batch, tuple):
+            split.meta["batch_axes"] = [batch] * len(sizes)
+        pieces = self.split_by_numbers(split, x, dim, metas)
+        if pieces is None:
+            graph.erase_node(split)
+            return None
+        node.target, node.args, node.kwargs = operator.getitem, (split, int(start > 0)), {}
+        self.gm.recompile()
+        self.values[split.name] = pieces
+        return pieces.items[int(start > 0)]

@@ -1,0 +1,68 @@
+"""Channel slices whose bounds are numbers (found by the timm sweep: DPN, ReXNet).
+
+`x[:, :c]` cuts a conv's output into parts that go different ways: DPN's dual-path block adds the first `c`
+channels to the residual stream and concatenates the rest to the dense stream; ReXNet adds its shortcut to the
+first `c` channels only.  The slice is the piece of a numeric split, so its bounds follow growth; before, the
+whole producer was fixed ("channels sliced at ..."), and DPN's seed was half its parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from test_model_reading import groups_of, reasons
+from test_silent_cases import lifecycle
+
+X = torch.randn(4, 3, 8, 8)
+
+
+class DualPath(nn.Module):
+    """DPN's block: one conv's output sliced into a residual part and a dense part."""
+
+    def __init__(self, res=8, inc=4, classes=5):
+        super().__init__()
+        self.res = res
+        self.stem = nn.Conv2d(3, res + inc, 3, padding=1)
+        self.proj = nn.Conv2d(res + inc, res + inc, 1)
+        self.body = nn.Conv2d(res + inc, res + inc, 3, padding=1)
+        self.head = nn.Linear(res + 2 * inc, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        s = self.proj(x)
+        s_res, s_dense = s[:, :self.res], s[:, self.res:]
+        o = torch.relu(self.body(x))
+        resid = s_res + o[:, :self.res, :, :]
+        dense = torch.cat([s_dense, o[:, self.res:]], dim=1)
+        return self.head(torch.cat([resid, dense], 1).mean((2, 3)))
+
+
+class PartialShortcut(nn.Module):
+    """ReXNet's block: the shortcut is added to the first channels of a wider output, the middle ones pass."""
+
+    def __init__(self, c=6, extra=4, classes=5):
+        super().__init__()
+        self.c = c
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv = nn.Conv2d(c, c + extra, 3, padding=1)
+        self.head = nn.Linear(c + extra, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.conv(x)
+        y = torch.cat([y[:, 0:self.c] + x, y[:, self.c:self.c + 2], y[:, self.c + 2:]], dim=1)
+        return self.head(y.mean((2, 3)))
+
+
+def test_dual_path_slices_grow_with_their_parts():
+    net = lifecycle(DualPath(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "proj")), reasons(net)
+    assert all(g.growable for g in groups_of(net, "body")), reasons(net)
+    assert "sliced" not in reasons(net)
+
+
+def test_partial_shortcut_grows_each_part():
+    net = lifecycle(PartialShortcut(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "conv")), reasons(net)
+    assert len(groups_of(net, "conv")) == 3  # the shortcut's part, and the two slices after it
