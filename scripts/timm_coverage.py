@@ -4,6 +4,7 @@
     python scripts/timm_coverage.py --only dpn68         # re-run some models, keep the others' rows
     python scripts/timm_coverage.py --worker resnet18    # one model in this process; prints one JSON line
     python scripts/timm_coverage.py --select pit         # choose a module's smallest model and an input size
+    python scripts/timm_coverage.py --from-rows sweep.jsonl rerun.jsonl   # write the docs from rows, no re-run
 
 Every model runs in its own subprocess (`--worker`) with one thread and a per-model timeout, so a crash, a hang
 or a memory blow-up costs one row, not the sweep.  The per-model checks are `check_backbone` of
@@ -88,6 +89,9 @@ MODELS: list[tuple[str, str, int, dict, str, tuple]] = [
 ]
 
 
+# why a CNN family's seed stays above SEED_GOAL, where the fixed reasons alone do not say it (docs/coverage.md)
+SEED_NOTES: dict[str, str] = {}
+
 PLAN: dict[str, tuple[int, dict]] = {}  # model -> (input size, create_model kwargs) of the selected models
 
 
@@ -151,8 +155,9 @@ def kind_of(model) -> str:
     return "transformer" if other else "cnn"
 
 
-def plan(names_only: list[str] | None = None, timeout: int = 900) -> list[tuple]:
-    """MODELS, then the smallest model of every other timm module (selected once, kept in docs/coverage.json)."""
+def plan(names_only: list[str] | None = None, timeout: int = 900, select_missing: bool = True) -> list[tuple]:
+    """MODELS, then the smallest model of every other timm module (selected once, kept in docs/coverage.json;
+    `select_missing=False`: a module not selected yet is left out)."""
     import timm
 
     known = {json.dumps([r.get("family"), r.get("model")]): r for r in _old_rows()}
@@ -163,6 +168,8 @@ def plan(names_only: list[str] | None = None, timeout: int = 900) -> list[tuple]
         if module in covered:
             continue
         row = next((r for r in known.values() if r.get("family") == module and "size" in r), None)
+        if row is None and not select_missing:
+            continue
         if row is None:
             try:
                 res = subprocess.run([sys.executable, __file__, "--select", module], capture_output=True, text=True,
@@ -280,7 +287,8 @@ def write_doc(rows: list[dict], seed_width: float, path: Path = DOC, fuzz: str =
     n = len(rows)
     passed = [r for r in rows if r.get("outcome") == "pass"]
     refused = [r for r in rows if r.get("outcome") == "refused"]
-    crashed = [r for r in rows if r.get("outcome") not in ("pass", "refused")]
+    timed_out = [r for r in rows if r.get("stage") == "timeout"]
+    crashed = [r for r in rows if r.get("outcome") not in ("pass", "refused") and r not in timed_out]
     growable = [r for r in passed if r.get("growable")]
     no_leaves = [r for r in passed if not r.get("leaves")]
     no_auto = [r for r in no_leaves if not r.get("auto_leaves")]
@@ -305,7 +313,8 @@ def write_doc(rows: list[dict], seed_width: float, path: Path = DOC, fuzz: str =
         "one line naming why (the table quotes it); anything else that fails is a crash.",
         "",
         f"* passing all checks: **{len(passed)}/{n}**; refused with a reason: {len(refused)}/{n}; "
-        f"**crashes: {len(crashed)}**",
+        f"**crashes: {len(crashed)}**" + (f"; not finished within the per-model timeout: {len(timed_out)} ("
+                                          + ", ".join(r["model"] for r in timed_out) + ")" if timed_out else ""),
         f"* with at least one growth site: {len(growable)}/{n}; passing with zero user-supplied leaf modules: "
         f"{len(no_leaves)}/{n} ({len(no_auto)}/{n} without any automatic leaf either)",
         f"* CNN families with seed/full parameters ≤ {SEED_GOAL} at seed width {seed_width}: "
@@ -331,8 +340,16 @@ def write_doc(rows: list[dict], seed_width: float, path: Path = DOC, fuzz: str =
                 err = (err + " " if err else "") + f"{label}: " + ", ".join(f"`{m}`" for m in r[key][:6])
         gg = f"{r.get('growable', '–')} / {r.get('groups', '–')}"
         outcome = {"pass": "pass", "refused": "refused"}.get(r.get("outcome"), "**CRASH**")
+        if r in timed_out:
+            outcome = "timeout"
         lines.append(f"| {r['family']} | {r['model']} | {inp} | {outcome} | {gg} | {seed} | {_cell(reasons)} | "
                      f"{_cell(err)} |")
+    above = [r for r in cnn if r.get("ok") and r.get("seed_ratio", 0) > SEED_GOAL]
+    if above:
+        lines += ["", f"CNN families above {SEED_GOAL} and why (the fixed groups that keep their full width):", ""]
+        lines += [f"* {r['model']} ({r['seed_ratio']:.3f}): " + "; ".join(
+            f"{c}× {why}" for why, c in r.get("fixed_reasons") or [] if not why.startswith("touches the"))[:300]
+            + (f". {SEED_NOTES[r['model']]}" if r["model"] in SEED_NOTES else "") for r in above]
     rest = sorted(set(modules) - families)
     if rest:
         lines += ["", f"Not swept ({len(rest)} timm modules): " + ", ".join(rest) + "."]
@@ -357,7 +374,15 @@ def main(argv=None) -> None:
     p.add_argument("--seed-width", type=float, default=SEED_WIDTH)
     p.add_argument("--no-doc", action="store_true", help="do not write docs/coverage.md and docs/coverage.json")
     p.add_argument("--fuzz", help="a markdown file with the model fuzzer's table, appended to docs/coverage.md")
+    p.add_argument("--from-rows", nargs="+", metavar="FILE",
+                   help="write docs/coverage.md and docs/coverage.json from rows files (JSON lines, as "
+                        "GROWNFX_TIMM_ROWS writes them, or a JSON list) without running anything; a later file's "
+                        "row of a model replaces an earlier one's")
     a = p.parse_args(argv)
+    if a.from_rows:
+        rows = merge_rows(a.from_rows)
+        _write_docs(rows, a)
+        return
     if a.select:
         print(json.dumps(select(a.select)), flush=True)
         return
@@ -376,10 +401,52 @@ def main(argv=None) -> None:
         order = [(e[0], e[1]) for e in plan()]
         rows = [new.get(k) or old[k] for k in order if k in new or k in old]
     if not a.no_doc:
-        JSON.write_text(json.dumps(rows, indent=1))
-        fuzz = Path(a.fuzz).read_text() if a.fuzz else _kept_fuzz_section()
-        write_doc(rows, a.seed_width, fuzz=fuzz)
-        print(f"wrote {DOC} and {JSON}")
+        _write_docs(rows, a)
+
+
+def _write_docs(rows: list[dict], a) -> None:
+    fuzz = Path(a.fuzz).read_text() if a.fuzz else _kept_fuzz_section()
+    JSON.write_text(json.dumps(rows, indent=1))
+    write_doc(rows, a.seed_width, fuzz=fuzz)
+    print(f"wrote {DOC} and {JSON}")
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of one file: JSON lines (GROWNFX_TIMM_ROWS) or one JSON list (docs/coverage.json)."""
+    try:
+        text = Path(path).read_text()
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        rows = []
+        for i, ln in enumerate(text.splitlines(), 1):
+            if ln.strip():
+                try:
+                    rows.append(json.loads(ln))
+                except json.JSONDecodeError as exc:
+                    _bad_input(f"{path}, line {i}: not a JSON row ({exc.msg})")
+        return rows
+    except (OSError, json.JSONDecodeError) as exc:
+        _bad_input(f"{path}: cannot read rows ({exc})")
+
+
+def _bad_input(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def merge_rows(paths: list[str]) -> list[dict]:
+    """Rows of several files, one per (family, model): a later file's row replaces an earlier one's.  In the
+    sweep's order (MODELS, then the selected module models); rows of models not in it come last."""
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        for r in read_rows(path):
+            if not isinstance(r, dict) or not {"family", "model", "kind"} <= set(r):
+                _bad_input(f"{path}: a row without 'family', 'model' and 'kind' ({str(r)[:80]}): not a row of "
+                           "this script")
+            merged[(r["family"], r["model"])] = r
+    order = [(e[0], e[1]) for e in plan(select_missing=False)]
+    rank = {k: i for i, k in enumerate(order)}
+    return sorted(merged.values(), key=lambda r: rank.get((r["family"], r["model"]), len(order)))
 
 
 def _kept_fuzz_section() -> str:
