@@ -380,7 +380,7 @@ def main(argv=None) -> None:
                         "row of a model replaces an earlier one's")
     a = p.parse_args(argv)
     if a.from_rows:
-        rows = merge_rows(a.from_rows)
+        rows = merge_rows(a.from_rows, [(e[0], e[1]) for e in plan(select_missing=False)])
         _write_docs(rows, a)
         return
     if a.select:
@@ -434,9 +434,9 @@ def _bad_input(message: str):
     raise SystemExit(2)
 
 
-def merge_rows(paths: list[str]) -> list[dict]:
+def merge_rows(paths: list[str], order: list[tuple[str, str]]) -> list[dict]:
     """Rows of several files, one per (family, model): a later file's row replaces an earlier one's.  In the
-    sweep's order (MODELS, then the selected module models); rows of models not in it come last."""
+    order of `order` ((family, model): the sweep's); rows of models not in it come last."""
     merged: dict[tuple, dict] = {}
     for path in paths:
         for r in read_rows(path):
@@ -444,7 +444,6 @@ def merge_rows(paths: list[str]) -> list[dict]:
                 _bad_input(f"{path}: a row without 'family', 'model' and 'kind' ({str(r)[:80]}): not a row of "
                            "this script")
             merged[(r["family"], r["model"])] = r
-    order = [(e[0], e[1]) for e in plan(select_missing=False)]
     rank = {k: i for i, k in enumerate(order)}
     return sorted(merged.values(), key=lambda r: rank.get((r["family"], r["model"]), len(order)))
 
