@@ -1,9 +1,11 @@
-"""Channel slices whose bounds are numbers (found by the timm sweep: DPN, ReXNet).
+"""Channels cut into parts by numbers (found by the timm sweep: DPN, ReXNet, SKNet).
 
 `x[:, :c]` cuts a conv's output into parts that go different ways: DPN's dual-path block adds the first `c`
 channels to the residual stream and concatenates the rest to the dense stream; ReXNet adds its shortcut to the
 first `c` channels only.  The slice is the piece of a numeric split, so its bounds follow growth; before, the
-whole producer was fixed ("channels sliced at ..."), and DPN's seed was half its parameters.
+whole producer was fixed ("channels sliced at ..."), and DPN's seed was half its parameters.  SKNet's attention
+over k paths views a conv's k·C outputs as (k, C) and softmaxes over k: the k parts are cut apart and tied, so
+they grow alike (before: "reshape splits or interleaves channels", and `C // k` fixed them as a value use).
 """
 
 from __future__ import annotations
@@ -66,3 +68,30 @@ def test_partial_shortcut_grows_each_part():
     net = lifecycle(PartialShortcut(), X, seed_width=0.5)
     assert all(g.growable for g in groups_of(net, "conv")), reasons(net)
     assert len(groups_of(net, "conv")) == 3  # the shortcut's part, and the two slices after it
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet's block: two paths stacked, a per-path per-channel softmax from one conv's 2·C outputs."""
+
+    def __init__(self, c=8, classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.paths = nn.ModuleList([nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 5, padding=2)])
+        self.reduce = nn.Conv2d(c, 4, 1)
+        self.select = nn.Conv2d(4, 2 * c, 1)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.stack([p(x) for p in self.paths], dim=1)
+        a = self.select(torch.relu(self.reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        b, c, h, w = a.shape
+        a = torch.softmax(a.view(b, 2, c // 2, h, w), dim=1)
+        return self.head((x * a).sum(1).mean((2, 3)))
+
+
+def test_selective_kernel_parts_grow_alike():
+    net = lifecycle(SelectiveKernel(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "select")), reasons(net)
+    assert len(groups_of(net, "select")) == 1  # both parts in the paths' group
+    assert groups_of(net, "select") == groups_of(net, "paths.0")

@@ -112,7 +112,9 @@ class Shuffle(nn.Module):
 def test_channel_shuffle_is_fixed_but_downstream_still_grows():
     res, g = groups_of(Shuffle(), torch.randn(2, 3, 8, 8))
     assert not g[("a", "out")].growable
-    assert any("interleaves" in r or "splits" in r for r in g[("a", "out")].reasons)
+    # the view into (2, c // 2) is two parts, but the shuffle interleaves them and `c` read from the shape
+    # counts them in their first order: the layouts meet at the last reshape
+    assert any("reshape" in r for r in g[("a", "out")].reasons)
     assert g[("b", "out")].growable
 
 

@@ -160,6 +160,10 @@ class LayoutOps:
 
         if name in _SHAPE_USES:
             return
+        if name in ("floordiv", "mul") and all(isinstance(a, (fx.Node, int)) for a in node.args) and node.users and all(
+                u.op in ("call_function", "call_method") and op_name(u.target) in ("view", "reshape")
+                for u in node.users):
+            return  # `x.view(B, k, C // k)`: a count derived from the width that only shapes a tensor
         if name == "layer_norm":  # normalized_shape read from the input's shape follows the width it normalises
             walk([node.args[0]] + list(node.args[2:]) + [v for k, v in node.kwargs.items() if k != "normalized_shape"])
         else:

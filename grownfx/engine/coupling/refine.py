@@ -153,7 +153,26 @@ class Refinement:
         segments, and bind the node (role 'split') so that its sizes follow growth (`engine/splits.py`).
         None when it cannot (a flatten factor, a conv group or a variable cut at two places)."""
         from_sizes = [int(m.shape[dim]) for m in meta]
+        pieces = self.cut_layout(x.axes[dim], from_sizes)
+        if pieces is None:
+            return None
         lay = self.expand_layout(x.axes[dim])
+        sizes = get_sizes(node)
+        if isinstance(sizes, int):  # the same split for the traced shape, with sizes that can be rewritten
+            set_sizes(node, list(from_sizes))
+            self.gm.recompile()
+        self.bindings.append(Binding(node.name, "split", lay, dim, node.name))
+        items = []
+        for m, piece in zip(meta, pieces):
+            shape = tuple(int(s) for s in m.shape)
+            items.append(TVal(x.axes[:dim] + (piece,) + x.axes[dim + 1:], shape))
+        return Seq(items)
+
+    def cut_layout(self, lay: Layout, from_sizes: list[int]) -> list[Layout] | None:
+        """Refine the variables of `lay` that the pieces `from_sizes` cut, so that every piece is whole segments;
+        the pieces' layouts, or None (nothing refined) when a cut falls in a flatten factor, a conv group or a
+        variable that is cut at two places or repeated."""
+        lay = self.expand_layout(lay)
         if any(s.factor != 1 for s in lay) or sum(s.width for s in lay) != sum(from_sizes):
             return None
         cuts, acc = set(), 0
@@ -187,16 +206,7 @@ class Refinement:
                 acc += lay[i].width
                 i += 1
             pieces.append(tuple(piece))
-        sizes = get_sizes(node)
-        if isinstance(sizes, int):  # the same split for the traced shape, with sizes that can be rewritten
-            set_sizes(node, list(from_sizes))
-            self.gm.recompile()
-        self.bindings.append(Binding(node.name, "split", lay, dim, node.name))
-        items = []
-        for m, piece in zip(meta, pieces):
-            shape = tuple(int(s) for s in m.shape)
-            items.append(TVal(x.axes[:dim] + (piece,) + x.axes[dim + 1:], shape))
-        return Seq(items)
+        return pieces
 
     def slice_by_numbers(self, node, x, index: list) -> Any:
         """`x[:, a:b]` over channels with bounds written as numbers (DPN's residual and dense parts, ReXNet's

@@ -76,6 +76,9 @@ class ReshapeOps:
                 inner = math.prod(x.shape[i] for i in ins[1:])
                 axes[outs[0]] = tuple(Seg(s.var, s.width, s.factor * inner) for s in lays[0][1])
                 continue
+            if len(outs) == 2 and len(ins) == 1 and self.channels_into_parts(x.axes[ins[0]], out_shape, outs, axes,
+                                                                             node):
+                continue
             raise Opaque(f"reshape at '{node.name}' splits or interleaves channels ({x.shape} -> {out_shape})")
         for i, n in enumerate(x.shape):
             if n == 1 and x.axes[i] and all(i not in b[0] for b in blocks):
@@ -83,6 +86,20 @@ class ReshapeOps:
         self.literal_bindings(node, out_shape, axes)
         self.width_ties(node, out_shape, axes)
         return TVal(tuple(axes), out_shape, tuple(origin))
+
+    def channels_into_parts(self, lay, out_shape: tuple, outs: list, axes: list, node: fx.Node) -> bool:
+        """`x.view(B, k, C // k, H, W)` (SKNet's and ResNeSt's attention over k paths): the channels are k parts
+        of C // k, part i the i-th run of channels.  The parts are cut apart (variables refined) and tied, so they
+        grow alike; the k axis carries no channels and the second axis has part 0's layout.  False (the caller
+        fixes them) when the parts cannot be whole, equal segments."""
+        k, w = out_shape[outs[0]], out_shape[outs[1]]
+        pieces = self.cut_layout(lay, [w] * k) if k > 1 else None
+        if pieces is None or any([s.width for s in p] != [s.width for s in pieces[0]] for p in pieces):
+            return False
+        for p in pieces[1:]:
+            self.tie(pieces[0], p, node.name)
+        axes[outs[1]] = pieces[0]
+        return True
 
     def width_ties(self, node: fx.Node, out_shape: tuple, axes: list) -> None:
         """`y.reshape(B, N, C)` with C read from another tensor's shape (timm's PVT: `C` of the residual stream
