@@ -95,3 +95,28 @@ def test_selective_kernel_parts_grow_alike():
     assert all(g.growable for g in groups_of(net, "select")), reasons(net)
     assert len(groups_of(net, "select")) == 1  # both parts in the paths' group
     assert groups_of(net, "select") == groups_of(net, "paths.0")
+
+
+class MultiplierResidual(nn.Module):
+    """FastViT's stage: a depthwise conv with channel multiplier 2 starts a residual stream that a 1x1 conv's
+    output (one variable of twice the width) is added to."""
+
+    def __init__(self, c=4, classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.embed = nn.Conv2d(c, 2 * c, 3, padding=1, groups=c)
+        self.norm = nn.BatchNorm2d(2 * c)
+        self.mlp = nn.Conv2d(2 * c, 2 * c, 1)
+        self.head = nn.Linear(2 * c, classes)
+
+    def forward(self, x):
+        x = self.norm(self.embed(torch.relu(self.stem(x))))
+        x = x + self.mlp(torch.relu(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_multiplier_output_and_one_variable_grow_together():
+    net = lifecycle(MultiplierResidual(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "mlp")), reasons(net)
+    assert groups_of(net, "mlp") == groups_of(net, "stem")  # two channels of mlp per channel of stem
+    assert "different layouts" not in reasons(net)

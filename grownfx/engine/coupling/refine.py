@@ -41,7 +41,7 @@ class Refinement:
         out: list[Seg] = []
         for s in lay:
             pieces = ref.get(s.var)
-            if pieces is None or s.width != sum(p.width for p in pieces):  # a cut part of it stays as it is
+            if pieces is None or s.width != sum(p.width * p.factor for p in pieces):  # a cut part stays as it is
                 out.append(s)
                 continue
             out.extend(Seg(p.var, p.width, s.factor * p.factor) for p in self.expand_layout(pieces))
@@ -99,24 +99,47 @@ class Refinement:
             self.ties.add_edge(x.var, y.var, via=where)
         return True
 
-    def _refine(self, v: int, widths: list[int]) -> None:
+    def factor_tie(self, a: Layout, b: Layout, where: str) -> bool:
+        """`x + fc2(y)` where x's channels are a depthwise conv's with a channel multiplier f (FastViT's patch
+        embedding: each of w channels gives f) and fc2's are one variable of w·f: fc2's channels are read as w
+        units of f (a refinement with a factor) tied to x's, so both grow f channels per unit.  False if it cannot
+        (several segments, a variable already cut, a granularity that f does not divide)."""
+        a, b = self.expand_layout(a), self.expand_layout(b)
+        for x, y in ((a, b), (b, a)):
+            if len(x) != 1 or len(y) != 1 or x[0].factor == 1 or y[0].factor != 1:
+                continue
+            s, u = x[0], y[0]
+            data = self.ties.nodes[u.var]
+            if u.width != data["width"] or u.width != s.width * s.factor or u.var in self._refinements():
+                continue
+            if data["gran"] % s.factor and data["gran"] != 1:
+                continue
+            self._refine(u.var, [s.width], factor=s.factor)
+            piece = self._refinements()[u.var][0]
+            self.ties.add_edge(piece.var, s.var, via=where)
+            return True
+        return False
+
+    def _refine(self, v: int, widths: list[int], factor: int = 1) -> None:
         ref = self._refinements()
         if v in ref:
             return
         node = self.ties.nodes[v]
+        gran = node["gran"] // factor if node["gran"] % factor == 0 else 1
         pieces = []
         for i, w in enumerate(widths):
-            p = self.new_var(w, f"{node['label']}[{i}]", gran=node["gran"])
+            p = self.new_var(w, f"{node['label']}[{i}]" if factor == 1 else f"{node['label']}/{factor}", gran=gran)
             self.ties.nodes[p]["reasons"] = list(node["reasons"])
-            pieces.append(Seg(p, w))
+            pieces.append(Seg(p, w, factor))
         ref[v] = tuple(pieces)
         for u in list(self.ties.neighbors(v)):
             via = self.ties.edges[v, u].get("via")
             self.ties.remove_edge(v, u)
             data = self.ties.nodes[u]
-            if u not in ref and data["width"] == node["width"] and all(w % data["gran"] == 0 for w in widths):
-                self._refine(u, widths)
-            if u in ref and [p.width for p in ref[u]] == widths:
+            if (u not in ref and data["width"] == node["width"] and all(w * factor % data["gran"] == 0 for w in widths)
+                    and (factor == 1 or data["gran"] % factor == 0 or data["gran"] == 1)):
+                self._refine(u, widths, factor)
+            if u in ref and [(p.width, p.factor) for p in ref[u]] == [(w, factor) for w in widths]:
                 for p, q in zip(pieces, ref[u]):
                     self.ties.add_edge(p.var, q.var, via=via)
             else:  # a different width (an opaque op's chain): every piece stays tied to it, and fixed with it

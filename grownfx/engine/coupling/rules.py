@@ -97,6 +97,8 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, FunctionalOps, Refi
             return
         if self.refine_tie(a, b, where):  # the same channels cut differently (GhostNet's cat + shortcut)
             return
+        if self.factor_tie(a, b, where):  # a channel multiplier's output meets one variable (FastViT)
+            return
         vars_ = [s.var for s in a] + [s.var for s in b]
         for u, w in zip(vars_, vars_[1:]):
             self.ties.add_edge(u, w, via=where)
