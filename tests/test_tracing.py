@@ -35,6 +35,30 @@ def test_untraceable_module_is_named_and_leaf_modules_fix_it():
     assert not fed.growable and any("'odd'" in r for r in fed.reasons), fed.reasons
 
 
+class BranchesInItsOwnForward(nn.Module):
+    """timm's CrossViT: the model's own forward branches on the input's shape (no submodule to keep whole)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            x = nn.functional.interpolate(x, size=(8, 8))
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("auto_leaves", [False, True])
+def test_untraceable_own_forward_says_to_move_the_code_into_a_submodule(auto_leaves):
+    # before: "Declare the offending module a leaf", which cannot be done for the model itself
+    with pytest.raises(TraceError) as exc:
+        grownfx.prepare(BranchesInItsOwnForward(), torch.randn(1, 3, 8, 8), auto_leaves=auto_leaves)
+    msg = str(exc.value)
+    assert "\n" not in msg and "own forward" in msg and "into a submodule" in msg
+    assert "Declare the offending module a leaf" not in msg
+
+
 def test_shape_error_names_the_node():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(10, 2))
     with pytest.raises(TraceError, match="at node"):

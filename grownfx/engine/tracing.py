@@ -435,8 +435,15 @@ def _trace_in_mode(model: nn.Module, leaves: tuple, auto: list[str], auto_leaves
         raise
     except Exception as exc:  # fx raises many types (TraceError, TypeError from Proxy iteration, ...)
         where = _innermost_module(exc, model)
-        hint = f" in module '{where}'" if where else ""
         mode = " in train mode" if training else ""
+        if where == "<root>":  # the model's own forward (timm's CrossViT: a branch on the input's shape)
+            raise TraceError(
+                f"torch.fx cannot trace {type(model).__name__}'s own forward{mode}: {exc}. The model itself cannot "
+                "be a leaf: move the code that branches on a tensor's values or shape into a submodule, which "
+                "`leaf_modules=[...]` of `grownfx.prepare` (the recipe field `model.leaf_modules`) or "
+                "`auto_leaves=True` then keeps whole."
+            ) from exc
+        hint = f" in module '{where}'" if where else ""
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}{hint}{mode}: {exc}. "
             f"Declare the offending module a leaf to keep it opaque: `leaf_modules=[...]` (module types or "
