@@ -171,10 +171,25 @@ def test_numeric_slices_and_splits(make):
     assert report["growable"] >= 1
 
 
-def test_cut_slice_fixes_the_whole_axis_with_reason():
+def test_cut_slice_refines_what_it_cuts_and_grows():
+    # the slice is the first piece of split(y, [12, 4]) (DPN, ReXNet): b is cut at the bound and every part grows
     net = grownfx.prepare(CatSlice(12), torch.randn(2, 3, 8, 8), seed_width=0.5)
     reasons = [r for g in net.coupling_groups for r in g.reasons]
-    assert any("written as numbers" in r for r in reasons)
+    assert not any("sliced" in r for r in reasons)
+    producers = [g for g in net.coupling_groups if any(b.target in ("a", "b") and b.role == "out" for b in g.members)]
+    assert all(g.growable for g in producers) and len(producers) == 3  # a, and b's two parts
+
+
+class StridedSlice(CatSlice):
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)[:, ::2]
+        return self.head(self.c(torch.cat([y, y[:, :4]], 1)).mean((2, 3)))
+
+
+def test_strided_slice_fixes_the_whole_axis_with_reason():
+    net = grownfx.prepare(StridedSlice(12), torch.randn(2, 3, 8, 8), seed_width=0.5)
+    reasons = [r for g in net.coupling_groups for r in g.reasons]
+    assert any("strided channel slice" in r for r in reasons)
     assert not any(g.growable and any(b.target in ("a", "b") for b in g.members) for g in net.coupling_groups)
 
 
