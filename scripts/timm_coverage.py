@@ -341,7 +341,7 @@ def write_doc(rows: list[dict], seed_width: float, path: Path = DOC, fuzz: str =
     for r in rows:
         reasons = "; ".join(f"{c}× {why}" for why, c in (r.get("fixed_reasons") or [])[:4])
         seed = f"{r['seed_ratio']:.3f}" if "seed_ratio" in r else "–"
-        inp = "×".join(str(s) for s in r.get("input", [])[1:]) or "–"
+        inp = "×".join(str(s) for s in r.get("input", [])[1:]) or (f"{r['size']}×{r['size']}" if r.get("size") else "–")
         err = f"{r.get('stage')}: {r.get('error')}" if not r.get("ok") else ""
         for key, label in (("auto_leaves", "automatic leaves"), ("mode_leaves", "leaves for train/eval"),
                            ("leaves", "user leaves")):
