@@ -15,7 +15,7 @@ its differential check against the eager model.  Each row ends `pass`, `refused`
 one line: a SurgeryError, ModelCheckError or TraceError naming why) or `CRASH` (anything else: a defect).
 
 Modules not in `MODELS` get their smallest model (parameters counted on the meta device, `--select`) at the smallest
-input size its forward accepts (32, 64, ... px; `img_size` passed where the model takes it); the choice is kept in
+input size its forward accepts (28, 32, 56, 64, ... px; `img_size` passed where the model takes it); the choice is kept in
 docs/coverage.json and reused.  Needs timm (`pip install -e ".[timm]"`); `pretrained=False` (nothing is downloaded).
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "coverage.md"
 JSON = ROOT / "docs" / "coverage.json"
-SIZES = (32, 64, 96, 128, 160, 224)
+SIZES = (28, 32, 56, 64, 96, 112, 128, 160, 224)  # multiples of 14 too: patch-14 ViTs (DeepSeek's) refuse 32 and 64
 SEED_WIDTH = 0.5
 SEED_GOAL = 0.35
 ROWS_LOG = os.environ.get("GROWNFX_TIMM_ROWS")  # optional JSON-lines file: each row appended when it is done  # seed parameters / full parameters at seed width 0.5, for CNN families
