@@ -15,8 +15,8 @@ its differential check against the eager model.  Each row ends `pass`, `refused`
 one line: a SurgeryError, ModelCheckError or TraceError naming why) or `CRASH` (anything else: a defect).
 
 Modules not in `MODELS` get their smallest model (parameters counted on the meta device, `--select`) at the smallest
-input size its forward accepts (28, 32, 56, 64, ... px; `img_size` passed where the model takes it); the choice is kept in
-docs/coverage.json and reused.  Needs timm (`pip install -e ".[timm]"`); `pretrained=False` (nothing is downloaded).
+input size its forward accepts (28, 32, 56, 64, ... px; `img_size` passed where the model takes it); the choice is kept
+in docs/coverage.json and reused.  Needs timm (`pip install -e ".[timm]"`); `pretrained=False` (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ DOC = ROOT / "docs" / "coverage.md"
 JSON = ROOT / "docs" / "coverage.json"
 SIZES = (28, 32, 56, 64, 96, 112, 128, 160, 224)  # multiples of 14 too: patch-14 ViTs (DeepSeek's) refuse 32 and 64
 SEED_WIDTH = 0.5
-SEED_GOAL = 0.35
-ROWS_LOG = os.environ.get("GROWNFX_TIMM_ROWS")  # optional JSON-lines file: each row appended when it is done  # seed parameters / full parameters at seed width 0.5, for CNN families
+SEED_GOAL = 0.35  # seed parameters / full parameters at seed width 0.5, for CNN families
+ROWS_LOG = os.environ.get("GROWNFX_TIMM_ROWS")  # optional JSON-lines file: each row appended when it is done
 
 # (family = timm module, model, input size, create_model kwargs, kind, user-supplied leaf modules)
 MODELS: list[tuple[str, str, int, dict, str, tuple]] = [
@@ -341,7 +341,8 @@ def write_doc(rows: list[dict], seed_width: float, path: Path = DOC, fuzz: str =
     for r in rows:
         reasons = "; ".join(f"{c}× {why}" for why, c in (r.get("fixed_reasons") or [])[:4])
         seed = f"{r['seed_ratio']:.3f}" if "seed_ratio" in r else "–"
-        inp = "×".join(str(s) for s in r.get("input", [])[1:]) or (f"{r['size']}×{r['size']}" if r.get("size") else "–")
+        size = f"{r['size']}×{r['size']}" if r.get("size") else "–"  # a row that did not build its model
+        inp = "×".join(str(s) for s in r.get("input", [])[1:]) or size
         err = f"{r.get('stage')}: {r.get('error')}" if not r.get("ok") else ""
         for key, label in (("auto_leaves", "automatic leaves"), ("mode_leaves", "leaves for train/eval"),
                            ("leaves", "user leaves")):
