@@ -120,3 +120,25 @@ def test_multiplier_output_and_one_variable_grow_together():
     assert all(g.growable for g in groups_of(net, "mlp")), reasons(net)
     assert groups_of(net, "mlp") == groups_of(net, "stem")  # two channels of mlp per channel of stem
     assert "different layouts" not in reasons(net)
+
+
+class OffsetSlice(nn.Module):
+    """A slice that starts at channel 1: the piece after a one-channel first piece."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(5, 6, 1)
+        self.head = nn.Linear(6 + 2, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.cat([self.conv(x[:, 1:6]), x[:, 6:]], 1)
+        return self.head(y.mean((2, 3)))
+
+
+def test_slice_from_channel_one_reads_its_own_piece():
+    net = lifecycle(OffsetSlice(), X, seed_width=0.5)
+    fed = [g for g in net.coupling_groups if any(b.target == "conv" and b.role == "in" for b in g.members)]
+    assert [sum(1 for b in g.members if b.target == "conv" and b.role == "in") for g in fed] == [1]
+    assert fed[0].growable, reasons(net)
