@@ -268,3 +268,109 @@ def test_killed_mid_task_relearns_that_task_identically(tmp_path, method, stage)
     a = _tensors(files.load(whole.out_dir / "checkpoints" / "last.pt")["method"])
     b = _tensors(files.load(out / "checkpoints" / "last.pt")["method"])
     assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------- APD: clustering of the taus
+
+def _clustered_setup(e_gap: float, lam1: float, clustering_iter: int = 2, k_centroids: int = 1):
+    """APD after two tasks (clustered once at the end of task 1 with one group), then the layers' full taus set to
+    a known state, unclustered: task 1's full tau is `near(tau_0)` on half the entries and far from it elsewhere."""
+    m, stream = method_and_stream({"name": "apd", "e_gap": e_gap, "lam1": lam1, "clustering_iter": clustering_iter,
+                                   "k_centroids": k_centroids}, model=SMALL, data=DIGITS, epochs=1)
+    for task in stream.tasks[:2]:
+        m.learn(task, None)
+    halves = {}
+    for i, (name, layer) in enumerate(m.layers.items()):
+        g = torch.Generator().manual_seed(i)
+        full0 = layer.full_tau(0)
+        half = torch.rand(full0.shape, generator=g) < 0.5
+        noise = (torch.rand(full0.shape, generator=g) * 2 - 1) * (0.9 * e_gap)  # within e_gap: shared
+        with torch.no_grad():
+            layer.taus[0].copy_(full0)
+            layer.taus[1].copy_(torch.where(half, full0 + noise, full0 + 0.2))  # 0.2 > e_gap: not shared
+        layer.shared, layer.groups, layer.centroids = torch.nn.ParameterList(), [-1, -1], None
+        halves[name] = half
+    return m, stream, halves
+
+
+def test_apd_clustering_keeps_every_task_bit_exact_where_members_agree_and_stores_less():
+    """Tasks that agree exactly on some entries share them: every old task's output is bit-exact after the
+    consolidation, and the stored size drops by exactly the entries now stored once instead of twice."""
+    m, stream, halves = _clustered_setup(e_gap=0.0, lam1=0.0)
+    x = inputs(stream.tasks[0])
+    before = [m.logits(t, x).clone() for t in range(2)]
+    size = m.num_parameters()
+    saved = sum(int((half & (m.layers[n].taus[0] != 0)).sum()) for n, half in halves.items())
+    assert saved > 0
+    groups = m.consolidate(1)
+    assert all(g == [0, 0] for g in groups.values())
+    for t in range(2):
+        assert torch.equal(m.logits(t, x), before[t])
+        assert torch.equal(m.export(t)(x), before[t])
+    assert m.num_parameters() == size - saved
+    for name, layer in m.layers.items():
+        assert layer.groups == [0, 0] and len(layer.shared) == 1
+        assert not bool(layer.taus[0][halves[name]].any()) and not bool(layer.taus[1][halves[name]].any())
+        assert not bool(layer.shared[0][~halves[name]].any())  # the far entries stay each task's own
+
+
+def test_apd_clustering_moves_each_weight_by_at_most_half_the_gap_plus_lam1():
+    """Members that differ by less than e_gap share the midrange: each old task's weights move by at most
+    e_gap / 2 + lam1 per entry (the stated tolerance: the outputs move as those weights do), nothing else
+    moves, and the size drops."""
+    e_gap, lam1 = 0.05, 1e-3
+    m, stream, halves = _clustered_setup(e_gap=e_gap, lam1=lam1)
+    thetas = {(n, t): layer.theta(t).detach().clone() for n, layer in m.layers.items() for t in range(2)}
+    size = m.num_parameters()
+    m.consolidate(1)
+    for (n, t), theta in thetas.items():
+        moved = (m.layers[n].theta(t).detach() - theta).abs()
+        assert float(moved.max()) <= e_gap / 2 + lam1 + 1e-6
+        assert bool((moved[~halves[n]] == 0).all())  # what is not shared does not move
+    assert m.num_parameters() < size
+
+
+def test_apd_kmeans_groups_tasks_with_similar_taus_and_a_single_keeps_its_whole_tau():
+    """Four tasks whose taus form two tight pairs and k = 2: the pairs are the groups, each with its own shared
+    part; with k = 3 one pair splits and its two tasks keep their whole taus."""
+    from grownfx.learn.methods.apd import APDLayer
+
+    layer = APDLayer(torch.nn.Linear(6, 5))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        layer.add_task(g)
+    a, b = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g) + 3.0
+    with torch.no_grad():
+        for j, centre in enumerate([a, b, a, b]):
+            layer.taus[j].copy_(centre + 1e-3 * torch.randn(5, 6, generator=g))
+    full = [layer.full_tau(j) for j in range(4)]
+    groups = layer.consolidate(2, e_gap=1e-2, lam1=0.0, generator=torch.Generator().manual_seed(1))
+    assert groups[0] == groups[2] != groups[1] == groups[3]
+    assert len(layer.shared) == 2 and layer.groups[0] == layer.groups[2] != layer.groups[1]
+    for j in range(4):
+        assert float((layer.full_tau(j) - full[j]).abs().max()) <= 0.5e-2 + 1e-6
+    with torch.no_grad():  # back to before: the pairs' members are no longer identical
+        for j in range(4):
+            layer.taus[j].copy_(full[j])
+    layer.shared, layer.groups, layer.centroids = torch.nn.ParameterList(), [-1] * 4, None
+    groups = layer.consolidate(3, e_gap=1e-2, lam1=0.0, generator=torch.Generator().manual_seed(1))
+    singles = [j for j in range(4) if groups.count(groups[j]) == 1]
+    assert len(singles) == 2 and len(layer.shared) == 1
+    for j in singles:
+        assert layer.groups[j] == -1
+        assert torch.equal(layer.taus[j], full[j])  # its whole tau, its own
+
+
+def test_apd_clusters_every_clustering_iter_tasks_and_reloads_what_it_clustered():
+    m, stream = method_and_stream({"name": "apd", "clustering_iter": 2, "k_centroids": 1, "e_gap": 0.05},
+                                  model=SMALL, data=DIGITS, epochs=1)
+    records = [m.learn(task, None) for task in stream.tasks]
+    assert ["clusters" in r.extra for r in records] == [False, True, False]
+    assert all(g == [0, 0] for g in records[1].extra["clusters"].values())
+    assert records[1].extra["shared_nonzero"] > 0
+    x = inputs(stream.tasks[0])
+    again, _ = method_and_stream(m.recipe.method.model_dump(), model=SMALL, data=DIGITS, epochs=1)
+    again.load_state(m.state())
+    for t in range(3):
+        assert torch.equal(again.logits(t, x), m.logits(t, x))
+        assert torch.equal(m.export(t)(x), m.logits(t, x))

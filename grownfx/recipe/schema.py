@@ -349,6 +349,14 @@ class APDMethod(_Strict):
                         "earlier tasks j (APD: approx_hyp 100, with Adam 1e-3; under SGD keep lr x lam2 below 2).")
     weight_decay: float = Field(1e-4, ge=0, description="L2 on the learning task's tau and mask, and on sigma "
                                 "during the first task (APD: wd_rate 1e-4).")
+    clustering_iter: int = Field(5, ge=0, description="Every this many tasks the taus of all tasks so far are "
+                                 "clustered (k-means, per layer) into locally shared parts plus residuals; 0 never "
+                                 "(APD: clustering_iter 5).")
+    k_centroids: PositiveInt = Field(2, description="Clusters per clustering_iter tasks: after task t (1-based) "
+                                     "k = k_centroids * t / clustering_iter (APD: k_centroides 2).")
+    e_gap: float = Field(1e-2, ge=0, description="An entry joins a cluster's shared part when its values over the "
+                         "members differ by at most this (max - min); the shared value is their midrange, so each "
+                         "member's weight moves by at most e_gap / 2 + lam1 (APD: e_gap_hyp 1e-2).")
 
 
 # Every method a recipe can name.  A new method adds its config class here and registers its implementation in

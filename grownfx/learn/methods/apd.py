@@ -15,8 +15,16 @@ head, and every tau_j (j <= t) under
 
 theta_j^start being task j's weights when task t began (the retroactive update: old tasks move, held near where
 they were).  After each task every tau_j is hard-thresholded at lam1 (|tau| <= lam1 -> 0), as APD's code does
-before counting and testing.  The k-means clustering of the taus into task-shared parts (every 5 tasks in APD's
-code) is not implemented.
+before counting and testing.
+
+Every clustering_iter tasks the tasks' full adaptive weights (tau_j plus the locally shared part it had) are
+clustered per layer by k-means into k = k_centroids * (t + 1) / clustering_iter groups (APD's hierarchical knowledge
+consolidation).  In a group of two or more tasks, an entry whose values over the members differ by at most e_gap
+becomes shared: the group's locally shared weight holds their midrange there (hard-thresholded at lam1, as APD's code
+does before testing and counting), and each member's tau keeps only its unshared entries.  Task j then computes
+with sigma * sigmoid(m_j) + tau_j + shared_{g(j)}; its weight moved by at most e_gap / 2 + lam1 per entry, and by
+nothing where the members agreed exactly.  The shared parts are fixed afterwards; the next clustering re-decomposes
+every task from its full adaptive weights, starting from the previous centroids.
 """
 
 from __future__ import annotations
@@ -67,6 +75,9 @@ class APDLayer(nn.Module):
         self.masks = nn.ParameterList()
         self.taus = nn.ParameterList()
         self.biases = nn.ParameterList()
+        self.shared = nn.ParameterList()  # the locally shared parts of the last clustering (fixed)
+        self.groups: list[int] = []  # task j's index into shared, -1 when it has none
+        self.centroids: Optional[torch.Tensor] = None  # the last clustering's, where the next one starts
         self.task = 0
 
     def add_task(self, generator: torch.Generator) -> None:
@@ -79,11 +90,42 @@ class APDLayer(nn.Module):
         if self.has_bias:
             before = self.biases[-1] if len(self.biases) else self._bias0
             self.biases.append(nn.Parameter(before.detach().clone()))
+        self.groups.append(-1)
 
     def theta(self, t: int) -> torch.Tensor:
-        """Task t's weight: sigma * sigmoid(m_t) + tau_t."""
+        """Task t's weight: sigma * sigmoid(m_t) + tau_t (+ its group's locally shared part)."""
         mask = torch.sigmoid(self.masks[t]).view(-1, *([1] * (self.sigma.dim() - 1)))
-        return self.sigma * mask + self.taus[t]
+        theta = self.sigma * mask + self.taus[t]
+        return theta + self.shared[self.groups[t]] if self.groups[t] >= 0 else theta
+
+    def full_tau(self, t: int) -> torch.Tensor:
+        """Task t's whole adaptive weight: tau_t plus its locally shared part."""
+        tau = self.taus[t].detach()
+        return tau + self.shared[self.groups[t]].detach() if self.groups[t] >= 0 else tau.clone()
+
+    @torch.no_grad()
+    def consolidate(self, k: int, e_gap: float, lam1: float, generator: torch.Generator) -> list[int]:
+        """APD's k-means clustering of every task's full tau into k groups and their decomposition into locally
+        shared parts plus residual taus (the module docstring); returns each task's group."""
+        full = torch.stack([self.full_tau(j) for j in range(len(self.taus))])
+        assignment, self.centroids = kmeans(full.flatten(1), k, generator, self.centroids)
+        self.shared = nn.ParameterList()
+        self.groups = [-1] * len(self.taus)
+        for c in range(k):
+            members = [j for j in range(len(self.taus)) if int(assignment[j]) == c]
+            if len(members) < 2:  # a group of one keeps its whole tau
+                for j in members:
+                    self.taus[j].copy_(full[j])
+                continue
+            high, low = full[members].amax(0), full[members].amin(0)
+            agree = (high - low) <= e_gap
+            local = torch.where(agree, (high + low) / 2, torch.zeros_like(high))
+            local = local.masked_fill(local.abs() <= lam1, 0.0)
+            self.shared.append(nn.Parameter(local, requires_grad=False))
+            for j in members:
+                self.taus[j].copy_(full[j].masked_fill(agree, 0.0))
+                self.groups[j] = len(self.shared) - 1
+        return [int(a) for a in assignment]
 
     def forward(self, x):
         w, b = self.theta(self.task), self.biases[self.task] if self.has_bias else None
@@ -105,9 +147,31 @@ class APDLayer(nn.Module):
         return out.to(w.device)
 
     def stored(self) -> int:
-        """Values stored: sigma, every mask and bias, and the nonzero entries of every tau."""
+        """Values stored: sigma, every mask and bias, and the nonzero entries of every tau and shared part."""
         return (self.sigma.numel() + sum(m.numel() for m in self.masks) + sum(b.numel() for b in self.biases)
-                + sum(int(torch.count_nonzero(t)) for t in self.taus))
+                + sum(int(torch.count_nonzero(t)) for t in (*self.taus, *self.shared)))
+
+
+def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, previous: Optional[torch.Tensor] = None,
+           iterations: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of the rows of `points` as APD's code runs it: centroids start at k rows drawn at random,
+    the first ones replaced by the previous clustering's centroids when there are any; 100 iterations (stopping
+    early once the assignment repeats: nothing moves after that); an empty cluster keeps its centroid.  Returns
+    (assignment per row, centroids)."""
+    centroids = points[torch.randperm(len(points), generator=generator)[:k]].clone()
+    if previous is not None:
+        kept = min(len(previous), len(centroids))
+        centroids[:kept] = previous[:kept]
+    assignment = None
+    for _ in range(iterations):
+        nearest = torch.cdist(points.double(), centroids.double()).argmin(1)
+        if assignment is not None and torch.equal(nearest, assignment):
+            break
+        assignment = nearest
+        for c in range(k):
+            if bool((assignment == c).any()):
+                centroids[c] = points[assignment == c].mean(0)
+    return assignment, centroids
 
 
 class PerTask(nn.Module):
@@ -155,6 +219,7 @@ class APDContinual(FinetuneContinual):
             set_submodule(self.model, name, layer)
         self.model.to(self.device)
         self.anchors: dict[tuple[str, int], torch.Tensor] = {}  # theta_j when the learning task began
+        self.clusters: dict[str, list[int]] = {}  # the groups of the clustering after the latest task, if any
 
     def learn(self, task: Task, target, resume=None):
         try:
@@ -216,16 +281,33 @@ class APDContinual(FinetuneContinual):
 
     @torch.no_grad()
     def end_task(self, task: Task, t: int) -> None:
-        lam1 = self.recipe.method.lam1
+        cfg = self.recipe.method
         for layer in self.layers.values():
             for tau in layer.taus:
-                tau.masked_fill_(tau.abs() <= lam1, 0.0)
+                tau.masked_fill_(tau.abs() <= cfg.lam1, 0.0)
         self.anchors = {}
+        self.clusters = {}
+        if cfg.clustering_iter and (t + 1) % cfg.clustering_iter == 0:
+            self.consolidate(t)
+
+    @torch.no_grad()
+    def consolidate(self, t: int) -> dict[str, list[int]]:
+        """APD's hierarchical knowledge consolidation after task t (the module docstring)."""
+        cfg = self.recipe.method
+        k = min(cfg.k_centroids * (t + 1) // cfg.clustering_iter, t + 1)
+        self.clusters = {name: layer.consolidate(k, cfg.e_gap, cfg.lam1, torch.Generator().manual_seed(
+            derive_seed(self.recipe.seed, "apd_kmeans", t, name))) for name, layer in self.layers.items()}
+        return self.clusters
 
     def record_extra(self, t: int) -> dict:
         taus = [tau for layer in self.layers.values() for tau in layer.taus]
         nonzero = sum(int(torch.count_nonzero(tau)) for tau in taus)
-        return {"tau_nonzero": nonzero, "tau_density": nonzero / max(sum(tau.numel() for tau in taus), 1)}
+        shared = sum(int(torch.count_nonzero(s)) for layer in self.layers.values() for s in layer.shared)
+        extra = {"tau_nonzero": nonzero, "tau_density": nonzero / max(sum(tau.numel() for tau in taus), 1),
+                 "shared_nonzero": shared}
+        if self.clusters:
+            extra["clusters"] = self.clusters
+        return extra
 
     # -- evaluation, export, accounting ----------------------------------------------------------------------
     def export(self, task_index: int) -> fx.GraphModule:
@@ -245,9 +327,16 @@ class APDContinual(FinetuneContinual):
                 + sum(p.numel() for p in self.heads.parameters()))
 
     def state(self) -> dict:
-        return {**super().state(), "tasks": len(self.heads.heads)}
+        return {**super().state(), "tasks": len(self.heads.heads),
+                "groups": {n: list(layer.groups) for n, layer in self.layers.items()},
+                "centroids": {n: layer.centroids for n, layer in self.layers.items() if layer.centroids is not None}}
 
     def load_state(self, state: dict) -> None:
         for t in range(state["tasks"]):
             self._add_task_parameters(t)
+        for name, layer in self.layers.items():  # the shared parts' shapes, before their values load
+            layer.groups = list(state.get("groups", {}).get(name, [-1] * state["tasks"]))
+            layer.shared = nn.ParameterList(nn.Parameter(torch.zeros_like(layer.sigma), requires_grad=False)
+                                            for _ in range(max(layer.groups, default=-1) + 1))
+            layer.centroids = state.get("centroids", {}).get(name)
         super().load_state(state)
