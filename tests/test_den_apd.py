@@ -47,7 +47,7 @@ def inputs(task, n: int = 8) -> torch.Tensor:
 
 
 def snapshot(m):
-    return [(l.weight.detach().clone(), l.bias.detach().clone()) for l in m.layers]
+    return [(l.weight.detach().clone(), None if l.bias is None else l.bias.detach().clone()) for l in m.layers]
 
 
 def test_den_splits_the_drifting_unit_and_the_old_task_keeps_its_value():
@@ -145,10 +145,129 @@ def test_den_drops_new_units_whose_incoming_weights_vanished():
     torch.testing.assert_close(m.logits(1, x), out)  # a unit that outputs 0 took nothing with it
 
 
-def test_den_refuses_what_it_cannot_grow_by_name():
-    with pytest.raises(SurgeryError, match="BatchNorm2d 'features.1'"):
-        method_and_stream({"name": "den"}, model={"builder": "small_cnn", "kwargs": {"width": 4, "hidden": 8}},
+REFUSED = {
+    "grouped": ("nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), "
+                "nn.Linear(4 * 16, num_classes))", "Conv2d '1' is a grouped convolution"),
+    "prelu": ("nn.Sequential(nn.Conv2d(1, 4, 3), nn.PReLU(), nn.Flatten(), nn.Linear(4 * 36, num_classes))",
+              "PReLU '1' holds parameters"),
+    "groupnorm": ("nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), "
+                  "nn.Linear(4 * 36, num_classes))", "GroupNorm '1' holds parameters"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_den_refuses_what_it_cannot_grow_by_name(tmp_path, kind):
+    body, message = REFUSED[kind]
+    (tmp_path / "refused_net.py").write_text(f"from torch import nn\ndef build(num_classes=10):\n    return {body}\n")
+    with pytest.raises(SurgeryError, match=message):
+        method_and_stream({"name": "den"}, model={"builder": "refused_net:build"}, code_dir=str(tmp_path),
                           data={"name": "digits", "num_tasks": 2, "limit_per_task": 32})
+
+
+RESIDUAL_NET = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):  # stem and block.conv2 add into one residual group; BatchNorm on every conv
+        def __init__(self, num_classes=10):
+            super().__init__()
+            self.stem, self.bn = nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.conv1, self.bn1 = nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5)
+            self.conv2, self.bn2 = nn.Conv2d(5, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.down = nn.Conv2d(4, 6, 1, stride=2)
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(6, num_classes)
+
+        def forward(self, x):
+            x = F.relu(self.bn(self.stem(x)))
+            x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+            return self.fc(torch.flatten(self.pool(self.down(x)), 1))
+
+    def build(num_classes=10):
+        return Net(num_classes)
+""")
+
+
+def residual_method(tmp_path, method: dict, epochs: int = 2):
+    (tmp_path / "residual_net.py").write_text(RESIDUAL_NET)
+    return method_and_stream({"name": "den", **method}, model={"builder": "residual_net:build"},
+                             code_dir=str(tmp_path), data=DIGITS, epochs=epochs)
+
+
+def test_den_on_batchnorm_and_a_residual_sum_forgets_nothing_when_every_drift_splits(tmp_path):
+    """The residual group (stem + conv2) grows and splits in both producers together, BatchNorm is one copy per
+    task: with spl_thr 0 task 0's outputs after task 1 (selection, retraining, expansion, splits) are bit-exact."""
+    m, stream = residual_method(tmp_path, {"spl_thr": 0.0, "k_ex": 64, "loss_thr": 0.0})
+    assert m.names == ["stem", "conv1", "conv2", "down"]
+    assert m.structure.out_group[0] == m.structure.out_group[2] == m.structure.in_group[1] == m.structure.in_group[3]
+    m.learn(stream.tasks[0], None)
+    x = inputs(stream.tasks[0])
+    before = m.logits(0, x).clone()
+    units = m.widths()
+    record = m.learn(stream.tasks[1], None)
+    assert sum(record.extra["split"]) > 0 and sum(record.extra["expanded"]) > 0
+    widths = m.widths()
+    assert widths[0] == widths[2] > units[0] and m.widths(0) == units
+    assert [c.num_features for c in m.norms["bn"].copies] == [units[0], widths[0]]
+    assert torch.equal(m.logits(0, x), before)
+    m.model.train()
+    m._forward(0)(x)  # a finished task's BatchNorm copies stay in evaluation mode: no statistics move
+    assert torch.equal(m.logits(0, x), before)
+    for t in (0, 1):
+        assert torch.equal(m.export(t)(x), m.logits(t, x))
+    again, _ = residual_method(tmp_path, {"spl_thr": 0.0, "k_ex": 64, "loss_thr": 0.0})
+    again.load_state(m.state())
+    for t in (0, 1):
+        assert torch.equal(again.logits(t, x), m.logits(t, x))
+
+
+def test_den_selects_through_a_residual_group_from_every_layer_reading_it(tmp_path):
+    """The head reaches down's unit 0, which reads residual unit 1; conv2 makes unit 1 from conv1's unit 3, which
+    reads residual unit 0; conv2 makes unit 0 from conv1's unit 4.  Both residual units are reached, so conv1's
+    units 3 and 4 are (one pass from the head down would miss unit 4)."""
+    m, stream = residual_method(tmp_path, {}, epochs=1)
+    m.learn(stream.tasks[0], None)
+    m.heads.heads.append(m._den_head(2, 1))
+    stem, conv1, conv2, down = m.layers
+    with torch.no_grad():
+        head = m.heads.heads[1].weight
+        head.zero_()
+        head[1, 0] = 1.0
+        down.weight[0].zero_()
+        down.weight[0, 1] = 1.0
+        conv2.weight[:2].zero_()
+        conv2.weight[1, 3, 1, 1] = conv2.weight[0, 4, 0, 2] = 1.0
+        conv1.weight[3:5].zero_()
+        conv1.weight[3, 0, 2, 2] = 1.0
+        conv1.weight[4, 1, 0, 0] = -1.0
+    assert m.subnetwork(1) == [[0, 1], [3, 4], [0, 1], [0]]
+
+
+def test_den_splits_a_residual_unit_in_every_layer_producing_it(tmp_path):
+    """A unit of the residual group drifts in conv2 only: it is split in stem and conv2 together, the copies hold
+    the new values (and conv1's and down's columns reading it), the unit its old ones; task 0 is bit-exact."""
+    m, stream = residual_method(tmp_path, {"spl_thr": 0.05, "k_ex": 10})
+    m.learn(stream.tasks[0], None)
+    x = inputs(stream.tasks[0])
+    before = m.logits(0, x).clone()
+    prev = snapshot(m)
+    m.heads.heads.append(m._den_head(2, 1))
+    for norm in m.norms.values():
+        norm.add_task()
+    stem, conv1, conv2, down = m.layers
+    with torch.no_grad():
+        conv2.weight[2] += 0.5 / conv2.weight[2].numel() ** 0.5  # residual unit 2 drifts (through conv2)
+        conv1.weight[:, 2] += 0.01  # its outgoing weights into conv1's units (under spl_thr per unit of conv1)
+    drifted, outgoing = conv2.weight[2].clone(), conv1.weight[:, 2].clone()
+    counts = m.split(1, prev)
+    assert counts == [1, 0, 1, 0]
+    assert stem.units == conv2.units == 5 and conv1.columns == down.columns == 5
+    assert torch.equal(conv2.weight[-1], drifted) and torch.equal(conv2.weight[2], prev[2][0][2])
+    assert torch.equal(stem.weight[-1], stem.weight[2])  # the stem's copy: its (unmoved) current values
+    assert torch.equal(conv1.weight[:, -1], outgoing) and torch.equal(conv1.weight[:, 2], prev[1][0][:, 2])
+    assert torch.equal(down.weight[:, -1], down.weight[:, 2])
+    assert m.norms["bn2"].copies[1].num_features == 5 and m.norms["bn2"].copies[0].num_features == 4
+    assert torch.equal(m.logits(0, x), before)
 
 
 # --------------------------------------------------------------------------------------------------- APD

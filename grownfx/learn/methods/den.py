@@ -42,61 +42,14 @@ from grownfx.errors import UserError
 from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
 from grownfx.learn.methods.base import StepTerms
+from grownfx.learn.methods.den_units import DENLayer, DENNorm, unit_structure
 from grownfx.learn.methods.finetune import FinetuneContinual
 from grownfx.learn.training import Timer, derive_seed
 
-# what may sit between two unit layers: each maps a unit (channel) to itself
-_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.MaxPool1d,
-                 nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
-                 nn.Flatten, nn.Identity)
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, torch.tanh, torch.sigmoid,
-                   F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, torch.flatten}
-_PASS_METHODS = {"relu", "sigmoid", "tanh", "flatten"}
 
 
 class DENSettingError(UserError, ValueError):
     """A recipe setting DEN cannot honour."""
-
-
-class DENLayer(nn.Module):
-    """A Conv2d or Linear whose output units (rows of the weight) and input columns grow; `active` = (units,
-    input columns) computes with the first ones only (a task's timestamp), None with all."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
-        if self.kind == "conv":
-            self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
-        self.weight = nn.Parameter(layer.weight.detach().clone())
-        self.bias = nn.Parameter(layer.bias.detach().clone()) if layer.bias is not None else None
-        self.active: Optional[tuple[int, int]] = None
-
-    @property
-    def units(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def columns(self) -> int:
-        return self.weight.shape[1]
-
-    def forward(self, x):
-        w, b = self.weight, self.bias
-        if self.active is not None:
-            o, i = self.active
-            w, b = w[:o, :i], (b[:o] if b is not None else None)
-        return F.conv2d(x, w, b, **self.conv) if self.kind == "conv" else F.linear(x, w, b)
-
-    def plain(self, units: int, columns: int) -> nn.Module:
-        w = self.weight[:units, :columns].detach().clone()
-        b = self.bias[:units].detach().clone() if self.bias is not None else None
-        if self.kind == "conv":
-            out = nn.Conv2d(columns, units, tuple(w.shape[2:]), bias=b is not None, **self.conv)
-        else:
-            out = nn.Linear(columns, units, bias=b is not None)
-        out.weight = nn.Parameter(w)
-        if b is not None:
-            out.bias = nn.Parameter(b)
-        return out.to(w.device)
 
 
 def _set_weight(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
@@ -111,68 +64,6 @@ def _cols(units, factor: int) -> torch.Tensor:
     """The input columns of input units `units` when each unit feeds `factor` columns (a flattened feature map)."""
     units = torch.as_tensor(units, dtype=torch.long).view(-1, 1)
     return (units * factor + torch.arange(factor).view(1, -1)).view(-1)
-
-
-def unit_chain(gm: fx.GraphModule, head_target: str, head: nn.Module) -> list[tuple[str, int]]:
-    """The Conv2d / Linear layers of `gm` from input to head (`head_target`, computing as `head`), in order, each
-    with the number of its input columns one unit of the layer before feeds (1, or the spatial size a flatten folds
-    in); the head last.  SurgeryError
-    naming the node when the graph is not such a chain."""
-    def refuse(node: fx.Node, why: str) -> SurgeryError:
-        what = node.target if node.op != "call_module" else f"{type(gm.get_submodule(node.target)).__name__} " \
-                                                              f"{node.target!r}"
-        return SurgeryError(f"DEN grows units along a chain of Conv2d/Linear layers joined by elementwise "
-                            f"activations, pooling and flatten; node {node.name!r} ({what}) {why}")
-
-    chain: list[tuple[str, nn.Module]] = []
-    current: Optional[fx.Node] = None
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            if current is not None:
-                raise refuse(node, "is a second input")
-            current = node
-            continue
-        if node.op == "output":
-            break
-        if node.op == "get_attr":
-            raise refuse(node, "reads a parameter or buffer directly")
-        inputs = node.all_input_nodes
-        if inputs != [current] or len(current.users) != 1:
-            raise refuse(node, "is not on a single path (a branch, a join or a second input)")
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if node.target == head_target or type(module) in (nn.Conv2d, nn.Linear):
-                if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
-                    raise refuse(node, "is a grouped or non-zero-padded convolution")
-                chain.append((node.target, module))
-            elif not isinstance(module, _PASS_MODULES):
-                raise refuse(node, "is not one")
-        elif node.op == "call_function" and node.target not in _PASS_FUNCTIONS:
-            raise refuse(node, "is not one")
-        elif node.op == "call_method" and node.target not in _PASS_METHODS:
-            raise refuse(node, "is not one")
-        current = node
-    if not chain or chain[-1][0] != head_target:
-        raise SurgeryError(f"DEN: the head {head_target!r} is not the last Conv2d/Linear layer of the network")
-    out: list[tuple[str, int]] = []
-    before: Optional[nn.Module] = None
-    for name, module in chain:
-        if name == head_target:
-            module = head
-            if not isinstance(module, nn.Linear):
-                raise SurgeryError(f"DEN: the head {head_target!r} is a {type(module).__name__}; it needs a Linear")
-        columns = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-        if before is None:
-            factor = 1
-        else:
-            units = before.out_features if isinstance(before, nn.Linear) else before.out_channels
-            if isinstance(module, nn.Conv2d) and isinstance(before, nn.Linear) or columns % units:
-                raise SurgeryError(f"DEN: {name!r} reads {columns} inputs from the {units} units before it; "
-                                   "units cannot be followed through that")
-            factor = columns // units
-        out.append((name, factor))
-        before = module
-    return out
 
 
 class _StagePlan:
@@ -209,40 +100,68 @@ class DENContinual(FinetuneContinual):
                                   "--equal-budget comparisons")
         hooks["checkpoint"] = None  # shapes change within a task: checkpoints after tasks only
         super().__init__(recipe, stream, device, **hooks)
-        chain = unit_chain(self.model, self.head_target, self.template)
-        self.names = [name for name, _ in chain[:-1]]
-        self.factors = [factor for _, factor in chain]  # the head's last
+        if not isinstance(self.template, nn.Linear):
+            raise SurgeryError(f"DEN: the head {self.head_target!r} is a {type(self.template).__name__}; it needs "
+                               "a Linear")
+        self.structure = unit_structure(self.model, self.coupling, self.head_target)
+        self.names = self.structure.names
         self.layers: list[DENLayer] = []
         for name in self.names:
             layer = DENLayer(self.model.get_submodule(name))
             set_submodule(self.model, name, layer)
             self.layers.append(layer)
+        self.norms: dict[str, DENNorm] = {}
+        for name in self.structure.norms:
+            self.norms[name] = DENNorm(self.model.get_submodule(name))
+            set_submodule(self.model, name, self.norms[name])
         self.model.to(self.device)
-        self.stamps: list[list[int]] = []  # per task: every layer's units when it was learned
+        self.stamps: list[dict[int, int]] = []  # per task: every group's units when it was learned
 
-    # -- widths and timestamps -------------------------------------------------------------------------------
+    # -- groups, widths and timestamps --------------------------------------------------------------------------
+    def group_width(self, g: int, t: Optional[int] = None) -> Optional[int]:
+        """Units of group g (task t's timestamp, or now); None for channels no DEN layer produces."""
+        if t is not None and t < len(self.stamps):
+            return self.stamps[t].get(g)
+        producers = self.structure.producers(g)
+        return self.layers[producers[0]].units if producers else None
+
     def widths(self, t: Optional[int] = None) -> list[int]:
-        return list(self.stamps[t]) if t is not None and t < len(self.stamps) else [l.units for l in self.layers]
+        """Every layer's units (task t's, or now)."""
+        return [self.group_width(g, t) for g in self.structure.out_group]
+
+    def _stamp(self) -> dict[int, int]:
+        return {g: self.group_width(g) for g in sorted(set(self.structure.out_group))}
 
     def _select(self, t: int) -> None:
-        units, columns = self.widths(t), self.layers[0].columns
+        st = self.structure
         for l, layer in enumerate(self.layers):
-            layer.active = (units[l], columns)
-            columns = units[l] * self.factors[l + 1]
-
-    def _head_columns(self, units: int) -> int:
-        return units * self.factors[-1]
+            units = self.group_width(st.in_group[l], t)
+            columns = layer.columns if units is None else units * st.in_factor[l]
+            layer.active = (self.group_width(st.out_group[l], t), columns)
+        for norm in self.norms.values():
+            norm.task = t
 
     def _fresh(self, shape: tuple, fan_in: int, *purpose) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(self.recipe.seed, "den", *purpose))
         return random_fill(shape, fan_in, g, self.layers[0].weight)
 
     def _den_head(self, num_classes: int, t: int) -> nn.Linear:
-        columns = self._head_columns(self.layers[-1].units)
+        columns = self.group_width(self.structure.head_group) * self.structure.head_factor
         head = nn.Linear(columns, num_classes).to(self.device)
         _set_weight(head, self._fresh((num_classes, columns), columns, "head", t),
                     self._fresh((num_classes,), columns, "head_bias", t))
         return head
+
+    def _readers(self, g: int, t: int) -> list[tuple[nn.Module, int, Optional[int]]]:
+        """(module, columns per unit, layer index or None for task t's head) for every reader of group g."""
+        st = self.structure
+        out = [(self.layers[l], st.in_factor[l], l) for l in st.consumers(g)]
+        if st.head_group == g:
+            out.append((self.heads.heads[t], st.head_factor, None))
+        return out
+
+    def _norms_on(self, g: int) -> list[DENNorm]:
+        return [self.norms[n] for n, ng in self.structure.norms.items() if ng == g]
 
     # -- learning ----------------------------------------------------------------------------------------------
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
@@ -252,7 +171,12 @@ class DENContinual(FinetuneContinual):
             old.requires_grad_(False)
         self.heads.heads.append(self._den_head(task.num_classes, t))
         self.heads.task = t
+        for norm in self.norms.values():
+            norm.add_task()
+        self.model.to(self.device)
         facts: dict = {"expanded": [0] * len(self.layers), "split": [0] * len(self.layers)}
+        if self.structure.fixed:
+            facts["fixed"] = dict(self.structure.fixed)
         if t == 0:
             done = self._stage(task, t, "train", epochs, self._plan(t, rows=None))
         else:
@@ -274,8 +198,10 @@ class DENContinual(FinetuneContinual):
             if any(facts["split"]):
                 done += self._stage(task, t, "split", epochs, self._plan(t, rows=None, prev=prev, new_only=True),
                                     prev=prev)
-        before = self.stamps[-1] if self.stamps else self.widths()
-        self.stamps.append(self.widths())
+        before = self.widths(len(self.stamps) - 1) if self.stamps else self.widths()
+        self.stamps.append(self._stamp())
+        for norm in self.norms.values():
+            norm.finish()
         self.heads.heads[t].requires_grad_(False)
         val = self.evaluate(t, task.val)
         facts["units"] = self.widths()
@@ -289,10 +215,12 @@ class DENContinual(FinetuneContinual):
     def _plan(self, t: int, rows, prev=None, new_only: bool = False,
               groups: Optional[list[torch.Tensor]] = None) -> _StagePlan:
         """rows None: every unit trains (new_only: only the entries no earlier task reads); else rows[l] = the
-        units of layer l that train, with their columns from the chosen units below (old: the earlier units
-        only)."""
+        units of layer l that train, with their columns from the chosen units of the group they read (all
+        columns of the network input).  The learning task's BatchNorm copies are its own: they train with the
+        units they scale."""
+        st = self.structure
         trains: dict[nn.Parameter, torch.Tensor] = {}
-        below = None  # the chosen units of the layer below, as its input columns
+        chosen = {st.out_group[l]: r for l, r in enumerate(rows)} if rows is not None else {}
         for l, layer in enumerate(self.layers):
             w = layer.weight
             mask = torch.zeros_like(w, dtype=torch.bool)
@@ -304,14 +232,23 @@ class DENContinual(FinetuneContinual):
                 mask[:, columns:] = True
             else:
                 r = torch.as_tensor(rows[l], dtype=torch.long, device=w.device)
-                cols = torch.arange(layer.columns, device=w.device) if l == 0 else below
+                below = chosen.get(st.in_group[l])
+                cols = torch.arange(layer.columns, device=w.device) if below is None else \
+                    _cols(below, st.in_factor[l]).to(w.device)
                 if len(r) and len(cols):
                     mask[r.view(-1, 1), cols.view(1, -1)] = True
-                below = _cols(rows[l], self.factors[l + 1]).to(w.device)
             trains[w] = mask
             if layer.bias is not None:
                 trains[layer.bias] = mask.flatten(1).any(dim=1) if not new_only else \
                     torch.arange(layer.units, device=w.device) >= prev[l][0].shape[0]
+        for name, g in st.norms.items():
+            bn = self.norms[name].copies[-1]
+            entries = torch.ones(bn.num_features, dtype=torch.bool, device=self.device)
+            if rows is not None and g in chosen:
+                entries[:] = False
+                entries[torch.as_tensor(chosen[g], dtype=torch.long, device=self.device)] = True
+            for p in bn.parameters():
+                trains[p] = entries
         head = self.heads.heads[t]
         for p in head.parameters():
             trains[p] = torch.ones_like(p, dtype=torch.bool)
@@ -322,8 +259,8 @@ class DENContinual(FinetuneContinual):
     def _stage(self, task: Task, t: int, name: str, epochs: int, plan: _StagePlan, prev=None) -> int:
         cfg = self.recipe.method
         params = [p for p, m in plan.trains.items() if bool(m.any())]
-        for layer in self.layers:
-            layer.requires_grad_(False)
+        for module in [*self.layers, *self.norms.values()]:
+            module.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
 
@@ -342,22 +279,27 @@ class DENContinual(FinetuneContinual):
 
     @torch.no_grad()
     def subnetwork(self, t: int) -> list[list[int]]:
-        """The units of every layer task t's head reaches through nonzero weights (breadth-first, top down)."""
+        """The units of every layer task t's head reaches through nonzero weights, followed down the network
+        (breadth-first, to a fixed point: a residual group is reached from every layer reading it)."""
+        st = self.structure
         head = self.heads.heads[t].weight
-        factor = self.factors[-1]
-        reached = (head.view(head.shape[0], -1, factor) != 0).any(dim=2).any(dim=0)
-        chosen: list[list[int]] = [[] for _ in self.layers]
-        for l in range(len(self.layers) - 1, -1, -1):
-            units = reached.nonzero().view(-1)
-            chosen[l] = units.tolist()
-            if l == 0:
-                break
-            w = self.layers[l].weight[units].flatten(2) if self.layers[l].kind == "conv" else \
-                self.layers[l].weight[units].unsqueeze(2)
-            w = w.reshape(len(units), self.layers[l - 1].units, -1) if len(units) else w
-            reached = (w != 0).any(dim=2).any(dim=0) if len(units) else \
-                torch.zeros(self.layers[l - 1].units, dtype=torch.bool, device=head.device)
-        return chosen
+        reached = {g: torch.zeros(self.group_width(g), dtype=torch.bool, device=head.device)
+                   for g in set(st.out_group)}
+        reached[st.head_group] |= (head.view(head.shape[0], -1, st.head_factor) != 0).any(dim=2).any(dim=0)
+        changed = True
+        while changed:
+            changed = False
+            for l in range(len(self.layers) - 1, -1, -1):
+                below = st.in_group[l]
+                units = reached[st.out_group[l]].nonzero().view(-1)
+                if below not in reached or not len(units):
+                    continue
+                w = self.layers[l].weight[units]
+                w = w.reshape(len(units), self.group_width(below), -1)
+                now = reached[below] | (w != 0).any(dim=2).any(dim=0)
+                changed |= not torch.equal(now, reached[below])
+                reached[below] = now
+        return [reached[g].nonzero().view(-1).tolist() for g in st.out_group]
 
     @torch.no_grad()
     def training_loss(self, task: Task, t: int) -> float:
@@ -374,105 +316,136 @@ class DENContinual(FinetuneContinual):
 
     # -- growth ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _append_units(self, l: int, weight: torch.Tensor, bias: Optional[torch.Tensor], t: int,
-                      outgoing: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Append units (`weight` rows, `bias`) to layer l and their input columns to the layer after it (and to
-        task t's head, the only head reading the newest units): `outgoing(module, columns)` gives the new columns'
-        values.  Returns the new units' indices."""
-        layer = self.layers[l]
-        start = layer.units
-        _set_weight(layer, torch.cat([layer.weight, weight]),
-                    torch.cat([layer.bias, bias]) if layer.bias is not None else None)
-        index = torch.arange(start, layer.units)
-        after = self.layers[l + 1] if l + 1 < len(self.layers) else self.heads.heads[t]
-        factor = self.factors[l + 1]
-        cols = outgoing(after, _cols(index, factor)).to(after.weight)
-        _set_weight(after, torch.cat([after.weight, cols], dim=1))
+    def _append_units(self, g: int, rows: Callable[[int], tuple], t: int,
+                      outgoing: Callable[[nn.Module, torch.Tensor, Optional[int]], torch.Tensor],
+                      norm_like: Optional[torch.Tensor]) -> torch.Tensor:
+        """Append units to group g: `rows(l)` gives producer l's new (weight rows, bias); `outgoing(module,
+        columns, l)` the new columns' values in every reader (task t's head the only head reading the newest
+        units); the learning task's BatchNorm copies get entries copied from `norm_like` (None: the identity).
+        Returns the new units' indices."""
+        start = self.group_width(g)
+        for l in self.structure.producers(g):
+            layer = self.layers[l]
+            weight, bias = rows(l)
+            _set_weight(layer, torch.cat([layer.weight, weight.to(layer.weight)]),
+                        torch.cat([layer.bias, bias.to(layer.bias)]) if layer.bias is not None else None)
+        index = torch.arange(start, self.group_width(g))
+        for module, factor, l in self._readers(g, t):
+            cols = outgoing(module, _cols(index, factor), l).to(module.weight)
+            _set_weight(module, torch.cat([module.weight, cols], dim=1))
+        for norm in self._norms_on(g):
+            norm.append(None if norm_like is None else norm_like.to(self.device), len(index))
         return index
 
     def expand(self, t: int) -> list[torch.Tensor]:
-        """k_ex new units in every hidden layer (torch's default init), wired to everything above and below."""
-        k, added = self.recipe.method.k_ex, []
-        for l, layer in enumerate(self.layers):
-            fan_in = layer.weight[0].numel()
-            w = self._fresh((k, *layer.weight.shape[1:]), fan_in, "expand", t, l)
-            b = self._fresh((k,), fan_in, "expand_bias", t, l) if layer.bias is not None else None
+        """k_ex new units in every group DEN grows (torch's default init), wired to every layer reading it; the
+        new units' indices per layer (empty for a layer whose units do not grow)."""
+        k, added = self.recipe.method.k_ex, {}
+        for g in self.structure.growable:
+            def rows(l: int) -> tuple:
+                w = self.layers[l].weight
+                fan_in = w[0].numel()
+                return (self._fresh((k, *w.shape[1:]), fan_in, "expand", t, l),
+                        self._fresh((k,), fan_in, "expand_bias", t, l))
 
-            def outgoing(after: nn.Module, cols: torch.Tensor, l=l) -> torch.Tensor:
-                shape = (after.weight.shape[0], len(cols), *after.weight.shape[2:])
-                return self._fresh(shape, after.weight[0].numel(), "expand_out", t, l)
+            def outgoing(module: nn.Module, cols: torch.Tensor, l: Optional[int], g=g) -> torch.Tensor:
+                shape = (module.weight.shape[0], len(cols), *module.weight.shape[2:])
+                return self._fresh(shape, module.weight[0].numel(), "expand_out", t, g, -1 if l is None else l)
 
-            added.append(self._append_units(l, w.to(layer.weight), b, t, outgoing).to(self.device))
-        return added
+            added[g] = self._append_units(g, rows, t, outgoing, None).to(self.device)
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        return [added.get(g, empty) for g in self.structure.out_group]
 
     @torch.no_grad()
     def drop_dead_units(self, t: int, added: list[torch.Tensor]) -> list[int]:
-        """Remove the new units whose incoming weights are all zero (the group lasso's verdict); the number kept
-        per layer."""
-        kept = []
-        for l, layer in enumerate(self.layers):
-            rows = added[l]
-            dead = rows[(layer.weight[rows].flatten(1) == 0).all(dim=1)]
-            keep = torch.ones(layer.units, dtype=torch.bool, device=layer.weight.device)
+        """Remove the new units whose incoming weights are all zero in every layer producing them (the group
+        lasso's verdict); the number kept per layer."""
+        st, kept = self.structure, {}
+        for g in st.growable:
+            producers = st.producers(g)
+            rows = added[producers[0]]
+            dead = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+            for l in producers:
+                dead &= (self.layers[l].weight[rows].flatten(1) == 0).all(dim=1)
+            dead = rows[dead]
+            keep = torch.ones(self.group_width(g), dtype=torch.bool, device=self.device)
             keep[dead] = False
-            _set_weight(layer, layer.weight[keep], layer.bias[keep] if layer.bias is not None else None)
-            after = self.layers[l + 1] if l + 1 < len(self.layers) else self.heads.heads[t]
-            cols = torch.ones(after.weight.shape[1], dtype=torch.bool, device=layer.weight.device)
-            cols[_cols(dead.cpu(), self.factors[l + 1]).to(cols.device)] = False
-            _set_weight(after, after.weight[:, cols])
-            kept.append(len(rows) - len(dead))
-        return kept
+            for l in producers:
+                layer = self.layers[l]
+                _set_weight(layer, layer.weight[keep], layer.bias[keep] if layer.bias is not None else None)
+            for module, factor, _ in self._readers(g, t):
+                cols = torch.ones(module.weight.shape[1], dtype=torch.bool, device=self.device)
+                cols[_cols(dead.cpu(), factor).to(self.device)] = False
+                _set_weight(module, module.weight[:, cols])
+            for norm in self._norms_on(g):
+                norm.keep(keep)
+            kept[g] = len(rows) - len(dead)
+        return [kept.get(g, 0) for g in st.out_group]
 
     @torch.no_grad()
-    def drift(self, prev) -> list[torch.Tensor]:
-        """Every earlier unit's L2 distance between its incoming weights now and before the task."""
-        return [(layer.weight[:w.shape[0], :w.shape[1]] - w).flatten(1).norm(dim=1)
-                for layer, (w, _) in zip(self.layers, prev)]
+    def drift(self, prev) -> dict[int, torch.Tensor]:
+        """Every earlier unit's L2 distance between its incoming weights (in every layer producing it) now and
+        before the task, per group DEN grows."""
+        out = {}
+        for g in self.structure.growable:
+            sq = [(self.layers[l].weight[:w.shape[0], :w.shape[1]] - w).flatten(1).pow(2).sum(dim=1)
+                  for l in self.structure.producers(g) for w in [prev[l][0]]]
+            out[g] = torch.stack(sq).sum(dim=0).sqrt()
+        return out
 
     @torch.no_grad()
     def split(self, t: int, prev) -> list[int]:
-        """Duplicate the units that drifted more than spl_thr (at most k_ex per layer, the largest drifts): the copy
-        (appended) keeps the current values, the unit gets its values from before the task back."""
-        cfg, counts = self.recipe.method, []
-        drifts = self.drift(prev)
-        chosen = []
-        for d in drifts:
+        """Duplicate the units that drifted more than spl_thr (at most k_ex per group, the largest drifts): the
+        copy (appended) keeps the current values, the unit gets its values from before the task back (its
+        incoming weights and bias in every layer producing it, its outgoing weights into the earlier units of
+        every layer reading it).  The units split per layer."""
+        cfg, st, counts = self.recipe.method, self.structure, {}
+        for g, d in self.drift(prev).items():
             over = (d > cfg.spl_thr).nonzero().view(-1)
-            chosen.append(over[d[over].argsort(descending=True)[:cfg.k_ex]].sort().values)
-        for l, (layer, units) in enumerate(zip(self.layers, chosen)):
-            counts.append(len(units))
+            units = over[d[over].argsort(descending=True)[:cfg.k_ex]].sort().values
+            counts[g] = len(units)
             if not len(units):
                 continue
-            w0, b0 = prev[l]
-            bias = layer.bias[units].clone() if layer.bias is not None else None
-            self._append_units(l, layer.weight[units].clone(), bias, t,
-                               lambda after, cols: after.weight[:, _cols(units.cpu(), self.factors[l + 1])
-                                                                .to(after.weight.device)].clone())
-            layer.weight[units, :w0.shape[1]] = w0[units]
-            if layer.bias is not None:
-                layer.bias[units] = b0[units]
-            if l + 1 < len(self.layers):  # the unit's outgoing weights into the earlier units above, as they were
-                w1 = prev[l + 1][0]
-                cols = _cols(units.cpu(), self.factors[l + 1]).to(w1.device)
-                self.layers[l + 1].weight[:w1.shape[0], cols] = w1[:, cols]
-        return counts
+            current = {l: (self.layers[l].weight[units].clone(),
+                           self.layers[l].bias[units].clone() if self.layers[l].bias is not None else None)
+                       for l in st.producers(g)}
+            moved = units.cpu()
+            self._append_units(g, lambda l: current[l], t,
+                               lambda module, cols, l: module.weight[:, _cols(moved, cols.numel() // len(moved))
+                                                                     .to(module.weight.device)].clone(), units)
+            for l in st.producers(g):
+                layer, (w0, b0) = self.layers[l], prev[l]
+                layer.weight[units, :w0.shape[1]] = w0[units]
+                if layer.bias is not None:
+                    layer.bias[units] = b0[units]
+            for module, factor, l in self._readers(g, t):
+                if l is not None:  # the unit's outgoing weights into the earlier units above, as they were
+                    w1 = prev[l][0]
+                    cols = _cols(moved, factor).to(w1.device)
+                    module.weight[:w1.shape[0], cols] = w1[:, cols]
+        return [counts.get(g, 0) for g in st.out_group]
 
     # -- evaluation, export, accounting ----------------------------------------------------------------------
     def export(self, task_index: int) -> fx.GraphModule:
         gm = copy.deepcopy(self.model)
-        units, columns = self.widths(task_index), self.layers[0].columns
-        for l, name in enumerate(self.names):
-            set_submodule(gm, name, self.layers[l].plain(units[l], columns))
-            columns = units[l] * self.factors[l + 1]
+        self._select(task_index)
+        for name, layer in zip(self.names, self.layers):
+            set_submodule(gm, name, layer.plain(*layer.active))
+        for name, norm in self.norms.items():
+            set_submodule(gm, name, copy.deepcopy(norm.copies[task_index]))
         set_submodule(gm, self.head_target, gm.get_submodule(self.head_target).heads[task_index])
         return gm.eval()
 
     def num_parameters(self) -> int:
-        """Every unit stored (split copies and expanded units included, dense) and every head."""
-        return sum(count_parameters(layer) for layer in self.layers) + count_parameters(self.heads)
+        """Every unit stored (split copies and expanded units included, dense), every task's BatchNorm copies
+        and every head."""
+        return (sum(count_parameters(layer) for layer in self.layers) + count_parameters(self.heads)
+                + sum(count_parameters(norm.copies) for norm in self.norms.values()))
 
     def state(self) -> dict:
-        return {"stamps": self.stamps, "shapes": [list(layer.weight.shape) for layer in self.layers],
+        return {"stamps": [sorted(s.items()) for s in self.stamps],
+                "shapes": [list(layer.weight.shape) for layer in self.layers],
+                "norms": {n: [c.num_features for c in norm.copies] for n, norm in self.norms.items()},
                 "heads": [list(h.weight.shape) for h in self.heads.heads], "model": self.model.state_dict()}
 
     def load_state(self, state: dict) -> None:
@@ -482,5 +455,13 @@ class DENContinual(FinetuneContinual):
         for t, (classes, columns) in enumerate(state["heads"]):
             head = nn.Linear(columns, classes).to(self.device).requires_grad_(False)
             self.heads.heads.append(head)
+        for name, norm in self.norms.items():
+            for width in state.get("norms", {}).get(name, []):
+                norm.add_task()
+                norm.append(None, width - norm.copies[-1].num_features)  # the shape; values load below
+                norm.finish()
+        self.model.to(self.device)
         self.model.load_state_dict(state["model"])
-        self.stamps = [list(s) for s in state["stamps"]]
+        groups = self.structure.out_group  # a run of the chain-only DEN stamped each layer's units
+        self.stamps = [dict(zip(groups, s)) if s and isinstance(s[0], int) else {int(g): int(w) for g, w in s}
+                       for s in state["stamps"]]

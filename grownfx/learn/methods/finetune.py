@@ -57,6 +57,7 @@ class FinetuneContinual:
         self.heads = MultiHead()
         set_submodule(gm, self.head_target, self.heads)
         self.model = gm.to(self.device)
+        self.coupling = coupling  # the traced network's channel groups (DEN grows units along them)
         self.copies: list[nn.Module] = []  # keep_copies: the whole network after each task
 
     def _new_head(self, num_classes: int, t: int) -> nn.Module:
