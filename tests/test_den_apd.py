@@ -361,34 +361,6 @@ def test_den_refuses_an_epoch_budget_in_one_line():
         method_and_stream({"name": "den"}, training_extra={"epoch_budget": 4})
 
 
-# ------------------------------------------------------------------------------------------- both: resume
-
-@pytest.mark.parametrize("method,stage", [({"name": "den", "loss_thr": 0.0, "spl_thr": 0.0}, "expand"),
-                                          ({"name": "apd"}, "train")])
-def test_killed_mid_task_relearns_that_task_identically(tmp_path, method, stage):
-    """No mid-task checkpoints (shapes change within a task): a kill inside task 2 resumes from task 1's end and
-    relearns task 2 to the same weights and accuracies as the run that was never killed."""
-    from tests.test_training import _Kill, _tensors
-
-    def make(out):
-        return recipe(method, epochs=2, training_extra={"checkpoint_every": 1},
-                      output={"dir": str(tmp_path / out / "{name}"), "tensorboard": False, "export_format": "none"})
-
-    from grownfx import files
-    from grownfx.run.runner import run
-
-    whole = run(make("whole"), echo=lambda m: None)
-    with pytest.raises(KeyboardInterrupt):
-        run(make("killed"), echo=lambda m: None, progress=_Kill(task=1, epoch=2, stage=stage))
-    out = tmp_path / "killed" / "den_apd"
-    assert files.load(out / "checkpoints" / "last.pt")["completed"] == 1
-    resumed = run(make("killed"), resume=True, echo=lambda m: None)
-    assert resumed.acc_matrix == whole.acc_matrix
-    a = _tensors(files.load(whole.out_dir / "checkpoints" / "last.pt")["method"])
-    b = _tensors(files.load(out / "checkpoints" / "last.pt")["method"])
-    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
-
-
 # ------------------------------------------------------------------------------- APD: clustering of the taus
 
 def _clustered_setup(e_gap: float, lam1: float, clustering_iter: int = 2, k_centroids: int = 1):

@@ -80,6 +80,11 @@ KILLS = [
     ({"name": "mas"}, "train", 0),
     ({"name": "lwf"}, "train", 0),
     ({"name": "er", "per_class": 4}, "train", 0),
+    # APD: its task's masks and taus and the retroactive penalty's anchors (lam2 1: SGD here, lr x lam2 < 2)
+    ({"name": "apd", "lam2": 1.0}, "train", 0),
+    # DEN: every stage; its network changes shape between them (expansion, dropped units, splits)
+    *[({"name": "den", "loss_thr": 0.0, "spl_thr": 0.0, "select_epochs": 3}, stage, 0)
+      for stage in ("select", "retrain", "expand", "split")],
     # CPG misses a 99.9 target after picking, grows once, then compacts at two levels of 3 epochs each; at 0.99
     # sparsity task 1's second level fails and rolls back to the first's snapshot (kept in the mid-task checkpoint)
     *[({**CPG, "max_sparsity": 0.5}, stage, round) for stage, round in
@@ -120,7 +125,7 @@ def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, tmp_path_fac
     assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), [k for k in flat_a if not torch.equal(flat_a[k], flat_b[k])]
     epochs = [_epochs(out), _epochs(whole.out_dir)]
     assert epochs[0] == epochs[1]  # every epoch of every stage once: none run twice, none skipped
-    if method["name"] in ("finetune", "scratch", "pnn", "piggyback", "ewc", "si", "mas", "lwf", "er"):
+    if method["name"] in ("finetune", "scratch", "pnn", "piggyback", "ewc", "si", "mas", "lwf", "er", "apd"):
         assert [(t, k) for t, _, _, k in epochs[0]] == [(t, k) for t in (0, 1) for k in (1, 2, 3)]
     assert [r.epochs for r in resumed.records] == [r.epochs for r in whole.records]
     assert [r.val_history for r in resumed.records] == [r.val_history for r in whole.records]

@@ -195,7 +195,6 @@ class APDContinual(FinetuneContinual):
     name = "apd"
 
     def __init__(self, recipe, stream, device, **hooks):
-        hooks["checkpoint"] = None  # the per-task parameters are made when a task begins: checkpoints after tasks
         super().__init__(recipe, stream, device, **hooks)
         self.layers: dict[str, APDLayer] = {}
         self.norms: dict[str, PerTask] = {}
@@ -242,7 +241,8 @@ class APDContinual(FinetuneContinual):
             module.task = t
 
     def begin_task(self, task: Task, t: int, resumed: bool) -> None:
-        self._add_task_parameters(t)
+        if not resumed:  # a mid-task checkpoint holds the task's parameters and anchors already
+            self._add_task_parameters(t)
         for layer in self.layers.values():
             layer.sigma.requires_grad_(True)
             for j, (m, tau) in enumerate(zip(layer.masks, layer.taus)):
@@ -253,9 +253,10 @@ class APDContinual(FinetuneContinual):
         for norm in self.norms.values():
             for j, c in enumerate(norm.copies):
                 c.requires_grad_(j == t)
-        with torch.no_grad():
-            self.anchors = {(n, j): layer.theta(j).detach().clone() for n, layer in self.layers.items()
-                            for j in range(t)}
+        if not resumed:
+            with torch.no_grad():
+                self.anchors = {(n, j): layer.theta(j).detach().clone() for n, layer in self.layers.items()
+                                for j in range(t)}
 
     def step_terms(self, task: Task, t: int) -> Optional[StepTerms]:
         return StepTerms(penalty=lambda: self.penalty(t))
@@ -329,7 +330,8 @@ class APDContinual(FinetuneContinual):
     def state(self) -> dict:
         return {**super().state(), "tasks": len(self.heads.heads),
                 "groups": {n: list(layer.groups) for n, layer in self.layers.items()},
-                "centroids": {n: layer.centroids for n, layer in self.layers.items() if layer.centroids is not None}}
+                "centroids": {n: layer.centroids for n, layer in self.layers.items() if layer.centroids is not None},
+                "anchors": [[n, j, theta] for (n, j), theta in self.anchors.items()]}  # non-empty mid-task
 
     def load_state(self, state: dict) -> None:
         for t in range(state["tasks"]):
@@ -340,3 +342,4 @@ class APDContinual(FinetuneContinual):
                                             for _ in range(max(layer.groups, default=-1) + 1))
             layer.centroids = state.get("centroids", {}).get(name)
         super().load_state(state)
+        self.anchors = {(n, int(j)): theta.to(self.device) for n, j, theta in state.get("anchors", [])}

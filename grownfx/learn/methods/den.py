@@ -1,26 +1,29 @@
 """DEN, dynamically expandable networks (Yoon, Yang, Lee & Hwang, ICLR 2018, "Lifelong Learning with Dynamically
-Expandable Networks"), on Fine-tune's layout: one backbone whose units (conv filters, linear neurons, each with its
-incoming weights and bias) grow, a head per task.
+Expandable Networks"), on Fine-tune's layout: one backbone whose units grow, a head per task.  A unit is a channel
+of a coupling group (`den_units.py`): its rows (a conv filter or linear neuron with its bias) in every layer
+producing it, BatchNorm entries, and columns in every layer reading it.
 
 A task after the first runs DEN's Algorithm 1 through the one training loop:
 
 1. select   only the new head trains, with L1, the rest fixed; the units it reaches through nonzero weights,
-            followed down the network layer by layer (breadth-first), are the task's subnetwork;
+            followed down the network to a fixed point, are the task's subnetwork;
 2. retrain  only the subnetwork's weights train, with L2 and regular_lambda * 1/2 |W - W_prev|^2 toward the
             previous tasks' values; the mean training loss is measured after it;
-3. expand   (when that loss is at least loss_thr) k_ex new units in every hidden layer train, the old ones fixed,
-            with L1 and a group lasso per new unit; new units whose incoming weights all went to zero are dropped;
+3. expand   (when that loss is at least loss_thr) k_ex new units in every growable group train, the old ones
+            fixed, with L1 and a group lasso per new unit; new units whose incoming weights all went to zero are
+            dropped;
 4. split    a unit whose incoming weights moved (L2) more than spl_thr from their value before the task is
-            duplicated: the copy takes the new values and serves the new task, the unit itself gets its old values
-            back (incoming, bias, and its outgoing weights into the earlier tasks' units); then the units the new
-            task owns alone (copies, new units, their connections, its head) retrain, the old ones fixed.
-5. timestamp the task's width of every layer is recorded: a task computes with the units that existed when it
-            was learned (the first n of each layer; later units are appended).
+            duplicated in every layer producing it: the copy takes the new values and serves the new task, the
+            unit itself gets its old values back (incoming, bias, and its outgoing weights into the earlier tasks'
+            units); then the units the new task owns alone (copies, new units, their connections, its head)
+            retrain, the old ones fixed.
+5. timestamp the task's width of every group is recorded: a task computes with the units that existed when it
+            was learned (the first n of each group; later units are appended).
 
-The first task trains the whole network with L2 and the L1 soft-threshold.  Old tasks change wherever stage 2 moved
-a unit less than spl_thr: BWT is measured, not forced to 0.  DEN grows units along a chain of Conv2d / Linear layers
-with elementwise activations, pooling and flatten between them (its own networks: MLPs, LeNet); any other node is
-refused by name.
+The first task trains the whole network with L2 and the L1 soft-threshold.  BatchNorm is one copy per task.  Old
+tasks change wherever stage 2 moved a unit less than spl_thr: BWT is measured, not forced to 0.  A mid-task
+checkpoint holds the network and what the finished stages decided (`progress`), and a resumed task continues in
+the stage it was in.
 """
 
 from __future__ import annotations
@@ -98,7 +101,6 @@ class DENContinual(FinetuneContinual):
             raise DENSettingError("training.epoch_budget: DEN's stages after selective retraining depend on what "
                                   "it finds (expansion, splits), so no fixed budget splits them; leave den out of "
                                   "--equal-budget comparisons")
-        hooks["checkpoint"] = None  # shapes change within a task: checkpoints after tasks only
         super().__init__(recipe, stream, device, **hooks)
         if not isinstance(self.template, nn.Linear):
             raise SurgeryError(f"DEN: the head {self.head_target!r} is a {type(self.template).__name__}; it needs "
@@ -116,6 +118,7 @@ class DENContinual(FinetuneContinual):
             set_submodule(self.model, name, self.norms[name])
         self.model.to(self.device)
         self.stamps: list[dict[int, int]] = []  # per task: every group's units when it was learned
+        self.progress: Optional[dict] = None  # the learning task's stages so far (in mid-task checkpoints)
 
     # -- groups, widths and timestamps --------------------------------------------------------------------------
     def group_width(self, g: int, t: Optional[int] = None) -> Optional[int]:
@@ -165,41 +168,66 @@ class DENContinual(FinetuneContinual):
 
     # -- learning ----------------------------------------------------------------------------------------------
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
+        """DEN's stages for `task` (the module docstring).  `resume`: a mid-task checkpoint (LearnerPosition,
+        optimiser state); load_state restored the network as it stood then and `progress`, what the finished
+        stages decided (the weights before the task, the selection, the loss, the new units), so the stages
+        before the checkpoint's are skipped and its own continues."""
         timer, cfg, epochs = Timer(), self.recipe.method, task_epochs(self.recipe.training)
-        t = len(self.heads.heads)
+        order = ["train", "select", "retrain", "expand", "split"]
+        at = order.index(resume[0].stage) if resume is not None else -1
+
+        def runs(stage: str) -> bool:  # not finished before the checkpoint being resumed
+            return order.index(stage) >= at
+
         for old in self.heads.heads:
             old.requires_grad_(False)
-        self.heads.heads.append(self._den_head(task.num_classes, t))
-        self.heads.task = t
-        for norm in self.norms.values():
-            norm.add_task()
-        self.model.to(self.device)
-        facts: dict = {"expanded": [0] * len(self.layers), "split": [0] * len(self.layers)}
-        if self.structure.fixed:
-            facts["fixed"] = dict(self.structure.fixed)
-        if t == 0:
-            done = self._stage(task, t, "train", epochs, self._plan(t, rows=None))
+        if resume is None:
+            t = len(self.heads.heads)
+            self.heads.heads.append(self._den_head(task.num_classes, t))
+            for norm in self.norms.values():
+                norm.add_task()
+            self.model.to(self.device)
+            facts: dict = {"expanded": [0] * len(self.layers), "split": [0] * len(self.layers)}
+            if self.structure.fixed:
+                facts["fixed"] = dict(self.structure.fixed)
+            self.progress = {"facts": facts, "done": 0}
         else:
-            prev = [(l.weight.detach().clone(), None if l.bias is None else l.bias.detach().clone())
-                    for l in self.layers]
-            select = cfg.select_epochs or max(1, math.ceil(self.recipe.training.epochs / 10))
-            done = self._stage(task, t, "select", select, self._plan(t, rows=[[] for _ in self.layers]))
-            chosen = self.subnetwork(t)
-            facts["selected"] = [len(r) for r in chosen]
-            done += self._stage(task, t, "retrain", epochs, self._plan(t, rows=chosen, prev=prev),
-                                prev=prev)
-            facts["loss"] = loss = self.training_loss(task, t)
-            if loss >= cfg.loss_thr:
-                added = self.expand(t)
-                done += self._stage(task, t, "expand", epochs, self._plan(t, rows=None, prev=prev, new_only=True,
-                                                                          groups=added), prev=prev)
-                facts["expanded"] = self.drop_dead_units(t, added)
-            facts["split"] = self.split(t, prev)
+            t = len(self.heads.heads) - 1
+        self.heads.task = t
+        progress = self.progress
+        facts = progress["facts"]
+
+        def stage(name: str, stage_epochs: int, plan: _StagePlan, prev=None) -> None:
+            progress["done"] += self._stage(task, t, name, stage_epochs, plan, prev, resume, progress["done"])
+
+        if t == 0:
+            stage("train", epochs, self._plan(t, rows=None))
+        else:
+            if "prev" not in progress:
+                progress["prev"] = [(l.weight.detach().clone(), None if l.bias is None else l.bias.detach().clone())
+                                    for l in self.layers]
+            prev = progress["prev"]
+            if runs("select"):
+                select = cfg.select_epochs or max(1, math.ceil(self.recipe.training.epochs / 10))
+                stage("select", select, self._plan(t, rows=[[] for _ in self.layers]))
+                progress["chosen"] = self.subnetwork(t)
+                facts["selected"] = [len(r) for r in progress["chosen"]]
+            if runs("retrain"):
+                stage("retrain", epochs, self._plan(t, rows=progress["chosen"], prev=prev), prev=prev)
+                facts["loss"] = self.training_loss(task, t)
+            if runs("expand") and facts["loss"] >= cfg.loss_thr:
+                if at < order.index("expand"):
+                    progress["added"] = self.expand(t)
+                stage("expand", epochs, self._plan(t, rows=None, prev=prev, new_only=True,
+                                                   groups=progress["added"]), prev=prev)
+                facts["expanded"] = self.drop_dead_units(t, progress["added"])
+            if at < order.index("split"):
+                facts["split"] = self.split(t, prev)
             if any(facts["split"]):
-                done += self._stage(task, t, "split", epochs, self._plan(t, rows=None, prev=prev, new_only=True),
-                                    prev=prev)
+                stage("split", epochs, self._plan(t, rows=None, prev=prev, new_only=True), prev=prev)
         before = self.widths(len(self.stamps) - 1) if self.stamps else self.widths()
         self.stamps.append(self._stamp())
+        self.progress = None
         for norm in self.norms.values():
             norm.finish()
         self.heads.heads[t].requires_grad_(False)
@@ -207,7 +235,8 @@ class DENContinual(FinetuneContinual):
         facts["units"] = self.widths()
         return TaskRecord(index=t, name=task.name, num_classes=task.num_classes, target=target, val_acc=val,
                           val_history=[val], params_stored=self.num_parameters(),
-                          params_task=count_parameters(self.export(t)), time_s=timer.seconds, epochs=done,
+                          params_task=count_parameters(self.export(t)),
+                          time_s=timer.seconds + (resume[0].elapsed if resume else 0.0), epochs=progress["done"],
                           grew=bool(any(facts["expanded"]) or any(facts["split"])),
                           growth={n: a - b for n, a, b in zip(self.names, self.widths(), before) if a > b},
                           extra=facts)
@@ -256,7 +285,8 @@ class DENContinual(FinetuneContinual):
         group_rows = [(self.layers[l].weight, g) for l, g in enumerate(groups or [])]
         return _StagePlan(trains, self.recipe.method.l1_lambda, weights, group_rows, self.recipe.method.gl_lambda)
 
-    def _stage(self, task: Task, t: int, name: str, epochs: int, plan: _StagePlan, prev=None) -> int:
+    def _stage(self, task: Task, t: int, name: str, epochs: int, plan: _StagePlan, prev=None, resume=None,
+               before: int = 0) -> int:
         cfg = self.recipe.method
         params = [p for p, m in plan.trains.items() if bool(m.any())]
         for module in [*self.layers, *self.norms.values()]:
@@ -274,8 +304,8 @@ class DENContinual(FinetuneContinual):
             return torch.stack(terms).sum()
 
         return self.trainer.train(self.model, self._forward(t), [(params, self.recipe.training.optimizer)], task,
-                                  name=name, seed=(self.recipe.seed, self.name, t), epochs=epochs,
-                                  terms=StepTerms(penalty=penalty, after_step=plan.after_step))
+                                  name=name, seed=(self.recipe.seed, self.name, t), epochs=epochs, resume=resume,
+                                  epochs_before=before, terms=StepTerms(penalty=penalty, after_step=plan.after_step))
 
     @torch.no_grad()
     def subnetwork(self, t: int) -> list[list[int]]:
@@ -446,7 +476,8 @@ class DENContinual(FinetuneContinual):
         return {"stamps": [sorted(s.items()) for s in self.stamps],
                 "shapes": [list(layer.weight.shape) for layer in self.layers],
                 "norms": {n: [c.num_features for c in norm.copies] for n, norm in self.norms.items()},
-                "heads": [list(h.weight.shape) for h in self.heads.heads], "model": self.model.state_dict()}
+                "heads": [list(h.weight.shape) for h in self.heads.heads], "model": self.model.state_dict(),
+                "progress": self.progress}
 
     def load_state(self, state: dict) -> None:
         for layer, shape in zip(self.layers, state["shapes"]):
@@ -459,9 +490,11 @@ class DENContinual(FinetuneContinual):
             for width in state.get("norms", {}).get(name, []):
                 norm.add_task()
                 norm.append(None, width - norm.copies[-1].num_features)  # the shape; values load below
-                norm.finish()
+            norm.finished = len(state["stamps"])  # a mid-task checkpoint's learning copy is not finished
+            norm.train(norm.training)
         self.model.to(self.device)
         self.model.load_state_dict(state["model"])
+        self.progress = state.get("progress")
         groups = self.structure.out_group  # a run of the chain-only DEN stamped each layer's units
         self.stamps = [dict(zip(groups, s)) if s and isinstance(s[0], int) else {int(g): int(w) for g, w in s}
                        for s in state["stamps"]]
