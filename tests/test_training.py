@@ -95,9 +95,10 @@ KILLS = [
 ]
 
 
-@pytest.mark.parametrize("method,stage,round", KILLS,
-                         ids=[f"{m['name']}{m.get('max_sparsity', '')}{'-budget' if 'epoch_budget' in m else ''}-{s}{r or ''}"
-                              for m, s, r in KILLS])
+@pytest.mark.parametrize("method,stage,round", [
+    pytest.param(m, s, r, id=f"{m['name']}{m.get('max_sparsity', '')}{'-budget' if 'epoch_budget' in m else ''}-{s}{r or ''}",
+                 marks=[pytest.mark.slow] if m["name"] == "den" and s != "expand" else [])  # DEN: one stage fast
+    for m, s, r in KILLS])
 def test_a_baseline_killed_mid_task_resumes_bit_identical(tmp_path, tmp_path_factory, method, stage, round):
     method = dict(method)
     task = method.pop("kill_task", 1)
