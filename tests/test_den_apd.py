@@ -440,6 +440,12 @@ def test_apd_kmeans_groups_tasks_with_similar_taus_and_a_single_keeps_its_whole_
     assert len(layer.shared) == 2 and layer.groups[0] == layer.groups[2] != layer.groups[1]
     for j in range(4):
         assert float((layer.full_tau(j) - full[j]).abs().max()) <= 0.5e-2 + 1e-6
+    shared = [s.detach().clone() for s in layer.shared]
+    again = layer.consolidate(2, e_gap=1e-2, lam1=0.0, generator=torch.Generator().manual_seed(5))
+    assert again == groups and len(layer.shared) == 2  # re-decomposed from the full taus: the old parts replaced
+    assert all(torch.equal(a, b) for a, b in zip(layer.shared, shared))
+    groups3 = layer.consolidate(3, e_gap=1e-2, lam1=0.0, generator=torch.Generator().manual_seed(5))
+    assert groups3[0] == groups3[2] != groups3[1] == groups3[3]  # from the previous centroids: the same pairs
     with torch.no_grad():  # back to before: the pairs' members are no longer identical
         for j in range(4):
             layer.taus[j].copy_(full[j])
@@ -459,6 +465,7 @@ def test_apd_clusters_every_clustering_iter_tasks_and_reloads_what_it_clustered(
     assert ["clusters" in r.extra for r in records] == [False, True, False]
     assert all(g == [0, 0] for g in records[1].extra["clusters"].values())
     assert records[1].extra["shared_nonzero"] > 0
+    assert all(0 < r.extra["tau_density"] < 1 for r in records)
     x = inputs(stream.tasks[0])
     again, _ = method_and_stream(m.recipe.method.model_dump(), model=SMALL, data=DIGITS, epochs=1)
     again.load_state(m.state())

@@ -186,7 +186,6 @@ class DENContinual(FinetuneContinual):
             self.heads.heads.append(self._den_head(task.num_classes, t))
             for norm in self.norms.values():
                 norm.add_task()
-            self.model.to(self.device)
             facts: dict = {"expanded": [0] * len(self.layers), "split": [0] * len(self.layers)}
             if self.structure.fixed:
                 facts["fixed"] = dict(self.structure.fixed)
