@@ -209,6 +209,9 @@ def test_den_on_batchnorm_and_a_residual_sum_forgets_nothing_when_every_drift_sp
     widths = m.widths()
     assert widths[0] == widths[2] > units[0] and m.widths(0) == units
     assert [c.num_features for c in m.norms["bn"].copies] == [units[0], widths[0]]
+    norms = sum(2 * c.num_features for n in m.norms.values() for c in n.copies)  # gamma and beta per task
+    layers = sum(l.weight.numel() + (l.bias.numel() if l.bias is not None else 0) for l in m.layers)
+    assert m.num_parameters() == layers + norms + sum(h.weight.numel() + h.bias.numel() for h in m.heads.heads)
     assert torch.equal(m.logits(0, x), before)
     m.model.train()
     m._forward(0)(x)  # a finished task's BatchNorm copies stay in evaluation mode: no statistics move
