@@ -8,7 +8,7 @@ from grownfx.recipe.schema import GrowthConfig, MasksConfig, OptimConfig, Traini
 from grownfx.engine.context import ATT, DENSE, OFF, SEL
 from grownfx.data import build_stream
 from grownfx.learn.gates import CandidateGates
-from grownfx.learn.learner import GrownLearner
+from grownfx.learn.learner import GrownLearner, noise_free_epochs
 from grownfx.models import build_backbone
 
 STREAM = build_stream({"name": "digits"}, seed=0)
@@ -139,3 +139,36 @@ def test_the_learner_moves_only_along_its_transition_table():
     assert pos.stage == "tune" and pos.round == 0
     assert learner._enter(pos, Phase.DONE) is Phase.DONE and pos.stage == "done"
     assert all(Phase(p.value) is p for p in TRANSITIONS)
+
+
+def test_the_last_epochs_of_every_stage_train_the_masks_without_noise():
+    """masks.selective.noise_free_fraction = 0.5 of 2 epochs: in stage 1 and in the growth round the last epoch's
+    training forwards run with the masks' noise off; the learner switches it back on when the stage ends.  The
+    default (task 1 here) keeps the paper's noise in every epoch."""
+    learner = make_learner(epochs=2, growth=GrowthConfig(max_rounds=1))
+    net, epochs, forwards = learner.net, [], []
+    learner.on_epoch = lambda info: epochs.append((info["stage"], set(forwards)) if forwards else None) \
+        or forwards.clear()
+    hook = net.register_forward_pre_hook(lambda m, a: forwards.append(net.ctx.masks.noise) if m.training else None)
+    try:
+        learner.learn(STREAM.tasks[0], target=0.0)
+        assert epochs == [("grow", {True})] * 2
+        epochs.clear()
+        learner.masks = MasksConfig(selective={"noise_free_fraction": 0.5})
+        learner.learn(STREAM.tasks[1], target=101.0)
+    finally:
+        hook.remove()
+    assert epochs == [(stage, {noisy}) for stage in ("stage1", "grow") for noisy in (True, False)]
+    assert net.ctx.masks.noise
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_a_noise_free_fraction_outside_0_1_is_refused(fraction):
+    with pytest.raises(ValueError, match="noise_free_fraction"):
+        MasksConfig(selective={"noise_free_fraction": fraction})
+
+
+@pytest.mark.parametrize("fraction, epochs, expected", [(0.0, 20, 0), (0.25, 20, 5), (0.25, 5, 2), (0.3, 10, 3),
+                                                        (0.01, 1, 1), (1.0, 5, 5)])
+def test_noise_free_epochs_are_the_fractions_ceiling(fraction, epochs, expected):
+    assert noise_free_epochs(fraction, epochs) == expected

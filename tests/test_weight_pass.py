@@ -183,3 +183,25 @@ def test_training_compile_is_read_by_the_stage_loop_and_each_epoch_reports_its_c
     assert seen and all(seen)  # the pass ran, compiled
     assert epochs and all("compiles" in e and "compile_seconds" in e for e in epochs)
     assert sum(e["compiles"] for e in epochs) >= 1
+
+
+def test_without_noise_a_training_forward_masks_as_evaluation_does_and_still_learns_the_scores():
+    """net.set_mask_noise(False) (masks.selective.noise_free_fraction): a training forward's masked weights are
+    the evaluation ones whatever the noise samples, the straight-through gradient still reaches every score;
+    switched back on, the noise returns."""
+    net = _net()
+    with net.computing(2):
+        expected = {m.target: m.effective_weight(training=False).detach() for m in net.masked_layers()}
+    u = torch.rand(sum(m.owner.numel() for m in net.masked_layers()), generator=torch.Generator().manual_seed(3))
+
+    def differs(weights):
+        return any(not torch.equal(w.detach(), expected[k]) for k, w in weights.items())
+
+    assert differs(_weights_in_pass(net, u))  # scores near the threshold: the noise flips some units
+    net.set_mask_noise(False)
+    weights = _weights_in_pass(net, u)
+    assert not differs(weights)
+    sum(w.sum() for w in weights.values()).backward()
+    assert all(m.score.grad is not None and m.score.grad.abs().sum() > 0 for m in net.masked_layers())
+    net.set_mask_noise(True)
+    assert differs(_weights_in_pass(net, u))

@@ -137,8 +137,9 @@ class MaskedLayer(_TaskModule):
         return tuple(parts) + self.ctx.scale_version()
 
     def _mask_plan(self) -> "MaskPlan":
-        """Per-unit constants of the learning task's masks, rebuilt only when kinds or the temperature change."""
-        key = (self.weight.device, self.ctx.masks.temperature, id(self.ctx.masks.policy))
+        """Per-unit constants of the learning task's masks, rebuilt only when kinds, the temperature or the
+        noise switch change."""
+        key = (self.weight.device, self.ctx.masks.temperature, self.ctx.masks.noise, id(self.ctx.masks.policy))
         return self.ctx.cache.get(self.target, "plan", key, lambda: MaskPlan.build(self, key))
 
     def _unit_multiplier(self, plan: "MaskPlan", training: bool) -> torch.Tensor | None:

@@ -252,6 +252,7 @@ class MaskSettings:
 
     policy: MaskPolicy = field(default_factory=MaskPolicy)
     temperature: float | None = None  # the method's current Gumbel temperature (None: the policy's own)
+    noise: bool = True  # Gumbel masks draw their noise in training forwards (False: they train in their eval form)
     channel_scale: ChannelScale | None = None  # a method's multipliers on consumer inputs
     fuse_masks: bool = False  # compute the learning task's masked weights in one torch.compile'd graph
 

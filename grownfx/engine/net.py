@@ -370,6 +370,11 @@ class GrowableNet(nn.Module):
         None: the policy's own).  Not saved: the method sets it again before each epoch."""
         self.ctx.masks.temperature = temperature
 
+    def set_mask_noise(self, on: bool) -> None:
+        """Whether the learning task's Gumbel masks draw their noise in training forwards from now on (off: a
+        training forward masks exactly as evaluation does).  Not saved: the method sets it before each epoch."""
+        self.ctx.masks.noise = bool(on)
+
     def configure(self) -> None:
         """Recompute which masks the learning task puts on which units (after a policy change or growth)."""
         t = self.structure.learning_task

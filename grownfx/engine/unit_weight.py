@@ -122,7 +122,7 @@ class MaskPlan:
                 return sel_p[i] if has_sel else att_p[i]
             return torch.where(sel, sel_p[i], att_p[i]).to(dtype)
 
-        noise = per_unit(2)
+        noise = per_unit(2) if layer.ctx.masks.noise else 0.0
         active = sel | att
         return cls(key, trainable, const, None if bool(active.all()) else active.to(dtype), per_unit(0), per_unit(1),
                    None if isinstance(noise, float) and noise == 0.0 else noise, none_trainable, rows, plain_rows)

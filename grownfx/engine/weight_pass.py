@@ -167,7 +167,7 @@ def learning_pass(net, task: int):
         return
     probe = next(net.parameters(), None)  # a move to another device or dtype rebuilds the plan's tensors
     where = None if probe is None else (probe.device, probe.dtype)
-    plan = cache.get("net", "pass_plan", (ctx.masks.temperature, id(ctx.masks.policy), where),
+    plan = cache.get("net", "pass_plan", (ctx.masks.temperature, ctx.masks.noise, id(ctx.masks.policy), where),
                      lambda: _build_plan(net, ctx, task))
     if plan is None:
         yield

@@ -14,6 +14,7 @@ round's candidates are added there, nowhere else).
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Callable, Optional
 
@@ -67,6 +68,12 @@ def build_policy(task: int, switches: tuple[bool, bool, bool], masks: MasksConfi
         attentive=M.STEConfig(att.init, att.threshold, att.scale),
         attentive_gumbel=M.GumbelConfig(att.init, att.threshold, sel.beta, sel.temperature, sel.final_temperature),
     )
+
+
+def noise_free_epochs(fraction: float, epochs: int) -> int:
+    """How many of a stage's last epochs train the masks without their noise: ceil(fraction x epochs), so at
+    least one when the fraction is above 0 (rounded first: 0.3 x 10 is 3, not 4)."""
+    return math.ceil(round(fraction * epochs, 9))
 
 
 class GrownLearner:
@@ -198,6 +205,8 @@ class GrownLearner:
             # the last epoch of a growth round trains the network that will be kept: binarised gates
             gates.hard = lsg and epoch == epochs - 1
             net.set_mask_temperature(M.anneal(sel_t0, sel_t1, epoch / max(epochs, 1)) if sel_t1 else None)
+            # the stage's last epochs train in the masks' evaluation form (masks.selective.noise_free_fraction)
+            net.set_mask_noise(epoch < epochs - noise_free_epochs(self.masks.selective.noise_free_fraction, epochs))
 
         def after_epoch(done: int) -> dict:
             pos.epoch, pos.epochs_done = done, pos.epochs_done + 1
@@ -221,6 +230,7 @@ class GrownLearner:
                                        checkpoint if self.checkpoint is not None else None))
         train_stage(stage, self.training, self.device, self.dist)
         gates.hard = False
+        net.set_mask_noise(True)
         pos.epoch = 0
 
     def _trainable(self) -> dict[str, list]:
@@ -268,4 +278,4 @@ class GrownLearner:
             stage_s=stage_breakdown(pos.extra.get("stage_s"), seconds))
 
 
-__all__ = ["TRANSITIONS", "GrownLearner", "LearnerPosition", "Phase", "TaskRecord", "build_policy"]
+__all__ = ["TRANSITIONS", "GrownLearner", "LearnerPosition", "Phase", "TaskRecord", "build_policy", "noise_free_epochs"]

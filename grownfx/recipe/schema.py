@@ -114,6 +114,11 @@ class GumbelSpec(_Strict):
     temperature: float = Field(100.0, gt=0, description="Gumbel-Sigmoid temperature T (KSM: 100).")
     final_temperature: Optional[float] = Field(None, gt=0, description="Anneal T geometrically to this over "
                                                "a stage; null keeps it constant.")
+    noise_free_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="GROWN: the last ceil(fraction x epochs) epochs of every stage train the "
+        "learning task's masks without their Gumbel noise, i.e. in the form evaluation and export use, so the "
+        "weights and head the task keeps are fitted to the masks it stores (0: noise throughout, the paper's KSM "
+        "recipe). T does not shrink the noise's effect: it scales the logit and the noise alike (docs/method.md).")
 
 
 class STESpec(_Strict):
