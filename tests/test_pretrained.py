@@ -1,6 +1,7 @@
 """Issue 27: pretrained weights (`model.weights`), the pretrained task 0, seed selection, and the grow decision."""
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,26 @@ def test_run_end_to_end_exports_the_pretrained_task_and_records_it(tmp_path):
     # the seed keeps half of each group's channels: task 0 is the slimmed loaded network, three classes
     assert program(x).shape == (3, 3)
     assert (out / "task_2" / "model.pt2").exists()
+
+
+def test_first_stream_task_after_a_pretrained_task0_is_not_learned_from_the_seed(tmp_path):
+    """Its console line counts every growth round and says nothing of the seed; its epoch events name the
+    stream's task (the net's task 1 is the stream's task 1, printed "task 1")."""
+    import json
+
+    from grownfx.run.runner import run
+
+    path, _ = write_weights(tmp_path)
+    raw = raw_recipe(str(path), seed_width=0.5)  # target 100 %, one growth round: every task grows once
+    raw["output"]["dir"] = str(tmp_path / "run")
+    lines: list[str] = []
+    run(Recipe.model_validate(raw), echo=lines.append)
+    first = next(line for line in lines if line.startswith("task 1: "))
+    # the round either kept channels or pruned them all; said of the seed, it would read "grew N ch from the
+    # seed" (no round counted) or "kept the seed width"
+    assert re.search(r", (grew \d+ ch in 1 growth round|no growth \(growth pruned all \d+ candidate channels\))",
+                     first) and "seed" not in first, first
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in events if e.get("event") == "epoch"]
+    assert {e["task"] for e in epochs} == {0, 1} and not any(e["from_seed"] for e in epochs)
+    assert [e["stage"] for e in epochs if e["task"] == 0] == ["stage1", "grow"]

@@ -63,7 +63,8 @@ class GrownContinual:
         self.offset = 1 if keeps_pretrained_task(recipe) else 0
         self._learner = lambda net: GrownLearner(
             net, training=recipe.training, growth=growth, masks=recipe.masks, switches=switches, device=device,
-            seed=recipe.seed, on_epoch=on_epoch, checkpoint=checkpoint, should_stop=should_stop, dist=dist)
+            seed=recipe.seed, on_epoch=on_epoch, checkpoint=checkpoint, should_stop=should_stop, dist=dist,
+            task_offset=self.offset)
         self._fresh()
         if self.offset:
             add_pretrained_task(self.net, self.net.pretrained_classes, stream.tasks[0].num_classes,
