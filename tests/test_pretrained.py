@@ -318,3 +318,75 @@ def test_first_stream_task_after_a_pretrained_task0_is_not_learned_from_the_seed
     epochs = [e for e in events if e.get("event") == "epoch"]
     assert {e["task"] for e in epochs} == {0, 1} and not any(e["from_seed"] for e in epochs)
     assert [e["stage"] for e in epochs if e["task"] == 0] == ["stage1", "grow"]
+
+
+# -- task 0's evaluation (`model.weights_data`) ------------------------------------------------------------------
+
+TASK0_DATA = {"name": "digits", "classes_per_task": 3, "num_tasks": 1}
+
+
+def _trained_on_task0_data(folder: Path) -> tuple[Path, torch.nn.Module]:
+    """Weights that know task 0's classes (an accuracy far from chance moves when any weight does)."""
+    from grownfx.data import build_stream
+
+    path, model = write_weights(folder, sidecar=False)
+    train = build_stream(TASK0_DATA, 0).tasks[0].train
+    x, y = next(iter(train.loader(len(train), shuffle=False, device="cpu", augment=None)))
+    optim = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(30):
+        optim.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optim.step()
+    torch.save(model.state_dict(), path)
+    (folder / "pre.pt.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "  pre.pt\n")
+    return path, model.eval()
+
+
+def test_pretrained_task0_is_evaluated_on_its_data_and_stays_exact_after_every_task(tmp_path):
+    from grownfx.data import build_stream
+    from grownfx.run.runner import run
+
+    path, pre = _trained_on_task0_data(tmp_path)
+    raw = raw_recipe(str(path), seed_width=1.0, weights_data=TASK0_DATA)
+    raw["output"]["dir"] = str(tmp_path / "run")
+    summary = run(Recipe.model_validate(raw), echo=lambda m: None).summary
+    entry = summary["pretrained"]
+    # the loaded model itself, scored on the first task of the data spec (full width: task 0 computes it)
+    test = build_stream(TASK0_DATA, 0).tasks[0].test
+    batch = next(iter(test.loader(len(test), shuffle=False, device="cpu", augment=None)))
+    with torch.no_grad():
+        expected = 100.0 * int((pre(batch[0]).argmax(1) == batch[1]).sum()) / len(test)
+    assert entry["evaluated"] is True and entry["test_samples"] == len(test) and expected > 80
+    assert entry["acc_loaded"] == pytest.approx(expected, abs=1e-9)
+    assert entry["acc_after_task"] == [entry["acc_loaded"]] * 2 and entry["acc_final"] == entry["acc_loaded"]
+    # a resume rewrites summary.json from the checkpoint: the accuracies come back with it
+    again = run(Recipe.model_validate(raw), resume=True, echo=lambda m: None).summary
+    assert again["pretrained"]["acc_after_task"] == entry["acc_after_task"]
+
+
+def test_weights_data_that_does_not_fit_task0_is_one_line(tmp_path):
+    from grownfx.run.folder import RunError
+    from grownfx.run.runner import run
+
+    path, _ = write_weights(tmp_path)
+    raw = raw_recipe(str(path), weights_data={**TASK0_DATA, "classes_per_task": 4})
+    raw["output"]["dir"] = str(tmp_path / "run")
+    with pytest.raises(RunError, match=r"^model.weights_data: its first task has 4 classes, the weights' "
+                                       r"classifier 3; [^\n]*$"):
+        run(Recipe.model_validate(raw), echo=lambda m: None)
+    with pytest.raises(ValueError, match="model.weights_data is the data of the pretrained task 0"):
+        Recipe.model_validate(raw_recipe(str(path), weights_task=False, weights_data=TASK0_DATA))
+    raw = raw_recipe("pre.pt", weights_data={"name": "imagefolder", "root": str(tmp_path / "nowhere"),
+                                             "classes_per_task": 3})
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(save_recipe(tmp_path, raw))
+    (line,) = exc.value.lines()
+    assert "model.weights_data.root" in line and "nowhere" in line
+
+
+def test_a_python_factory_for_task0_data_is_user_code_the_trust_rule_sees():
+    from grownfx.recipe.trust import names_user_code
+
+    raw = raw_recipe("pre.pt", weights_data={"name": "python", "factory": "mine:task0"})
+    assert names_user_code(raw) == ["model.weights_data.factory 'mine:task0'"]

@@ -59,11 +59,28 @@ class ModelConfig(_Strict):
                                "a frozen task 0 (its own classifier kept when the file has one) that every task "
                                "selects from with its masks: the fine-grained benchmark's setting; the stream's "
                                "tasks come after it. False: the weights are only where training starts.")
+    weights_data: Optional[DataConfig] = Field(
+        None, description="Data of the classes the weights' own classifier predicts, in its order (the same form "
+        "as `data`; its first task is used, so it holds all of them: e.g. an ImageFolder of ImageNet's validation "
+        "images with `classes_per_task: 1000, num_tasks: 1`): the pretrained task 0 is evaluated on that task's "
+        "test split as loaded and after every task, like any task (summary.json `pretrained`). Its inputs must "
+        "have the stream's shape and normalisation. None: task 0 is not evaluated.")
     seed_channels: Literal["auto", "first", "magnitude"] = Field(
         "auto", description="Which channels a seed narrower than the backbone keeps in each coupling group: "
         "`first` (the first k: all alike at random initialisation), `magnitude` (the k whose producing weights "
         "have the largest L1 norm, summed over the group's layers, each normalised by its mean), `auto`: "
         "`magnitude` with `weights`, else `first`.")
+
+    @model_validator(mode="after")
+    def _weights_data_needs_a_task0(self):
+        if self.weights_data is not None and not (self.weights and self.weights_task):
+            raise ValueError("model.weights_data is the data of the pretrained task 0; it needs model.weights and "
+                             "model.weights_task true")
+        if getattr(self.weights_data, "class_order", "fixed") != "fixed":
+            raise ValueError("model.weights_data.class_order must be fixed: the task's labels must be the "
+                             "classifier's own, in its order")
+        return self
+
     seed_width: float = Field(0.5, gt=0.0, le=1.0, description="Width of the seed network as a fraction of "
                               "the backbone's channels, for every growable coupling group (GROWN starts small). "
                               "Parameters scale about as its square; ignored when `seed_size` is set.")

@@ -319,6 +319,10 @@ class NetMethod:
         t = task_index + self.offset
         return evaluate_with(self.net, lambda x: self.net(x, task=t), data, self.recipe.training, self.device)
 
+    def evaluate_pretrained(self, data: TaskData) -> float:
+        """The pretrained task 0's accuracy on `data` (its own classes)."""
+        return evaluate_with(self.net, lambda x: self.net(x, task=0), data, self.recipe.training, self.device)
+
     def export(self, task_index: int) -> nn.Module:
         return self.net.export(task_index + self.offset)
 

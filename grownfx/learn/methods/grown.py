@@ -87,6 +87,10 @@ class GrownContinual:
     def evaluate(self, task_index: int, data: TaskData) -> float:
         return self.learner.evaluate(task_index + self.offset, data)
 
+    def evaluate_pretrained(self, data: TaskData) -> float:
+        """The pretrained task 0's accuracy on `data` (its own classes)."""
+        return self.learner.evaluate(0, data)
+
     def export(self, task_index: int):
         return self.net.export(task_index + self.offset)
 
