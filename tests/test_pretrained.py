@@ -295,6 +295,19 @@ def test_run_end_to_end_exports_the_pretrained_task_and_records_it(tmp_path):
     # the seed keeps half of each group's channels: task 0 is the slimmed loaded network, three classes
     assert program(x).shape == (3, 3)
     assert (out / "task_2" / "model.pt2").exists()
+    # every task in one file: index 0 the pretrained network, index k the stream's task k, each equal to the
+    # task-aware model (verify) and to its own export
+    from grownfx.run.export import export_all_tasks
+    from grownfx.run.opening import load_export
+
+    _, meta = export_all_tasks(tmp_path / "run", verify=True)
+    assert [(e["task_index"], e["name"]) for e in meta["tasks"]] == [(0, "pretrained"), (1, "digits/task1"),
+                                                                     (2, "digits/task2")]
+    assert meta["tasks"][0]["num_classes"] == 3 and meta["verified_max_rel_error"] <= 1e-5
+    both = load_export(out / "all_tasks")
+    singles = [program] + [torch.export.load(str(out / f"task_{k}" / "model.pt2")).module() for k in (1, 2)]
+    for t, single in enumerate(singles):
+        assert torch.allclose(both(x, task=t), single(x), rtol=1e-5, atol=1e-6), t
 
 
 def test_first_stream_task_after_a_pretrained_task0_is_not_learned_from_the_seed(tmp_path):
