@@ -1,5 +1,6 @@
 """Issue 27: pretrained weights (`model.weights`), the pretrained task 0, seed selection, and the grow decision."""
 
+import copy
 import hashlib
 import re
 from pathlib import Path
@@ -11,7 +12,9 @@ import yaml
 from grownfx.data import stream_for
 from grownfx.engine.net import prepare
 from grownfx.learn.decision import accuracy_lower_bound, below_target
+from grownfx.learn.methods.cpg import CPGContinual
 from grownfx.learn.methods.grown import GrownContinual
+from grownfx.learn.methods.packnet import PackNetContinual
 from grownfx.learn.methods.piggyback import PiggybackContinual
 from grownfx.models import build_backbone, build_pretrained
 from grownfx.models import pretrained as P
@@ -206,9 +209,10 @@ def _target_of(net, conv, model):
 
 # -- the pretrained task 0 -------------------------------------------------------------------------------------
 
-def _method(tmp_path, cls, **model):
+def _method(tmp_path, cls, method_kw=None, **model):
     path, pre = write_weights(tmp_path)
-    raw = raw_recipe(str(path), method="grown" if cls is GrownContinual else "piggyback", **model)
+    raw = raw_recipe(str(path), method="grown" if cls is GrownContinual else cls.name, **model)
+    raw["method"].update(method_kw or {})
     raw["output"]["dir"] = str(tmp_path / "run")
     recipe = Recipe.model_validate(raw)
     stream = stream_for(recipe)
@@ -233,6 +237,38 @@ def test_pretrained_task0_is_the_loaded_network_and_stays_bit_exact(tmp_path, cl
         assert torch.equal(net(x, task=0), before)
         assert torch.equal(method.export(0).eval()(x), net(x, task=1))  # stream task 0 = net task 1
         assert torch.equal(net.export(0).eval()(x), before)  # task 0's export is the loaded model
+
+
+@pytest.mark.parametrize("cls", [PackNetContinual, CPGContinual])
+def test_packnet_and_cpg_release_the_configured_fraction_of_task0_which_stays_exact(tmp_path, cls):
+    """The published pretrained forms: the loaded network, each layer's smallest weights released (ratio 0.5,
+    PackNet's), is task 0; the stream's tasks train the released weights and task 0 never moves."""
+    # CPG: one compaction level (0.1) keeps the test short; growth (target 100 %) still runs
+    method, stream, pre = _method(tmp_path, cls, {"max_sparsity": 0.15} if cls is CPGContinual else None)
+    net = method.net
+    assert method.offset == 1 and len(net.masked_layers()) == 4  # three convs and the hidden FC; heads per task
+    for layer in net.masked_layers():
+        assert int((layer.owner == 0).sum()) == layer.owner.numel() - round(0.5 * layer.owner.numel())
+    # task 0 computes the loaded model with those weights zeroed, found here from the file's own tensors
+    pruned = copy.deepcopy(pre)
+    trunk = [m for m in pruned.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))][:-1]
+    with torch.no_grad():
+        for m in trunk:
+            k = round(0.5 * m.weight.numel())
+            cut = m.weight.abs().flatten().kthvalue(k).values
+            m.weight[m.weight.abs() <= cut] = 0.0
+    x = torch.randn(6, 1, 8, 8)
+    net.eval()
+    with torch.no_grad():
+        before = net(x, task=0).clone()
+        assert torch.allclose(before, pruned(x), rtol=1e-5, atol=1e-6)
+    method.learn(stream.tasks[0], 100.0)
+    assert sum(int((layer.owner == 1).sum()) for layer in net.masked_layers()) > 0  # released weights trained
+    method.learn(stream.tasks[1], 100.0)
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x, task=0), before)
+    assert method.pretrained_summary()["pruned_ratio"] == 0.5
 
 
 def test_pretrained_task0_survives_a_checkpoint(tmp_path):

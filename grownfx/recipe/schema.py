@@ -55,10 +55,11 @@ class ModelConfig(_Strict):
                                           "of the `weights` file (`sha256:<64 hex>`); without it a `<file>.sha256` "
                                           "must lie beside the file, or the run needs --no-verify (the resolved "
                                           "recipe then records the hash of the file that was used).")
-    weights_task: bool = Field(True, description="With `weights`, GROWN and Piggyback keep the loaded network as "
-                               "a frozen task 0 (its own classifier kept when the file has one) that every task "
-                               "selects from with its masks: the fine-grained benchmark's setting; the stream's "
-                               "tasks come after it. False: the weights are only where training starts.")
+    weights_task: bool = Field(True, description="With `weights`, GROWN, Piggyback, PackNet and CPG keep the "
+                               "loaded network as a frozen task 0 (its own classifier kept when the file has one; "
+                               "PackNet and CPG first release `method.pretrained_prune_ratio` of it) that every "
+                               "task selects from or builds on: the fine-grained benchmark's setting; the "
+                               "stream's tasks come after it. False: the weights are only where training starts.")
     weights_data: Optional[DataConfig] = Field(
         None, description="Data of the classes the weights' own classifier predicts, in its order (the same form "
         "as `data`; its first task is used, so it holds all of them: e.g. an ImageFolder of ImageNet's validation "
@@ -241,6 +242,12 @@ class PackNetMethod(_Strict):
                                "training it (PackNet: 0.5 to 0.75).")
     retrain_epochs: Optional[int] = Field(None, ge=0, description="Epochs of retraining after pruning "
                                           "(default: half the task's epochs).")
+    pretrained_prune_ratio: float = Field(0.5, ge=0, lt=1, description="With a pretrained task 0 (`model.weights`, "
+                                          "`model.weights_task`): the fraction of each layer's loaded weights "
+                                          "released by magnitude before the first task, freeing capacity "
+                                          "(PackNet's ImageNet network: 0.5 per layer, arunmallya/packnet "
+                                          "run_imagenet_pruning.sh). Task 0 is not retrained after it (PackNet "
+                                          "retrains 10 ImageNet epochs; grownfx has no task-0 training data).")
 
 
 class PiggybackMethod(_Strict):
@@ -258,6 +265,14 @@ class CPGMethod(_Strict):
                                                       "the most pruned level still meeting the goal); `cubic`: "
                                                       "`prune_steps` levels on Zhu & Gupta's cubic schedule.")
     prune_step: float = Field(0.1, gt=0, lt=1, description="Sparsity step of the `steps` schedule (CPG: 0.1).")
+    pretrained_prune_ratio: float = Field(0.5, ge=0, lt=1, description="With a pretrained task 0 (`model.weights`, "
+                                          "`model.weights_task`): the fraction of each layer's loaded weights "
+                                          "released by magnitude before the first task, for the stream's tasks "
+                                          "to train (0: they only pick from it and grow). CPG compacts its "
+                                          "ImageNet network by gradual pruning with ImageNet retraining, keeping "
+                                          "the sparsest level that meets its accuracy (ivclab/CPG experiment2); "
+                                          "without task-0 training data grownfx prunes once, by this ratio "
+                                          "(default: PackNet's published 0.5).")
     prune_steps: int = Field(5, ge=1, description="Pruning levels of the `cubic` schedule between 0.1 and "
                              "max_sparsity.")
     grow_ratio: float = Field(0.5, gt=0, description="Width added (fraction of the backbone) when the target "

@@ -167,12 +167,16 @@ def seed_channels(recipe: Recipe) -> str:
     return ("magnitude" if recipe.model.weights else "first") if rule == "auto" else rule
 
 
-def add_pretrained_task(net, classes: Optional[int], first_classes: int, policy: MaskPolicy) -> None:
+def add_pretrained_task(net, classes: Optional[int], first_classes: int, policy: MaskPolicy,
+                        compact: Optional[Callable[[], None]] = None) -> None:
     """The net's weights as they were loaded become task 0, frozen at once: its masks all-ones over every unit,
     its norms the loaded ones, its classifier the file's own (a fresh one of `first_classes` classes when the
-    file has none: such a task 0 is never evaluated)."""
+    file has none: such a task 0 is never evaluated).  `compact`: run before freezing (PackNet and CPG release
+    part of the loaded weights for later tasks)."""
     net.add_task(classes or first_classes, keep_head=classes is not None)
     net.set_policy(policy)
+    if compact is not None:
+        compact()
     net.freeze_task(0)
 
 
@@ -180,6 +184,8 @@ def pretrained_summary(recipe: Recipe, net) -> dict:
     """What summary.json and exports/pretrained/meta.json say of a pretrained task 0."""
     return {"weights": recipe.model.weights, "weights_sha256": recipe.model.weights_sha256,
             "num_classes": getattr(net, "pretrained_classes", None), "parameters_task": net.num_parameters(0),
+            **({"pruned_ratio": recipe.method.pretrained_prune_ratio}
+               if getattr(recipe.method, "pretrained_prune_ratio", 0) else {}),
             "evaluated": False,
             "note": "task 0 is the loaded network (its own classifier when the file has one), frozen before the "
                     "first task; the recipe gives no data of its classes, so it is not evaluated"}
@@ -226,7 +232,7 @@ class NetMethod:
         self.net = self._fresh_net()
         if self.offset:
             add_pretrained_task(self.net, self.net.pretrained_classes, stream.tasks[0].num_classes,
-                                self.task0_policy())
+                                self.task0_policy(), self.compact_pretrained)
         self._resume: Optional[tuple] = None  # (position, optimiser state) resumed, until its phase is reached
         self._before = 0.0  # training seconds of the learning task before a resume
         self._timer = Timer()
@@ -242,6 +248,9 @@ class NetMethod:
 
     def task0_policy(self) -> MaskPolicy:
         raise NotImplementedError(f"{self.name} keeps no pretrained task")
+
+    def compact_pretrained(self) -> None:
+        """Before the pretrained task 0 is frozen (PackNet, CPG: free part of it); nothing by default."""
 
     # -- a task's phases, resumable -------------------------------------------------------------------------
     def begin(self, task: Task, policy: MaskPolicy, resume: Optional[tuple]) -> tuple[int, Optional[LearnerPosition]]:
