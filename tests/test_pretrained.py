@@ -202,6 +202,31 @@ def test_magnitude_keeps_the_channels_with_the_largest_producing_weights():
     assert set(mag.seed_selection.values()) <= {"magnitude", "first"} and "magnitude" in mag.seed_selection.values()
 
 
+def test_taylor_keeps_the_channels_the_output_depends_on_not_the_largest():
+    """Channels with the largest producing weights but no consumer (the next conv reads them with zeros) change
+    nothing downstream: Taylor importance drops them, magnitude keeps them."""
+    from grownfx.engine.errors import SurgeryError
+
+    torch.manual_seed(0)
+    model = build_backbone("small_cnn", 2, KW)
+    conv, consumer = model.features[0], model.features[3]
+    strong = [1, 2, 4, 7, 8, 11, 12, 15, 17, 18, 21, 23, 24, 27, 29, 31]
+    alive = [c for c in range(32) if c not in strong]
+    with torch.no_grad():
+        conv.weight[strong] *= 10
+        consumer.weight[:, strong] = 0.0
+    x = torch.randn(16, 1, 8, 8)
+    taylor = prepare(model, x[:1], 0.5, seed_channels="taylor", seed_data=x)
+    mag = prepare(model, x[:1], 0.5, seed_channels="magnitude")
+    target = _target_of(taylor, conv, model)
+    assert torch.equal(taylor.graph_module.get_submodule(target).weight, conv.weight[alive])
+    assert torch.equal(mag.graph_module.get_submodule(target).weight, conv.weight[strong])
+    assert "taylor" in taylor.seed_selection.values()
+    assert all(p.grad is None for p in taylor.parameters())  # the scoring pass leaves no gradient behind
+    with pytest.raises(SurgeryError, match="seed_data"):
+        prepare(model, x[:1], 0.5, seed_channels="taylor")
+
+
 def _target_of(net, conv, model):
     name = next(n for n, m in model.named_modules() if m is conv)
     return next(n for n, m in net.graph_module.named_modules() if n.endswith(name) and hasattr(m, "weight"))

@@ -66,11 +66,13 @@ class ModelConfig(_Strict):
         "images with `classes_per_task: 1000, num_tasks: 1`): the pretrained task 0 is evaluated on that task's "
         "test split as loaded and after every task, like any task (summary.json `pretrained`). Its inputs must "
         "have the stream's shape and normalisation. None: task 0 is not evaluated.")
-    seed_channels: Literal["auto", "first", "magnitude"] = Field(
+    seed_channels: Literal["auto", "first", "magnitude", "taylor"] = Field(
         "auto", description="Which channels a seed narrower than the backbone keeps in each coupling group: "
         "`first` (the first k: all alike at random initialisation), `magnitude` (the k whose producing weights "
-        "have the largest L1 norm, summed over the group's layers, each normalised by its mean), `auto`: "
-        "`magnitude` with `weights`, else `first`.")
+        "have the largest L1 norm, summed over the group's layers, each normalised by its mean), `taylor` (the k "
+        "of largest first-order Taylor importance |sum of activation x gradient| on up to 256 of task 1's "
+        "training inputs, the loss taken against the loaded network's own predictions; aggregated like "
+        "`magnitude`), `auto`: `magnitude` with `weights`, else `first`.")
 
     @model_validator(mode="after")
     def _weights_data_needs_a_task0(self):

@@ -167,6 +167,19 @@ def seed_channels(recipe: Recipe) -> str:
     return ("magnitude" if recipe.model.weights else "first") if rule == "auto" else rule
 
 
+TAYLOR_SAMPLES = 256  # task-1 inputs the `taylor` seed rule scores channels on
+
+
+def seed_data(recipe: Recipe, stream: TaskStream) -> Optional[torch.Tensor]:
+    """The inputs the seed rule scores channels on: the first `TAYLOR_SAMPLES` of task 1's training split,
+    preprocessed as training sees them (no augmentation), for `taylor`; None for the other rules."""
+    if seed_channels(recipe) != "taylor":
+        return None
+    train = stream.tasks[0].train
+    x, _ = next(iter(train.loader(min(TAYLOR_SAMPLES, len(train)), shuffle=False, device="cpu", augment=None)))
+    return x
+
+
 def add_pretrained_task(net, classes: Optional[int], first_classes: int, policy: MaskPolicy,
                         compact: Optional[Callable[[], None]] = None) -> None:
     """The net's weights as they were loaded become task 0, frozen at once: its masks all-ones over every unit,
@@ -199,7 +212,8 @@ def build_masked_net(recipe: Recipe, stream: TaskStream, width: float = 1.0, gra
     model, classes = backbone(recipe, None if task0 else stream.tasks[0].num_classes)
     net = prepare(model, example_input(stream.input_shape), width, leaf_modules=recipe.model.leaf_modules,
                   granularity=granularity or recipe.model.granularity, seed=recipe.seed,
-                  output=recipe.model.output, head=recipe.model.head, seed_channels=seed_channels(recipe))
+                  output=recipe.model.output, head=recipe.model.head, seed_channels=seed_channels(recipe),
+                  seed_data=seed_data(recipe, stream))
     net.pretrained_classes = classes
     return net
 

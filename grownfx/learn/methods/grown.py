@@ -16,7 +16,7 @@ from grownfx.learn.records import TaskRecord
 from grownfx.learn.seed_size import width_for_size
 from grownfx.engine.net import GrowableNet, prepare
 from grownfx.learn.methods.base import (add_pretrained_task, backbone, example_input, keeps_pretrained_task,
-                                       pretrained_summary, seed_channels)
+                                       pretrained_summary, seed_channels, seed_data)
 
 
 def build_net(recipe: Recipe, stream: TaskStream, seed_width: Optional[float] = None) -> GrowableNet:
@@ -32,7 +32,8 @@ def build_net(recipe: Recipe, stream: TaskStream, seed_width: Optional[float] = 
                                head=recipe.model.head)
     net = prepare(model, example_input(stream.input_shape), width, leaf_modules=recipe.model.leaf_modules,
                   granularity=recipe.model.granularity, seed=recipe.seed, output=recipe.model.output,
-                  head=recipe.model.head, seed_channels=seed_channels(recipe))
+                  head=recipe.model.head, seed_channels=seed_channels(recipe),
+                  seed_data=seed_data(recipe, stream))
     net.pretrained_classes = classes
     return net
 
