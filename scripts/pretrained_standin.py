@@ -88,9 +88,13 @@ def pretrain(out: Path, epochs: int, seed: int, per_class: int) -> tuple[Path, f
     return path, acc
 
 
-def seed_selection(weights: Path, widths=(0.75, 0.5, 0.3)) -> list[tuple[float, float, float]]:
+SEED_RULES = ("first", "magnitude", "taylor")
+
+
+def seed_selection(weights: Path, widths=(0.75, 0.5, 0.3)) -> list[tuple[float, ...]]:
     """Test accuracy on classes 0-5 of the pretrained net slimmed to each width, no training after: (width,
-    first-k, magnitude) -- how much of the loaded function each seed rule keeps."""
+    first-k, magnitude, taylor) -- how much of the loaded function each seed rule keeps.  Taylor scores on 256
+    training images of the stream's task 1 (classes 6/7, a seeded subset), as a run does (TAYLOR_SAMPLES)."""
     from grownfx.engine.net import prepare
 
     model = lenet5(num_classes=len(PRETRAIN_CLASSES), in_channels=1, input_size=28)
@@ -98,11 +102,14 @@ def seed_selection(weights: Path, widths=(0.75, 0.5, 0.3)) -> list[tuple[float, 
     xte, yte = _split("test")
     keep = np.isin(yte, PRETRAIN_CLASSES)
     x, y = (torch.from_numpy(xte[keep]) - MEAN) / STD, torch.from_numpy(yte[keep])
+    task1 = torch.from_numpy(rest_tasks()[0]["train"][0])
+    pick = torch.randperm(len(task1), generator=torch.Generator().manual_seed(0))[:256]
+    task1 = (task1[pick.sort().values] - MEAN) / STD
     rows = []
     for width in widths:
         accs = []
-        for rule in ("first", "magnitude"):
-            net = prepare(model, x[:1], width, seed_channels=rule)
+        for rule in SEED_RULES:
+            net = prepare(model, x[:1], width, seed_channels=rule, seed_data=task1)
             net.add_task(len(PRETRAIN_CLASSES), keep_head=True)
             net.eval()
             with torch.no_grad():
@@ -143,9 +150,9 @@ def main() -> None:
                                                           sort_keys=False))
     print(f"pretrained LeNet-5 on classes 0-5: test accuracy {acc:.2f} %; wrote {weights} and "
           f"{args.out / 'recipe.yaml'}")
-    print("| seed width | first-k | magnitude |\n| --- | --- | --- |")
-    for width, first, magnitude in seed_selection(weights):
-        print(f"| {width:.2f} | {first:.2f} | {magnitude:.2f} |")
+    print("| seed width | first-k | magnitude | taylor |\n| --- | --- | --- | --- |")
+    for width, *accs in seed_selection(weights):
+        print(f"| {width:.2f} | " + " | ".join(f"{a:.2f}" for a in accs) + " |")
 
 
 if __name__ == "__main__":

@@ -171,13 +171,14 @@ TAYLOR_SAMPLES = 256  # task-1 inputs the `taylor` seed rule scores channels on
 
 
 def seed_data(recipe: Recipe, stream: TaskStream) -> Optional[torch.Tensor]:
-    """The inputs the seed rule scores channels on: the first `TAYLOR_SAMPLES` of task 1's training split,
-    preprocessed as training sees them (no augmentation), for `taylor`; None for the other rules."""
+    """The inputs the seed rule scores channels on: `TAYLOR_SAMPLES` of task 1's training split (a subset drawn
+    with the recipe's seed: a split may be ordered by class), preprocessed as training sees them without
+    augmentation, for `taylor`; None for the other rules."""
     if seed_channels(recipe) != "taylor":
         return None
     train = stream.tasks[0].train
-    x, _ = next(iter(train.loader(min(TAYLOR_SAMPLES, len(train)), shuffle=False, device="cpu", augment=None)))
-    return x
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed))[:TAYLOR_SAMPLES]
+    return train.normalize(train.x[pick.sort().values.to(train.x.device)]).cpu()
 
 
 def add_pretrained_task(net, classes: Optional[int], first_classes: int, policy: MaskPolicy,
