@@ -262,6 +262,14 @@ def _data_errors(data: Any, where: str, raw: dict) -> list[tuple[str, str]]:
             import_callable(data["factory"], _code_dir(raw))
         except ValueError as exc:
             out.append((f"{where}.factory", str(exc)))
+    if data.get("name") == "imagefolders" and isinstance(data.get("roots"), list):
+        for i, root in enumerate(data["roots"]):
+            if isinstance(root, (str, Path)) and not abspath(root).is_dir():
+                out.append((f"{where}.roots[{i}]", f"dataset folder {describe_dir(abspath(root))}. "
+                            "docs/data.md#the-fine-grained-benchmark says where to get it and how to lay it out "
+                            "(to check the rest of the recipe without the data: grownfx validate RECIPE "
+                            "--no-data-check)"))
+                break  # one line: the first missing folder (a benchmark's folders are usually all missing)
     if isinstance(data.get("root"), (str, Path)):
         kind = pick_member(unwrap(DataConfig), data)
         root = abspath(data["root"])
