@@ -354,6 +354,7 @@ def test_run_end_to_end_exports_the_pretrained_task_and_records_it(tmp_path):
 
     path, pre = write_weights(tmp_path)
     raw = raw_recipe(str(path), seed_width=0.5)
+    raw["data"]["limit_per_task"] = 60
     raw["output"] = {"dir": str(tmp_path / "run"), "tensorboard": False, "export_format": "pt2"}
     result = run(Recipe.model_validate(raw), echo=lambda m: None)
     summary = result.summary
@@ -383,29 +384,6 @@ def test_run_end_to_end_exports_the_pretrained_task_and_records_it(tmp_path):
         assert torch.allclose(both(x, task=t), single(x), rtol=1e-5, atol=1e-6), t
 
 
-def test_first_stream_task_after_a_pretrained_task0_is_not_learned_from_the_seed(tmp_path):
-    """Its console line counts every growth round and says nothing of the seed; its epoch events name the
-    stream's task (the net's task 1 is the stream's task 1, printed "task 1")."""
-    import json
-
-    from grownfx.run.runner import run
-
-    path, _ = write_weights(tmp_path)
-    raw = raw_recipe(str(path), seed_width=0.5)  # target 100 %, one growth round: every task grows once
-    raw["output"]["dir"] = str(tmp_path / "run")
-    lines: list[str] = []
-    run(Recipe.model_validate(raw), echo=lines.append)
-    first = next(line for line in lines if line.startswith("task 1: "))
-    # the round either kept channels or pruned them all; said of the seed, it would read "grew N ch from the
-    # seed" (no round counted) or "kept the seed width"
-    assert re.search(r", (grew \d+ ch in 1 growth round|no growth \(growth pruned all \d+ candidate channels\))",
-                     first) and "seed" not in first, first
-    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    epochs = [e for e in events if e.get("event") == "epoch"]
-    assert {e["task"] for e in epochs} == {0, 1} and not any(e["from_seed"] for e in epochs)
-    assert [e["stage"] for e in epochs if e["task"] == 0] == ["stage1", "grow"]
-
-
 # -- task 0's evaluation (`model.weights_data`) ------------------------------------------------------------------
 
 TASK0_DATA = {"name": "digits", "classes_per_task": 3, "num_tasks": 1}
@@ -430,13 +408,28 @@ def _trained_on_task0_data(folder: Path) -> tuple[Path, torch.nn.Module]:
 
 
 def test_pretrained_task0_is_evaluated_on_its_data_and_stays_exact_after_every_task(tmp_path):
+    """Also: the first stream task after a pretrained task 0 is not learned from the seed: its console line counts
+    every growth round and says nothing of the seed, and its epoch events name the stream's task."""
+    import json
+
     from grownfx.data import build_stream
     from grownfx.run.runner import run
 
     path, pre = _trained_on_task0_data(tmp_path)
-    raw = raw_recipe(str(path), seed_width=1.0, weights_data=TASK0_DATA)
+    raw = raw_recipe(str(path), seed_width=1.0, weights_data=TASK0_DATA)  # target 100 %: every task grows once
+    raw["data"]["limit_per_task"] = 60
     raw["output"]["dir"] = str(tmp_path / "run")
-    summary = run(Recipe.model_validate(raw), echo=lambda m: None).summary
+    lines: list[str] = []
+    summary = run(Recipe.model_validate(raw), echo=lines.append).summary
+    first = next(line for line in lines if line.startswith("task 1: "))
+    # the round either kept channels or pruned them all; said of the seed, it would read "grew N ch from the
+    # seed" (no round counted) or "kept the seed width"
+    assert re.search(r", (grew \d+ ch in 1 growth round|no growth \(growth pruned all \d+ candidate channels\))",
+                     first) and "seed" not in first, first
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in events if e.get("event") == "epoch"]
+    assert {e["task"] for e in epochs} == {0, 1} and not any(e["from_seed"] for e in epochs)
+    assert [e["stage"] for e in epochs if e["task"] == 0] == ["stage1", "grow"]
     entry = summary["pretrained"]
     # the loaded model itself, scored on the first task of the data spec (full width: task 0 computes it)
     test = build_stream(TASK0_DATA, 0).tasks[0].test
