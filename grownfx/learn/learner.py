@@ -218,8 +218,8 @@ class GrownLearner:
 
         # the stage's DDP wrapper covers this stage's parameter set (growth and freezing change it between stages)
         stage = Stage(net, lambda m, x: m(x, task=t), optim, task.train, epochs, (self.seed, t, pos.stage, pos.round),
-                      event={"task": t - self.task_offset, "stage": pos.stage, "round": pos.round,
-                             "from_seed": t == 0}, start_epoch=pos.epoch,
+                      event={"from_seed": t == 0, "task": t - self.task_offset, "stage": pos.stage,
+                             "round": pos.round}, start_epoch=pos.epoch,
                       trainable=self._trainable(),
                       penalty=(lambda: self._penalty(costs, lam)) if costs and lam > 0 else None,
                       hooks=StageHooks(before_epoch, after_epoch, on_epoch, self.should_stop,
