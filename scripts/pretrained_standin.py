@@ -98,10 +98,14 @@ def pretrain(out: Path, epochs: int, seed: int, per_class: int,
     return path, acc
 
 
-def seed_selection(weights: Path, widths=(0.75, 0.5, 0.3),
-                   classes: tuple[int, ...] = PRETRAIN_CLASSES) -> list[tuple[float, float, float]]:
+SEED_RULES = ("first", "magnitude", "taylor")
+
+
+def seed_selection(weights: Path, widths=(0.75, 0.5, 0.3), classes: tuple[int, ...] = PRETRAIN_CLASSES,
+                   stream=STREAM) -> list[tuple[float, ...]]:
     """Test accuracy on the pretraining classes of the pretrained net slimmed to each width, no training after:
-    (width, first-k, magnitude) -- how much of the loaded function each seed rule keeps."""
+    (width, first-k, magnitude, taylor) -- how much of the loaded function each seed rule keeps.  Taylor scores on
+    256 training images of the stream's task 1 (a seeded subset), as a run does (TAYLOR_SAMPLES)."""
     from grownfx.engine.net import prepare
 
     model = lenet5(num_classes=len(classes), in_channels=1, input_size=28)
@@ -110,11 +114,14 @@ def seed_selection(weights: Path, widths=(0.75, 0.5, 0.3),
     keep = np.isin(yte, classes)
     label = np.vectorize({c: i for i, c in enumerate(classes)}.get)
     x, y = (torch.from_numpy(xte[keep]) - MEAN) / STD, torch.from_numpy(label(yte[keep]))
+    task1 = torch.from_numpy(rest_tasks(stream=stream)[0]["train"][0])
+    pick = torch.randperm(len(task1), generator=torch.Generator().manual_seed(0))[:256]
+    task1 = (task1[pick.sort().values] - MEAN) / STD
     rows = []
     for width in widths:
         accs = []
-        for rule in ("first", "magnitude"):
-            net = prepare(model, x[:1], width, seed_channels=rule)
+        for rule in SEED_RULES:
+            net = prepare(model, x[:1], width, seed_channels=rule, seed_data=task1)
             net.add_task(len(classes), keep_head=True)
             net.eval()
             with torch.no_grad():
@@ -168,9 +175,9 @@ def main() -> None:
         recipe(weights, args.per_class, args.val_per_class, classes, stream), sort_keys=False))
     print(f"pretrained LeNet-5 on classes {args.pretrain_classes}: test accuracy {acc:.2f} %; wrote {weights} and "
           f"{args.out / 'recipe.yaml'}")
-    print("| seed width | first-k | magnitude |\n| --- | --- | --- |")
-    for width, first, magnitude in seed_selection(weights, classes=classes):
-        print(f"| {width:.2f} | {first:.2f} | {magnitude:.2f} |")
+    print("| seed width | first-k | magnitude | taylor |\n| --- | --- | --- | --- |")
+    for width, *accs in seed_selection(weights, classes=classes, stream=stream):
+        print(f"| {width:.2f} | " + " | ".join(f"{a:.2f}" for a in accs) + " |")
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def test_task_line_says_why_a_task_below_target_did_not_grow():
     assert "no growth; below target: every growth site is at its width cap (growth.max_width=1.5x" in \
         _task_line(capped, [90.0, 90.0], 1000, cfg)
     seed = TaskRecord(index=0, name="t", num_classes=2, target=90.0, val_acc=99.0, growth_rounds=1,
-                      pruned_candidates=12)
+                      pruned_candidates=12, from_seed=True)
     line = _task_line(seed, [99.0], 1000, cfg)
     assert "kept the seed width (sparse growth pruned all 12 candidate channels)" in line and "below" not in line
 

@@ -141,8 +141,8 @@ FILE_CASES = {
         data:
           name: imagenet22k   #!
         """, "data.name: unknown dataset 'imagenet22k'; did you mean 'miniimagenet'? (valid names: cifar100_split, "
-             "cifar100_superclass, miniimagenet, imagefolder, torchvision, digits, fashion_mnist, python, "
-             "huggingface, synthetic)"),
+             "cifar100_superclass, miniimagenet, imagefolder, imagefolders, torchvision, digits, fashion_mnist, "
+             "python, huggingface, synthetic)"),
     "missing data.name": ("""\
         name: t
         model: {builder: small_cnn}

@@ -18,6 +18,7 @@ from grownfx.data.config import (
     FashionMNISTConfig,
     HuggingFaceConfig,
     ImageFolderConfig,
+    ImageFoldersConfig,
     MiniImageNetConfig,
     PythonConfig,
     SyntheticConfig,
@@ -62,6 +63,7 @@ __all__ = [
     "FashionMNISTConfig",
     "HuggingFaceConfig",
     "ImageFolderConfig",
+    "ImageFoldersConfig",
     "MiniImageNetConfig",
     "PythonConfig",
     "SyntheticConfig",
@@ -86,7 +88,7 @@ def _builders() -> dict[str, Callable[[Any, int], TaskStream]]:
     from grownfx.data.digits import build_digits
     from grownfx.data.factory import build_python
     from grownfx.data.fashion_mnist import build_fashion_mnist
-    from grownfx.data.folder import build_imagefolder
+    from grownfx.data.folder import build_imagefolder, build_imagefolders
     from grownfx.data.huggingface import build_huggingface
     from grownfx.data.miniimagenet import build_miniimagenet
     from grownfx.data.synthetic import build_synthetic
@@ -97,6 +99,7 @@ def _builders() -> dict[str, Callable[[Any, int], TaskStream]]:
         "cifar100_superclass": build_cifar100_superclass,
         "miniimagenet": build_miniimagenet,
         "imagefolder": build_imagefolder,
+        "imagefolders": build_imagefolders,
         "torchvision": build_torchvision,
         "digits": build_digits,
         "fashion_mnist": build_fashion_mnist,

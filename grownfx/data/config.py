@@ -24,6 +24,7 @@ __all__ = [
     "FashionMNISTConfig",
     "HuggingFaceConfig",
     "ImageFolderConfig",
+    "ImageFoldersConfig",
     "MiniImageNetConfig",
     "PythonConfig",
     "SyntheticConfig",
@@ -202,6 +203,36 @@ class ImageFolderConfig(_Ordered, _Normalised):
     @classmethod
     def _square(cls, value: Any) -> Any:
         return (value, value) if isinstance(value, int) else value
+
+
+class ImageFoldersConfig(_Normalised):
+    """A stream of datasets, one task each: every root an ImageFolder (root/<class>/*, or root/train/<class> +
+    root/test/<class>) holding all of that task's classes (the fine-grained benchmark: CUBS-200, Stanford Cars,
+    Oxford Flowers, WikiArt, Sketch; docs/data.md)."""
+
+    name: Literal["imagefolders"] = Field(description="Dataset kind.")
+    roots: list[Path] = Field(min_length=1, description="One folder per task, in the stream's order; the task is "
+                              "named after the folder.")
+    image_size: tuple[PositiveInt, PositiveInt] = Field(description="(H, W) every image is resized to (the "
+                                                        "tasks share one input shape).")
+    channels: Literal[1, 3] = Field(3, description="1 = convert to grayscale, 3 = RGB.")
+    val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
+    test_fraction: Fraction = Field(
+        0.2, description="Fraction of each class held out for testing, for a root without a test/ folder."
+    )
+    workers: PositiveInt = Field(8, description="Threads decoding images.")
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, value: Any) -> Any:
+        return (value, value) if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _shared_stats(self) -> "ImageFoldersConfig":
+        if self.mean is None:  # one normalisation for every task (pretrained networks expect their own)
+            raise ValueError("give mean and std (e.g. ImageNet's [0.485, 0.456, 0.406] / [0.229, 0.224, 0.225] for "
+                             "ImageNet-pretrained weights): every task of the stream is normalised alike")
+        return self
 
 
 class TorchvisionConfig(_Ordered, _Normalised):
@@ -387,6 +418,7 @@ DataConfig = Annotated[
         Cifar100SuperclassConfig,
         MiniImageNetConfig,
         ImageFolderConfig,
+        ImageFoldersConfig,
         TorchvisionConfig,
         DigitsConfig,
         FashionMNISTConfig,

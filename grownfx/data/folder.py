@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from grownfx.data.config import ImageFolderConfig
-from grownfx.data.core import TaskStream
+from grownfx.data.config import ImageFolderConfig, ImageFoldersConfig
+from grownfx.data.core import Task, TaskStream
 from grownfx.data.errors import DatasetError, abspath, describe_dir
 from grownfx.data.splits import Holdout, Pool, Sampling, assemble, class_order, group_classes
 
-__all__ = ["IMG_EXTENSIONS", "build_imagefolder", "read_images", "scan_class_folders"]
+__all__ = ["IMG_EXTENSIONS", "build_imagefolder", "build_imagefolders", "read_images", "scan_class_folders"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _HOWTO = "Arrange the images as <root>/<class name>/<image>, optionally under <root>/train/ and <root>/test/."
@@ -149,3 +149,33 @@ def build_imagefolder(cfg: ImageFolderConfig, seed: int) -> TaskStream:
             "class_order_seed": order_seed,
         },
     )
+
+
+def build_imagefolders(cfg: ImageFoldersConfig, seed: int) -> TaskStream:
+    """One task per root: each root read as an `imagefolder` of one task holding all its classes, the tasks
+    chained in the order of `roots` (their sample ids stay each root's own: stream.json names the root per task)."""
+    tasks, metas = [], []
+    for t, root in enumerate(cfg.roots):
+        path = abspath(root)
+        split_dirs = (path / "train").is_dir() and (path / "test").is_dir()
+        classes, _, _ = scan_class_folders(path / "train" if split_dirs else path)
+        one = build_imagefolder(ImageFolderConfig(
+            name="imagefolder", root=path, classes_per_task=len(classes), num_tasks=1, image_size=cfg.image_size,
+            channels=cfg.channels, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+            workers=cfg.workers, mean=cfg.mean, std=cfg.std, limit_per_task=cfg.limit_per_task,
+            limit_test=cfg.limit_test, train_per_class=cfg.train_per_class, augment=cfg.augment), seed)
+        task = one.tasks[0]
+        tasks.append(Task(t, path.name, task.classes, task.num_classes, task.train, task.val, task.test))
+        metas.append(one.meta)
+    meta = dict(metas[0])
+    meta.update({
+        "kind": cfg.name, "config": cfg.model_dump(mode="json"), "stream": "imagefolders",
+        "roots": [m["root"] for m in metas], "sources": [m["sources"] for m in metas],
+        "class_names": [f"{tasks[t].name}/{c}" for t, m in enumerate(metas) for c in m["class_names"]],
+        "unused_classes": [], "id_space": "per task: its root's ids (" + metas[0]["id_space"] + ")",
+        "tasks": [{**m["tasks"][0], "index": t, "name": tasks[t].name, "root": m["root"]}
+                  for t, m in enumerate(metas)],
+    })
+    for key in ("class_order", "class_order_seed", "root"):
+        meta.pop(key, None)
+    return TaskStream("imagefolders", tasks, tuple(metas[0]["input_shape"]), one.mean, one.std, meta)

@@ -30,7 +30,7 @@ from grownfx.engine.splits import install_task_splits
 from grownfx.engine.surgery import GroupChange, apply_changes, binding_layout, grow_change, keep_change
 from grownfx.engine.errors import ModelCheckError, SurgeryError
 from grownfx.engine.heads import check_class_count, find_heads
-from grownfx.engine.seed_selection import SEED_CHANNELS, channel_scores, keep_indices
+from grownfx.engine.seed_selection import SEED_CHANNELS, channel_scores, keep_indices, taylor_scores
 from grownfx.engine.selfcheck import check_graph
 from grownfx.engine.tracing import trace
 from grownfx.engine.weight_pass import learning_pass
@@ -55,6 +55,7 @@ def prepare(
     head: str | Sequence[str] | None = None,
     check: bool = True,
     seed_channels: str = "first",
+    seed_data: torch.Tensor | None = None,
 ) -> "GrowableNet":
     """Trace `model`, find its coupling groups, slim every growable group to `seed_width`, make it task-aware.
 
@@ -67,19 +68,22 @@ def prepare(
     `check`: compare the traced graph with `model` on `example_input` before anything is changed
     (`engine/selfcheck.py`: outputs in eval and train mode, input and parameter gradients; `ModelCheckError` on a
     difference).  Always on for users; internal callers that already checked the same model may pass False.
-    `seed_channels`: which channels a seed narrower than the backbone keeps: `first` or `magnitude`
-    (engine/seed_selection.py; for pretrained weights).
+    `seed_channels`: which channels a seed narrower than the backbone keeps: `first`, `magnitude` or `taylor`
+    (engine/seed_selection.py; for pretrained weights); `taylor` scores them on the inputs `seed_data`.
     `net.check_report` says what was compared."""
     if not isinstance(seed_width, (int, float)) or not 0 < seed_width <= 1:
         raise SurgeryError(f"seed_width must be in (0, 1], got {seed_width!r}")
     if seed_channels not in SEED_CHANNELS:
         raise SurgeryError(f"seed_channels must be one of {', '.join(SEED_CHANNELS)}, got {seed_channels!r}")
+    if seed_channels == "taylor" and seed_data is None:
+        raise SurgeryError("seed_channels 'taylor' scores channels on inputs: give seed_data (task 1's)")
     if granularity not in ("kernel", "element", "channel"):
         raise SurgeryError(f"granularity must be 'kernel', 'element' or 'channel', got {granularity!r}")
     gm, coupling, widths, full_params = slim(model, example_input, seed_width, leaf_modules=leaf_modules, seed=seed,
                                              auto_leaves=auto_leaves,
                                              linear_block=LINEAR_BLOCK if granularity == "channel" else 1,
-                                             output=output, check=check, head=head, select=seed_channels)
+                                             output=output, check=check, head=head, select=seed_channels,
+                                             select_data=seed_data)
     report, spec = gm.check_report, gm.head_spec
     heads = spec.modules
     ctx = TaskContext()
@@ -123,7 +127,7 @@ def prepare(
     net.head_params = dict(spec.params)  # per-class parameters (a functional classifier's weight, a logit bias)
     net.class_axis, net.input_dtype = spec.class_axis, example_input.dtype
     net.check_report = report
-    net.seed_selection = dict(gm.seed_selection)  # {group: 'first' | 'magnitude'}, for a seed narrower than 1
+    net.seed_selection = dict(gm.seed_selection)  # {group: 'first' | 'magnitude' | 'taylor'}, seed narrower than 1
     return net
 
 
@@ -152,12 +156,12 @@ def _linear_unit_columns(gm: fx.GraphModule, coupling: CouplingResult, heads: li
 def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
          leaf_modules: Iterable[str | type] = (), seed: int = 0, auto_leaves: bool = False, linear_block: int = 1,
          output: int | str | None = None, check: bool = False, head: str | Sequence[str] | None = None,
-         select: str = "first"):
+         select: str = "first", select_data: torch.Tensor | None = None):
     """Trace and analyse `model`, and slice every growable group to `width` of its channels (a plain graph).
 
-    `select`: which channels stay (engine/seed_selection.py): the first ones, or by `magnitude` of their
-    producing weights (for pretrained weights); the graph module's `seed_selection` says, per group, which rule
-    picked them.
+    `select`: which channels stay (engine/seed_selection.py): the first ones, by `magnitude` of their
+    producing weights, or by `taylor` importance on the inputs `select_data` (for pretrained weights); the graph
+    module's `seed_selection` says, per group, which rule picked them.
 
     `linear_block` > 1: groups read by a masked Linear without a flatten factor change width by whole blocks of
     that many channels (granularity 'channel': the Linear's mask units are such blocks).
@@ -186,10 +190,11 @@ def slim(model: nn.Module, example_input: torch.Tensor, width: float = 1.0, *,
     gm.seed_selection = {}
     if width < 1:
         changes = {}
+        taylor = taylor_scores(gm, coupling, list(widths), select_data) if select == "taylor" else {}
         for gid, w in widths.items():
             gran = coupling.groups[gid].granularity
-            scores = channel_scores(gm, coupling, gid) if select == "magnitude" else None
-            gm.seed_selection[gid] = "magnitude" if scores is not None else "first"
+            scores = channel_scores(gm, coupling, gid) if select == "magnitude" else taylor.get(gid)
+            gm.seed_selection[gid] = select if scores is not None else "first"
             changes[gid] = keep_change(keep_indices(scores, w, seed_channels(w, width, gran), gran))
         apply_changes(gm, coupling, widths, changes, torch.Generator().manual_seed(seed))
     return gm, coupling, widths, full_params

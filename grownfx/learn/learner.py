@@ -92,8 +92,12 @@ class GrownLearner:
                  device: torch.device | str = "cpu", seed: int = 0,
                  on_epoch: Callable[[dict], None] | None = None,
                  checkpoint: Callable[["GrownLearner", LearnerPosition, StageOptim], None] | None = None,
-                 should_stop: Callable[[], bool] = lambda: False, dist: Optional[Dist] = None):
+                 should_stop: Callable[[], bool] = lambda: False, dist: Optional[Dist] = None,
+                 task_offset: int = 0):
         self.net = net
+        # the net's index of the stream's first task (1 after a pretrained task 0): epoch events and errors name
+        # the stream's task, as every task number a person reads does
+        self.task_offset = task_offset
         self.gates: CandidateGates | None = None  # GROWN's grown-mask on candidate channels, once installed
         self.dist = dist if dist is not None else Dist(device)  # one process: every collective is a no-op
         self.training, self.growth, self.masks = training, growth, masks
@@ -223,7 +227,8 @@ class GrownLearner:
 
         # the stage's DDP wrapper covers this stage's parameter set (growth and freezing change it between stages)
         stage = Stage(net, lambda m, x: m(x, task=t), optim, task.train, epochs, (self.seed, t, pos.stage, pos.round),
-                      event={"task": t, "stage": pos.stage, "round": pos.round}, start_epoch=pos.epoch,
+                      event={"from_seed": t == 0, "task": t - self.task_offset, "stage": pos.stage,
+                             "round": pos.round}, start_epoch=pos.epoch,
                       trainable=self._trainable(),
                       penalty=(lambda: self._penalty(costs, lam)) if costs and lam > 0 else None,
                       hooks=StageHooks(before_epoch, after_epoch, on_epoch, self.should_stop,
@@ -270,7 +275,7 @@ class GrownLearner:
         return TaskRecord(
             index=t, name=task.name, num_classes=task.num_classes, target=target,
             val_acc=pos.val_history[-1] if pos.val_history else 0.0, val_history=list(pos.val_history),
-            grew=bool(growth), growth_rounds=pos.round, growth=growth, pruned_candidates=pos.pruned,
+            grew=bool(growth), growth_rounds=pos.round, from_seed=t == 0, growth=growth, pruned_candidates=pos.pruned,
             params_stored=net.num_parameters(), params_task=net.num_parameters(t), mask_bytes=net.mask_bytes(t),
             time_s=seconds, epochs=pos.epochs_done,
             selective_zero_frac=stats["selective_zero_frac"], released=net.free_weights(),

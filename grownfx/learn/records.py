@@ -21,6 +21,9 @@ class TaskRecord:
     val_history: list[float] = field(default_factory=list)
     grew: bool = False
     growth_rounds: int = 0
+    # learned by sparse growth from the seed (GROWN's net task 0; not a stream's first task after a pretrained
+    # task 0): its first growth round is its stage 1
+    from_seed: bool = False
     growth: dict[str, int] = field(default_factory=dict)
     pruned_candidates: int = 0
     params_stored: int = 0

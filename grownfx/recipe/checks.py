@@ -246,31 +246,45 @@ def _code_dir(raw: dict) -> str | None:
 
 
 def data_errors(raw: dict) -> list[tuple[str, str]]:
-    """A dataset folder that does not exist, more tasks than class folders, a python factory that does not import."""
-    out = []
-    data = raw.get("data")
+    """A dataset folder that does not exist, more tasks than class folders, a python factory that does not import:
+    of the stream (`data`) and of the pretrained task 0 (`model.weights_data`)."""
+    model = raw.get("model")
+    task0 = model.get("weights_data") if isinstance(model, dict) else None
+    return _data_errors(raw.get("data"), "data", raw) + _data_errors(task0, "model.weights_data", raw)
+
+
+def _data_errors(data: Any, where: str, raw: dict) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
     if not isinstance(data, dict):
         return out
     if data.get("name") == "python" and is_user_code(data.get("factory")):
         try:  # imports the module (the user's recipe names it); the factory itself runs with the stream
             import_callable(data["factory"], _code_dir(raw))
         except ValueError as exc:
-            out.append(("data.factory", str(exc)))
+            out.append((f"{where}.factory", str(exc)))
+    if data.get("name") == "imagefolders" and isinstance(data.get("roots"), list):
+        for i, root in enumerate(data["roots"]):
+            if isinstance(root, (str, Path)) and not abspath(root).is_dir():
+                out.append((f"{where}.roots[{i}]", f"dataset folder {describe_dir(abspath(root))}. "
+                            "docs/data.md#the-fine-grained-benchmark says where to get it and how to lay it out "
+                            "(to check the rest of the recipe without the data: grownfx validate RECIPE "
+                            "--no-data-check)"))
+                break  # one line: the first missing folder (a benchmark's folders are usually all missing)
     if isinstance(data.get("root"), (str, Path)):
         kind = pick_member(unwrap(DataConfig), data)
         root = abspath(data["root"])
         if kind is not None and "root" in kind.model_fields and not root.is_dir():
-            out.append(("data.root", f"dataset folder {describe_dir(root)}. {kind.howto} "
+            out.append((f"{where}.root", f"dataset folder {describe_dir(root)}. {kind.howto} "
                         "(to check the rest of the recipe without the data: grownfx validate RECIPE "
                         "--no-data-check; from Python, check_data=False)"))
         elif data.get("name") == "imagefolder" and root.is_dir():
-            problem = _imagefolder_tasks_problem(root, data)
+            problem = _imagefolder_tasks_problem(root, data, where)
             if problem:
-                out.append(("data.num_tasks", problem))
+                out.append((f"{where}.num_tasks", problem))
     return out
 
 
-def _imagefolder_tasks_problem(root: Path, data: dict) -> str | None:
+def _imagefolder_tasks_problem(root: Path, data: dict, where: str) -> str | None:
     """num_tasks x classes_per_task more than the class folders under `root` (listed, not decoded)."""
     per, tasks = data.get("classes_per_task"), data.get("num_tasks")
     if not isinstance(per, int) or per < 1:
@@ -280,7 +294,7 @@ def _imagefolder_tasks_problem(root: Path, data: dict) -> str | None:
     need = per * (tasks if isinstance(tasks, int) else 1)
     if need > len(classes):
         return (f"{tasks or 1} task(s) of {per} classes need {need} class folders, but {train} has {len(classes)}; "
-                f"lower data.num_tasks or data.classes_per_task")
+                f"lower {where}.num_tasks or {where}.classes_per_task")
     return None
 
 

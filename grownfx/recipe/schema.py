@@ -55,15 +55,35 @@ class ModelConfig(_Strict):
                                           "of the `weights` file (`sha256:<64 hex>`); without it a `<file>.sha256` "
                                           "must lie beside the file, or the run needs --no-verify (the resolved "
                                           "recipe then records the hash of the file that was used).")
-    weights_task: bool = Field(True, description="With `weights`, GROWN and Piggyback keep the loaded network as "
-                               "a frozen task 0 (its own classifier kept when the file has one) that every task "
-                               "selects from with its masks: the fine-grained benchmark's setting; the stream's "
-                               "tasks come after it. False: the weights are only where training starts.")
-    seed_channels: Literal["auto", "first", "magnitude"] = Field(
+    weights_task: bool = Field(True, description="With `weights`, GROWN, Piggyback, PackNet and CPG keep the "
+                               "loaded network as a frozen task 0 (its own classifier kept when the file has one; "
+                               "PackNet and CPG first release `method.pretrained_prune_ratio` of it) that every "
+                               "task selects from or builds on: the fine-grained benchmark's setting; the "
+                               "stream's tasks come after it. False: the weights are only where training starts.")
+    weights_data: Optional[DataConfig] = Field(
+        None, description="Data of the classes the weights' own classifier predicts, in its order (the same form "
+        "as `data`; its first task is used, so it holds all of them: e.g. an ImageFolder of ImageNet's validation "
+        "images with `classes_per_task: 1000, num_tasks: 1`): the pretrained task 0 is evaluated on that task's "
+        "test split as loaded and after every task, like any task (summary.json `pretrained`). Its inputs must "
+        "have the stream's shape and normalisation. None: task 0 is not evaluated.")
+    seed_channels: Literal["auto", "first", "magnitude", "taylor"] = Field(
         "auto", description="Which channels a seed narrower than the backbone keeps in each coupling group: "
         "`first` (the first k: all alike at random initialisation), `magnitude` (the k whose producing weights "
-        "have the largest L1 norm, summed over the group's layers, each normalised by its mean), `auto`: "
-        "`magnitude` with `weights`, else `first`.")
+        "have the largest L1 norm, summed over the group's layers, each normalised by its mean), `taylor` (the k "
+        "of largest first-order Taylor importance |sum of activation x gradient| on up to 256 of task 1's "
+        "training inputs, the loss taken against the loaded network's own predictions; aggregated like "
+        "`magnitude`), `auto`: `magnitude` with `weights`, else `first`.")
+
+    @model_validator(mode="after")
+    def _weights_data_needs_a_task0(self):
+        if self.weights_data is not None and not (self.weights and self.weights_task):
+            raise ValueError("model.weights_data is the data of the pretrained task 0; it needs model.weights and "
+                             "model.weights_task true")
+        if getattr(self.weights_data, "class_order", "fixed") != "fixed":
+            raise ValueError("model.weights_data.class_order must be fixed: the task's labels must be the "
+                             "classifier's own, in its order")
+        return self
+
     seed_width: float = Field(0.5, gt=0.0, le=1.0, description="Width of the seed network as a fraction of "
                               "the backbone's channels, for every growable coupling group (GROWN starts small). "
                               "Parameters scale about as its square; ignored when `seed_size` is set.")
@@ -229,6 +249,12 @@ class PackNetMethod(_Strict):
                                "training it (PackNet: 0.5 to 0.75).")
     retrain_epochs: Optional[int] = Field(None, ge=0, description="Epochs of retraining after pruning "
                                           "(default: half the task's epochs).")
+    pretrained_prune_ratio: float = Field(0.5, ge=0, lt=1, description="With a pretrained task 0 (`model.weights`, "
+                                          "`model.weights_task`): the fraction of each layer's loaded weights "
+                                          "released by magnitude before the first task, freeing capacity "
+                                          "(PackNet's ImageNet network: 0.5 per layer, arunmallya/packnet "
+                                          "run_imagenet_pruning.sh). Task 0 is not retrained after it (PackNet "
+                                          "retrains 10 ImageNet epochs; grownfx has no task-0 training data).")
 
 
 class PiggybackMethod(_Strict):
@@ -246,6 +272,14 @@ class CPGMethod(_Strict):
                                                       "the most pruned level still meeting the goal); `cubic`: "
                                                       "`prune_steps` levels on Zhu & Gupta's cubic schedule.")
     prune_step: float = Field(0.1, gt=0, lt=1, description="Sparsity step of the `steps` schedule (CPG: 0.1).")
+    pretrained_prune_ratio: float = Field(0.5, ge=0, lt=1, description="With a pretrained task 0 (`model.weights`, "
+                                          "`model.weights_task`): the fraction of each layer's loaded weights "
+                                          "released by magnitude before the first task, for the stream's tasks "
+                                          "to train (0: they only pick from it and grow). CPG compacts its "
+                                          "ImageNet network by gradual pruning with ImageNet retraining, keeping "
+                                          "the sparsest level that meets its accuracy (ivclab/CPG experiment2); "
+                                          "without task-0 training data grownfx prunes once, by this ratio "
+                                          "(default: PackNet's published 0.5).")
     prune_steps: int = Field(5, ge=1, description="Pruning levels of the `cubic` schedule between 0.1 and "
                              "max_sparsity.")
     grow_ratio: float = Field(0.5, gt=0, description="Width added (fraction of the backbone) when the target "

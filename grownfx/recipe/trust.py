@@ -1,8 +1,9 @@
 """The trust rule: what grownfx runs when it opens files a user did not write themselves.
 
-A recipe names code in two fields: `model.builder` and, for the python data kind, `data.factory`.  A plain builder
-name (grownfx's own builders, torchvision's classification builders) is looked up in a fixed table: building it
-runs grownfx's or torchvision's code and nothing the file names.  `module:callable` imports `module` (its top-level
+A recipe names code in three fields: `model.builder` and, for the python data kind, `data.factory` and
+`model.weights_data.factory`.  A plain builder name (grownfx's own builders, torchvision's classification
+builders) is looked up in a fixed table: building it runs grownfx's or torchvision's code and nothing the file
+names.  `module:callable` imports `module` (its top-level
 code runs) and calls `callable`; `torch.hub:load` with a local repo runs that repo's `hubconf.py`.
 
 * A recipe the user names on the command line (or passes to Python) is theirs: it runs, as a script would.
@@ -50,8 +51,10 @@ def names_user_code(raw: Any) -> list[str]:
     found = []
     if isinstance(model, Mapping) and isinstance(model.get("builder"), str) and ":" in model["builder"]:
         found.append(f"model.builder {model['builder']!r}")
-    if isinstance(data, Mapping) and data.get("name") == "python" and isinstance(data.get("factory"), str):
-        found.append(f"data.factory {data['factory']!r}")
+    task0 = model.get("weights_data") if isinstance(model, Mapping) else None  # the pretrained task 0's data
+    for where, spec in (("data", data), ("model.weights_data", task0)):
+        if isinstance(spec, Mapping) and spec.get("name") == "python" and isinstance(spec.get("factory"), str):
+            found.append(f"{where}.factory {spec['factory']!r}")
     return found
 
 

@@ -82,6 +82,11 @@ ABLATION_ROWS = [("grown[grow_only]", "Grow only"), ("grown[+selective_mask]", "
 PAPER_INCONSISTENT_AVERAGES = {_S10: {"Scratch", "CPG", "APD"}, _S20: {"Grow", "DEN", "GROWN"}}
 PAPER_INCONSISTENT_ABLATION_TASKS = {_S20: {4, 5, 9, 11, 14}}  # 1-based task numbers
 
+# Not here: the fine-grained benchmark (ImageNet-pretrained VGG16 / ResNet-50 -> CUBS, Stanford Cars, Oxford
+# Flowers, WikiArt, Sketch; recipes/*_finegrained.yaml).  PackNet, Piggyback and CPG publish their accuracies for it,
+# but ../shared/REFERENCE.md, the project's source of published numbers, does not hold them, and a number typed from
+# memory is not a citation: add them here, with their tables, once they are in REFERENCE.md.
+
 # what a single run's report shows beside the run: the paper's reference (Scratch), its closest rival and GROWN
 RUN_REPORT_ROWS = {"acc": ("Scratch", "CPG", "GROWN"), "size": ("GROWN",)}
 

@@ -173,15 +173,17 @@ def _is_tty(file) -> bool:
 def phase_label(info: dict, short: bool = False) -> str:
     """A learner's epoch info -> the phase people read: "stage 1", "growth round 2", "scratch reference".
 
-    GROWN learns task 1 by sparse growth from the seed (learner stage "grow", round 1): that is task 1's stage 1,
-    and its later rounds are growth rounds 1, 2, ...  `short` drops the explanation (TensorBoard tags)."""
+    GROWN learns its net's first task by sparse growth from the seed (learner stage "grow", round 1, `from_seed`;
+    task 1 in logs that predate the key): that is its stage 1, and its later rounds are growth rounds 1, 2, ...
+    After a pretrained task 0 the stream's task 1 is not learned from the seed.  `short` drops the explanation
+    (TensorBoard tags)."""
     stage, rnd = info.get("stage", ""), int(info.get("round") or 0)
     if stage == "scratch":
         return "scratch reference"
     if stage == "finetune_reference":  # best(scratch, finetune): fine-tune learns every task once, up front
         return "fine-tune reference" + ("" if short else f" (task {int(info.get('task', 0)) + 1})")
     if stage == "grow":
-        if info.get("task") == 0:
+        if info.get("from_seed", info.get("task") == 0):
             if rnd <= 1:
                 return "stage 1" if short else "stage 1 (sparse growth from the seed)"
             rnd -= 1

@@ -18,7 +18,7 @@ def _task_line(r: TaskRecord, row: list[float], full: int, growth=None) -> str:
 def _growth_text(r: TaskRecord, growth=None) -> str:
     """What the task's growth did, and (GROWN's `growth` config given) why a task below its target stopped."""
     channels = sum(r.growth.values())
-    if r.index == 0 and r.growth_rounds:  # task 1 is learned by sparse growth from the seed
+    if r.from_seed and r.growth_rounds:  # learned by sparse growth from the seed: its first round is stage 1
         text = (f"grew {channels} ch from the seed" if r.grew
                 else f"kept the seed width (sparse growth pruned all {r.pruned_candidates} candidate channels)")
         rounds = r.growth_rounds - 1  # its first round is its stage 1

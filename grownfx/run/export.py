@@ -254,8 +254,9 @@ def multitask_reference_bytes(net, num_tasks: int) -> dict:
 def export_all_tasks(run_dir: str | Path, verify: bool = False, bake_preprocessing: bool = False,
                      trust: Optional[bool] = None, check_sha256: bool = True) -> tuple[Path, dict]:
     """Every finished task of a run in one file, exports/all_tasks/model.pt, with its torch-only loader
-    (multitask.py, `load(path)(x, task=t)`, t 0-based) and meta.json; returns (file, meta).  The frozen banks are
-    stored once, each task as its channel indices, 1 bit per kernel and its own norms/heads (grownfx.engine.
+    (multitask.py, `load(path)(x, task=t)`, t 0-based) and meta.json; returns (file, meta).  A run whose net's
+    task 0 is its pretrained weights (`model.weights_task`) keeps the net's indices: t = 0 is the pretrained
+    network, t = k the stream's task k (meta.json labels each).  The frozen banks are stored once, each task as its channel indices, 1 bit per kernel and its own norms/heads (grownfx.engine.
     multitask).  `verify` loads the file as the copied loader does and compares every task with the task-aware
     model (bit for bit is expected; relative error <= 1e-5 accepted).  Every file is written atomically, meta.json
     last; `trust`, `check_sha256`: as in `export_run`."""
@@ -266,9 +267,7 @@ def export_all_tasks(run_dir: str | Path, verify: bool = False, bake_preprocessi
         if net is None or not hasattr(net, "masked_layers"):
             raise ExportError(f"--all-tasks needs a method whose tasks share one task-aware net (GROWN, PackNet, "
                               f"Piggyback, ...); {recipe.method.name} keeps a model per task: export each with --task")
-        if getattr(method, "offset", 0):  # the net's task 0 is the pretrained network: its indices are not the run's
-            raise ExportError(f"--all-tasks does not yet handle a run whose pretrained weights are its net's task 0 "
-                              f"(model.weights_task); export each task with --task")
+        offset = getattr(method, "offset", 0)  # 1: the net's task 0 is the pretrained network
         done = int(state["completed"])
         if done < 1:
             raise ExportError(f"{run_dir} has no finished task to export")
@@ -280,8 +279,9 @@ def export_all_tasks(run_dir: str | Path, verify: bool = False, bake_preprocessi
             pre = (p.scale, p.shift)
         net = net.cpu().eval()
         example = torch.randn(2, *stream.input_shape)
-        names = [stream.tasks[t].name for t in range(done)]
-        blob = multitask.build(net, example, preprocess=pre, names=names, num_tasks=done)
+        labels = _all_tasks_labels(stream, done, offset, method)
+        n = len(labels)  # the net's tasks in the file: the pretrained one (offset 1), then the stream's
+        blob = multitask.build(net, example, preprocess=pre, names=[e["name"] for e in labels], num_tasks=n)
         folder = Path(run_dir) / "exports" / ALL_TASKS_DIR
         path = folder / ALL_TASKS_FILE
         buf = io.BytesIO()
@@ -289,15 +289,14 @@ def export_all_tasks(run_dir: str | Path, verify: bool = False, bake_preprocessi
         data = buf.getvalue()
         files.atomic_write_bytes(data, path)
         files.atomic_write_text(multitask.runtime_source(), folder / ALL_TASKS_LOADER)
-        ref = multitask_reference_bytes(net, done)
+        ref = multitask_reference_bytes(net, n)
         size = len(data)
         meta = {"format": blob["format"], "format_version": blob["version"], "file": path.name,
                 "loader": ALL_TASKS_LOADER, "sha256": hashlib.sha256(data).hexdigest(), "bytes": size,
                 "usage": (f"import sys; sys.path.insert(0, '<this folder>'); from multitask import load; "
-                          f"model = load('<this folder>/{path.name}'); logits = model(x, task=t)  # t: 0..{done - 1}"),
-                "tasks": [{"task": t + 1, "task_index": t, "name": stream.tasks[t].name,
-                           "classes": list(stream.tasks[t].classes), "num_classes": stream.tasks[t].num_classes}
-                          for t in range(done)],
+                          f"model = load('<this folder>/{path.name}'); logits = model(x, task=t)  # t: 0..{n - 1}"
+                          + ("; t = 0 is the pretrained network, t = k the stream's task k" if offset else "")),
+                "tasks": labels,
                 "input_shape": list(stream.input_shape), "mean": list(stream.mean), "std": list(stream.std),
                 "preprocessing": prep, "preprocessing_baked": bake_preprocessing,
                 "expects": "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing)",
@@ -308,7 +307,7 @@ def export_all_tasks(run_dir: str | Path, verify: bool = False, bake_preprocessi
         if verify:  # the copied loader is this module's source, byte for byte (runtime_source): load as it loads
             model = multitask.R.load(path, verify=False)  # just written; its meta.json comes next
             worst = 0.0
-            for t in range(done):
+            for t in range(n):
                 x = torch.randn(8, *stream.input_shape, generator=torch.Generator().manual_seed(t))
                 with torch.no_grad():
                     want = net(x, task=t)
@@ -316,8 +315,26 @@ def export_all_tasks(run_dir: str | Path, verify: bool = False, bake_preprocessi
                 err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
                 worst = max(worst, err)
                 if err > 1e-5:
-                    raise RuntimeError(f"the all-tasks export differs from the task-aware model on task {t + 1}: "
+                    raise RuntimeError(f"the all-tasks export differs from the task-aware model on "
+                                       f"{labels[t]['name'] if t < offset else f'task {t + 1 - offset}'}: "
                                        f"relative error {err:.2e}")
             meta["verified_max_rel_error"] = worst
         write_meta(folder, meta)  # last: a kill before it leaves the previous meta.json, which no longer matches
     return path, meta
+
+
+def _all_tasks_labels(stream, done: int, offset: int, method) -> list[dict]:
+    """meta.json's `tasks`: one entry per task of the file, in the loader's order (`task_index`); with a pretrained
+    task 0 (offset 1) it comes first, labelled `pretrained`, and the stream's task k has index k."""
+    out = []
+    if offset:
+        summary = method.pretrained_summary()
+        out.append({"task": 0, "task_index": 0, "name": "pretrained", "pretrained": True,
+                    "num_classes": summary["num_classes"], "weights": summary["weights"],
+                    "weights_sha256": summary["weights_sha256"],
+                    **({} if summary["num_classes"] else {"note": "the weights file has no classifier: this "
+                                                                  "task's head is untrained"})})
+    out += [{"task": t + 1, "task_index": t + offset, "name": stream.tasks[t].name,
+             "classes": list(stream.tasks[t].classes), "num_classes": stream.tasks[t].num_classes}
+            for t in range(done)]
+    return out

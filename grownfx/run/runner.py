@@ -32,6 +32,7 @@ from grownfx.recipe.loading import load_recipe
 from grownfx.recipe.schema import Recipe, target_sources
 from grownfx.data import TaskStream, data_seed, stream_for
 from grownfx.run.console import _task_line, _tensorboard
+from grownfx.run.pretrained_eval import PretrainedEvaluation
 from grownfx.run.folder import RunError, _load_checkpoint, _prepare_out, claim_out
 from grownfx.run.export import export_complete, preprocessing, record_export, save_module, task_folder, task_meta
 from grownfx.learn.guards import NonFiniteError, check_tensors
@@ -239,6 +240,7 @@ class _Run:
         # a stop request counts when any rank has one, so all ranks stop after the same epoch
         self.method = make_method(recipe, stream, device, on_epoch=self.on_epoch, checkpoint=self.mid_task_checkpoint,
                                   should_stop=lambda: self.dist.any(self.stop.requested), **extra)
+        self.pretrained = PretrainedEvaluation(recipe, self.method, stream, self.echo)  # `model.weights_data`
         self.resume_position = None
         if state is not None:
             self._restore(state)
@@ -279,6 +281,8 @@ class _Run:
             self.finish_undone()
         self.dist.barrier()
         try:
+            if not self.records and not self.pretrained.acc:  # task 0 as loaded, before the stream changes the net
+                self.pretrained.evaluate(self.method)
             for t in range(len(self.records), len(tasks)):
                 task = tasks[t]
                 if self.progress is not None:
@@ -290,9 +294,11 @@ class _Run:
                 record.cpu_s = self.learning_cpu_s()
                 record.cpu_s_per_epoch = record.cpu_s / record.epochs if record.epochs else None
                 row = [self.method.evaluate(j, tasks[j].test) for j in range(t + 1)]
+                acc0 = self.pretrained.evaluate(self.method)
                 self.matrix.append(row)
                 self.records.append(record)
-                self.log({"event": "task", **record.to_dict(), "test_row": row})
+                self.log({"event": "task", **record.to_dict(), "test_row": row,
+                          **({"pretrained_acc": acc0} if acc0 is not None else {})})
                 if self.writer is not None:
                     self.writer.add_scalar("stream/avg_acc", sum(row) / len(row), t + 1)  # step = task number
                     self.writer.add_scalar("stream/params_stored", record.params_stored, t + 1)
@@ -372,7 +378,8 @@ class _Run:
                 "avg_acc": metrics["avg_acc"], "bwt": metrics["bwt"], "forgetting": metrics["forgetting"],
                 "total_time_s": sum(r.time_s for r in self.records), "wall_time_s": self.wall_time(),
                 "total_cpu_s": cpu, "cpu_s_per_epoch": cpu / epochs if epochs else None,
-                **({"pretrained": self.method.pretrained_summary()} if getattr(self.method, "offset", 0) else {}),
+                **({"pretrained": {**self.method.pretrained_summary(), **self.pretrained.summary()}}
+                   if getattr(self.method, "offset", 0) else {}),
                 "tasks": tasks}
 
     def learning_cpu_s(self) -> float:
@@ -458,7 +465,7 @@ class _Run:
         payload = {
             "format": net_state.FORMAT, "recipe": self.recipe.model_dump(mode="json"),
             "completed": len(self.records), "records": [r.to_dict() for r in self.records],
-            "matrix": self.matrix, "targets": {str(k): v for k, v in self.targets.items()},
+            "matrix": self.matrix, "pretrained_acc": self.pretrained.acc, "targets": {str(k): v for k, v in self.targets.items()},
             "metrics_lines": self.metrics_lines, "metrics": list(self.metrics), "method": self.method.state(),
             "wall_s": self.wall_time(),
             "task_cpu_s": self.learning_cpu_s() if position is not None else 0.0,
@@ -478,6 +485,7 @@ class _Run:
     def _restore(self, state: dict) -> None:
         self.records = [TaskRecord(**r) for r in state["records"]]
         self.matrix = [list(r) for r in state["matrix"]]
+        self.pretrained.acc = [float(a) for a in state.get("pretrained_acc") or []]
         self.targets = {int(k): v for k, v in state["targets"].items()}
         self.wall_before = float(state.get("wall_s", 0.0))
         self.task_cpu_before = float(state.get("task_cpu_s") or 0.0)

@@ -167,12 +167,30 @@ def seed_channels(recipe: Recipe) -> str:
     return ("magnitude" if recipe.model.weights else "first") if rule == "auto" else rule
 
 
-def add_pretrained_task(net, classes: Optional[int], first_classes: int, policy: MaskPolicy) -> None:
+TAYLOR_SAMPLES = 256  # task-1 inputs the `taylor` seed rule scores channels on
+
+
+def seed_data(recipe: Recipe, stream: TaskStream) -> Optional[torch.Tensor]:
+    """The inputs the seed rule scores channels on: `TAYLOR_SAMPLES` of task 1's training split (a subset drawn
+    with the recipe's seed: a split may be ordered by class), preprocessed as training sees them without
+    augmentation, for `taylor`; None for the other rules."""
+    if seed_channels(recipe) != "taylor":
+        return None
+    train = stream.tasks[0].train
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed))[:TAYLOR_SAMPLES]
+    return train.normalize(train.x[pick.sort().values.to(train.x.device)]).cpu()
+
+
+def add_pretrained_task(net, classes: Optional[int], first_classes: int, policy: MaskPolicy,
+                        compact: Optional[Callable[[], None]] = None) -> None:
     """The net's weights as they were loaded become task 0, frozen at once: its masks all-ones over every unit,
     its norms the loaded ones, its classifier the file's own (a fresh one of `first_classes` classes when the
-    file has none: such a task 0 is never evaluated)."""
+    file has none: such a task 0 is never evaluated).  `compact`: run before freezing (PackNet and CPG release
+    part of the loaded weights for later tasks)."""
     net.add_task(classes or first_classes, keep_head=classes is not None)
     net.set_policy(policy)
+    if compact is not None:
+        compact()
     net.freeze_task(0)
 
 
@@ -180,6 +198,8 @@ def pretrained_summary(recipe: Recipe, net) -> dict:
     """What summary.json and exports/pretrained/meta.json say of a pretrained task 0."""
     return {"weights": recipe.model.weights, "weights_sha256": recipe.model.weights_sha256,
             "num_classes": getattr(net, "pretrained_classes", None), "parameters_task": net.num_parameters(0),
+            **({"pruned_ratio": recipe.method.pretrained_prune_ratio}
+               if getattr(recipe.method, "pretrained_prune_ratio", 0) else {}),
             "evaluated": False,
             "note": "task 0 is the loaded network (its own classifier when the file has one), frozen before the "
                     "first task; the recipe gives no data of its classes, so it is not evaluated"}
@@ -193,7 +213,8 @@ def build_masked_net(recipe: Recipe, stream: TaskStream, width: float = 1.0, gra
     model, classes = backbone(recipe, None if task0 else stream.tasks[0].num_classes)
     net = prepare(model, example_input(stream.input_shape), width, leaf_modules=recipe.model.leaf_modules,
                   granularity=granularity or recipe.model.granularity, seed=recipe.seed,
-                  output=recipe.model.output, head=recipe.model.head, seed_channels=seed_channels(recipe))
+                  output=recipe.model.output, head=recipe.model.head, seed_channels=seed_channels(recipe),
+                  seed_data=seed_data(recipe, stream))
     net.pretrained_classes = classes
     return net
 
@@ -226,7 +247,7 @@ class NetMethod:
         self.net = self._fresh_net()
         if self.offset:
             add_pretrained_task(self.net, self.net.pretrained_classes, stream.tasks[0].num_classes,
-                                self.task0_policy())
+                                self.task0_policy(), self.compact_pretrained)
         self._resume: Optional[tuple] = None  # (position, optimiser state) resumed, until its phase is reached
         self._before = 0.0  # training seconds of the learning task before a resume
         self._timer = Timer()
@@ -242,6 +263,9 @@ class NetMethod:
 
     def task0_policy(self) -> MaskPolicy:
         raise NotImplementedError(f"{self.name} keeps no pretrained task")
+
+    def compact_pretrained(self) -> None:
+        """Before the pretrained task 0 is frozen (PackNet, CPG: free part of it); nothing by default."""
 
     # -- a task's phases, resumable -------------------------------------------------------------------------
     def begin(self, task: Task, policy: MaskPolicy, resume: Optional[tuple]) -> tuple[int, Optional[LearnerPosition]]:
@@ -318,6 +342,10 @@ class NetMethod:
     def evaluate(self, task_index: int, data: TaskData) -> float:
         t = task_index + self.offset
         return evaluate_with(self.net, lambda x: self.net(x, task=t), data, self.recipe.training, self.device)
+
+    def evaluate_pretrained(self, data: TaskData) -> float:
+        """The pretrained task 0's accuracy on `data` (its own classes)."""
+        return evaluate_with(self.net, lambda x: self.net(x, task=0), data, self.recipe.training, self.device)
 
     def export(self, task_index: int) -> nn.Module:
         return self.net.export(task_index + self.offset)

@@ -8,6 +8,13 @@ For task t (ivclab/CPG's `CPG_cifar100_scratch_mul_1.5.sh`, decisions on validat
                    schedule, a short retraining after each level; keep the largest sparsity whose validation
                    accuracy still meets the criterion (the target, or the unpruned accuracy if that misses it)
     freeze       : kept weights become task t's; pruned ones stay free for later tasks
+
+From pretrained weights kept as task 0 (`model.weights`, `model.weights_task`; ivclab/CPG `experiment2/
+CPG_imagenet_vgg.sh`: the ImageNet-pretrained network is its first task, then CUBS, Cars, Flowers, WikiArt,
+Sketch): the loaded network releases `pretrained_prune_ratio` of each layer's weights by magnitude and is frozen as
+task 0; every stream task picks from it with its piggymask, trains the released weights and grows when
+necessary.  CPG compacts the ImageNet network by gradual pruning with ImageNet retraining, keeping the sparsest
+level that meets its accuracy; grownfx has no task-0 training data, so the ratio is one-shot and configured.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from grownfx.learn.growth import round_sizes
 from grownfx.learn.records import TaskRecord
 from grownfx.learn.training import Timer
 from grownfx.learn.methods.base import NetMethod
-from grownfx.learn.methods.packnet import prune_to
+from grownfx.learn.methods.packnet import prune_pretrained, prune_to
 from grownfx.learn.methods.piggyback import PIGGYBACK_STE
 
 
@@ -52,6 +59,13 @@ class CPGContinual(NetMethod):
 
     name = "cpg"
     phases = ("pick", "grow", "compact")
+    pretrained_task = True  # the paper's fine-grained setting: the pretrained network is the first task
+
+    def task0_policy(self) -> MaskPolicy:
+        return cpg_policy()
+
+    def compact_pretrained(self) -> None:
+        prune_pretrained(self.net, self.recipe.method.pretrained_prune_ratio)
 
     def __init__(self, recipe, stream, device, **hooks):
         super().__init__(recipe, stream, device, **hooks)
@@ -75,12 +89,12 @@ class CPGContinual(NetMethod):
         # an epoch budget (learn/budget.py): pick takes half, grow rounds and compaction levels what is left
         if at == "pick":
             epochs = self.train(task, t, budget.first_phase(training), "pick", masks=masks)
-            history.append(self.evaluate(t, task.val))
+            history.append(self.evaluate(t - self.offset, task.val))
         elif at == "grow":  # resumed in round `rounds`, the net already grown for it
             epochs = position.epochs_done - position.epoch
             epochs += self.train(task, t, budget.capped(training, grow_epochs, epochs), "grow", masks=masks,
                                  round=rounds, before=epochs)
-            history.append(self.evaluate(t, task.val))
+            history.append(self.evaluate(t - self.offset, task.val))
         else:  # resumed in compaction: picking and growth are done
             epochs = phase["epochs"]
         while (at != "compact" and target is not None and history[-1] < target and budget.has_left(training, epochs)
@@ -89,7 +103,7 @@ class CPGContinual(NetMethod):
             phase["rounds"] = rounds
             epochs += self.train(task, t, budget.capped(training, grow_epochs, epochs), "grow", masks=masks,
                                  round=rounds, before=epochs)
-            history.append(self.evaluate(t, task.val))
+            history.append(self.evaluate(t - self.offset, task.val))
         phase["epochs"] = epochs
         sparsity, spent = self._compact(task, t, target, history, epochs, position if at == "compact" else None)
         self.sparsity.append(sparsity)
@@ -138,7 +152,7 @@ class CPGContinual(NetMethod):
                     prune_to(layer, level)
 
             def verdict(level=level) -> dict:
-                val = self.evaluate(t, task.val)
+                val = self.evaluate(t - self.offset, task.val)
                 trail.append({"sparsity": level, "val_acc": val, "kept": val >= criterion})
                 return {**trail[-1], "criterion": criterion}
 
@@ -154,7 +168,7 @@ class CPGContinual(NetMethod):
         if rest:
             phase.update(kept=kept, spent=spent)
             spent += self.train(task, t, rest, "compact", weights=weights, round=len(levels), before=done + spent)
-            history.append(self.evaluate(t, task.val))
+            history.append(self.evaluate(t - self.offset, task.val))
         self.compaction.append(list(trail))
         self.snapshot = None
         return kept, spent

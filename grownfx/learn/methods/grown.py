@@ -16,7 +16,7 @@ from grownfx.learn.records import TaskRecord
 from grownfx.learn.seed_size import width_for_size
 from grownfx.engine.net import GrowableNet, prepare
 from grownfx.learn.methods.base import (add_pretrained_task, backbone, example_input, keeps_pretrained_task,
-                                       pretrained_summary, seed_channels)
+                                       pretrained_summary, seed_channels, seed_data)
 
 
 def build_net(recipe: Recipe, stream: TaskStream, seed_width: Optional[float] = None) -> GrowableNet:
@@ -32,7 +32,8 @@ def build_net(recipe: Recipe, stream: TaskStream, seed_width: Optional[float] = 
                                head=recipe.model.head)
     net = prepare(model, example_input(stream.input_shape), width, leaf_modules=recipe.model.leaf_modules,
                   granularity=recipe.model.granularity, seed=recipe.seed, output=recipe.model.output,
-                  head=recipe.model.head, seed_channels=seed_channels(recipe))
+                  head=recipe.model.head, seed_channels=seed_channels(recipe),
+                  seed_data=seed_data(recipe, stream))
     net.pretrained_classes = classes
     return net
 
@@ -63,7 +64,8 @@ class GrownContinual:
         self.offset = 1 if keeps_pretrained_task(recipe) else 0
         self._learner = lambda net: GrownLearner(
             net, training=recipe.training, growth=growth, masks=recipe.masks, switches=switches, device=device,
-            seed=recipe.seed, on_epoch=on_epoch, checkpoint=checkpoint, should_stop=should_stop, dist=dist)
+            seed=recipe.seed, on_epoch=on_epoch, checkpoint=checkpoint, should_stop=should_stop, dist=dist,
+            task_offset=self.offset)
         self._fresh()
         if self.offset:
             add_pretrained_task(self.net, self.net.pretrained_classes, stream.tasks[0].num_classes,
@@ -85,6 +87,10 @@ class GrownContinual:
 
     def evaluate(self, task_index: int, data: TaskData) -> float:
         return self.learner.evaluate(task_index + self.offset, data)
+
+    def evaluate_pretrained(self, data: TaskData) -> float:
+        """The pretrained task 0's accuracy on `data` (its own classes)."""
+        return self.learner.evaluate(0, data)
 
     def export(self, task_index: int):
         return self.net.export(task_index + self.offset)

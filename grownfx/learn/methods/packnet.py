@@ -1,5 +1,11 @@
 """PackNet (Mallya & Lazebnik 2018): train the free weights, release the smallest, retrain, freeze.
 
+From pretrained weights kept as task 0 (`model.weights`, `model.weights_task`): the paper's fine-grained setting.
+The loaded network first releases `pretrained_prune_ratio` of each layer's weights by magnitude (0.5 in
+arunmallya/packnet `src/scripts/run_imagenet_pruning.sh`, `--prune_perc_per_layer 0.5`), the rest is frozen as
+task 0, and the stream's tasks train the released weights.  PackNet then retrains the pruned ImageNet network for
+10 epochs on ImageNet; grownfx has no task-0 training data and does not.
+
 One full-width weight bank, owned weight by weight (granularity 'element').  Task t computes with every weight
 an earlier task owns, as it is (frozen), plus the free weights it trains.  After training it releases
 `prune_ratio` of the weights it trained, layer by layer, by magnitude (mask kind OFF: they stay free for
@@ -51,9 +57,24 @@ def packnet_policy() -> MaskPolicy:
     return MaskPolicy(frozen_kind=DENSE, released_kind=DENSE, grown_kind=DENSE)
 
 
+def prune_pretrained(net, ratio: float) -> None:
+    """Release `ratio` of every masked layer's weights of the learning (pretrained) task by magnitude, before it is
+    frozen: the capacity PackNet and CPG free in a pretrained network for the tasks after it."""
+    if ratio > 0:
+        for layer in net.masked_layers():
+            prune_to(layer, ratio)
+
+
 class PackNetContinual(NetMethod):
     name = "packnet"
     phases = ("train", "retrain")
+    pretrained_task = True  # the paper's setting: the pruned pretrained network is task 0
+
+    def task0_policy(self) -> MaskPolicy:
+        return packnet_policy()
+
+    def compact_pretrained(self) -> None:
+        prune_pretrained(self.net, self.recipe.method.pretrained_prune_ratio)
 
     def learn(self, task: Task, target: Optional[float], resume=None) -> TaskRecord:
         timer, cfg = Timer(), self.recipe.method
@@ -65,11 +86,11 @@ class PackNetContinual(NetMethod):
         history = self.history
         if not self.skips("train"):  # a checkpoint in retrain was taken after the pruning: its kinds are in the net
             epochs = self.train(task, t, train, "train")
-            history.append(self.evaluate(t, task.val))
+            history.append(self.evaluate(t - self.offset, task.val))  # the stream's index
             for layer in net.masked_layers():
                 prune_to(layer, cfg.prune_ratio)
         else:
             epochs = train
         epochs += self.train(task, t, retrain, "retrain", before=epochs) if retrain else 0
-        history.append(self.evaluate(t, task.val))
+        history.append(self.evaluate(t - self.offset, task.val))  # the stream's index
         return self.record(task, t, target, history, timer, epochs)
