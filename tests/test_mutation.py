@@ -363,6 +363,42 @@ def test_the_tests_run_for_a_mutant_reach_its_statement_fastest_first_killers_fi
     assert select_tests(cmap, m, None) == (["t::other", "t::fast", "t::mid", "t::slow"], 4)
 
 
+def test_a_sampled_run_judges_its_mutants_in_a_seeded_random_order_so_a_stopped_run_is_a_sample_too():
+    from scripts.mutation.cli import judging_order
+
+    source = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(40))
+    ms = [m for m in find_mutants("pkg/a.py", source)] + [m for m in find_mutants("pkg/b.py", source)]
+    ms.sort(key=lambda m: (m.file, m.line))
+    first = judging_order(ms, 0)
+    assert sorted(m.id for m in first) == sorted(m.id for m in ms)  # the same mutants, each once
+    assert [m.id for m in judging_order(list(reversed(ms)), 0)] == [m.id for m in first]  # whatever order given
+    assert [m.id for m in judging_order(ms, 1)] != [m.id for m in first]  # the seed decides it
+    half = first[: len(first) // 2]  # a run stopped half way has judged both files, not only the first one
+    assert {m.file for m in half} == {"pkg/a.py", "pkg/b.py"}
+
+
+def test_a_mutant_whose_tests_a_stop_killed_is_left_unjudged_for_resume_not_counted_as_killed(tmp_path):
+    """Ctrl-C or `kill` kills the running tests (signal 9): that is not the mutant crashing them."""
+    import queue
+
+    from scripts.mutation.execute import KILLED, Result, Runner
+
+    ms = [m for m in find_mutants("pkg/mod.py", "def f(x):\n    return x + 1\n\n\ndef g(x):\n    return x - 1\n")]
+    runner = Runner([tmp_path], None, 3.0, 30.0, lambda msg: None, fork=False)
+
+    def run_one(index, copy, m):  # the first mutant is judged; the stop comes while the second one runs
+        if m is ms[1]:
+            runner.stop.set()
+        return Result(m, KILLED, killer="crash (signal 9) in t.py::t")
+
+    runner.run_one = run_one
+    work, judged = queue.Queue(), []
+    for m in ms[:2]:
+        work.put(m)
+    runner._worker(0, tmp_path, work, judged.append)
+    assert [r.mutant.id for r in judged] == [ms[0].id]
+
+
 def test_the_test_server_forks_each_pytest_with_the_files_as_they_are_then(tmp_path):
     """The per-copy server imports torch and pytest once, never the project: each forked pytest imports the
     mutated file as it is when the mutant's run starts, and a run killed by its session ends with the signal."""

@@ -204,6 +204,14 @@ def select(cfg: Config, args, source_root: Path):
     return chosen, everything, desc, changed_info, generated
 
 
+def judging_order(todo: list[Mutant], seed: int) -> list[Mutant]:
+    """A sampled run judges its mutants in a seeded random order, not file by file: the verdicts of a run stopped
+    early (its .partial.jsonl) are then still a random sample of the whole, not of the first files."""
+    out = sorted(todo, key=lambda m: m.id)
+    random.Random(f"order-{seed}").shuffle(out)
+    return out
+
+
 def _stale(equivalents: dict[str, dict], everything: list[Mutant], scanned: set[str], root: Path) -> list[dict]:
     ids = {m.id for m in everything}
     return [e for e in equivalents.values()
@@ -282,6 +290,8 @@ def _main(args, argv: list[str]) -> int:
                 results.append(ex.Result.from_dict(m, earlier[m.id]))
             else:
                 todo.append(m)
+        if args.sample is not None:
+            todo = judging_order(todo, args.seed)
         with open(partial, "w") as f:  # a fresh partial file, holding the verdicts it resumes from first
             for r in results:
                 if r.status != ex.EQUIVALENT:

@@ -136,7 +136,7 @@ class Runner:
                 result = self.run_one(index, copy, m)
             except Exception as exc:  # a tool failure on one mutant is reported, never silently dropped
                 result = Result(m, ERROR, detail=f"{type(exc).__name__}: {exc}")
-            if self.stop.is_set() and result.status == ERROR:
+            if self.stop.is_set():  # its tests were killed by the stop (a "crash"), not by the mutant: not judged
                 return
             if result.status == KILLED and result.killer and "::" in result.killer:
                 with self.lock:
