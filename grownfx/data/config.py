@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeInt,
@@ -46,6 +47,13 @@ MINIIMAGENET_HOWTO = (
     "github.com/twitterresearch/meta-learning-lstm data/miniImagenet/{train,val,test}.csv. See docs/data.md."
 )
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def _square(value: Any) -> Any:
+    return (value, value) if isinstance(value, int) else value
+
+
+ImageSize = Annotated[tuple[PositiveInt, PositiveInt], BeforeValidator(_square)]  # (H, W); one int n means (n, n)
 _VAL_FRACTION = "Fraction of each class's train images held out for validation (seeded)."
 _AUTO_TASKS = "Number of tasks; None = as many full tasks as classes allow."
 
@@ -189,7 +197,7 @@ class ImageFolderConfig(_Ordered, _Normalised):
     )
     classes_per_task: PositiveInt = Field(description="Classes per task.")
     num_tasks: Optional[PositiveInt] = Field(None, description=_AUTO_TASKS)
-    image_size: Optional[tuple[PositiveInt, PositiveInt]] = Field(
+    image_size: Optional[ImageSize] = Field(
         None, description="(H, W) to resize every image to; None = keep sizes (they must then all agree)."
     )
     channels: Literal[1, 3] = Field(3, description="1 = convert to grayscale, 3 = RGB.")
@@ -198,11 +206,6 @@ class ImageFolderConfig(_Ordered, _Normalised):
         0.2, description="Fraction of each class held out for testing when there is no test/ folder."
     )
     workers: PositiveInt = Field(8, description="Threads decoding images.")
-
-    @field_validator("image_size", mode="before")
-    @classmethod
-    def _square(cls, value: Any) -> Any:
-        return (value, value) if isinstance(value, int) else value
 
 
 class ImageFoldersConfig(_Normalised):
@@ -213,7 +216,7 @@ class ImageFoldersConfig(_Normalised):
     name: Literal["imagefolders"] = Field(description="Dataset kind.")
     roots: list[Path] = Field(min_length=1, description="One folder per task, in the stream's order; the task is "
                               "named after the folder.")
-    image_size: tuple[PositiveInt, PositiveInt] = Field(description="(H, W) every image is resized to (the "
+    image_size: ImageSize = Field(description="(H, W) every image is resized to (the "
                                                         "tasks share one input shape).")
     channels: Literal[1, 3] = Field(3, description="1 = convert to grayscale, 3 = RGB.")
     val_fraction: Fraction = Field(0.1, description=_VAL_FRACTION)
@@ -221,11 +224,6 @@ class ImageFoldersConfig(_Normalised):
         0.2, description="Fraction of each class held out for testing, for a root without a test/ folder."
     )
     workers: PositiveInt = Field(8, description="Threads decoding images.")
-
-    @field_validator("image_size", mode="before")
-    @classmethod
-    def _square(cls, value: Any) -> Any:
-        return (value, value) if isinstance(value, int) else value
 
     @model_validator(mode="after")
     def _shared_stats(self) -> "ImageFoldersConfig":
