@@ -78,16 +78,23 @@ def test_den_splits_the_drifting_unit_and_the_old_task_keeps_its_value():
     assert m.widths(0) == [w.shape[0] for w, _ in prev]  # and with the units it was learned with
 
 
-def test_den_with_every_drift_split_forgets_nothing():
-    """spl_thr 0 and k_ex over every width: each earlier unit that moved is split, so task 0's outputs after
-    task 1 (selective retraining, expansion, split) equal those before it, though task 1 retrained the units."""
-    m, stream = method_and_stream({"name": "den", "spl_thr": 0.0, "k_ex": 64, "loss_thr": 0.0})
+def learn_two_tasks_splitting(m, stream):
+    """Task 0, then task 1 with units split and expanded: (task 0's inputs, its outputs before task 1, the widths
+    before task 1, task 1's record)."""
     m.learn(stream.tasks[0], None)
     x = inputs(stream.tasks[0])
     before = m.logits(0, x).clone()
     units = m.widths()
     record = m.learn(stream.tasks[1], None)
     assert sum(record.extra["split"]) > 0 and sum(record.extra["expanded"]) > 0
+    return x, before, units, record
+
+
+def test_den_with_every_drift_split_forgets_nothing():
+    """spl_thr 0 and k_ex over every width: each earlier unit that moved is split, so task 0's outputs after
+    task 1 (selective retraining, expansion, split) equal those before it, though task 1 retrained the units."""
+    m, stream = method_and_stream({"name": "den", "spl_thr": 0.0, "k_ex": 64, "loss_thr": 0.0})
+    x, before, units, record = learn_two_tasks_splitting(m, stream)
     assert m.widths(0) == units and all(a > b for a, b in zip(m.widths(1), units))
     assert torch.equal(m.logits(0, x), before)
     for t in (0, 1):  # the export of a task computes as the method does
@@ -200,12 +207,7 @@ def test_den_on_batchnorm_and_a_residual_sum_forgets_nothing_when_every_drift_sp
     m, stream = residual_method(tmp_path, {"spl_thr": 0.0, "k_ex": 64, "loss_thr": 0.0})
     assert m.names == ["stem", "conv1", "conv2", "down"]
     assert m.structure.out_group[0] == m.structure.out_group[2] == m.structure.in_group[1] == m.structure.in_group[3]
-    m.learn(stream.tasks[0], None)
-    x = inputs(stream.tasks[0])
-    before = m.logits(0, x).clone()
-    units = m.widths()
-    record = m.learn(stream.tasks[1], None)
-    assert sum(record.extra["split"]) > 0 and sum(record.extra["expanded"]) > 0
+    x, before, units, record = learn_two_tasks_splitting(m, stream)
     widths = m.widths()
     assert widths[0] == widths[2] > units[0] and m.widths(0) == units
     assert [c.num_features for c in m.norms["bn"].copies] == [units[0], widths[0]]
