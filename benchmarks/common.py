@@ -392,7 +392,7 @@ def plain_of_learning_task(net) -> nn.Module:
     """The plain model of the width the learning task computes with: its export, every channel kept, trainable.
 
     Standard torch.nn layers in the backbone's own fx graph; at task 1 with no growth it is exactly the
-    backbone sliced to the seed width (`grownfx.engine.net.slim`).
+    backbone sliced to the seed width (`grownfx.engine.prepare.slim`).
     """
     t = net.learning_task
     plain = net.export(t, prune_unused=False)

@@ -5,7 +5,7 @@ the seed-width network), task 2 (a frozen task with selective masks) is computed
 
   * aware:  the task-aware model, `net.eval()` and `net(x, task=t)` under no_grad (effective weights cached),
   * export: `net.export(t, prune_unused=False)` (every visible channel kept: same widths as the seed),
-  * dense:  `grownfx.engine.net.slim(model, x, seed_width)`, the backbone sliced to the seed width (the reference),
+  * dense:  `grownfx.engine.prepare.slim(model, x, seed_width)`, the backbone sliced to the seed width (the reference),
 
 at batch 1 and batch 64.  Goals: export <= 1.02x dense, task-aware eval <= 1.15x dense.
 Informational rows: the export with unused channels pruned (the default `export(t)`), and the task-aware
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from grownfx.engine import multitask, multitask_runtime
-from grownfx.engine.net import slim
+from grownfx.engine.prepare import slim
 
 from . import common as C
 

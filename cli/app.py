@@ -11,87 +11,25 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperCommand, TyperGroup
 
 
+from grownfx.cli.help_style import Command, Group, err_console, out_console
+from grownfx.cli.tables import compare_table, results_table, summary_table
 from grownfx.errors import EXIT_BUG, Interrupted, UserError, exit_code, message_lines
 
 
-class _Command(TyperCommand):
-    """Help in click's plain style, through the command class typer lets an app choose (`cls=`): the usage line
-    reads `RECIPE [OVERRIDES]...`, a value option shows TEXT, N, X or PATH, and a flag shows no type (typer's
-    own help writes `{recipe}` and a `<bool>` beside every flag)."""
-
-    def collect_usage_pieces(self, ctx) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name != "argument":
-                continue
-            name = (param.metavar or param.name or "").upper()
-            pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
-        return pieces
-
-    def get_params(self, ctx) -> list:
-        params = super().get_params(ctx)
-        for param in params:
-            if param.metavar is None:
-                param.metavar = _placeholder(param)
-        return params
-
-
-def _placeholder(param) -> str:
-    """click's name for what a parameter takes: its NAME for an argument, nothing for a flag, else its type."""
-    if param.param_type_name == "argument":
-        return (param.name or "").upper()
-    if getattr(param, "is_flag", False) or getattr(param, "count", False):
-        return ""
-    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
-    return {int: "N", float: "X", Path: "PATH"}.get(annotation, "TEXT")
-
-
-class _Group(TyperGroup):
-    """The app's group, through the class typer lets an app choose (`cls=`): a mistake on the command line that the
-    parser catches (a missing argument, an unknown option, a value of the wrong type) is printed in grownfx's one
-    error style, `error: ...` and exit 2, like every other (grownfx.errors), instead of a usage box."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except typer.Abort:
-            _err().print("[yellow]aborted[/]")
-            sys.exit(EXIT_BUG)
-        except Exception as exc:  # noqa: BLE001 - the parser's own errors (click's UsageError and kin)
-            if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
-                raise
-            if type(exc).__name__ == "NoArgsIsHelpError":  # `grownfx` alone: the parser printed the help
-                sys.exit(exc.exit_code)
-            _err().print(f"[red bold]error:[/] [red]{escape(exc.format_message())}[/]")
-            if getattr(exc, "ctx", None) is not None:
-                _err().print(f"[dim]see {escape(exc.ctx.command_path)} --help[/]")
-            sys.exit(exc.exit_code)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
 app = typer.Typer(
-    cls=_Group, name="grownfx", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=Group, name="grownfx", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="GROWN (grow only when necessary) continual learning for any torchvision backbone.\n\n"
          "Start with:  grownfx run digits_quickstart",
 )
-command = functools.partial(app.command, cls=_Command)
+command = functools.partial(app.command, cls=Command)
 _state = {"debug": False}
 
 
-def _out() -> Console:
-    return Console(highlight=False)
-
-
-def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+_out, _err = out_console, err_console
 
 
 @app.callback()
@@ -237,7 +175,7 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
     summary = getattr(result, "summary", {}) or {}
     out_dir = getattr(result, "out_dir", out)
     if summary.get("tasks"):
-        _out().print(_results_table(summary))
+        _out().print(results_table(summary))
     avg = summary.get("avg_acc")
     _out().print(f"[green]done[/]: {escape(str(out_dir))}" + (f", average accuracy {avg:.2f} %" if avg is not None
                                                                 else ""))
@@ -258,7 +196,7 @@ def validate(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRI
                       verify=not no_verify)
     con = _out()
     con.print("[green bold]ok[/]")
-    con.print(_summary_table(rec))
+    con.print(summary_table(rec))
     from grownfx.recipe.checks import recipe_warnings
 
     for line in recipe_warnings(rec):
@@ -311,53 +249,6 @@ def _interrupted(exc: BaseException, command: str) -> None:
     _err().print(f"[yellow]{escape(head)}[/]")
     _err().print(f"  {escape(command)}", soft_wrap=True)
     raise typer.Exit(exit_code(exc))
-
-
-def _results_table(summary: dict) -> Table:
-    """Per task: accuracy when learned and at the end, the target, growth, model size, time."""
-    from rich import box
-
-    # no vertical rules and short headers: ten-task streams with long task names fit 80 columns uncut
-    table = Table(title=f"{escape(summary['name'])} ({escape(summary['method'])}): average {summary['avg_acc']:.2f} %, "
-                        f"BWT {summary['bwt']:+.2f}", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="accuracy %; learned: test when learned; final: after the last task")
-    width = max([len(str(t["name"])) for t in summary["tasks"]] + [4])
-    for col in ("task", "val", "target", "learned", "final", "growth", "size", "time"):
-        if col == "task":  # never cut a task name to "digits/…"
-            table.add_column(col, no_wrap=True, min_width=width)
-        else:
-            table.add_column(col, justify="right", no_wrap=True)
-    for t in summary["tasks"]:
-        target = "" if t.get("target") is None else f"{t['target']:.1f}"
-        grew = f"+{sum(t['growth'].values())} ch" if t.get("growth") else "-"
-        size = "" if t.get("model_size") is None else f"{t['model_size']:.2f}x"
-        table.add_row(escape(str(t["name"])), f"{t['val_acc']:.1f}", target, f"{t['acc_when_learned']:.1f}",
-                      f"{t['acc_final']:.1f}", grew, size, f"{t['time_s']:.1f}s")
-    return table
-
-
-def _summary_table(rec) -> Table:
-    d = rec.data
-    tasks = getattr(d, "num_tasks", None)
-    if tasks is None and getattr(d, "classes_per_task", None) and d.name == "digits":
-        tasks = 10 // d.classes_per_task
-    method = rec.method.name + (f" ({rec.method.ablation})" if hasattr(rec.method, "ablation") else "")
-    kwargs = f" {rec.model.kwargs}" if rec.model.kwargs else ""
-    table = Table(title=escape(rec.name), show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    rows = [("model", f"{rec.model.builder}{kwargs}"),
-            ("data", d.name + (f" ({d.root})" if getattr(d, "root", None) else "")), ("method", method),
-            ("tasks", "auto" if tasks is None else str(tasks)), ("seed width", f"{rec.model.seed_width}"),
-            ("target", str(rec.target.rule)),
-            ("training", f"{rec.training.epochs} epochs, batch {rec.training.batch_size}, "
-                         f"{rec.training.optimizer.name} lr {rec.training.optimizer.lr:g}"
-                         + (f", equal budget {rec.training.epoch_budget} epochs per task"
-                            if rec.training.epoch_budget else "")),
-            ("device", rec.device), ("output", rec.output.dir.format(name=rec.name))]
-    for k, v in rows:
-        table.add_row(k, escape(v))
-    return table
 
 
 @command("ls", epilog="Example: grownfx ls")
@@ -595,61 +486,11 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
         budget += ["--data-seeds", data_seeds] if data_seeds is not None else []
         _interrupted(exc, _command_line("compare", recipe, overrides, "--methods", methods, "--seeds", seeds,
                                         *budget, "--out", str(folder), *(["--trust"] if trust else [])))
-    table = _compare_table(Path(result))
+    table = compare_table(Path(result))
     if table is not None:
         _out().print(table)
     _out().print(f"[green]done[/]: {escape(str(result))}")
     _out().print(f"report: grownfx report {escape(str(result))}", soft_wrap=True)
-
-
-def _compare_table(folder: Path) -> Optional[Table]:
-    """Per method, over its seeds: average accuracy, BWT, final model size and wall time, read from the runs'
-    summary.json (the report's tables, in short)."""
-    import statistics
-
-    from rich import box
-
-    from grownfx.files import CorruptFileError
-    from grownfx.report.formats import CompareIndex, Summary, read_model
-
-    try:
-        index = read_model(folder / "compare.json", CompareIndex)
-        rows: dict[str, list[dict]] = {}
-        for entry in index["runs"]:
-            path = folder / entry["dir"] / "summary.json"
-            if entry.get("status") == "ok" and path.is_file():
-                rows.setdefault(entry["method"], []).append(read_model(path, Summary))
-    except CorruptFileError:
-        return None
-    if not rows:
-        return None
-
-    def stat(values: list, fmt: str, unit: str = "") -> str:
-        values = [v for v in values if v is not None]
-        if not values:
-            return "-"
-        mean = format(statistics.fmean(values), fmt) + unit
-        return mean + (f" ± {format(statistics.stdev(values), fmt)}{unit}" if len(values) > 1 else "")
-
-    from grownfx.report.compare_report import seeds_line
-
-    table = Table(title=f"{escape(index.get('recipe', folder.name))}: {escape(seeds_line(index))}",
-                  box=box.SIMPLE_HEAD, pad_edge=False, caption="mean ± std over runs; accuracy: test, after the "
-                  "last task; size: of the full backbone (memory: with the values kept between tasks); CPU: "
-                  "process seconds per epoch")
-    for col in ("method", "average %", "BWT", "size", "memory", "CPU/epoch", "wall time"):
-        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
-    for method in index.get("methods", rows):
-        runs = rows.get(method)
-        if not runs:
-            continue
-        sizes = [(r.get("tasks") or [{}])[-1].get("model_size") for r in runs]
-        memory = [(r.get("tasks") or [{}])[-1].get("memory_size") for r in runs]
-        table.add_row(escape(method), stat([r.get("avg_acc") for r in runs], ".2f"),
-                      stat([r.get("bwt") for r in runs], "+.2f"), stat(sizes, ".2f", "x"), stat(memory, ".2f", "x"),
-                      stat([r.get("cpu_s_per_epoch") for r in runs], ".2f", "s"),
-                      stat([r.get("wall_time_s") for r in runs], ".1f", "s"))
-    return table
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ _LAZY = {
     "MaskPolicy": "grownfx.engine.context", "CouplingGroup": "grownfx.engine.coupling",
     "analyze": "grownfx.engine.coupling", "GrowableNet": "grownfx.engine.net", "SurgeryError": "grownfx.engine.errors",
     "ModelCheckError": "grownfx.engine.errors",
-    "count_parameters": "grownfx.engine.net", "prepare": "grownfx.engine.net", "TraceError": "grownfx.engine.tracing",
+    "count_parameters": "grownfx.engine.net", "prepare": "grownfx.engine.prepare", "TraceError": "grownfx.engine.tracing",
     "trace": "grownfx.engine.tracing",
     "register_module": "grownfx.engine.registry", "register_function": "grownfx.engine.registry",
     "register_resize": "grownfx.engine.registry", "unregister": "grownfx.engine.registry",
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from grownfx.engine.context import MaskPolicy
     from grownfx.engine.coupling import CouplingGroup, analyze
     from grownfx.engine.errors import ModelCheckError, SurgeryError
-    from grownfx.engine.net import GrowableNet, count_parameters, prepare
+    from grownfx.engine.net import GrowableNet, count_parameters
+    from grownfx.engine.prepare import prepare
     from grownfx.engine.tracing import TraceError, trace
     from grownfx.engine.registry import register_function, register_module, register_resize, unregister
     from grownfx.engine.surgery import remap

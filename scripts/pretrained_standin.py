@@ -106,7 +106,7 @@ def seed_selection(weights: Path, widths=(0.75, 0.5, 0.3), classes: tuple[int, .
     """Test accuracy on the pretraining classes of the pretrained net slimmed to each width, no training after:
     (width, first-k, magnitude, taylor) -- how much of the loaded function each seed rule keeps.  Taylor scores on
     256 training images of the stream's task 1 (a seeded subset), as a run does (TAYLOR_SAMPLES)."""
-    from grownfx.engine.net import prepare
+    from grownfx.engine.prepare import prepare
 
     model = lenet5(num_classes=len(classes), in_channels=1, input_size=28)
     model.load_state_dict(torch.load(weights, weights_only=True))

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import grownfx
-from grownfx.engine.net import seed_channels
+from grownfx.engine.prepare import seed_channels
 
 
 def build(name: str, num_classes: int = 10):

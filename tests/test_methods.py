@@ -13,7 +13,7 @@ from grownfx.learn.learner import build_policy
 from grownfx.learn.methods import make_method
 from grownfx.learn.methods.cpg import cubic_levels, step_levels
 from grownfx.models import build_backbone
-from grownfx.engine.net import prepare
+from grownfx.engine.prepare import prepare
 
 
 def recipe(tmp_path, method: dict, tasks: int = 3, epochs: int = 2, **model_kwargs) -> Recipe:

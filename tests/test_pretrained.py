@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from grownfx.data import stream_for
-from grownfx.engine.net import prepare
+from grownfx.engine.prepare import prepare
 from grownfx.learn.decision import accuracy_lower_bound, below_target
 from grownfx.learn.methods.cpg import CPGContinual
 from grownfx.learn.methods.grown import GrownContinual

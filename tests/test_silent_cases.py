@@ -229,7 +229,7 @@ def test_view_literal_keeps_old_tasks_arguments():
 
 
 def test_view_literal_in_a_plain_graph_is_rewritten():
-    from grownfx.engine.net import slim
+    from grownfx.engine.prepare import slim
 
     gm, coupling, widths, _ = slim(ViewLiteral(), X, 0.5)
     view = next(n for n in gm.graph.nodes if n.target == "view")
@@ -307,7 +307,7 @@ def test_shared_conv_and_bn_grow_prune_and_export():
 
 
 def test_shared_module_pruning_is_applied_once():
-    from grownfx.engine.net import slim
+    from grownfx.engine.prepare import slim
     from grownfx.engine.surgery import apply_changes, keep_change
 
     gm, coupling, widths, _ = slim(SharedConvBN(), X)
@@ -392,3 +392,19 @@ def test_random_compositions(seed):
         assert stem.growable, (kinds, stem.reasons)
     else:
         assert not stem.growable and stem.reasons, kinds
+
+
+def test_a_plain_tensor_attribute_of_a_graph_module_is_read_like_a_buffer():
+    """make_task_aware reads a get_attr that is no parameter through _float_buffer; a tensor set on the graph module
+    after tracing is a plain attribute, not a buffer (its lookup once named a helper that no longer existed)."""
+    from torch import fx
+
+    from grownfx.engine.rewrite import _float_buffer
+
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(3, 3)))
+    gm.scale, gm.index = torch.ones(3), torch.arange(3)
+    assert "scale" not in gm._buffers
+    assert _float_buffer(gm, "scale") is None  # a constant: shared and immutable
+    assert _float_buffer(gm, "scale", any_dtype=True) is gm.scale  # declared per task: copied per task
+    assert _float_buffer(gm, "index", any_dtype=True) is gm.index
+    assert _float_buffer(gm, "missing") is None

@@ -421,7 +421,7 @@ class MaskedLinear(MaskedLayer):
 
 def _channel_columns(ctx: "TaskContext", target: str, src: nn.Linear, granularity: str) -> int:
     """granularity 'channel': a Linear's unit is (output, block of input columns), the block prepare chose
-    (engine.net._linear_unit_columns: a flattened channel, or LINEAR_BLOCK neurons); 1 elsewhere (per weight)."""
+    (engine.prepare._linear_unit_columns: a flattened channel, or LINEAR_BLOCK neurons); 1 elsewhere (per weight)."""
     c = ctx.structure.unit_cols.get(target, 1) if granularity == "channel" else 1
     return c if c > 1 and src.in_features % c == 0 else 1
 

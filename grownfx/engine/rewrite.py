@@ -137,7 +137,7 @@ def _float_buffer(gm: fx.GraphModule, target: str, any_dtype: bool = False) -> t
         value = gm.get_buffer(target)
     except AttributeError:
         try:  # a tensor attribute that is neither (fx's `_tensor_constant0`)
-            value = getattr(*_owner(gm, target))
+            value = getattr(*attribute_holder(gm, target))
         except AttributeError:
             return None
         if not isinstance(value, torch.Tensor) or not any_dtype:
@@ -212,10 +212,8 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
                 node.op = "get_attr"
             elif isinstance(m, WeightOf):
                 layer = m.__dict__["layer"]
-                plain = plain_of(layer.target)
-                path = layer.target + "." + m.which
-                node.op, node.target = "get_attr", path
-                del plain
+                plain_of(layer.target)  # the plain layer whose weight the node now reads
+                node.op, node.target = "get_attr", layer.target + "." + m.which
             elif isinstance(m, TaskLayerNorm):
                 _export_task_layer_norm(root, graph, node, m, task)
             elif isinstance(m, PerTask) and m.norm_axis is not None and \

@@ -12,7 +12,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from grownfx.engine.net import count_parameters, slim
+from grownfx.engine.net import count_parameters
+from grownfx.engine.prepare import slim
 
 __all__ = ["size_at_width", "width_for_size"]
 
@@ -20,7 +21,7 @@ __all__ = ["size_at_width", "width_for_size"]
 def size_at_width(model: nn.Module, example_input: torch.Tensor, width: float, *,
                   leaf_modules: Iterable[str | type] = (), **model_kw) -> float:
     """Parameters of `model` slimmed to `width` (channel fraction) / parameters of `model`.  `model_kw`: the
-    recipe's `output` and `head` (engine.net.slim)."""
+    recipe's `output` and `head` (engine.prepare.slim)."""
     gm, _, _, full = slim(model, example_input, width, leaf_modules=leaf_modules, **model_kw)
     return count_parameters(gm) / full
 

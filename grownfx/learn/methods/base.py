@@ -16,7 +16,7 @@ from torch import nn
 from grownfx.data import Task, TaskData, TaskStream
 from grownfx.engine import state as net_state
 from grownfx.engine.context import MaskPolicy
-from grownfx.engine.net import prepare
+from grownfx.engine.prepare import prepare
 from grownfx.models import build_backbone, build_pretrained
 from grownfx.recipe.schema import OptimConfig, Recipe, TrainingConfig
 from grownfx.learn.distributed import Dist

@@ -22,7 +22,8 @@ from grownfx.engine.errors import SurgeryError
 from grownfx.engine.layers import _reset_head
 from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
-from grownfx.engine.net import count_parameters, slim
+from grownfx.engine.net import count_parameters
+from grownfx.engine.prepare import slim
 from grownfx.engine.rewrite import set_submodule
 from grownfx.learn.training import Timer, derive_seed, resolve_device
 from grownfx.recipe.schema import FinetuneMethod

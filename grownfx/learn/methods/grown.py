@@ -14,7 +14,8 @@ from grownfx.data import Task, TaskData, TaskStream
 from grownfx.learn.learner import GrownLearner, build_policy
 from grownfx.learn.records import TaskRecord
 from grownfx.learn.seed_size import width_for_size
-from grownfx.engine.net import GrowableNet, prepare
+from grownfx.engine.net import GrowableNet
+from grownfx.engine.prepare import prepare
 from grownfx.learn.methods.base import (add_pretrained_task, backbone, example_input, keeps_pretrained_task,
                                        pretrained_summary, seed_channels, seed_data)
 

@@ -1,7 +1,7 @@
 """Progressive neural networks (Rusu et al. 2016): a new column per task, earlier columns frozen.
 
 Column 1 is the backbone at `first_column_width` (the full backbone by default: the paper's PNN row starts at
-1x), every later column the backbone slimmed to `column_width` (`grownfx.engine.net.slim`); all share one fx graph.
+1x), every later column the backbone slimmed to `column_width` (`grownfx.engine.prepare.slim`); all share one fx graph.
 The columns run in lock-step over it: every conv/linear layer of column k (except those fed by the input
 itself, which every column sees alike) adds lateral adapters applied to what its counterparts in the
 earlier columns receive (Rusu's h^(<k)_{i-1}).  An adapter is the layer's own type with the same kernel,
@@ -25,7 +25,8 @@ from grownfx.data import Task, TaskData
 from grownfx.learn.budget import task_epochs
 from grownfx.learn.records import TaskRecord
 from grownfx.models import build_backbone
-from grownfx.engine.net import count_parameters, slim
+from grownfx.engine.net import count_parameters
+from grownfx.engine.prepare import slim
 from grownfx.learn.training import Timer, derive_seed
 from grownfx.learn.methods.base import Trainer, backbone, evaluate_with, example_input
 
