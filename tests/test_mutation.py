@@ -377,6 +377,23 @@ def test_a_sampled_run_judges_its_mutants_in_a_seeded_random_order_so_a_stopped_
     assert {m.file for m in half} == {"pkg/a.py", "pkg/b.py"}
 
 
+def test_a_sample_is_uniform_seeded_and_stays_the_same_sample_when_code_elsewhere_changes():
+    from scripts.mutation.cli import sample
+
+    source = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(60))
+    ms = find_mutants("pkg/a.py", source) + find_mutants("pkg/b.py", source)
+    chosen = {m.id for m in sample(ms, 30, 0)}
+    assert len(chosen) == 30 and chosen <= {m.id for m in ms}
+    assert {m.id for m in sample(list(reversed(ms)), 30, 0)} == chosen  # whatever order given
+    assert {m.id for m in sample(ms, 30, 1)} != chosen  # the seed decides it
+    assert {m.file for m in ms if m.id in chosen} == {"pkg/a.py", "pkg/b.py"}
+    # a new function in b.py: its mutants may enter the sample, but no mutant that stays is dropped for another one
+    grown = find_mutants("pkg/a.py", source) + find_mutants("pkg/b.py", source + "def g(x):\n    return x * 2\n")
+    again = {m.id for m in sample(grown, 30, 0)}
+    new = {m.id for m in grown} - {m.id for m in ms}
+    assert again - new <= chosen and len(chosen - again) == len(again & new)
+
+
 def test_a_mutant_whose_tests_a_stop_killed_is_left_unjudged_for_resume_not_counted_as_killed(tmp_path):
     """Ctrl-C or `kill` kills the running tests (signal 9): that is not the mutant crashing them."""
     import queue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fnmatch
+import hashlib
 import json
 import os
 import random
@@ -197,11 +198,17 @@ def select(cfg: Config, args, source_root: Path):
             "--files " + " ".join(args.files) if args.files else "the configured targets")
     desc = f"{generated} mutants in {len({m.file for m in chosen})} files ({what})"
     if args.sample is not None and args.sample < len(chosen):
-        rng = random.Random(args.seed)
-        chosen = rng.sample(sorted(chosen, key=lambda m: m.id), args.sample)
+        chosen = sample(chosen, args.sample, args.seed)
         desc = f"a seeded sample (--sample {args.sample} --seed {args.seed}) of the " + desc
     chosen.sort(key=lambda m: (m.file, m.line, m.operator, m.id))
     return chosen, everything, desc, changed_info, generated
+
+
+def sample(mutants: list[Mutant], n: int, seed: int) -> list[Mutant]:
+    """The n mutants whose hash of (seed, id) is smallest: a uniform random sample that stays the same sample when
+    code elsewhere changes (a mutant's id does not move with its line), so a run can be judged again after new
+    tests or a refactoring and only the mutants of the edited statements come and go."""
+    return sorted(mutants, key=lambda m: (hashlib.sha1(f"{seed}|{m.id}".encode()).digest(), m.id))[:n]
 
 
 def judging_order(todo: list[Mutant], seed: int) -> list[Mutant]:
