@@ -408,3 +408,31 @@ def test_a_plain_tensor_attribute_of_a_graph_module_is_read_like_a_buffer():
     assert _float_buffer(gm, "scale", any_dtype=True) is gm.scale  # declared per task: copied per task
     assert _float_buffer(gm, "index", any_dtype=True) is gm.index
     assert _float_buffer(gm, "missing") is None
+
+
+class _ConvReadTwice(nn.Module):
+    """`conv` is called as a layer and its weight and bias are also given to a functional conv2d (an op the coupling
+    registry does not know): both of the layer's groups must be fixed, not only the ones that op's tensors carry."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        x = x + torch.nn.functional.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_layer_whose_weight_an_unknown_op_also_reads_keeps_its_channels_and_learns_and_grows():
+    import grownfx
+
+    x = torch.randn(2, 3, 8, 8)
+    net = grownfx.prepare(_ConvReadTwice(), x, seed_width=0.5)
+    stem_out = next(g for g in net.coupling_groups if any(b.target == "stem" and b.role == "out" for b in g.members))
+    assert not stem_out.growable and any("'conv.weight' is also read outside its layer" in r for r in stem_out.reasons)
+    t = net.add_task(4)
+    net.eval()
+    before = net(x, task=t)
+    net.grow(ratio=0.5)
+    assert torch.equal(net(x, task=t), before)

@@ -72,14 +72,15 @@ def make_task_aware(
             continue
         owner_path, _, attr = node.target.rpartition(".")
         trainable = True
-        try:
-            value = gm.get_parameter(node.target)
-        except AttributeError:
-            value = _float_buffer(gm, node.target, node.target in per_task)
-            if value is None:
-                continue  # an integer buffer (an index table) or a constant: shared and immutable
-            # a float buffer (a per-channel scale): per-task copies, so growth never resizes one all tasks share
-            trainable = False
+        if not (owner_path in replaced and attr in ("weight", "bias")):  # else a layer replaced above: its tensor
+            try:
+                value = gm.get_parameter(node.target)
+            except AttributeError:
+                value = _float_buffer(gm, node.target, node.target in per_task)
+                if value is None:
+                    continue  # an integer buffer (an index table) or a constant: shared and immutable
+                # a float buffer (a per-channel scale): per-task copies, so growth never resizes one all tasks share
+                trainable = False
         owner = replaced.get(owner_path) if trainable else None
         if owner is None and owner_path and trainable:
             try:

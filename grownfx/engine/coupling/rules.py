@@ -69,6 +69,7 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, FunctionalOps, Refi
         self.modules = dict(gm.named_modules())
         self.ties = nx.Graph()
         self.bindings: list[Binding] = []
+        self.opaque_params: list[tuple[str, str]] = []  # (a parameter an opaque op reads, why it is opaque)
         self.values: dict[str, Any] = {}
         self.output_vars: set[int] = set()
         self.input_vars: set[int] = set()
@@ -169,6 +170,8 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, FunctionalOps, Refi
         vars_ += [s.var for w in self.widths_in(list(node.args) + list(node.kwargs.values()))
                   for lay in w.layouts for s in self.expand_layout(lay)]
         self.fix(vars_, reason)
+        # a layer's own parameter read here too: its layer's channels are fixed with the op (finish)
+        self.opaque_params += [(o[0], reason) for t in ins for o in t.origin if o]
         tracked = bool(vars_)
 
         def mk(shape, batch):
@@ -488,6 +491,11 @@ class CouplingAnalysis(RegisteredOps, LayoutOps, ReshapeOps, FunctionalOps, Refi
                 self.tie(first[key].layout, b.layout, f"{b.node} (a second use of '{b.target}')")
 
     def finish(self) -> "CouplingResult":
+        for param, reason in self.opaque_params:
+            owner = param.rpartition(".")[0]
+            for b in self.bindings:
+                if b.target == owner and b.role != "param":
+                    self.fix(b.layout, f"'{param}' is also read outside its layer: {reason}")
         self.tie_reused()
         self.finish_refinement()
         groups: list[CouplingGroup] = []
