@@ -223,6 +223,28 @@ def test_layernorm_over_several_axes_fixes_the_stream():
     assert not g[("a", "out")].growable and "LayerNorm" in " ".join(g[("a", "out")].reasons)
 
 
+class FlattenedSum(nn.Module):
+    """Two convs flattened to 32 features each (2 channels x 16 pixels, 8 channels x 4 pixels), then added."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 2, 1)
+        self.b = nn.Conv2d(3, 8, 2, stride=2)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.a(x).flatten(1) + self.b(x).flatten(1))
+
+
+def test_channels_of_different_layouts_that_meet_are_one_fixed_group():
+    # the add mixes a's channels with b's pixel by pixel: neither can grow, and both (and the head's input, which
+    # reads the sum) are one group, so what `explain` shows names every layer the add couples
+    res, g = groups_of(FlattenedSum(), torch.randn(2, 3, 4, 4))
+    group = g[("a", "out")]
+    assert g[("b", "out")] is group and g[("head", "in")] is group
+    assert not group.growable and "different layouts meet at 'add'" in " ".join(group.reasons)
+
+
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()

@@ -204,6 +204,33 @@ def test_inplace_update_through_an_alias_keeps_the_math():
     lifecycle(InplaceAlias(), X)
 
 
+class InplaceChain(Frame):
+    """`z = s.add_(1); z += y; out = s + z`: z is s, so the augmented assignment updates s too."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        z = s.add_(1.0)
+        z += self.side(x)
+        return self.head(self.conv(s + z).mean((2, 3)))
+
+
+def test_augmented_assignment_on_an_inplace_result_stays_in_place():
+    # the output of an in-place op is its input, not a fresh tensor: writing `z += y` out of place would leave s
+    # without y (the check would refuse the model)
+    model = InplaceChain().eval()
+    net = grownfx.prepare(model, X)
+    net.add_task(5)
+    with torch.no_grad():
+        net.graph_module.head.copies[0].load_state_dict(model.head.state_dict())
+        net.eval()
+        assert torch.equal(net(X), model(X))
+    assert net.graph_module.inplace_kept == ["iadd"]
+
+
 def test_ordinary_augmented_assignment_stays_out_of_place():
     # `out += identity` on a fresh tensor read by nothing else (torchvision's ResNet) is written out of place
     import torchvision
@@ -336,6 +363,24 @@ def test_integer_and_bool_channel_masks_are_copied_per_task(dtype):
 
 
 # --- class 4: slice bounds computed in the graph -------------------------------------------------------------
+
+
+class ColumnScale(Frame):
+    """A (C, 1) parameter flattened to (C,), then viewed to broadcast over the channels: two widths written."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(8, 1) + 0.5)
+
+    def mid(self, x):
+        return x * self.scale.reshape(8).view(1, 8, 1, 1)
+
+
+def test_a_width_written_as_a_reshape_s_only_number_follows_the_channels():
+    net = grownfx.prepare(ColumnScale(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    assert net.graph_module.scale.shape == (4, 1)
+    lifecycle(ColumnScale(), X)
 
 
 class HalfChannels(nn.Module):
