@@ -252,6 +252,23 @@ def test_the_check_catches_each_way_a_graph_differs(monkeypatch, switch, model, 
     assert "first differ at node" in str(err.value) and "Way out" in str(err.value)
 
 
+class ClampedGain(Frame):
+    """A straight-through clamp of a parameter: only that parameter's gradient depends on the Function's backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((1, 8, 1, 1), 2.0))
+
+    def mid(self, x):
+        return x * STClamp.apply(self.gain)
+
+
+def test_the_check_compares_parameter_gradients_where_outputs_and_input_gradients_agree(monkeypatch):
+    monkeypatch.setattr(GrownTracer, "keep_functions", False)
+    with pytest.raises(grownfx.ModelCheckError, match="the gradients differ where the outputs agree.*'gain'"):
+        grownfx.prepare(ClampedGain(), X)
+
+
 def test_the_check_refuses_what_no_tracer_can_keep():
     # a hook on the model itself: fx traces the forward without it.  With the check off the prepared net would
     # silently compute other outputs (tests/fault_injection.py: `differential_check_off` turns this test red)
@@ -381,6 +398,20 @@ def test_a_width_written_as_a_reshape_s_only_number_follows_the_channels():
     assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
     assert net.graph_module.scale.shape == (4, 1)
     lifecycle(ColumnScale(), X)
+
+
+class SpatialSoftmax(Frame):
+    """Each channel's softmax over its pixels, the shape given as one tuple: `x.reshape((n, 8, -1))`."""
+
+    def mid(self, x):
+        return x * x.reshape((x.size(0), 8, -1)).softmax(-1).reshape(x.shape)
+
+
+def test_a_width_written_in_a_shape_tuple_follows_the_channels():
+    net = grownfx.prepare(SpatialSoftmax(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    assert net.graph_module.stem.out_channels == 4
+    lifecycle(SpatialSoftmax(), X)
 
 
 class HalfChannels(nn.Module):
@@ -586,6 +617,37 @@ def test_padding_modes_grow(mode):
     net = lifecycle(Padded(mode), X)
     assert len(net.growable_groups) == 2
     assert net.export(0).get_submodule("stem").padding_mode == mode
+
+
+class ChannelPad(Frame):
+    """`F.pad(x, (0, 0, 0, 0, 1, 1))` on NCHW: the third pair pads the channel axis (2 constant channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(10, 8, 3, padding=1)
+
+    def mid(self, x):
+        return F.pad(x, (0, 0, 0, 0, 1, 1))
+
+
+def test_padding_the_channel_axis_fixes_its_channels():
+    # a pad of 3 (left, right) pairs reaches back to the channels: they cannot grow under it
+    net = grownfx.prepare(ChannelPad(), X)
+    assert not any(g.growable for g in groups_of(net, "stem")) and "'pad'" in reasons(net)
+
+
+class SizeScaled(Frame):
+    """`x * x.size(1) ** -0.5`: a value computed from the channel count."""
+
+    def mid(self, x):
+        return x * x.size(1) ** -0.5
+
+
+def test_a_channel_count_read_with_size_that_scales_values_fixes_the_channels():
+    # growing would change the scale, and with it the outputs of the task being learned
+    net = grownfx.prepare(SizeScaled(), X)
+    assert not any(g.growable for g in groups_of(net, "stem"))
+    assert "channel count read from the shape at 'size'" in reasons(net)
 
 
 class Flipped(Frame):
