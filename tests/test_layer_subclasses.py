@@ -101,6 +101,33 @@ def test_conv_and_norm_subclasses_grow_and_export():
     assert isinstance(sub.get_submodule("stem"), SameConv) and isinstance(sub.get_submodule("bn1"), BNAct)
 
 
+class StdLinear(nn.Linear):
+    """Weight standardisation of a Linear: each output's weights normalised, reshaped by `self.out_features`."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_features, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.linear(x, w, self.bias)
+
+
+class StdMlp(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2)
+        self.fc = StdLinear(16, 24)
+        self.head = nn.Linear(24, classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(self.stem(x).mean((2, 3)))))
+
+
+def test_std_linear_grows_its_outputs_and_sees_its_own_widths():
+    # the masked layer runs StdLinear's own forward: its out_features must be the weight's rows (24 -> 12 at the
+    # seed, more after growth, never its 16 inputs), or the export (a plain StdLinear) computes something else
+    report = check_backbone("std_linear", 0.5, builder=_builder(StdMlp))
+    assert report["growable"] == 1
+
+
 class StdThenPlain(nn.Module):
     def __init__(self):
         super().__init__()

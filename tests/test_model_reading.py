@@ -667,6 +667,33 @@ def test_spatial_flip_roll_pad_keep_channels_growable():
     assert "'flip' moves channels" in reasons(net)
 
 
+class Rotated(Frame):
+    def mid(self, x):
+        return x + torch.rot90(x, 1, (2, 3))
+
+
+def test_a_spatial_rotation_keeps_channels_growable():
+    net = lifecycle(Rotated(), X)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+
+
+class AssertedDeadCode(Frame):
+    """A value computed and never read (an op the registry does not know), then an assert on the input's rank."""
+
+    def mid(self, x):
+        spectrum = torch.fft.fft2(x).real  # noqa: F841 - dead code, as users leave it
+        torch._assert(x.dim() == 4, "an NCHW input")
+        return x
+
+
+def test_dead_code_is_dropped_around_an_assert_that_is_kept():
+    # the assert has a side effect and stays; the unread fft before it is dropped, so it fixes nothing
+    net = grownfx.prepare(AssertedDeadCode(), X)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    targets = [n.target for n in net.graph_module.graph.nodes]
+    assert torch._assert in targets and torch.fft.fft2 not in targets
+
+
 class TwiceApplied(nn.Module):
     def __init__(self):
         super().__init__()

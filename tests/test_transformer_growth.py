@@ -285,3 +285,26 @@ def test_grown_gates_settle_through_attention_projections():
     assert gates.settle(net) == {gid: D // HEADS}
     with torch.no_grad():
         assert rel(net(x), before) <= 1e-6
+
+
+def test_swin_growth_keeps_every_existing_heads_relative_position_bias():
+    """Swin's relative position bias has one column per head: growth adds zero columns for the new heads and keeps
+    every existing head's column, the first included.  The biases are drawn large here (at init they are ~0.02
+    and move the logits by less than rounding), so a head's lost bias shows in the outputs."""
+    from engine_checks import build, rel_err
+    from grownfx.engine.layers import TaskParameter
+
+    torch.manual_seed(0)
+    model, x = build("swin_small_test")
+    net = grownfx.prepare(model, x, seed_width=0.5)
+    t0 = net.add_task(10)
+    tables = [m for n, m in net.named_modules()
+              if isinstance(m, TaskParameter) and n.endswith("relative_position_bias_table")]
+    assert tables
+    with torch.no_grad():
+        for t in tables:
+            t.copy_for(t0).normal_(0, 2.0)
+        net.eval()
+        before = net(x, task=t0)
+        net.grow(ratio=0.25)
+        assert rel_err(net(x, task=t0), before) < 1e-5
