@@ -245,6 +245,27 @@ def test_channels_of_different_layouts_that_meet_are_one_fixed_group():
     assert not group.growable and "different layouts meet at 'add'" in " ".join(group.reasons)
 
 
+class Tokens(nn.Module):
+    """A conv's feature map read as tokens: flatten the pixels, transpose to (N, pixels, channels), a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(torch.relu(self.fc(t)).mean(1))
+
+
+def test_transposed_channels_feed_the_linear_that_reads_them():
+    x = torch.randn(2, 3, 6, 5)  # 30 pixels, 8 channels: the two axes cannot be mistaken for each other
+    res, g = groups_of(Tokens(), x)
+    assert g[("stem", "out")] is g[("fc", "in")] and g[("stem", "out")].growable
+    grow_preserves(Tokens(), x, channels=3)
+
+
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()

@@ -484,6 +484,26 @@ def test_per_class_parameter_after_the_head_is_per_task():
     assert [tuple(c.shape) for c in holder.copies] == [(5,), (3,)]
 
 
+class IntegerClassOffset(Frame):
+    """An integer per-class parameter (not trained) added to the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.arange(5), requires_grad=False)
+
+    def mid(self, x):
+        return x
+
+    def forward(self, x):
+        return super().forward(x) + self.offset
+
+
+def test_an_integer_per_class_parameter_after_the_head_is_per_task():
+    net = grownfx.prepare(IntegerClassOffset(), X)
+    t = net.add_task(3)
+    assert net(X, task=t).shape == (4, 3)
+
+
 def test_per_class_buffer_after_the_head_is_refused_by_name():
     with pytest.raises(grownfx.SurgeryError, match="buffer 'log_prior' holds one value per class"):
         grownfx.prepare(LogitAdjusted(buffer=True), X)
