@@ -269,6 +269,27 @@ def test_the_check_compares_parameter_gradients_where_outputs_and_input_gradient
         grownfx.prepare(ClampedGain(), X)
 
 
+class ClampedInputGain(Frame):
+    """The input scaled by a straight-through clamp of a parameter, before any module."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((1, 3, 1, 1), 2.0))
+
+    def mid(self, x):
+        return x
+
+    def forward(self, x):
+        return super().forward(x * STClamp.apply(self.gain))
+
+
+def test_a_difference_before_the_first_module_lists_every_node_from_the_graph_s_start(monkeypatch):
+    # every module agrees, so the suspects are all the nodes before the first one: the parameter read included
+    monkeypatch.setattr(GrownTracer, "keep_functions", False)
+    with pytest.raises(grownfx.ModelCheckError, match="agree up to 'stem'; nodes in between: gain, clamp, mul\\."):
+        grownfx.prepare(ClampedInputGain(), X)
+
+
 def test_the_check_refuses_what_no_tracer_can_keep():
     # a hook on the model itself: fx traces the forward without it.  With the check off the prepared net would
     # silently compute other outputs (tests/fault_injection.py: `differential_check_off` turns this test red)
@@ -357,6 +378,29 @@ def test_one_channel_broadcast_is_fixed_and_the_rest_grows(model):
 
 
 # --- class 3: non-float per-channel constants ----------------------------------------------------------------
+
+
+class BatchContext(Frame):
+    """A context vector of the whole batch (1-d: one value per channel) through a functional linear, added to the
+    conv's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        context = F.linear(s.mean((0, 2, 3)), self.w)
+        return self.head((self.conv(s) + context.view(1, -1, 1, 1)).mean((2, 3)))
+
+
+def test_a_functional_linear_on_a_vector_grows_its_inputs():
+    # as on a batch of rows: the weight's input columns follow the stem's channels; its outputs, made by a
+    # parameter the analysis does not own as a layer, are fixed with that reason
+    net = lifecycle(BatchContext(), X)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    assert not any(g.growable for g in groups_of(net, "conv"))
+    assert "functional linear of parameter 'w'" in reasons(net)
 
 
 class ChannelMask(Frame):
