@@ -576,6 +576,32 @@ def test_cosine_classifier_is_found_as_the_head():
     assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
 
 
+class FunctionalHead(Frame):
+    """A functional classifier with a bias: `F.linear(features, self.w, self.b)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 8) * 0.1)
+        self.b = nn.Parameter(torch.zeros(5))
+
+    def forward(self, x):
+        return F.linear(self.conv(torch.relu(self.stem(x))).mean((2, 3)), self.w, self.b)
+
+
+def test_a_functional_classifier_s_bias_starts_like_nn_linear_s_for_each_task():
+    # a new task's bias is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in the weight's 8 inputs, as
+    # nn.Linear draws its own: with 400 classes the largest value is close to that bound and never past it
+    from grownfx.engine.layers import TaskParameter
+
+    torch.manual_seed(0)
+    net = grownfx.prepare(FunctionalHead(), X)
+    t = net.add_task(400)
+    assert net(X, task=t).shape == (4, 400)
+    bias = next(m for n, m in net.named_modules() if isinstance(m, TaskParameter) and n.endswith(".b")).copy_for(t)
+    bound = 1 / 8 ** 0.5
+    assert 0.95 * bound < float(bias.abs().max()) <= bound
+
+
 class Prototypes(Frame):
     """Logits against class prototypes through einsum, which the analysis cannot follow: declared with head=."""
 
@@ -828,6 +854,20 @@ def test_one_group_norm_slims_and_grows_like_a_layer_norm():
     assert stem.growable and stem.granularity == 1 and net.structure.widths[stem.id] > 4  # 8 -> seed 4 -> grown
     # a subclass that computes more than the norm keeps the old rule: whole groups
     net = grownfx.prepare(OneGroupNorm(GroupNormAct(1, 8)), X, seed_width=0.5)
+    assert groups_of(net, "stem")[0].granularity == 8
+
+
+class ShiftOnlyGroupNorm(nn.GroupNorm):
+    """Normalises, then adds its bias but never multiplies by its weight: equal to a group norm while the weight
+    is still at its initial 1, not after training moves it."""
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, None, self.bias, self.eps)
+
+
+def test_a_group_norm_subclass_is_judged_on_weights_other_than_its_initial_ones():
+    # judged a plain one-group norm (a layer norm, one channel per unit) only if it computes one for any weight
+    net = grownfx.prepare(OneGroupNorm(ShiftOnlyGroupNorm(1, 8)), X, seed_width=0.5)
     assert groups_of(net, "stem")[0].granularity == 8
 
 

@@ -308,3 +308,35 @@ def test_swin_growth_keeps_every_existing_heads_relative_position_bias():
         before = net(x, task=t0)
         net.grow(ratio=0.25)
         assert rel_err(net(x, task=t0), before) < 1e-5
+
+
+class AttentionThenLinear(nn.Module):
+    """Embedding -> attention -> a Linear reading the attention's output directly (no residual add around it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, D)
+        self.attn = nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.fc = nn.Linear(D, D)
+        self.head = nn.Linear(D, 4)
+
+    def forward(self, x):
+        y = self.embed(x)
+        return self.head(torch.relu(self.fc(self.attn(y, y, y, need_weights=False)[0])).mean(1))
+
+
+def test_a_layer_reading_the_attention_output_grows_with_the_attention():
+    """The attention's output has its embedding's channels: the Linear reading it is in the embedding's group
+    and widens with it (whole heads), keeping the outputs."""
+    torch.manual_seed(0)
+    x = torch.randn(3, TOKENS, 8)
+    net = grownfx.prepare(AttentionThenLinear(), x, seed_width=0.5)
+    g = next(g for g in net.coupling_groups if any(b.target == "attn" for b in g.members))
+    assert g.growable and {(b.target, b.role) for b in g.members} >= {("embed", "out"), ("fc", "in")}
+    net.add_task(4)
+    net.eval()
+    with torch.no_grad():
+        before = net(x)
+        net.grow(ratio=0.5)
+        assert net.graph_module.fc.weight.shape[1] == net.graph_module.embed.weight.shape[0] > D // 2
+        assert rel(net(x), before) <= 1e-5
