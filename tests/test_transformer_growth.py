@@ -340,3 +340,26 @@ def test_a_layer_reading_the_attention_output_grows_with_the_attention():
         net.grow(ratio=0.5)
         assert net.graph_module.fc.weight.shape[1] == net.graph_module.embed.weight.shape[0] > D // 2
         assert rel(net(x), before) <= 1e-5
+
+
+class AttentionWeightsRead(nn.Module):
+    """The attention's weights (need_weights=True, no channel axis) broadcast over the batch and used too."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, D)
+        self.attn = nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.head = nn.Linear(D, 4)
+
+    def forward(self, x):
+        y = self.embed(x)
+        out, weights = self.attn(y, y, y)
+        return self.head((out + weights.expand(x.shape[0], -1, -1).sum(-1, keepdim=True)).mean(1))
+
+
+def test_attention_weights_read_beside_the_output_leave_the_embedding_growable():
+    torch.manual_seed(0)
+    x = torch.randn(3, TOKENS, 8)
+    net = grownfx.prepare(AttentionWeightsRead(), x, seed_width=0.5)
+    g = next(g for g in net.coupling_groups if any(b.target == "attn" for b in g.members))
+    assert g.growable, g.reasons
