@@ -363,3 +363,57 @@ def test_attention_weights_read_beside_the_output_leave_the_embedding_growable()
     net = grownfx.prepare(AttentionWeightsRead(), x, seed_width=0.5)
     g = next(g for g in net.coupling_groups if any(b.target == "attn" for b in g.members))
     assert g.growable, g.reasons
+
+
+class Attention(nn.Module):
+    """A stand-in for timm's `Attention` (ViT, DeiT; its non-fused path), under the module and class name the
+    engine recognises it by, so its growth is tested where timm is not installed."""
+
+    __module__ = "timm.layers.attention"
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = num_heads, dim // num_heads, dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm, self.k_norm, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
+        self.attn_drop, self.proj_drop = nn.Dropout(0.0), nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+class TimmLikeBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.attn = Attention(32, 4)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.head((x + self.attn(x)).mean(1))
+
+
+def test_timm_attention_is_kept_whole_and_grows_by_heads():
+    torch.manual_seed(0)
+    x = torch.randn(3, TOKENS, 8)
+    net = grownfx.prepare(TimmLikeBlock(), x, seed_width=0.5)
+    heads = next(g for g in net.growable_groups if any(b.role == "heads" for b in g.members))
+    assert (heads.width, heads.granularity) == (16, 8)  # 2 of 4 heads of head_dim 8 at the seed
+    net.add_task(5)
+    net.eval()
+    with torch.no_grad():
+        before = net(x)
+        net.grow(channels=8, groups=[heads.id])
+        assert rel(net(x), before) <= 1e-6
+        attn = net.export(0).get_submodule("attn")
+        assert (attn.num_heads, attn.attn_dim, attn.qkv.out_features) == (3, 24, 72)
+        assert rel(net.export(0)(x), net(x)) <= 1e-6
