@@ -343,7 +343,8 @@ def test_a_layer_reading_the_attention_output_grows_with_the_attention():
 
 
 class AttentionWeightsRead(nn.Module):
-    """The attention's weights (need_weights=True, no channel axis) broadcast over the batch and used too."""
+    """The attention's weights (need_weights=True, no channel axis), broadcast like a token-by-token tensor (an
+    op of the weights and a tensor the analysis follows), used too."""
 
     def __init__(self):
         super().__init__()
@@ -354,7 +355,8 @@ class AttentionWeightsRead(nn.Module):
     def forward(self, x):
         y = self.embed(x)
         out, weights = self.attn(y, y, y)
-        return self.head((out + weights.expand(x.shape[0], -1, -1).sum(-1, keepdim=True)).mean(1))
+        pair = x.mean(-1, keepdim=True)  # the input's features: fixed anyway
+        return self.head((out + weights.expand_as(pair * pair.transpose(1, 2)).sum(-1, keepdim=True)).mean(1))
 
 
 def test_attention_weights_read_beside_the_output_leave_the_embedding_growable():
