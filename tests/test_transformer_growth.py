@@ -230,20 +230,22 @@ def test_timm_vit_attention_grows_by_heads_and_embedding():
 class FunctionalNorm(nn.Module):
     """A user's own norm calling `F.layer_norm` over the last axis with its parameters."""
 
-    def __init__(self, d, literal):
+    def __init__(self, d, literal, keywords=False):
         super().__init__()
         self.weight, self.bias = nn.Parameter(torch.rand(d) + 0.5), nn.Parameter(torch.randn(d))
-        self.d, self.literal = d, literal
+        self.d, self.literal, self.keywords = d, literal, keywords
 
     def forward(self, x):
         shape = (self.d,) if self.literal else (x.shape[-1],)  # a number in the graph, or read from the shape
+        if self.keywords:
+            return nn.functional.layer_norm(x, normalized_shape=shape, weight=self.weight, bias=self.bias, eps=1e-6)
         return nn.functional.layer_norm(x, shape, self.weight, self.bias, 1e-6)
 
 
 class FunctionalNormNet(nn.Module):
-    def __init__(self, literal):
+    def __init__(self, literal, keywords=False):
         super().__init__()
-        self.embed, self.norm = nn.Linear(8, D), FunctionalNorm(D, literal)
+        self.embed, self.norm = nn.Linear(8, D), FunctionalNorm(D, literal, keywords)
         self.fc, self.head = nn.Linear(D, D), nn.Linear(D, 4)
 
     def forward(self, x):
@@ -257,6 +259,16 @@ def test_functional_layer_norm_grows_with_per_task_statistics(literal):
     torch.manual_seed(0)
     x = torch.randn(3, TOKENS, 8)
     net = grownfx.prepare(FunctionalNormNet(literal), x, seed_width=0.5)
+    g = next(g for g in net.growable_groups if any(b.role == "lnfn" for b in g.members))
+    assert g.width == D // 2
+    _grow_in_two_tasks(net, x, dict(ratio=1.0, groups=[g.id]), dict(ratio=0.5, groups=[g.id]))
+
+
+def test_functional_layer_norm_with_its_shape_given_by_keyword_grows():
+    """`F.layer_norm(x, normalized_shape=(16,), ...)`: the number written as a keyword follows the width too."""
+    torch.manual_seed(0)
+    x = torch.randn(3, TOKENS, 8)
+    net = grownfx.prepare(FunctionalNormNet(True, keywords=True), x, seed_width=0.5)
     g = next(g for g in net.growable_groups if any(b.role == "lnfn" for b in g.members))
     assert g.width == D // 2
     _grow_in_two_tasks(net, x, dict(ratio=1.0, groups=[g.id]), dict(ratio=0.5, groups=[g.id]))
