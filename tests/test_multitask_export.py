@@ -282,3 +282,15 @@ def test_cli_export_all_tasks_of_a_tiny_run(tmp_path):
     assert invoke("export", str(out), "--all-tasks", "--task", "1").exit_code == 2
     assert invoke("export", str(out), "--all-tasks", "--format", "onnx").exit_code == 2
     assert invoke("export", str(out)).exit_code == 2  # neither --task nor --all-tasks
+
+
+def test_a_corrupt_file_checked_by_its_checksum_file_names_that_file(tmp_path):
+    """With no meta.json beside it, the SHA-256 comes from `<file>.sha256`: the refusal names that file."""
+    from grownfx.engine.multitask_runtime import IntegrityError, check_sha256, file_sha256
+
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"damaged")
+    (tmp_path / "last.pt.sha256").write_text(json.dumps({"sha256": file_sha256(b"intact")}))
+    check_sha256(b"intact", path)
+    with pytest.raises(IntegrityError, match=r"does not match the one in last\.pt\.sha256"):
+        check_sha256(b"damaged", path)
