@@ -238,7 +238,7 @@ class FunctionalNorm(nn.Module):
     def forward(self, x):
         shape = (self.d,) if self.literal else (x.shape[-1],)  # a number in the graph, or read from the shape
         if self.keywords:
-            return nn.functional.layer_norm(x, normalized_shape=shape, weight=self.weight, bias=self.bias, eps=1e-6)
+            return torch.layer_norm(x, normalized_shape=shape, weight=self.weight, bias=self.bias, eps=1e-6)
         return nn.functional.layer_norm(x, shape, self.weight, self.bias, 1e-6)
 
 
@@ -265,7 +265,7 @@ def test_functional_layer_norm_grows_with_per_task_statistics(literal):
 
 
 def test_functional_layer_norm_with_its_shape_given_by_keyword_grows():
-    """`F.layer_norm(x, normalized_shape=(16,), ...)`: the number written as a keyword follows the width too."""
+    """`torch.layer_norm(x, normalized_shape=(16,), ...)`: the number written as a keyword follows the width too."""
     torch.manual_seed(0)
     x = torch.randn(3, TOKENS, 8)
     net = grownfx.prepare(FunctionalNormNet(True, keywords=True), x, seed_width=0.5)
