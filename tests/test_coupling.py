@@ -266,6 +266,28 @@ def test_transposed_channels_feed_the_linear_that_reads_them():
     grow_preserves(Tokens(), x, channels=3)
 
 
+class ScaledFunctionalLinear(nn.Module):
+    """`F.linear(tokens, self.w * 2)`: a weight computed from a parameter, inside the network."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.w = nn.Parameter(torch.randn(6, 8) * 0.3)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        t = torch.nn.functional.linear(self.stem(x).permute(0, 2, 3, 1), self.w * 2.0)
+        return self.head(t.mean((1, 2)))
+
+
+def test_a_linear_weight_computed_from_a_parameter_fixes_its_inputs():
+    # new input columns of w would pass through `* 2` (or a normalize) before meeting the new channels: zero
+    # columns may not keep the function, so the channels the weight reads stay as they are
+    res, g = groups_of(ScaledFunctionalLinear(), torch.randn(2, 3, 4, 4))
+    stem = g[("stem", "out")]
+    assert not stem.growable and "computed from parameter 'w'" in " ".join(stem.reasons)
+
+
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()

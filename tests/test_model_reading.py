@@ -335,6 +335,22 @@ def test_a_top_level_train_only_branch_is_refused_with_the_way_out():
         grownfx.prepare(Noisy(), X)
 
 
+def test_an_eval_only_op_at_the_end_of_the_forward_is_named():
+    class EvalTemperature(Frame):
+        def mid(self, x):
+            return x
+
+        def forward(self, x):
+            out = super().forward(x)
+            if not self.training:
+                out = out / 2.0
+            return out
+
+    # the train graph is the eval graph without its last op: the refusal names that op
+    with pytest.raises(grownfx.ModelCheckError, match="'truediv' only in eval mode"):
+        grownfx.prepare(EvalTemperature(), X)
+
+
 def test_check_report_says_what_was_compared():
     net = grownfx.prepare(TrainOnly(), X)
     rep = net.check_report
