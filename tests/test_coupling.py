@@ -288,6 +288,27 @@ def test_a_linear_weight_computed_from_a_parameter_fixes_its_inputs():
     assert not stem.growable and "computed from parameter 'w'" in " ".join(stem.reasons)
 
 
+class ActivationWeightedLinear(nn.Module):
+    """`F.linear(tokens, g.T @ g)`: a weight computed from activations (a Gram matrix of the pooled features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        f = self.stem(x)
+        g = f.mean((2, 3))
+        t = torch.nn.functional.linear(f.permute(0, 2, 3, 1), g.t() @ g)
+        return self.head(t.mean((1, 2)))
+
+
+def test_a_linear_weight_computed_from_activations_fixes_its_inputs():
+    res, g = groups_of(ActivationWeightedLinear(), torch.randn(2, 3, 4, 4))
+    assert not g[("stem", "out")].growable
+    assert "is not a parameter" in " ".join(g[("stem", "out")].reasons)
+
+
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()

@@ -175,9 +175,9 @@ class CatSlice(nn.Module):
 
 
 class CatSplit(nn.Module):
-    def __init__(self, chunk=False):
+    def __init__(self, chunk=False, dim_positional=False):
         super().__init__()
-        self.chunk = chunk
+        self.chunk, self.dim_positional = chunk, dim_positional
         self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 24 if not chunk else 16, 1)
         self.c = nn.Conv2d(3, 8, 1)
         self.d = nn.Conv2d(16, 8, 1)
@@ -186,13 +186,16 @@ class CatSplit(nn.Module):
     def forward(self, x):
         if self.chunk:
             p, q = torch.chunk(torch.cat([self.a(x), self.b(x)], 1), 2, dim=1)
+        elif self.dim_positional:  # `torch.split(t, sizes, 1)`: the axis as the third argument
+            p, q, r = torch.split(torch.cat([self.a(x), self.b(x), self.c(x)], 1), [16, 24, 8], 1)
         else:
             p, q, r = torch.split(torch.cat([self.a(x), self.b(x), self.c(x)], 1), [16, 24, 8], dim=1)
         return self.head(self.d(p + q[:, :16] if not self.chunk else p * q).mean((2, 3)))
 
 
 @pytest.mark.parametrize("make", [lambda: CatSlice(), lambda: CatSlice(12), lambda: CatSplit(),
-                                  lambda: CatSplit(chunk=True)], ids=["full-slice", "cut-slice", "split", "chunk"])
+                                  lambda: CatSplit(dim_positional=True), lambda: CatSplit(chunk=True)],
+                         ids=["full-slice", "cut-slice", "split", "split-axis-positional", "chunk"])
 def test_numeric_slices_and_splits(make):
     report = check_backbone("slices", 0.5, builder=_builder(make))
     assert report["growable"] >= 1

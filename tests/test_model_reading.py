@@ -231,6 +231,32 @@ def test_augmented_assignment_on_an_inplace_result_stays_in_place():
     assert net.graph_module.inplace_kept == ["iadd"]
 
 
+class NormFrame(Frame):
+    """A batch norm between the convs, with running statistics of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(8)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def mid(self, x):
+        return self.bn(x)
+
+
+def test_prepare_keeps_the_models_running_statistics():
+    # the differential check runs the graph in train mode too: the statistics it moves are put back, so the
+    # prepared net at full width computes what the model computes in eval mode
+    model = NormFrame().eval()
+    net = grownfx.prepare(model, X)
+    net.add_task(5)
+    with torch.no_grad():
+        net.graph_module.head.copies[0].load_state_dict(model.head.state_dict())
+        net.eval()
+        assert torch.equal(net(X), model(X))
+
+
 def test_ordinary_augmented_assignment_stays_out_of_place():
     # `out += identity` on a fresh tensor read by nothing else (torchvision's ResNet) is written out of place
     import torchvision
