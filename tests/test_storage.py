@@ -137,3 +137,16 @@ def test_a_checkpoint_restores_a_group_that_more_than_doubled_in_one_growth():
     x, _ = data()
     ref, got = outputs(net, x), outputs(other, x)
     assert all(torch.equal(ref[t], got[t]) for t in ref)
+
+
+def test_a_checkpoint_in_the_middle_of_a_grown_task_restores_exactly():
+    """Channels grown for the task being learned (born after the last freeze) are rebuilt too."""
+    net = learned_net(1)
+    t = net.add_task(CLASSES)
+    net.grow(ratio=0.5)
+    train(net, t)
+    other = fresh_net(net)
+    assert other.structure.widths == net.structure.widths
+    x, _ = data()
+    ref, got = outputs(net, x), outputs(other, x)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
