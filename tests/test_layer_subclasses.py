@@ -201,6 +201,14 @@ def test_numeric_slices_and_splits(make):
     assert report["growable"] >= 1
 
 
+def test_a_split_reads_its_axis_given_positionally_as_by_keyword():
+    def groups(**kw):
+        net = grownfx.prepare(CatSplit(**kw), torch.randn(4, 3, 16, 16), seed_width=0.5)
+        return sorted((sorted((b.target, b.role) for b in g.members), g.growable, g.width) for g in net.coupling_groups)
+
+    assert groups(dim_positional=True) == groups()
+
+
 def test_cut_slice_refines_what_it_cuts_and_grows():
     # the slice is the first piece of split(y, [12, 4]) (DPN, ReXNet): b is cut at the bound and every part grows
     net = grownfx.prepare(CatSlice(12), torch.randn(2, 3, 8, 8), seed_width=0.5)
