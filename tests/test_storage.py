@@ -4,6 +4,7 @@ bank once -- about what serving every task needs -- while restoring it exactly."
 import io
 import math
 
+import pytest
 import torch
 
 from grownfx.engine import masks as M
@@ -139,12 +140,16 @@ def test_a_checkpoint_restores_a_group_that_more_than_doubled_in_one_growth():
     assert all(torch.equal(ref[t], got[t]) for t in ref)
 
 
-def test_a_checkpoint_in_the_middle_of_a_grown_task_restores_exactly():
-    """Channels grown for the task being learned (born after the last freeze) are rebuilt too."""
+@pytest.mark.parametrize("added", [True, False], ids=["task-added", "before-the-next-task"])
+def test_a_checkpoint_after_growth_past_the_last_freeze_restores_exactly(added):
+    """Channels grown after the last freeze are rebuilt too: for the task being learned, or for the next task
+    before it is added (born at a task index the checkpoint has no task for yet)."""
     net = learned_net(1)
-    t = net.add_task(CLASSES)
+    if added:
+        t = net.add_task(CLASSES)
     net.grow(ratio=0.5)
-    train(net, t)
+    if added:
+        train(net, t)
     other = fresh_net(net)
     assert other.structure.widths == net.structure.widths
     x, _ = data()
