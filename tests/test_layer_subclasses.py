@@ -186,8 +186,8 @@ class CatSplit(nn.Module):
     def forward(self, x):
         if self.chunk:
             p, q = torch.chunk(torch.cat([self.a(x), self.b(x)], 1), 2, dim=1)
-        elif self.dim_positional:  # `torch.split(t, sizes, 1)`: the axis as the third argument
-            p, q, r = torch.split(torch.cat([self.a(x), self.b(x), self.c(x)], 1), [16, 24, 8], 1)
+        elif self.dim_positional:  # `t.split(sizes, 1)`: the axis as a positional argument
+            p, q, r = torch.cat([self.a(x), self.b(x), self.c(x)], 1).split([16, 24, 8], 1)
         else:
             p, q, r = torch.split(torch.cat([self.a(x), self.b(x), self.c(x)], 1), [16, 24, 8], dim=1)
         return self.head(self.d(p + q[:, :16] if not self.chunk else p * q).mean((2, 3)))
