@@ -223,6 +223,92 @@ def test_layernorm_over_several_axes_fixes_the_stream():
     assert not g[("a", "out")].growable and "LayerNorm" in " ".join(g[("a", "out")].reasons)
 
 
+class FlattenedSum(nn.Module):
+    """Two convs flattened to 32 features each (2 channels x 16 pixels, 8 channels x 4 pixels), then added."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 2, 1)
+        self.b = nn.Conv2d(3, 8, 2, stride=2)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.a(x).flatten(1) + self.b(x).flatten(1))
+
+
+def test_channels_of_different_layouts_that_meet_are_one_fixed_group():
+    # the add mixes a's channels with b's pixel by pixel: neither can grow, and both (and the head's input, which
+    # reads the sum) are one group, so what `explain` shows names every layer the add couples
+    res, g = groups_of(FlattenedSum(), torch.randn(2, 3, 4, 4))
+    group = g[("a", "out")]
+    assert g[("b", "out")] is group and g[("head", "in")] is group
+    assert not group.growable and "different layouts meet at 'add'" in " ".join(group.reasons)
+
+
+class Tokens(nn.Module):
+    """A conv's feature map read as tokens: flatten the pixels, transpose to (N, pixels, channels), a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(torch.relu(self.fc(t)).mean(1))
+
+
+def test_transposed_channels_feed_the_linear_that_reads_them():
+    x = torch.randn(2, 3, 6, 5)  # 30 pixels, 8 channels: the two axes cannot be mistaken for each other
+    res, g = groups_of(Tokens(), x)
+    assert g[("stem", "out")] is g[("fc", "in")] and g[("stem", "out")].growable
+    grow_preserves(Tokens(), x, channels=3)
+
+
+class ScaledFunctionalLinear(nn.Module):
+    """`F.linear(tokens, self.w * 2)`: a weight computed from a parameter, inside the network."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.w = nn.Parameter(torch.randn(6, 8) * 0.3)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        t = torch.nn.functional.linear(self.stem(x).permute(0, 2, 3, 1), self.w * 2.0)
+        return self.head(t.mean((1, 2)))
+
+
+def test_a_linear_weight_computed_from_a_parameter_fixes_its_inputs():
+    # new input columns of w would pass through `* 2` (or a normalize) before meeting the new channels: zero
+    # columns may not keep the function, so the channels the weight reads stay as they are
+    res, g = groups_of(ScaledFunctionalLinear(), torch.randn(2, 3, 4, 4))
+    stem = g[("stem", "out")]
+    assert not stem.growable and "computed from parameter 'w'" in " ".join(stem.reasons)
+
+
+class ActivationWeightedLinear(nn.Module):
+    """`F.linear(tokens, g.T @ g)`: a weight computed from activations (a Gram matrix of the pooled features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        f = self.stem(x)
+        g = f.mean((2, 3))
+        t = torch.nn.functional.linear(f.permute(0, 2, 3, 1), g.t() @ g)
+        return self.head(t.mean((1, 2)))
+
+
+def test_a_linear_weight_computed_from_activations_fixes_its_inputs():
+    res, g = groups_of(ActivationWeightedLinear(), torch.randn(2, 3, 4, 4))
+    assert not g[("stem", "out")].growable
+    assert "is not a parameter" in " ".join(g[("stem", "out")].reasons)
+
+
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()

@@ -101,6 +101,33 @@ def test_conv_and_norm_subclasses_grow_and_export():
     assert isinstance(sub.get_submodule("stem"), SameConv) and isinstance(sub.get_submodule("bn1"), BNAct)
 
 
+class StdLinear(nn.Linear):
+    """Weight standardisation of a Linear: each output's weights normalised, reshaped by `self.out_features`."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_features, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.linear(x, w, self.bias)
+
+
+class StdMlp(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2)
+        self.fc = StdLinear(16, 24)
+        self.head = nn.Linear(24, classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(self.stem(x).mean((2, 3)))))
+
+
+def test_std_linear_grows_its_outputs_and_sees_its_own_widths():
+    # the masked layer runs StdLinear's own forward: its out_features must be the weight's rows (24 -> 12 at the
+    # seed, more after growth, never its 16 inputs), or the export (a plain StdLinear) computes something else
+    report = check_backbone("std_linear", 0.5, builder=_builder(StdMlp))
+    assert report["growable"] == 1
+
+
 class StdThenPlain(nn.Module):
     def __init__(self):
         super().__init__()
@@ -148,9 +175,9 @@ class CatSlice(nn.Module):
 
 
 class CatSplit(nn.Module):
-    def __init__(self, chunk=False):
+    def __init__(self, chunk=False, dim_positional=False):
         super().__init__()
-        self.chunk = chunk
+        self.chunk, self.dim_positional = chunk, dim_positional
         self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 24 if not chunk else 16, 1)
         self.c = nn.Conv2d(3, 8, 1)
         self.d = nn.Conv2d(16, 8, 1)
@@ -159,16 +186,27 @@ class CatSplit(nn.Module):
     def forward(self, x):
         if self.chunk:
             p, q = torch.chunk(torch.cat([self.a(x), self.b(x)], 1), 2, dim=1)
+        elif self.dim_positional:  # `t.split(sizes, 1)`: the axis as a positional argument
+            p, q, r = torch.cat([self.a(x), self.b(x), self.c(x)], 1).split([16, 24, 8], 1)
         else:
             p, q, r = torch.split(torch.cat([self.a(x), self.b(x), self.c(x)], 1), [16, 24, 8], dim=1)
         return self.head(self.d(p + q[:, :16] if not self.chunk else p * q).mean((2, 3)))
 
 
 @pytest.mark.parametrize("make", [lambda: CatSlice(), lambda: CatSlice(12), lambda: CatSplit(),
-                                  lambda: CatSplit(chunk=True)], ids=["full-slice", "cut-slice", "split", "chunk"])
+                                  lambda: CatSplit(dim_positional=True), lambda: CatSplit(chunk=True)],
+                         ids=["full-slice", "cut-slice", "split", "split-axis-positional", "chunk"])
 def test_numeric_slices_and_splits(make):
     report = check_backbone("slices", 0.5, builder=_builder(make))
     assert report["growable"] >= 1
+
+
+def test_a_split_reads_its_axis_given_positionally_as_by_keyword():
+    def groups(**kw):
+        net = grownfx.prepare(CatSplit(**kw), torch.randn(4, 3, 16, 16), seed_width=0.5)
+        return sorted((sorted((b.target, b.role) for b in g.members), g.growable, g.width) for g in net.coupling_groups)
+
+    assert groups(dim_positional=True) == groups()
 
 
 def test_cut_slice_refines_what_it_cuts_and_grows():

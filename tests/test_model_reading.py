@@ -204,6 +204,59 @@ def test_inplace_update_through_an_alias_keeps_the_math():
     lifecycle(InplaceAlias(), X)
 
 
+class InplaceChain(Frame):
+    """`z = s.add_(1); z += y; out = s + z`: z is s, so the augmented assignment updates s too."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        z = s.add_(1.0)
+        z += self.side(x)
+        return self.head(self.conv(s + z).mean((2, 3)))
+
+
+def test_augmented_assignment_on_an_inplace_result_stays_in_place():
+    # the output of an in-place op is its input, not a fresh tensor: writing `z += y` out of place would leave s
+    # without y (the check would refuse the model)
+    model = InplaceChain().eval()
+    net = grownfx.prepare(model, X)
+    net.add_task(5)
+    with torch.no_grad():
+        net.graph_module.head.copies[0].load_state_dict(model.head.state_dict())
+        net.eval()
+        assert torch.equal(net(X), model(X))
+    assert net.graph_module.inplace_kept == ["iadd"]
+
+
+class NormFrame(Frame):
+    """A batch norm between the convs, with running statistics of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(8)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def mid(self, x):
+        return self.bn(x)
+
+
+def test_prepare_keeps_the_models_running_statistics():
+    # the differential check runs the graph in train mode too: the statistics it moves are put back, so the
+    # prepared net at full width computes what the model computes in eval mode
+    model = NormFrame().eval()
+    net = grownfx.prepare(model, X)
+    net.add_task(5)
+    with torch.no_grad():
+        net.graph_module.head.copies[0].load_state_dict(model.head.state_dict())
+        net.eval()
+        assert torch.equal(net(X), model(X))
+
+
 def test_ordinary_augmented_assignment_stays_out_of_place():
     # `out += identity` on a fresh tensor read by nothing else (torchvision's ResNet) is written out of place
     import torchvision
@@ -223,6 +276,44 @@ def test_the_check_catches_each_way_a_graph_differs(monkeypatch, switch, model, 
     with pytest.raises(grownfx.ModelCheckError, match=cause) as err:
         grownfx.prepare(model(), X)
     assert "first differ at node" in str(err.value) and "Way out" in str(err.value)
+
+
+class ClampedGain(Frame):
+    """A straight-through clamp of a parameter: only that parameter's gradient depends on the Function's backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((1, 8, 1, 1), 2.0))
+
+    def mid(self, x):
+        return x * STClamp.apply(self.gain)
+
+
+def test_the_check_compares_parameter_gradients_where_outputs_and_input_gradients_agree(monkeypatch):
+    monkeypatch.setattr(GrownTracer, "keep_functions", False)
+    with pytest.raises(grownfx.ModelCheckError, match="the gradients differ where the outputs agree.*'gain'"):
+        grownfx.prepare(ClampedGain(), X)
+
+
+class ClampedInputGain(Frame):
+    """The input scaled by a straight-through clamp of a parameter, before any module."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((1, 3, 1, 1), 2.0))
+
+    def mid(self, x):
+        return x
+
+    def forward(self, x):
+        return super().forward(x * STClamp.apply(self.gain))
+
+
+def test_a_difference_before_the_first_module_lists_every_node_from_the_graph_s_start(monkeypatch):
+    # every module agrees, so the suspects are all the nodes before the first one: the parameter read included
+    monkeypatch.setattr(GrownTracer, "keep_functions", False)
+    with pytest.raises(grownfx.ModelCheckError, match="agree up to 'stem'; nodes in between: gain, clamp, mul\\."):
+        grownfx.prepare(ClampedInputGain(), X)
 
 
 def test_the_check_refuses_what_no_tracer_can_keep():
@@ -270,6 +361,22 @@ def test_a_top_level_train_only_branch_is_refused_with_the_way_out():
         grownfx.prepare(Noisy(), X)
 
 
+def test_an_eval_only_op_at_the_end_of_the_forward_is_named():
+    class EvalTemperature(Frame):
+        def mid(self, x):
+            return x
+
+        def forward(self, x):
+            out = super().forward(x)
+            if not self.training:
+                out = out / 2.0
+            return out
+
+    # the train graph is the eval graph without its last op: the refusal names that op
+    with pytest.raises(grownfx.ModelCheckError, match="'truediv' only in eval mode"):
+        grownfx.prepare(EvalTemperature(), X)
+
+
 def test_check_report_says_what_was_compared():
     net = grownfx.prepare(TrainOnly(), X)
     rep = net.check_report
@@ -315,6 +422,29 @@ def test_one_channel_broadcast_is_fixed_and_the_rest_grows(model):
 # --- class 3: non-float per-channel constants ----------------------------------------------------------------
 
 
+class BatchContext(Frame):
+    """A context vector of the whole batch (1-d: one value per channel) through a functional linear, added to the
+    conv's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        context = F.linear(s.mean((0, 2, 3)), self.w)
+        return self.head((self.conv(s) + context.view(1, -1, 1, 1)).mean((2, 3)))
+
+
+def test_a_functional_linear_on_a_vector_grows_its_inputs():
+    # as on a batch of rows: the weight's input columns follow the stem's channels; its outputs, made by a
+    # parameter the analysis does not own as a layer, are fixed with that reason
+    net = lifecycle(BatchContext(), X)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    assert not any(g.growable for g in groups_of(net, "conv"))
+    assert "functional linear of parameter 'w'" in reasons(net)
+
+
 class ChannelMask(Frame):
     def __init__(self, dtype):
         super().__init__()
@@ -336,6 +466,38 @@ def test_integer_and_bool_channel_masks_are_copied_per_task(dtype):
 
 
 # --- class 4: slice bounds computed in the graph -------------------------------------------------------------
+
+
+class ColumnScale(Frame):
+    """A (C, 1) parameter flattened to (C,), then viewed to broadcast over the channels: two widths written."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(8, 1) + 0.5)
+
+    def mid(self, x):
+        return x * self.scale.reshape(8).view(1, 8, 1, 1)
+
+
+def test_a_width_written_as_a_reshape_s_only_number_follows_the_channels():
+    net = grownfx.prepare(ColumnScale(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    assert net.graph_module.scale.shape == (4, 1)
+    lifecycle(ColumnScale(), X)
+
+
+class SpatialSoftmax(Frame):
+    """Each channel's softmax over its pixels, the shape given as one tuple: `x.reshape((n, 8, -1))`."""
+
+    def mid(self, x):
+        return x * x.reshape((x.size(0), 8, -1)).softmax(-1).reshape(x.shape)
+
+
+def test_a_width_written_in_a_shape_tuple_follows_the_channels():
+    net = grownfx.prepare(SpatialSoftmax(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    assert net.graph_module.stem.out_channels == 4
+    lifecycle(SpatialSoftmax(), X)
 
 
 class HalfChannels(nn.Module):
@@ -408,6 +570,26 @@ def test_per_class_parameter_after_the_head_is_per_task():
     assert [tuple(c.shape) for c in holder.copies] == [(5,), (3,)]
 
 
+class IntegerClassOffset(Frame):
+    """An integer per-class parameter (not trained) added to the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.arange(5), requires_grad=False)
+
+    def mid(self, x):
+        return x
+
+    def forward(self, x):
+        return super().forward(x) + self.offset
+
+
+def test_an_integer_per_class_parameter_after_the_head_is_per_task():
+    net = grownfx.prepare(IntegerClassOffset(), X)
+    t = net.add_task(3)
+    assert net(X, task=t).shape == (4, 3)
+
+
 def test_per_class_buffer_after_the_head_is_refused_by_name():
     with pytest.raises(grownfx.SurgeryError, match="buffer 'log_prior' holds one value per class"):
         grownfx.prepare(LogitAdjusted(buffer=True), X)
@@ -434,6 +616,32 @@ def test_cosine_classifier_is_found_as_the_head():
     holder = net.graph_module.get_submodule("task_params.weight")
     assert [tuple(c.shape) for c in holder.copies] == [(5, 8), (3, 8)]
     assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+
+
+class FunctionalHead(Frame):
+    """A functional classifier with a bias: `F.linear(features, self.w, self.b)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 8) * 0.1)
+        self.b = nn.Parameter(torch.zeros(5))
+
+    def forward(self, x):
+        return F.linear(self.conv(torch.relu(self.stem(x))).mean((2, 3)), self.w, self.b)
+
+
+def test_a_functional_classifier_s_bias_starts_like_nn_linear_s_for_each_task():
+    # a new task's bias is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in the weight's 8 inputs, as
+    # nn.Linear draws its own: with 400 classes the largest value is close to that bound and never past it
+    from grownfx.engine.layers import TaskParameter
+
+    torch.manual_seed(0)
+    net = grownfx.prepare(FunctionalHead(), X)
+    t = net.add_task(400)
+    assert net(X, task=t).shape == (4, 400)
+    bias = next(m for n, m in net.named_modules() if isinstance(m, TaskParameter) and n.endswith(".b")).copy_for(t)
+    bound = 1 / 8 ** 0.5
+    assert 0.95 * bound < float(bias.abs().max()) <= bound
 
 
 class Prototypes(Frame):
@@ -543,6 +751,37 @@ def test_padding_modes_grow(mode):
     assert net.export(0).get_submodule("stem").padding_mode == mode
 
 
+class ChannelPad(Frame):
+    """`F.pad(x, (0, 0, 0, 0, 1, 1))` on NCHW: the third pair pads the channel axis (2 constant channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(10, 8, 3, padding=1)
+
+    def mid(self, x):
+        return F.pad(x, (0, 0, 0, 0, 1, 1))
+
+
+def test_padding_the_channel_axis_fixes_its_channels():
+    # a pad of 3 (left, right) pairs reaches back to the channels: they cannot grow under it
+    net = grownfx.prepare(ChannelPad(), X)
+    assert not any(g.growable for g in groups_of(net, "stem")) and "'pad'" in reasons(net)
+
+
+class SizeScaled(Frame):
+    """`x * x.size(1) ** -0.5`: a value computed from the channel count."""
+
+    def mid(self, x):
+        return x * x.size(1) ** -0.5
+
+
+def test_a_channel_count_read_with_size_that_scales_values_fixes_the_channels():
+    # growing would change the scale, and with it the outputs of the task being learned
+    net = grownfx.prepare(SizeScaled(), X)
+    assert not any(g.growable for g in groups_of(net, "stem"))
+    assert "channel count read from the shape at 'size'" in reasons(net)
+
+
 class Flipped(Frame):
     def __init__(self, dims):
         super().__init__()
@@ -558,6 +797,33 @@ def test_spatial_flip_roll_pad_keep_channels_growable():
     assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
     net = lifecycle(Flipped([1]), X)  # flipping the channels themselves: fixed, with the reason
     assert "'flip' moves channels" in reasons(net)
+
+
+class Rotated(Frame):
+    def mid(self, x):
+        return x + torch.rot90(x, 1, (2, 3))
+
+
+def test_a_spatial_rotation_keeps_channels_growable():
+    net = lifecycle(Rotated(), X)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+
+
+class AssertedDeadCode(Frame):
+    """A value computed and never read (an op the registry does not know), then an assert on the input's rank."""
+
+    def mid(self, x):
+        spectrum = torch.fft.fft2(x).real  # noqa: F841 - dead code, as users leave it
+        torch._assert(x.dim() == 4, "an NCHW input")
+        return x
+
+
+def test_dead_code_is_dropped_around_an_assert_that_is_kept():
+    # the assert has a side effect and stays; the unread fft before it is dropped, so it fixes nothing
+    net = grownfx.prepare(AssertedDeadCode(), X)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    targets = [n.target for n in net.graph_module.graph.nodes]
+    assert torch._assert in targets and torch.fft.fft2 not in targets
 
 
 class TwiceApplied(nn.Module):
@@ -630,6 +896,20 @@ def test_one_group_norm_slims_and_grows_like_a_layer_norm():
     assert stem.growable and stem.granularity == 1 and net.structure.widths[stem.id] > 4  # 8 -> seed 4 -> grown
     # a subclass that computes more than the norm keeps the old rule: whole groups
     net = grownfx.prepare(OneGroupNorm(GroupNormAct(1, 8)), X, seed_width=0.5)
+    assert groups_of(net, "stem")[0].granularity == 8
+
+
+class ShiftOnlyGroupNorm(nn.GroupNorm):
+    """Normalises, then adds its bias but never multiplies by its weight: equal to a group norm while the weight
+    is still at its initial 1, not after training moves it."""
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, None, self.bias, self.eps)
+
+
+def test_a_group_norm_subclass_is_judged_on_weights_other_than_its_initial_ones():
+    # judged a plain one-group norm (a layer norm, one channel per unit) only if it computes one for any weight
+    net = grownfx.prepare(OneGroupNorm(ShiftOnlyGroupNorm(1, 8)), X, seed_width=0.5)
     assert groups_of(net, "stem")[0].granularity == 8
 
 

@@ -282,3 +282,27 @@ def test_cli_export_all_tasks_of_a_tiny_run(tmp_path):
     assert invoke("export", str(out), "--all-tasks", "--task", "1").exit_code == 2
     assert invoke("export", str(out), "--all-tasks", "--format", "onnx").exit_code == 2
     assert invoke("export", str(out)).exit_code == 2  # neither --task nor --all-tasks
+
+
+def test_a_corrupt_file_checked_by_its_checksum_file_names_that_file(tmp_path):
+    """With no meta.json beside it, the SHA-256 comes from `<file>.sha256`: the refusal names that file."""
+    from grownfx.engine.multitask_runtime import IntegrityError, check_sha256, file_sha256
+
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"damaged")
+    (tmp_path / "last.pt.sha256").write_text(json.dumps({"sha256": file_sha256(b"intact")}))
+    check_sha256(b"intact", path)
+    with pytest.raises(IntegrityError, match=r"does not match the one in last\.pt\.sha256"):
+        check_sha256(b"damaged", path)
+
+
+def test_stored_programs_keep_no_record_of_where_each_op_came_from(tmp_path):
+    """Stack traces and module stacks of the export are dropped before saving (they would be a third of the file
+    and show the exporting machine's paths); the programs run without them."""
+    import io
+
+    path = tmp_path / "m.pt"
+    MT.save(make_net(tasks=1), torch.randn(2, *SHAPE), path)
+    for blob, _mode in R.load(path)._blobs:
+        ep = torch.export.load(io.BytesIO(blob))
+        assert not [n.name for n in ep.graph.nodes if n.meta.get("stack_trace") or n.meta.get("nn_module_stack")]

@@ -117,3 +117,36 @@ def test_registry_rejects_bad_rules():
         grownfx.register_module(ChannelScale, "per_channel")  # no resize
     with pytest.raises(ValueError):
         grownfx.register_function(soft_clip, "per_channel")
+
+
+class FeatureScale(nn.Module):
+    """A per-feature scale of (N, C) features, untraceable like ChannelScale."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.g = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x * self.g if bool(x.abs().sum() > 0) else x
+
+
+class FeatureHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 8)
+        self.scale = FeatureScale(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.scale(torch.relu(self.fc(self.stem(x).mean((2, 3))))))
+
+
+def test_a_per_channel_module_on_features_without_spatial_axes_grows():
+    grownfx.register_module(FeatureScale, "per_channel", resize=resize_scale)
+    try:
+        net = lifecycle(FeatureHead(), X)
+        g = next(g for g in net.coupling_groups if any(b.target == "scale" for b in g.members))
+        assert g.growable and any(b.target == "fc" and b.role == "out" for b in g.members), g.reasons
+    finally:
+        grownfx.unregister(FeatureScale)

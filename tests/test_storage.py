@@ -4,6 +4,7 @@ bank once -- about what serving every task needs -- while restoring it exactly."
 import io
 import math
 
+import pytest
 import torch
 
 from grownfx.engine import masks as M
@@ -119,3 +120,38 @@ def test_channel_units_are_stored_once_too():
     net.eval(), other.eval()
     with torch.no_grad():
         assert all(torch.equal(net(x, task=t), other(x, task=t)) for t in range(3))
+
+
+def test_a_checkpoint_restores_a_group_that_more_than_doubled_in_one_growth():
+    """The structure is rebuilt task by task from the births: a task that added more channels than the group had
+    (ratio 2) must be rebuilt as width + its channels, not the other way round."""
+    net = make_net()
+    t0 = net.add_task(CLASSES)
+    train(net, t0)
+    net.freeze_task(t0)
+    t1 = net.add_task(CLASSES)
+    net.grow(ratio=2.0)
+    train(net, t1)
+    net.freeze_task(t1)
+    other = fresh_net(net)
+    assert other.structure.widths == net.structure.widths
+    x, _ = data()
+    ref, got = outputs(net, x), outputs(other, x)
+    assert all(torch.equal(ref[t], got[t]) for t in ref)
+
+
+@pytest.mark.parametrize("added", [True, False], ids=["task-added", "before-the-next-task"])
+def test_a_checkpoint_after_growth_past_the_last_freeze_restores_exactly(added):
+    """Channels grown after the last freeze are rebuilt too: for the task being learned, or for the next task
+    before it is added (born at a task index the checkpoint has no task for yet)."""
+    net = learned_net(1)
+    if added:
+        t = net.add_task(CLASSES)
+    net.grow(ratio=0.5)
+    if added:
+        train(net, t)
+    other = fresh_net(net)
+    assert other.structure.widths == net.structure.widths
+    x, _ = data()
+    ref, got = outputs(net, x), outputs(other, x)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)

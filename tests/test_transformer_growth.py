@@ -230,20 +230,22 @@ def test_timm_vit_attention_grows_by_heads_and_embedding():
 class FunctionalNorm(nn.Module):
     """A user's own norm calling `F.layer_norm` over the last axis with its parameters."""
 
-    def __init__(self, d, literal):
+    def __init__(self, d, literal, keywords=False):
         super().__init__()
         self.weight, self.bias = nn.Parameter(torch.rand(d) + 0.5), nn.Parameter(torch.randn(d))
-        self.d, self.literal = d, literal
+        self.d, self.literal, self.keywords = d, literal, keywords
 
     def forward(self, x):
         shape = (self.d,) if self.literal else (x.shape[-1],)  # a number in the graph, or read from the shape
+        if self.keywords:
+            return torch.layer_norm(x, normalized_shape=shape, weight=self.weight, bias=self.bias, eps=1e-6)
         return nn.functional.layer_norm(x, shape, self.weight, self.bias, 1e-6)
 
 
 class FunctionalNormNet(nn.Module):
-    def __init__(self, literal):
+    def __init__(self, literal, keywords=False):
         super().__init__()
-        self.embed, self.norm = nn.Linear(8, D), FunctionalNorm(D, literal)
+        self.embed, self.norm = nn.Linear(8, D), FunctionalNorm(D, literal, keywords)
         self.fc, self.head = nn.Linear(D, D), nn.Linear(D, 4)
 
     def forward(self, x):
@@ -257,6 +259,16 @@ def test_functional_layer_norm_grows_with_per_task_statistics(literal):
     torch.manual_seed(0)
     x = torch.randn(3, TOKENS, 8)
     net = grownfx.prepare(FunctionalNormNet(literal), x, seed_width=0.5)
+    g = next(g for g in net.growable_groups if any(b.role == "lnfn" for b in g.members))
+    assert g.width == D // 2
+    _grow_in_two_tasks(net, x, dict(ratio=1.0, groups=[g.id]), dict(ratio=0.5, groups=[g.id]))
+
+
+def test_functional_layer_norm_with_its_shape_given_by_keyword_grows():
+    """`torch.layer_norm(x, normalized_shape=(16,), ...)`: the number written as a keyword follows the width too."""
+    torch.manual_seed(0)
+    x = torch.randn(3, TOKENS, 8)
+    net = grownfx.prepare(FunctionalNormNet(True, keywords=True), x, seed_width=0.5)
     g = next(g for g in net.growable_groups if any(b.role == "lnfn" for b in g.members))
     assert g.width == D // 2
     _grow_in_two_tasks(net, x, dict(ratio=1.0, groups=[g.id]), dict(ratio=0.5, groups=[g.id]))
@@ -285,3 +297,137 @@ def test_grown_gates_settle_through_attention_projections():
     assert gates.settle(net) == {gid: D // HEADS}
     with torch.no_grad():
         assert rel(net(x), before) <= 1e-6
+
+
+def test_swin_growth_keeps_every_existing_heads_relative_position_bias():
+    """Swin's relative position bias has one column per head: growth adds zero columns for the new heads and keeps
+    every existing head's column, the first included.  The biases are drawn large here (at init they are ~0.02
+    and move the logits by less than rounding), so a head's lost bias shows in the outputs."""
+    from engine_checks import build, rel_err
+    from grownfx.engine.layers import TaskParameter
+
+    torch.manual_seed(0)
+    model, x = build("swin_small_test")
+    net = grownfx.prepare(model, x, seed_width=0.5)
+    t0 = net.add_task(10)
+    tables = [m for n, m in net.named_modules()
+              if isinstance(m, TaskParameter) and n.endswith("relative_position_bias_table")]
+    assert tables
+    with torch.no_grad():
+        for t in tables:
+            t.copy_for(t0).normal_(0, 2.0)
+        net.eval()
+        before = net(x, task=t0)
+        net.grow(ratio=0.25)
+        assert rel_err(net(x, task=t0), before) < 1e-5
+
+
+class AttentionThenLinear(nn.Module):
+    """Embedding -> attention -> a Linear reading the attention's output directly (no residual add around it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, D)
+        self.attn = nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.fc = nn.Linear(D, D)
+        self.head = nn.Linear(D, 4)
+
+    def forward(self, x):
+        y = self.embed(x)
+        return self.head(torch.relu(self.fc(self.attn(y, y, y, need_weights=False)[0])).mean(1))
+
+
+def test_a_layer_reading_the_attention_output_grows_with_the_attention():
+    """The attention's output has its embedding's channels: the Linear reading it is in the embedding's group
+    and widens with it (whole heads), keeping the outputs."""
+    torch.manual_seed(0)
+    x = torch.randn(3, TOKENS, 8)
+    net = grownfx.prepare(AttentionThenLinear(), x, seed_width=0.5)
+    g = next(g for g in net.coupling_groups if any(b.target == "attn" for b in g.members))
+    assert g.growable and {(b.target, b.role) for b in g.members} >= {("embed", "out"), ("fc", "in")}
+    net.add_task(4)
+    net.eval()
+    with torch.no_grad():
+        before = net(x)
+        net.grow(ratio=0.5)
+        assert net.graph_module.fc.weight.shape[1] == net.graph_module.embed.weight.shape[0] > D // 2
+        assert rel(net(x), before) <= 1e-5
+
+
+class AttentionWeightsRead(nn.Module):
+    """The attention's weights (need_weights=True, no channel axis), broadcast like a token-by-token tensor (an
+    op of the weights and a tensor the analysis follows), used too."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, D)
+        self.attn = nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.head = nn.Linear(D, 4)
+
+    def forward(self, x):
+        y = self.embed(x)
+        out, weights = self.attn(y, y, y)
+        pair = x.mean(-1, keepdim=True)  # the input's features: fixed anyway
+        return self.head((out + weights.expand_as(pair * pair.transpose(1, 2)).sum(-1, keepdim=True)).mean(1))
+
+
+def test_attention_weights_read_beside_the_output_leave_the_embedding_growable():
+    torch.manual_seed(0)
+    x = torch.randn(3, TOKENS, 8)
+    net = grownfx.prepare(AttentionWeightsRead(), x, seed_width=0.5)
+    g = next(g for g in net.coupling_groups if any(b.target == "attn" for b in g.members))
+    assert g.growable, g.reasons
+
+
+class Attention(nn.Module):
+    """A stand-in for timm's `Attention` (ViT, DeiT; its non-fused path), under the module and class name the
+    engine recognises it by, so its growth is tested where timm is not installed."""
+
+    __module__ = "timm.layers.attention"
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = num_heads, dim // num_heads, dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm, self.k_norm, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
+        self.attn_drop, self.proj_drop = nn.Dropout(0.0), nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+class TimmLikeBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.attn = Attention(32, 4)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.head((x + self.attn(x)).mean(1))
+
+
+def test_timm_attention_is_kept_whole_and_grows_by_heads():
+    torch.manual_seed(0)
+    x = torch.randn(3, TOKENS, 8)
+    net = grownfx.prepare(TimmLikeBlock(), x, seed_width=0.5)
+    heads = next(g for g in net.growable_groups if any(b.role == "heads" for b in g.members))
+    assert (heads.width, heads.granularity) == (16, 8)  # 2 of 4 heads of head_dim 8 at the seed
+    net.add_task(5)
+    net.eval()
+    with torch.no_grad():
+        before = net(x)
+        net.grow(channels=8, groups=[heads.id])
+        assert rel(net(x), before) <= 1e-6
+        attn = net.export(0).get_submodule("attn")
+        assert (attn.num_heads, attn.attn_dim, attn.qkv.out_features) == (3, 24, 72)
+        assert rel(net.export(0)(x), net(x)) <= 1e-6

@@ -141,6 +141,15 @@ def test_one_noise_draw_per_forward_in_masked_layers_order():
     torch.testing.assert_close(out, again, rtol=0, atol=0)
 
 
+def test_the_one_expression_given_to_the_compiler_equals_the_plain_expression(monkeypatch):
+    """`_all_weights`, every layer's masked weight in one expression (what torch.compile compiles, the slow test
+    below), run eagerly: the same weights and gradients as each layer's plain expression."""
+    monkeypatch.setattr(WP, "_fresh_compiled", lambda fn: fn)
+    net = _net()
+    net.ctx.masks.fuse_masks = True
+    _check(net, tol=1e-5)
+
+
 @pytest.mark.slow
 def test_compiled_pass_equals_the_plain_expression_and_compiles_once_per_layout():
     pytest.importorskip("torch._inductor")
