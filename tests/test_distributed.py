@@ -335,3 +335,33 @@ def test_one_stage_in_two_processes_is_the_single_process_stage_in_float64(tmp_p
     assert all(torch.equal(one[k], synced[k]) for k in one if not one[k].is_floating_point())  # batches counted
     # the comparison can fail: per-rank BatchNorm statistics are another computation
     assert worst(one, two("two_unsynced.pt", GROWNFX_SYNC_BN="0")) > 1e-4
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_global_batch_norm_in_one_rank_is_torch_s_batch_norm(tmp_path, momentum):
+    """With one rank, the global batch is the local one: the patched BatchNorm must compute torch's own training
+    step (output, running mean and unbiased variance, cumulative average when momentum is None), for images and
+    for sequences (a BatchNorm1d on (N, C, L))."""
+    import copy
+    import torch.distributed as td
+    from grownfx.learn.distributed import batchnorm
+
+    assert not td.is_initialized()
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for bn, shape in [(torch.nn.BatchNorm2d(3, momentum=momentum), (4, 3, 5, 6)),
+                          (torch.nn.BatchNorm1d(3, momentum=momentum), (4, 3, 7))]:
+            with torch.no_grad():
+                bn.weight.uniform_(0.5, 1.5, generator=g)
+                bn.bias.uniform_(-1.0, 1.0, generator=g)
+            plain = copy.deepcopy(bn)
+            model = torch.nn.Sequential(bn)
+            assert batchnorm.patch(model) == [bn]
+            for _ in range(3):
+                x = torch.randn(*shape, generator=g) * 3.0 + 2.0
+                torch.testing.assert_close(model(x), plain(x))
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                torch.testing.assert_close(getattr(bn, name), getattr(plain, name))
+    finally:
+        td.destroy_process_group()
