@@ -1,4 +1,4 @@
-"""The one stage loop (grownfx.learn.training.train_stage) as the baselines and the scratch reference use it:
+"""The one stage loop (grownfx.learn.training.train_stage) as the baselines, GROWN and the scratch reference use it:
 fp16 through a GradScaler, and a run killed mid-task that resumes and ends bit-identical."""
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ def recipe(tmp_path, method: dict, target=None, **training) -> Recipe:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_an_fp16_baseline_stage_steps_through_a_grad_scaler(tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize("method", ["finetune", "grown"])  # a baseline's stage, and GROWN's learner's own optimisers
+def test_an_fp16_stage_steps_through_a_grad_scaler(tmp_path, monkeypatch, precision, method):
     scaled = []
     real = torch.amp.GradScaler.scale
     monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, loss: scaled.append(loss.dtype) or real(self, loss))
-    r = recipe(tmp_path, {"name": "finetune"}, precision=precision, checkpoint_every=1)
+    r = recipe(tmp_path, {"name": method}, precision=precision, checkpoint_every=1)
     stream = build_stream(r.data, r.seed)
     saved = []
     m = make_method(r, stream, torch.device("cpu"), checkpoint=lambda _, pos, optim: saved.append(optim.state_dict()))
