@@ -337,31 +337,49 @@ def test_one_stage_in_two_processes_is_the_single_process_stage_in_float64(tmp_p
     assert worst(one, two("two_unsynced.pt", GROWNFX_SYNC_BN="0")) > 1e-4
 
 
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone: the collectives run, and the global batch is the local one."""
+    import torch.distributed as td
+
+    assert not td.is_initialized()
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    td.destroy_process_group()
+
+
+def test_precise_bn_in_a_process_group_passes_over_the_single_process_batches(one_rank_group):
+    """PreciseBN's statistics loader: in order, unaugmented, whole batches only, as one process has it."""
+    from grownfx.data.core import TaskData
+    from grownfx.learn.distributed import Dist
+    from grownfx.learn.distributed.group import ProcessGroupDist
+
+    data = TaskData(torch.arange(219.0).view(-1, 1, 1, 1), torch.arange(219), (0.0,), (1.0,), augment="crop_flip")
+    cpu = torch.device("cpu")
+    single = [y.tolist() for _, y in Dist(cpu).stats_loader(data, 32, cpu)]
+    assert len(single) == 6  # 219 samples: the partial seventh batch is dropped
+    assert [y.tolist() for _, y in ProcessGroupDist(cpu).stats_loader(data, 32, cpu)] == single
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_global_batch_norm_in_one_rank_is_torch_s_batch_norm(tmp_path, momentum):
+def test_global_batch_norm_in_one_rank_is_torch_s_batch_norm(one_rank_group, momentum):
     """With one rank, the global batch is the local one: the patched BatchNorm must compute torch's own training
     step (output, running mean and unbiased variance, cumulative average when momentum is None), for images and
     for sequences (a BatchNorm1d on (N, C, L))."""
     import copy
-    import torch.distributed as td
     from grownfx.learn.distributed import batchnorm
 
-    assert not td.is_initialized()
-    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        g = torch.Generator().manual_seed(0)
-        for bn, shape in [(torch.nn.BatchNorm2d(3, momentum=momentum), (4, 3, 5, 6)),
-                          (torch.nn.BatchNorm1d(3, momentum=momentum), (4, 3, 7))]:
-            with torch.no_grad():
-                bn.weight.uniform_(0.5, 1.5, generator=g)
-                bn.bias.uniform_(-1.0, 1.0, generator=g)
-            plain = copy.deepcopy(bn)
-            model = torch.nn.Sequential(bn)
-            assert batchnorm.patch(model) == [bn]
-            for _ in range(3):
-                x = torch.randn(*shape, generator=g) * 3.0 + 2.0
-                torch.testing.assert_close(model(x), plain(x))
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                torch.testing.assert_close(getattr(bn, name), getattr(plain, name))
-    finally:
-        td.destroy_process_group()
+    g = torch.Generator().manual_seed(0)
+    for bn, shape in [(torch.nn.BatchNorm2d(3, momentum=momentum), (4, 3, 5, 6)),
+                      (torch.nn.BatchNorm1d(3, momentum=momentum), (4, 3, 7))]:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5, generator=g)
+            bn.bias.uniform_(-1.0, 1.0, generator=g)
+        plain = copy.deepcopy(bn)
+        model = torch.nn.Sequential(bn)
+        assert batchnorm.patch(model) == [bn]
+        for _ in range(3):
+            x = torch.randn(*shape, generator=g) * 3.0 + 2.0
+            torch.testing.assert_close(model(x), plain(x))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(bn, name), getattr(plain, name))
