@@ -383,3 +383,29 @@ def test_global_batch_norm_in_one_rank_is_torch_s_batch_norm(one_rank_group, mom
             torch.testing.assert_close(model(x), plain(x))
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(getattr(bn, name), getattr(plain, name))
+
+
+@pytest.mark.parametrize("accepts", [("broadcast_buffers",), ("broadcast_buffers", "init_sync"),
+                                     ("broadcast_buffers", "forward_sync_buffers", "init_sync")])
+def test_ddp_options_suit_every_torch_version_s_ddp(monkeypatch, accepts):
+    """Old and new DistributedDataParallel signatures: the options are ones it accepts, buffers are never
+    broadcast in a forward (the stage syncs them itself) and the initial sync is skipped where it can be."""
+    import inspect
+
+    from grownfx.learn.distributed.ddp import ddp_kwargs
+
+    class OldOrNewDDP:
+        def __init__(self, module, **kw):
+            pass
+
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("self", "module")]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=True)
+               for n in ("static_graph",) + accepts]
+    OldOrNewDDP.__init__.__signature__ = inspect.Signature(params)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", OldOrNewDDP)
+    kw = ddp_kwargs()
+    assert set(kw) <= {"static_graph", *accepts}  # nothing this version would refuse
+    assert kw["static_graph"] is True
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in accepts else "broadcast_buffers"
+    assert kw[sync] is False
+    assert kw.get("init_sync", "absent") == (False if "init_sync" in accepts else "absent")
