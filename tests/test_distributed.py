@@ -409,3 +409,30 @@ def test_ddp_options_suit_every_torch_version_s_ddp(monkeypatch, accepts):
     sync = "forward_sync_buffers" if "forward_sync_buffers" in accepts else "broadcast_buffers"
     assert kw[sync] is False
     assert kw.get("init_sync", "absent") == (False if "init_sync" in accepts else "absent")
+
+
+def test_ranks_whose_tensors_differ_only_in_shape_or_dtype_are_reported_as_diverged():
+    """The same bytes are not the same tensor: a (2, 3) buffer against a (3, 2) one, or float zeros against
+    int zeros, is a divergence named by the buffer."""
+    from grownfx.learn.distributed import DivergenceError
+    from grownfx.learn.distributed.divergence import digests, raise_on_divergence
+
+    def holding(t: torch.Tensor) -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.register_buffer("owner", t)
+        return m
+
+    rank0 = digests(holding(torch.zeros(2, 3)))
+    for other in (torch.zeros(3, 2), torch.zeros(2, 3, dtype=torch.int32)):
+        with pytest.raises(DivergenceError, match="owner"):
+            raise_on_divergence([rank0, digests(holding(other))], "after the stage")
+    raise_on_divergence([rank0, digests(holding(torch.zeros(2, 3)))], "after the stage")  # the same: no error
+
+
+def test_main_first_in_a_process_group_returns_rank_0_s_result_or_raises_its_error(one_rank_group):
+    from grownfx.learn.distributed.group import ProcessGroupDist
+
+    dist = ProcessGroupDist(torch.device("cpu"))
+    assert dist.is_main and dist.main_first(lambda: {"stream": 3}) == {"stream": 3}
+    with pytest.raises(ValueError, match="no such dataset"):
+        dist.main_first(lambda: (_ for _ in ()).throw(ValueError("no such dataset")))
