@@ -201,6 +201,26 @@ def residual_method(tmp_path, method: dict, epochs: int = 2):
                              code_dir=str(tmp_path), data=DIGITS, epochs=epochs)
 
 
+def test_den_norm_in_training_mode_updates_only_the_learning_task_s_statistics():
+    """DENNorm: `train()` (which returns the module, as every nn.Module's does) leaves a finished task's copy in
+    evaluation mode, so a training forward of that task moves none of its statistics; the learning copy's move."""
+    from grownfx.learn.methods.den_units import DENNorm
+
+    norm = DENNorm(torch.nn.BatchNorm2d(3))
+    norm.add_task()
+    norm.finish()
+    norm.add_task()
+    assert norm.train() is norm
+    x = torch.randn(4, 3, 5, 5) + 2.0
+    finished = {k: v.clone() for k, v in norm.copies[0].state_dict().items()}
+    norm.task = 0
+    norm(x)
+    assert all(torch.equal(v, norm.copies[0].state_dict()[k]) for k, v in finished.items())
+    norm.task = 1
+    norm(x)
+    assert not torch.equal(norm.copies[1].running_mean, finished["running_mean"])
+
+
 def test_den_on_batchnorm_and_a_residual_sum_forgets_nothing_when_every_drift_splits(tmp_path):
     """The residual group (stem + conv2) grows and splits in both producers together, BatchNorm is one copy per
     task: with spl_thr 0 task 0's outputs after task 1 (selection, retraining, expansion, splits) are bit-exact."""
