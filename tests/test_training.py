@@ -163,3 +163,37 @@ def _tensors(state, prefix="") -> dict:
     if isinstance(state, (list, tuple)):
         return {k: v for i, value in enumerate(state) for k, v in _tensors(value, f"{prefix}[{i}]").items()}
     return {}
+
+
+def test_an_epoch_reports_its_batches_mean_loss_and_penalty_and_its_accuracy():
+    """run_epoch's numbers (the epoch event's loss, penalty, train_acc, images): per batch the criterion on
+    (logits, labels) and the penalty, one optimiser step and one after_step; means over the batches (an uneven
+    last batch included), accuracy over the images."""
+    import torch.nn.functional as F
+
+    from grownfx.learn.training import StageOptim, run_epoch
+
+    model = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
+        model.bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the model stays as it is: the expected numbers are fixed
+    steps, after = [], []
+    opt.register_step_post_hook(lambda *_: steps.append(1))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 2, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (4, 4, 3)]
+    penalties = iter([0.25, 0.5, 0.75])
+
+    def smoothed(logits, y):  # a criterion that is not the default cross-entropy
+        return F.cross_entropy(logits, y, label_smoothing=0.2)
+
+    loss, pen, acc, images = run_epoch(model, batches, StageOptim([opt]), torch.device("cpu"),
+                                       penalty=lambda: torch.tensor(next(penalties)), criterion=smoothed,
+                                       after_step=lambda: after.append(1))
+    with torch.no_grad():
+        expected_loss = sum(float(smoothed(model(x), y)) for x, y in batches) / 3
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert pen == pytest.approx(0.5)
+    assert images == 11 and acc == pytest.approx(100.0 * correct / 11)
+    assert len(steps) == len(after) == 3
