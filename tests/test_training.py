@@ -168,10 +168,10 @@ def _tensors(state, prefix="") -> dict:
 def test_an_epoch_reports_its_batches_mean_loss_and_penalty_and_its_accuracy():
     """run_epoch's numbers (the epoch event's loss, penalty, train_acc, images): per batch the criterion on
     (logits, labels) and the penalty, one optimiser step and one after_step; means over the batches (an uneven
-    last batch included), accuracy over the images."""
+    last batch included), accuracy over the images, as evaluation's `accuracy` counts it."""
     import torch.nn.functional as F
 
-    from grownfx.learn.training import StageOptim, run_epoch
+    from grownfx.learn.training import StageOptim, accuracy, run_epoch
 
     model = torch.nn.Linear(2, 3)
     with torch.no_grad():
@@ -197,3 +197,4 @@ def test_an_epoch_reports_its_batches_mean_loss_and_penalty_and_its_accuracy():
     assert pen == pytest.approx(0.5)
     assert images == 11 and acc == pytest.approx(100.0 * correct / 11)
     assert len(steps) == len(after) == 3
+    assert 0 < correct < 11 and accuracy(model, batches, torch.device("cpu")) == pytest.approx(100.0 * correct / 11)
