@@ -115,6 +115,43 @@ def test_den_expands_only_when_the_loss_is_above_the_threshold():
     assert all(0 < g <= 10 for g in grown[0.0])
 
 
+def test_den_s_loss_for_the_expansion_decision_is_the_mean_training_cross_entropy():
+    """Step 3's threshold reads the mean cross-entropy over the task's training split after retraining: without
+    expansion or split the network is then the task's final one, so it is the task model's mean loss."""
+    import torch.nn.functional as F
+
+    m, stream = method_and_stream({"name": "den", "loss_thr": 1e9, "spl_thr": 1e9})
+    m.learn(stream.tasks[0], None)
+    record = m.learn(stream.tasks[1], None)
+    train = stream.tasks[1].train
+    x = train.normalize(train.x, augment=None)
+    expected = float(F.cross_entropy(m.logits(1, x).float(), train.y))
+    assert record.extra["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_den_s_retraining_penalty_holds_weights_and_biases_at_half_regular_lambda():
+    """Step 2's penalty (l2_lambda 0 here): regular_lambda * 1/2 |W - W_prev|^2 over every layer's weights and
+    biases, W_prev the values before the task; computed from the drift after the task (no expansion, no split:
+    the retrained network is the final one)."""
+    m, stream = method_and_stream({"name": "den", "loss_thr": 1e9, "spl_thr": 1e9, "l2_lambda": 0.0,
+                                   "regular_lambda": 0.5})
+    m.learn(stream.tasks[0], None)
+    before = snapshot(m)
+    penalties, train = {}, m.trainer.train
+
+    def spy(*a, **k):
+        penalties[k["name"]] = k["terms"].penalty
+        return train(*a, **k)
+
+    m.trainer.train = spy
+    m.learn(stream.tasks[1], None)
+    with torch.no_grad():
+        weights = sum(float((l.weight - w).pow(2).sum()) for l, (w, _) in zip(m.layers, before))
+        biases = sum(float((l.bias - b).pow(2).sum()) for l, (_, b) in zip(m.layers, before) if b is not None)
+        assert biases > 0  # the biases moved: their term counts
+        assert float(penalties["retrain"]()) == pytest.approx(0.5 * 0.5 * (weights + biases), rel=1e-5)
+
+
 def test_den_selects_the_units_the_new_head_reaches():
     m, stream = method_and_stream({"name": "den"})
     m.learn(stream.tasks[0], None)
