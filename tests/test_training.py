@@ -198,3 +198,29 @@ def test_an_epoch_reports_its_batches_mean_loss_and_penalty_and_its_accuracy():
     assert images == 11 and acc == pytest.approx(100.0 * correct / 11)
     assert len(steps) == len(after) == 3
     assert 0 < correct < 11 and accuracy(model, batches, torch.device("cpu")) == pytest.approx(100.0 * correct / 11)
+
+
+def test_a_stage_with_no_epoch_left_or_nothing_to_train_runs_no_epoch():
+    """train_stage returns the epochs it ran: none for a stage resumed at its end, a stage of 0 epochs (an epoch
+    budget spent) or a stage without optimisers, and then it neither trains nor reports an epoch."""
+    from grownfx.data.core import TaskData
+    from grownfx.learn.distributed import Dist
+    from grownfx.learn.training import Stage, StageHooks, StageOptim, train_stage
+    from grownfx.recipe.schema import TrainingConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1, 3))
+    data = TaskData(torch.randn(8, 1, 1, 1), torch.randint(0, 3, (8,)), (0.0,), (1.0,))
+    start = [p.detach().clone() for p in model.parameters()]
+    cpu, events = torch.device("cpu"), []
+
+    def stage(epochs: int, start_epoch: int, optimizers: list) -> Stage:
+        return Stage(model, lambda m, x: m(x), StageOptim(optimizers), data, epochs, (0,), start_epoch=start_epoch,
+                     hooks=StageHooks(on_epoch=events.append))
+
+    sgd = [torch.optim.SGD(model.parameters(), lr=0.1)]
+    training = TrainingConfig(batch_size=4, precise_bn=False)
+    for epochs, start_epoch, optimizers in [(2, 2, sgd), (0, 0, sgd), (2, 0, [])]:
+        assert train_stage(stage(epochs, start_epoch, optimizers), training, cpu, Dist(cpu)) == 0
+    assert events == [] and all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+    assert train_stage(stage(2, 1, sgd), training, cpu, Dist(cpu)) == 1 and len(events) == 1  # the control
