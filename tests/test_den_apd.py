@@ -483,6 +483,26 @@ def test_apd_clustering_moves_each_weight_by_at_most_half_the_gap_plus_lam1():
     assert m.num_parameters() < size
 
 
+def test_apd_shared_part_at_exactly_lam1_is_thresholded_to_zero():
+    """The locally shared weight is hard-thresholded as the taus are, |x| <= lam1 -> 0 (the module docstring): a
+    midrange exactly at +-lam1 is dropped, one above it kept; the agreeing entries leave the members' taus."""
+    from grownfx.learn.methods.apd import APDLayer
+
+    layer = APDLayer(torch.nn.Linear(2, 2))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        layer.add_task(g)
+    lam1 = 0.25  # exact in binary: the tie is exact
+    value = torch.tensor([[lam1, -lam1], [2 * lam1, 0.5 * lam1]])
+    with torch.no_grad():
+        for tau in layer.taus:
+            tau.copy_(value)
+    layer.consolidate(1, e_gap=0.0, lam1=lam1, generator=torch.Generator().manual_seed(1))
+    assert layer.groups == [0, 0]
+    assert torch.equal(layer.shared[0], torch.tensor([[0.0, 0.0], [2 * lam1, 0.0]]))
+    assert all(not bool(tau.any()) for tau in layer.taus)
+
+
 def test_apd_kmeans_groups_tasks_with_similar_taus_and_a_single_keeps_its_whole_tau():
     """Four tasks whose taus form two tight pairs and k = 2: the pairs are the groups, each with its own shared
     part; with k = 3 one pair splits and its two tasks keep their whole taus."""
