@@ -198,6 +198,32 @@ def test_cpg_tries_sparsities_in_steps_of_a_tenth_and_keeps_the_most_pruned_meet
     assert m.sparsity == [pytest.approx(0.3)]
 
 
+def test_cpg_rolls_back_to_the_last_level_that_met_its_criterion(tmp_path):
+    """A compaction level that misses the criterion is undone: the task keeps the previous level's network (its
+    weights and exactly its sparsity), not the failed level's.  Validation accuracies are scripted: the pick and
+    level 0.1 reach 90 % (target 50), level 0.2 gets 10 %."""
+    r = recipe(tmp_path, {"name": "cpg", "max_sparsity": 0.3, "prune_epochs": 1}, tasks=1, epochs=1)
+    stream = build_stream(r.data, r.seed)
+    m = make_method(r, stream, torch.device("cpu"))
+    free = [layer.owner.numel() for layer in m.net.masked_layers()]
+    scripted, seen, kept = iter([90.0, 90.0, 10.0]), [], {}
+
+    def evaluate(task_index, data):
+        if len(seen) == 1:  # level 0.1's verdict: the network it keeps
+            kept.update({k: v.clone() for k, v in m.net.state_dict().items()})
+        seen.append(task_index)
+        return next(scripted, 90.0)
+
+    m.evaluate = evaluate
+    record = m.learn(stream.tasks[0], 50.0)
+    assert m.sparsity == [pytest.approx(0.1)] and record.extra["sparsity"] == pytest.approx(0.1)
+    for layer, f in zip(m.net.masked_layers(), free):
+        assert int((layer.owner == 0).sum()) == f - round(0.1 * f)
+    now = m.net.state_dict()  # task 0's weights and norms (not the next task's pending norm, nor bookkeeping)
+    weights = [k for k in kept if k.endswith((".weight", ".bias")) and k in now and ".pending." not in k]
+    assert len(weights) >= 8 and all(torch.equal(kept[k], now[k]) for k in weights), [k for k in weights if not torch.equal(kept[k], now[k])]
+
+
 def test_cpg_record_breaks_its_time_down_by_phase(tmp_path):
     r = recipe(tmp_path, {"name": "cpg", "max_sparsity": 0.2, "prune_epochs": 1}, tasks=1, epochs=1)
     stream = build_stream(r.data, r.seed)
