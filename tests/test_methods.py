@@ -67,6 +67,20 @@ def test_scratch_stores_exactly_one_model_per_task(tmp_path):
     assert s["tasks"][-1]["model_size"] == 3.0
 
 
+def test_a_scratch_method_built_without_a_stop_request_trains_every_epoch(tmp_path):
+    """make_method(recipe, stream, device), as a script calls it: nothing asks it to stop, so a task trains all
+    its epochs (a stop request would end it with KeyboardInterrupt after the first)."""
+    r = recipe(tmp_path, {"name": "scratch"}, tasks=2, epochs=2)
+    stream = build_stream(r.data, r.seed)
+    events = []
+    method = make_method(r, stream, torch.device("cpu"), on_epoch=events.append)
+    try:
+        record = method.learn(stream.tasks[0], None)
+    except KeyboardInterrupt:  # (pytest would take it for a Ctrl-C and stop the session instead of failing)
+        pytest.fail(f"the task stopped after {len(events)} epoch(s) though nothing asked it to")
+    assert record.epochs == 2 and [e["epoch"] for e in events] == [1, 2]
+
+
 def test_finetune_forgets_on_an_interfering_stream(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "stream_for", lambda recipe: xor_stream(recipe.seed))
     s = runner.run(recipe(tmp_path, {"name": "finetune", "keep_copies": False}, epochs=6), echo=quiet).summary
