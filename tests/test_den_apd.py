@@ -503,6 +503,43 @@ def test_apd_shared_part_at_exactly_lam1_is_thresholded_to_zero():
     assert all(not bool(tau.any()) for tau in layer.taus)
 
 
+def test_apd_kmeans_moves_its_centroids_to_the_groups_from_a_poor_start():
+    """Lloyd's iterations: both starting centroids (the previous clustering's) inside one of two clear groups
+    still end as the two groups' means; an empty cluster keeps its centroid."""
+    from grownfx.learn.methods.apd import kmeans
+
+    points = torch.tensor([[0.0], [0.1], [10.0], [10.1]])
+    assignment, centroids = kmeans(points, 2, torch.Generator().manual_seed(0),
+                                   previous=torch.tensor([[0.0], [0.1]]))
+    assert assignment.tolist() == [0, 0, 1, 1]
+    torch.testing.assert_close(centroids, torch.tensor([[0.05], [10.05]]))
+    assignment, centroids = kmeans(points, 3, torch.Generator().manual_seed(0),
+                                   previous=torch.tensor([[0.0], [10.0], [-50.0]]))
+    assert assignment.tolist() == [0, 0, 1, 1] and float(centroids[2, 0]) == -50.0
+
+
+def test_apd_a_group_of_one_before_a_pair_leaves_the_pair_sharing():
+    """Clusters are decomposed one after another: a task alone in the first cluster keeps its whole tau, and the
+    pair in the next one still gets its shared part (the clusters' order comes from the previous centroids)."""
+    from grownfx.learn.methods.apd import APDLayer
+
+    layer = APDLayer(torch.nn.Linear(6, 5))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        layer.add_task(g)
+    a, b = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g) + 3.0
+    with torch.no_grad():
+        for j, centre in enumerate([b, a, a]):
+            layer.taus[j].copy_(centre + 1e-3 * torch.randn(5, 6, generator=g))
+    full = [layer.full_tau(j) for j in range(3)]
+    layer.centroids = torch.stack([b.flatten(), a.flatten()])  # cluster 0: the single task, cluster 1: the pair
+    assert layer.consolidate(2, e_gap=1e-2, lam1=0.0, generator=torch.Generator().manual_seed(1)) == [0, 1, 1]
+    assert layer.groups == [-1, 0, 0] and len(layer.shared) == 1
+    assert torch.equal(layer.taus[0], full[0])
+    for j in (1, 2):
+        assert float((layer.full_tau(j) - full[j]).abs().max()) <= 0.5e-2 + 1e-6
+
+
 def test_apd_kmeans_groups_tasks_with_similar_taus_and_a_single_keeps_its_whole_tau():
     """Four tasks whose taus form two tight pairs and k = 2: the pairs are the groups, each with its own shared
     part; with k = 3 one pair splits and its two tasks keep their whole taus."""
