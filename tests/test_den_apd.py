@@ -152,6 +152,23 @@ def test_den_s_retraining_penalty_holds_weights_and_biases_at_half_regular_lambd
         assert float(penalties["retrain"]()) == pytest.approx(0.5 * 0.5 * (weights + biases), rel=1e-5)
 
 
+def test_den_s_l1_step_soft_thresholds_the_trained_weight_entries_only():
+    """After every optimiser step DEN applies the L1 proximal step sign(w) max(|w| - l1, 0) to the trained entries
+    of the weights (not to biases), and the entries a stage does not train keep their values."""
+    from grownfx.learn.methods.den import _StagePlan
+
+    weight = torch.nn.Parameter(torch.tensor([[0.0625, -0.25], [0.5625, -0.0625]]))  # exact in binary
+    bias = torch.nn.Parameter(torch.tensor([0.0625, -0.25]))
+    trains = {weight: torch.tensor([[True, True], [True, False]]), bias: torch.tensor([True, True])}
+    plan = _StagePlan(trains, 0.125, {weight})
+    with torch.no_grad():
+        weight.sub_(0.5)  # an optimiser step moved everything, the untrained entry included
+        bias.sub_(0.5)
+    plan.after_step()
+    assert torch.equal(weight.detach(), torch.tensor([[-0.3125, -0.625], [0.0, -0.0625]]))
+    assert torch.equal(bias.detach(), torch.tensor([-0.4375, -0.75]))
+
+
 def test_den_selects_the_units_the_new_head_reaches():
     m, stream = method_and_stream({"name": "den"})
     m.learn(stream.tasks[0], None)
