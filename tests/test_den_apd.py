@@ -115,6 +115,60 @@ def test_den_expands_only_when_the_loss_is_above_the_threshold():
     assert all(0 < g <= 10 for g in grown[0.0])
 
 
+def test_den_s_loss_for_the_expansion_decision_is_the_mean_training_cross_entropy():
+    """Step 3's threshold reads the mean cross-entropy over the task's training split after retraining: without
+    expansion or split the network is then the task's final one, so it is the task model's mean loss."""
+    import torch.nn.functional as F
+
+    m, stream = method_and_stream({"name": "den", "loss_thr": 1e9, "spl_thr": 1e9})
+    m.learn(stream.tasks[0], None)
+    record = m.learn(stream.tasks[1], None)
+    train = stream.tasks[1].train
+    x = train.normalize(train.x, augment=None)
+    expected = float(F.cross_entropy(m.logits(1, x).float(), train.y))
+    assert record.extra["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_den_s_retraining_penalty_holds_weights_and_biases_at_half_regular_lambda():
+    """Step 2's penalty (l2_lambda 0 here): regular_lambda * 1/2 |W - W_prev|^2 over every layer's weights and
+    biases, W_prev the values before the task; computed from the drift after the task (no expansion, no split:
+    the retrained network is the final one)."""
+    m, stream = method_and_stream({"name": "den", "loss_thr": 1e9, "spl_thr": 1e9, "l2_lambda": 0.0,
+                                   "regular_lambda": 0.5})
+    m.learn(stream.tasks[0], None)
+    before = snapshot(m)
+    penalties, train = {}, m.trainer.train
+
+    def spy(*a, **k):
+        penalties[k["name"]] = k["terms"].penalty
+        return train(*a, **k)
+
+    m.trainer.train = spy
+    m.learn(stream.tasks[1], None)
+    with torch.no_grad():
+        weights = sum(float((l.weight - w).pow(2).sum()) for l, (w, _) in zip(m.layers, before))
+        biases = sum(float((l.bias - b).pow(2).sum()) for l, (_, b) in zip(m.layers, before) if b is not None)
+        assert biases > 0  # the biases moved: their term counts
+        assert float(penalties["retrain"]()) == pytest.approx(0.5 * 0.5 * (weights + biases), rel=1e-5)
+
+
+def test_den_s_l1_step_soft_thresholds_the_trained_weight_entries_only():
+    """After every optimiser step DEN applies the L1 proximal step sign(w) max(|w| - l1, 0) to the trained entries
+    of the weights (not to biases), and the entries a stage does not train keep their values."""
+    from grownfx.learn.methods.den import _StagePlan
+
+    weight = torch.nn.Parameter(torch.tensor([[0.0625, -0.25], [0.5625, -0.0625]]))  # exact in binary
+    bias = torch.nn.Parameter(torch.tensor([0.0625, -0.25]))
+    trains = {weight: torch.tensor([[True, True], [True, False]]), bias: torch.tensor([True, True])}
+    plan = _StagePlan(trains, 0.125, {weight})
+    with torch.no_grad():
+        weight.sub_(0.5)  # an optimiser step moved everything, the untrained entry included
+        bias.sub_(0.5)
+    plan.after_step()
+    assert torch.equal(weight.detach(), torch.tensor([[-0.3125, -0.625], [0.0, -0.0625]]))
+    assert torch.equal(bias.detach(), torch.tensor([-0.4375, -0.75]))
+
+
 def test_den_selects_the_units_the_new_head_reaches():
     m, stream = method_and_stream({"name": "den"})
     m.learn(stream.tasks[0], None)
@@ -199,6 +253,26 @@ def residual_method(tmp_path, method: dict, epochs: int = 2):
     (tmp_path / "residual_net.py").write_text(RESIDUAL_NET)
     return method_and_stream({"name": "den", **method}, model={"builder": "residual_net:build"},
                              code_dir=str(tmp_path), data=DIGITS, epochs=epochs)
+
+
+def test_den_norm_in_training_mode_updates_only_the_learning_task_s_statistics():
+    """DENNorm: `train()` (which returns the module, as every nn.Module's does) leaves a finished task's copy in
+    evaluation mode, so a training forward of that task moves none of its statistics; the learning copy's move."""
+    from grownfx.learn.methods.den_units import DENNorm
+
+    norm = DENNorm(torch.nn.BatchNorm2d(3))
+    norm.add_task()
+    norm.finish()
+    norm.add_task()
+    assert norm.train() is norm
+    x = torch.randn(4, 3, 5, 5) + 2.0
+    finished = {k: v.clone() for k, v in norm.copies[0].state_dict().items()}
+    norm.task = 0
+    norm(x)
+    assert all(torch.equal(v, norm.copies[0].state_dict()[k]) for k, v in finished.items())
+    norm.task = 1
+    norm(x)
+    assert not torch.equal(norm.copies[1].running_mean, finished["running_mean"])
 
 
 def test_den_on_batchnorm_and_a_residual_sum_forgets_nothing_when_every_drift_splits(tmp_path):
@@ -424,6 +498,63 @@ def test_apd_clustering_moves_each_weight_by_at_most_half_the_gap_plus_lam1():
         assert float(moved.max()) <= e_gap / 2 + lam1 + 1e-6
         assert bool((moved[~halves[n]] == 0).all())  # what is not shared does not move
     assert m.num_parameters() < size
+
+
+def test_apd_shared_part_at_exactly_lam1_is_thresholded_to_zero():
+    """The locally shared weight is hard-thresholded as the taus are, |x| <= lam1 -> 0 (the module docstring): a
+    midrange exactly at +-lam1 is dropped, one above it kept; the agreeing entries leave the members' taus."""
+    from grownfx.learn.methods.apd import APDLayer
+
+    layer = APDLayer(torch.nn.Linear(2, 2))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        layer.add_task(g)
+    lam1 = 0.25  # exact in binary: the tie is exact
+    value = torch.tensor([[lam1, -lam1], [2 * lam1, 0.5 * lam1]])
+    with torch.no_grad():
+        for tau in layer.taus:
+            tau.copy_(value)
+    layer.consolidate(1, e_gap=0.0, lam1=lam1, generator=torch.Generator().manual_seed(1))
+    assert layer.groups == [0, 0]
+    assert torch.equal(layer.shared[0], torch.tensor([[0.0, 0.0], [2 * lam1, 0.0]]))
+    assert all(not bool(tau.any()) for tau in layer.taus)
+
+
+def test_apd_kmeans_moves_its_centroids_to_the_groups_from_a_poor_start():
+    """Lloyd's iterations: both starting centroids (the previous clustering's) inside one of two clear groups
+    still end as the two groups' means; an empty cluster keeps its centroid."""
+    from grownfx.learn.methods.apd import kmeans
+
+    points = torch.tensor([[0.0], [0.1], [10.0], [10.1]])
+    assignment, centroids = kmeans(points, 2, torch.Generator().manual_seed(0),
+                                   previous=torch.tensor([[0.0], [0.1]]))
+    assert assignment.tolist() == [0, 0, 1, 1]
+    torch.testing.assert_close(centroids, torch.tensor([[0.05], [10.05]]))
+    assignment, centroids = kmeans(points, 3, torch.Generator().manual_seed(0),
+                                   previous=torch.tensor([[0.0], [10.0], [-50.0]]))
+    assert assignment.tolist() == [0, 0, 1, 1] and float(centroids[2, 0]) == -50.0
+
+
+def test_apd_a_group_of_one_before_a_pair_leaves_the_pair_sharing():
+    """Clusters are decomposed one after another: a task alone in the first cluster keeps its whole tau, and the
+    pair in the next one still gets its shared part (the clusters' order comes from the previous centroids)."""
+    from grownfx.learn.methods.apd import APDLayer
+
+    layer = APDLayer(torch.nn.Linear(6, 5))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        layer.add_task(g)
+    a, b = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g) + 3.0
+    with torch.no_grad():
+        for j, centre in enumerate([b, a, a]):
+            layer.taus[j].copy_(centre + 1e-3 * torch.randn(5, 6, generator=g))
+    full = [layer.full_tau(j) for j in range(3)]
+    layer.centroids = torch.stack([b.flatten(), a.flatten()])  # cluster 0: the single task, cluster 1: the pair
+    assert layer.consolidate(2, e_gap=1e-2, lam1=0.0, generator=torch.Generator().manual_seed(1)) == [0, 1, 1]
+    assert layer.groups == [-1, 0, 0] and len(layer.shared) == 1
+    assert torch.equal(layer.taus[0], full[0])
+    for j in (1, 2):
+        assert float((layer.full_tau(j) - full[j]).abs().max()) <= 0.5e-2 + 1e-6
 
 
 def test_apd_kmeans_groups_tasks_with_similar_taus_and_a_single_keeps_its_whole_tau():

@@ -335,3 +335,104 @@ def test_one_stage_in_two_processes_is_the_single_process_stage_in_float64(tmp_p
     assert all(torch.equal(one[k], synced[k]) for k in one if not one[k].is_floating_point())  # batches counted
     # the comparison can fail: per-rank BatchNorm statistics are another computation
     assert worst(one, two("two_unsynced.pt", GROWNFX_SYNC_BN="0")) > 1e-4
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone: the collectives run, and the global batch is the local one."""
+    import torch.distributed as td
+
+    assert not td.is_initialized()
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    td.destroy_process_group()
+
+
+def test_precise_bn_in_a_process_group_passes_over_the_single_process_batches(one_rank_group):
+    """PreciseBN's statistics loader: in order, unaugmented, whole batches only, as one process has it."""
+    from grownfx.data.core import TaskData
+    from grownfx.learn.distributed import Dist
+    from grownfx.learn.distributed.group import ProcessGroupDist
+
+    data = TaskData(torch.arange(219.0).view(-1, 1, 1, 1), torch.arange(219), (0.0,), (1.0,), augment="crop_flip")
+    cpu = torch.device("cpu")
+    single = [y.tolist() for _, y in Dist(cpu).stats_loader(data, 32, cpu)]
+    assert len(single) == 6  # 219 samples: the partial seventh batch is dropped
+    assert [y.tolist() for _, y in ProcessGroupDist(cpu).stats_loader(data, 32, cpu)] == single
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_global_batch_norm_in_one_rank_is_torch_s_batch_norm(one_rank_group, momentum):
+    """With one rank, the global batch is the local one: the patched BatchNorm must compute torch's own training
+    step (output, running mean and unbiased variance, cumulative average when momentum is None), for images and
+    for sequences (a BatchNorm1d on (N, C, L))."""
+    import copy
+    from grownfx.learn.distributed import batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    for bn, shape in [(torch.nn.BatchNorm2d(3, momentum=momentum), (4, 3, 5, 6)),
+                      (torch.nn.BatchNorm1d(3, momentum=momentum), (4, 3, 7))]:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5, generator=g)
+            bn.bias.uniform_(-1.0, 1.0, generator=g)
+        plain = copy.deepcopy(bn)
+        model = torch.nn.Sequential(bn)
+        assert batchnorm.patch(model) == [bn]
+        for _ in range(3):
+            x = torch.randn(*shape, generator=g) * 3.0 + 2.0
+            torch.testing.assert_close(model(x), plain(x))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(bn, name), getattr(plain, name))
+
+
+@pytest.mark.parametrize("accepts", [("broadcast_buffers",), ("broadcast_buffers", "init_sync"),
+                                     ("broadcast_buffers", "forward_sync_buffers", "init_sync")])
+def test_ddp_options_suit_every_torch_version_s_ddp(monkeypatch, accepts):
+    """Old and new DistributedDataParallel signatures: the options are ones it accepts, buffers are never
+    broadcast in a forward (the stage syncs them itself) and the initial sync is skipped where it can be."""
+    import inspect
+
+    from grownfx.learn.distributed.ddp import ddp_kwargs
+
+    class OldOrNewDDP:
+        def __init__(self, module, **kw):
+            pass
+
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("self", "module")]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=True)
+               for n in ("static_graph",) + accepts]
+    OldOrNewDDP.__init__.__signature__ = inspect.Signature(params)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", OldOrNewDDP)
+    kw = ddp_kwargs()
+    assert set(kw) <= {"static_graph", *accepts}  # nothing this version would refuse
+    assert kw["static_graph"] is True
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in accepts else "broadcast_buffers"
+    assert kw[sync] is False
+    assert kw.get("init_sync", "absent") == (False if "init_sync" in accepts else "absent")
+
+
+def test_ranks_whose_tensors_differ_only_in_shape_or_dtype_are_reported_as_diverged():
+    """The same bytes are not the same tensor: a (2, 3) buffer against a (3, 2) one, or float zeros against
+    int zeros, is a divergence named by the buffer."""
+    from grownfx.learn.distributed import DivergenceError
+    from grownfx.learn.distributed.divergence import digests, raise_on_divergence
+
+    def holding(t: torch.Tensor) -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.register_buffer("owner", t)
+        return m
+
+    rank0 = digests(holding(torch.zeros(2, 3)))
+    for other in (torch.zeros(3, 2), torch.zeros(2, 3, dtype=torch.int32)):
+        with pytest.raises(DivergenceError, match="owner"):
+            raise_on_divergence([rank0, digests(holding(other))], "after the stage")
+    raise_on_divergence([rank0, digests(holding(torch.zeros(2, 3)))], "after the stage")  # the same: no error
+
+
+def test_main_first_in_a_process_group_returns_rank_0_s_result_or_raises_its_error(one_rank_group):
+    from grownfx.learn.distributed.group import ProcessGroupDist
+
+    dist = ProcessGroupDist(torch.device("cpu"))
+    assert dist.is_main and dist.main_first(lambda: {"stream": 3}) == {"stream": 3}
+    with pytest.raises(ValueError, match="no such dataset"):
+        dist.main_first(lambda: (_ for _ in ()).throw(ValueError("no such dataset")))

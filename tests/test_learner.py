@@ -46,6 +46,27 @@ def test_task_records_break_their_time_down_by_stage():
         assert rec.to_dict()["stage_s"] == rec.stage_s
 
 
+def test_a_task_s_time_counts_once_whatever_its_periodic_checkpoints(monkeypatch):
+    """time_s is the task's clock (plus the time before a stop, which only a stop adds to the position): mid-task
+    checkpoints every epoch add nothing to it.  A frozen clock that always reads 7 s makes the time exact."""
+    import grownfx.learn.learner as learner_module
+
+    class FrozenClock:
+        seconds = cpu_seconds = 7.0
+
+    monkeypatch.setattr(learner_module, "Timer", FrozenClock)
+    torch.manual_seed(0)
+    net = grownfx.prepare(build_backbone("small_cnn", 2), torch.randn(2, *STREAM.input_shape), seed_width=0.5)
+    saved = []
+    learner = GrownLearner(net, training=TrainingConfig(epochs=2, checkpoint_every=1,
+                                                        optimizer=OptimConfig(name="adam", lr=1e-3)),
+                           growth=GrowthConfig(max_rounds=0), masks=MasksConfig(),
+                           checkpoint=lambda _, pos, optim: saved.append(pos.epoch))
+    record = learner.learn(STREAM.tasks[0], target=0.0)
+    assert saved == [1]  # epoch 1 of 2 was checkpointed
+    assert record.time_s == 7.0
+
+
 def test_growth_ends_within_the_width_budget():
     # gates that start open (s0 = 1) keep every candidate: the 0.5 seed + a 0.25 pool reaches the 0.75 cap
     masks = MasksConfig(grown={"init": 1.0, "lam": 0.0})

@@ -67,6 +67,20 @@ def test_scratch_stores_exactly_one_model_per_task(tmp_path):
     assert s["tasks"][-1]["model_size"] == 3.0
 
 
+def test_a_scratch_method_built_without_a_stop_request_trains_every_epoch(tmp_path):
+    """make_method(recipe, stream, device), as a script calls it: nothing asks it to stop, so a task trains all
+    its epochs (a stop request would end it with KeyboardInterrupt after the first)."""
+    r = recipe(tmp_path, {"name": "scratch"}, tasks=2, epochs=2)
+    stream = build_stream(r.data, r.seed)
+    events = []
+    method = make_method(r, stream, torch.device("cpu"), on_epoch=events.append)
+    try:
+        record = method.learn(stream.tasks[0], None)
+    except KeyboardInterrupt:  # (pytest would take it for a Ctrl-C and stop the session instead of failing)
+        pytest.fail(f"the task stopped after {len(events)} epoch(s) though nothing asked it to")
+    assert record.epochs == 2 and [e["epoch"] for e in events] == [1, 2]
+
+
 def test_finetune_forgets_on_an_interfering_stream(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "stream_for", lambda recipe: xor_stream(recipe.seed))
     s = runner.run(recipe(tmp_path, {"name": "finetune", "keep_copies": False}, epochs=6), echo=quiet).summary
@@ -196,6 +210,32 @@ def test_cpg_tries_sparsities_in_steps_of_a_tenth_and_keeps_the_most_pruned_meet
     m.learn(stream.tasks[0], 0.0)  # every level meets the target: the most pruned one is kept
     assert [e["sparsity"] for e in events if "sparsity" in e] == [0.1, 0.2, 0.3]
     assert m.sparsity == [pytest.approx(0.3)]
+
+
+def test_cpg_rolls_back_to_the_last_level_that_met_its_criterion(tmp_path):
+    """A compaction level that misses the criterion is undone: the task keeps the previous level's network (its
+    weights and exactly its sparsity), not the failed level's.  Validation accuracies are scripted: the pick and
+    level 0.1 reach 90 % (target 50), level 0.2 gets 10 %."""
+    r = recipe(tmp_path, {"name": "cpg", "max_sparsity": 0.3, "prune_epochs": 1}, tasks=1, epochs=1)
+    stream = build_stream(r.data, r.seed)
+    m = make_method(r, stream, torch.device("cpu"))
+    free = [layer.owner.numel() for layer in m.net.masked_layers()]
+    scripted, seen, kept = iter([90.0, 90.0, 10.0]), [], {}
+
+    def evaluate(task_index, data):
+        if len(seen) == 1:  # level 0.1's verdict: the network it keeps
+            kept.update({k: v.clone() for k, v in m.net.state_dict().items()})
+        seen.append(task_index)
+        return next(scripted, 90.0)
+
+    m.evaluate = evaluate
+    record = m.learn(stream.tasks[0], 50.0)
+    assert m.sparsity == [pytest.approx(0.1)] and record.extra["sparsity"] == pytest.approx(0.1)
+    for layer, f in zip(m.net.masked_layers(), free):
+        assert int((layer.owner == 0).sum()) == f - round(0.1 * f)
+    now = m.net.state_dict()  # task 0's weights and norms (not the next task's pending norm, nor bookkeeping)
+    weights = [k for k in kept if k.endswith((".weight", ".bias")) and k in now and ".pending." not in k]
+    assert len(weights) >= 8 and all(torch.equal(kept[k], now[k]) for k in weights), [k for k in weights if not torch.equal(kept[k], now[k])]
 
 
 def test_cpg_record_breaks_its_time_down_by_phase(tmp_path):

@@ -287,6 +287,15 @@ def test_packnet_and_cpg_release_the_configured_fraction_of_task0_which_stays_ex
     with torch.no_grad():
         before = net(x, task=0).clone()
         assert torch.allclose(before, pruned(x), rtol=1e-5, atol=1e-6)
+    # task 0's accuracy (summary.json's `pretrained`) is the pruned loaded model's: here 2 of 8 labels are not
+    # its prediction
+    from grownfx.data.core import TaskData
+
+    probe = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        labels = pruned(probe).argmax(1)
+    labels[:2] = (labels[:2] + 1) % 3
+    assert method.evaluate_pretrained(TaskData(probe, labels, (0.0,), (1.0,))) == pytest.approx(75.0)
     method.learn(stream.tasks[0], 100.0)  # CPG: pick, a growth round (target 100 %), one compaction level
     assert sum(int((layer.owner == 1).sum()) for layer in net.masked_layers()) > 0  # released weights trained
     if cls is PackNetContinual:  # CPG's second task adds nothing to what is checked here but a minute

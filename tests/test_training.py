@@ -1,4 +1,4 @@
-"""The one stage loop (grownfx.learn.training.train_stage) as the baselines and the scratch reference use it:
+"""The one stage loop (grownfx.learn.training.train_stage) as the baselines, GROWN and the scratch reference use it:
 fp16 through a GradScaler, and a run killed mid-task that resumes and ends bit-identical."""
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ def recipe(tmp_path, method: dict, target=None, **training) -> Recipe:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_an_fp16_baseline_stage_steps_through_a_grad_scaler(tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize("method", ["finetune", "grown"])  # a baseline's stage, and GROWN's learner's own optimisers
+def test_an_fp16_stage_steps_through_a_grad_scaler(tmp_path, monkeypatch, precision, method):
     scaled = []
     real = torch.amp.GradScaler.scale
     monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, loss: scaled.append(loss.dtype) or real(self, loss))
-    r = recipe(tmp_path, {"name": "finetune"}, precision=precision, checkpoint_every=1)
+    r = recipe(tmp_path, {"name": method}, precision=precision, checkpoint_every=1)
     stream = build_stream(r.data, r.seed)
     saved = []
     m = make_method(r, stream, torch.device("cpu"), checkpoint=lambda _, pos, optim: saved.append(optim.state_dict()))
@@ -162,3 +163,64 @@ def _tensors(state, prefix="") -> dict:
     if isinstance(state, (list, tuple)):
         return {k: v for i, value in enumerate(state) for k, v in _tensors(value, f"{prefix}[{i}]").items()}
     return {}
+
+
+def test_an_epoch_reports_its_batches_mean_loss_and_penalty_and_its_accuracy():
+    """run_epoch's numbers (the epoch event's loss, penalty, train_acc, images): per batch the criterion on
+    (logits, labels) and the penalty, one optimiser step and one after_step; means over the batches (an uneven
+    last batch included), accuracy over the images, as evaluation's `accuracy` counts it."""
+    import torch.nn.functional as F
+
+    from grownfx.learn.training import StageOptim, accuracy, run_epoch
+
+    model = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
+        model.bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the model stays as it is: the expected numbers are fixed
+    steps, after = [], []
+    opt.register_step_post_hook(lambda *_: steps.append(1))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 2, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (4, 4, 3)]
+    penalties = iter([0.25, 0.5, 0.75])
+
+    def smoothed(logits, y):  # a criterion that is not the default cross-entropy
+        return F.cross_entropy(logits, y, label_smoothing=0.2)
+
+    loss, pen, acc, images = run_epoch(model, batches, StageOptim([opt]), torch.device("cpu"),
+                                       penalty=lambda: torch.tensor(next(penalties)), criterion=smoothed,
+                                       after_step=lambda: after.append(1))
+    with torch.no_grad():
+        expected_loss = sum(float(smoothed(model(x), y)) for x, y in batches) / 3
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert pen == pytest.approx(0.5)
+    assert images == 11 and acc == pytest.approx(100.0 * correct / 11)
+    assert len(steps) == len(after) == 3
+    assert 0 < correct < 11 and accuracy(model, batches, torch.device("cpu")) == pytest.approx(100.0 * correct / 11)
+
+
+def test_a_stage_with_no_epoch_left_or_nothing_to_train_runs_no_epoch():
+    """train_stage returns the epochs it ran: none for a stage resumed at its end, a stage of 0 epochs (an epoch
+    budget spent) or a stage without optimisers, and then it neither trains nor reports an epoch."""
+    from grownfx.data.core import TaskData
+    from grownfx.learn.distributed import Dist
+    from grownfx.learn.training import Stage, StageHooks, StageOptim, train_stage
+    from grownfx.recipe.schema import TrainingConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1, 3))
+    data = TaskData(torch.randn(8, 1, 1, 1), torch.randint(0, 3, (8,)), (0.0,), (1.0,))
+    start = [p.detach().clone() for p in model.parameters()]
+    cpu, events = torch.device("cpu"), []
+
+    def stage(epochs: int, start_epoch: int, optimizers: list) -> Stage:
+        return Stage(model, lambda m, x: m(x), StageOptim(optimizers), data, epochs, (0,), start_epoch=start_epoch,
+                     hooks=StageHooks(on_epoch=events.append))
+
+    sgd = [torch.optim.SGD(model.parameters(), lr=0.1)]
+    training = TrainingConfig(batch_size=4, precise_bn=False)
+    for epochs, start_epoch, optimizers in [(2, 2, sgd), (0, 0, sgd), (2, 0, [])]:
+        assert train_stage(stage(epochs, start_epoch, optimizers), training, cpu, Dist(cpu)) == 0
+    assert events == [] and all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+    assert train_stage(stage(2, 1, sgd), training, cpu, Dist(cpu)) == 1 and len(events) == 1  # the control
