@@ -158,6 +158,26 @@ def test_resume_keeps_the_checkpoint_event_and_rebuilds_deleted_files(tmp_path, 
     assert "seed_width: 0.5" in (out / "config.resolved.yaml").read_text()
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(tmp_path, monkeypatch):
+    r = tiny(tmp_path / "run", training__epochs=3, training__checkpoint_every=1)
+    original = runner._Run.mid_task_checkpoint
+
+    def crash_before(self, *args):
+        raise Crash  # like a kill after the first epoch was logged, before any checkpoint was written
+
+    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash_before)
+    with pytest.raises(Crash):
+        run(r, echo=quiet)
+    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", original)
+    out = tmp_path / "run"
+    assert not (out / "checkpoints" / "last.pt").exists() and (out / "metrics.jsonl").read_text()
+    run(r, resume=True, echo=quiet)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the killed attempt's epoch is not in the log twice: it starts like an uninterrupted run's
+    assert [e["event"] for e in events[:2]] == ["epoch", "checkpoint"], events[:3]
+    assert sum(e["event"] == "task" for e in events) == 2
+
+
 # --- 5. atomic writes with the user's umask -----------------------------------------------------------------
 
 
