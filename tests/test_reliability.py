@@ -178,6 +178,32 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(
     assert sum(e["event"] == "task" for e in events) == 2
 
 
+def test_resuming_a_checkpoint_that_predates_its_log_lines_cuts_the_log_back_to_it(tmp_path, monkeypatch):
+    r = tiny(tmp_path / "run", training__epochs=3, training__checkpoint_every=1)
+    original = runner._Run.mid_task_checkpoint
+
+    def crash_after(self, *args):
+        original(self, *args)
+        raise Crash
+
+    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash_after)
+    with pytest.raises(Crash):
+        run(r, echo=quiet)
+    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", original)
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.pt"
+    state = files.load(last)
+    del state["metrics"]  # written by a grownfx that kept only the count of lines the checkpoint covers
+    files.atomic_save(state, last)
+    logged = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(logged) == state["metrics_lines"] == 2
+    files.append_line(json.dumps({"event": "epoch", "task": 0, "after": "the checkpoint"}), out / "metrics.jsonl")
+    run(r, resume=True, echo=quiet)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines[:2] == logged and "the checkpoint" not in "".join(lines)
+    assert sum(json.loads(line)["event"] == "task" for line in lines) == 2
+
+
 # --- 5. atomic writes with the user's umask -----------------------------------------------------------------
 
 
