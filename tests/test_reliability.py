@@ -348,6 +348,14 @@ def test_a_tiny_or_empty_validation_split_is_warned_or_refused(tmp_path):
     assert not lines
 
 
+def test_a_run_warns_about_the_small_validation_splits_of_the_stream_it_builds(tmp_path):
+    lines: list[str] = []
+    run(tiny(tmp_path / "run", data__val_fraction=0.01), echo=lines.append)  # 10 validation samples, 5 classes
+    warned = [line for line in lines if "validation samples" in line]
+    assert [line.split(" has ")[0] for line in warned] == ["warning: task 1", "warning: task 2"], lines
+    assert "10 validation samples for 5 classes" in warned[0] and "noisy" in warned[0]
+
+
 # --- 10. 16-bit PNGs, decompression bombs -------------------------------------------------------------------
 
 
