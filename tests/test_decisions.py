@@ -220,3 +220,8 @@ def test_anneal_is_geometric_and_clamped():
 def test_two_tasks_already_have_backward_transfer_and_forgetting():
     R = [[90.0], [80.0, 70.0]]  # the one old task dropped 10 points
     assert bwt(R) == -10.0 and forgetting(R) == 10.0
+
+
+def test_one_task_or_none_has_no_backward_transfer_or_forgetting():
+    for R in ([[90.0]], []):  # nothing learned after it: nothing to transfer back to or forget
+        assert bwt(R) == 0.0 and forgetting(R) == 0.0

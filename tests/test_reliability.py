@@ -158,6 +158,56 @@ def test_resume_keeps_the_checkpoint_event_and_rebuilds_deleted_files(tmp_path, 
     assert "seed_width: 0.5" in (out / "config.resolved.yaml").read_text()
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(tmp_path, monkeypatch):
+    r = tiny(tmp_path / "run", training__epochs=2, training__checkpoint_every=1)
+    original = runner._Run.mid_task_checkpoint
+
+    def crash_before(self, *args):
+        raise Crash  # like a kill after the first epoch was logged, before any checkpoint was written
+
+    def crash_after(self, *args):
+        original(self, *args)
+        raise Crash
+
+    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash_before)
+    with pytest.raises(Crash):
+        run(r, echo=quiet)
+    out = tmp_path / "run"
+    assert not (out / "checkpoints" / "last.pt").exists() and (out / "metrics.jsonl").read_text()
+    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash_after)
+    with pytest.raises(Crash):
+        run(r, resume=True, echo=quiet)  # started again, up to its first checkpoint
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the killed attempt's epoch is not in the log twice: it holds what an uninterrupted run's holds there
+    assert [e["event"] for e in events] == ["epoch", "checkpoint"], events
+
+
+def test_resuming_a_checkpoint_that_predates_its_log_lines_cuts_the_log_back_to_it(tmp_path, monkeypatch):
+    r = tiny(tmp_path / "run", training__epochs=3, training__checkpoint_every=1)
+    original = runner._Run.mid_task_checkpoint
+
+    def crash_after(self, *args):
+        original(self, *args)
+        raise Crash
+
+    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash_after)
+    with pytest.raises(Crash):
+        run(r, echo=quiet)
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.pt"
+    state = files.load(last)
+    del state["metrics"]  # written by a grownfx that kept only the count of lines the checkpoint covers
+    files.atomic_save(state, last)
+    logged = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(logged) == state["metrics_lines"] == 2
+    files.append_line(json.dumps({"event": "epoch", "task": 0, "after": "the checkpoint"}), out / "metrics.jsonl")
+    with pytest.raises(Crash):
+        run(r, resume=True, echo=quiet)  # resumed, up to its next checkpoint
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines[:2] == logged and "the checkpoint" not in "".join(lines)
+    assert [json.loads(line)["event"] for line in lines[2:]] == ["epoch", "checkpoint"], lines
+
+
 # --- 5. atomic writes with the user's umask -----------------------------------------------------------------
 
 
@@ -300,6 +350,19 @@ def test_a_tiny_or_empty_validation_split_is_warned_or_refused(tmp_path):
     lines.clear()
     runner.check_validation(tiny(tmp_path), stream(50), lines.append)
     assert not lines
+
+
+def test_a_run_warns_about_the_small_validation_splits_of_the_stream_it_builds(tmp_path, monkeypatch):
+    def learn(*args):
+        raise Crash  # the warnings come before anything is learned
+
+    lines: list[str] = []
+    monkeypatch.setattr(runner, "_Run", learn)
+    with pytest.raises(Crash):
+        run(tiny(tmp_path / "run", data__val_fraction=0.01), echo=lines.append)  # 10 validation samples, 5 classes
+    warned = [line for line in lines if "validation samples" in line]
+    assert [line.split(" has ")[0] for line in warned] == ["warning: task 1", "warning: task 2"], lines
+    assert "10 validation samples for 5 classes" in warned[0] and "noisy" in warned[0]
 
 
 # --- 10. 16-bit PNGs, decompression bombs -------------------------------------------------------------------

@@ -111,6 +111,9 @@ def test_summary_says_whether_the_run_is_complete_and_records_cpu_time(tmp_path)
     for t in whole["tasks"]:  # CPU seconds beside wall seconds, per task and per epoch
         assert t["cpu_s"] > 0 and t["cpu_s_per_epoch"] == pytest.approx(t["cpu_s"] / t["epochs"])
     assert whole["total_cpu_s"] == pytest.approx(sum(t["cpu_s"] for t in whole["tasks"]))
+    # each task's accuracy when learned and at the end are the accuracy matrix's, across the resume too
+    R = json.loads((out / "acc_matrix.json").read_text())["matrix"]
+    assert [(t["acc_when_learned"], t["acc_final"]) for t in whole["tasks"]] == [(R[0][0], R[1][0]), (R[1][1], R[1][1])]
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["event"] == "epoch"]
     assert epochs and all(e["cpu_seconds"] >= 0 for e in epochs)

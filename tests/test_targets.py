@@ -37,7 +37,9 @@ def references(monkeypatch):
     monkeypatch.setattr(targets, "scratch_accuracy",
                         lambda recipe, task, device, dist=None, on_epoch=None:
                         trained.append(task.index) or SCRATCH[task.index])
-    monkeypatch.setattr(targets, "finetune_references", lambda recipe, on_epoch=None: list(FINETUNE))
+    # like the real one: fine-tune's validation accuracy on each task of the recipe it is given
+    monkeypatch.setattr(targets, "finetune_references",
+                        lambda recipe, on_epoch=None: FINETUNE[:recipe.data.num_tasks])
     return trained
 
 
