@@ -295,6 +295,12 @@ def test_a_corrupt_file_checked_by_its_checksum_file_names_that_file(tmp_path):
     with pytest.raises(IntegrityError, match=r"does not match the one in last\.pt\.sha256"):
         check_sha256(b"damaged", path)
 
+    # a meta.json beside it that records other files only: the SHA-256 still comes from the checksum file, named
+    (tmp_path / "meta.json").write_text(json.dumps({"file": "other.pt", "sha256": file_sha256(b"other")}))
+    check_sha256(b"intact", path)
+    with pytest.raises(IntegrityError, match=r"does not match the one in last\.pt\.sha256"):
+        check_sha256(b"damaged", path)
+
 
 def test_stored_programs_keep_no_record_of_where_each_op_came_from(tmp_path):
     """Stack traces and module stacks of the export are dropped before saving (they would be a third of the file

@@ -250,6 +250,7 @@ def check_sha256(data: bytes, path, meta_name: str = "meta.json") -> None:
     path = Path(path)
     meta_path, sidecar = path.parent / meta_name, path.with_name(path.name + ".sha256")
     recorded: list = []
+    source = meta_name  # the record the SHA-256 was read from, named in the error
     try:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     except (OSError, ValueError) as exc:
@@ -262,6 +263,7 @@ def check_sha256(data: bytes, path, meta_name: str = "meta.json") -> None:
             if isinstance(entry, dict) and entry.get("file") == path.name:
                 recorded = [entry.get("sha256")]
     if not recorded and sidecar.exists():
+        source = sidecar.name
         try:
             d = json.loads(sidecar.read_text())
             recorded = [d["sha256"], *d.get("previous", [])]
@@ -273,8 +275,7 @@ def check_sha256(data: bytes, path, meta_name: str = "meta.json") -> None:
                              f"{sidecar.name}), so a damaged or altered file would load silently; restore it, or "
                              "load with verify=False if you know the file is intact")
     if file_sha256(data) not in recorded:
-        where = meta_name if meta_path.exists() and recorded and isinstance(meta, dict) else sidecar.name
-        raise IntegrityError(f"{path} is corrupt: its SHA-256 does not match the one in {where} (damaged, altered, "
+        raise IntegrityError(f"{path} is corrupt: its SHA-256 does not match the one in {source} (damaged, altered, "
                              "or replaced without its record); re-create it with grownfx export")
 
 
