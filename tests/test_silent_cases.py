@@ -416,10 +416,11 @@ class _ConvReadTwice(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem, self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+        self.pre, self.stem = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.conv, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
 
     def forward(self, x):
-        x = self.conv(self.stem(x))
+        x = self.conv(self.stem(self.pre(x)))
         x = x + torch.nn.functional.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
         return self.fc(x.mean((2, 3)))
 
@@ -431,6 +432,8 @@ def test_a_layer_whose_weight_an_unknown_op_also_reads_keeps_its_channels_and_le
     net = grownfx.prepare(_ConvReadTwice(), x, seed_width=0.5)
     stem_out = next(g for g in net.coupling_groups if any(b.target == "stem" and b.role == "out" for b in g.members))
     assert not stem_out.growable and any("'conv.weight' is also read outside its layer" in r for r in stem_out.reasons)
+    pre_out = next(g for g in net.coupling_groups if any(b.target == "pre" and b.role == "out" for b in g.members))
+    assert pre_out.growable  # only the reading layer's own groups are fixed
     t = net.add_task(4)
     net.eval()
     before = net(x, task=t)

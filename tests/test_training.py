@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from grownfx import files
 from grownfx.data import build_stream
@@ -224,3 +225,24 @@ def test_a_stage_with_no_epoch_left_or_nothing_to_train_runs_no_epoch():
         assert train_stage(stage(epochs, start_epoch, optimizers), training, cpu, Dist(cpu)) == 0
     assert events == [] and all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
     assert train_stage(stage(2, 1, sgd), training, cpu, Dist(cpu)) == 1 and len(events) == 1  # the control
+
+
+def test_an_optimiser_state_that_does_not_fit_the_parameters_is_refused_in_one_line_not_a_crash():
+    """A checkpoint's optimiser state for parameters of other shapes (other code, another network): torch loads it
+    and the fused step reads out of bounds; resuming must refuse it by name instead."""
+    from grownfx.files import CorruptFileError
+    from grownfx.learn.training import StageOptim
+
+    def stage_optim(shape):
+        w = nn.Parameter(torch.ones(shape))
+        opt = StageOptim([torch.optim.Adam([w], lr=0.1)])
+        w.grad = torch.ones(shape)
+        opt.optimizers[0].step()
+        return opt
+
+    saved = stage_optim((4, 3)).state_dict()
+    stage_optim((4, 3)).load_state_dict(saved)  # the same network: loads
+    with pytest.raises(CorruptFileError, match=r"optimiser state 'exp_avg' has shape \(4, 3\) for a parameter of shape \(5, 3\)"):
+        stage_optim((5, 3)).load_state_dict(saved)
+    with pytest.raises(CorruptFileError, match="holds 1 optimiser states where this stage has 2"):
+        StageOptim([torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)] * 2).load_state_dict(saved)

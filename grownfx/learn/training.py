@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from grownfx.data import TaskData
 from grownfx.engine.net import GrowableNet
+from grownfx.files import CorruptFileError
 from grownfx.learn.guards import check_epoch
 from grownfx.recipe.schema import OptimConfig, TrainingConfig
 
@@ -105,8 +106,19 @@ class StageOptim:
             if self.scaler is not None and states.get("scaler"):
                 self.scaler.load_state_dict(states["scaler"])
             states = states["optimizers"]
+        if len(states) != len(self.optimizers):
+            raise CorruptFileError(f"the checkpoint holds {len(states)} optimiser states where this stage has "
+                                   f"{len(self.optimizers)}: it was written by other code or for another network")
         for o, s in zip(self.optimizers, states):
             o.load_state_dict(s)
+            # torch loads state of any shape and a fused step then reads out of bounds (a crash, not an error)
+            for group in o.param_groups:
+                for p in group["params"]:
+                    for name, v in o.state.get(p, {}).items():
+                        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                            raise CorruptFileError(
+                                f"the checkpoint's optimiser state '{name}' has shape {tuple(v.shape)} for a parameter "
+                                f"of shape {tuple(p.shape)}: it was written by other code or for another network")
 
 
 def make_scaler(precision: str, device: torch.device) -> "torch.amp.GradScaler | None":
