@@ -315,7 +315,8 @@ def test_resume_refuses_a_factory_that_now_makes_other_data(factory_dir):
         "output": {"tensorboard": False, "export_format": "none"}})
     run(recipe, out_dir=factory_dir / "run", echo=lambda msg: None)
     run(recipe, out_dir=factory_dir / "run", resume=True, echo=lambda msg: None)  # the same data: fine
-    write_factory(factory_dir, "drifting", "SCALE = 2.0\n" + textwrap.dedent(body))
+    # another size too: a file rewritten within the same second with the same size would be read from its stale .pyc
+    write_factory(factory_dir, "drifting", "SCALE = 2.0  # edited\n" + textwrap.dedent(body))
     import sys
 
     sys.modules.pop("drifting", None)  # a new process would import the edited file
