@@ -414,22 +414,28 @@ class _ConvReadTwice(nn.Module):
     """`conv` is called as a layer and its weight and bias are also given to a functional conv2d (an op the coupling
     registry does not know): both of the layer's groups must be fixed, not only the ones that op's tensors carry."""
 
-    def __init__(self):
+    def __init__(self, read_first: bool = False):
         super().__init__()
         self.pre, self.stem = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
         self.conv, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+        self.read_first = read_first  # the functional read before the layer's own call in the graph
 
     def forward(self, x):
-        x = self.conv(self.stem(self.pre(x)))
-        x = x + torch.nn.functional.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
+        x = self.stem(self.pre(x))
+        if self.read_first:
+            x = torch.nn.functional.conv2d(x, self.conv.weight, self.conv.bias, padding=1) + self.conv(x)
+        else:
+            x = self.conv(x)
+            x = x + torch.nn.functional.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
         return self.fc(x.mean((2, 3)))
 
 
-def test_a_layer_whose_weight_an_unknown_op_also_reads_keeps_its_channels_and_learns_and_grows():
+@pytest.mark.parametrize("read_first", [False, True])
+def test_a_layer_whose_weight_an_unknown_op_also_reads_keeps_its_channels_and_learns_and_grows(read_first):
     import grownfx
 
     x = torch.randn(2, 3, 8, 8)
-    net = grownfx.prepare(_ConvReadTwice(), x, seed_width=0.5)
+    net = grownfx.prepare(_ConvReadTwice(read_first), x, seed_width=0.5)
     stem_out = next(g for g in net.coupling_groups if any(b.target == "stem" and b.role == "out" for b in g.members))
     assert not stem_out.growable and any("'conv.weight' is also read outside its layer" in r for r in stem_out.reasons)
     pre_out = next(g for g in net.coupling_groups if any(b.target == "pre" and b.role == "out" for b in g.members))
@@ -439,3 +445,4 @@ def test_a_layer_whose_weight_an_unknown_op_also_reads_keeps_its_channels_and_le
     before = net(x, task=t)
     net.grow(ratio=0.5)
     assert torch.equal(net(x, task=t), before)
+    assert torch.equal(net.export(task=t)(x), before)  # the export reads the layer's own weight and bias too
