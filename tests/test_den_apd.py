@@ -535,19 +535,26 @@ def test_apd_kmeans_moves_its_centroids_to_the_groups_from_a_poor_start():
     assert assignment.tolist() == [0, 0, 1, 1] and float(centroids[2, 0]) == -50.0
 
 
-def test_apd_a_group_of_one_before_a_pair_leaves_the_pair_sharing():
-    """Clusters are decomposed one after another: a task alone in the first cluster keeps its whole tau, and the
-    pair in the next one still gets its shared part (the clusters' order comes from the previous centroids)."""
+def _apd_layer_with_taus_near(pattern: str):
+    """An APD layer with one task per letter of `pattern`, each task's tau within 1e-3 of centre a or b (b is a
+    + 3: two tight clusters far apart); returns (layer, a, b)."""
     from grownfx.learn.methods.apd import APDLayer
 
     layer = APDLayer(torch.nn.Linear(6, 5))
     g = torch.Generator().manual_seed(0)
-    for _ in range(3):
+    for _ in pattern:
         layer.add_task(g)
     a, b = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g) + 3.0
     with torch.no_grad():
-        for j, centre in enumerate([b, a, a]):
-            layer.taus[j].copy_(centre + 1e-3 * torch.randn(5, 6, generator=g))
+        for j, kind in enumerate(pattern):
+            layer.taus[j].copy_({"a": a, "b": b}[kind] + 1e-3 * torch.randn(5, 6, generator=g))
+    return layer, a, b
+
+
+def test_apd_a_group_of_one_before_a_pair_leaves_the_pair_sharing():
+    """Clusters are decomposed one after another: a task alone in the first cluster keeps its whole tau, and the
+    pair in the next one still gets its shared part (the clusters' order comes from the previous centroids)."""
+    layer, a, b = _apd_layer_with_taus_near("baa")
     full = [layer.full_tau(j) for j in range(3)]
     layer.centroids = torch.stack([b.flatten(), a.flatten()])  # cluster 0: the single task, cluster 1: the pair
     assert layer.consolidate(2, e_gap=1e-2, lam1=0.0, generator=torch.Generator().manual_seed(1)) == [0, 1, 1]
@@ -560,16 +567,7 @@ def test_apd_a_group_of_one_before_a_pair_leaves_the_pair_sharing():
 def test_apd_kmeans_groups_tasks_with_similar_taus_and_a_single_keeps_its_whole_tau():
     """Four tasks whose taus form two tight pairs and k = 2: the pairs are the groups, each with its own shared
     part; with k = 3 one pair splits and its two tasks keep their whole taus."""
-    from grownfx.learn.methods.apd import APDLayer
-
-    layer = APDLayer(torch.nn.Linear(6, 5))
-    g = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        layer.add_task(g)
-    a, b = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g) + 3.0
-    with torch.no_grad():
-        for j, centre in enumerate([a, b, a, b]):
-            layer.taus[j].copy_(centre + 1e-3 * torch.randn(5, 6, generator=g))
+    layer, _, _ = _apd_layer_with_taus_near("abab")
     full = [layer.full_tau(j) for j in range(4)]
     groups = layer.consolidate(2, e_gap=1e-2, lam1=0.0, generator=torch.Generator().manual_seed(1))
     assert groups[0] == groups[2] != groups[1] == groups[3]

@@ -24,6 +24,15 @@ def groups_of(net, target, role="out"):
     return [g for g in net.coupling_groups if any(b.target == target and b.role == role for b in g.members)]
 
 
+def prepared_with_its_head(model, x=X):
+    """The model prepared at full width, one task whose head is the model's own: it computes what the model does."""
+    net = grownfx.prepare(model, x)
+    net.add_task(5)
+    with torch.no_grad():
+        net.graph_module.head.copies[0].load_state_dict(model.head.state_dict())
+    return net
+
+
 def reasons(net) -> str:
     return " | ".join(r for g in net.coupling_groups for r in g.reasons)
 
@@ -171,10 +180,7 @@ def test_custom_autograd_function_keeps_its_backward():
     torch.manual_seed(0)
     model = CustomFunction().double()
     x = X.double()
-    net = grownfx.prepare(model, x)
-    net.add_task(5)
-    with torch.no_grad():
-        net.graph_module.head.copies[0].load_state_dict(model.head.state_dict())
+    net = prepared_with_its_head(model, x)
     net.eval(), model.eval()
     torch.testing.assert_close(_grads(net, x), _grads(model, x), rtol=1e-12, atol=1e-12)
     # opaque to the analysis: the channels it touches are fixed, with the reason and the way out
@@ -194,11 +200,8 @@ def test_inplace_update_through_an_alias_keeps_the_math():
     # before: `z += y` became `z = z + y`, so `identity` kept the old z: outputs 13 % off
     torch.manual_seed(0)
     model = InplaceAlias().eval()
-    net = grownfx.prepare(model, X)
-    net.add_task(5)
+    net = prepared_with_its_head(model).eval()
     with torch.no_grad():
-        net.graph_module.head.copies[0].load_state_dict(model.head.state_dict())
-        net.eval()
         assert torch.equal(net(X), model(X))
     assert net.graph_module.inplace_kept == ["iadd"]
     lifecycle(InplaceAlias(), X)
@@ -222,11 +225,8 @@ def test_augmented_assignment_on_an_inplace_result_stays_in_place():
     # the output of an in-place op is its input, not a fresh tensor: writing `z += y` out of place would leave s
     # without y (the check would refuse the model)
     model = InplaceChain().eval()
-    net = grownfx.prepare(model, X)
-    net.add_task(5)
+    net = prepared_with_its_head(model).eval()
     with torch.no_grad():
-        net.graph_module.head.copies[0].load_state_dict(model.head.state_dict())
-        net.eval()
         assert torch.equal(net(X), model(X))
     assert net.graph_module.inplace_kept == ["iadd"]
 
@@ -249,11 +249,8 @@ def test_prepare_keeps_the_models_running_statistics():
     # the differential check runs the graph in train mode too: the statistics it moves are put back, so the
     # prepared net at full width computes what the model computes in eval mode
     model = NormFrame().eval()
-    net = grownfx.prepare(model, X)
-    net.add_task(5)
+    net = prepared_with_its_head(model).eval()
     with torch.no_grad():
-        net.graph_module.head.copies[0].load_state_dict(model.head.state_dict())
-        net.eval()
         assert torch.equal(net(X), model(X))
 
 

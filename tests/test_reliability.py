@@ -136,17 +136,24 @@ class Crash(Exception):
     pass
 
 
-def test_resume_keeps_the_checkpoint_event_and_rebuilds_deleted_files(tmp_path, monkeypatch):
-    r = tiny(tmp_path / "run", training__epochs=3, training__checkpoint_every=1)
+def crash_after_each_checkpoint(monkeypatch):
+    """Every mid-task checkpoint is written, then the run stops as a kill right after it would; returns the real
+    checkpoint method (to put back)."""
     original = runner._Run.mid_task_checkpoint
 
     def crash_after(self, *args):
         original(self, *args)
-        raise Crash  # like a kill right after the first mid-task checkpoint
+        raise Crash
 
     monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash_after)
+    return original
+
+
+def test_resume_keeps_the_checkpoint_event_and_rebuilds_deleted_files(tmp_path, monkeypatch):
+    r = tiny(tmp_path / "run", training__epochs=3, training__checkpoint_every=1)
+    original = crash_after_each_checkpoint(monkeypatch)
     with pytest.raises(Crash):
-        run(r, echo=quiet)
+        run(r, echo=quiet)  # a kill right after the first mid-task checkpoint
     monkeypatch.setattr(runner._Run, "mid_task_checkpoint", original)
     out = tmp_path / "run"
     (out / "metrics.jsonl").unlink()
@@ -160,21 +167,17 @@ def test_resume_keeps_the_checkpoint_event_and_rebuilds_deleted_files(tmp_path, 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(tmp_path, monkeypatch):
     r = tiny(tmp_path / "run", training__epochs=2, training__checkpoint_every=1)
-    original = runner._Run.mid_task_checkpoint
 
     def crash_before(self, *args):
         raise Crash  # like a kill after the first epoch was logged, before any checkpoint was written
-
-    def crash_after(self, *args):
-        original(self, *args)
-        raise Crash
 
     monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash_before)
     with pytest.raises(Crash):
         run(r, echo=quiet)
     out = tmp_path / "run"
     assert not (out / "checkpoints" / "last.pt").exists() and (out / "metrics.jsonl").read_text()
-    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash_after)
+    monkeypatch.undo()  # the real checkpoint method again, then a kill right after it
+    crash_after_each_checkpoint(monkeypatch)
     with pytest.raises(Crash):
         run(r, resume=True, echo=quiet)  # started again, up to its first checkpoint
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -184,13 +187,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(
 
 def test_resuming_a_checkpoint_that_predates_its_log_lines_cuts_the_log_back_to_it(tmp_path, monkeypatch):
     r = tiny(tmp_path / "run", training__epochs=3, training__checkpoint_every=1)
-    original = runner._Run.mid_task_checkpoint
-
-    def crash_after(self, *args):
-        original(self, *args)
-        raise Crash
-
-    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", crash_after)
+    crash_after_each_checkpoint(monkeypatch)
     with pytest.raises(Crash):
         run(r, echo=quiet)
     out = tmp_path / "run"
@@ -460,7 +457,7 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path, monkeypatch, crash_at
         monkeypatch.setattr(runner.files, "kill_point", crash)
     with pytest.raises(Crash):
         run(r, echo=quiet)
-    monkeypatch.undo()
+    monkeypatch.undo()  # the real checkpoint method again, then a kill right after it
     resumed = run(r, resume=True, echo=quiet)
     assert resumed.acc_matrix == reference.acc_matrix
     for t in range(2):
@@ -498,6 +495,6 @@ def test_a_crash_between_the_checksum_and_the_checkpoint_still_loads(tmp_path, m
         with pytest.raises(Crash):
             files.atomic_save({"v": 2}, path)
         assert files.load(path) == {"v": 1}
-    monkeypatch.undo()
+    monkeypatch.undo()  # the real checkpoint method again, then a kill right after it
     files.atomic_save({"v": 3}, path)
     assert files.load(path) == {"v": 3}
