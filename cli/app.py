@@ -29,9 +29,6 @@ command = functools.partial(app.command, cls=Command)
 _state = {"debug": False}
 
 
-_out, _err = out_console, err_console
-
-
 @app.callback()
 def _global(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for unexpected errors.")):
     _state["debug"] = debug
@@ -71,16 +68,16 @@ def guarded(fn: Callable) -> Callable:
             raise
         except KeyboardInterrupt as exc:
             for line in message_lines(exc):
-                _err().print(f"[yellow]{escape(line)}[/]")
+                err_console().print(f"[yellow]{escape(line)}[/]")
             raise typer.Exit(exit_code(exc))
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if _state["debug"] and not isinstance(exc, UserError):
-                _err().print(escape(traceback.format_exc()))
+                err_console().print(escape(traceback.format_exc()))
                 raise typer.Exit(EXIT_BUG)
             for line in message_lines(exc):
-                _err().print(f"[red bold]error:[/] [red]{escape(line.removeprefix('error: '))}[/]")
+                err_console().print(f"[red bold]error:[/] [red]{escape(line.removeprefix('error: '))}[/]")
             if not isinstance(exc, UserError):
-                _err().print("[dim]rerun with --debug (grownfx --debug ...) for the traceback[/]")
+                err_console().print("[dim]rerun with --debug (grownfx --debug ...) for the traceback[/]")
             raise typer.Exit(exit_code(exc))
 
     return wrapper
@@ -150,7 +147,7 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
         argv += ["--no-verify"] if no_verify else []
         raise typer.Exit(distributed.launch(argv, nproc_per_node))
     if no_verify and resume:
-        _err().print("[yellow]warning:[/] --no-verify: a checkpoint without its checksum file is loaded unchecked")
+        _warn_no_verify()
     main_rank = distributed.env_rank() == 0  # under torchrun only rank 0 prints and shows progress
     run_fn = _lazy("grownfx.run.runner", "run")
     with progress(0, enabled=main_rank, verbose=verbose) as bars:
@@ -175,11 +172,11 @@ def run(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRIDES_A
     summary = getattr(result, "summary", {}) or {}
     out_dir = getattr(result, "out_dir", out)
     if summary.get("tasks"):
-        _out().print(results_table(summary))
+        out_console().print(results_table(summary))
     avg = summary.get("avg_acc")
-    _out().print(f"[green]done[/]: {escape(str(out_dir))}" + (f", average accuracy {avg:.2f} %" if avg is not None
-                                                                else ""))
-    _out().print(f"report: grownfx report {escape(str(out_dir))}", soft_wrap=True)
+    accuracy = f", average accuracy {avg:.2f} %" if avg is not None else ""
+    out_console().print(f"[green]done[/]: {escape(str(out_dir))}{accuracy}")
+    out_console().print(f"report: grownfx report {escape(str(out_dir))}", soft_wrap=True)
 
 
 @command(epilog="Example: grownfx validate my_recipe.yaml training.epochs=3 --no-data-check")
@@ -194,13 +191,13 @@ def validate(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRI
     _warn_shadowed(recipe)
     rec = load_recipe(recipe, overrides or [], check_data=not no_data_check, trust=trust or None,
                       verify=not no_verify)
-    con = _out()
+    con = out_console()
     con.print("[green bold]ok[/]")
     con.print(summary_table(rec))
     from grownfx.recipe.checks import recipe_warnings
 
     for line in recipe_warnings(rec):
-        _err().print(f"[yellow]warning:[/] {escape(line)}")
+        err_console().print(f"[yellow]warning:[/] {escape(line)}")
 
 
 @app.command(epilog="Examples: grownfx schema | less\n\ngrownfx schema --out docs/recipe.md")
@@ -218,7 +215,7 @@ def schema(out: Optional[Path] = typer.Option(None, "--out", help="Write the ref
     from grownfx.files import atomic_write_text
 
     atomic_write_text(text, out)
-    _out().print(f"wrote {escape(str(out))}")
+    out_console().print(f"wrote {escape(str(out))}")
 
 
 def _warn_shadowed(recipe: str) -> None:
@@ -227,7 +224,7 @@ def _warn_shadowed(recipe: str) -> None:
 
     warning = shadowed_recipe_warning(recipe)
     if warning:
-        _err().print(f"[yellow]warning:[/] {escape(warning)}")
+        err_console().print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _command_line(*args: Any) -> str:
@@ -246,8 +243,8 @@ def _interrupted(exc: BaseException, command: str) -> None:
         head = f"interrupted ({name}): the last checkpoint is in {exc.out_dir}; continue with:"
     else:
         head = f"interrupted ({name}) before the first checkpoint (nothing learned yet); start it again with:"
-    _err().print(f"[yellow]{escape(head)}[/]")
-    _err().print(f"  {escape(command)}", soft_wrap=True)
+    err_console().print(f"[yellow]{escape(head)}[/]")
+    err_console().print(f"  {escape(command)}", soft_wrap=True)
     raise typer.Exit(exit_code(exc))
 
 
@@ -262,7 +259,7 @@ def ls_():
     table.add_column("description")
     for name, desc in list_builtin_recipes().items():
         table.add_row(name, escape(desc))
-    _out().print(table)
+    out_console().print(table)
 
 
 @command("cp", epilog="Examples: grownfx cp digits_quickstart   (writes ./digits_quickstart.yaml)\n\n"
@@ -285,13 +282,13 @@ def cp_(name: str = typer.Argument(..., help="A built-in recipe name (see `grown
     if target.exists() and not force:
         # Running the same `cp` twice just works; a copy the user has edited is never overwritten silently.
         if target.is_file() and target.read_bytes() == src.read_bytes():
-            _out().print(f"{escape(str(target))} is already a copy of {src.stem}")
+            out_console().print(f"{escape(str(target))} is already a copy of {src.stem}")
             return
         raise UserError(f"{target} exists and differs from {src.stem} (your edits?); pass --force to overwrite it")
     from grownfx.files import atomic_write_bytes
 
     atomic_write_bytes(src.read_bytes(), target)
-    _out().print(f"copied {src.stem} to {escape(str(target))}")
+    out_console().print(f"copied {src.stem} to {escape(str(target))}")
 
 
 @command(epilog="Examples: grownfx inspect resnet18 --seed-width 0.5\n\n"
@@ -314,14 +311,18 @@ def inspect(target: str = typer.Argument(..., help="A recipe (file or built-in n
     shape = _parse_shape(input_shape) if input_shape else None
     data = inspect_data(target, seed_width=seed_width, input_shape=shape, trust=trust or None)
     tree, footer = render(data)
-    _out().print(tree)
+    out_console().print(tree)
     for line in footer:
-        _out().print(line, soft_wrap=True)
+        out_console().print(line, soft_wrap=True)
     if json_file is not None:
         from grownfx.files import atomic_write_json
 
         atomic_write_json(data, json_file)
-        _out().print(f"wrote {escape(str(json_file))}")
+        out_console().print(f"wrote {escape(str(json_file))}")
+
+
+def _warn_no_verify() -> None:
+    err_console().print("[yellow]warning:[/] --no-verify: a checkpoint without its checksum file is loaded unchecked")
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -371,14 +372,14 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
                             f"--format {fmt} is for one task (--task)")
         _check_run_dir(run_dir)
         if no_verify:
-            _err().print("[yellow]warning:[/] --no-verify: a checkpoint without its checksum file is loaded unchecked")
+            _warn_no_verify()
         path, meta = _lazy("grownfx.run.export", "export_all_tasks")(
             run_dir, verify, bake_preprocessing=bake_preprocessing, trust=trust or None, check_sha256=not no_verify)
-        _out().print(f"exported {len(meta['tasks'])} task(s) in one file: {escape(str(path))} "
+        out_console().print(f"exported {len(meta['tasks'])} task(s) in one file: {escape(str(path))} "
                      f"({meta['bytes'] / 1e6:.2f} MB, {meta['size_ratio']:.3f}x bank + per-task state + masks); "
                      f"load it with {escape(str(path.parent / meta['loader']))}", soft_wrap=True)
         if verify and meta.get("verified_max_rel_error") is not None:
-            _out().print(f"verified: max relative error {meta['verified_max_rel_error']:.1e} against the run's "
+            out_console().print(f"verified: max relative error {meta['verified_max_rel_error']:.1e} against the run's "
                          "task-aware model (limit 1e-5)", soft_wrap=True)
         return
     if task is None:
@@ -391,15 +392,15 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
     if task < 1:
         raise UserError(f"--task counts from 1 (the first task is --task 1, exports/task_1/); got {task}")
     if no_verify:
-        _err().print("[yellow]warning:[/] --no-verify: a checkpoint without its checksum file is loaded unchecked")
+        _warn_no_verify()
     result = _lazy("grownfx.run.export", "export_run")(run_dir, task - 1, fmt, verify,
                                                        bake_preprocessing=bake_preprocessing, trust=trust or None,
                                                        check_sha256=not no_verify)
     path, entry = result if isinstance(result, tuple) else (result, {})
     inputs = "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing in meta.json)"
-    _out().print(f"exported task {task} as {fmt}: {escape(str(path))} (takes {inputs})", soft_wrap=True)
+    out_console().print(f"exported task {task} as {fmt}: {escape(str(path))} (takes {inputs})", soft_wrap=True)
     if verify and entry.get("verified_max_rel_error") is not None:
-        _out().print(f"verified: max relative error {entry['verified_max_rel_error']:.1e} against the run's "
+        out_console().print(f"verified: max relative error {entry['verified_max_rel_error']:.1e} against the run's "
                      "task-aware model (limit 1e-4)", soft_wrap=True)
 
 
@@ -420,9 +421,9 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder w
         where = write_report(run_dir)
     folder = Path(where)
     folder = folder.parent if folder.is_file() else folder
-    _out().print(f"report written to {escape(str(folder))}/")
+    out_console().print(f"report written to {escape(str(folder))}/")
     for f in sorted(folder.glob("*")):
-        _out().print(f"  {escape(f.name)}")
+        out_console().print(f"  {escape(f.name)}")
 
 
 @command(epilog="Example: grownfx compare digits_quickstart --methods grown,scratch,packnet --seeds 0,1,2")
@@ -488,9 +489,9 @@ def compare(recipe: str = _RECIPE_ARG, overrides: Optional[List[str]] = _OVERRID
                                         *budget, "--out", str(folder), *(["--trust"] if trust else [])))
     table = compare_table(Path(result))
     if table is not None:
-        _out().print(table)
-    _out().print(f"[green]done[/]: {escape(str(result))}")
-    _out().print(f"report: grownfx report {escape(str(result))}", soft_wrap=True)
+        out_console().print(table)
+    out_console().print(f"[green]done[/]: {escape(str(result))}")
+    out_console().print(f"report: grownfx report {escape(str(result))}", soft_wrap=True)
 
 
 if __name__ == "__main__":
