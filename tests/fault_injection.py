@@ -150,7 +150,8 @@ FAULTS = {
     "owned_units_read_from_weight": _owned_units_read_from_weight,
 }
 # the tests each fault is run against (default: TESTS); the clean run covers all of them
-READING = ["tests/test_model_reading.py", "tests/test_fuzz.py"]
+READING = ["tests/test_model_reading.py", "tests/test_model_reading_heads.py", "tests/test_model_reading_ops.py",
+           "tests/test_fuzz.py"]
 FAULT_TESTS = {name: READING for name in ("differential_check_off", "train_graph_ignored", "functions_inlined",
                                           "inplace_out_of_place", "broadcast_channel_growable", "heads_concatenated")}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from test_model_reading import groups_of, reasons
+from model_frames import groups_of, reasons
 from test_silent_cases import lifecycle
 
 X = torch.randn(4, 3, 8, 8)
