@@ -47,8 +47,9 @@ def test_task_records_break_their_time_down_by_stage():
 
 
 def test_a_task_s_time_counts_once_whatever_its_periodic_checkpoints(monkeypatch):
-    """time_s is the task's clock (plus the time before a stop, which only a stop adds to the position): mid-task
-    checkpoints every epoch add nothing to it.  A frozen clock that always reads 7 s makes the time exact."""
+    """time_s is the task's clock (plus the seconds a resumed checkpoint held): mid-task checkpoints every epoch
+    add nothing to it, and each saves the seconds so far (what a resume after a kill adds).  A frozen clock that
+    always reads 7 s makes the time exact."""
     import grownfx.learn.learner as learner_module
 
     class FrozenClock:
@@ -61,9 +62,9 @@ def test_a_task_s_time_counts_once_whatever_its_periodic_checkpoints(monkeypatch
     learner = GrownLearner(net, training=TrainingConfig(epochs=2, checkpoint_every=1,
                                                         optimizer=OptimConfig(name="adam", lr=1e-3)),
                            growth=GrowthConfig(max_rounds=0), masks=MasksConfig(),
-                           checkpoint=lambda _, pos, optim: saved.append(pos.epoch))
+                           checkpoint=lambda _, pos, optim: saved.append((pos.epoch, pos.elapsed)))
     record = learner.learn(STREAM.tasks[0], target=0.0)
-    assert saved == [1]  # epoch 1 of 2 was checkpointed
+    assert saved == [(1, 7.0)]  # epoch 1 of 2 was checkpointed, with the task's seconds so far
     assert record.time_s == 7.0
 
 

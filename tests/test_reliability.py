@@ -165,6 +165,26 @@ def test_resume_keeps_the_checkpoint_event_and_rebuilds_deleted_files(tmp_path, 
     assert "seed_width: 0.5" in (out / "config.resolved.yaml").read_text()
 
 
+def test_a_task_killed_after_a_checkpoint_counts_its_seconds_before_the_kill(tmp_path, monkeypatch):
+    """time_s after a kill and a resume is the time before the kill (as of the checkpoint) plus the time after:
+    a frozen clock that always reads 7 s gives 14 s, not 7 (the checkpoint used to carry the seconds of a stop
+    only)."""
+    import grownfx.learn.learner as learner_module
+
+    class FrozenClock:
+        seconds = cpu_seconds = 7.0
+
+    monkeypatch.setattr(learner_module, "Timer", FrozenClock)
+    r = tiny(tmp_path / "run", training__epochs=3, training__checkpoint_every=1)
+    original = crash_after_each_checkpoint(monkeypatch)
+    with pytest.raises(Crash):
+        run(r, echo=quiet)  # a kill right after the first task's first mid-task checkpoint
+    monkeypatch.setattr(runner._Run, "mid_task_checkpoint", original)
+    run(r, resume=True, echo=quiet)
+    tasks = json.loads((tmp_path / "run" / "summary.json").read_text())["tasks"]
+    assert [t["time_s"] for t in tasks] == [14.0, 7.0]
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(tmp_path, monkeypatch):
     r = tiny(tmp_path / "run", training__epochs=2, training__checkpoint_every=1)
 

@@ -14,6 +14,8 @@ round's candidates are added there, nowhere else).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from enum import Enum
 from typing import Callable, Optional
@@ -221,9 +223,9 @@ class GrownLearner:
             self.on_epoch(info)
 
         def checkpoint(optim: StageOptim, stopping: bool) -> None:
-            if stopping:
-                pos.elapsed += timer.seconds
-            self.checkpoint(self, pos, optim)
+            # the saved position holds the task's seconds so far, so that a resume after a kill (not only after a
+            # stop) counts them; this process's `pos` keeps its own (its clock still runs)
+            self.checkpoint(self, dataclasses.replace(pos, elapsed=pos.elapsed + timer.seconds), optim)
 
         # the stage's DDP wrapper covers this stage's parameter set (growth and freezing change it between stages)
         stage = Stage(net, lambda m, x: m(x, task=t), optim, task.train, epochs, (self.seed, t, pos.stage, pos.round),
