@@ -431,3 +431,24 @@ def test_timm_attention_is_kept_whole_and_grows_by_heads():
         attn = net.export(0).get_submodule("attn")
         assert (attn.num_heads, attn.attn_dim, attn.qkv.out_features) == (3, 24, 72)
         assert rel(net.export(0)(x), net(x)) <= 1e-6
+
+
+def test_the_all_tasks_artifact_keeps_attention_s_packed_projection_as_a_masked_bank(tmp_path):
+    """nn.MultiheadAttention's `in_proj_weight` is the bank of the engine's `attn.in_proj` layer: the artifact
+    stores it once with a bit per unit per task, as every other masked layer, and computes each task bit for bit."""
+    from grownfx.engine import multitask as MT
+    from grownfx.engine import multitask_runtime as R
+
+    net, x = _net()
+    for t in range(2):
+        net.add_task(4)
+        _train(net, x, t)
+        net.freeze_task(t)
+    layers = net.masked_layers()
+    assert sum(m.target.endswith("attn.in_proj") for m in layers) == 2
+    blob = MT.save(net, x, tmp_path / "m.pt")
+    assert blob["stats"]["masked"] == 2 * len(layers)
+    model = R.load(tmp_path / "m.pt")
+    with torch.no_grad():
+        for t in range(2):
+            assert torch.equal(model(x, task=t), net(x, task=t)), t

@@ -22,9 +22,12 @@ import io
 import json
 import logging
 import lzma
+import types
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from grownfx import files
 from grownfx.engine import multitask_runtime as R
@@ -70,6 +73,66 @@ class _Bound(nn.Module):
             x = x * tensors[n] - tensors[n + 1]
         return torch.func.functional_call(self.__dict__["plain"], dict(zip(self.names, tensors[:n])), (x,),
                                           tie_weights=False, strict=True)
+
+
+class _SeenOps(TorchDispatchMode):
+    """Records which of `watched` modules ran torch's fused attention kernel (`aten._native_multi_head_attention`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.running: list[nn.Module] = []
+        self.fused: set[int] = set()
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        if func is torch.ops.aten._native_multi_head_attention.default and self.running:
+            self.fused.add(id(self.running[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def _fused_attentions(plain: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The nn.MultiheadAttention modules of `plain` that take torch's fused inference kernel (MHA's "fast path")
+    when `plain` runs eagerly without grad, as the artifact's programs run.  torch.export never takes that path (it
+    is blocked while tracing) and its decomposed attention differs in the last bits, so where the eager model
+    fuses, the program calls the same kernel (`_fused_attention`)."""
+    mods = [m for m in plain.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not mods:
+        return []
+    seen = _SeenOps()
+    def enter(m, _):
+        seen.running.append(m)
+
+    def leave(m, _, __):  # returns None: the output stays the module's
+        seen.running.pop()
+
+    hooks = [h for m in mods for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with torch.no_grad(), seen:
+            plain(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [m for m in mods if id(m) in seen.fused]
+
+
+def _native_attention(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                      average_attn_weights=True, is_causal=False):
+    """nn.MultiheadAttention.forward's fast path, as torch writes it (its checks passed in the eager run)."""
+    merged_mask, mask_type = self.merge_masks(attn_mask, key_padding_mask, query)
+    return torch._native_multi_head_attention(query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight,
+                                              self.in_proj_bias, self.out_proj.weight, self.out_proj.bias,
+                                              merged_mask, need_weights, average_attn_weights, mask_type)
+
+
+@contextmanager
+def _fused_attention(mods: list[nn.Module]):
+    """While exporting: `mods` call the fused kernel directly (their own forward again after)."""
+    for m in mods:
+        m.forward = types.MethodType(_native_attention, m)
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.forward
 
 
 # the batch dimension dynamic, else none (tried in this order).  Every dimension dynamic ("shapes": one program for
@@ -199,9 +262,11 @@ def build(net, example: torch.Tensor, preprocess: tuple[torch.Tensor, torch.Tens
         key = (plain.code, tuple(n for n, _ in named), tuple(tuple(v.shape) for v in tensors))
         if key not in by_graph:
             bound = _Bound(plain, [n for n, _ in named], preprocess is not None)
+            fused = _fused_attentions(plain, example)
             for mode in MODES:
                 try:
-                    blob = _program(bound, example, tensors, mode)
+                    with _fused_attention(fused):
+                        blob = _program(bound, example, tensors, mode)
                 except Exception:
                     if mode == MODES[-1]:
                         raise
