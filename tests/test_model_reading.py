@@ -270,6 +270,35 @@ def test_the_check_compares_parameter_gradients_where_outputs_and_input_gradient
         grownfx.prepare(ClampedGain(), X)
 
 
+class ClampedGainBesideNoGrad(ClampedGain):
+    """ClampedGain, kept whole, beside a term computed under `torch.no_grad`, which fx does not record: the graph
+    gives `bias` a gradient the model does not, while the outputs agree."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.full((1, 8, 1, 1), 0.5))
+
+    def mid(self, x):
+        with torch.no_grad():
+            shift = self.bias * 1.0
+        return super().mid(x) + shift
+
+
+def test_a_gradient_that_differs_beside_a_function_kept_whole_names_the_function_too():
+    with pytest.raises(grownfx.ModelCheckError, match=r"the gradients differ where the outputs agree.*'bias'.*the "
+                       r"graph calls the autograd Functions \['STClamp'\] whole"):
+        grownfx.prepare(ClampedGainBesideNoGrad(), X)
+
+
+def test_rel_diff_counts_nan_in_both_as_equal_and_nan_in_one_as_infinitely_far():
+    from grownfx.engine.selfcheck import rel_diff
+
+    nan = float("nan")
+    assert rel_diff(torch.tensor([nan, 1.0, 2.0]), torch.tensor([nan, 1.0, 2.5])) == pytest.approx(0.2)
+    assert rel_diff(torch.tensor([nan, 1.0]), torch.tensor([0.0, 1.0])) == float("inf")
+    assert rel_diff(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == float("inf")
+
+
 class ClampedInputGain(Frame):
     """The input scaled by a straight-through clamp of a parameter, before any module."""
 

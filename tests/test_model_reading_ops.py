@@ -289,3 +289,49 @@ def test_depthwise_multiplier_and_concatenated_depthwise_grow():
     assert all(g.growable for g in groups_of(net, "stem") + groups_of(net, "side")), reasons(net)
     mult = net.export(1).get_submodule("mult")
     assert mult.out_channels == 2 * mult.in_channels == 2 * mult.groups
+
+
+class GroupedWider(nn.Module):
+    """A grouped conv 8 -> 16 with 4 groups: two input channels per group, no channel multiplier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.grouped(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_a_grouped_conv_that_widens_groups_of_several_channels_fixes_its_input():
+    # only a depthwise conv (one channel per group) maps input c to outputs c*k .. c*k + k-1
+    net = grownfx.prepare(GroupedWider(), X)
+    assert not any(g.growable for g in groups_of(net, "stem"))
+    assert "grouped conv 'grouped' with 8->16 channels" in reasons(net)
+
+
+class CatUntracked(Frame):
+    """A row of channel sums broadcast to 8 channels, concatenated along the height: the row's channels are
+    none of x's (no layout, no parameter)."""
+
+    def mid(self, x):
+        return torch.cat([x, x[:, :, :1].sum(1, keepdim=True).expand(-1, 8, -1, -1)], 2)
+
+
+def test_a_concatenation_with_a_tensor_of_untracked_channels_fixes_the_channels():
+    net = grownfx.prepare(CatUntracked(), X)
+    assert not any(g.growable for g in groups_of(net, "stem"))
+    assert "channels concatenated with an untracked tensor at 'cat'" in reasons(net)
+
+
+class UnbindBatch(Frame):
+    """The batch unbound and stacked again (`unbind` with its default dim, 0)."""
+
+    def mid(self, x):
+        return torch.stack(x.unbind(), 0)
+
+
+def test_unbinding_the_batch_leaves_the_channels_growable():
+    net = lifecycle(UnbindBatch(), X)
+    assert all(g.growable for g in groups_of(net, "stem")) and "unbind" not in reasons(net)

@@ -312,3 +312,28 @@ def test_stored_programs_keep_no_record_of_where_each_op_came_from(tmp_path):
     for blob, _mode in R.load(path)._blobs:
         ep = torch.export.load(io.BytesIO(blob))
         assert not [n.name for n in ep.graph.nodes if n.meta.get("stack_trace") or n.meta.get("nn_module_stack")]
+
+
+def test_torch_export_s_notes_stay_out_of_the_users_log_and_its_levels_come_back(tmp_path, caplog, monkeypatch):
+    """torch.export logs notes on the dynamic dimensions the artifact asks for (our choice, not the user's
+    concern): nothing reaches a user's log below ERROR while a program is exported, even at DEBUG, and the
+    loggers' levels are the user's again after."""
+    import logging
+
+    names = ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes")
+    for name in names:
+        caplog.set_level(logging.DEBUG, logger=name)
+    windows, real = [], torch.export.export
+
+    def export(*args, **kwargs):  # the records logged while torch.export runs
+        start = len(caplog.records)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            windows.append(caplog.records[start:])
+
+    monkeypatch.setattr(torch.export, "export", export)
+    MT.save(make_net(tasks=1), torch.randn(2, *SHAPE), tmp_path / "m.pt")
+    assert windows
+    assert not [r.getMessage()[:80] for w in windows for r in w if r.name.startswith(names) and r.levelno < logging.ERROR]
+    assert [logging.getLogger(n).level for n in names] == [logging.DEBUG] * 3
