@@ -107,6 +107,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     columns: Sequence[str] = ()  # detail columns shown in the table, beside name / goal / measured / pass
+    column_units: dict = field(default_factory=dict)  # a detail column's unit, as `add`'s (default: none)
 
     def add(self, name: str, goal: str, measured: Any, passed: Optional[bool], unit: str = "", **details) -> dict:
         row = {"name": name, "goal": goal, "measured": _plain(measured), "unit": unit,
@@ -127,7 +128,7 @@ class Report:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
             cells = [str(r["name"]), str(r["goal"]), fmt_value(r["measured"], r.get("unit", ""))]
-            cells += [fmt_value(r.get(c), "") for c in cols]
+            cells += [fmt_value(r.get(c), self.column_units.get(c, "")) for c in cols]
             cells.append(verdict(r["pass"]))
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)

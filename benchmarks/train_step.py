@@ -82,15 +82,61 @@ def scenario(name: str, task: int, steps: int, device="cpu", granularity: str = 
     return net, plain, shape, facts
 
 
-def measure(net, plain, shape, batch: int, reps: int, warmup: int, device="cpu", compiled: bool = False) -> dict:
+def floor_step(net, plain):
+    """The plain step plus the least a task-aware step must add while it materialises the learning task's masked
+    weights for stock convolutions and keeps a full-size weight Parameter, each done with the cheapest kernel:
+    per masked layer one pass writing a weight-sized tensor from the frozen bank (forward: the masked weight; a
+    copy, cheaper than any product), one pass reading the weight's gradient and the bank and writing a
+    weight-sized tensor (backward: d weight and d mask both need G, d mask the bank; one product), one uniform
+    draw per mask unit (the Gumbel noise, torch's generator) and a fused Adam step over the mask scores.  Not
+    counted: the multipliers' own arithmetic, gathers of trainable rows, Python.  Its ratio to the plain step is
+    a floor for the eager and the compiled step on this machine; only a convolution that reads the frozen bank
+    and the masks itself (a custom kernel) could go below it."""
+    from grownfx.learn.training import make_optimizer
+    from grownfx.recipe.schema import OptimConfig
+
+    params = dict(plain.named_parameters())
+    layers = [m for m in net.masked_layers() if m.score is not None]
+    pairs = [(m.frozen, params[f"{m.target}.weight"]) for m in layers]
+    units = sum(m.score.numel() for m in layers)
+    scores = [torch.zeros_like(m.score, requires_grad=True) for m in layers]
+    for s in scores:
+        s.grad = torch.randn_like(s)
+    adam = make_optimizer(scores, OptimConfig(name="adam", lr=C.MASK_LR))
+    held = []
+
+    def forward(x):
+        held[:] = [frozen.clone() for frozen, _ in pairs]  # alive through the backward, as the masked weights are
+        torch.rand(units, dtype=pairs[0][0].dtype, device=pairs[0][0].device)
+        return plain(x)
+
+    base = C.plain_step(plain, forward=forward)
+
+    def step(x, y):
+        loss = base(x, y)
+        for frozen, weight in pairs:
+            torch.mul(weight.grad, frozen)  # the backward's pass: G and the bank in, a weight-sized tensor out
+        held.clear()
+        adam.step()
+        return loss
+
+    return step
+
+
+def measure(net, plain, shape, batch: int, reps: int, warmup: int, device="cpu", compiled: bool = False,
+            floor: bool = False) -> dict:
     """Ratios of the task-aware step to the plain step, interleaved in one process; with `compiled`, a third
     variant: the task-aware step with `training.compile` (its masked weights in one compiled graph; compiled in
-    the warm-up, its compile time reported apart as compile_s)."""
+    the warm-up, its compile time reported apart as compile_s); with `floor`, `floor_step` too (its ratio to the
+    plain step as `floor`)."""
     x, y = C.random_batch(batch, shape, 10, torch.Generator().manual_seed(batch), device)
     a, b = C.aware_step(net), C.plain_step(plain)
     cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else None
     variants = {"aware": lambda: a(x, y), "plain": lambda: b(x, y)}
+    if floor:
+        f = floor_step(net, plain)
+        variants["floor"] = lambda: f(x, y)
     compile_s = None
     if compiled:
         def aware_compiled():
@@ -108,6 +154,8 @@ def measure(net, plain, shape, batch: int, reps: int, warmup: int, device="cpu",
     wall = {}
     times = C.interleaved(variants, reps=reps, warmup=warmup, sync=sync, wall=wall)
     out = C.ratio_stats(times["aware"], times["plain"], wall["aware"], wall["plain"])
+    if floor:
+        out["floor"] = C.median(times["floor"]) / C.median(times["plain"])
     if cuda:  # absolute times only from a GPU
         out.update(aware_ms=1e3 * C.median(times["aware"]), plain_ms=1e3 * C.median(times["plain"]))
     if compiled:
@@ -119,10 +167,10 @@ def measure(net, plain, shape, batch: int, reps: int, warmup: int, device="cpu",
 
 
 def run(args) -> C.Report:
-    cols = ("paired_q1", "paired_q3", "wall_ratio", "released_frac", "mask_scores")
+    cols = ("paired_q1", "paired_q3", "wall_ratio", "floor", "released_frac", "mask_scores")
     if torch.device(args.device).type == "cuda":
         cols += ("aware_ms", "plain_ms")
-    rep = C.Report("train_step", quick=args.quick, columns=cols)
+    rep = C.Report("train_step", quick=args.quick, columns=cols, column_units={"floor": "x"})
     models = args.models or (["lenet5"] if args.quick else ["resnet18", "vgg16_bn", "mobilenet_v2", "lenet5"])
     tasks = (1, 3) if args.quick else (1, args.tasks)
     batches = (8, 16) if args.quick else (32, 128)
@@ -140,13 +188,14 @@ def run(args) -> C.Report:
             # task 1 has no learned masks: nothing to compile
             compiled = task > 1 and (args.compile if args.compile is not None else not args.quick)
             s = measure(net, plain, shape, batch, reps, warmup=1 if args.quick else 3, device=args.device,
-                        compiled=compiled)
+                        compiled=compiled, floor=task > 1)
             c = s.pop("compiled", None)
             goal = goal_of(name, task, batch, batches[0])
             rep.add(f"{name} task {task} batch {batch}{tag}", f"≤ {goal:.2f}×", s["ratio"], s["ratio"] <= goal, "x",
                     model=name, task=task, batch=batch, granularity=granularity,
                     **{k: v for k, v in s.items() if k != "ratio"}, **facts)
             if c is not None:
+                c["floor"] = s.get("floor")
                 cgoal = goal_of(name, task, batch, batches[0], compiled=True)
                 rep.add(f"{name} task {task} batch {batch}{tag}, compiled", f"≤ {cgoal:.2f}×", c["ratio"],
                         c["ratio"] <= cgoal, "x", model=name, task=task, batch=batch, granularity=granularity,
@@ -157,6 +206,10 @@ def run(args) -> C.Report:
              "interleaved in one process; on a CPU the step time is the thread's CPU time (time.thread_time; one "
              "intra-op thread), wall_ratio the same from wall-clock time; paired_q1/q3 = quartiles of the "
              "per-pair ratios.")
+    rep.note("floor (later task): the plain step plus the least work a task-aware step adds while it materialises "
+             "its masked weights for stock convolutions (per masked layer one weight-sized pass forward and one "
+             "backward, the Gumbel noise, Adam over the mask scores: floor_step), over the plain step, interleaved "
+             "with the two; neither the eager nor the compiled step can go below it on this machine.")
     rep.note("released_frac: share of the weight bank the learning task re-trains (free units); mask_scores: "
              "mask scores Adam updates (one per conv kernel, one per linear weight).")
     return rep

@@ -84,6 +84,8 @@ def test_quick_run_writes_expected_rows(name, tmp_path, capsys):
         assert r["measured"] is not None, r
     for r in WITH_GOAL.get(name, []):
         assert isinstance(rows[r]["pass"], bool), rows[r]
+    if name == "train_step":  # the later task's rows carry the floor measured beside them
+        assert all(rows[r]["floor"] > 0 for r in rows if " task 3 " in r), rows
     assert "| case | goal | measured |" in data["markdown"]
     assert "| case | goal | measured |" in capsys.readouterr().out
 
@@ -140,3 +142,24 @@ def test_cli_startup_benchmark_table(tmp_path, monkeypatch, capsys):
     assert "median s  imports torch" in text and "grownfx --help" in text
     results = json.loads(out.read_text())["results"]
     assert len(results) == 5 and not any(r["imports_torch"] for r in results.values())
+
+
+def test_the_floor_step_trains_the_plain_model_exactly_as_the_plain_step_and_leaves_the_net_alone():
+    """train_step's floor variant adds work beside the plain step, never a different step: the same losses and
+    the same weights as the plain step on a copy, and the task-aware net's banks and scores untouched."""
+    import copy
+
+    from benchmarks import common as C
+    from benchmarks.train_step import floor_step, scenario
+
+    net, plain, shape, _ = scenario("lenet5", 3, 2)
+    twin = copy.deepcopy(plain)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = C.random_batch(8, shape, 10, torch.Generator().manual_seed(0))
+    floor, ref = floor_step(net, plain), C.plain_step(twin)
+    for _ in range(3):
+        assert floor(x, y).item() == ref(x, y).item()
+    for (name, a), b in zip(plain.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+    after = net.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
