@@ -16,6 +16,9 @@ growing too so that task 10 has released weights to re-train), frozen, masks wit
 
 With `--compile` (the default) each task-10 case runs a third variant interleaved with the two: the task-aware
 step with `training.compile` (the masked weights of all layers in one compiled graph; compile time apart).
+Each later-task case also runs `floor_step` interleaved with them: the plain step plus the least work a
+task-aware step adds while it materialises its masked weights (column `floor`, its ratio to the plain step: a
+bound no fusion of those passes, eager or compiled, can beat on the machine measured).
 
 Goals (issue 28; GOALS below): task 1 <= 1.05x; task 10 at batch 32: ResNet-18 and MobileNetV2 <= 1.15x eager,
 <= 1.05x compiled, the Linear-heavy VGG16-BN (CPG's CIFAR network, 512 -> 4096 -> 4096) and LeNet-5 <= 1.20x,
