@@ -452,3 +452,54 @@ def test_the_all_tasks_artifact_keeps_attention_s_packed_projection_as_a_masked_
     with torch.no_grad():
         for t in range(2):
             assert torch.equal(model(x, task=t), net(x, task=t)), t
+
+
+class Attend(nn.Module):
+    """One self-attention of `heads` heads over the tokens (at seed width 0.5: half of them, so 4 heads give the
+    even count torch's fused kernel needs and 2 the odd one it refuses); `padding`: the last token masked out by
+    a bool key_padding_mask; `weights`: the attention weights (averaged over heads, torch's default) read into
+    the logits."""
+
+    def __init__(self, heads: int, padding: bool = False, weights: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(8, D)
+        self.attn = nn.MultiheadAttention(D, heads, batch_first=True)
+        self.head = nn.Linear(D, 4)
+        self.padding, self.weights = padding, weights
+
+    def forward(self, x):
+        y = self.embed(x)
+        pad = None
+        if self.padding:
+            pad = (torch.arange(x.shape[1]) == x.shape[1] - 1).expand(x.shape[0], -1)
+        if self.weights:
+            out, w = self.attn(y, y, y, key_padding_mask=pad)
+            return self.head(out.mean(1)) + w.mean((1, 2)).unsqueeze(1)
+        return self.head(self.attn(y, y, y, key_padding_mask=pad, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("heads,padding,weights", [(4, False, False), (2, False, False), (4, True, False),
+                                                   (4, False, True)],
+                         ids=["fused", "odd heads: not fused", "bool padding mask", "weights read"])
+def test_the_all_tasks_artifact_computes_attention_as_the_eager_model_does(tmp_path, heads, padding, weights):
+    """Where eager torch takes the fused attention kernel (even head count, no grad) the artifact's program calls
+    it too, with the same masks and defaults; where it does not (an odd head count), the program keeps torch's
+    decomposed attention: each task bit for bit either way."""
+    from grownfx.engine import multitask as MT
+    from grownfx.engine import multitask_runtime as R
+
+    torch.manual_seed(0)
+    x = torch.randn(3, TOKENS, 8)
+    net = grownfx.prepare(Attend(heads, padding, weights), x, seed_width=0.5)
+    for t in range(2):
+        net.add_task(4)
+        _train(net, x, t)
+        net.freeze_task(t)
+    plain = net.export(0, prune_unused=False).eval()
+    seed_heads = heads // 2
+    assert len(MT._fused_attentions(plain, x)) == (1 if seed_heads % 2 == 0 else 0)
+    MT.save(net, x, tmp_path / "m.pt")
+    model = R.load(tmp_path / "m.pt")
+    with torch.no_grad():
+        for t in range(2):
+            assert torch.equal(model(x, task=t), net(x, task=t)), t

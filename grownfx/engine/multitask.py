@@ -26,6 +26,7 @@ import types
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -116,7 +117,14 @@ def _fused_attentions(plain: nn.Module, example: torch.Tensor) -> list[nn.Module
 
 def _native_attention(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                       average_attn_weights=True, is_causal=False):
-    """nn.MultiheadAttention.forward's fast path, as torch writes it (its checks passed in the eager run)."""
+    """nn.MultiheadAttention.forward's fast path, as torch writes it (its checks passed in the eager run): the masks
+    made canonical (a bool mask becomes -inf where True), merged, and the fused kernel.  `is_causal` is not read,
+    as torch's fast path does not read it."""
+    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                         target_type=query.dtype)
+    attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                  target_type=query.dtype, check_other=False)
     merged_mask, mask_type = self.merge_masks(attn_mask, key_padding_mask, query)
     return torch._native_multi_head_attention(query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight,
                                               self.in_proj_bias, self.out_proj.weight, self.out_proj.bias,
