@@ -10,7 +10,8 @@ sees) as a `torch.export` program whose weights are inputs, so the programs hold
     that does not match (a task still being learned) is stored whole,
   * every other tensor as it is, once for all tasks holding the same bytes (a norm, head or bias per task),
   * the graphs: one program (batch size dynamic) per graph and shapes, checked to compute the task's plain model
-    bit for bit; all programs and the index are compressed together (lzma).
+    bit for bit; all programs and the index are compressed together (lzma).  An nn.MultiheadAttention that runs
+    torch's fused inference kernel eagerly calls the same kernel in its program (`_fused_attentions`).
 
 All tensors live in one flat buffer per dtype (`storage`), referenced as (dtype, offset, shape).
 """
@@ -77,7 +78,8 @@ class _Bound(nn.Module):
 
 
 class _SeenOps(TorchDispatchMode):
-    """Records which of `watched` modules ran torch's fused attention kernel (`aten._native_multi_head_attention`)."""
+    """Records which attention modules ran torch's fused attention kernel (`aten._native_multi_head_attention`): the
+    module entered last (`running`, kept by its forward hooks) when the kernel is dispatched."""
 
     def __init__(self):
         super().__init__()
@@ -99,6 +101,7 @@ def _fused_attentions(plain: nn.Module, example: torch.Tensor) -> list[nn.Module
     if not mods:
         return []
     seen = _SeenOps()
+
     def enter(m, _):
         seen.running.append(m)
 

@@ -15,7 +15,6 @@ round's candidates are added there, nowhere else).
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from enum import Enum
 from typing import Callable, Optional
