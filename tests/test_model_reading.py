@@ -270,6 +270,23 @@ def test_the_check_compares_parameter_gradients_where_outputs_and_input_gradient
         grownfx.prepare(ClampedGain(), X)
 
 
+class ReadsALayersWeightFirst(Frame):
+    """`self.conv.weight` read (its mean magnitude scales x) before `self.conv` is called: the weight's get_attr
+    must become the masked layer's own weight (WeightOf), not a per-task copy of the tensor."""
+
+    def mid(self, x):
+        return x * self.conv.weight.abs().mean()
+
+
+def test_a_layers_weight_read_before_the_layer_is_called_is_the_masked_layers_weight():
+    model = ReadsALayersWeightFirst().eval()
+    net = prepared_with_its_head(model).eval()
+    assert "conv" in {m.target for m in net.masked_layers()}
+    assert not [n for n, _ in net.named_parameters() if n.endswith("conv_weight")]  # no per-task copy of it
+    with torch.no_grad():
+        torch.testing.assert_close(net(X), model(X), rtol=1e-6, atol=1e-6)
+
+
 class ClampedGainBesideNoGrad(ClampedGain):
     """ClampedGain, kept whole, beside a term computed under `torch.no_grad`, which fx does not record: the graph
     gives `bias` a gradient the model does not, while the outputs agree."""
