@@ -1,6 +1,8 @@
-"""How `prepare` reads hand-written models' ops without refusing or fixing more than it must (issue 22, class 6,
-and what the timm sweep found): padding, flips and rotations, dead code, a module applied twice, opaque ops,
-group norms, heads over tokens, depthwise multipliers."""
+"""How `prepare` reads hand-written models' ops (issue 22): one-channel producers that broadcast (class 2),
+non-float per-channel constants (class 3), slice bounds computed in the graph (class 4), and what it must not
+refuse or fix more than it must (class 6, and what the timm sweep found): padding, flips and rotations, dead
+code, a module applied twice, opaque ops, group norms, heads over tokens, depthwise multipliers, grouped convs,
+concatenations and unbinds."""
 
 from __future__ import annotations
 
@@ -13,6 +15,143 @@ import grownfx
 from test_silent_cases import lifecycle
 
 from model_frames import X, Frame, groups_of, reasons
+
+
+# --- class 2: one-channel producers that broadcast --------------------------------------------------------
+
+
+class SpatialAttention(Frame):
+    """CBAM's spatial attention / scSE's spatial squeeze: `x * sigmoid(conv_to_1_channel(x))`."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Conv2d(8, 1, 7, padding=3)
+
+    def mid(self, x):
+        return x * torch.sigmoid(self.gate(x))
+
+
+class OneChannelSum(Frame):
+    """Two one-channel maps added (the same channel), then broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 1, 1), nn.Conv2d(8, 1, 1)
+
+    def mid(self, x):
+        return x * torch.sigmoid(self.a(x) + self.b(x))
+
+
+@pytest.mark.parametrize("model", [SpatialAttention, OneChannelSum])
+def test_one_channel_broadcast_is_fixed_and_the_rest_grows(model):
+    # before: the 1-channel output was growable, and the first grow() broke the forward
+    net = lifecycle(model(), X)
+    gate = groups_of(net, "gate" if model is SpatialAttention else "a")
+    assert gate and not gate[0].growable and "one channel is broadcast over 8" in gate[0].reasons[0]
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+
+
+# --- class 3: non-float per-channel constants ----------------------------------------------------------------
+
+
+class BatchContext(Frame):
+    """A context vector of the whole batch (1-d: one value per channel) through a functional linear, added to the
+    conv's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        context = F.linear(s.mean((0, 2, 3)), self.w)
+        return self.head((self.conv(s) + context.view(1, -1, 1, 1)).mean((2, 3)))
+
+
+def test_a_functional_linear_on_a_vector_grows_its_inputs():
+    # as on a batch of rows: the weight's input columns follow the stem's channels; its outputs, made by a
+    # parameter the analysis does not own as a layer, are fixed with that reason
+    net = lifecycle(BatchContext(), X)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    assert not any(g.growable for g in groups_of(net, "conv"))
+    assert "functional linear of parameter 'w'" in reasons(net)
+
+
+class ChannelMask(Frame):
+    def __init__(self, dtype):
+        super().__init__()
+        self.register_buffer("keep", (torch.arange(8) % 3 != 0).to(dtype).view(1, 8, 1, 1))
+
+    def mid(self, x):
+        if self.keep.dtype == torch.bool:
+            return torch.where(self.keep, x, 0.0)
+        return x * self.keep
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8], ids=str)
+def test_integer_and_bool_channel_masks_are_copied_per_task(dtype):
+    # before: one mask for every task, resized by growth for all at once: a finished task crashed after growth
+    net = lifecycle(ChannelMask(dtype), X)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    holder = net.graph_module.get_submodule("task_params.keep")
+    assert holder.copies[0].dtype == dtype and holder.copies[0].shape[1] < holder.copies[1].shape[1]
+
+
+# --- class 4: slice bounds computed in the graph -------------------------------------------------------------
+
+
+class ColumnScale(Frame):
+    """A (C, 1) parameter flattened to (C,), then viewed to broadcast over the channels: two widths written."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(8, 1) + 0.5)
+
+    def mid(self, x):
+        return x * self.scale.reshape(8).view(1, 8, 1, 1)
+
+
+def test_a_width_written_as_a_reshape_s_only_number_follows_the_channels():
+    net = grownfx.prepare(ColumnScale(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    assert net.graph_module.scale.shape == (4, 1)
+    lifecycle(ColumnScale(), X)
+
+
+class SpatialSoftmax(Frame):
+    """Each channel's softmax over its pixels, the shape given as one tuple: `x.reshape((n, 8, -1))`."""
+
+    def mid(self, x):
+        return x * x.reshape((x.size(0), 8, -1)).softmax(-1).reshape(x.shape)
+
+
+def test_a_width_written_in_a_shape_tuple_follows_the_channels():
+    net = grownfx.prepare(SpatialSoftmax(), X, seed_width=0.5)
+    assert all(g.growable for g in groups_of(net, "stem")), reasons(net)
+    assert net.graph_module.stem.out_channels == 4
+    lifecycle(SpatialSoftmax(), X)
+
+
+class HalfChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x[:, : x.shape[1] // 2]
+        y = x[..., : x.shape[-1] // 2]  # a spatial slice by the shape: no channel is touched
+        return self.head(self.conv(y).mean((2, 3)))
+
+
+def test_slice_bounds_read_from_the_shape_fix_the_channels():
+    # before: TypeError inside prepare
+    net = lifecycle(HalfChannels(), X)
+    stem = groups_of(net, "stem")[0]
+    assert not stem.growable and any("bounds computed in the graph" in r for r in stem.reasons)
+    assert all(g.growable for g in groups_of(net, "conv")), reasons(net)
 
 
 # --- class 6: needless refusals and over-fixing ------------------------------------------------------------

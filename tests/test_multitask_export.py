@@ -8,6 +8,8 @@
 * `grownfx export RUN --all-tasks` writes it, its loader and meta.json for a real (tiny) run
 * the task-aware model keeps up to `ctx.cache.finished_cache_size` finished tasks' weights per layer (LRU): alternating
   tasks rebuilds nothing, outputs stay identical, and no layer keeps more than the bound
+* attention (nn.MultiheadAttention, the tiny transformer of test_transformer_growth) is computed as the eager model
+  computes it: torch's fused kernel where eager torch takes it, its decomposed form where not
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import grownfx
 from grownfx.engine import multitask as MT
@@ -30,6 +33,8 @@ from grownfx.engine import multitask_runtime as R
 from grownfx.engine.banks import MaskedLayer
 from grownfx.engine.layers import PerTask, TaskParameter
 from grownfx.models import build_backbone
+from test_transformer_growth import D, TOKENS, _net
+from test_transformer_growth import _train as _train_tokens
 
 SHAPE = (1, 8, 8)
 CLASSES = 3
@@ -337,3 +342,72 @@ def test_torch_export_s_notes_stay_out_of_the_users_log_and_its_levels_come_back
     assert windows
     assert not [r.getMessage()[:80] for w in windows for r in w if r.name.startswith(names) and r.levelno < logging.ERROR]
     assert [logging.getLogger(n).level for n in names] == [logging.DEBUG] * 3
+
+
+# --- attention: the artifact computes it as the eager model does ------------------------------------------------
+
+
+def test_the_all_tasks_artifact_keeps_attention_s_packed_projection_as_a_masked_bank(tmp_path):
+    """nn.MultiheadAttention's `in_proj_weight` is the bank of the engine's `attn.in_proj` layer: the artifact
+    stores it once with a bit per unit per task, as every other masked layer, and computes each task bit for bit."""
+    net, x = _net()
+    for t in range(2):
+        net.add_task(4)
+        _train_tokens(net, x, t)
+        net.freeze_task(t)
+    layers = net.masked_layers()
+    assert sum(m.target.endswith("attn.in_proj") for m in layers) == 2
+    blob = MT.save(net, x, tmp_path / "m.pt")
+    assert blob["stats"]["masked"] == 2 * len(layers)
+    model = R.load(tmp_path / "m.pt")
+    with torch.no_grad():
+        for t in range(2):
+            assert torch.equal(model(x, task=t), net(x, task=t)), t
+
+
+class Attend(nn.Module):
+    """One self-attention of `heads` heads over the tokens (at seed width 0.5: half of them, so 4 heads give the
+    even count torch's fused kernel needs and 2 the odd one it refuses); `padding`: the last token masked out by
+    a bool key_padding_mask; `weights`: the attention weights (averaged over heads, torch's default) read into
+    the logits."""
+
+    def __init__(self, heads: int, padding: bool = False, weights: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(8, D)
+        self.attn = nn.MultiheadAttention(D, heads, batch_first=True)
+        self.head = nn.Linear(D, 4)
+        self.padding, self.weights = padding, weights
+
+    def forward(self, x):
+        y = self.embed(x)
+        pad = None
+        if self.padding:
+            pad = (torch.arange(x.shape[1]) == x.shape[1] - 1).expand(x.shape[0], -1)
+        if self.weights:
+            out, w = self.attn(y, y, y, key_padding_mask=pad)
+            return self.head(out.mean(1)) + w.mean((1, 2)).unsqueeze(1)
+        return self.head(self.attn(y, y, y, key_padding_mask=pad, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("heads,padding,weights", [(4, False, False), (2, False, False), (4, True, False),
+                                                   (4, False, True)],
+                         ids=["fused", "odd heads: not fused", "bool padding mask", "weights read"])
+def test_the_all_tasks_artifact_computes_attention_as_the_eager_model_does(tmp_path, heads, padding, weights):
+    """Where eager torch takes the fused attention kernel (even head count, no grad) the artifact's program calls
+    it too, with the same masks and defaults; where it does not (an odd head count), the program keeps torch's
+    decomposed attention: each task bit for bit either way."""
+    torch.manual_seed(0)
+    x = torch.randn(3, TOKENS, 8)
+    net = grownfx.prepare(Attend(heads, padding, weights), x, seed_width=0.5)
+    for t in range(2):
+        net.add_task(4)
+        _train_tokens(net, x, t)
+        net.freeze_task(t)
+    plain = net.export(0, prune_unused=False).eval()
+    seed_heads = heads // 2
+    assert len(MT._fused_attentions(plain, x)) == (1 if seed_heads % 2 == 0 else 0)
+    MT.save(net, x, tmp_path / "m.pt")
+    model = R.load(tmp_path / "m.pt")
+    with torch.no_grad():
+        for t in range(2):
+            assert torch.equal(model(x, task=t), net(x, task=t)), t
