@@ -229,6 +229,21 @@ def _incremental(cfg, copy, base, key, hashes, commit, rerun, modules, jobs, log
                         "collect_errors": errors})
 
 
+def package_modules(cfg: Config, copy: Path) -> list[str]:
+    """The import names of every module of the configured packages (`__main__` excepted: importing it runs it)."""
+    names = []
+    for pkg, folder in sorted(cfg.packages.items()):
+        base = copy / folder
+        for f in sorted(base.rglob("*.py")):
+            rel = f.relative_to(base).with_suffix("").parts
+            if rel[-1] == "__main__" or "__pycache__" in rel:
+                continue
+            if rel[-1] == "__init__":
+                rel = rel[:-1]
+            names.append(".".join((pkg, *rel)))
+    return list(dict.fromkeys(names))
+
+
 def run_instrumented(cfg: Config, copy: Path, modules: list[str], selection: Optional[list[str]], jobs: int,
                      previous: Optional[CoverageMap], log: Callable[[str], None]):
     """Run test `modules` (whole) and the `selection` of node ids with coverage, in `jobs` processes.
@@ -255,6 +270,8 @@ def run_instrumented(cfg: Config, copy: Path, modules: list[str], selection: Opt
         s[0] += expected
         s[1] += mods
         s[2] += ids
+    preimport = out_dir / "preimport.json"
+    preimport.write_text(json.dumps(package_modules(cfg, copy)))
     procs = []
     env = worker_env(copy)
     for i, (_, mods, ids) in enumerate(shards):
@@ -262,7 +279,8 @@ def run_instrumented(cfg: Config, copy: Path, modules: list[str], selection: Opt
             continue
         out = out_dir / f"shard{i}.json"
         args = [sys.executable, "-m", "pytest", *cfg.pytest_args, "-q", "--no-header", "-p", "no:cacheprovider",
-                "-p", PLUGIN_NAME, f"--mutation-map-out={out}", *(f"--mutation-cov-include={p}" for p in include)]
+                "-p", PLUGIN_NAME, f"--mutation-map-out={out}", f"--mutation-preimport={preimport}",
+                *(f"--mutation-cov-include={p}" for p in include)]
         if ids:  # a selection; a bare file path in it keeps every test of that file
             sel = out_dir / f"shard{i}.select.json"
             sel.write_text(json.dumps(mods + ids))

@@ -32,6 +32,7 @@ def pytest_addoption(parser):
     group.addoption("--mutation-select", default=None)
     group.addoption("--mutation-result", default=None)
     group.addoption("--mutation-limits", default=None)
+    group.addoption("--mutation-preimport", default=None)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -73,6 +74,24 @@ def pytest_collection_modifyitems(session, config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
     items[:] = keep
+
+
+def pytest_collection_finish(session):
+    """The coverage-map run: import every module of the measured packages after collection, before the first
+    test, so that what a module runs when it is imported (a default value, a module constant) is recorded as run
+    at import (reached by every test of the file), not as run by whichever test happened to import it first."""
+    path = session.config.getoption("mutation_preimport")
+    if _state["cov"] is None or not path:
+        return
+    import importlib
+
+    with open(path) as f:
+        names = json.load(f)
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional dependency missing: the tests that need the module import it themselves
+            pass
 
 
 def pytest_collectreport(report):
