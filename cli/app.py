@@ -376,11 +376,11 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
         path, meta = _lazy("grownfx.run.export", "export_all_tasks")(
             run_dir, verify, bake_preprocessing=bake_preprocessing, trust=trust or None, check_sha256=not no_verify)
         out_console().print(f"exported {len(meta['tasks'])} task(s) in one file: {escape(str(path))} "
-                     f"({meta['bytes'] / 1e6:.2f} MB, {meta['size_ratio']:.3f}x bank + per-task state + masks); "
-                     f"load it with {escape(str(path.parent / meta['loader']))}", soft_wrap=True)
+                            f"({meta['bytes'] / 1e6:.2f} MB, {meta['size_ratio']:.3f}x bank + per-task state + "
+                            f"masks); load it with {escape(str(path.parent / meta['loader']))}", soft_wrap=True)
         if verify and meta.get("verified_max_rel_error") is not None:
-            out_console().print(f"verified: max relative error {meta['verified_max_rel_error']:.1e} against the run's "
-                         "task-aware model (limit 1e-5)", soft_wrap=True)
+            out_console().print(f"verified: max relative error {meta['verified_max_rel_error']:.1e} against the "
+                                "run's task-aware model (limit 1e-5)", soft_wrap=True)
         return
     if task is None:
         raise UserError("give --task N (counting from 1) or --all-tasks")
@@ -400,8 +400,8 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder."),
     inputs = "raw inputs" if bake_preprocessing else "preprocessed inputs (see preprocessing in meta.json)"
     out_console().print(f"exported task {task} as {fmt}: {escape(str(path))} (takes {inputs})", soft_wrap=True)
     if verify and entry.get("verified_max_rel_error") is not None:
-        out_console().print(f"verified: max relative error {entry['verified_max_rel_error']:.1e} against the run's "
-                     "task-aware model (limit 1e-4)", soft_wrap=True)
+        out_console().print(f"verified: max relative error {entry['verified_max_rel_error']:.1e} against the "
+                            "run's task-aware model (limit 1e-4)", soft_wrap=True)
 
 
 @command(epilog="Example: grownfx report runs/digits_quickstart")

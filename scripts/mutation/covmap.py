@@ -236,7 +236,7 @@ def package_modules(cfg: Config, copy: Path) -> list[str]:
         base = copy / folder
         for f in sorted(base.rglob("*.py")):
             rel = f.relative_to(base).with_suffix("").parts
-            if rel[-1] == "__main__" or "__pycache__" in rel:
+            if rel[-1] == "__main__":
                 continue
             if rel[-1] == "__init__":
                 rel = rel[:-1]
